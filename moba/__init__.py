@@ -1,0 +1,27 @@
+"""MoBA: Mixture of Block Attention.
+
+Each query attends to its own key block plus the ``top_k - 1`` past blocks whose mean key
+scores highest against it (Lu et al., 2025). See DESIGN.md section 1 for the exact contract.
+
+>>> import torch, moba
+>>> q = torch.randn(1, 2048, 8, 64); k = v = torch.randn(1, 2048, 2, 64)
+>>> out = moba.moba_attn_func(q, k, v, block_size=256, top_k=3)
+"""
+
+from ._checks import PAD_INDEX
+from .backends import available_backends
+from .config import MoBAConfig
+from .gate import select_blocks, select_blocks_varlen
+from .ops import moba_attn_func, moba_attn_varlen_func
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PAD_INDEX",
+    "MoBAConfig",
+    "available_backends",
+    "moba_attn_func",
+    "moba_attn_varlen_func",
+    "select_blocks",
+    "select_blocks_varlen",
+]

@@ -1,0 +1,120 @@
+"""Input validation shared by every public entry point.
+
+Each check raises a ``TypeError`` (wrong kind of value) or ``ValueError`` (right kind,
+wrong value) whose message names the argument and what was expected, so that bad
+input never reaches a kernel.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+#: Value that marks an unused slot in a block-index tensor returned by ``select_blocks``.
+PAD_INDEX = -1
+
+
+def check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+    return value
+
+
+def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
+    if softmax_scale is None:
+        return head_dim**-0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+
+
+def check_qkv(q, k, v, *, varlen: bool) -> None:
+    """Check ranks, shapes, dtypes and devices of q, k, v.
+
+    fixed length: q (B, S, Hq, D), k/v (B, S, Hkv, D); varlen: q (T, Hq, D), k/v (T, Hkv, D).
+    """
+    rank = 3 if varlen else 4
+    layout = "(total_tokens, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check_tensor(name, t)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    lead = 1 if varlen else 2
+    if q.shape[:lead] != k.shape[:lead]:
+        what = "total tokens" if varlen else "batch and seqlen"
+        raise ValueError(
+            f"q and k must agree on {what}: q {tuple(q.shape)}, k {tuple(k.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hq == 0 or hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({hq}) must be a positive multiple of the number of key/value heads ({hkv})"
+        )
+    if q.shape[-1] == 0:
+        raise ValueError("head_dim must be >= 1")
+
+
+def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int, name: str = "cu_seqlens") -> list[int]:
+    """Validate packed-sequence boundaries and return them as a host list."""
+    _check_tensor(name, cu_seqlens)
+    if cu_seqlens.dtype != torch.int32:
+        raise TypeError(f"{name} must be an int32 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"{name} must have shape (num_seqs + 1,), got {tuple(cu_seqlens.shape)}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0:
+        raise ValueError(f"{name}[0] must be 0, got {bounds[0]}")
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if min(lengths) < 0:
+        raise ValueError(f"{name} must be non-decreasing, got {bounds}")
+    if bounds[-1] != total_tokens:
+        raise ValueError(f"{name}[-1] must equal the total number of tokens {total_tokens}, got {bounds[-1]}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+    if max_seqlen < max(lengths):
+        raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({max(lengths)})")
+    return bounds
+
+
+def check_block_indices(block_indices, expected_lead: tuple[int, ...], name: str = "block_indices") -> None:
+    """Shape and dtype of user-given block indices; values are checked by ``validate_index_values``."""
+    _check_tensor(name, block_indices)
+    if block_indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be an int32 or int64 tensor, got {block_indices.dtype}")
+    if tuple(block_indices.shape[:-1]) != tuple(expected_lead) or block_indices.dim() != len(expected_lead) + 1:
+        raise ValueError(
+            f"{name} must have shape {tuple(expected_lead) + ('n_slots',)}, got {tuple(block_indices.shape)}"
+        )
+    if block_indices.shape[-1] < 1:
+        raise ValueError(f"{name} needs at least one slot per query")

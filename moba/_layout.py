@@ -1,0 +1,95 @@
+"""Block layout of packed sequences, shared by the gate, the PyTorch path and decoding.
+
+Sequences are packed (varlen): sequence ``n`` owns query tokens ``cu_q[n]:cu_q[n+1]`` and
+key tokens ``cu_k[n]:cu_k[n+1]``. Queries are aligned to the *end* of their key sequence
+(as in flash-attn): with ``Lq <= Lk`` the i-th query of a sequence sits at position
+``Lk - Lq + i``. Self-attention is the case ``cu_q == cu_k``; decoding one token with a
+cache is ``Lq == 1``.
+
+Key blocks are numbered globally: the blocks of sequence 0 first, then sequence 1, ...
+Block ``j`` of sequence ``n`` has global id ``block_offset[n] + j``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BlockLayout:
+    block_size: int
+    cu_q: list[int]
+    cu_k: list[int]
+    # per query token (Tq,), int64
+    q_seq: torch.Tensor  # sequence id
+    q_pos: torch.Tensor  # position inside its key sequence
+    q_key_token: torch.Tensor  # global key-token index of the query's own position
+    # per sequence (N,), int64
+    seq_len_k: torch.Tensor
+    seq_n_blocks: torch.Tensor
+    block_offset: torch.Tensor
+    # per global block (G,), int64
+    block_start: torch.Tensor  # first key token (global index)
+    block_len: torch.Tensor  # number of tokens (< block_size only for a tail block)
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.block_start.numel())
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return int(self.seq_n_blocks.max().item()) if self.seq_n_blocks.numel() else 0
+
+    def block_token_index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(G, block_size) key-token index of every slot of every block, and its validity mask."""
+        offs = torch.arange(self.block_size, device=self.block_start.device)
+        valid = offs[None, :] < self.block_len[:, None]
+        index = (self.block_start[:, None] + offs[None, :]).masked_fill(~valid, 0)
+        return index, valid
+
+
+def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> BlockLayout:
+    """Build the block layout from host lists of sequence boundaries."""
+    lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
+    lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
+    for n, (a, b) in enumerate(zip(lq, lk)):
+        if a > b:
+            raise ValueError(f"sequence {n} has more queries ({a}) than keys ({b})")
+    n_blocks = [(length + block_size - 1) // block_size for length in lk]
+
+    long = dict(dtype=torch.int64, device=device)
+    seq_len_q = torch.tensor(lq, **long)
+    seq_len_k = torch.tensor(lk, **long)
+    seq_n_blocks = torch.tensor(n_blocks, **long)
+    block_offset = torch.cumsum(seq_n_blocks, 0) - seq_n_blocks
+    n_seq = len(lq)
+
+    q_seq = torch.repeat_interleave(torch.arange(n_seq, **long), seq_len_q)
+    q_start = torch.tensor(cu_q[:-1], **long)
+    q_pos = torch.arange(cu_q[-1], **long) - q_start[q_seq] + (seq_len_k - seq_len_q)[q_seq]
+    q_key_token = torch.tensor(cu_k[:-1], **long)[q_seq] + q_pos
+
+    block_seq = torch.repeat_interleave(torch.arange(n_seq, **long), seq_n_blocks)
+    block_local = torch.arange(int(seq_n_blocks.sum()), **long) - block_offset[block_seq]
+    block_start = torch.tensor(cu_k[:-1], **long)[block_seq] + block_local * block_size
+    block_len = torch.clamp(seq_len_k[block_seq] - block_local * block_size, max=block_size)
+    return BlockLayout(
+        block_size=block_size,
+        cu_q=list(cu_q),
+        cu_k=list(cu_k),
+        q_seq=q_seq,
+        q_pos=q_pos,
+        q_key_token=q_key_token,
+        seq_len_k=seq_len_k,
+        seq_n_blocks=seq_n_blocks,
+        block_offset=block_offset,
+        block_start=block_start,
+        block_len=block_len,
+    )
+
+
+def fixed_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
+    """cu_seqlens of a fixed-length batch packed as varlen."""
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)

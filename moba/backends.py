@@ -1,0 +1,106 @@
+"""Attention backends and how ``backend=`` picks one.
+
+A backend turns (packed q, k, v, block layout, block indices) into the MoBA output. The
+gate (``select``) is part of a backend too, so a GPU backend can run a fused gate kernel.
+
+* ``"reference"``: dense mask, obviously right, O(S^2) memory: small sizes only.
+* ``"torch"``: the PyTorch path (``moba.torch_impl``), any device, autograd.
+* ``"triton"``: fused Triton kernels, CUDA tensors (``TRITON_INTERPRET=1`` runs them on CPU).
+* ``"auto"``: ``"triton"`` for CUDA tensors when it is available, else ``"torch"``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._layout import BlockLayout
+from .gate import select_packed
+from .reference import reference_attention_packed
+from .torch_impl import sparse_attention_packed
+
+# The dense reference builds (Hq, S, S) per sequence; beyond this it is the wrong tool.
+REFERENCE_MAX_SEQLEN = 16384
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    #: (q, k, v, layout, block_indices, causal, scale) -> output (Tq, Hq, D)
+    attention: Callable[..., torch.Tensor]
+    #: (q, k, layout, top_k, causal) -> block indices (Tq, Hq, n_slots)
+    select: Callable[..., torch.Tensor]
+    #: device -> None when usable there, else the reason it is not
+    unavailable_reason: Callable[[torch.device], str | None]
+
+
+def _always(_device) -> None:
+    return None
+
+
+def _reference_attention(q, k, v, layout: BlockLayout, block_indices, causal, scale):
+    longest = max(b - a for a, b in zip(layout.cu_k[:-1], layout.cu_k[1:]))
+    if longest > REFERENCE_MAX_SEQLEN:
+        raise ValueError(
+            f'backend="reference" builds an S x S mask and is limited to sequences of '
+            f"{REFERENCE_MAX_SEQLEN} tokens (got {longest}); use backend=\"torch\" or \"triton\""
+        )
+    return reference_attention_packed(q, k, v, layout, block_indices, causal, scale)
+
+
+def _torch_attention(q, k, v, layout, block_indices, causal, scale):
+    return sparse_attention_packed(q, k, v, layout, block_indices, causal, scale)[0]
+
+
+_BACKENDS: dict[str, Backend] = {
+    "reference": Backend("reference", _reference_attention, select_packed, _always),
+    "torch": Backend("torch", _torch_attention, select_packed, _always),
+}
+
+
+def register_backend(backend: Backend) -> None:
+    """Add or replace a backend (used by the Triton backend when its module loads)."""
+    _BACKENDS[backend.name] = backend
+
+
+def _load_optional_backends() -> None:
+    if "triton" not in _BACKENDS:
+        try:
+            from . import triton_backend  # noqa: F401  (registers itself)
+        except ImportError:
+            pass
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """Every known backend name -> None if usable on ``device``, else why not."""
+    _load_optional_backends()
+    device = torch.device(device)
+    status = {name: b.unavailable_reason(device) for name, b in _BACKENDS.items()}
+    status.setdefault("triton", "the Triton backend could not be imported (is triton installed?)")
+    return status
+
+
+def triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(name, device: torch.device) -> Backend:
+    """The backend that ``backend=name`` means for tensors on ``device``; clear error otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    _load_optional_backends()
+    if name == "auto":
+        triton = _BACKENDS.get("triton")
+        if device.type == "cuda" and triton is not None and triton.unavailable_reason(device) is None:
+            return triton
+        return _BACKENDS["torch"]
+    if name not in _BACKENDS and name != "triton":
+        known = ", ".join(sorted(set(_BACKENDS) | {"auto", "triton"}))
+        raise ValueError(f"unknown backend {name!r}; expected one of: {known}")
+    reason = available_backends(device)[name]
+    if reason is not None:
+        raise RuntimeError(f"backend {name!r} is not available on {device}: {reason}")
+    return _BACKENDS[name]

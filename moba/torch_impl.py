@@ -1,0 +1,222 @@
+"""The PyTorch MoBA path: runs on any device, with autograd, in O(S * top_k * block_size) memory.
+
+Work decomposition ("gather and densify", done in plain PyTorch):
+  * for every slot of the block-index tensor, the (query, head) rows that selected the same
+    key block of the same KV head form a group; a group is cut into tiles of ``M`` rows;
+  * one tile is a dense (M, D) x (D, block_size) product against that block's keys, masked
+    by the tail length and, causally, by ``key position <= query position`` (this is what
+    turns the own block into causal attention);
+  * each slot gives every row a partial (output, log-sum-exp); slots are merged with a
+    log-sum-exp combine, so no (S, S) tensor ever exists;
+  * the forward saves only the output and the float32 log-sum-exp; the backward recomputes
+    the tile scores (flash-attention style), so peak memory stays near the inputs' size.
+
+K/V are laid out once per (block, KV head); query heads that share a KV head land in the
+same tiles, so GQA never repeats K/V. fp16/bf16 tiles are computed in float32, float64 in
+float64. Gradients of K/V are accumulated with ``index_add_`` (deterministic on CPU; on CUDA
+it uses atomics - the Triton backend is the fast and deterministic path there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ._checks import PAD_INDEX
+from ._layout import BlockLayout
+
+_MAX_ROWS_PER_TILE = 128
+# Upper bound on the elements of one chunk of tile scores (tiles x rows x block_size).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class _Tiles:
+    rows: torch.Tensor  # (n_tiles, M) flat row index t * Hq + h, -1 for padding
+    group: torch.Tensor  # (n_tiles,) block id * Hkv + kv head
+
+
+def _build_tiles(slot: torch.Tensor, layout: BlockLayout, n_kv_heads: int) -> _Tiles | None:
+    """Group the rows of one slot (Tq, Hq) of block indices by (key block, KV head) into tiles."""
+    tq, hq = slot.shape
+    flat = slot.reshape(-1)
+    rows = (flat != PAD_INDEX).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    block = layout.block_offset[layout.q_seq[rows // hq]] + flat[rows]
+    group = block * n_kv_heads + (rows % hq) // (hq // n_kv_heads)
+    order = torch.argsort(group, stable=True)
+    rows, group = rows[order], group[order]
+    groups, counts = torch.unique_consecutive(group, return_counts=True)
+    largest = int(counts.max())
+    m = min(_MAX_ROWS_PER_TILE, 1 << (largest - 1).bit_length())  # small tiles for decoding
+    tiles_per_group = (counts + m - 1) // m
+    first_tile = torch.cumsum(tiles_per_group, 0) - tiles_per_group
+    first_row = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - torch.repeat_interleave(first_row, counts)
+    tile = torch.repeat_interleave(first_tile, counts) + pos // m
+    tile_rows = torch.full((int(tiles_per_group.sum()), m), -1, dtype=torch.long, device=rows.device)
+    tile_rows[tile, pos % m] = rows
+    return _Tiles(rows=tile_rows, group=torch.repeat_interleave(groups, tiles_per_group))
+
+
+def _blocked(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, dtype) -> torch.Tensor:
+    """(Tk, Hkv, D) -> (G * Hkv, block_size, D) with padding slots zeroed."""
+    g, bs = index.shape
+    blocks = x[index].to(dtype).masked_fill(~valid[:, :, None, None], 0)  # (G, bs, Hkv, D)
+    return blocks.permute(0, 2, 1, 3).reshape(g * x.shape[1], bs, x.shape[2])
+
+
+def _unblocked(blocks: torch.Tensor, valid: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
+    """Inverse of ``_blocked`` for gradients: (G * Hkv, bs, D) -> (Tk, Hkv, D)."""
+    g, bs = valid.shape
+    d = blocks.shape[-1]
+    per_token = blocks.reshape(g, n_kv_heads, bs, d).permute(0, 2, 1, 3).reshape(g * bs, n_kv_heads, d)
+    return per_token[valid.reshape(-1)]
+
+
+class _Context:
+    """Tensors shared by the forward and backward tile loops."""
+
+    def __init__(self, q, k, layout: BlockLayout, causal: bool, scale: float):
+        self.dtype = _compute_dtype(q.dtype)
+        self.hq, self.hkv, self.d = q.shape[1], k.shape[1], q.shape[2]
+        self.layout, self.causal, self.scale = layout, causal, scale
+        self.key_token, self.key_valid = layout.block_token_index()  # (G, bs)
+        # Additive bias that removes the missing keys of a tail block: 0 or -inf, (G, 1, bs).
+        self.key_bias = torch.zeros(self.key_valid.shape, dtype=self.dtype, device=q.device)
+        self.key_bias = self.key_bias.masked_fill(~self.key_valid, float("-inf"))[:, None, :]
+        self.block_last_token = layout.block_start + layout.block_len - 1  # (G,)
+
+    def chunks(self, tiles: _Tiles):
+        step = max(1, _CHUNK_ELEMENTS // (tiles.rows.shape[1] * self.layout.block_size))
+        for start in range(0, tiles.rows.shape[0], step):
+            yield tiles.rows[start : start + step], tiles.group[start : start + step]
+
+    def scores(self, q_flat, k_blk, rows, group):
+        """Scaled, masked scores (n, M, bs) of a chunk of tiles, and the gathered queries.
+
+        Padding rows (rows == -1) get zero queries: their scores are finite but they are
+        never written back, and with zero queries / zero output gradients they add nothing
+        to dK or dV.
+        """
+        present = rows >= 0
+        safe = rows.clamp(min=0)
+        qt = q_flat[safe].to(self.dtype).masked_fill_(~present[..., None], 0)  # (n, M, D)
+        block = group // self.hkv
+        s = torch.baddbmm(self.key_bias[block], qt, k_blk[group].transpose(1, 2), alpha=self.scale)
+        if self.causal:
+            # Only tiles that hold a query inside the block need the causal mask (own blocks).
+            q_token = self.layout.q_key_token[safe // self.hq]  # (n, M)
+            q_first = q_token.masked_fill(~present, torch.iinfo(q_token.dtype).max).amin(dim=1)
+            straddle = (self.block_last_token[block] > q_first).nonzero().squeeze(1)
+            if straddle.numel():
+                future = self.key_token[block[straddle]][:, None, :] > q_token[straddle][:, :, None]
+                s[straddle] = s[straddle].masked_fill_(future, float("-inf"))
+        return qt, s, present, safe
+
+
+def _rowwise_dot(a: torch.Tensor, b: torch.Tensor, dtype, chunk: int = 4096) -> torch.Tensor:
+    """(T, H, D) x (T, H, D) -> (T, H) dot products, in token chunks to avoid a full-size temporary."""
+    out = torch.empty(a.shape[:2], dtype=dtype, device=a.device)
+    for start in range(0, a.shape[0], chunk):
+        sl = slice(start, start + chunk)
+        out[sl] = (a[sl].to(dtype) * b[sl].to(dtype)).sum(-1)
+    return out
+
+
+def _forward(q, k, v, layout, block_indices, causal, scale):
+    ctx = _Context(q, k, layout, causal, scale)
+    k_blk = _blocked(k, ctx.key_token, ctx.key_valid, ctx.dtype)
+    v_blk = _blocked(v, ctx.key_token, ctx.key_valid, ctx.dtype)
+    q_flat = q.reshape(-1, ctx.d)
+    out = torch.zeros(q_flat.shape[0], ctx.d, dtype=ctx.dtype, device=q.device)
+    lse = torch.full((q_flat.shape[0],), float("-inf"), dtype=ctx.dtype, device=q.device)
+    for slot in range(block_indices.shape[-1]):
+        tiles = _build_tiles(block_indices[..., slot], layout, ctx.hkv)
+        if tiles is None:
+            continue
+        for rows, group in ctx.chunks(tiles):
+            _, s, present, _ = ctx.scores(q_flat, k_blk, rows, group)
+            row_max = s.amax(dim=-1)
+            p = s.sub_(row_max[..., None]).exp_()  # in place: s is not needed again
+            denom = p.sum(dim=-1)
+            part_out = torch.bmm(p, v_blk[group])[present] / denom[present][:, None]
+            part_lse = (row_max + torch.log(denom))[present]
+            r = rows[present]
+            old_lse = lse[r]
+            merged = torch.logaddexp(old_lse, part_lse)
+            # Each row appears once per slot, so this merge never races with itself.
+            out[r] = out[r] * torch.exp(old_lse - merged)[:, None] + part_out * torch.exp(part_lse - merged)[:, None]
+            lse[r] = merged
+    return out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:2])
+
+
+def _backward(q, k, v, out, lse, dout, layout, block_indices, causal, scale):
+    ctx = _Context(q, k, layout, causal, scale)
+    k_blk = _blocked(k, ctx.key_token, ctx.key_valid, ctx.dtype)
+    v_blk = _blocked(v, ctx.key_token, ctx.key_valid, ctx.dtype)
+    q_flat = q.reshape(-1, ctx.d)
+    lse_flat = lse.reshape(-1).to(ctx.dtype)
+    delta = _rowwise_dot(dout, out, ctx.dtype).reshape(-1)  # rowsum(dO * O), (Tq * Hq,)
+    dq = torch.zeros(q_flat.shape, dtype=ctx.dtype, device=q.device)
+    dk_blk = torch.zeros_like(k_blk)
+    dv_blk = torch.zeros_like(v_blk)
+    for slot in range(block_indices.shape[-1]):
+        tiles = _build_tiles(block_indices[..., slot], layout, ctx.hkv)
+        if tiles is None:
+            continue
+        for rows, group in ctx.chunks(tiles):
+            qt, s, present, safe = ctx.scores(q_flat, k_blk, rows, group)
+            p = s.sub_(lse_flat[safe][..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
+            # dout may be an expanded (stride-0) tensor: index it as (token, head), never flatten it.
+            dot = dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype).masked_fill_(~present[..., None], 0)
+            dv_blk.index_add_(0, group, torch.bmm(p.transpose(1, 2), dot))
+            ds = torch.bmm(dot, v_blk[group].transpose(1, 2))  # dP
+            ds = ds.sub_(delta[safe][..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
+            dq.index_add_(0, rows[present], torch.bmm(ds, k_blk[group])[present], alpha=scale)
+            dk_blk.index_add_(0, group, torch.bmm(ds.transpose(1, 2), qt), alpha=scale)
+    dk = _unblocked(dk_blk, ctx.key_valid, ctx.hkv)
+    dv = _unblocked(dv_blk, ctx.key_valid, ctx.hkv)
+    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _SparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, block_indices, layout, causal, scale):
+        out, lse = _forward(q, k, v, layout, block_indices, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse, block_indices)
+        ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse, block_indices = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.layout, block_indices, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def sparse_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    block_indices: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA attention of packed queries over their selected key blocks (PyTorch, autograd).
+
+    q: (Tq, Hq, D); k, v: (Tk, Hkv, D); block_indices: (Tq, Hq, n_slots) local block indices
+    (validated, PAD_INDEX-padded). Returns the output (Tq, Hq, D) in q's dtype and the
+    log-sum-exp (Tq, Hq) of the scaled scores (float32; float64 for float64 inputs).
+    """
+    if q.shape[0] == 0:
+        return q.clone(), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))  # clone keeps the graph
+    return _SparseAttention.apply(q, k, v, block_indices.long(), layout, causal, softmax_scale)
