@@ -1,0 +1,111 @@
+"""Full (dense) attention with the same layouts and arguments as the MoBA functions.
+
+``implementation="auto"`` uses flash-attn (``flash_attn_func`` / ``flash_attn_varlen_func``)
+when it is installed and the tensors are on CUDA in float16/bfloat16, otherwise torch SDPA
+(whose CUDA backends are flash and cuDNN attention). ``last_full_attn_implementation()``
+reports what ran last; ``full_attn_implementation(q)`` what ``"auto"`` would pick.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
+
+IMPLEMENTATIONS = ("auto", "flash_attn", "sdpa")
+_last_implementation: str | None = None
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def full_attn_implementation(q: torch.Tensor, implementation: str = "auto") -> str:
+    """The implementation ``full_attn_func`` would run for ``q``: "flash_attn" or "sdpa"."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    flash_ok = flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if implementation == "flash_attn":
+        if not flash_ok:
+            raise RuntimeError(
+                "implementation='flash_attn' needs the flash-attn package and CUDA float16/bfloat16 tensors"
+            )
+        return "flash_attn"
+    if implementation == "auto" and flash_ok:
+        return "flash_attn"
+    return "sdpa"
+
+
+def last_full_attn_implementation() -> str | None:
+    """Which implementation the most recent full-attention call ran ("flash_attn" or "sdpa")."""
+    return _last_implementation
+
+
+def _record(name: str) -> None:
+    global _last_implementation
+    _last_implementation = name
+
+
+def _sdpa(q, k, v, causal, scale):
+    """(S, Hq, D) x (S, Hkv, D) in our layout, through torch SDPA with native GQA."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(-3, -2),
+        k.transpose(-3, -2),
+        v.transpose(-3, -2),
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=q.shape[-2] != k.shape[-2],
+    )
+    return out.transpose(-3, -2)
+
+
+def full_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Dense attention. q (B, S, Hq, D), k/v (B, S, Hkv, D) -> (B, S, Hq, D)."""
+    check_qkv(q, k, v, varlen=False)
+    check_bool("causal", causal)
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    impl = full_attn_implementation(q, implementation)
+    _record(impl)
+    if impl == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale)
+    return _sdpa(q, k, v, causal, scale)
+
+
+def full_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Dense attention over packed sequences. q (T, Hq, D), k/v (T, Hkv, D) -> (T, Hq, D)."""
+    check_qkv(q, k, v, varlen=True)
+    check_bool("causal", causal)
+    bounds = check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
+    scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
+    impl = full_attn_implementation(q, implementation)
+    _record(impl)
+    if impl == "flash_attn":
+        from flash_attn import flash_attn_varlen_func
+
+        cu = cu_seqlens.to(q.device)
+        return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal, softmax_scale=scale)
+    parts = [
+        _sdpa(q[a:b], k[a:b], v[a:b], causal, scale) for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+    ]
+    return torch.cat(parts, dim=0) if parts else q.clone()

@@ -1,0 +1,181 @@
+"""``nn.Module``s: the MoBA attention core, a self-attention layer, and mode switching.
+
+* ``MoBAAttention``: q, k, v in, output out (flash layout); ``mode`` is "moba" or "full".
+* ``MoBASelfAttention``: projections, optional rotary embeddings, GQA, around ``MoBAAttention``.
+* ``set_attention_mode(model, mode, layers=None)``: switch every (or some) attention core of
+  a model between MoBA and full attention, e.g. the last N layers full (hybrid) or the whole
+  model full from a chosen training step (the paper's MoBA/full recipe).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from ._checks import check_bool, check_positive_int
+from .full import full_attn_func, full_attn_varlen_func
+from .ops import moba_attn_func, moba_attn_varlen_func
+
+MODES = ("moba", "full")
+
+
+def _check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+class MoBAAttention(nn.Module):
+    """Attention core with no parameters: MoBA or full attention over given q, k, v.
+
+    Args:
+        block_size, top_k, causal, backend: as in ``moba.moba_attn_func``.
+        mode: "moba" or "full" (dense attention through ``moba.full_attn_func``); can be
+            changed at any time (``module.mode = "full"`` or ``set_attention_mode``).
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+
+    Shapes: ``forward(q (B, S, Hq, D), k/v (B, S, Hkv, D)) -> (B, S, Hq, D)``, or packed
+    ``forward(q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens, max_seqlen) -> (T, Hq, D)``.
+    """
+
+    def __init__(
+        self,
+        block_size: int = 512,
+        top_k: int = 3,
+        causal: bool = True,
+        mode: str = "moba",
+        backend: str = "auto",
+        softmax_scale: float | None = None,
+    ):
+        super().__init__()
+        self.block_size = check_positive_int("block_size", block_size)
+        self.top_k = check_positive_int("top_k", top_k)
+        self.causal = check_bool("causal", causal)
+        self.mode = _check_mode(mode)
+        self.backend = backend
+        self.softmax_scale = softmax_scale
+
+    def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
+        mode = _check_mode(self.mode)
+        if cu_seqlens is None:
+            if mode == "full":
+                return full_attn_func(q, k, v, self.causal, self.softmax_scale)
+            return moba_attn_func(
+                q, k, v, self.block_size, self.top_k, self.causal, self.softmax_scale, self.backend
+            )
+        if mode == "full":
+            return full_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, self.causal, self.softmax_scale)
+        return moba_attn_varlen_func(
+            q, k, v, cu_seqlens, max_seqlen, self.block_size, self.top_k, self.causal, self.softmax_scale,
+            self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, block_size={self.block_size}, top_k={self.top_k}, causal={self.causal}"
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (rotate-half convention, as in Llama) for (..., S, H, D) tensors."""
+
+    def __init__(self, head_dim: int, theta: float = 10000.0):
+        super().__init__()
+        if head_dim % 2:
+            raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x (B, S, H, D) or (T, H, D); positions (B, S) or (S,) / (T,) integer positions."""
+        angles = positions.to(torch.float32)[..., None] * self.inv_freq  # (..., S, D/2)
+        cos = torch.cat([angles.cos(), angles.cos()], dim=-1)[..., None, :].to(x.dtype)
+        sin = torch.cat([angles.sin(), angles.sin()], dim=-1)[..., None, :].to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class MoBASelfAttention(nn.Module):
+    """Self-attention layer (q/k/v/o projections, optional rotary, GQA) with a MoBA core.
+
+    Args:
+        hidden_size: model width; num_heads: query heads; num_kv_heads: key/value heads
+            (default num_heads; must divide num_heads); head_dim: default hidden_size // num_heads.
+        block_size, top_k, causal, mode, backend: passed to ``MoBAAttention``.
+        rotary: apply rotary embeddings to q and k (theta ``rope_theta``).
+
+    Shapes: ``forward(x (B, S, hidden_size)) -> (B, S, hidden_size)``; packed sequences:
+    ``forward(x (T, hidden_size), cu_seqlens=..., max_seqlen=...)``.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        block_size: int = 512,
+        top_k: int = 3,
+        causal: bool = True,
+        mode: str = "moba",
+        backend: str = "auto",
+        rotary: bool = True,
+        rope_theta: float = 10000.0,
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.num_heads = check_positive_int("num_heads", num_heads)
+        self.num_kv_heads = check_positive_int("num_kv_heads", num_kv_heads or num_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.head_dim = check_positive_int("head_dim", head_dim or hidden_size // num_heads)
+        self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=bias)
+        self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rotary else None
+        self.attn = MoBAAttention(block_size, top_k, causal, mode, backend)
+
+    def forward(self, x, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
+        lead = x.shape[:-1]
+        q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            if cu_seqlens is None:
+                positions = torch.arange(x.shape[-2], device=x.device)
+            else:  # positions restart at every sequence
+                starts = cu_seqlens.to(x.device).long()
+                seq = torch.searchsorted(starts[1:], torch.arange(x.shape[0], device=x.device), right=True)
+                positions = torch.arange(x.shape[0], device=x.device) - starts[seq]
+            q, k = self.rotary(q, positions), self.rotary(k, positions)
+        out = self.attn(q, k, v, cu_seqlens, max_seqlen)
+        return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+
+
+def attention_modules(model: nn.Module) -> list[MoBAAttention]:
+    """The ``MoBAAttention`` cores of a model, in module order (= layer order for usual models)."""
+    return [m for m in model.modules() if isinstance(m, MoBAAttention)]
+
+
+def set_attention_mode(model: nn.Module, mode: str, layers: Iterable[int] | None = None) -> list[int]:
+    """Set the mode ("moba" or "full") of a model's attention cores; returns the layers changed.
+
+    ``layers`` indexes ``attention_modules(model)`` (negative indices count from the end);
+    None means every layer. Examples:
+
+    >>> set_attention_mode(model, "full", layers=[-1, -2, -3])   # hybrid: last 3 layers full
+    >>> set_attention_mode(model, "full")                          # switch everything to full
+    """
+    _check_mode(mode)
+    cores = attention_modules(model)
+    chosen = range(len(cores)) if layers is None else [i % len(cores) if -len(cores) <= i < len(cores) else
+                                                       _bad_layer(i, len(cores)) for i in layers]
+    for i in chosen:
+        cores[i].mode = mode
+    return sorted(set(chosen))
+
+
+def _bad_layer(i: int, n: int):
+    raise ValueError(f"layer index {i} out of range for a model with {n} attention layers")
