@@ -1,0 +1,232 @@
+"""MoBA gate kernels: block mean-pooling of keys, then fused gate scores + top-k selection.
+
+* ``_block_mean_kernel``: one program per (global key block, KV head); sums the block's keys
+  in float32 ``BLOCK_T`` tokens at a time and writes the mean, (G, Hkv, D) float32. A tail
+  block is averaged over the tokens it has.
+* ``_gate_topk_kernel``: one program per (tile of ``BLOCK_M`` queries of one sequence, query
+  head; GQA: query head h reads the means of KV head h // group). It streams the sequence's
+  block means ``BLOCK_B`` blocks at a time and computes the float32 scores q . mean in
+  registers; the (S, n_blocks) score matrix never exists in global memory. Selection is
+  ``n_pick = min(top_k - 1, n_blocks)`` streaming arg-max passes: pass p finds, per row, the
+  best candidate strictly after the previous pick in the order (score descending, block
+  index ascending), so ties are broken toward the lower block index. Candidates are the
+  complete blocks before the own block (causal) or every other block (non-causal). The own
+  block plus the picks are sorted ascending in registers (``tl.sort``), padding
+  (``PAD_INDEX`` = -1) last, and written as (Tq, Hq, width) int32.
+  The passes re-read the means (n_pick * n_blocks * D floats per tile, from L2); this is
+  cheap for the small ``top_k`` MoBA uses. When ``top_k - 1`` covers every candidate the
+  launcher skips the kernel and writes the dense selection directly.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import padded_head_dim, query_tiles
+
+_BIG = 1 << 30
+
+# Keyed by the padded head dim: (BLOCK_M, BLOCK_B, num_warps). Read by the launchers and by
+# the ahead-of-time compile tests (``kernel_configs``).
+GATE_CONFIGS = {
+    16: (64, 32, 4),
+    32: (64, 32, 4),
+    64: (64, 32, 4),
+    128: (64, 32, 4),
+    256: (32, 32, 4),
+}
+# (BLOCK_T, num_warps)
+MEAN_CONFIGS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 4)}
+#: Widest selection (top_k rounded up to a power of two) the gate kernel sorts in registers.
+MAX_SORT_WIDTH = 16
+
+
+@triton.jit
+def _block_mean_kernel(
+    K, MEANS, BLOCK_START, BLOCK_LEN,
+    stride_kt, stride_kh, n_heads_kv, d_real,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    start = tl.load(BLOCK_START + pid_b).to(tl.int64)
+    length = tl.load(BLOCK_LEN + pid_b).to(tl.int64)
+    offs_t = tl.arange(0, BLOCK_T)  # (BLOCK_T,)
+    offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
+    d_ok = offs_d < d_real  # (HEAD_DIM,)
+    total = tl.zeros([HEAD_DIM], dtype=tl.float32)  # (HEAD_DIM,)
+    for t0 in range(0, length, BLOCK_T):
+        t_ok = (t0 + offs_t) < length  # (BLOCK_T,)
+        k = tl.load(K + (start + t0 + offs_t)[:, None] * stride_kt + pid_h * stride_kh + offs_d[None, :],
+                    mask=t_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_T, HEAD_DIM)
+        total += tl.sum(k.to(tl.float32), 0)
+    mean = total / tl.maximum(length, 1).to(tl.float32)  # (HEAD_DIM,)
+    tl.store(MEANS + (pid_b * n_heads_kv + pid_h) * d_real + offs_d, mean, mask=d_ok)
+
+
+@triton.jit
+def _gate_topk_kernel(
+    Q, MEANS, OUT,
+    TILE_SEQ, TILE_START, CU_Q, CU_K, BLOCK_OFFSET,
+    stride_qt, stride_qh,
+    n_heads_q, n_heads_kv, group, block_size, n_pick, width, causal, d_real,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SORT_WIDTH: tl.constexpr,
+    BIG: tl.constexpr,
+):
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_h = tl.program_id(1).to(tl.int64)
+    seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
+    q_start = tl.load(TILE_START + pid_m).to(tl.int64)
+    q0 = tl.load(CU_Q + seq).to(tl.int64)
+    q1 = tl.load(CU_Q + seq + 1).to(tl.int64)
+    k0 = tl.load(CU_K + seq).to(tl.int64)
+    k1 = tl.load(CU_K + seq + 1).to(tl.int64)
+    first_block = tl.load(BLOCK_OFFSET + seq).to(tl.int64)
+    kv_head = pid_h // group
+    seq_len_k = k1 - k0
+    n_blocks = (seq_len_k + block_size - 1) // block_size
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    row_ok = offs_m < q1  # (BLOCK_M,)
+    q_pos = offs_m - q0 + (seq_len_k - (q1 - q0))  # (BLOCK_M,)
+    own = (q_pos // block_size).to(tl.int32)  # (BLOCK_M,) own block
+    offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
+    d_ok = offs_d < d_real  # (HEAD_DIM,)
+    q = tl.load(Q + offs_m[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :],
+                mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, HEAD_DIM)
+
+    cols = tl.arange(0, SORT_WIDTH)  # (SORT_WIDTH,)
+    chosen = tl.full([BLOCK_M, SORT_WIDTH], BIG, dtype=tl.int32)  # (BLOCK_M, SORT_WIDTH)
+    chosen = tl.where(cols[None, :] == 0, own[:, None], chosen)
+    prev_s = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)  # (BLOCK_M,) score of the last pick
+    prev_i = tl.full([BLOCK_M], -1, dtype=tl.int32)  # (BLOCK_M,) index of the last pick
+    offs_b = tl.arange(0, BLOCK_B)  # (BLOCK_B,)
+    for p in range(0, n_pick):
+        best_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (BLOCK_M,)
+        best_i = tl.full([BLOCK_M], BIG, dtype=tl.int32)  # (BLOCK_M,)
+        for b0 in range(0, n_blocks, BLOCK_B):
+            blk = (b0 + offs_b).to(tl.int32)  # (BLOCK_B,) local block index
+            b_ok = blk < n_blocks  # (BLOCK_B,)
+            means = tl.load(MEANS + ((first_block + blk)[:, None] * n_heads_kv + kv_head) * d_real + offs_d[None, :],
+                            mask=b_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_B, HEAD_DIM) float32
+            s = tl.dot(q, tl.trans(means), input_precision="ieee")  # (BLOCK_M, BLOCK_B) float32
+            cand_causal = blk[None, :] < own[:, None]  # (BLOCK_M, BLOCK_B)
+            cand_all = (blk[None, :] != own[:, None]) & b_ok[None, :]  # (BLOCK_M, BLOCK_B)
+            cand = tl.where(causal != 0, cand_causal, cand_all)
+            after = (s < prev_s[:, None]) | ((s == prev_s[:, None]) & (blk[None, :] > prev_i[:, None]))
+            ok = cand & after  # (BLOCK_M, BLOCK_B)
+            s = tl.where(ok, s, float("-inf"))
+            c_max = tl.max(s, 1)  # (BLOCK_M,)
+            c_arg = tl.min(tl.where(ok & (s == c_max[:, None]), blk[None, :], BIG), 1)  # (BLOCK_M,)
+            better = (c_max > best_s) | ((c_max == best_s) & (c_arg < best_i))  # (BLOCK_M,)
+            best_s = tl.where(better, c_max, best_s)
+            best_i = tl.where(better, c_arg, best_i)
+        chosen = tl.where(cols[None, :] == p + 1, best_i[:, None], chosen)
+        prev_s = best_s
+        prev_i = best_i
+    chosen = tl.sort(chosen, dim=1)  # (BLOCK_M, SORT_WIDTH) ascending, BIG last
+    chosen = tl.where(chosen == BIG, -1, chosen)
+    tl.store(OUT + (offs_m[:, None] * n_heads_q + pid_h) * width + cols[None, :], chosen,
+             mask=row_ok[:, None] & (cols[None, :] < width))
+
+
+def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor) -> torch.Tensor:
+    """Mean key of every block: k (Tk, Hkv, D) -> (G, Hkv, D) float32."""
+    g = block_start.numel()
+    hkv, d = k.shape[1], k.shape[2]
+    means = torch.empty((g, hkv, d), dtype=torch.float32, device=k.device)
+    if g == 0:
+        return means
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    head_dim = padded_head_dim(d)
+    block_t, warps = MEAN_CONFIGS[head_dim]
+    _block_mean_kernel[(g, hkv)](
+        k, means, block_start.to(torch.int32), block_len.to(torch.int32),
+        k.stride(0), k.stride(1), hkv, d,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=warps,
+    )
+    return means
+
+
+def _dense_selection(q_pos, seq_n_blocks_per_q, block_size, hq, width, causal):
+    """Every candidate selected (top_k - 1 >= every row's candidate count)."""
+    blocks = torch.arange(width, device=q_pos.device, dtype=torch.int64)[None, :]
+    if causal:
+        keep = blocks <= (q_pos // block_size)[:, None]
+    else:
+        keep = blocks < seq_n_blocks_per_q[:, None]
+    idx = torch.where(keep, blocks, torch.full_like(blocks, -1)).to(torch.int32)  # (Tq, width)
+    return idx[:, None, :].expand(-1, hq, -1).contiguous()
+
+
+def gate_select(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_q: list[int],
+    cu_q_t: torch.Tensor,
+    cu_k_t: torch.Tensor,
+    q_pos: torch.Tensor,
+    q_seq: torch.Tensor,
+    seq_n_blocks: torch.Tensor,
+    block_offset: torch.Tensor,
+    block_start: torch.Tensor,
+    block_len: torch.Tensor,
+    block_size: int,
+    top_k: int,
+    causal: bool,
+) -> torch.Tensor:
+    """MoBA gate for packed q (Tq, Hq, D), k (Tk, Hkv, D) with the layout tensors of
+    ``moba._layout.BlockLayout``. Returns (Tq, Hq, min(top_k, nb_max)) int32 local block
+    indices, ascending, -1-padded (the semantics of ``moba.gate.select_from_means``)."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    nb_max = int(seq_n_blocks.max()) if seq_n_blocks.numel() else 0
+    width = max(1, min(top_k, nb_max))
+    if tq == 0:
+        return torch.full((0, hq, width), -1, dtype=torch.int32, device=q.device)
+    n_pick = min(top_k - 1, nb_max)
+    if n_pick >= nb_max - 1:  # every candidate of every row fits
+        return _dense_selection(q_pos, seq_n_blocks[q_seq], block_size, hq, width, causal)
+    sort_width = triton.next_power_of_2(width)
+    if sort_width > MAX_SORT_WIDTH:
+        raise NotImplementedError(
+            f"the Triton gate sorts at most {MAX_SORT_WIDTH} selected blocks per query in registers, "
+            f"got top_k={top_k}; use the torch gate (moba.select_blocks) for such selections"
+        )
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    means = block_means(k, block_start, block_len)
+    head_dim = padded_head_dim(d)
+    block_m, block_b, warps = GATE_CONFIGS[head_dim]
+    tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
+    out = torch.empty((tq, hq, width), dtype=torch.int32, device=q.device)
+    _gate_topk_kernel[(tile_seq.numel(), hq)](
+        q, means, out, tile_seq, tile_start, cu_q_t, cu_k_t, block_offset.to(torch.int32),
+        q.stride(0), q.stride(1),
+        hq, hkv, hq // hkv, block_size, n_pick, width, int(causal), d,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_B=block_b, SORT_WIDTH=sort_width, BIG=_BIG,
+        num_warps=warps,
+    )
+    return out
+
+
+def kernel_configs(dtype: str):
+    """Every (name, kernel, signature, constexprs, num_warps, num_stages) the gate launchers
+    can launch for inputs of ``dtype``, from the config tables above (SORT_WIDTH: the
+    smallest and the largest the launcher allows)."""
+    ptr = "*" + dtype
+    for head_dim, (block_t, warps) in MEAN_CONFIGS.items():
+        sig = dict(K=ptr, MEANS="*fp32", BLOCK_START="*i32", BLOCK_LEN="*i32",
+                   stride_kt="i64", stride_kh="i64", n_heads_kv="i32", d_real="i32")
+        yield f"mean_d{head_dim}", _block_mean_kernel, sig, dict(HEAD_DIM=head_dim, BLOCK_T=block_t), warps, 1
+    for head_dim, (block_m, block_b, warps) in GATE_CONFIGS.items():
+        for sort_width in (2, MAX_SORT_WIDTH):
+            sig = dict(Q=ptr, MEANS="*fp32", OUT="*i32", TILE_SEQ="*i32", TILE_START="*i32", CU_Q="*i32",
+                       CU_K="*i32", BLOCK_OFFSET="*i32", stride_qt="i64", stride_qh="i64",
+                       n_heads_q="i32", n_heads_kv="i32", group="i32", block_size="i32", n_pick="i32",
+                       width="i32", causal="i32", d_real="i32")
+            const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_B=block_b, SORT_WIDTH=sort_width, BIG=_BIG)
+            yield f"gate_d{head_dim}_w{sort_width}", _gate_topk_kernel, sig, const, warps, 1
