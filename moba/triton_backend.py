@@ -1,0 +1,230 @@
+"""The ``"triton"`` backend: fused Triton kernels for the MoBA gate and attention.
+
+Importing this module registers the backend (``moba.backends`` imports it lazily). The
+kernels live in ``moba.triton_kernels`` (``gate.py``: block means + streaming top-k;
+``attention.py``: forward, backward dq, backward dk/dv; see their headers for the work
+decomposition). This module wraps them as ``torch.library`` custom ops so that autograd and
+``torch.compile`` see one opaque op per direction:
+
+* ``moba::triton_attention_fwd(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale)
+  -> (out, lse)``
+* ``moba::triton_attention_bwd(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k,
+  block_size, causal, scale) -> (dq, dk, dv)``
+* ``moba::triton_gate(q, k, cu_q, cu_k, block_size, top_k, causal) -> block_indices``
+
+``cu_q`` / ``cu_k`` are host lists of ints (sequence boundaries of the packed queries and
+keys; queries aligned to the end of their key sequence, so ``cu_q != cu_k`` - decoding with a
+KV cache - is supported). ``sorted_indices`` is ``moba.triton_kernels.attention.sort_block_indices``
+of the block indices (int32, ascending, padding replaced by a large value).
+
+Devices: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton and
+this module were imported (the interpreter; it does not support bfloat16 in ``tl.dot``).
+dtypes: float16, bfloat16, float32 (fp32 accumulation; on GPUs float32 ``tl.dot`` uses TF32).
+Head dims up to 256 (padded to a power of two inside the kernels).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from ._layout import BlockLayout, build_layout
+from .backends import Backend, register_backend
+from .gate import select_packed
+from .triton_kernels import attention as _attn
+from .triton_kernels import gate as _gate
+
+_SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreted_kernels() -> bool:
+    """Whether the kernels were decorated in interpreter mode (TRITON_INTERPRET=1 at import)."""
+    return type(_attn._fwd_kernel).__name__ == "InterpretedFunction"
+
+
+def unavailable_reason(device) -> str | None:
+    """None when the Triton backend can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    interpret_env = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "CUDA is not available"
+        return None
+    if device.type == "cpu":
+        if not interpret_env:
+            return "the Triton kernels need CUDA tensors (set TRITON_INTERPRET=1 to run them on CPU in the Triton interpreter)"
+        if not _interpreted_kernels():
+            return (
+                "TRITON_INTERPRET=1 was set after the Triton kernels were imported; set it before "
+                "importing triton / moba's Triton backend"
+            )
+        return None
+    return f"the Triton backend does not support {device.type} tensors"
+
+
+def _int32(values: list[int], device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=device)
+
+
+def _check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dtype not in _SUPPORTED_DTYPES:
+        raise NotImplementedError(f'backend="triton" supports float16, bfloat16 and float32, got {q.dtype}; use backend="torch"')
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] > 256:
+        raise NotImplementedError(f'backend="triton" supports head dims up to 256, got {q.shape[-1]}; use backend="torch"')
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops
+
+
+@torch.library.custom_op("moba::triton_attention_fwd", mutates_args=())
+def triton_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    sorted_indices: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    return _attn.attention_forward(
+        q, k, v, sorted_indices.contiguous(), cu_q, cu_k, _int32(cu_q, q.device), _int32(cu_k, q.device),
+        block_size, causal, scale,
+    )
+
+
+@triton_attention_fwd.register_fake
+def _(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("moba::triton_attention_bwd", mutates_args=())
+def triton_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    sorted_indices: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    layout = build_layout(cu_q, cu_k, block_size, q.device)
+    return _attn.attention_backward(
+        dout, q, k, v, out, lse, sorted_indices.contiguous(), cu_q,
+        _int32(cu_q, q.device), _int32(cu_k, q.device),
+        layout.q_seq, layout.q_key_token, layout.block_offset, layout.block_start, layout.block_len,
+        block_size, causal, scale,
+    )
+
+
+@triton_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k, block_size, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, sorted_indices, out, lse)
+    ctx.cu_q, ctx.cu_k, ctx.block_size, ctx.causal, ctx.scale = cu_q, cu_k, block_size, causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, sorted_indices, out, lse = ctx.saved_tensors
+    dq, dk, dv = triton_attention_bwd(
+        dout, q, k, v, out, lse, sorted_indices, ctx.cu_q, ctx.cu_k, ctx.block_size, ctx.causal, ctx.scale
+    )
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _gate_width(cu_k: list[int], block_size: int, top_k: int) -> int:
+    nb_max = max([(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:])], default=0)
+    return max(1, min(top_k, nb_max))
+
+
+@torch.library.custom_op("moba::triton_gate", mutates_args=())
+def triton_gate(
+    q: torch.Tensor, k: torch.Tensor, cu_q: list[int], cu_k: list[int], block_size: int, top_k: int, causal: bool
+) -> torch.Tensor:
+    layout = build_layout(cu_q, cu_k, block_size, q.device)
+    return _gate.gate_select(
+        _last_dim_contiguous(q), _last_dim_contiguous(k), cu_q, _int32(cu_q, q.device), _int32(cu_k, q.device),
+        layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset, layout.block_start, layout.block_len,
+        block_size, top_k, causal,
+    )
+
+
+@triton_gate.register_fake
+def _(q, k, cu_q, cu_k, block_size, top_k, causal):
+    return q.new_empty((q.shape[0], q.shape[1], _gate_width(cu_k, block_size, top_k)), dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public functions and the backend
+
+
+def triton_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    block_indices: torch.Tensor,
+    causal: bool,
+    softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA attention with the Triton kernels (autograd through q, k, v).
+
+    q: (Tq, Hq, D); k, v: (Tk, Hkv, D), Hq % Hkv == 0; cu_q / cu_k: host lists of the
+    (N + 1) sequence boundaries of queries and keys (queries aligned to the end of their keys);
+    block_indices: (Tq, Hq, n_slots) local block indices, -1 padded, in any slot order.
+    Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32 (natural log of the softmax
+    denominator of the scaled scores).
+
+    Example:
+        >>> out, lse = triton_attention_packed(q, k, v, [0, 4096], [0, 4096], 512, idx, True, 64 ** -0.5)
+    """
+    _check_supported(q, k, v)
+    sorted_indices = _attn.sort_block_indices(block_indices)
+    return triton_attention_fwd(q, k, v, sorted_indices, list(cu_q), list(cu_k), int(block_size), bool(causal), float(softmax_scale))
+
+
+def _attention(q, k, v, layout: BlockLayout, block_indices, causal, scale):
+    return triton_attention_packed(q, k, v, layout.cu_q, layout.cu_k, layout.block_size, block_indices, causal, scale)[0]
+
+
+def _select(q, k, layout: BlockLayout, top_k, causal):
+    _check_supported(q, k, k)
+    nb_max = layout.max_blocks_per_seq
+    width = max(1, min(top_k, nb_max))
+    if top_k - 1 < nb_max - 1 and triton.next_power_of_2(width) > _gate.MAX_SORT_WIDTH:
+        # The kernel sorts the selection in registers; wide (non-dense) selections use the torch gate.
+        return select_packed(q, k, layout, top_k, causal)
+    return triton_gate(q, k, list(layout.cu_q), list(layout.cu_k), layout.block_size, int(top_k), bool(causal))
+
+
+register_backend(Backend(name="triton", attention=_attention, select=_select, unavailable_reason=unavailable_reason))
+
+__all__ = ["triton_attention_bwd", "triton_attention_fwd", "triton_attention_packed", "triton_gate", "unavailable_reason"]
