@@ -1,0 +1,288 @@
+"""Sparse MoBA decoding with a KV cache: incremental block means, gate, sparse attention.
+
+When the queries are the newest ``Lq`` tokens of sequences whose keys sit in a cache
+(``Lq = 1``: token-by-token decoding; ``Lq > 1``: a chunk, e.g. speculative decoding), MoBA
+needs, per sequence, the mean key of every complete past block (the gate's candidates) and
+the own block (always attended). ``BlockMeanState`` keeps per-block running key *sums* and the
+number of tokens folded in, per sequence; each step folds in only the new tokens (O(new
+tokens), never a pass over the whole cache). ``moba_decode`` updates the state, runs the gate
+against the state's means (``moba.gate.select_from_means``) and attends to the selected
+blocks only, reading the cache in place:
+
+* on CUDA with Triton: ``moba.triton_kernels.decode`` (flash-decoding style: the key work of
+  one (query, head) is split across programs when batch x heads is too small to fill the GPU,
+  then merged);
+* elsewhere: a PyTorch path that gathers the selected blocks only.
+
+The result equals a full prefill MoBA forward over the whole sequence (DESIGN.md section 1:
+the gate only ever reads complete past blocks plus the own block), up to float rounding.
+
+Cache edits: ``BlockMeanState.update`` is told the cache's current shape and how many of its
+newest tokens are new; if the state holds more tokens than the cache had before this step
+(the cache was cropped, e.g. rejected speculative tokens), the blocks at and after the crop
+point are recomputed from the cached keys; if it holds fewer (tokens it never saw), the row
+is rebuilt. ``select_rows`` / ``repeat_rows`` follow beam-search reordering.
+
+Example (one sequence, token-by-token)::
+
+    state = BlockMeanState(block_size=64)
+    for step in range(n_steps):
+        k_cache, v_cache = ...          # (B, L, Hkv, D), the new token already appended
+        out = moba_decode(q, k_cache, v_cache, state, block_size=64, top_k=3)   # q (B, 1, Hq, D)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._checks import check_positive_int, resolve_softmax_scale
+from ._layout import build_layout
+from .gate import select_from_means
+
+# Upper bound on the elements of one chunk of gathered keys in the PyTorch decode path.
+_GATHER_CHUNK_ELEMENTS = 1 << 24
+
+
+class BlockMeanState:
+    """Running per-block key sums of a batch of cached sequences (one attention layer).
+
+    Attributes:
+        block_size: tokens per key block.
+        sums: (B, capacity, Hkv, D) float32 key sums per block (blocks past a row's end are 0).
+        lengths: host list, tokens folded in per row.
+    """
+
+    def __init__(self, block_size: int):
+        self.block_size = check_positive_int("block_size", block_size)
+        self.sums: torch.Tensor | None = None
+        self.lengths: list[int] | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget everything (the next ``update`` rebuilds from the cache)."""
+        self.sums, self.lengths = None, None
+
+    def select_rows(self, index: torch.Tensor) -> None:
+        """Keep / reorder rows (beam search ``reorder_cache``, ``batch_select_indices``)."""
+        if self.sums is None:
+            return
+        index = index.to(self.sums.device).long()
+        self.sums = self.sums.index_select(0, index)
+        self.lengths = [self.lengths[i] for i in index.tolist()]
+
+    def repeat_rows(self, repeats: int) -> None:
+        """Repeat every row ``repeats`` times (``batch_repeat_interleave``)."""
+        if self.sums is None:
+            return
+        self.sums = self.sums.repeat_interleave(repeats, dim=0)
+        self.lengths = [n for n in self.lengths for _ in range(repeats)]
+
+    def _ensure(self, batch: int, n_blocks: int, hkv: int, d: int, device) -> None:
+        shape_ok = (
+            self.sums is not None
+            and self.sums.shape[0] == batch
+            and self.sums.shape[2:] == (hkv, d)
+            and self.sums.device == torch.device(device)
+        )
+        if not shape_ok:
+            self.sums = torch.zeros(batch, max(1, n_blocks), hkv, d, dtype=torch.float32, device=device)
+            self.lengths = [0] * batch
+        elif self.sums.shape[1] < n_blocks:  # grow geometrically: amortised O(1) per block
+            grown = self.sums.new_zeros(batch, max(n_blocks, 2 * self.sums.shape[1]), hkv, d)
+            grown[:, : self.sums.shape[1]] = self.sums
+            self.sums = grown
+
+    # -- the update --------------------------------------------------------------------
+    def update(self, k_cache: torch.Tensor, starts: list[int], n_new: int) -> list[int]:
+        """Bring the state to the cache's content; returns the new per-row lengths.
+
+        k_cache: (B, Lk, Hkv, D), any strides; row ``b``'s tokens are positions
+        ``starts[b]:Lk`` (``starts`` > 0 for left padding). The last ``n_new`` tokens of every
+        row are new since the previous call; the state keeps what it has of the rest.
+        """
+        batch, lk, hkv, d = k_cache.shape
+        bs = self.block_size
+        target = [lk - s for s in starts]
+        if min(target, default=0) < n_new:
+            raise ValueError(f"a row holds fewer than the {n_new} new tokens (starts={starts}, Lk={lk})")
+        self._ensure(batch, -(-max(target, default=0) // bs), hkv, d, k_cache.device)
+        rows, begins = [], []
+        for b in range(batch):
+            prev = target[b] - n_new
+            have = self.lengths[b]
+            if have == prev:  # the usual step: fold in the new tokens only
+                begin = prev
+            elif have > prev:  # cropped: recompute from the last block boundary <= prev
+                begin = (prev // bs) * bs
+            else:  # tokens we never saw: rebuild the row
+                begin = 0
+            if begin < have:
+                self.sums[b, begin // bs :].zero_()
+            rows.append(b)
+            begins.append(begin)
+        self._fold(k_cache, starts, rows, begins, target)
+        self.lengths = target
+        return target
+
+    def _fold(self, k_cache, starts, rows, begins, ends) -> None:
+        """Add the keys of positions ``begins[i]:ends[i]`` of row ``rows[i]`` to their block sums."""
+        counts = [e - s for s, e in zip(begins, ends)]
+        if sum(counts) == 0:
+            return
+        dev = k_cache.device
+        count_t = torch.tensor(counts, device=dev)
+        row_t = torch.repeat_interleave(torch.tensor(rows, device=dev), count_t)
+        first = torch.repeat_interleave(torch.tensor(begins, device=dev) - (torch.cumsum(count_t, 0) - count_t), count_t)
+        token = torch.arange(int(count_t.sum()), device=dev) + first  # position inside the row
+        pos = torch.tensor(starts, device=dev)[row_t] + token  # position in the cache
+        keys = k_cache[row_t, pos].float()  # (n, Hkv, D)
+        cap = self.sums.shape[1]
+        flat = self.sums.view(-1, *self.sums.shape[2:])
+        flat.index_add_(0, row_t * cap + token // self.block_size, keys)
+
+    # -- reading -------------------------------------------------------------------------
+    def block_counts(self, n_blocks: int) -> torch.Tensor:
+        """(B, n_blocks) tokens per block (0 past a row's end)."""
+        lengths = torch.tensor(self.lengths, device=self.sums.device)
+        first = torch.arange(n_blocks, device=self.sums.device) * self.block_size
+        return (lengths[:, None] - first[None, :]).clamp(min=0, max=self.block_size)
+
+    def padded_means(self) -> torch.Tensor:
+        """(B, nb_max, Hkv, D) float32 block means, zero past each row's last block.
+
+        The same as ``moba.gate.pad_block_means(moba.gate.block_means(k, layout), layout)``
+        recomputed from the keys (up to float summation order); a tail block is averaged over
+        the tokens it has.
+        """
+        nb_max = max(1, -(-max(self.lengths) // self.block_size))
+        counts = self.block_counts(nb_max)
+        return self.sums[:, :nb_max] / counts.clamp(min=1)[:, :, None, None].to(torch.float32)
+
+
+def _check_decode_inputs(q, k_cache, v_cache):
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (batch, seqlen, heads, head_dim)")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
+    if q.shape[0] != k_cache.shape[0] or q.shape[-1] != k_cache.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on batch or head_dim")
+    if q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k_cache.shape[2]})")
+    if q.shape[1] > k_cache.shape[1]:
+        raise ValueError(f"more queries ({q.shape[1]}) than cached keys ({k_cache.shape[1]})")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+
+
+def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, block_size, scale):
+    """Attention of the newest queries over their selected cached blocks (PyTorch, any device).
+
+    q: (B, Lq, Hq, D); k_cache, v_cache: (B, Lk, Hkv, D) any strides; block_indices:
+    (B, Lq, Hq, W) local block ids (-1 = unused); starts, lengths: (B,) int64 first cache
+    position and token count of every row. Returns (B, Lq, Hq, D) in q's dtype.
+    Only the selected blocks are read (gathered), never the whole cache.
+    """
+    b, lq, hq, d = q.shape
+    lk, hkv = k_cache.shape[1], k_cache.shape[2]
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dev = q.device
+    offs = torch.arange(block_size, device=dev)
+    out = torch.empty(b, lq, hq, d, dtype=q.dtype, device=dev)
+    width = block_indices.shape[-1]
+    per_query = hq * width * block_size * d
+    step = max(1, _GATHER_CHUNK_ELEMENTS // max(1, per_query))
+    head_kv = (torch.arange(hq, device=dev) // (hq // hkv))[None, None, :, None]  # (1, 1, Hq, 1)
+    for i0 in range(0, lq, step):
+        i1 = min(lq, i0 + step)
+        idx = block_indices[:, i0:i1].long()  # (B, l, Hq, W)
+        q_pos = lengths[:, None] - lq + torch.arange(i0, i1, device=dev)[None, :]  # (B, l)
+        token = idx[..., None] * block_size + offs  # (B, l, Hq, W, bs) position inside the row
+        valid = (idx[..., None] >= 0) & (token <= q_pos[:, :, None, None, None])
+        pos = (starts[:, None, None, None, None] + token).clamp(0, lk - 1)
+        pos = pos.masked_fill(~valid, 0).flatten(3)  # (B, l, Hq, W * bs)
+        row = torch.arange(b, device=dev)[:, None, None, None]  # (B, 1, 1, 1)
+        keys = k_cache[row, pos, head_kv].to(dtype)  # (B, l, Hq, W * bs, D)
+        vals = v_cache[row, pos, head_kv].to(dtype)
+        s = torch.einsum("blhd,blhnd->blhn", q[:, i0:i1].to(dtype), keys) * scale
+        s = s.masked_fill(~valid.flatten(3), float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        out[:, i0:i1] = torch.einsum("blhn,blhnd->blhd", p, vals).to(q.dtype)
+    return out
+
+
+def _use_triton(backend: str, device: torch.device) -> bool:
+    if backend == "torch":
+        return False
+    if backend not in ("auto", "triton"):
+        raise ValueError(f"decode backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+    try:
+        from .triton_kernels import decode as _kernels  # noqa: F401
+    except ImportError as err:
+        if backend == "triton":
+            raise RuntimeError(f"backend='triton' needs triton: {err}") from err
+        return False
+    if backend == "triton":
+        return True
+    return device.type == "cuda"
+
+
+def moba_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    state: BlockMeanState,
+    block_size: int,
+    top_k: int,
+    softmax_scale: float | None = None,
+    starts: list[int] | None = None,
+    backend: str = "auto",
+    *,
+    return_block_indices: bool = False,
+):
+    """Causal MoBA attention of the newest ``Lq`` tokens of each row over a KV cache.
+
+    Args:
+        q: (B, Lq, Hq, D) queries of the newest ``Lq`` tokens of every row; their keys and
+            values are already the last ``Lq`` entries of the cache.
+        k_cache, v_cache: (B, Lk, Hkv, D) cached keys/values, any strides (a transformers
+            cache tensor (B, Hkv, Lk, D) can be passed as ``.transpose(1, 2)``).
+        state: the layer's ``BlockMeanState``; updated in place (the last ``Lq`` tokens are
+            folded in; a cropped or unknown cache is handled, see the module docstring).
+        block_size, top_k: as in ``moba.moba_attn_func``.
+        softmax_scale: defaults to ``D ** -0.5``.
+        starts: first real cache position of each row (left padding); default all 0.
+        backend: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
+
+    Returns:
+        (B, Lq, Hq, D) in q's dtype (and the (B, Lq, Hq, W) block indices if asked).
+    """
+    _check_decode_inputs(q, k_cache, v_cache)
+    block_size = check_positive_int("block_size", block_size)
+    top_k = check_positive_int("top_k", top_k)
+    if state.block_size != block_size:
+        raise ValueError(f"state.block_size ({state.block_size}) != block_size ({block_size})")
+    b, lq, hq, d = q.shape
+    scale = resolve_softmax_scale(softmax_scale, d)
+    starts = [0] * b if starts is None else [int(s) for s in starts]
+    if len(starts) != b:
+        raise ValueError(f"starts must have one entry per row ({b}), got {len(starts)}")
+    lengths = state.update(k_cache, starts, lq)
+
+    cu_q = [i * lq for i in range(b + 1)]
+    cu_k = [0]
+    for n in lengths:
+        cu_k.append(cu_k[-1] + n)
+    layout = build_layout(cu_q, cu_k, block_size, q.device)
+    with torch.no_grad():
+        idx = select_from_means(q.reshape(b * lq, hq, d), state.padded_means(), layout, top_k, causal=True)
+    idx = idx.reshape(b, lq, hq, -1)
+    starts_t = torch.tensor(starts, dtype=torch.int64, device=q.device)
+    lengths_t = torch.tensor(lengths, dtype=torch.int64, device=q.device)
+    if _use_triton(backend, q.device):
+        from .triton_kernels.decode import moba_decode_triton
+
+        out = moba_decode_triton(q, k_cache, v_cache, idx, starts_t, lengths_t, block_size, scale)
+    else:
+        out = decode_attention_torch(q, k_cache, v_cache, idx, starts_t, lengths_t, block_size, scale)
+    return (out, idx) if return_block_indices else out
