@@ -145,6 +145,7 @@ def test_gate_ignores_values_and_other_sequences():
 
 @pytest.mark.xfail(
     strict=True,
+    raises=AssertionError,
     reason="library bug: gate.block_means zeroes tail-block padding by multiplying with the mask, "
     "so a NaN/inf in key token 0 makes every tail block's mean NaN (leaks across batch/sequences)",
 )
