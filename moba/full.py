@@ -4,6 +4,9 @@
 when it is installed and the tensors are on CUDA in float16/bfloat16, otherwise torch SDPA
 (whose CUDA backends are flash and cuDNN attention). ``last_full_attn_implementation()``
 reports what ran last; ``full_attn_implementation(q)`` what ``"auto"`` would pick.
+
+``full_attn_with_kvcache`` covers decoding: queries shorter than keys (aligned to the end,
+as in flash-attn) and an optional key padding mask (left-padded batches).
 """
 
 from __future__ import annotations
@@ -109,3 +112,70 @@ def full_attn_varlen_func(
         _sdpa(q[a:b], k[a:b], v[a:b], causal, scale) for a, b in zip(bounds[:-1], bounds[1:]) if b > a
     ]
     return torch.cat(parts, dim=0) if parts else q.clone()
+
+
+def full_attn_with_kvcache(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Dense attention of the newest queries over a (possibly padded) KV cache.
+
+    Args:
+        q: (B, Lq, Hq, D) queries; they are the last ``Lq`` positions of the keys
+            (``Lq <= Lk``; query ``i`` sits at key position ``Lk - Lq + i``, as in flash-attn).
+        k, v: (B, Lk, Hkv, D), ``Hq % Hkv == 0``.
+        causal: mask keys after each query's position.
+        key_padding_mask: optional (B, Lk) bool, True for real tokens. Outputs of queries at
+            padding positions are 0. With a mask, "auto" runs SDPA.
+        implementation: "auto", "flash_attn" (no key_padding_mask) or "sdpa".
+
+    Returns:
+        (B, Lq, Hq, D) in q's dtype.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-d tensor (batch, seqlen, heads, head_dim)")
+    b, lq, hq, d = q.shape
+    lk = k.shape[1]
+    if k.shape != v.shape or k.shape[0] != b or k.shape[-1] != d or hq % k.shape[2] or lq > lk:
+        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
+                         "(need k == v shapes, same batch and head_dim, Hq % Hkv == 0, Lq <= Lk)")
+    check_bool("causal", causal)
+    scale = resolve_softmax_scale(softmax_scale, d)
+    if key_padding_mask is not None and bool(key_padding_mask.all()):
+        key_padding_mask = None
+    if key_padding_mask is None and lq == lk:
+        return full_attn_func(q, k, v, causal, scale, implementation)
+    impl = full_attn_implementation(q, implementation)
+    if key_padding_mask is not None:
+        if implementation == "flash_attn":
+            raise ValueError("implementation='flash_attn' does not take a key_padding_mask here; use 'auto' or 'sdpa'")
+        impl = "sdpa"
+    _record(impl)
+    if impl == "flash_attn":
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q, k, v, causal=causal, softmax_scale=scale)  # bottom-right aligned
+    key_pos = torch.arange(lk, device=q.device)
+    q_pos = key_pos[lk - lq :]
+    allowed = torch.ones(b, lq, lk, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed & (key_pos[None, None, :] <= q_pos[None, :, None])
+    q_valid = None
+    if key_padding_mask is not None:
+        kpm = key_padding_mask.to(device=q.device, dtype=torch.bool)
+        allowed = allowed & kpm[:, None, :]
+        q_valid = kpm[:, lk - lq :]  # (B, Lq)
+        allowed = allowed | ~q_valid[:, :, None]  # padding queries attend anywhere (no NaN), zeroed below
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None],
+        scale=scale, enable_gqa=hq != k.shape[2],
+    ).transpose(1, 2)
+    if q_valid is not None:
+        out = out.masked_fill(~q_valid[:, :, None, None], 0)
+    return out

@@ -5,11 +5,18 @@
 * ``set_attention_mode(model, mode, layers=None)``: switch every (or some) attention core of
   a model between MoBA and full attention, e.g. the last N layers full (hybrid) or the whole
   model full from a chosen training step (the paper's MoBA/full recipe).
+* ``HybridSchedule``: the one call for both, from a training loop::
+
+      schedule = HybridSchedule(full_last_n=3, switch_to_full_at_step=9000)
+      for step in range(n_steps):
+          schedule.apply(model, step)      # sets every layer's mode for this step
+          loss = model(batch).loss; ...
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -179,3 +186,65 @@ def set_attention_mode(model: nn.Module, mode: str, layers: Iterable[int] | None
 
 def _bad_layer(i: int, n: int):
     raise ValueError(f"layer index {i} out of range for a model with {n} attention layers")
+
+
+@dataclass(frozen=True)
+class HybridSchedule:
+    """Which layers run MoBA and which run full attention, as a function of the training step.
+
+    Args:
+        full_layers: layers (indices into ``attention_modules(model)``; negative indices
+            count from the end) that always run full attention.
+        full_last_n: shorthand for the last ``full_last_n`` layers (the paper's 1M-context
+            Llama keeps its last 3 layers full).
+        switch_to_full_at_step: from this training step on, every layer runs full attention
+            (the paper's "MoBA, then full attention" recipe); ``None`` never switches.
+
+    ``apply(model, step)`` sets every ``MoBAAttention`` core's mode and returns the modes,
+    layer by layer; call it at the top of each training step (it only sets attributes).
+
+    >>> schedule = HybridSchedule(full_last_n=2, switch_to_full_at_step=1000)
+    >>> schedule.modes(n_layers=4, step=0)
+    ['moba', 'moba', 'full', 'full']
+    >>> schedule.modes(n_layers=4, step=1000)
+    ['full', 'full', 'full', 'full']
+    """
+
+    full_layers: tuple[int, ...] = ()
+    full_last_n: int = 0
+    switch_to_full_at_step: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "full_layers", tuple(int(i) for i in self.full_layers))
+        if isinstance(self.full_last_n, bool) or not isinstance(self.full_last_n, int) or self.full_last_n < 0:
+            raise ValueError(f"full_last_n must be an int >= 0, got {self.full_last_n!r}")
+        step = self.switch_to_full_at_step
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise ValueError(f"switch_to_full_at_step must be None or an int >= 0, got {step!r}")
+
+    def full_layer_set(self, n_layers: int) -> set[int]:
+        """Layers that run full attention before the switch step."""
+        if self.full_last_n > n_layers:
+            raise ValueError(f"full_last_n={self.full_last_n} but the model has {n_layers} attention layers")
+        chosen = {i if i >= 0 else i + n_layers for i in self.full_layers}
+        bad = [i for i in self.full_layers if not -n_layers <= i < n_layers]
+        if bad:
+            raise ValueError(f"full_layers {bad} out of range for a model with {n_layers} attention layers")
+        return chosen | set(range(n_layers - self.full_last_n, n_layers))
+
+    def modes(self, n_layers: int, step: int) -> list[str]:
+        """The mode of every layer at ``step``."""
+        if self.switch_to_full_at_step is not None and step >= self.switch_to_full_at_step:
+            return ["full"] * n_layers
+        full = self.full_layer_set(n_layers)
+        return ["full" if i in full else "moba" for i in range(n_layers)]
+
+    def apply(self, model: nn.Module, step: int) -> list[str]:
+        """Set the mode of every attention core of ``model`` for training step ``step``."""
+        cores = attention_modules(model)
+        if not cores:
+            raise ValueError("the model has no MoBAAttention modules")
+        modes = self.modes(len(cores), step)
+        for core, mode in zip(cores, modes):
+            core.mode = mode
+        return modes

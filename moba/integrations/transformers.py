@@ -1,0 +1,340 @@
+"""MoBA as a Hugging Face transformers attention implementation.
+
+    import transformers
+    from moba.integrations.transformers import register_moba
+
+    register_moba(block_size=512, top_k=3, full_attention_layers=(-1, -2, -3))   # name "moba"
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="moba")
+    out = model.generate(**inputs)      # prefill: MoBA; every decoding step: sparse MoBA on the KV cache
+
+Tested with transformers 5.23.0 (Llama, Qwen2, Qwen3, Mistral, built from configs). It uses
+transformers' own registration API: ``AttentionInterface.register(name, fn)`` for the attention
+and ``AttentionMaskInterface.register(name, mask_fn)`` so the model builds no (S, S) mask: the
+mask function returns the 2D padding mask (B, kv_len) when there is padding and ``None``
+otherwise (as for flash-attention).
+
+What the attention function does (query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)):
+
+* hybrid: layers in ``full_attention_layers`` (``module.layer_idx``; negative indices count
+  from ``config.num_hidden_layers``) run dense attention through ``moba.full``
+  (flash-attn or SDPA; ``moba.last_full_attn_implementation()`` says which);
+* prefill (``Lq == Lk``): ``moba.moba_attn_varlen_func`` over the real tokens (padding removed,
+  sequences packed; packed sequences in one row, detected from ``position_ids`` restarts as
+  transformers does, become separate sequences); autograd works, so the model trains;
+* decoding (``Lq < Lk``: one token, or a chunk as in speculative decoding): ``moba.decode``.
+  The gate reads block means kept incrementally per layer in a ``BlockMeanState``, stored
+  per cache object (weakly, so it dies with the cache). The cache is found through a forward
+  pre-hook that this module adds to each attention module on its first call (the attention
+  function itself is not given the cache); without a known cache, every step recomputes the
+  means from the keys (correct, not incremental). ``crop`` (rejected speculative tokens) is
+  detected from the lengths and the affected blocks are recomputed; ``reorder_cache`` /
+  ``batch_select_indices`` / ``batch_repeat_interleave`` (beam search) are followed;
+  ``reset`` or a new prompt restarts from a prefill.
+
+GQA (Hkv < Hq) is handled natively (no KV repeat), ``scaling`` is respected. Rejected with a
+clear error: dropout > 0, sliding-window layers, logit soft-capping, attention sinks,
+position biases, custom 4D masks, ``output_attentions``, non-causal decoding.
+Left-padded (and right-padded prefill) batches are unpadded; a decoding batch whose padding
+is not a left prefix of each row falls back to a from-scratch sparse path.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .._checks import check_positive_int
+from .._layout import build_layout
+from ..backends import resolve_backend
+from ..decode import BlockMeanState, moba_decode
+from ..full import full_attn_with_kvcache
+from ..gate import select_packed
+from ..ops import moba_attn_func, moba_attn_varlen_func
+
+TESTED_TRANSFORMERS_VERSIONS = ("5.23.0",)
+
+# cache object -> {layer_idx: BlockMeanState}; entries die with their cache.
+_STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@dataclass(frozen=True)
+class MoBASettings:
+    block_size: int
+    top_k: int
+    full_attention_layers: tuple[int, ...]
+    backend: str
+
+
+# -- the cache of the current forward --------------------------------------------------------
+def _capture_cache(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    module._moba_cache_ref = weakref.ref(cache) if cache is not None else None
+
+
+def _current_cache(module):
+    if not getattr(module, "_moba_tracks_cache", False):
+        module.register_forward_pre_hook(_capture_cache, with_kwargs=True)
+        module._moba_tracks_cache = True
+        return None  # this call started before the hook existed
+    ref = getattr(module, "_moba_cache_ref", None)
+    return ref() if ref is not None else None
+
+
+def _follow_batch_edits(cache, states: dict) -> None:
+    """Make the cache's batch edits (beam search and friends) also apply to our states."""
+
+    def rows(index):
+        index = torch.as_tensor(index)
+        return index.nonzero().squeeze(1) if index.dtype == torch.bool else index
+
+    edits = {
+        "reorder_cache": lambda st, idx: st.select_rows(rows(idx)),
+        "batch_select_indices": lambda st, idx: st.select_rows(rows(idx)),
+        "batch_repeat_interleave": lambda st, r: st.repeat_rows(int(r)),
+    }
+    for name, edit in edits.items():
+        original = getattr(cache, name, None)
+        if original is None:
+            continue
+
+        def wrapped(arg, *a, _original=original, _edit=edit, **kw):
+            result = _original(arg, *a, **kw)
+            for st in states.values():
+                _edit(st, arg)
+            return result
+
+        setattr(cache, name, wrapped)
+
+
+def _state_for(module, block_size: int) -> BlockMeanState | None:
+    cache = _current_cache(module)
+    if cache is None:
+        return None
+    try:
+        states = _STATES.get(cache)
+        if states is None:
+            states = {}
+            _STATES[cache] = states
+            _follow_batch_edits(cache, states)
+    except TypeError:  # a cache that cannot be weakly referenced / hashed
+        return None
+    layer = getattr(module, "layer_idx", 0)
+    state = states.get(layer)
+    if state is None or state.block_size != block_size:
+        state = states[layer] = BlockMeanState(block_size)
+    return state
+
+
+# -- checks ---------------------------------------------------------------------------------
+def _check_supported(module, attention_mask, dropout, kwargs) -> None:
+    if dropout and dropout > 0:
+        raise ValueError(
+            f"attn_implementation='moba' does not support attention dropout (got {dropout}); "
+            "set config.attention_dropout = 0"
+        )
+    if kwargs.get("sliding_window") is not None:
+        raise ValueError(
+            f"attn_implementation='moba' does not support sliding-window layers (layer {module.layer_idx}, "
+            f"sliding_window={kwargs['sliding_window']}); disable sliding windows in the config "
+            "(e.g. use_sliding_window=False) or use another implementation"
+        )
+    for name in ("softcap", "s_aux", "position_bias"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='moba' does not support {name}")
+    if kwargs.get("output_attentions"):
+        raise ValueError("attn_implementation='moba' cannot return attention weights (output_attentions=True)")
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        raise ValueError(
+            "attn_implementation='moba' takes no custom attention masks: expected None or a 2D padding mask "
+            f"(batch, kv_len), got {type(attention_mask).__name__} "
+            f"{tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else ''}"
+        )
+
+
+def _is_full_layer(module, settings: MoBASettings) -> bool:
+    if not settings.full_attention_layers:
+        return False
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        raise ValueError("full_attention_layers needs attention modules with a layer_idx")
+    n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
+    for i in settings.full_attention_layers:
+        if i < 0:
+            if n_layers is None:
+                raise ValueError("negative full_attention_layers need config.num_hidden_layers")
+            i += n_layers
+        if i == layer:
+            return True
+    return False
+
+
+# -- the paths ------------------------------------------------------------------------------
+def _packed_boundaries(valid: torch.Tensor, position_ids) -> tuple[torch.Tensor, list[int]]:
+    """Flat indices (into B * L) of the real tokens and the cu_seqlens of their sequences."""
+    b, length = valid.shape
+    starts = torch.zeros_like(valid)
+    starts[:, 0] = True
+    starts[:, 1:] = valid[:, 1:] & ~valid[:, :-1]
+    if position_ids is not None:
+        pos = position_ids.to(valid.device).expand(b, length)
+        starts[:, 1:] |= pos[:, 1:] != pos[:, :-1] + 1
+    flat_valid = valid.reshape(-1)
+    tokens = flat_valid.nonzero().squeeze(1)
+    first = starts.reshape(-1)[tokens].nonzero().squeeze(1).tolist()
+    return tokens, first + [int(tokens.numel())]
+
+
+def _prefill(q, k, v, valid, position_ids, causal, scale, settings: MoBASettings):
+    b, s, hq, d = q.shape
+    packed = position_ids is not None and valid is None and bool(
+        (position_ids[..., 1:] != position_ids[..., :-1] + 1).any()
+    )
+    if valid is None and not packed:
+        return moba_attn_func(q, k, v, settings.block_size, settings.top_k, causal, scale, settings.backend)
+    if valid is None:
+        valid = torch.ones(b, s, dtype=torch.bool, device=q.device)
+    tokens, cu = _packed_boundaries(valid, position_ids if packed else None)
+    out = q.new_zeros(b * s, hq, d)
+    if tokens.numel():
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        longest = max(e - a for a, e in zip(cu[:-1], cu[1:]))
+        flat = lambda x: x.reshape(b * s, *x.shape[2:])[tokens]  # noqa: E731
+        out[tokens] = moba_attn_varlen_func(
+            flat(q), flat(k), flat(v), cu_t, longest, settings.block_size, settings.top_k, causal, scale,
+            settings.backend,
+        )
+    return out.reshape(b, s, hq, d)
+
+
+def _left_padding_starts(valid) -> list[int] | None:
+    """Per row, the first real position when the padding of every row is a prefix; else None."""
+    if valid is None:
+        return None
+    lk = valid.shape[1]
+    n_real = valid.sum(dim=1)
+    expected = torch.arange(lk, device=valid.device)[None, :] >= (lk - n_real)[:, None]
+    if not bool((expected == valid).all()):
+        return None
+    return (lk - n_real).tolist()
+
+
+def _decode_from_scratch(q, k, v, valid, scale, settings: MoBASettings):
+    """Any padding pattern: unpad queries and keys, gate from all keys, packed sparse attention."""
+    b, lq, hq, d = q.shape
+    lk = k.shape[1]
+    if valid is None:
+        valid = torch.ones(b, lk, dtype=torch.bool, device=q.device)
+    q_valid = valid[:, lk - lq :]
+    cu_q, cu_k = [0], [0]
+    for nq, nk in zip(q_valid.sum(1).tolist(), valid.sum(1).tolist()):
+        cu_q.append(cu_q[-1] + nq)
+        cu_k.append(cu_k[-1] + nk)
+    layout = build_layout(cu_q, cu_k, settings.block_size, q.device)
+    qp, kp, vp = q[q_valid], k[valid], v[valid]
+    backend = "reference" if settings.backend == "reference" else "torch"  # cu_q != cu_k paths
+    impl = resolve_backend(backend, q.device)
+    with torch.no_grad():
+        idx = select_packed(qp, kp, layout, settings.top_k, True)
+    out = q.new_zeros(b, lq, hq, d)
+    out[q_valid] = impl.attention(qp, kp, vp, layout, idx.long(), True, scale)
+    return out
+
+
+def _decode(module, q, k, v, valid, scale, settings: MoBASettings):
+    starts = [0] * q.shape[0] if valid is None else _left_padding_starts(valid)
+    if starts is None or settings.backend == "reference":
+        return _decode_from_scratch(q, k, v, valid, scale, settings)
+    state = _state_for(module, settings.block_size) or BlockMeanState(settings.block_size)
+    backend = {"torch": "torch", "triton": "triton"}.get(settings.backend, "auto")
+    return moba_decode(q, k, v, state, settings.block_size, settings.top_k, scale, starts, backend)
+
+
+def make_attention_function(settings: MoBASettings):
+    """The function registered with ``transformers.AttentionInterface``."""
+
+    def moba_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        _check_supported(module, attention_mask, dropout, kwargs)
+        q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L, H, D)
+        lq, lk = q.shape[1], k.shape[1]
+        scale = scaling if scaling is not None else q.shape[-1] ** -0.5
+        causal = kwargs.get("is_causal")
+        causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+        if not getattr(getattr(module, "config", None), "is_causal", True):
+            causal = False
+        valid = None
+        if attention_mask is not None:
+            valid = attention_mask[:, -lk:].to(device=q.device, dtype=torch.bool)
+            if bool(valid.all()):
+                valid = None
+        if _is_full_layer(module, settings):
+            return full_attn_with_kvcache(q, k, v, causal, scale, key_padding_mask=valid), None
+        if lq == lk:
+            out = _prefill(q, k, v, valid, kwargs.get("position_ids"), causal, scale, settings)
+            state = _state_for(module, settings.block_size)
+            if state is not None:  # a generation starts: keep the prompt's block sums for decoding
+                state.clear()
+                starts = [0] * q.shape[0] if valid is None else _left_padding_starts(valid)
+                if starts is not None and causal:
+                    state.update(k, starts, lk)
+            return out, None
+        if not causal:
+            raise ValueError("attn_implementation='moba' decodes causally only (is_causal=False with a KV cache)")
+        return _decode(module, q, k, v, valid, scale, settings), None
+
+    moba_attention.moba_settings = settings
+    return moba_attention
+
+
+def padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                          attention_mask=None, **kwargs):
+    """Mask builder registered with ``AttentionMaskInterface``: the 2D (B, kv_len) padding mask
+    when some token is padding, else ``None``. Never an (S, S) mask."""
+    if attention_mask is None:
+        return None
+    attention_mask = attention_mask[:, -kv_length:]
+    if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+def register_moba(
+    block_size: int = 512,
+    top_k: int = 3,
+    full_attention_layers=(),
+    name: str = "moba",
+    backend: str = "auto",
+) -> str:
+    """Register MoBA with transformers as ``attn_implementation=name``; returns ``name``.
+
+    Args:
+        block_size, top_k: as in ``moba.moba_attn_func``.
+        full_attention_layers: layer indices that run dense attention instead (hybrid; negative
+            indices count from the last layer, e.g. ``(-1, -2, -3)`` = last three).
+        name: the implementation name to pass as ``attn_implementation``; registering several
+            names with different settings is fine.
+        backend: "auto", "torch", "triton" or "reference" (prefill; decoding uses the Triton
+            decode kernel on CUDA unless "torch", and the dense reference with "reference").
+
+    Example:
+        >>> register_moba(block_size=64, top_k=3)
+        'moba'
+        >>> model = AutoModelForCausalLM.from_config(config, attn_implementation="moba")
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name must be a non-empty str, got {name!r}")
+    if backend not in ("auto", "torch", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'reference', got {backend!r}")
+    layers = tuple(full_attention_layers)
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"full_attention_layers must hold ints, got {i!r}")
+    settings = MoBASettings(check_positive_int("block_size", block_size), check_positive_int("top_k", top_k),
+                            layers, backend)
+    AttentionInterface.register(name, make_attention_function(settings))
+    AttentionMaskInterface.register(name, padding_mask_function)
+    return name
