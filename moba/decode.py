@@ -98,17 +98,18 @@ class BlockMeanState:
 
         k_cache: (B, Lk, Hkv, D), any strides; row ``b``'s tokens are positions
         ``starts[b]:Lk`` (``starts`` > 0 for left padding). The last ``n_new`` tokens of every
-        row are new since the previous call; the state keeps what it has of the rest.
+        row (or all of a shorter row) are new since the previous call; the state keeps what it
+        has of the rest.
         """
         batch, lk, hkv, d = k_cache.shape
         bs = self.block_size
         target = [lk - s for s in starts]
-        if min(target, default=0) < n_new:
-            raise ValueError(f"a row holds fewer than the {n_new} new tokens (starts={starts}, Lk={lk})")
+        if min(target, default=0) < 0 or n_new < 0:
+            raise ValueError(f"bad update: starts={starts}, Lk={lk}, n_new={n_new}")
         self._ensure(batch, -(-max(target, default=0) // bs), hkv, d, k_cache.device)
         rows, begins = [], []
         for b in range(batch):
-            prev = target[b] - n_new
+            prev = max(0, target[b] - n_new)
             have = self.lengths[b]
             if have == prev:  # the usual step: fold in the new tokens only
                 begin = prev
