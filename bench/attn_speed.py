@@ -1,0 +1,765 @@
+"""How much faster than dense attention is MoBA, at what memory? One run answers it.
+
+    python bench/attn_speed.py                          # GPU: S = 8k ... 1M, every provider
+    python bench/attn_speed.py --seqlens 32k,128k --modes fwd --providers moba-triton,flash-attn
+    python bench/attn_speed.py --block-size 512 --top-k 3 --heads 16 --kv-heads 16 --head-dim 64
+    python bench/attn_speed.py --cpu --out /tmp/bench   # small CPU smoke run (< 30 s)
+
+Defaults follow the MoBA paper's 1M-token speed test: B=1, 32 query heads, 8 KV heads,
+head_dim 128, bf16, block 4096, top-12 (95.31% sparsity at 1M), causal.
+
+Providers (each skipped with a printed reason when it cannot run):
+  moba-triton     ours, ``moba.moba_attn_func(backend="triton")`` (fused Triton kernels)
+  moba-torch      ours, ``backend="torch"`` (the PyTorch path)
+  moba-full       ours, ``moba.full_attn_func``: the package's dense fallback (flash-attn or SDPA)
+  flash-attn      dense ``flash_attn.flash_attn_func`` (CUDA, flash-attn installed)
+  sdpa-flash, sdpa-cudnn, sdpa-efficient
+                  dense torch SDPA pinned to one backend with ``sdpa_kernel`` (CUDA)
+  sdpa            dense torch SDPA, default backend choice (CPU)
+  sdpa-math       dense torch SDPA, math backend (materialises S x S; small sizes)
+  flex-moba       MoBA through torch FlexAttention, exact per-query mask from ``moba.select_blocks``
+                  (compiled on CUDA; eager on CPU, forward only: a correctness path there)
+  official-moba   the official MoBA algorithm (re-implemented from the paper: dense varlen
+                  attention over the own chunk + gathered chunks, log-sum-exp merge)
+  reference       ``backend="reference"``, dense mask, CPU small sizes only
+
+Every timed MoBA call includes its gate (what a user pays); the gate alone
+(``moba.select_blocks``) is reported as ``gating_ms``.
+
+Metrics per (provider, seqlen, mode): median and p20/p80 time; effective TFLOP/s (attended
+pairs only, counted exactly from the selection); dense-equivalent TFLOP/s (dense causal FLOPs
+/ time); speedup vs dense flash attention (flash-attn, else sdpa-flash on GPU; sdpa on CPU);
+peak memory (``torch.cuda.max_memory_allocated`` on GPU; peak RSS delta on CPU, measured in
+this process after resetting the kernel's high-water mark with /proc/self/clear_refs).
+
+Output (under ``--out``, default ``bench/results/<device>-<date>/``): a table on the terminal,
+``attn_speed.json`` (metadata + rows), ``attn_speed.csv``, ``time_vs_seqlen.png`` and
+``speedup_vs_seqlen.png``. Feed the JSON to ``bench/roofline.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import ctypes
+import datetime as _dt
+import gc
+import json
+import math
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import moba  # noqa: E402
+from _attn_model import (  # noqa: E402
+    MODES,
+    attention_flops,
+    dense_pairs,
+    moba_pairs,
+    moba_pairs_from_indices,
+)
+from _moba_impls import flash_attn_usable, flex_attention_status, flex_moba, official_moba  # noqa: E402
+
+ALL_PROVIDERS = (
+    "moba-triton",
+    "moba-torch",
+    "moba-full",
+    "flash-attn",
+    "sdpa-flash",
+    "sdpa-cudnn",
+    "sdpa-efficient",
+    "sdpa",
+    "sdpa-math",
+    "flex-moba",
+    "official-moba",
+    "reference",
+)
+MOBA_PROVIDERS = {"moba-triton", "moba-torch", "flex-moba", "official-moba", "reference"}
+GPU_DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("sdpa", "reference"))
+CPU_DEFAULT_PROVIDERS = ("moba-torch", "reference", "sdpa", "official-moba")
+CPU_NOTE = "CPU timings say nothing about GPU kernels: this mode checks that the benchmark runs."
+REFERENCE_MAX_SEQLEN = 8192
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+
+
+class Skip(Exception):
+    """A provider cannot run this configuration; the message says why."""
+
+
+# ----------------------------------------------------------------------------- CLI helpers
+def parse_size(text: str) -> int:
+    """'8k' -> 8192, '1m' -> 1048576, '512' -> 512, '1.5k' -> 1536 (k = 1024, m = 1024**2)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512, 8k, 1m)")
+    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive whole number of tokens")
+    return int(value)
+
+
+def parse_sizes(text: str) -> list[int]:
+    return [parse_size(t) for t in text.split(",") if t.strip()]
+
+
+def parse_names(text: str, allowed, what: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in allowed]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown {what}: {', '.join(bad)}; expected some of: {', '.join(allowed)}")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", type=parse_sizes, default=None, help="comma list, k/m suffixes (default 8k,32k,128k,512k,1m; --cpu: 512,1k,2k)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=None, help="query heads (default 32; --cpu: 4)")
+    p.add_argument("--kv-heads", type=int, default=None, help="KV heads, divides --heads (default 8; --cpu: 2)")
+    p.add_argument("--head-dim", type=int, default=None, help="default 128; --cpu: 64")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16; --cpu: fp32")
+    p.add_argument("--block-size", type=parse_size, default=None, help="MoBA block (default 4096; --cpu: 128)")
+    p.add_argument("--top-k", type=int, default=None, help="blocks per query, own included (default 12; --cpu: 3)")
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES))
+    p.add_argument("--providers", type=lambda s: parse_names(s, ALL_PROVIDERS, "provider"), default=None)
+    p.add_argument("--device", default=None, help="default cuda when available, else cpu (which implies --cpu)")
+    p.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>/)")
+    p.add_argument("--cpu", action="store_true", help="small CPU smoke run: S 512,1k,2k, few heads, fp32")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10; --cpu: 3)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed runs before the timed ones (default 2; --cpu: 0); the peak-memory run comes first anyway")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; --cpu: 1, stable on shared machines)")
+    p.add_argument("--max-seconds", type=float, default=20.0,
+                   help="cap on one measurement's timed runs: fewer repeats (>= 3) when a run is slow")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no table, only the output paths")
+    return p
+
+
+@dataclass
+class Config:
+    seqlens: list
+    batch: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    block_size: int
+    top_k: int
+    causal: bool
+    modes: list
+    providers: list
+    device: str
+    cpu_mode: bool
+    repeats: int
+    warmup: int
+    max_seconds: float
+    seed: int
+    threads: int | None
+
+
+def resolve_config(args) -> Config:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cpu_mode = args.cpu or torch.device(device).type == "cpu"
+    if cpu_mode and not args.cpu:
+        print(f"No CUDA device requested/available (device={device}): running the small CPU mode.")
+    if cpu_mode:
+        d = dict(seqlens=[512, 1024, 2048], heads=4, kv_heads=2, head_dim=64, dtype="fp32", block_size=128, top_k=3,
+                 providers=list(CPU_DEFAULT_PROVIDERS), repeats=3, warmup=0, threads=1)
+        device = device if args.device else "cpu"
+    else:
+        d = dict(seqlens=parse_sizes("8k,32k,128k,512k,1m"), heads=32, kv_heads=8, head_dim=128, dtype="bf16",
+                 block_size=4096, top_k=12, providers=list(GPU_DEFAULT_PROVIDERS), repeats=10, warmup=2, threads=None)
+
+    def pick(name):
+        value = getattr(args, name)
+        return d[name] if value is None else value
+
+    cfg = Config(
+        seqlens=pick("seqlens"), batch=args.batch, heads=pick("heads"), kv_heads=pick("kv_heads"),
+        head_dim=pick("head_dim"), dtype=pick("dtype"), block_size=pick("block_size"), top_k=pick("top_k"),
+        causal=args.causal, modes=args.modes, providers=pick("providers"), device=device, cpu_mode=cpu_mode,
+        repeats=max(1, pick("repeats")), warmup=max(0, pick("warmup")), max_seconds=args.max_seconds, seed=args.seed,
+        threads=pick("threads"),
+    )
+    if cfg.heads % cfg.kv_heads:
+        raise SystemExit(f"--heads ({cfg.heads}) must be a multiple of --kv-heads ({cfg.kv_heads})")
+    return cfg
+
+
+# ----------------------------------------------------------------------------- providers
+def _is_oom(err: BaseException) -> bool:
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+def _sdpa_call(q, k, v, causal, backend=None):
+    """torch SDPA in flash-attn layout; native GQA (enable_gqa), optionally pinned to one backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
+            enable_gqa=q.shape[2] != k.shape[2],
+        ).transpose(1, 2)
+
+    if backend is None:
+        return run()
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        return run()
+
+
+def provider_forward(name: str, cfg: Config) -> Callable:
+    """A forward (q, k, v) -> out for the provider, or raise Skip(reason)."""
+    dev = torch.device(cfg.device)
+    cuda = dev.type == "cuda"
+    bs, tk, causal = cfg.block_size, cfg.top_k, cfg.causal
+    if name.startswith("moba-") and name != "moba-full":
+        backend = name.split("-", 1)[1]
+        reason = moba.available_backends(dev).get(backend, f"moba has no backend {backend!r}")
+        if reason is not None:
+            raise Skip(reason)
+        return lambda q, k, v: moba.moba_attn_func(q, k, v, bs, tk, causal=causal, backend=backend)
+    if name == "reference":
+        if dev.type != "cpu":
+            raise Skip("the dense-mask reference is for CPU small sizes only")
+        return lambda q, k, v: moba.moba_attn_func(q, k, v, bs, tk, causal=causal, backend="reference")
+    if name == "moba-full":
+        if not hasattr(moba, "full_attn_func"):
+            raise Skip("this moba version has no full_attn_func")
+        return lambda q, k, v: moba.full_attn_func(q, k, v, causal=causal)
+    if name == "flash-attn":
+        if not cuda:
+            raise Skip("flash-attn needs CUDA")
+        if not flash_attn_usable(dev):
+            raise Skip("flash_attn is not installed (pip install flash-attn)")
+        from flash_attn import flash_attn_func
+
+        return lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
+    if name.startswith("sdpa-") and name != "sdpa-math":
+        if not cuda:
+            raise Skip(f"{name} is a CUDA SDPA backend")
+        backend = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
+                   "sdpa-efficient": "EFFICIENT_ATTENTION"}[name]
+        return lambda q, k, v: _sdpa_call(q, k, v, causal, backend)
+    if name == "sdpa-math":
+        return lambda q, k, v: _sdpa_call(q, k, v, causal, "MATH")
+    if name == "sdpa":
+        return lambda q, k, v: _sdpa_call(q, k, v, causal)
+    if name == "flex-moba":
+        reason = flex_attention_status(dev)
+        if reason:
+            raise Skip(reason)
+        return lambda q, k, v: flex_moba(q, k, v, bs, tk, causal=causal)
+    if name == "official-moba":
+        if not causal:
+            raise Skip("the official MoBA algorithm is causal only")
+        return lambda q, k, v: official_moba(q, k, v, bs, tk, causal=causal)
+    raise Skip(f"unknown provider {name}")
+
+
+def backward_skip_reason(name: str, cfg: Config) -> str | None:
+    dev = torch.device(cfg.device)
+    if name == "flex-moba" and dev.type == "cpu":
+        return "FlexAttention has no backward on CPU"
+    if name == "official-moba" and flash_attn_usable(dev):
+        return "official-moba re-implementation: forward only on the flash-attn path (no custom backward)"
+    return None
+
+
+# ----------------------------------------------------------------------------- measuring
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def time_fn(fn: Callable, dev: torch.device, warmup: int, repeats: int, max_seconds: float) -> list[float]:
+    """Milliseconds of each timed call: CUDA events on GPU, perf_counter on CPU.
+
+    Stops early (after at least 3 timed calls, or 1 when ``repeats`` < 3) once the timed
+    calls add up to more than ``max_seconds``.
+    """
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    times: list[float] = []
+    for _ in range(repeats):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            a = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - a) * 1e3)
+        if len(times) >= min(3, repeats) and sum(times) > max_seconds * 1e3:
+            break
+    return times
+
+
+def quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolation quantile (numpy's default)."""
+    s = sorted(xs)
+    pos = (len(s) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def _rss_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _malloc_trim():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable, dev: torch.device) -> tuple[float | None, float | None]:
+    """(peak MiB, peak MiB above what was allocated before the call) of one call of ``fn``.
+
+    CUDA: ``torch.cuda.max_memory_allocated`` (peak includes the inputs already allocated).
+    CPU: peak RSS delta: free heap is trimmed, the kernel's high-water mark is reset by
+    writing 5 to /proc/self/clear_refs, then VmHWM - VmRSS before; (None, None) when the
+    platform cannot do that.
+    """
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        return peak / 2**20, (peak - base) / 2**20
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None, None
+    base = _rss_kib("VmRSS")
+    fn()
+    peak = _rss_kib("VmHWM")
+    if base is None or peak is None:
+        return None, None
+    return peak / 1024, max(0, peak - base) / 1024
+
+
+def _step(fwd: Callable, mode: str, q, k, v):
+    """The callable one measurement times, for a mode."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fwd(q, k, v)
+        return step
+    out = fwd(q, k, v)
+    dout = torch.randn_like(out)
+    if mode == "bwd":
+        def step():
+            q.grad = k.grad = v.grad = None
+            out.backward(dout, retain_graph=True)
+        return step
+
+    def step():
+        q.grad = k.grad = v.grad = None
+        fwd(q, k, v).backward(dout)
+    return step
+
+
+@dataclass
+class Row:
+    provider: str
+    seqlen: int
+    mode: str
+    status: str  # ok | oom | skipped | error
+    reason: str = ""
+    kind: str = ""  # moba | dense
+    batch: int = 0
+    heads: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    dtype: str = ""
+    block_size: int = 0
+    top_k: int = 0
+    causal: bool = True
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    n_timed: int = 0
+    pairs: int | None = None
+    sparsity: float | None = None
+    flops_effective: float | None = None
+    flops_dense: float | None = None
+    tflops_effective: float | None = None
+    tflops_dense_equiv: float | None = None
+    speedup: float | None = None
+    speedup_vs: str | None = None
+    peak_mem_mib: float | None = None
+    peak_mem_delta_mib: float | None = None
+    gating_ms: float | None = None
+
+
+def _free(dev):
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure_gate(q, k, cfg: Config, dev) -> tuple[float | None, torch.Tensor | None, str]:
+    """Median ms of ``moba.select_blocks`` and its indices (None + reason on failure)."""
+    try:
+        with torch.no_grad():
+            holder = {}
+
+            def gate():
+                holder["idx"] = moba.select_blocks(q, k, cfg.block_size, cfg.top_k, cfg.causal)
+
+            times = time_fn(gate, dev, cfg.warmup, cfg.repeats, cfg.max_seconds)
+        return statistics.median(times), holder["idx"], ""
+    except Exception as e:  # noqa: BLE001 - reported, never fatal
+        _free(dev)
+        return None, None, ("OOM" if _is_oom(e) else f"{type(e).__name__}: {e}")
+
+
+def run_benchmark(cfg: Config, log=print) -> list[Row]:
+    dev = torch.device(cfg.device)
+    dtype = DTYPES[cfg.dtype]
+    rows: list[Row] = []
+    forwards: dict[str, Callable | str] = {}
+    for name in cfg.providers:
+        try:
+            forwards[name] = provider_forward(name, cfg)
+        except Skip as s:
+            forwards[name] = str(s)
+            log(f"skip {name}: {s}")
+    base = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
+                block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal)
+    for s in cfg.seqlens:
+        gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+
+        def rand(h):
+            return torch.randn(cfg.batch, s, h, cfg.head_dim, generator=gen, dtype=torch.float32).to(dev, dtype)
+
+        try:
+            q, k, v = rand(cfg.heads), rand(cfg.kv_heads), rand(cfg.kv_heads)
+        except Exception as e:  # noqa: BLE001
+            if not _is_oom(e):
+                raise
+            _free(dev)
+            for name in cfg.providers:
+                for mode in cfg.modes:
+                    rows.append(Row(name, s, mode, "oom", "inputs do not fit", **base))
+            continue
+        need_moba = any(n in MOBA_PROVIDERS and callable(forwards[n]) for n in cfg.providers)
+        gating_ms, idx, gate_err = measure_gate(q, k, cfg, dev) if need_moba else (None, None, "")
+        if gate_err:
+            log(f"S={s}: gate failed ({gate_err}); MoBA pairs from the analytic count")
+        d_pairs = dense_pairs(s, cfg.causal) * cfg.batch * cfg.heads
+        if idx is not None:
+            m_pairs = moba_pairs_from_indices(idx, cfg.block_size, cfg.causal) * 1
+            del idx
+        else:
+            m_pairs = moba_pairs(s, cfg.block_size, cfg.top_k, cfg.causal) * cfg.batch * cfg.heads
+        for name in cfg.providers:
+            fwd = forwards[name]
+            kind = "moba" if name in MOBA_PROVIDERS else "dense"
+            for mode in cfg.modes:
+                row = Row(name, s, mode, "ok", kind=kind, **base)
+                rows.append(row)
+                if not callable(fwd):
+                    row.status, row.reason = "skipped", fwd
+                    continue
+                if name == "reference" and s > REFERENCE_MAX_SEQLEN:
+                    row.status, row.reason = "skipped", f"reference is limited to S <= {REFERENCE_MAX_SEQLEN}"
+                    continue
+                if mode != "fwd" and backward_skip_reason(name, cfg):
+                    row.status, row.reason = "skipped", backward_skip_reason(name, cfg)
+                    continue
+                row.pairs = m_pairs if kind == "moba" else d_pairs
+                row.sparsity = 1.0 - row.pairs / d_pairs
+                row.flops_effective = attention_flops(row.pairs, cfg.head_dim, mode)
+                row.flops_dense = attention_flops(d_pairs, cfg.head_dim, mode)
+                if kind == "moba":
+                    row.gating_ms = gating_ms
+                try:
+                    grad = mode != "fwd"
+                    qq, kk, vv = (x.detach().requires_grad_(grad) for x in (q, k, v))
+                    step = _step(fwd, mode, qq, kk, vv)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        row.peak_mem_mib, row.peak_mem_delta_mib = peak_memory(step, dev)
+                        times = time_fn(step, dev, cfg.warmup, cfg.repeats, cfg.max_seconds)
+                    row.median_ms = statistics.median(times)
+                    row.p20_ms, row.p80_ms = quantile(times, 0.2), quantile(times, 0.8)
+                    row.n_timed = len(times)
+                    row.tflops_effective = row.flops_effective / (row.median_ms * 1e-3) / 1e12
+                    row.tflops_dense_equiv = row.flops_dense / (row.median_ms * 1e-3) / 1e12
+                except Exception as e:  # noqa: BLE001 - one provider never stops the run
+                    row.status = "oom" if _is_oom(e) else "error"
+                    row.reason = "out of memory" if row.status == "oom" else f"{type(e).__name__}: {str(e)[:300]}"
+                    log(f"{name} S={s} {mode}: {row.status.upper()} {row.reason}")
+                finally:
+                    step = qq = kk = vv = None
+                    _free(dev)
+                if row.status == "ok":
+                    log(f"{name:15s} S={s:8d} {mode:8s} {row.median_ms:10.3f} ms")
+        del q, k, v
+        _free(dev)
+    add_speedups(rows, dev)
+    return rows
+
+
+def baseline_candidates(device_type: str) -> tuple[str, ...]:
+    """Dense flash attention to compare with, in order of preference."""
+    return ("flash-attn", "sdpa-flash", "sdpa-cudnn", "moba-full") if device_type == "cuda" else ("sdpa", "moba-full", "sdpa-math")
+
+
+def add_speedups(rows: list[Row], dev) -> None:
+    ok = {(r.provider, r.seqlen, r.mode): r for r in rows if r.status == "ok"}
+    for r in rows:
+        if r.status != "ok":
+            continue
+        for b in baseline_candidates(dev.type):
+            ref = ok.get((b, r.seqlen, r.mode))
+            if ref is not None:
+                r.speedup = ref.median_ms / r.median_ms
+                r.speedup_vs = b
+                break
+
+
+# ----------------------------------------------------------------------------- metadata + output
+def _version(mod: str) -> str | None:
+    try:
+        m = __import__(mod)
+        return getattr(m, "__version__", "unknown")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    proc = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    proc = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"CPU {proc}"
+
+
+def metadata(cfg: Config, argv: list[str]) -> dict:
+    dev = torch.device(cfg.device)
+    meta = {
+        "benchmark": "attn_speed",
+        "schema_version": 1,
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": list(argv),
+        "device": str(dev),
+        "device_name": device_name(dev),
+        "driver_version": None,
+        "cuda_version": torch.version.cuda,
+        "torch_version": torch.__version__,
+        "triton_version": _version("triton"),
+        "flash_attn_version": _version("flash_attn"),
+        "moba_version": getattr(moba, "__version__", None),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_threads": torch.get_num_threads(),
+        "timing": "CUDA events per call" if dev.type == "cuda" else "time.perf_counter per call",
+        "peak_mem": "torch.cuda.max_memory_allocated (includes inputs); delta = above memory allocated before the call"
+        if dev.type == "cuda" else "peak RSS (VmHWM after /proc/self/clear_refs reset); delta = above RSS before the call",
+        "flops": "attended pairs x 4 x head_dim (fwd); bwd 2.5x, fwd+bwd 3.5x; dense = causal S(S+1)/2 pairs per head",
+        "baseline_preference": list(baseline_candidates(dev.type)),
+        "moba_times_include_gate": True,
+        "note": CPU_NOTE if cfg.cpu_mode else "",
+        "config": asdict(cfg),
+    }
+    if dev.type == "cuda":
+        props = torch.cuda.get_device_properties(dev)
+        meta["gpu_memory_gib"] = props.total_memory / 2**30
+        meta["sm_count"] = props.multi_processor_count
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20)
+            meta["driver_version"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
+    return meta
+
+
+def default_out_dir(dev: torch.device) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(dev)).strip("-").lower()[:40]
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return HERE / "results" / f"{slug}-{stamp}"
+
+
+def write_outputs(rows: list[Row], meta: dict, out: Path, plots: bool = True) -> dict[str, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "attn_speed.json", "csv": out / "attn_speed.csv"}
+    records = [asdict(r) for r in rows]
+    with open(paths["json"], "w") as f:
+        json.dump({"metadata": meta, "rows": records}, f, indent=1)
+    with open(paths["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(records[0]) if records else list(Row.__dataclass_fields__))
+        w.writeheader()
+        w.writerows(records)
+    if plots:
+        paths.update(write_plots(rows, meta, out))
+    return paths
+
+
+def write_plots(rows: list[Row], meta: dict, out: Path) -> dict[str, Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in rows if r.status == "ok"]
+    modes = [m for m in MODES if any(r.mode == m for r in rows)] or ["fwd"]
+    providers = list(dict.fromkeys(r.provider for r in rows))
+    cfg = meta["config"]
+    title = (f"{meta['device_name']}: B={cfg['batch']} Hq={cfg['heads']} Hkv={cfg['kv_heads']} D={cfg['head_dim']} "
+             f"{cfg['dtype']}, block {cfg['block_size']} top-{cfg['top_k']}{'' if cfg['causal'] else ', non-causal'}")
+    paths = {}
+    for key, fname, ylabel in (("median_ms", "time_vs_seqlen.png", "median time (ms)"),
+                               ("speedup", "speedup_vs_seqlen.png", "speedup vs dense flash attention (x)")):
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.5), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            for p in providers:
+                pts = sorted((r.seqlen, getattr(r, key)) for r in ok if r.provider == p and r.mode == mode
+                             and getattr(r, key) is not None)
+                if pts:
+                    ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
+                            linestyle="--" if p not in MOBA_PROVIDERS else "-", label=p)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            if key == "speedup":
+                ax.axhline(1.0, color="grey", linewidth=0.8)
+            ax.set_xlabel("sequence length (tokens)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(mode)
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+        fig.suptitle(title + ("\n" + CPU_NOTE if meta.get("note") else ""), fontsize=9)
+        fig.tight_layout()
+        paths[key] = out / fname
+        fig.savefig(paths[key], dpi=120)
+        plt.close(fig)
+    return {"time_png": paths["median_ms"], "speedup_png": paths["speedup"]}
+
+
+def _fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_table(rows: list[Row], meta: dict) -> None:
+    headers = ["provider", "S", "mode", "median ms", "p20-p80 ms", "TFLOP/s eff", "TFLOP/s dense-eq",
+               "speedup", "peak MiB", "gate ms", "status"]
+    body = []
+    for r in rows:
+        if r.status == "skipped":
+            continue
+        body.append([
+            r.provider, str(r.seqlen), r.mode, _fmt(r.median_ms, ".3f"),
+            "-" if r.p20_ms is None else f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
+            _fmt(r.tflops_effective, ".3f"), _fmt(r.tflops_dense_equiv, ".3f"),
+            "-" if r.speedup is None else f"{r.speedup:.2f}x", _fmt(r.peak_mem_mib, ".0f"),
+            _fmt(r.gating_ms, ".3f"), r.status if r.status == "ok" else f"{r.status.upper()} {r.reason[:40]}",
+        ])
+    skipped = sorted({(r.provider, r.mode if r.mode != "fwd" else "", r.reason) for r in rows if r.status == "skipped"})
+    title = f"MoBA attention speed on {meta['device_name']} (torch {meta['torch_version']})"
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h, justify="left" if h in ("provider", "mode", "status") else "right")
+        for b in body:
+            table.add_row(*b)
+        console = Console(width=max(160, Console().width))
+        console.print(table)
+    except ImportError:
+        print(title)
+        print(" | ".join(headers))
+        for b in body:
+            print(" | ".join(b))
+    for p, mode, reason in skipped:
+        print(f"skipped {p}{' ' + mode if mode else ''}: {reason}")
+    if meta.get("note"):
+        print(meta["note"])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    cfg = resolve_config(args)
+    torch.manual_seed(cfg.seed)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.cpu_mode:
+        print(CPU_NOTE)
+    meta = metadata(cfg, [sys.argv[0] if sys.argv else "attn_speed.py", *argv])
+    log = (lambda *a, **kw: None) if args.quiet else print
+    t0 = time.perf_counter()
+    rows = run_benchmark(cfg, log=log)
+    meta["wall_seconds"] = round(time.perf_counter() - t0, 3)
+    out = Path(args.out) if args.out else default_out_dir(torch.device(cfg.device))
+    paths = write_outputs(rows, meta, out, plots=not args.no_plots)
+    if not args.quiet:
+        print_table(rows, meta)
+    for name, path in paths.items():
+        print(f"wrote {name}: {path}")
+    return {"rows": rows, "metadata": meta, "paths": paths}
+
+
+if __name__ == "__main__":
+    main()
