@@ -151,10 +151,10 @@ def full_attn_with_kvcache(
         key_padding_mask = None
     if key_padding_mask is None and lq == lk:
         return full_attn_func(q, k, v, causal, scale, implementation)
+    if key_padding_mask is not None and implementation == "flash_attn":
+        raise ValueError("implementation='flash_attn' does not take a key_padding_mask here; use 'auto' or 'sdpa'")
     impl = full_attn_implementation(q, implementation)
     if key_padding_mask is not None:
-        if implementation == "flash_attn":
-            raise ValueError("implementation='flash_attn' does not take a key_padding_mask here; use 'auto' or 'sdpa'")
         impl = "sdpa"
     _record(impl)
     if impl == "flash_attn":
