@@ -1,0 +1,242 @@
+"""Power-law fits and plots of a sweep: ``python -m scaling_runs.fit SWEEP_DIR [--skip_frac 0.1]``.
+
+For every attention kind (moba, full, hybrid) and both metrics (``lm_loss`` = val_loss over
+all positions, ``trailing_loss`` = loss of the last ``trailing_frac`` of positions):
+
+1. curves: every run's (C, loss) from metrics.jsonl, C in PFLOP/s-days (6 N D by default,
+   ``--x attn_aware`` for the attention-aware count); the first ``skip_frac`` of each run's
+   tokens is dropped (warmup transient, not a power law);
+2. compute frontier = lower envelope of the curves: at every C where some run has a point,
+   the minimum over runs whose C range covers it of the run's loss, interpolated linearly in
+   log-log between its evaluations (``lower_envelope``);
+3. fit ``L = a * C^b`` by least squares on (log C, log L) of the frontier points.
+
+Writes ``SWEEP_DIR/fit.json`` ({"lm_loss": {"moba": {"a", "b", ...}, "full": {...}},
+"trailing_loss": {...}, "frontier": ..., "x": ...}) and PNGs in the style of the MoBA paper's
+figures: ``lm_loss.png``, ``trailing_loss.png`` (log-log, x "PFLOP/s-days", every run solid,
+each kind's projection dashed and labelled with its formula, legend top-right) and
+``projections.png`` (both projections and their MoBA / full ratio).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+KIND_LABEL = {"moba": "MoBA", "full": "Full Attention", "hybrid": "Hybrid"}
+KIND_COLOR = {"moba": "tab:blue", "full": "tab:red", "hybrid": "tab:green"}
+KIND_CMAP = {"moba": "Blues", "full": "Reds", "hybrid": "Greens"}
+METRICS = {"lm_loss": "val_loss", "trailing_loss": "trailing_loss"}
+
+
+def load_runs(sweep_dir: Path) -> list[dict]:
+    """Every run folder under ``sweep_dir`` that has config.json and metrics.jsonl."""
+    runs = []
+    for cfg_path in sorted(Path(sweep_dir).glob("*/config.json")):
+        folder = cfg_path.parent
+        mpath = folder / "metrics.jsonl"
+        if not mpath.exists():
+            continue
+        rows = []
+        for line in mpath.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        if not rows:
+            continue
+        cfg = json.loads(cfg_path.read_text())
+        runs.append({"name": folder.name, "kind": cfg.get("attention_kind", cfg["model"]["attention"]),
+                     "params": cfg.get("params", {}).get("non_embedding"), "rows": rows,
+                     "done": (folder / "DONE").exists(), "context": cfg["model"]["context"],
+                     "trailing_frac": cfg["train"]["trailing_frac"]})
+    return runs
+
+
+def run_curve(run: dict, metric: str, x: str = "pflops_days", skip_frac: float = 0.1):
+    """(C, loss) arrays of one run, without its first ``skip_frac`` of tokens."""
+    rows = run["rows"]
+    final_tokens = max(r["tokens"] for r in rows)
+    keep = [r for r in rows if r["tokens"] >= skip_frac * final_tokens and r.get(METRICS[metric]) is not None]
+    xs = np.array([r[x] for r in keep], dtype=float)
+    ys = np.array([r[METRICS[metric]] for r in keep], dtype=float)
+    order = np.argsort(xs)
+    return xs[order], ys[order]
+
+
+def lower_envelope(curves: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Lower envelope of curves (x ascending, positive): at every x of any curve, the minimum of
+    the curves defined there (log-log linear interpolation between a curve's points)."""
+    curves = [(np.asarray(x, float), np.asarray(y, float)) for x, y in curves if len(x)]
+    if not curves:
+        return np.zeros(0), np.zeros(0)
+    grid = np.unique(np.concatenate([x for x, _ in curves]))
+    best = np.full(grid.shape, np.inf)
+    for x, y in curves:
+        inside = (grid >= x[0]) & (grid <= x[-1])
+        if len(x) == 1:
+            vals = np.where(grid == x[0], y[0], np.inf)
+        else:
+            vals = np.full(grid.shape, np.inf)
+            vals[inside] = np.exp(np.interp(np.log(grid[inside]), np.log(x), np.log(y)))
+        best = np.minimum(best, vals)
+    return grid, best
+
+
+def fit_power_law(x, y) -> dict:
+    """Least squares of log L = log a + b log C; returns {"a", "b", "r2", "n_points"}."""
+    lx, ly = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
+    if lx.size < 2:
+        raise ValueError("need at least two points to fit a power law")
+    b, log_a = np.polyfit(lx, ly, 1)
+    pred = log_a + b * lx
+    ss_res = float(((ly - pred) ** 2).sum())
+    ss_tot = float(((ly - ly.mean()) ** 2).sum())
+    return {"a": float(np.exp(log_a)), "b": float(b), "r2": 1 - ss_res / ss_tot if ss_tot > 0 else 1.0,
+            "n_points": int(lx.size)}
+
+
+def formula(fit: dict) -> str:
+    return f"{fit['a']:.4g} C^{fit['b']:.4f}"
+
+
+def fit_runs(runs: list[dict], x: str = "pflops_days", skip_frac: float = 0.1) -> dict:
+    out: dict = {"x": x, "skip_frac": skip_frac, "units": "PFLOP/s-days"}
+    frontier: dict = {}
+    for metric in METRICS:
+        out[metric] = {}
+        frontier[metric] = {}
+        for kind in sorted({r["kind"] for r in runs}):
+            curves = [run_curve(r, metric, x, skip_frac) for r in runs if r["kind"] == kind]
+            fx, fy = lower_envelope(curves)
+            if fx.size < 2:
+                continue
+            out[metric][kind] = fit_power_law(fx, fy)
+            frontier[metric][kind] = [[float(a), float(b)] for a, b in zip(fx, fy)]
+    out["frontier"] = frontier
+    return out
+
+
+def _ylabel(metric: str, runs: list[dict]) -> str:
+    ctx = runs[0]["context"] if runs else "?"
+    if metric == "lm_loss":
+        return f"LM loss ({ctx} ctx)"
+    frac = runs[0]["trailing_frac"] if runs else 0
+    return f"Trailing LM loss (last {int(round(frac * ctx)) if runs else '?'} of {ctx})"
+
+
+def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = fits["x"]
+    xlabel = "PFLOP/s-days" if x == "pflops_days" else "PFLOP/s-days (attention-aware)"
+    paths = []
+    kinds = sorted({r["kind"] for r in runs}, key=lambda k: list(KIND_LABEL).index(k))
+    for metric in METRICS:
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for kind in kinds:
+            mine = sorted([r for r in runs if r["kind"] == kind], key=lambda r: r["params"] or 0)
+            cmap = plt.get_cmap(KIND_CMAP[kind])
+            for i, r in enumerate(mine):
+                xs, ys = run_curve(r, metric, x, 0.0)
+                shade = 0.45 + 0.5 * (i / max(1, len(mine) - 1))
+                ax.plot(xs, ys, "-", color=cmap(shade), lw=1.3, alpha=0.9, label=f"{r['name']}")
+        lo = min(min(run_curve(r, metric, x, 0.0)[0]) for r in runs)
+        hi = max(max(run_curve(r, metric, x, 0.0)[0]) for r in runs)
+        grid = np.logspace(np.log10(lo), np.log10(hi), 100)
+        for kind in kinds:
+            f = fits[metric].get(kind)
+            if f:
+                ax.plot(grid, f["a"] * grid ** f["b"], "--", color=KIND_COLOR[kind], lw=2,
+                        label=f"{KIND_LABEL[kind]} Projection: {formula(f)}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(_ylabel(metric, runs))
+        ax.set_title(f"{'LM' if metric == 'lm_loss' else 'Trailing'} loss vs compute ({sweep_dir.name})")
+        ax.grid(True, which="both", alpha=0.25)
+        ax.legend(loc="upper right", fontsize=7)
+        fig.tight_layout()
+        p = sweep_dir / f"{metric}.png"
+        fig.savefig(p, dpi=130)
+        plt.close(fig)
+        paths.append(p)
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex="col", gridspec_kw={"height_ratios": [3, 1.3]})
+    for col, metric in enumerate(METRICS):
+        f = fits[metric]
+        lo = min(min(run_curve(r, metric, x, 0.0)[0]) for r in runs)
+        hi = max(max(run_curve(r, metric, x, 0.0)[0]) for r in runs)
+        grid = np.logspace(np.log10(lo), np.log10(hi) + 1, 100)  # one decade of extrapolation
+        ax, axr = axes[0, col], axes[1, col]
+        for kind in kinds:
+            if kind in f:
+                ax.plot(grid, f[kind]["a"] * grid ** f[kind]["b"], "--", color=KIND_COLOR[kind], lw=2,
+                        label=f"{KIND_LABEL[kind]} Projection: {formula(f[kind])}")
+                fr = np.array(fits["frontier"][metric][kind])
+                ax.plot(fr[:, 0], fr[:, 1], ".", color=KIND_COLOR[kind], ms=4, alpha=0.6)
+        if "moba" in f and "full" in f:
+            ratio = (f["moba"]["a"] * grid ** f["moba"]["b"]) / (f["full"]["a"] * grid ** f["full"]["b"])
+            axr.plot(grid, ratio, "-", color="k")
+            axr.axhline(1.0, color="gray", lw=0.8, ls=":")
+        axr.set_ylabel("MoBA / Full")
+        axr.set_xscale("log")
+        axr.set_xlabel(xlabel)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylabel(_ylabel(metric, runs))
+        ax.grid(True, which="both", alpha=0.25)
+        axr.grid(True, which="both", alpha=0.25)
+        ax.legend(loc="upper right", fontsize=7)
+        ax.set_title("LM loss" if metric == "lm_loss" else "Trailing loss")
+    fig.tight_layout()
+    p = sweep_dir / "projections.png"
+    fig.savefig(p, dpi=130)
+    plt.close(fig)
+    paths.append(p)
+    return paths
+
+
+def fit_sweep(sweep_dir: Path, x: str = "pflops_days", skip_frac: float = 0.1, plots: bool = True) -> dict:
+    sweep_dir = Path(sweep_dir)
+    runs = load_runs(sweep_dir)
+    if not runs:
+        raise ValueError(f"{sweep_dir}: no runs with metrics.jsonl found")
+    fits = fit_runs(runs, x, skip_frac)
+    fits["runs"] = [{"name": r["name"], "kind": r["kind"], "params": r["params"], "done": r["done"],
+                     "final": r["rows"][-1]} for r in runs]
+    fits["plots"] = [str(p) for p in plot(sweep_dir, runs, fits)] if plots else []
+    (sweep_dir / "fit.json").write_text(json.dumps(fits, indent=2))
+    return fits
+
+
+def print_fits(fits: dict) -> None:
+    for metric in METRICS:
+        for kind, f in fits[metric].items():
+            print(f"{metric:>14} {KIND_LABEL[kind]:>15}: L = {formula(f)}   (C in PFLOP/s-days, "
+                  f"{f['n_points']} frontier points, R^2 {f['r2']:.3f})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    sweep_dir = Path(argv[0])
+    opts = dict(zip(argv[1::2], argv[2::2]))
+    x = {"attn_aware": "attn_aware_pflops_days"}.get(opts.get("--x", ""), "pflops_days")
+    fits = fit_sweep(sweep_dir, x, float(opts.get("--skip_frac", 0.1)))
+    print_fits(fits)
+    print(f"wrote {sweep_dir / 'fit.json'}")
+    for p in fits["plots"]:
+        print(f"plot: {p}")
+
+
+if __name__ == "__main__":
+    main()

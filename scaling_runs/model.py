@@ -1,0 +1,128 @@
+"""A small GPT (nanoGPT-like) whose attention layers are ``moba.nn.MoBASelfAttention``.
+
+    tokens -> embedding -> n_layer x [x + Attn(Norm(x)); x + MLP(Norm(x))] -> Norm -> LM head
+
+* attention: ``MoBASelfAttention`` (q/k/v/o projections without bias, rotary embeddings on
+  q and k, GQA with ``n_kv_head`` KV heads); every layer's core is "moba" or "full"
+  according to ``ModelConfig.layer_modes()`` ("hybrid" = MoBA with the last
+  ``n_full_layers`` layers full, set through ``moba.nn.set_attention_mode``);
+* no learned position embedding (rotary only), pre-norm (RMSNorm by default, LayerNorm
+  optional), MLP ``Linear(d, 4d) -> GELU -> Linear(4d, d)`` without bias;
+* LM head tied to the token embedding by default (``tie_embeddings``); untied is an option.
+  Parameter counts (``param_counts``): "embedding" is the token embedding plus an untied LM
+  head; "non_embedding" is everything else (the N of C = 6 N D, as in Kaplan et al.).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moba.nn import MoBASelfAttention, set_attention_mode
+
+from .config import ModelConfig
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    return nn.RMSNorm(cfg.n_embd) if cfg.norm == "rmsnorm" else nn.LayerNorm(cfg.n_embd, bias=False)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.n_embd, cfg.d_ff, bias=False)
+        self.proj = nn.Linear(cfg.d_ff, cfg.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm1 = _norm(cfg)
+        self.attn = MoBASelfAttention(
+            cfg.n_embd,
+            cfg.n_head,
+            cfg.n_kv_head,
+            block_size=cfg.block_size,
+            top_k=cfg.top_k,
+            causal=True,
+            mode="moba",
+            backend=cfg.backend,
+            rotary=True,
+            rope_theta=cfg.rope_theta,
+        )
+        self.norm2 = _norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        self.apply(self._init)
+        # GPT-2 style: residual output projections scaled down with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("o_proj.weight") or name.endswith("mlp.proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        self.apply_attention_kind()
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+
+    def apply_attention_kind(self) -> None:
+        """Set every layer's attention core to the mode ``cfg.layer_modes()`` asks for."""
+        modes = self.cfg.layer_modes()
+        for mode in ("moba", "full"):
+            layers = [i for i, m in enumerate(modes) if m == mode]
+            if layers:
+                set_attention_mode(self, mode, layers)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
+        """idx (B, S) int64 -> logits (B, S, V); with targets: the loss (mean, or (B, S) for "none")."""
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.norm_f(x))
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), reduction=reduction)
+        return loss.view(targets.shape) if reduction == "none" else loss
+
+
+def param_counts(model: GPT) -> dict[str, int]:
+    """{"total", "embedding", "non_embedding"} (a tied LM head is counted once, as embedding)."""
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied weight once
+    embedding = model.wte.weight.numel()
+    if not model.cfg.tie_embeddings:
+        embedding += model.lm_head.weight.numel()
+    return {"total": total, "embedding": embedding, "non_embedding": total - embedding}
+
+
+def analytic_param_counts(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts from the config alone (same numbers as ``param_counts`` of the model)."""
+    d, hd = cfg.n_embd, cfg.head_dim
+    attn = d * cfg.n_head * hd * 2 + d * cfg.n_kv_head * hd * 2  # q, o and k, v
+    mlp = 2 * d * cfg.d_ff
+    norms = 2 * d  # RMSNorm / LayerNorm without bias: one weight vector each
+    non_emb = cfg.n_layer * (attn + mlp + norms) + d  # + final norm
+    emb = cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2)
+    return {"total": non_emb + emb, "embedding": emb, "non_embedding": non_emb}

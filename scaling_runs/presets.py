@@ -1,0 +1,142 @@
+"""Sweep presets: a base config, sizes derived from it, attention kinds and compute budgets.
+
+A size changes only depth and width of the base model; heads follow from the base's head
+dimension (``n_head = n_embd // base.head_dim``) and GQA ratio (``n_kv_head = n_head //
+(base.n_head // base.n_kv_head)``); context, block size and top-k stay the base's.
+
+A budget is one of
+* ``"tokens:N"``: N training tokens;
+* ``"flops:C"``: a compute budget C in FLOPs, tokens = C / (6 N_non_embedding);
+* ``"tpp:R"``: R tokens per non-embedding parameter (Chinchilla's rule is about 20);
+* ``"size"``: the tokens the size itself names (the MoBA paper's models).
+Tokens are rounded up to whole optimizer steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+from .config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from .model import analytic_param_counts
+
+
+@dataclass(frozen=True)
+class Size:
+    name: str
+    n_layer: int
+    n_embd: int
+    tokens: int | None = None  # for the "size" budget
+    n_head: int | None = None  # default: n_embd // base head_dim
+
+
+@dataclass
+class SweepPreset:
+    name: str
+    base: RunConfig
+    sizes: list[Size]
+    kinds: list[str] = field(default_factory=lambda: ["moba", "full"])
+    budgets: list[str] = field(default_factory=lambda: ["tpp:20"])
+    gpus_per_run: int = 1
+    launch_only: bool = False  # multi-node: write launch scripts instead of running
+    note: str = ""
+
+    def model_for(self, size: Size, kind: str) -> ModelConfig:
+        b = self.base.model
+        n_head = size.n_head or size.n_embd // b.head_dim
+        ratio = b.n_head // b.n_kv_head
+        n_kv = max(1, n_head // ratio)
+        return dataclasses.replace(b, n_layer=size.n_layer, n_embd=size.n_embd, n_head=n_head, n_kv_head=n_kv,
+                                   attention=kind)
+
+    def tokens_for(self, size: Size, budget: str, n_non_emb: int) -> int:
+        kind, _, value = budget.partition(":")
+        if kind == "tokens":
+            tokens = float(value)
+        elif kind == "flops":
+            tokens = float(value) / (6 * n_non_emb)
+        elif kind == "tpp":
+            tokens = float(value) * n_non_emb
+        elif kind == "size":
+            if size.tokens is None:
+                raise ValueError(f"size {size.name} names no token count for budget 'size'")
+            tokens = size.tokens
+        else:
+            raise ValueError(f"unknown budget {budget!r} (tokens:N, flops:C, tpp:R or size)")
+        per_step = self.base.train.batch_size * self.base.model.context
+        return max(1, math.ceil(tokens / per_step)) * per_step
+
+    def runs(self) -> list[tuple[str, RunConfig]]:
+        """(run name, config) for every size x kind x budget; out_dir is filled in by the sweep."""
+        out = []
+        for size in self.sizes:
+            for budget in self.budgets:
+                for kind in self.kinds:
+                    m = self.model_for(size, kind)
+                    n = analytic_param_counts(m)["non_embedding"]
+                    tokens = self.tokens_for(size, budget, n)
+                    tag = "" if len(self.budgets) == 1 else "-" + budget.replace(":", "").replace("+", "")
+                    name = f"{size.name}-{kind}{tag}"
+                    train = dataclasses.replace(self.base.train, max_tokens=tokens)
+                    out.append((name, RunConfig(m, dataclasses.replace(self.base.data), train)))
+        return out
+
+
+def _cpu_tiny() -> SweepPreset:
+    # Context 256, block 32, top-3: a query at the end reads 3 x 32 = 96 of 256 keys.
+    # Time on 2 CPU cores is dominated by the MoBA PyTorch path, whose cost grows with
+    # tokens x layers x heads, so every size gets the same token budget.
+    base = RunConfig(
+        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, context=256, block_size=32, top_k=3),
+        data=DataConfig(data="stdlib"),
+        train=TrainConfig(batch_size=16, lr=3e-3, warmup_steps=10, eval_every=8, eval_seqs=32,
+                          trailing_frac=0.25, n_buckets=4, threads=0),
+    )
+    sizes = [Size("s1", 1, 64), Size("s2", 2, 96), Size("s3", 3, 128)]
+    return SweepPreset("cpu-tiny", base, sizes, ["moba", "full"], ["tokens:360000"],
+                       note="3 sizes x {moba, full}, 360K tokens each, byte-level stdlib corpus")
+
+
+def _gpu_small() -> SweepPreset:
+    # One H100, about an hour. Estimate: sum over runs of attn-aware FLOPs / (989e12 * MFU)
+    # with MFU 0.15 (`sweep --preset gpu-small --dry_run` prints it per run).
+    base = RunConfig(
+        model=ModelConfig(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, context=2048, block_size=256, top_k=3),
+        data=DataConfig(data="stdlib"),
+        train=TrainConfig(batch_size=32, lr=2e-3, warmup_steps=100, eval_every=100, eval_seqs=64,
+                          trailing_frac=0.25, n_buckets=8),
+    )
+    sizes = [Size("s1", 4, 256), Size("s2", 6, 384), Size("s3", 8, 512), Size("s4", 10, 640)]
+    return SweepPreset("gpu-small", base, sizes, ["moba", "full"], ["tpp:20"],
+                       note="4 sizes x {moba, full}, 20 tokens/param, context 2048, block 256, top-3")
+
+
+def _paper() -> SweepPreset:
+    # The MoBA paper's scaling-law models: 8K context, block 512, top-3 (Lu et al., 2025).
+    base = RunConfig(
+        model=ModelConfig(n_layer=14, n_head=14, n_kv_head=14, n_embd=1792, context=8192, block_size=512,
+                          top_k=3, vocab_size=50304),
+        data=DataConfig(data="data/train_*.bin"),
+        train=TrainConfig(batch_size=256, lr=3e-4, warmup_steps=500, eval_every=250, eval_seqs=512,
+                          trailing_frac=0.25, n_buckets=16, grad_accum=4, compile=True),
+    )
+    B = 1_000_000_000
+    sizes = [
+        Size("568M", 14, 1792, int(10.8 * B), n_head=14),
+        Size("822M", 16, 2048, int(15.3 * B), n_head=16),
+        Size("1.1B", 18, 2304, int(20.6 * B), n_head=18),
+        Size("1.5B", 20, 2560, int(27.4 * B), n_head=20),
+        Size("2.1B", 22, 2816, int(36.9 * B), n_head=22),
+    ]
+    return SweepPreset("paper", base, sizes, ["moba", "full"], ["size"], gpus_per_run=32, launch_only=True,
+                       note="the MoBA paper's five models (8K ctx, block 512, top-3); multi-node launch scripts")
+
+
+PRESETS = {"cpu-tiny": _cpu_tiny, "gpu-small": _gpu_small, "paper": _paper}
+
+
+def get_preset(name: str) -> SweepPreset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,274 @@
+"""Run a sweep: ``python -m scaling_runs.sweep --preset cpu-tiny --out runs/cpu-tiny [--key value ...]``.
+
+The grid is the preset's sizes x attention kinds x budgets (``scaling_runs.presets``); extra
+``--key value`` flags override every run's config (``--lr 1e-3``, ``--data path``).
+
+* On GPUs every run goes through torchrun (``python -m torch.distributed.run --standalone``)
+  with ``gpus_per_run`` GPUs; runs go side by side when a run needs fewer GPUs than the
+  machine has (``CUDA_VISIBLE_DEVICES`` per run, logs in ``RUN/train.log``).
+* On CPU runs go one after the other in this process (``--launcher torchrun`` to use
+  torchrun anyway, ``--nproc_per_run`` processes each).
+* Resumable: a run with ``DONE`` is skipped, a run with a checkpoint resumes, so running the
+  same command again finishes what is missing and then only prints the summary.
+* ``--dry_run``: list the runs with parameters, tokens, FLOPs and a time estimate
+  (attn-aware FLOPs / (peak FLOP/s x ``--mfu``), 989e12 bf16 for one H100) and stop.
+* ``paper``: multi-node; writes Slurm scripts (``OUT/launch/*.sbatch``, ``launch_all.sh``)
+  with ``srun torchrun --nnodes ...`` and prints them instead of running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .config import RunConfig, apply_overrides, parse_overrides
+from .flops import PFLOPS_DAY, flops_per_token
+from .model import analytic_param_counts
+from .presets import SweepPreset, get_preset
+
+H100_PEAK = 989e12
+
+
+def plan(preset: SweepPreset, sweep_dir: Path, overrides: dict[str, str] | None = None) -> list[dict]:
+    runs = []
+    for name, cfg in preset.runs():
+        cfg = apply_overrides(cfg, dict(overrides or {}))
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(sweep_dir / name)))
+        n = analytic_param_counts(cfg.model)
+        fpt = flops_per_token(cfg.model, n["non_embedding"])
+        tokens = cfg.train.max_tokens
+        runs.append({"name": name, "config": cfg, "params": n, "tokens": tokens,
+                     "flops": fpt["dense"] * tokens, "attn_aware_flops": fpt["attn_aware"] * tokens})
+    return runs
+
+
+def run_status(out_dir: Path) -> str:
+    if (out_dir / "DONE").exists():
+        return "done"
+    if (out_dir / "ckpt.pt").exists() or (out_dir / "ckpt_prev.pt").exists():
+        return "partial"
+    return "new"
+
+
+def _write_launch(run: dict) -> Path:
+    out = Path(run["config"].train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "launch.json"
+    path.write_text(json.dumps(run["config"].to_dict(), indent=2))
+    return path
+
+
+def _torchrun_cmd(launch: Path, nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "scaling_runs.train", "--config", str(launch)]
+
+
+def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int = 1) -> dict:
+    """Run every run that is not DONE; returns {name: "done" | "failed (rc)" | ...}."""
+    import torch
+
+    n_gpus = torch.cuda.device_count()
+    if launcher == "auto":
+        launcher = "torchrun" if n_gpus > 0 else "inline"
+    results = {}
+    todo = []
+    for run in runs:
+        out = Path(run["config"].train.out_dir)
+        status = run_status(out)
+        if status == "done":
+            results[run["name"]] = "done (skipped)"
+        else:
+            todo.append(run)
+            print(f"[sweep] {run['name']}: {'resuming' if status == 'partial' else 'starting'}", flush=True)
+    if launcher == "inline":
+        from .train import train
+
+        for run in todo:
+            try:
+                train(run["config"])
+                results[run["name"]] = "done"
+            except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
+                results[run["name"]] = f"failed ({type(exc).__name__}: {exc})"
+                print(f"[sweep] {run['name']} failed: {exc!r}", file=sys.stderr)
+        return results
+
+    # torchrun: on GPUs, as many runs side by side as the GPUs allow; on CPU one at a time.
+    per_run = gpus_per_run if n_gpus else nproc_per_run
+    slots = max(1, n_gpus // per_run) if n_gpus else 1
+    free = [list(range(i * per_run, (i + 1) * per_run)) for i in range(slots)] if n_gpus else [[]]
+    active: list[tuple[subprocess.Popen, dict, list[int], object]] = []
+    queue = list(todo)
+    while queue or active:
+        while queue and free:
+            run, gpus = queue.pop(0), free.pop(0)
+            launch = _write_launch(run)
+            env = dict(os.environ)
+            if gpus:
+                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+            log = open(Path(run["config"].train.out_dir) / "train.log", "a")
+            cmd = _torchrun_cmd(launch, per_run)
+            print(f"[sweep] {run['name']}: {shlex.join(cmd)}" + (f"  (GPUs {gpus})" if gpus else ""), flush=True)
+            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+            active.append((proc, run, gpus, log))
+        time.sleep(1.0)
+        for item in list(active):
+            proc, run, gpus, log = item
+            if proc.poll() is not None:
+                log.close()
+                active.remove(item)
+                free.append(gpus)
+                ok = proc.returncode == 0 and (Path(run["config"].train.out_dir) / "DONE").exists()
+                results[run["name"]] = "done" if ok else f"failed (rc {proc.returncode}, see train.log)"
+                print(f"[sweep] {run['name']}: {results[run['name']]}", flush=True)
+    return results
+
+
+def summarize(runs: list[dict], results: dict | None = None, title: str = "sweep") -> list[dict]:
+    """Print a table (rich) of every run's final metrics; returns the rows."""
+    rows = []
+    for run in runs:
+        out = Path(run["config"].train.out_dir)
+        last = {}
+        mpath = out / "metrics.jsonl"
+        if mpath.exists():
+            lines = [ln for ln in mpath.read_text().splitlines() if ln.strip()]
+            if lines:
+                try:
+                    last = json.loads(lines[-1])
+                except json.JSONDecodeError:
+                    pass
+        rows.append({
+            "run": run["name"], "kind": run["config"].model.attention,
+            "params": run["params"]["non_embedding"], "tokens": last.get("tokens", 0), "planned": run["tokens"],
+            "pflops_days": last.get("pflops_days"), "val_loss": last.get("val_loss"),
+            "trailing_loss": last.get("trailing_loss"), "elapsed_s": last.get("elapsed_s"),
+            "status": (results or {}).get(run["name"], run_status(out)),
+        })
+    try:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=title)
+        for col in ("run", "kind", "N (non-emb)", "tokens", "PFLOP/s-days", "val loss", "trailing loss",
+                    "time (s)", "status"):
+            table.add_column(col, justify="left" if col in ("run", "kind", "status") else "right")
+
+        def f(v, fmt):
+            return "-" if v is None else format(v, fmt)
+
+        for r in rows:
+            table.add_row(r["run"], r["kind"], f"{r['params']:,}", f"{r['tokens']:,}/{r['planned']:,}",
+                          f(r["pflops_days"], ".3g"), f(r["val_loss"], ".4f"), f(r["trailing_loss"], ".4f"),
+                          f(r["elapsed_s"], ".0f"), r["status"])
+        Console(width=max(140, Console().width)).print(table)
+    except ImportError:
+        for r in rows:
+            print(r)
+    return rows
+
+
+def dry_run(runs: list[dict], mfu: float, peak: float = H100_PEAK, gpus_per_run: int = 1) -> float:
+    total = 0.0
+    print(f"{'run':<22}{'N non-emb':>14}{'tokens':>16}{'6ND PF-days':>14}{'attn-aware':>14}{'est. h':>9}")
+    for r in runs:
+        secs = r["attn_aware_flops"] / (peak * mfu * gpus_per_run)
+        total += secs
+        print(f"{r['name']:<22}{r['params']['non_embedding']:>14,}{r['tokens']:>16,}"
+              f"{r['flops'] / PFLOPS_DAY:>14.4g}{r['attn_aware_flops'] / PFLOPS_DAY:>14.4g}{secs / 3600:>9.2f}")
+    print(f"estimated total: {total / 3600:.2f} h of {gpus_per_run} GPU(s) per run at MFU {mfu:.0%} "
+          f"of {peak:.3g} FLOP/s per GPU (runs side by side divide the wall time by the slots)")
+    return total
+
+
+SBATCH = """#!/bin/bash
+#SBATCH --job-name={job}
+#SBATCH --nodes={nodes}
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node={gpn}
+#SBATCH --cpus-per-task=64
+#SBATCH --time=72:00:00
+#SBATCH --output={out}/slurm-%j.log
+# {name}: {params:,} non-embedding parameters, {tokens:,} tokens, 6ND = {pfd:.1f} PFLOP/s-days
+set -euo pipefail
+cd {repo}
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+srun python -m torch.distributed.run \\
+  --nnodes={nodes} --nproc_per_node={gpn} \\
+  --rdzv_id=$SLURM_JOB_ID --rdzv_backend=c10d --rdzv_endpoint=$HEAD_NODE:29500 \\
+  -m scaling_runs.train --config {launch}
+"""
+
+
+def write_launch_scripts(runs: list[dict], sweep_dir: Path, gpus_per_run: int, gpus_per_node: int = 8) -> list[Path]:
+    """Slurm scripts (one per run) and launch_all.sh; training resumes if a job is requeued."""
+    nodes = max(1, gpus_per_run // gpus_per_node)
+    folder = sweep_dir / "launch"
+    folder.mkdir(parents=True, exist_ok=True)
+    repo = Path(__file__).resolve().parent.parent
+    paths = []
+    for r in runs:
+        launch = _write_launch(r)
+        text = SBATCH.format(job=f"moba-{r['name']}", nodes=nodes, gpn=gpus_per_node, out=r["config"].train.out_dir,
+                             name=r["name"], params=r["params"]["non_embedding"], tokens=r["tokens"],
+                             pfd=r["flops"] / PFLOPS_DAY, repo=repo, launch=launch.resolve())
+        p = folder / f"{r['name']}.sbatch"
+        p.write_text(text)
+        paths.append(p)
+    allp = folder / "launch_all.sh"
+    allp.write_text("#!/bin/bash\nset -e\n" + "".join(f"sbatch {p.resolve()}\n" for p in paths))
+    allp.chmod(0o755)
+    return paths + [allp]
+
+
+def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, str] | None = None,
+              launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int | None = None) -> list[dict]:
+    preset = get_preset(preset_name)
+    sweep_dir = Path(sweep_dir)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    runs = plan(preset, sweep_dir, overrides)
+    (sweep_dir / "sweep.json").write_text(json.dumps({
+        "preset": preset.name, "note": preset.note, "overrides": overrides or {},
+        "runs": [{"name": r["name"], "out_dir": r["config"].train.out_dir, "tokens": r["tokens"],
+                  "params": r["params"], "flops": r["flops"], "attn_aware_flops": r["attn_aware_flops"]}
+                 for r in runs]}, indent=2))
+    t0 = time.time()
+    results = execute(runs, launcher, nproc_per_run, gpus_per_run or preset.gpus_per_run)
+    rows = summarize(runs, results, title=f"{preset.name} sweep in {sweep_dir}")
+    print(f"[sweep] wall time this invocation: {time.time() - t0:.1f} s")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    opts = parse_overrides(argv)
+    preset_name = opts.pop("preset", "cpu-tiny")
+    sweep_dir = Path(opts.pop("out", f"runs/{preset_name}"))
+    launcher = opts.pop("launcher", "auto")
+    nproc = int(opts.pop("nproc_per_run", "1"))
+    mfu = float(opts.pop("mfu", "0.15"))
+    dry = opts.pop("dry_run", "false").lower() in ("1", "true", "yes")
+    run_anyway = opts.pop("run", "false").lower() in ("1", "true", "yes")
+    preset = get_preset(preset_name)
+    gpus = int(opts.pop("gpus_per_run", str(preset.gpus_per_run)))
+    if dry or (preset.launch_only and not run_anyway):
+        runs = plan(preset, sweep_dir, opts)
+        dry_run(runs, mfu, gpus_per_run=gpus)
+        if preset.launch_only:
+            paths = write_launch_scripts(runs, sweep_dir, gpus)
+            print(f"\n{preset.note}\nwrote {len(paths) - 1} Slurm scripts; submit them all with: "
+                  f"bash {paths[-1]}\n--- {paths[0].name} ---\n{paths[0].read_text()}")
+        return
+    run_sweep(preset_name, sweep_dir, opts, launcher, nproc, gpus)
+
+
+if __name__ == "__main__":
+    main()
