@@ -190,6 +190,8 @@ def gate_select(
     n_pick = min(top_k - 1, nb_max)
     if n_pick >= nb_max - 1:  # every candidate of every row fits
         return _dense_selection(q_pos, seq_n_blocks[q_seq], block_size, hq, width, causal)
+    if n_pick == 0:  # top_k = 1: the own block only
+        return (q_pos // block_size).to(torch.int32)[:, None, None].expand(-1, hq, 1).contiguous()
     sort_width = triton.next_power_of_2(width)
     if sort_width > MAX_SORT_WIDTH:
         raise NotImplementedError(
@@ -216,7 +218,7 @@ def gate_select(
 def kernel_configs(dtype: str):
     """Every (name, kernel, signature, constexprs, num_warps, num_stages) the gate launchers
     can launch for inputs of ``dtype``, from the config tables above (SORT_WIDTH: the
-    smallest and the largest the launcher allows)."""
+    smallest (2, top_k = 2) and the largest (``MAX_SORT_WIDTH``) the launcher uses)."""
     ptr = "*" + dtype
     for head_dim, (block_t, warps) in MEAN_CONFIGS.items():
         sig = dict(K=ptr, MEANS="*fp32", BLOCK_START="*i32", BLOCK_LEN="*i32",

@@ -1,0 +1,260 @@
+"""Triton kernels on CPU in the Triton interpreter, against the dense reference.
+
+Runs only with TRITON_INTERPRET=1 set before Triton is imported: ``test_triton_interpret.py``
+starts it in such a subprocess (see there why); in any other session it skips itself.
+
+Tolerance rule (DESIGN.md): truth = float64 reference; the kernel's max error must be at
+most 2x (outputs) / 3x (gradients) the error of the same reference run in the test's
+precision, plus a tiny absolute floor. The same block indices are fed to both sides.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 at import; run through test_triton_interpret.py", allow_module_level=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers (used in the subprocess)
+
+# Absolute floors added to the tolerance (the rule's "tiny absolute floor").
+_FLOOR = {torch.float16: 1e-4, torch.float32: 1e-6}
+
+
+def _make(cu_q, cu_k, hq, hkv, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(cu_q[-1], hq, d, generator=gen).to(dtype)
+    k = torch.randn(cu_k[-1], hkv, d, generator=gen).to(dtype)
+    v = torch.randn(cu_k[-1], hkv, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype):
+    from moba.reference import reference_attention_packed
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = reference_attention_packed(*leaves, layout, idx, causal, scale)
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, seed=0, idx=None):
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    q, k, v = _make(cu_q, cu_k, hq, hkv, d, dtype, seed)
+    layout = build_layout(cu_q, cu_k, block_size, "cpu")
+    if idx is None:
+        idx = select_packed(q, k, layout, top_k, causal)
+    scale = d**-0.5
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+
+    truth = _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, torch.float64)
+    low = _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = triton_attention_packed(*leaves, cu_q, cu_k, block_size, idx, causal, scale)
+    out.backward(dout)
+    got = [out.detach()] + [t.grad for t in leaves]
+
+    names = ["out", "dq", "dk", "dv"]
+    for i, (name, g, lo, tr) in enumerate(zip(names, got, low, truth)):
+        assert g.dtype == dtype and g.shape == tr.shape, name
+        err = (g.double() - tr).abs().max().item() if g.numel() else 0.0
+        ref_err = (lo.double() - tr).abs().max().item() if g.numel() else 0.0
+        factor = 2.0 if i == 0 else 3.0
+        assert err <= factor * ref_err + _FLOOR[dtype], f"{name}: kernel error {err:.3g} > {factor} x reference error {ref_err:.3g}"
+    return out, lse, idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention forward + backward
+
+ATTENTION_CASES = [
+    # cu_q = cu_k, hq, hkv, d, block_size, top_k, causal, dtype
+    pytest.param([0, 128, 256], 4, 2, 32, 16, 3, True, torch.float16, id="fixed-gqa-causal-fp16"),
+    pytest.param([0, 128, 256], 4, 2, 32, 16, 3, False, torch.float16, id="fixed-gqa-noncausal-fp16"),
+    pytest.param([0, 37, 37, 150, 200], 2, 1, 64, 24, 3, True, torch.float16, id="varlen-empty-mqa-bs24-fp16"),
+    pytest.param([0, 37, 37, 150, 200], 2, 1, 16, 24, 2, False, torch.float32, id="varlen-empty-noncausal-fp32"),
+    pytest.param([0, 100, 190], 4, 2, 32, 20, 1, True, torch.float16, id="topk1-causal-fp16"),
+    pytest.param([0, 100, 190], 2, 2, 32, 20, 1, False, torch.float32, id="topk1-noncausal-fp32"),
+    pytest.param([0, 90, 170], 2, 1, 32, 13, 100, True, torch.float16, id="dense-causal-bs13-fp16"),
+    pytest.param([0, 90, 170], 2, 1, 32, 13, 100, False, torch.float32, id="dense-noncausal-fp32"),
+    pytest.param([0, 77, 160], 3, 3, 48, 7, 4, True, torch.float32, id="hd48-bs7-fp32"),
+    pytest.param([0, 40, 70], 2, 2, 16, 1, 3, True, torch.float32, id="bs1-fp32"),
+    pytest.param([0, 50, 130], 2, 1, 32, 200, 3, True, torch.float16, id="one-block-longer-than-seq-fp16"),
+    pytest.param([0, 130], 2, 2, 96, 32, 2, True, torch.float16, id="hd96-fp16"),
+]
+
+
+@pytest.mark.parametrize("cu,hq,hkv,d,block_size,top_k,causal,dtype", ATTENTION_CASES)
+def test_attention_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype):
+    _check_attention(cu, cu, hq, hkv, d, block_size, top_k, causal, dtype)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_fewer_queries_than_keys(causal):
+    """cu_q != cu_k (decoding-style: queries aligned to the end of their key sequence)."""
+    cu_k = [0, 70, 70, 150]
+    cu_q = [0, 5, 5, 6]
+    _check_attention(cu_q, cu_k, 4, 2, 32, 16, 3, causal, torch.float16)
+
+
+def test_lse_matches_torch_path():
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.torch_impl import sparse_attention_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu = [0, 60, 150]
+    q, k, v = _make(cu, cu, 2, 1, 32, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    _, lse = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.3)
+    _, lse_ref = sparse_attention_packed(q.double(), k.double(), v.double(), layout, idx.long(), True, 0.3)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unsorted_indices_give_same_result():
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu = [0, 120]
+    q, k, v = _make(cu, cu, 2, 2, 32, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    shuffled = idx.flip(-1)  # PAD first, descending
+    a, _ = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.2)
+    b, _ = triton_attention_packed(q, k, v, cu, cu, 16, shuffled, True, 0.2)
+    assert torch.equal(a, b)
+
+
+def test_backward_is_deterministic():
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu = [0, 100, 180]
+    q, k, v = _make(cu, cu, 4, 2, 32, torch.float16)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2)
+        out.float().square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gate
+
+
+GATE_CASES = [
+    # cu_q, cu_k, hq, hkv, d, block_size, top_k, dtype
+    pytest.param([0, 100, 100, 177], [0, 100, 100, 177], 4, 2, 32, 24, 3, torch.float16, id="varlen-gqa"),
+    pytest.param([0, 150], [0, 150], 4, 1, 16, 10, 5, torch.float32, id="mqa-top5"),
+    pytest.param([0, 150], [0, 150], 2, 2, 64, 7, 100, torch.float16, id="dense-shortcut"),
+    pytest.param([0, 90, 200], [0, 90, 200], 2, 1, 48, 16, 2, torch.float32, id="hd48"),
+    pytest.param([0, 130], [0, 130], 2, 2, 32, 16, 1, torch.float16, id="top1"),
+    pytest.param([0, 3, 3, 5], [0, 70, 70, 150], 4, 2, 32, 16, 3, torch.float16, id="decode"),
+    pytest.param([0, 200], [0, 200], 2, 2, 16, 5, 12, torch.float32, id="top12-bs5"),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("cu_q,cu_k,hq,hkv,d,block_size,top_k,dtype", GATE_CASES)
+def test_gate_matches_torch_gate(cu_q, cu_k, hq, hkv, d, block_size, top_k, dtype, causal):
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_gate
+
+    q, k, _ = _make(cu_q, cu_k, hq, hkv, d, dtype, seed=3)
+    layout = build_layout(cu_q, cu_k, block_size, "cpu")
+    expected = select_packed(q, k, layout, top_k, causal)
+    got = triton_gate(q, k, cu_q, cu_k, block_size, top_k, causal)
+    assert got.dtype == torch.int32 and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def test_public_api_backend_triton():
+    import moba
+
+    assert moba.available_backends("cpu")["triton"] is None
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 96, 4, 32, generator=gen).half()
+    k = torch.randn(2, 96, 2, 32, generator=gen).half()
+    v = torch.randn(2, 96, 2, 32, generator=gen).half()
+    idx = moba.select_blocks(q, k, 16, 3)
+    out = moba.moba_attn_func(q, k, v, 16, 3, backend="triton")  # triton gate + kernels
+    ref = moba.moba_attn_func(q.float(), k.float(), v.float(), 16, 3, backend="reference", block_indices=idx)
+    torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=0)
+    cu = torch.tensor([0, 50, 192], dtype=torch.int32)
+    flat = [t.reshape(192, *t.shape[2:]) for t in (q, k, v)]
+    out_v = moba.moba_attn_varlen_func(*flat, cu, 142, 16, 3, backend="triton")
+    ref_v = moba.moba_attn_varlen_func(*flat, cu, 142, 16, 3, backend="torch")
+    torch.testing.assert_close(out_v.float(), ref_v.float(), atol=3e-3, rtol=0)
+
+
+def test_float64_is_rejected_clearly():
+    import moba
+
+    q = torch.randn(1, 32, 2, 16, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="float16, bfloat16 and float32"):
+        moba.moba_attn_func(q, q, q, 8, 2, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+
+
+def test_opcheck_custom_ops():
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_bwd, triton_attention_fwd, triton_gate
+    from moba.triton_kernels.attention import sort_block_indices
+
+    cu = [0, 40, 72]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = sort_block_indices(select_packed(q, k, layout, 2, True))
+    args = (cu, cu, 16, True, 0.25)
+    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    torch.library.opcheck(triton_attention_fwd, (*leaves, idx, *args), test_utils=tests)
+    out, lse = triton_attention_fwd(q, k, v, idx, *args)
+    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, *args), test_utils=tests[:2])
+    torch.library.opcheck(triton_gate, (q, k, cu, cu, 16, 2, True), test_utils=tests[:2])
+
+
+def test_torch_compile_traces_the_custom_ops():
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu = [0, 48, 96]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 2, True)
+
+    def f(q, k, v):
+        return triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.25)[0].square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (f, compiled):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
