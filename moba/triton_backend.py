@@ -159,7 +159,7 @@ triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _gate_width(cu_k: list[int], block_size: int, top_k: int) -> int:
-    nb_max = max([(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:])], default=0)
+    nb_max = max([(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)], default=0)
     return max(1, min(top_k, nb_max))
 
 

@@ -64,7 +64,7 @@ def _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, s
     got = [out.detach()] + [t.grad for t in leaves]
 
     names = ["out", "dq", "dk", "dv"]
-    for i, (name, g, lo, tr) in enumerate(zip(names, got, low, truth)):
+    for i, (name, g, lo, tr) in enumerate(zip(names, got, low, truth, strict=True)):
         assert g.dtype == dtype and g.shape == tr.shape, name
         err = (g.double() - tr).abs().max().item() if g.numel() else 0.0
         ref_err = (lo.double() - tr).abs().max().item() if g.numel() else 0.0
@@ -152,7 +152,7 @@ def test_backward_is_deterministic():
         out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2)
         out.float().square().sum().backward()
         grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
 
 
@@ -219,10 +219,11 @@ def test_float64_is_rejected_clearly():
 
 
 def test_opcheck_custom_ops():
+    from moba.triton_kernels.attention import sort_block_indices
+
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.triton_backend import triton_attention_bwd, triton_attention_fwd, triton_gate
-    from moba.triton_kernels.attention import sort_block_indices
 
     cu = [0, 40, 72]
     q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
@@ -256,5 +257,5 @@ def test_torch_compile_traces_the_custom_ops():
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         fn(*leaves).backward()
         grads.append([t.grad for t in leaves])
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)

@@ -304,7 +304,7 @@ def query_tiles(cu_q: list[int], block_m: int, device) -> tuple[torch.Tensor, to
     Returns (tile_seq, tile_start), int32 (n_tiles,): sequence id and first query token.
     """
     seqs, starts = [], []
-    for n, (a, b) in enumerate(zip(cu_q[:-1], cu_q[1:])):
+    for n, (a, b) in enumerate(zip(cu_q[:-1], cu_q[1:], strict=True)):
         for s in range(a, b, block_m):
             seqs.append(n)
             starts.append(s)
@@ -469,7 +469,7 @@ def kernel_configs(dtype: str):
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
         const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
-        yield f"fwd_d{head_dim}", _fwd_kernel, dict(zip(names, types)), const, warps, stages
+        yield f"fwd_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
     for head_dim, (bm, bn, warps, stages) in DQ_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "IDX", "TILE_SEQ", "TILE_START", "CU_Q", "CU_K"]
         types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*i32", "*i32", "*i32", "*i32", "*i32"] + ["i64"] * 10
@@ -478,7 +478,7 @@ def kernel_configs(dtype: str):
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
         const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
-        yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types)), const, warps, stages
+        yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
     for head_dim, (bm, bn, warps, stages) in DKDV_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV",
                  "ROWS", "ROW_PTR", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
@@ -489,7 +489,7 @@ def kernel_configs(dtype: str):
         names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
         types += ["fp32", "i32", "i32", "i32", "i32"]
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
-        yield f"dkdv_d{head_dim}", _bwd_dkdv_kernel, dict(zip(names, types)), const, warps, stages
+        yield f"dkdv_d{head_dim}", _bwd_dkdv_kernel, dict(zip(names, types, strict=True)), const, warps, stages
 
 
 __all__ = [
