@@ -93,6 +93,7 @@ class BlockMeanState:
             self.sums = grown
 
     # -- the update --------------------------------------------------------------------
+    @torch.no_grad()  # block means feed a discrete choice: no gradient, and no graph kept alive
     def update(self, k_cache: torch.Tensor, starts: list[int], n_new: int) -> list[int]:
         """Bring the state to the cache's content; returns the new per-row lengths.
 

@@ -32,7 +32,8 @@ What the attention function does (query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D
   ``reset`` or a new prompt restarts from a prefill.
 
 GQA (Hkv < Hq) is handled natively (no KV repeat), ``scaling`` is respected. Rejected with a
-clear error: dropout > 0, sliding-window layers, logit soft-capping, attention sinks,
+clear error: dropout > 0, sliding-window layers once a sequence is longer than the window
+(shorter sequences are exact: Mistral's default 4096 window works up to 4096 tokens), logit soft-capping, attention sinks,
 position biases, custom 4D masks, ``output_attentions``, non-causal decoding.
 Left-padded (and right-padded prefill) batches are unpadded; a decoding batch whose padding
 is not a left prefix of each row falls back to a from-scratch sparse path.
@@ -128,18 +129,25 @@ def _state_for(module, block_size: int) -> BlockMeanState | None:
 
 
 # -- checks ---------------------------------------------------------------------------------
-def _check_supported(module, attention_mask, dropout, kwargs) -> None:
+def _check_supported(module, attention_mask, dropout, key_length, kwargs) -> None:
     if dropout and dropout > 0:
         raise ValueError(
             f"attn_implementation='moba' does not support attention dropout (got {dropout}); "
             "set config.attention_dropout = 0"
         )
-    if kwargs.get("sliding_window") is not None:
-        raise ValueError(
-            f"attn_implementation='moba' does not support sliding-window layers (layer {module.layer_idx}, "
-            f"sliding_window={kwargs['sliding_window']}); disable sliding windows in the config "
-            "(e.g. use_sliding_window=False) or use another implementation"
-        )
+    window = kwargs.get("sliding_window")
+    if window is not None:
+        # A window longer than every position seen so far changes nothing (and a sliding cache has
+        # not dropped anything yet); beyond it, MoBA cannot honour the window: refuse.
+        position_ids = kwargs.get("position_ids")
+        longest = max(key_length, int(position_ids.max()) + 1) if position_ids is not None else None
+        if longest is None or longest > window:
+            raise ValueError(
+                f"attn_implementation='moba' does not support sliding-window attention beyond the window "
+                f"(layer {getattr(module, 'layer_idx', '?')}, sliding_window={window}, "
+                f"sequence length {longest if longest is not None else 'unknown'}); set config.sliding_window=None "
+                "(or use_sliding_window=False) to run MoBA on these layers"
+            )
     for name in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(name) is not None:
             raise ValueError(f"attn_implementation='moba' does not support {name}")
@@ -255,7 +263,7 @@ def make_attention_function(settings: MoBASettings):
     """The function registered with ``transformers.AttentionInterface``."""
 
     def moba_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-        _check_supported(module, attention_mask, dropout, kwargs)
+        _check_supported(module, attention_mask, dropout, key.shape[2], kwargs)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L, H, D)
         lq, lk = q.shape[1], k.shape[1]
         scale = scaling if scaling is not None else q.shape[-1] ** -0.5

@@ -1,0 +1,212 @@
+"""transformers integration: attn_implementation="moba" on tiny random Llama / Qwen2 / Qwen3 / Mistral.
+
+Tested with transformers 5.23.0 (see moba/integrations/transformers.py).
+"""
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import moba  # noqa: E402
+import moba.full as full  # noqa: E402
+import moba.integrations.transformers as mt  # noqa: E402
+from moba.decode import BlockMeanState  # noqa: E402
+
+BS, TOP_K = 4, 2
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    mt.register_moba(BS, TOP_K, name="moba_t")
+    mt.register_moba(BS, TOP_K, name="moba_t_ref", backend="reference")
+    mt.register_moba(BS, 1000, name="moba_t_dense")
+    mt.register_moba(BS, TOP_K, full_attention_layers=(-1,), name="moba_t_hybrid")
+    mt.register_moba(BS, TOP_K, full_attention_layers=(0, 1), name="moba_t_allfull")
+
+
+def _config(arch: str, **overrides):
+    common = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  pad_token_id=0, eos_token_id=None, bos_token_id=None, initializer_range=0.3)
+    common.update(overrides)
+    if arch == "qwen3":
+        common.setdefault("head_dim", 8)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "qwen3": transformers.Qwen3Config, "mistral": transformers.MistralConfig}[arch]
+    return cls(**common)
+
+
+def _models(arch, *impls, **overrides):
+    """Models with the same random weights, one per attention implementation."""
+    torch.manual_seed(0)
+    cfg = _config(arch, **overrides)
+    base = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="sdpa").eval()
+    out = []
+    for impl in impls:  # a config per model: from_config records the implementation on the config
+        m = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation=impl).eval()
+        m.load_state_dict(base.state_dict())
+        out.append(m)
+    return base, out
+
+
+def _logits(model, ids, **kw):
+    with torch.no_grad():
+        return model(ids, **kw).logits
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+def test_logits_dense_and_reference(arch):
+    sdpa, (dense, sparse, ref) = _models(arch, "moba_t_dense", "moba_t", "moba_t_ref")
+    ids = torch.randint(1, VOCAB, (2, 23))
+    expected = _logits(sdpa, ids)
+    torch.testing.assert_close(_logits(dense, ids), expected, rtol=1e-4, atol=1e-5)  # top_k >= n_blocks
+    got = _logits(sparse, ids)
+    torch.testing.assert_close(got, _logits(ref, ids), rtol=1e-4, atol=1e-5)  # small top_k == MoBA reference
+    assert not torch.allclose(got, expected, atol=1e-3)  # and it is really sparse
+
+
+def _check_generate_equals_prefill(model, prompt, new_tokens, attention_mask=None):
+    out = model.generate(prompt, attention_mask=attention_mask, max_new_tokens=new_tokens, do_sample=False,
+                         output_logits=True, return_dict_in_generate=True)
+    seq = out.sequences
+    mask = None if attention_mask is None else torch.cat(
+        [attention_mask, attention_mask.new_ones(seq.shape[0], seq.shape[1] - prompt.shape[1])], dim=1)
+    full_logits = _logits(model, seq, attention_mask=mask)
+    for i, step in enumerate(out.logits):
+        torch.testing.assert_close(step, full_logits[:, prompt.shape[1] - 1 + i], rtol=1e-4, atol=1e-5)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_generate_decode_equals_prefill_and_is_incremental(arch, monkeypatch):
+    _, (model,) = _models(arch, "moba_t")
+    folded = []
+    fold = BlockMeanState._fold
+    monkeypatch.setattr(BlockMeanState, "_fold",
+                        lambda self, k, st, rows, b, e: (folded.append(sum(y - x for x, y in zip(b, e))),
+                                                         fold(self, k, st, rows, b, e))[1])
+    prompt = torch.randint(1, VOCAB, (2, 6))
+    for _ in range(2):  # the first generate() installs the cache hooks; the second uses them from the prefill
+        folded.clear()
+        out = _check_generate_equals_prefill(model, prompt, 18)  # 6 + 18 tokens: 6 blocks of 4
+    # incremental: the prompt once (2 rows x 6 tokens, per layer), then 1 token per row per step;
+    # (the last two: the check's plain forward over all 24 tokens also fills a fresh cache)
+    assert folded == [12, 12] + [2] * (2 * 17) + [48, 48], folded
+    cache = out.past_key_values
+    states = mt._STATES[cache]
+    assert sorted(states) == [0, 1] and states[0].lengths == [cache.get_seq_length()] * 2
+
+
+def test_generate_left_padded_batch_equals_single_runs():
+    _, (model,) = _models("llama", "moba_t")
+    torch.manual_seed(1)
+    prompts = [torch.randint(1, VOCAB, (1, n)) for n in (9, 5)]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, 9 - p.shape[1]:] = p[0]
+        mask[r, 9 - p.shape[1]:] = 1
+    batched = _check_generate_equals_prefill(model, ids, 14, attention_mask=mask)
+    for r, p in enumerate(prompts):
+        single = model.generate(p, max_new_tokens=14, do_sample=False, output_logits=True,
+                                return_dict_in_generate=True)
+        assert torch.equal(batched.sequences[r, 9:], single.sequences[0, p.shape[1]:])
+        for a, b in zip(batched.logits, single.logits):
+            torch.testing.assert_close(a[r], b[0], rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_full_layers_are_checked(monkeypatch):
+    sdpa, (hybrid, allfull, sparse) = _models("llama", "moba_t_hybrid", "moba_t_allfull", "moba_t")
+    ids = torch.randint(1, VOCAB, (2, 21))
+    calls = []
+    real_full, real_moba = mt.full_attn_with_kvcache, mt.moba_attn_func
+    monkeypatch.setattr(mt, "full_attn_with_kvcache", lambda *a, **k: (calls.append("full"), real_full(*a, **k))[1])
+    monkeypatch.setattr(mt, "moba_attn_func", lambda *a, **k: (calls.append("moba"), real_moba(*a, **k))[1])
+    monkeypatch.setattr(full, "_last_implementation", None)
+    got = _logits(hybrid, ids)
+    assert calls == ["moba", "full"]  # layer 0 MoBA, layer 1 (the last) full
+    assert moba.last_full_attn_implementation() == "sdpa"
+    expected = _logits(sdpa, ids)
+    assert not torch.allclose(got, expected, atol=1e-3) and not torch.allclose(got, _logits(sparse, ids), atol=1e-3)
+    torch.testing.assert_close(_logits(allfull, ids), expected, rtol=1e-4, atol=1e-5)  # full layers are dense
+    _check_generate_equals_prefill(hybrid, ids[:, :5], 9)  # full layers decode over the cache too
+
+
+def test_speculative_style_crop_then_continue():
+    _, (model,) = _models("qwen2", "moba_t")
+    torch.manual_seed(2)
+    seq = torch.randint(1, VOCAB, (1, 30))
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(seq[:, :11], past_key_values=cache, use_cache=True)  # prefill (installs the hooks)
+        model(seq[:, 11:12], past_key_values=cache, use_cache=True)
+        model(seq[:, 12:17], past_key_values=cache, use_cache=True)  # a 5-token "draft"
+        cache.crop(-3)  # 3 draft tokens rejected: 14 tokens stay
+        other = torch.randint(1, VOCAB, (1, 4))
+        got = model(other, past_key_values=cache, use_cache=True).logits
+    assert mt._STATES[cache][0].lengths == [18]
+    expected = _logits(model, torch.cat([seq[:, :14], other], dim=1))[:, -4:]
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_beam_search_follows_cache_reordering():
+    _, (model, ref) = _models("llama", "moba_t", "moba_t_ref")
+    prompt = torch.randint(1, VOCAB, (1, 5))
+    kw = dict(max_new_tokens=10, num_beams=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    a, b = model.generate(prompt, **kw), ref.generate(prompt, **kw)  # ref: no decode state at all
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.sequences_scores, b.sequences_scores, rtol=1e-4, atol=1e-5)
+
+
+def test_training_through_a_transformers_model():
+    _, (model,) = _models("llama", "moba_t")
+    model.train()
+    ids = torch.randint(1, VOCAB, (2, 17))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss = model(ids, labels=ids).loss
+    opt.zero_grad()
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    opt.step()
+    with torch.no_grad():
+        assert model(ids, labels=ids).loss < loss - 1e-3
+
+
+def test_unsupported_options_raise_clear_errors():
+    # sliding window: fine while the sequence fits the window, an error beyond it
+    _, (qwen,) = _models("qwen2", "moba_t", use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    _logits(qwen, torch.randint(1, VOCAB, (1, 8)))
+    with pytest.raises(ValueError, match="sliding_window=8"):
+        _logits(qwen, torch.randint(1, VOCAB, (1, 9)))
+    _, (llama,) = _models("llama", "moba_t", attention_dropout=0.1)
+    llama.train()
+    with pytest.raises(ValueError, match="dropout"):
+        llama(torch.randint(1, VOCAB, (1, 6)))
+    llama.eval()
+    _logits(llama, torch.randint(1, VOCAB, (1, 6)))  # no dropout at inference
+    with pytest.raises(ValueError, match="custom attention masks"):
+        _logits(llama, torch.randint(1, VOCAB, (1, 6)), attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="block_size"):
+        mt.register_moba(0, 3, name="moba_bad")
+    with pytest.raises(ValueError, match="backend"):
+        mt.register_moba(4, 3, name="moba_bad", backend="cuda")
+
+
+def test_mask_function_never_builds_a_square_mask():
+    assert mt.padding_mask_function(2, 5, 5) is None
+    assert mt.padding_mask_function(2, 5, 5, attention_mask=torch.ones(2, 5, dtype=torch.bool)) is None
+    pad = torch.ones(2, 7, dtype=torch.bool)
+    pad[0, 0] = False
+    assert mt.padding_mask_function(2, 1, 7, attention_mask=pad).shape == (2, 7)
