@@ -154,7 +154,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
         ref, idx = moba_decode(q, kc, vc, BlockMeanState(bs), bs, 3, starts=[0, 4], backend="torch",
                                return_block_indices=True)
         starts, lengths = torch.tensor([0, 4]), torch.tensor([lk, lk - 4])
-        for n_splits in (None, 1, 2, 5):
+        for n_splits in (None, 1, 3):
             out = moba_decode_triton(q, kc, vc, idx, starts, lengths, bs, d ** -0.5, n_splits=n_splits)
             err = (out.float() - ref.float()).abs().max().item()
             assert err <= (1e-5 if dtype == torch.float32 else 2e-3), (dtype, n_splits, err)

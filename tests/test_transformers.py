@@ -127,6 +127,15 @@ def test_generate_left_padded_batch_equals_single_runs():
             torch.testing.assert_close(a[r], b[0], rtol=1e-4, atol=1e-4)
 
 
+def test_packed_sequences_from_position_ids_equal_separate_runs():
+    _, (model,) = _models("qwen3", "moba_t")
+    a, b = torch.randint(1, VOCAB, (1, 13)), torch.randint(1, VOCAB, (1, 10))
+    pos = torch.cat([torch.arange(13), torch.arange(10)])[None]
+    got = _logits(model, torch.cat([a, b], dim=1), position_ids=pos, use_cache=False)
+    torch.testing.assert_close(got[:, :13], _logits(model, a), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got[:, 13:], _logits(model, b), rtol=1e-4, atol=1e-5)
+
+
 def test_hybrid_full_layers_are_checked(monkeypatch):
     sdpa, (hybrid, allfull, sparse) = _models("llama", "moba_t_hybrid", "moba_t_allfull", "moba_t")
     ids = torch.randint(1, VOCAB, (2, 21))
@@ -198,6 +207,8 @@ def test_unsupported_options_raise_clear_errors():
     _logits(llama, torch.randint(1, VOCAB, (1, 6)))  # no dropout at inference
     with pytest.raises(ValueError, match="custom attention masks"):
         _logits(llama, torch.randint(1, VOCAB, (1, 6)), attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match="growing cache"):  # StaticCache: fixed-size buffers
+        llama.generate(torch.randint(1, VOCAB, (1, 6)), max_new_tokens=2, cache_implementation="static")
     with pytest.raises(ValueError, match="block_size"):
         mt.register_moba(0, 3, name="moba_bad")
     with pytest.raises(ValueError, match="backend"):

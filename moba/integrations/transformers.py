@@ -109,8 +109,16 @@ def _follow_batch_edits(cache, states: dict) -> None:
         setattr(cache, name, wrapped)
 
 
-def _state_for(module, block_size: int) -> BlockMeanState | None:
-    cache = _current_cache(module)
+def _check_cache(cache) -> None:
+    layers = getattr(cache, "layers", None) or []
+    if any(getattr(layer, "is_compileable", False) or hasattr(layer, "max_cache_len") for layer in layers):
+        raise ValueError(
+            f"attn_implementation='moba' needs a growing cache (DynamicCache); got {type(cache).__name__} "
+            "with fixed-size (static) layers"
+        )
+
+
+def _state_for(module, cache, block_size: int) -> BlockMeanState | None:
     if cache is None:
         return None
     try:
@@ -194,16 +202,20 @@ def _packed_boundaries(valid: torch.Tensor, position_ids) -> tuple[torch.Tensor,
     return tokens, first + [int(tokens.numel())]
 
 
-def _prefill(q, k, v, valid, position_ids, causal, scale, settings: MoBASettings):
+def _restarts(position_ids, valid) -> bool:
+    """True when positions restart inside a row: several sequences packed in one row."""
+    if position_ids is None or valid is not None or position_ids.shape[-1] < 2:
+        return False
+    return bool((position_ids[..., 1:] != position_ids[..., :-1] + 1).any())
+
+
+def _prefill(q, k, v, valid, packed_positions, causal, scale, settings: MoBASettings):
     b, s, hq, d = q.shape
-    packed = position_ids is not None and valid is None and bool(
-        (position_ids[..., 1:] != position_ids[..., :-1] + 1).any()
-    )
-    if valid is None and not packed:
+    if valid is None and packed_positions is None:
         return moba_attn_func(q, k, v, settings.block_size, settings.top_k, causal, scale, settings.backend)
     if valid is None:
         valid = torch.ones(b, s, dtype=torch.bool, device=q.device)
-    tokens, cu = _packed_boundaries(valid, position_ids if packed else None)
+    tokens, cu = _packed_boundaries(valid, packed_positions)
     out = q.new_zeros(b * s, hq, d)
     if tokens.numel():
         cu_t = torch.tensor(cu, dtype=torch.int32)
@@ -250,11 +262,11 @@ def _decode_from_scratch(q, k, v, valid, scale, settings: MoBASettings):
     return out
 
 
-def _decode(module, q, k, v, valid, scale, settings: MoBASettings):
+def _decode(module, cache, q, k, v, valid, scale, settings: MoBASettings):
     starts = [0] * q.shape[0] if valid is None else _left_padding_starts(valid)
     if starts is None or settings.backend == "reference":
         return _decode_from_scratch(q, k, v, valid, scale, settings)
-    state = _state_for(module, settings.block_size) or BlockMeanState(settings.block_size)
+    state = _state_for(module, cache, settings.block_size) or BlockMeanState(settings.block_size)
     backend = {"torch": "torch", "triton": "triton"}.get(settings.backend, "auto")
     return moba_decode(q, k, v, state, settings.block_size, settings.top_k, scale, starts, backend)
 
@@ -271,25 +283,35 @@ def make_attention_function(settings: MoBASettings):
         causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
         if not getattr(getattr(module, "config", None), "is_causal", True):
             causal = False
+        cache = _current_cache(module)
+        if cache is not None:
+            _check_cache(cache)
         valid = None
         if attention_mask is not None:
+            if attention_mask.shape[-1] < lk:
+                raise ValueError(
+                    f"attention mask covers {attention_mask.shape[-1]} keys but there are {lk}: "
+                    "attn_implementation='moba' needs a growing cache (DynamicCache), not a static one"
+                )
             valid = attention_mask[:, -lk:].to(device=q.device, dtype=torch.bool)
             if bool(valid.all()):
                 valid = None
         if _is_full_layer(module, settings):
             return full_attn_with_kvcache(q, k, v, causal, scale, key_padding_mask=valid), None
         if lq == lk:
-            out = _prefill(q, k, v, valid, kwargs.get("position_ids"), causal, scale, settings)
-            state = _state_for(module, settings.block_size)
+            position_ids = kwargs.get("position_ids")
+            packed = position_ids if _restarts(position_ids, valid) else None
+            out = _prefill(q, k, v, valid, packed, causal, scale, settings)
+            state = _state_for(module, cache, settings.block_size)
             if state is not None:  # a generation starts: keep the prompt's block sums for decoding
                 state.clear()
                 starts = [0] * q.shape[0] if valid is None else _left_padding_starts(valid)
-                if starts is not None and causal:
+                if starts is not None and causal and packed is None:
                     state.update(k, starts, lk)
             return out, None
         if not causal:
             raise ValueError("attn_implementation='moba' decodes causally only (is_causal=False with a KV cache)")
-        return _decode(module, q, k, v, valid, scale, settings), None
+        return _decode(module, cache, q, k, v, valid, scale, settings), None
 
     moba_attention.moba_settings = settings
     return moba_attention
