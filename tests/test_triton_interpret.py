@@ -29,3 +29,18 @@ def test_interpreter_suite():
     assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="checks the non-interpreter message")
+def test_cpu_without_interpreter_gives_a_clear_reason():
+    import moba
+    from moba.triton_backend import unavailable_reason
+
+    reason = unavailable_reason("cpu")
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+    assert moba.available_backends("cpu")["triton"] == reason
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        import torch
+
+        q = torch.randn(1, 16, 2, 16)
+        moba.moba_attn_func(q, q, q, 8, 2, backend="triton")

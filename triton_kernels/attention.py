@@ -99,6 +99,7 @@ def _fwd_kernel(
     offs_m = q_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query token
     row_ok = offs_m < q1  # (BLOCK_M,)
     q_pos = offs_m - q0 + (seq_len_k - (q1 - q0))  # (BLOCK_M,) position inside the key sequence
+    q_pos_last = tl.minimum(q_start + BLOCK_M, q1) - 1 - q0 + (seq_len_k - (q1 - q0))  # scalar
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -122,7 +123,9 @@ def _fwd_kernel(
         sel = cur == j  # (BLOCK_M,) rows that selected block j
         block_first = j.to(tl.int64) * block_size
         block_len = tl.minimum(seq_len_k - block_first, block_size)
-        for n0 in range(0, block_len, BLOCK_N):
+        # Causal: keys after the tile's last query are masked for every row (own block).
+        n_end = tl.where(causal != 0, tl.minimum(block_len, q_pos_last - block_first + 1), block_len)
+        for n0 in range(0, n_end, BLOCK_N):
             k_pos = block_first + n0 + offs_n  # (BLOCK_N,) key position inside the sequence
             k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
             kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
@@ -177,6 +180,7 @@ def _bwd_dq_kernel(
     offs_m = q_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     row_ok = offs_m < q1  # (BLOCK_M,)
     q_pos = offs_m - q0 + (seq_len_k - (q1 - q0))  # (BLOCK_M,)
+    q_pos_last = tl.minimum(q_start + BLOCK_M, q1) - 1 - q0 + (seq_len_k - (q1 - q0))  # scalar
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -200,7 +204,9 @@ def _bwd_dq_kernel(
         sel = cur == j  # (BLOCK_M,)
         block_first = j.to(tl.int64) * block_size
         block_len = tl.minimum(seq_len_k - block_first, block_size)
-        for n0 in range(0, block_len, BLOCK_N):
+        # Causal: keys after the tile's last query are masked for every row (own block).
+        n_end = tl.where(causal != 0, tl.minimum(block_len, q_pos_last - block_first + 1), block_len)
+        for n0 in range(0, n_end, BLOCK_N):
             k_pos = block_first + n0 + offs_n  # (BLOCK_N,)
             k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
             kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
