@@ -228,11 +228,13 @@ def decode_flops_bytes(
     Dense (``block_size is None``): a flash-decoding kernel reads the K/V cache once per KV
     head (GQA groups share it): ``2 L Hkv D e``, plus Q and O: ``2 n_query Hq D e``.
 
-    MoBA: the gate reads the cached block means (``n_blocks Hkv D`` float32, 4 bytes) and
-    the attention reads, per query head, the K/V of its selected blocks once for all draft
-    tokens: assumptions (a) the adjacent draft tokens of one head select the same blocks,
-    (b) each query head loads its blocks itself (no sharing inside a GQA group). Q and O as
-    for dense. Gate FLOPs (``2 D`` per query, head and block) are included.
+    MoBA: the gate reads the cached block means (``n_blocks Hkv D`` float32, 4 bytes); the
+    attention reads, per KV head, the K/V of the union of the blocks its query heads selected,
+    once for all draft tokens. Assumptions: (a) the adjacent draft tokens of one head select
+    the same blocks; (b) the ``g = Hq / Hkv`` heads of a GQA group pick disjoint past blocks
+    (the pessimistic union: ``min(complete past blocks, g (top_k - 1))`` blocks) and share
+    the loads; plus the own block up to the last query. Q and O as for dense. Gate FLOPs
+    (``2 D`` per query, head and block) are included.
     """
     L, d, e = context, head_dim, elem_bytes
     positions = range(L - n_query, L)
@@ -245,11 +247,12 @@ def decode_flops_bytes(
     n_blocks = -(-L // block_size)
     last = L - 1
     first_c = (L - n_query) // block_size
-    # K/V tokens one head loads: the complete selected past blocks + the own block(s) up to the last query.
+    # K/V tokens one KV head loads: the union of its group's selected past blocks + the own block(s).
     own_tokens = last + 1 - first_c * block_size
-    loaded = own_tokens + min(top_k - 1, first_c) * block_size
+    group = heads // kv_heads
+    loaded = own_tokens + min(group * (top_k - 1), first_c) * block_size  # per KV head
     flops = 4.0 * d * pairs * heads + 2.0 * d * n_query * heads * n_blocks
-    bytes_ = 2 * loaded * heads * d * e + n_blocks * kv_heads * d * 4 + qo
+    bytes_ = 2 * loaded * kv_heads * d * e + n_blocks * kv_heads * d * 4 + qo
     return flops * batch, float(batch * bytes_)
 
 

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads, divides --heads (default 8; --cpu: 2)")
     p.add_argument("--head-dim", type=int, default=None, help="default 128; --cpu: 64")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16; --cpu: fp32")
-    p.add_argument("--block-size", type=parse_size, default=None, help="MoBA block (default 4096; --cpu: 128)")
+    p.add_argument("--block-size", type=parse_size, default=None, help="MoBA block (default 4096; --cpu: 64)")
     p.add_argument("--top-k", type=int, default=None, help="blocks per query, own included (default 12; --cpu: 3)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES))
@@ -182,7 +182,7 @@ def resolve_config(args) -> Config:
     if cpu_mode and not args.cpu:
         print(f"No CUDA device requested/available (device={device}): running the small CPU mode.")
     if cpu_mode:
-        d = dict(seqlens=[512, 1024, 2048], heads=4, kv_heads=2, head_dim=64, dtype="fp32", block_size=128, top_k=3,
+        d = dict(seqlens=[512, 1024, 2048], heads=4, kv_heads=2, head_dim=64, dtype="fp32", block_size=64, top_k=3,
                  providers=list(CPU_DEFAULT_PROVIDERS), repeats=3, warmup=0, threads=1)
         device = device if args.device else "cpu"
     else:
@@ -354,7 +354,6 @@ def peak_memory(fn: Callable, dev: torch.device) -> tuple[float | None, float | 
     writing 5 to /proc/self/clear_refs, then VmHWM - VmRSS before; (None, None) when the
     platform cannot do that.
     """
-    gc.collect()
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
@@ -432,8 +431,11 @@ class Row:
     gating_ms: float | None = None
 
 
-def _free(dev):
-    gc.collect()
+def _free(dev, collect: bool = False):
+    """Release memory between measurements; ``collect`` also runs the cycle collector (slow
+    with torch loaded, so only after failures and between sequence lengths)."""
+    if collect:
+        gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -450,7 +452,7 @@ def measure_gate(q, k, cfg: Config, dev) -> tuple[float | None, torch.Tensor | N
             times = time_fn(gate, dev, cfg.warmup, cfg.repeats, cfg.max_seconds)
         return statistics.median(times), holder["idx"], ""
     except Exception as e:  # noqa: BLE001 - reported, never fatal
-        _free(dev)
+        _free(dev, collect=True)
         return None, None, ("OOM" if _is_oom(e) else f"{type(e).__name__}: {e}")
 
 
@@ -478,7 +480,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
         except Exception as e:  # noqa: BLE001
             if not _is_oom(e):
                 raise
-            _free(dev)
+            _free(dev, collect=True)
             for name in cfg.providers:
                 for mode in cfg.modes:
                     rows.append(Row(name, s, mode, "oom", "inputs do not fit", **base))
@@ -531,13 +533,15 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
                     row.status = "oom" if _is_oom(e) else "error"
                     row.reason = "out of memory" if row.status == "oom" else f"{type(e).__name__}: {str(e)[:300]}"
                     log(f"{name} S={s} {mode}: {row.status.upper()} {row.reason}")
+                    step = None
+                    _free(dev, collect=True)
                 finally:
                     step = qq = kk = vv = None
                     _free(dev)
                 if row.status == "ok":
                     log(f"{name:15s} S={s:8d} {mode:8s} {row.median_ms:10.3f} ms")
         del q, k, v
-        _free(dev)
+        _free(dev, collect=True)
     add_speedups(rows, dev)
     return rows
 
