@@ -34,9 +34,13 @@ def max_abs_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item()
 
 
-def default_floor(truth: torch.Tensor, dtype: torch.dtype) -> float:
+def default_floor(truth, dtype: torch.dtype) -> float:
     """A tiny absolute floor at the scale of ``truth``: 1e-12 for float64, 4 float32 rounding
-    units (~5e-7) for the other dtypes.
+    units (~5e-7) for the other dtypes, times ``max(1, max|truth|)``.
+
+    ``truth`` is a tensor or a list of tensors (e.g. all gradients of one backward, which
+    share one scale: dq of a query that sees a single key is exactly 0 in the truth, yet its
+    float32 value is a difference of O(|dO| |V|) terms).
 
     It matters only when the low-precision reference is (almost) exact: for float64 runs the
     low-precision reference *is* the truth and the rule alone would demand a bit-exact
@@ -44,7 +48,8 @@ def default_floor(truth: torch.Tensor, dtype: torch.dtype) -> float:
     error. For float16/bfloat16 the floor is far below the reference's error, so it never
     hides a real float16/bfloat16 discrepancy.
     """
-    scale = max(truth.double().abs().max().item() if truth.numel() else 0.0, 1.0)
+    tensors = [truth] if isinstance(truth, torch.Tensor) else list(truth)
+    scale = max([1.0] + [t.double().abs().max().item() for t in tensors if t.numel()])
     if dtype == torch.float64:
         return 1e-12 * scale
     return 4 * torch.finfo(torch.float32).eps * scale
@@ -89,6 +94,18 @@ def assert_close_by_rule(
             f"{name}: max error vs truth {err:.3e} > {factor} x low-precision reference error "
             f"{ref_err:.3e} + floor {atol_floor:.1e} = {bound:.3e}"
         )
+
+
+def assert_grads_close_by_rule(grads, grads_lowp, grads_truth, factor: float = GRAD_FACTOR,
+                               names=("dq", "dk", "dv")) -> None:
+    """``assert_close_by_rule`` for each gradient of one backward, with one shared floor
+    (``default_floor`` over all truth gradients) and each gradient's dtype checked against
+    the low-precision reference's."""
+    assert len(grads) == len(grads_lowp) == len(grads_truth)
+    floor = default_floor(grads_truth, grads[0].dtype)
+    for name, g, g_lo, g_t in zip(names, grads, grads_lowp, grads_truth):
+        assert g.dtype == g_lo.dtype, f"{name}: dtype {g.dtype}, expected {g_lo.dtype}"
+        assert_close_by_rule(g, g_lo, g_t, factor, atol_floor=floor, name=name)
 
 
 # ---------------------------------------------------------------------------------------

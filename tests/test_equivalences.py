@@ -16,9 +16,9 @@ import torch
 
 import moba
 from _helpers import (
-    GRAD_FACTOR,
     OUT_FACTOR,
     assert_close_by_rule,
+    assert_grads_close_by_rule,
     block_diagonal_causal_mask,
     cu_seqlens_of,
     dense_sdpa_causal,
@@ -65,8 +65,7 @@ def test_top_k_all_blocks_is_dense_attention(backend, causal, b, s, hq, hkv, d, 
     else:
         out_lo, grads_lo = forward_backward(dense_fn, detached_copies(q, k, v), dout)
         assert_close_by_rule(out, out_lo, out_d, OUT_FACTOR)
-        for g, g_lo, g_d in zip(grads, grads_lo, grads_d):
-            assert_close_by_rule(g, g_lo, g_d, GRAD_FACTOR)
+        assert_grads_close_by_rule(grads, grads_lo, grads_d)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -91,8 +90,7 @@ def test_top_k_1_is_block_diagonal_attention(backend, causal, s, hq, hkv, bs):
     else:
         out_lo, grads_lo = forward_backward(dense_fn, detached_copies(q, k, v), dout)
         assert_close_by_rule(out, out_lo, out_d, OUT_FACTOR)
-        for g, g_lo, g_d in zip(grads, grads_lo, grads_d):
-            assert_close_by_rule(g, g_lo, g_d, GRAD_FACTOR)
+        assert_grads_close_by_rule(grads, grads_lo, grads_d)
 
 
 def test_softmax_scale_matches_dense():

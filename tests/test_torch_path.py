@@ -18,9 +18,9 @@ import torch
 
 import moba
 from _helpers import (
-    GRAD_FACTOR,
     OUT_FACTOR,
     assert_close_by_rule,
+    assert_grads_close_by_rule,
     detached_copies,
     forward_backward,
     random_qkv,
@@ -72,9 +72,7 @@ def _check_fixed(backend, dtype, b, s, hq, hkv, d, bs, top_k, causal, softmax_sc
     out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
     assert out.dtype == dtype and out.shape == (b, s, hq, d)
     assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
-    for name, g, g_lo, g_t in zip(("dq", "dk", "dv"), grads, grads_lo, grads_t):
-        assert g.dtype == dtype
-        assert_close_by_rule(g, g_lo, g_t, GRAD_FACTOR, name=name)
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
 
 
 @pytest.mark.parametrize("backend,dtype", BACKEND_DTYPE)
@@ -117,8 +115,7 @@ def test_varlen_matches_reference(backend, dtype, causal, lengths, hq, hkv, d, b
     out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
     assert out.dtype == dtype and out.shape == q.shape
     assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
-    for name, g, g_lo, g_t in zip(("dq", "dk", "dv"), grads, grads_lo, grads_t):
-        assert_close_by_rule(g, g_lo, g_t, GRAD_FACTOR, name=name)
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -153,9 +150,7 @@ def test_half_precision_varlen_torch_path(dtype):
     out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
     assert out.dtype == dtype
     assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
-    for name, g, g_lo, g_t in zip(("dq", "dk", "dv"), grads, grads_lo, grads_t):
-        assert g.dtype == dtype
-        assert_close_by_rule(g, g_lo, g_t, GRAD_FACTOR, name=name)
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -183,5 +178,40 @@ def test_torch_path_handles_many_tiles():
     out, grads = forward_backward(run("torch"), detached_copies(q, k, v), dout)
     out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v), dout)
     assert_close_by_rule(out, out_t, out_t, name="out")
-    for name, g, g_t in zip(("dq", "dk", "dv"), grads, grads_t):
-        assert_close_by_rule(g, g_t, g_t, GRAD_FACTOR, name=name)
+    assert_grads_close_by_rule(grads, grads_t, grads_t)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="library accuracy bug: torch_impl._forward merges normalized slot partials with "
+    "torch.logaddexp in float32, so the row normalization is off by ~|lse| * eps; with large "
+    "logits the float32 output and (through the saved lse) dq/dk break the tolerance rule "
+    "(up to 2.6x over the bound). A flash-style merge (running max m, unnormalized "
+    "accumulator and running sum l, out = acc / l, lse = m + log l) brings them to <= 0.7x.",
+)
+@pytest.mark.parametrize(
+    "s,hq,d,bs,top_k,scale,seed",
+    [
+        pytest.param(19, 1, 1, 1, 3, 2.0, 2, id="d1-bs1"),
+        pytest.param(48, 2, 8, 2, 6, 1.5, 2, id="d8-bs2"),
+        pytest.param(48, 2, 4, 1, 5, 2.0, 0, id="d4-bs1"),
+    ],
+)
+def test_large_logits_float32(s, hq, d, bs, top_k, scale, seed):
+    """float32, non-causal, logits several times larger than with the default scale."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(1, s, hq, 1, d, torch.float32, generator=gen)
+    idx = moba.select_blocks(q, k, bs, top_k, causal=False)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=gen)
+
+    def run(be):
+        return lambda q_, k_, v_: moba.moba_attn_func(
+            q_, k_, v_, bs, top_k, False, scale, backend=be, block_indices=idx
+        )
+
+    out, grads = forward_backward(run("torch"), detached_copies(q, k, v), dout)
+    out_lo, grads_lo = forward_backward(run("reference"), detached_copies(q, k, v), dout)
+    out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
+    assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
