@@ -128,7 +128,7 @@ class BlockMeanState:
 
     def _fold(self, k_cache, starts, rows, begins, ends) -> None:
         """Add the keys of positions ``begins[i]:ends[i]`` of row ``rows[i]`` to their block sums."""
-        counts = [e - s for s, e in zip(begins, ends)]
+        counts = [e - s for s, e in zip(begins, ends, strict=True)]
         if sum(counts) == 0:
             return
         dev = k_cache.device

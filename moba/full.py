@@ -109,7 +109,7 @@ def full_attn_varlen_func(
         cu = cu_seqlens.to(q.device)
         return flash_attn_varlen_func(q, k, v, cu, cu, max_seqlen, max_seqlen, causal=causal, softmax_scale=scale)
     parts = [
-        _sdpa(q[a:b], k[a:b], v[a:b], causal, scale) for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        _sdpa(q[a:b], k[a:b], v[a:b], causal, scale) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a
     ]
     return torch.cat(parts, dim=0) if parts else q.clone()
 

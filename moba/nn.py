@@ -245,6 +245,6 @@ class HybridSchedule:
         if not cores:
             raise ValueError("the model has no MoBAAttention modules")
         modes = self.modes(len(cores), step)
-        for core, mode in zip(cores, modes):
+        for core, mode in zip(cores, modes, strict=True):
             core.mode = mode
         return modes

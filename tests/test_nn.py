@@ -32,7 +32,7 @@ class TinyLM(nn.Module):
 
     def forward(self, ids):
         x = self.embed(ids)
-        for norm, block in zip(self.norms, self.blocks):
+        for norm, block in zip(self.norms, self.blocks, strict=True):
             x = x + block(norm(x))
         return self.head(x)
 

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 import moba  # noqa: E402
 import moba.full as full  # noqa: E402
 import moba.integrations.transformers as mt  # noqa: E402
+import moba.decode  # noqa: E402
 from moba.decode import BlockMeanState  # noqa: E402
 
 BS, TOP_K = 4, 2
@@ -83,7 +84,9 @@ def _check_generate_equals_prefill(model, prompt, new_tokens, attention_mask=Non
     seq = out.sequences
     mask = None if attention_mask is None else torch.cat(
         [attention_mask, attention_mask.new_ones(seq.shape[0], seq.shape[1] - prompt.shape[1])], dim=1)
-    full_logits = _logits(model, seq, attention_mask=mask)
+    # positions as generate() computes them (they matter when the padding leaves holes)
+    positions = None if mask is None else (mask.cumsum(-1) - 1).clamp(min=0)
+    full_logits = _logits(model, seq, attention_mask=mask, position_ids=positions)
     for i, step in enumerate(out.logits):
         torch.testing.assert_close(step, full_logits[:, prompt.shape[1] - 1 + i], rtol=1e-4, atol=1e-5)
     return out
@@ -95,7 +98,7 @@ def test_generate_decode_equals_prefill_and_is_incremental(arch, monkeypatch):
     folded = []
     fold = BlockMeanState._fold
     monkeypatch.setattr(BlockMeanState, "_fold",
-                        lambda self, k, st, rows, b, e: (folded.append(sum(y - x for x, y in zip(b, e))),
+                        lambda self, k, st, rows, b, e: (folded.append(sum(y - x for x, y in zip(b, e, strict=True))),
                                                          fold(self, k, st, rows, b, e))[1])
     prompt = torch.randint(1, VOCAB, (2, 6))
     for _ in range(2):  # the first generate() installs the cache hooks; the second uses them from the prefill
@@ -123,7 +126,7 @@ def test_generate_left_padded_batch_equals_single_runs():
         single = model.generate(p, max_new_tokens=14, do_sample=False, output_logits=True,
                                 return_dict_in_generate=True)
         assert torch.equal(batched.sequences[r, 9:], single.sequences[0, p.shape[1]:])
-        for a, b in zip(batched.logits, single.logits):
+        for a, b in zip(batched.logits, single.logits, strict=True):
             torch.testing.assert_close(a[r], b[0], rtol=1e-4, atol=1e-4)
 
 
@@ -134,6 +137,25 @@ def test_packed_sequences_from_position_ids_equal_separate_runs():
     got = _logits(model, torch.cat([a, b], dim=1), position_ids=pos, use_cache=False)
     torch.testing.assert_close(got[:, :13], _logits(model, a), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[:, 13:], _logits(model, b), rtol=1e-4, atol=1e-5)
+
+
+def test_decoding_with_holes_in_the_padding_mask():
+    """A padding mask that is not a left prefix (e.g. right-padded prompts, then generation) takes
+    the from-scratch path: each row equals decoding its real tokens alone."""
+    torch.manual_seed(4)
+    attention = mt.make_attention_function(mt.MoBASettings(BS, TOP_K, (), "auto"))
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, True
+    b, hq, hkv, lk, d, lq = 2, 4, 2, 19, 8, 2
+    q, k, v = torch.randn(b, hq, lq, d), torch.randn(b, hkv, lk, d), torch.randn(b, hkv, lk, d)
+    mask = torch.ones(b, lk, dtype=torch.bool)
+    mask[0, 7:11] = False  # a hole: 4 padding tokens between the prompt and the generated tokens
+    out, weights = attention(module, q, k, v, mask, scaling=0.4)
+    assert weights is None and out.shape == (b, lq, hq, d)
+    for r in range(b):
+        kr, vr = k[r : r + 1, :, mask[r]].transpose(1, 2), v[r : r + 1, :, mask[r]].transpose(1, 2)
+        expected = moba.decode.moba_decode(q[r : r + 1].transpose(1, 2), kr, vr, BlockMeanState(BS), BS, TOP_K, 0.4)
+        torch.testing.assert_close(out[r : r + 1], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_hybrid_full_layers_are_checked(monkeypatch):

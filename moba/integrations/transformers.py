@@ -71,7 +71,10 @@ class MoBASettings:
 # -- the cache of the current forward --------------------------------------------------------
 def _capture_cache(module, args, kwargs):
     cache = kwargs.get("past_key_values")
-    module._moba_cache_ref = weakref.ref(cache) if cache is not None else None
+    try:
+        module._moba_cache_ref = weakref.ref(cache) if cache is not None else None
+    except TypeError:  # not weakly referenceable: decode without a stored state
+        module._moba_cache_ref = None
 
 
 def _current_cache(module):
@@ -219,7 +222,7 @@ def _prefill(q, k, v, valid, packed_positions, causal, scale, settings: MoBASett
     out = q.new_zeros(b * s, hq, d)
     if tokens.numel():
         cu_t = torch.tensor(cu, dtype=torch.int32)
-        longest = max(e - a for a, e in zip(cu[:-1], cu[1:]))
+        longest = max(e - a for a, e in zip(cu[:-1], cu[1:], strict=True))
         flat = lambda x: x.reshape(b * s, *x.shape[2:])[tokens]  # noqa: E731
         out[tokens] = moba_attn_varlen_func(
             flat(q), flat(k), flat(v), cu_t, longest, settings.block_size, settings.top_k, causal, scale,
@@ -248,7 +251,7 @@ def _decode_from_scratch(q, k, v, valid, scale, settings: MoBASettings):
         valid = torch.ones(b, lk, dtype=torch.bool, device=q.device)
     q_valid = valid[:, lk - lq :]
     cu_q, cu_k = [0], [0]
-    for nq, nk in zip(q_valid.sum(1).tolist(), valid.sum(1).tolist()):
+    for nq, nk in zip(q_valid.sum(1).tolist(), valid.sum(1).tolist(), strict=True):
         cu_q.append(cu_q[-1] + nq)
         cu_k.append(cu_k[-1] + nk)
     layout = build_layout(cu_q, cu_k, settings.block_size, q.device)
