@@ -71,20 +71,24 @@ def moba_pairs(seqlen: int, block_size: int, top_k: int, causal: bool = True) ->
     return sum(_moba_query_keys(t, seqlen, block_size, top_k, causal) for t in range(seqlen))
 
 
-def moba_pairs_from_indices(block_indices: torch.Tensor, block_size: int, causal: bool = True) -> int:
+def moba_pairs_from_indices(
+    block_indices: torch.Tensor, block_size: int, causal: bool = True, offset: int = 0, seqlen: int | None = None
+) -> int:
     """Exact attended pairs, summed over batch and heads, from ``moba.select_blocks`` output.
 
     block_indices: (B, S, Hq, n_slots) local block indices, ``PAD_INDEX`` (-1) for unused slots.
     A selected block j contributes its tokens ``[j * bs, min(S, (j + 1) * bs))``; causally
-    only those at positions ``<= t``.
+    only those at positions ``<= t``. To bound memory, pass a slice of queries
+    ``block_indices[:, offset : offset + n]`` with its ``offset`` and the full ``seqlen``.
     """
-    b, s, h, _ = block_indices.shape
+    b, n, h, _ = block_indices.shape
+    s = (offset + n) if seqlen is None else seqlen
     idx = block_indices.long()
     valid = idx >= 0
     start = idx.clamp(min=0) * block_size
     end = torch.clamp(start + block_size, max=s)
     if causal:
-        t = torch.arange(s, device=idx.device).view(1, s, 1, 1)
+        t = torch.arange(offset, offset + n, device=idx.device).view(1, n, 1, 1)
         end = torch.minimum(end, t + 1)
     count = (end - start).clamp(min=0) * valid
     return int(count.sum().item())

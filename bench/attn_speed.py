@@ -89,10 +89,10 @@ ALL_PROVIDERS = (
     "reference",
 )
 MOBA_PROVIDERS = {"moba-triton", "moba-torch", "flex-moba", "official-moba", "reference"}
-GPU_DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("sdpa", "reference"))
+# moba-full duplicates flash-attn / sdpa-flash, sdpa-math is no long-context option: ask for them by name.
+GPU_DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("sdpa", "reference", "moba-full", "sdpa-math"))
 CPU_DEFAULT_PROVIDERS = ("moba-torch", "reference", "sdpa", "official-moba")
 CPU_NOTE = "CPU timings say nothing about GPU kernels: this mode checks that the benchmark runs."
-REFERENCE_MAX_SEQLEN = 8192
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
@@ -143,11 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run: S 512,1k,2k, few heads, fp32")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10; --cpu: 3)")
     p.add_argument("--warmup", type=int, default=None,
-                   help="untimed runs before the timed ones (default 2; --cpu: 0); the peak-memory run comes first anyway")
+                   help="untimed runs before the timed ones (default 1; --cpu: 0); the peak-memory run comes first anyway")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; --cpu: 1, stable on shared machines)")
     p.add_argument("--max-seconds", type=float, default=20.0,
                    help="cap on one measurement's timed runs: fewer repeats (>= 3) when a run is slow")
+    p.add_argument("--reference-max", type=parse_size, default=1024,
+                   help="longest sequence the dense-mask reference provider runs (it is O(S^2) and slow)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no table, only the output paths")
@@ -174,6 +176,7 @@ class Config:
     max_seconds: float
     seed: int
     threads: int | None
+    reference_max: int = 1024
 
 
 def resolve_config(args) -> Config:
@@ -187,7 +190,7 @@ def resolve_config(args) -> Config:
         device = device if args.device else "cpu"
     else:
         d = dict(seqlens=parse_sizes("8k,32k,128k,512k,1m"), heads=32, kv_heads=8, head_dim=128, dtype="bf16",
-                 block_size=4096, top_k=12, providers=list(GPU_DEFAULT_PROVIDERS), repeats=10, warmup=2, threads=None)
+                 block_size=4096, top_k=12, providers=list(GPU_DEFAULT_PROVIDERS), repeats=10, warmup=1, threads=None)
 
     def pick(name):
         value = getattr(args, name)
@@ -198,7 +201,7 @@ def resolve_config(args) -> Config:
         head_dim=pick("head_dim"), dtype=pick("dtype"), block_size=pick("block_size"), top_k=pick("top_k"),
         causal=args.causal, modes=args.modes, providers=pick("providers"), device=device, cpu_mode=cpu_mode,
         repeats=max(1, pick("repeats")), warmup=max(0, pick("warmup")), max_seconds=args.max_seconds, seed=args.seed,
-        threads=pick("threads"),
+        threads=pick("threads"), reference_max=args.reference_max,
     )
     if cfg.heads % cfg.kv_heads:
         raise SystemExit(f"--heads ({cfg.heads}) must be a multiple of --kv-heads ({cfg.kv_heads})")
@@ -213,20 +216,38 @@ def _is_oom(err: BaseException) -> bool:
     return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
 
 
+#: SDPA backends that refused ``enable_gqa``: K/V are repeated for them instead (costs memory).
+_SDPA_NO_GQA: set[str] = set()
+
+
 def _sdpa_call(q, k, v, causal, backend=None):
-    """torch SDPA in flash-attn layout; native GQA (enable_gqa), optionally pinned to one backend."""
+    """torch SDPA in flash-attn layout, optionally pinned to one backend.
+
+    GQA uses ``enable_gqa`` (no copy of K/V); a backend that rejects it gets K/V repeated
+    to the query heads (inside the timed call: that is what using it costs).
+    """
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def run():
+    g = q.shape[2] // k.shape[2]
+
+    def run(kk, vv, gqa):
         return F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal,
-            enable_gqa=q.shape[2] != k.shape[2],
+            q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=causal, enable_gqa=gqa,
         ).transpose(1, 2)
 
     if backend is None:
-        return run()
+        return run(k, v, g > 1)
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        return run()
+        if g > 1 and backend not in _SDPA_NO_GQA:
+            try:
+                return run(k, v, True)
+            except RuntimeError as e:
+                if _is_oom(e):
+                    raise
+                _SDPA_NO_GQA.add(backend)
+        if g > 1:
+            return run(k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2), False)
+        return run(k, v, False)
 
 
 def provider_forward(name: str, cfg: Config) -> Callable:
@@ -293,15 +314,21 @@ def _sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def time_fn(fn: Callable, dev: torch.device, warmup: int, repeats: int, max_seconds: float) -> list[float]:
+def time_fn(
+    fn: Callable, dev: torch.device, warmup: int, repeats: int, max_seconds: float, first_call_s: float = 0.0
+) -> list[float]:
     """Milliseconds of each timed call: CUDA events on GPU, perf_counter on CPU.
 
-    Stops early (after at least 3 timed calls, or 1 when ``repeats`` < 3) once the timed
-    calls add up to more than ``max_seconds``.
+    ``first_call_s``: how long an untimed call just took (the peak-memory run). When one call
+    takes more than a quarter of ``max_seconds``, the warm-up is skipped (that call was the
+    warm-up) and as few as one call is timed; otherwise the loop stops early, after at least
+    3 timed calls, once they add up to more than ``max_seconds``.
     """
-    for _ in range(warmup):
+    slow = first_call_s > max_seconds / 4
+    for _ in range(0 if slow else warmup):
         fn()
     _sync(dev)
+    at_least = 1 if slow else min(3, repeats)
     times: list[float] = []
     for _ in range(repeats):
         if dev.type == "cuda":
@@ -315,7 +342,7 @@ def time_fn(fn: Callable, dev: torch.device, warmup: int, repeats: int, max_seco
             a = time.perf_counter()
             fn()
             times.append((time.perf_counter() - a) * 1e3)
-        if len(times) >= min(3, repeats) and sum(times) > max_seconds * 1e3:
+        if len(times) >= at_least and sum(times) > max_seconds * 1e3:
             break
     return times
 
@@ -460,6 +487,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
     dev = torch.device(cfg.device)
     dtype = DTYPES[cfg.dtype]
     rows: list[Row] = []
+    oom_at: dict[tuple[str, str], int] = {}  # (provider, mode) -> seqlen that ran out of memory
     forwards: dict[str, Callable | str] = {}
     for name in cfg.providers:
         try:
@@ -469,7 +497,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
             log(f"skip {name}: {s}")
     base = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, dtype=cfg.dtype,
                 block_size=cfg.block_size, top_k=cfg.top_k, causal=cfg.causal)
-    for s in cfg.seqlens:
+    for s in sorted(cfg.seqlens):
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
         def rand(h):
@@ -491,7 +519,9 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
             log(f"S={s}: gate failed ({gate_err}); MoBA pairs from the analytic count")
         d_pairs = dense_pairs(s, cfg.causal) * cfg.batch * cfg.heads
         if idx is not None:
-            m_pairs = moba_pairs_from_indices(idx, cfg.block_size, cfg.causal) * 1
+            m_pairs = sum(moba_pairs_from_indices(idx[:, a : a + 65536], cfg.block_size, cfg.causal, offset=a,
+                                                  seqlen=s)
+                          for a in range(0, s, 65536))
             del idx
         else:
             m_pairs = moba_pairs(s, cfg.block_size, cfg.top_k, cfg.causal) * cfg.batch * cfg.heads
@@ -504,8 +534,11 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
                 if not callable(fwd):
                     row.status, row.reason = "skipped", fwd
                     continue
-                if name == "reference" and s > REFERENCE_MAX_SEQLEN:
-                    row.status, row.reason = "skipped", f"reference is limited to S <= {REFERENCE_MAX_SEQLEN}"
+                if name == "reference" and s > cfg.reference_max:
+                    row.status, row.reason = "skipped", f"reference runs only for S <= {cfg.reference_max} (--reference-max)"
+                    continue
+                if (name, mode) in oom_at:
+                    row.status, row.reason = "skipped", f"out of memory at S={oom_at[(name, mode)]}"
                     continue
                 if mode != "fwd" and backward_skip_reason(name, cfg):
                     row.status, row.reason = "skipped", backward_skip_reason(name, cfg)
@@ -522,8 +555,10 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
                     step = _step(fwd, mode, qq, kk, vv)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
+                        t_first = time.perf_counter()
                         row.peak_mem_mib, row.peak_mem_delta_mib = peak_memory(step, dev)
-                        times = time_fn(step, dev, cfg.warmup, cfg.repeats, cfg.max_seconds)
+                        t_first = time.perf_counter() - t_first
+                        times = time_fn(step, dev, cfg.warmup, cfg.repeats, cfg.max_seconds, t_first)
                     row.median_ms = statistics.median(times)
                     row.p20_ms, row.p80_ms = quantile(times, 0.2), quantile(times, 0.8)
                     row.n_timed = len(times)
@@ -533,6 +568,8 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
                     row.status = "oom" if _is_oom(e) else "error"
                     row.reason = "out of memory" if row.status == "oom" else f"{type(e).__name__}: {str(e)[:300]}"
                     log(f"{name} S={s} {mode}: {row.status.upper()} {row.reason}")
+                    if row.status == "oom":
+                        oom_at[(name, mode)] = s
                     step = None
                     _free(dev, collect=True)
                 finally:

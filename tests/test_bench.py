@@ -343,3 +343,13 @@ def test_roofline_rejects_bad_points(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"points": [{"name": "x", "flops": 1.0}]}))
     with pytest.raises(SystemExit):
         roofline.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.png")])
+
+
+def test_pairs_from_indices_in_slices():
+    q = torch.randn(1, 45, 2, 8)
+    k = torch.randn(1, 45, 1, 8)
+    for causal in (True, False):
+        idx = moba.select_blocks(q, k, block_size=8, top_k=3, causal=causal)
+        whole = am.moba_pairs_from_indices(idx, 8, causal)
+        parts = sum(am.moba_pairs_from_indices(idx[:, a : a + 10], 8, causal, offset=a, seqlen=45) for a in range(0, 45, 10))
+        assert parts == whole
