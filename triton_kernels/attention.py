@@ -85,8 +85,11 @@ def _fwd_kernel(
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
+    # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
+    # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid // n_heads_q
+    pid_h = pid % n_heads_q
     seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
     q_start = tl.load(TILE_START + pid_m).to(tl.int64)
     q0 = tl.load(CU_Q + seq).to(tl.int64)
@@ -166,8 +169,11 @@ def _bwd_dq_kernel(
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
+    # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
+    # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_m = pid // n_heads_q
+    pid_h = pid % n_heads_q
     seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
     q_start = tl.load(TILE_START + pid_m).to(tl.int64)
     q0 = tl.load(CU_Q + seq).to(tl.int64)
@@ -237,11 +243,12 @@ def _bwd_dkdv_kernel(
     ROWS, ROW_PTR, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    scale, n_heads_q, n_heads_kv, causal, d_real,
+    scale, n_heads_q, n_heads_kv, n_key_tiles, causal, d_real,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    pid_g = tl.program_id(1).to(tl.int64)  # (global block, KV head) pair
+    pid = tl.program_id(0).to(tl.int64)  # 1-D grid: no grid dimension limit on long inputs
+    pid_n = pid % n_key_tiles  # key tile inside the block
+    pid_g = pid // n_key_tiles  # (global block, KV head) pair
     block = pid_g // n_heads_kv
     kv_head = pid_g % n_heads_kv
     block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
@@ -254,15 +261,17 @@ def _bwd_dkdv_kernel(
         offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
         d_ok = offs_d < d_real  # (HEAD_DIM,)
         kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
+        r_begin = tl.load(ROW_PTR + pid_g).to(tl.int64)
+        r_end = tl.load(ROW_PTR + pid_g + 1).to(tl.int64)
+        live = (offs_n * 0 + (r_end - r_begin)) > 0  # (BLOCK_N,) false when no query chose this block
+        load_mask = kv_mask & live[:, None]  # (BLOCK_N, HEAD_DIM): then no K/V traffic
         k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                    mask=load_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
         v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                    mask=load_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # (BLOCK_N, HEAD_DIM)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # (BLOCK_N, HEAD_DIM)
         qk_scale = scale * 1.4426950408889634
-        r_begin = tl.load(ROW_PTR + pid_g).to(tl.int64)
-        r_end = tl.load(ROW_PTR + pid_g + 1).to(tl.int64)
         offs_r = tl.arange(0, BLOCK_M)  # (BLOCK_M,)
         for r0 in range(r_begin, r_end, BLOCK_M):
             r_ok = (r0 + offs_r) < r_end  # (BLOCK_M,)
@@ -352,8 +361,7 @@ def attention_forward(
     head_dim = padded_head_dim(d)
     block_m, block_n, warps, stages = FWD_CONFIGS[head_dim]
     tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
-    grid = (tile_seq.numel(), hq)
-    _fwd_kernel[grid](
+    _fwd_kernel[(tile_seq.numel() * hq,)](
         q, k, v, out, lse, sorted_indices,
         tile_seq, tile_start, cu_q_t, cu_k_t,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -428,7 +436,7 @@ def attention_backward(
 
     block_m, block_n, warps, stages = DQ_CONFIGS[head_dim]
     tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
-    _bwd_dq_kernel[(tile_seq.numel(), hq)](
+    _bwd_dq_kernel[(tile_seq.numel() * hq,)](
         q, k, v, dout, lse, delta, dq, sorted_indices,
         tile_seq, tile_start, cu_q_t, cu_k_t,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -446,12 +454,13 @@ def attention_backward(
     rows, row_ptr = selection_rows(sorted_indices, q_seq, block_offset, n_blocks, hkv)
     block_m, block_n, warps, stages = DKDV_CONFIGS[head_dim]
     q_key_token = q_key_token.to(torch.int32)
-    _bwd_dkdv_kernel[(triton.cdiv(block_size, block_n), n_blocks * hkv)](
+    n_key_tiles = triton.cdiv(block_size, block_n)
+    _bwd_dkdv_kernel[(n_key_tiles * n_blocks * hkv,)](
         q, k, v, dout, lse, delta, dk, dv,
         rows, row_ptr, block_start.to(torch.int32), block_len.to(torch.int32), q_key_token,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        scale, hq, hkv, int(causal), d,
+        scale, hq, hkv, n_key_tiles, int(causal), d,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=stages,
     )
@@ -492,8 +501,8 @@ def kernel_configs(dtype: str):
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                   "stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh"]
         types += ["i64"] * 12
-        names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
-        types += ["fp32", "i32", "i32", "i32", "i32"]
+        names += ["scale", "n_heads_q", "n_heads_kv", "n_key_tiles", "causal", "d_real"]
+        types += ["fp32", "i32", "i32", "i32", "i32", "i32"]
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"dkdv_d{head_dim}", _bwd_dkdv_kernel, dict(zip(names, types, strict=True)), const, warps, stages
 

@@ -75,8 +75,9 @@ def _gate_topk_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SORT_WIDTH: tl.constexpr,
     BIG: tl.constexpr,
 ):
-    pid_m = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)  # 1-D grid, query heads fastest
+    pid_m = pid // n_heads_q
+    pid_h = pid % n_heads_q
     seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
     q_start = tl.load(TILE_START + pid_m).to(tl.int64)
     q0 = tl.load(CU_Q + seq).to(tl.int64)
@@ -205,7 +206,7 @@ def gate_select(
     block_m, block_b, warps = GATE_CONFIGS[head_dim]
     tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
     out = torch.empty((tq, hq, width), dtype=torch.int32, device=q.device)
-    _gate_topk_kernel[(tile_seq.numel(), hq)](
+    _gate_topk_kernel[(tile_seq.numel() * hq,)](
         q, means, out, tile_seq, tile_start, cu_q_t, cu_k_t, block_offset.to(torch.int32),
         q.stride(0), q.stride(1),
         hq, hkv, hq // hkv, block_size, n_pick, width, int(causal), d,
