@@ -192,6 +192,30 @@ def test_speculative_style_crop_then_continue():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
+def test_assisted_generation_equals_plain_greedy(monkeypatch):
+    """transformers' speculative decoding (assistant model): drafts are verified as chunks and the
+    rejected tokens cropped from both caches; the result equals plain greedy decoding."""
+    _, (target,) = _models("llama", "moba_t")
+    _, (draft,) = _models("llama", "moba_t", num_hidden_layers=1)
+    crops = []
+    update = BlockMeanState.update
+
+    def spy(self, k, starts, n_new):
+        if self.lengths is not None and self.lengths[0] > k.shape[1] - starts[0] - n_new:
+            crops.append(1)
+        return update(self, k, starts, n_new)
+
+    monkeypatch.setattr(BlockMeanState, "update", spy)
+    prompt = torch.randint(1, VOCAB, (1, 7))
+    kw = dict(max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    plain = target.generate(prompt, **kw)
+    assisted = target.generate(prompt, assistant_model=draft, **kw)
+    assert crops, "the draft was never cropped: the test does not exercise crop"
+    assert torch.equal(plain.sequences, assisted.sequences)
+    for a, b in zip(plain.logits, assisted.logits, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
 def test_beam_search_follows_cache_reordering():
     _, (model, ref) = _models("llama", "moba_t", "moba_t_ref")
     prompt = torch.randint(1, VOCAB, (1, 5))
