@@ -259,3 +259,40 @@ def test_torch_compile_traces_the_custom_ops():
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_strided_views_match_contiguous_inputs():
+    """q, k, v as views of a fused qkv projection (token and head strides not packed)."""
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed, triton_gate
+
+    cu = [0, 70, 110]
+    qkv = torch.randn(110, 3, 2, 32, generator=torch.Generator().manual_seed(9)).half()
+    q, k, v = qkv.unbind(1)  # (T, H, D) views, token stride 3 * H * D
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    assert torch.equal(triton_gate(q, k, cu, cu, 16, 3, True), idx)
+    grads = []
+    for inputs in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
+        leaves = [t.detach().clone() if t.is_contiguous() else t.detach() for t in inputs]
+        leaves = [t.requires_grad_() for t in leaves]
+        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2)
+        out.float().sum().backward()
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_no_tokens():
+    from moba.triton_backend import triton_attention_packed, triton_gate
+
+    q = torch.zeros(0, 2, 16, requires_grad=True)
+    k = torch.zeros(0, 1, 16, requires_grad=True)
+    v = torch.zeros(0, 1, 16, requires_grad=True)
+    idx = triton_gate(q, k, [0, 0], [0, 0], 8, 3, True)
+    assert idx.shape == (0, 2, 1) and idx.dtype == torch.int32
+    out, lse = triton_attention_packed(q, k, v, [0, 0], [0, 0], 8, idx, True, 0.25)
+    assert out.shape == (0, 2, 16) and lse.shape == (0, 2)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
