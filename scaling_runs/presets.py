@@ -86,16 +86,17 @@ class SweepPreset:
 def _cpu_tiny() -> SweepPreset:
     # Context 256, block 32, top-3: a query at the end reads 3 x 32 = 96 of 256 keys.
     # Time on 2 CPU cores is dominated by the MoBA PyTorch path, whose cost grows with
-    # tokens x layers x heads, so every size gets the same token budget.
+    # tokens x layers x heads, so every size gets the same token budget. One torch thread:
+    # the MoBA path runs many small ops, and on 2 shared cores 2 threads were 3-10x slower.
     base = RunConfig(
         model=ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, context=256, block_size=32, top_k=3),
         data=DataConfig(data="stdlib"),
         train=TrainConfig(batch_size=16, lr=3e-3, warmup_steps=10, eval_every=8, eval_seqs=32,
-                          trailing_frac=0.25, n_buckets=4, threads=0),
+                          trailing_frac=0.25, n_buckets=4, threads=1),
     )
     sizes = [Size("s1", 1, 64), Size("s2", 2, 96), Size("s3", 3, 128)]
-    return SweepPreset("cpu-tiny", base, sizes, ["moba", "full"], ["tokens:360000"],
-                       note="3 sizes x {moba, full}, 360K tokens each, byte-level stdlib corpus")
+    return SweepPreset("cpu-tiny", base, sizes, ["moba", "full"], ["tokens:400000"],
+                       note="3 sizes x {moba, full}, 400K tokens each, byte-level stdlib corpus")
 
 
 def _gpu_small() -> SweepPreset:
