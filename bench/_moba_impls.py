@@ -135,7 +135,7 @@ def _moba_part_torch(q, k, v, block_size, scale, sel):
     chunk_key = key // hq  # b * nb + j
     groups, counts = torch.unique_consecutive(chunk_key, return_counts=True)
     start = 0
-    for gk, cnt in zip(groups.tolist(), counts.tolist()):
+    for cnt in counts.tolist():
         sl = slice(start, start + cnt)
         start += cnt
         bb = int(b_[sl][0])

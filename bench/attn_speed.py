@@ -63,8 +63,6 @@ if str(HERE) not in sys.path:
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-
-import moba  # noqa: E402
 from _attn_model import (  # noqa: E402
     MODES,
     attention_flops,
@@ -73,6 +71,8 @@ from _attn_model import (  # noqa: E402
     moba_pairs_from_indices,
 )
 from _moba_impls import flash_attn_usable, flex_attention_status, flex_moba, official_moba  # noqa: E402
+
+import moba  # noqa: E402
 
 ALL_PROVIDERS = (
     "moba-triton",
@@ -88,6 +88,7 @@ ALL_PROVIDERS = (
     "official-moba",
     "reference",
 )
+OURS = ("moba-triton", "moba-torch")
 MOBA_PROVIDERS = {"moba-triton", "moba-torch", "flex-moba", "official-moba", "reference"}
 # moba-full duplicates flash-attn / sdpa-flash, sdpa-math is no long-context option: ask for them by name.
 GPU_DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("sdpa", "reference", "moba-full", "sdpa-math"))
@@ -500,7 +501,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
     for s in sorted(cfg.seqlens):
         gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
 
-        def rand(h):
+        def rand(h, s=s, gen=gen):
             return torch.randn(cfg.batch, s, h, cfg.head_dim, generator=gen, dtype=torch.float32).to(dev, dtype)
 
         try:
@@ -601,6 +602,41 @@ def add_speedups(rows: list[Row], dev) -> None:
                 break
 
 
+def summarize(rows: list[Row]) -> list[dict]:
+    """Per (seqlen, mode): our fastest MoBA path (moba-triton / moba-torch) against the dense
+    baseline, with peak memory above the inputs."""
+    ok = [r for r in rows if r.status == "ok"]
+    out = []
+    for s in sorted({r.seqlen for r in rows}):
+        for mode in MODES:
+            moba_rows = [r for r in ok if r.seqlen == s and r.mode == mode and r.provider in OURS]
+            if not moba_rows:
+                continue
+            best = min(moba_rows, key=lambda r: r.median_ms)
+            base = next((r for r in ok if r.seqlen == s and r.mode == mode and r.provider == best.speedup_vs), None)
+            mem_ratio = (best.peak_mem_delta_mib / base.peak_mem_delta_mib
+                         if base and best.peak_mem_delta_mib and base.peak_mem_delta_mib else None)
+            out.append(dict(seqlen=s, mode=mode, moba=best.provider, moba_ms=best.median_ms,
+                            baseline=best.speedup_vs, baseline_ms=base.median_ms if base else None,
+                            speedup=best.speedup, moba_peak_mem_delta_mib=best.peak_mem_delta_mib,
+                            baseline_peak_mem_delta_mib=base.peak_mem_delta_mib if base else None,
+                            mem_ratio=mem_ratio, sparsity=best.sparsity))
+    return out
+
+
+def print_summary(summary: list[dict]) -> None:
+    if not summary:
+        return
+    print("Summary: our fastest MoBA path vs dense flash attention (memory = peak above the inputs)")
+    for x in summary:
+        sp = "-" if x["speedup"] is None else f"{x['speedup']:.2f}x"
+        mem = "-" if x["mem_ratio"] is None else f"{x['mem_ratio']:.2f}x the memory"
+        base = x["baseline"] or "no baseline"
+        print(f"  S={x['seqlen']:>8} {x['mode']:8s} {x['moba']:14s} {x['moba_ms']:10.3f} ms  "
+              f"{sp:>8} vs {base} ({'-' if x['baseline_ms'] is None else format(x['baseline_ms'], '.3f')} ms), "
+              f"{mem}, sparsity {x['sparsity']:.1%}")
+
+
 # ----------------------------------------------------------------------------- metadata + output
 def _version(mod: str) -> str | None:
     try:
@@ -656,7 +692,7 @@ def metadata(cfg: Config, argv: list[str]) -> dict:
         "timing": "CUDA events per call" if dev.type == "cuda" else "time.perf_counter per call",
         "peak_mem": "torch.cuda.max_memory_allocated (includes inputs); delta = above memory allocated before the call"
         if dev.type == "cuda" else "peak RSS (VmHWM after /proc/self/clear_refs reset); delta = above RSS before the call",
-        "flops": "attended pairs x 4 x head_dim (fwd); bwd 2.5x, fwd+bwd 3.5x; dense = causal S(S+1)/2 pairs per head",
+        "flops": "attended pairs x 4 x head_dim (fwd); bwd 2.5x, fwd+bwd 3.5x; dense = S(S+1)/2 pairs per head (S^2 non-causal)",
         "baseline_preference": list(baseline_candidates(dev.type)),
         "moba_times_include_gate": True,
         "note": CPU_NOTE if cfg.cpu_mode else "",
@@ -686,7 +722,7 @@ def write_outputs(rows: list[Row], meta: dict, out: Path, plots: bool = True) ->
     paths = {"json": out / "attn_speed.json", "csv": out / "attn_speed.csv"}
     records = [asdict(r) for r in rows]
     with open(paths["json"], "w") as f:
-        json.dump({"metadata": meta, "rows": records}, f, indent=1)
+        json.dump({"metadata": meta, "summary": summarize(rows), "rows": records}, f, indent=1)
     with open(paths["csv"], "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(records[0]) if records else list(Row.__dataclass_fields__))
         w.writeheader()
@@ -712,7 +748,7 @@ def write_plots(rows: list[Row], meta: dict, out: Path) -> dict[str, Path]:
     for key, fname, ylabel in (("median_ms", "time_vs_seqlen.png", "median time (ms)"),
                                ("speedup", "speedup_vs_seqlen.png", "speedup vs dense flash attention (x)")):
         fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.5), squeeze=False)
-        for ax, mode in zip(axes[0], modes):
+        for ax, mode in zip(axes[0], modes, strict=True):
             for p in providers:
                 pts = sorted((r.seqlen, getattr(r, key)) for r in ok if r.provider == p and r.mode == mode
                              and getattr(r, key) is not None)
@@ -797,6 +833,7 @@ def main(argv: list[str] | None = None) -> dict:
     paths = write_outputs(rows, meta, out, plots=not args.no_plots)
     if not args.quiet:
         print_table(rows, meta)
+        print_summary(summarize(rows))
     for name, path in paths.items():
         print(f"wrote {name}: {path}")
     return {"rows": rows, "metadata": meta, "paths": paths}
