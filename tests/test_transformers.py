@@ -239,6 +239,17 @@ def test_training_through_a_transformers_model():
         assert model(ids, labels=ids).loss < loss - 1e-3
 
 
+def test_switch_a_transformers_model_to_full_attention_mid_training():
+    """The MoBA -> full recipe for a transformers model: one set_attn_implementation call."""
+    sdpa, (model,) = _models("llama", "moba_t")
+    ids = torch.randint(1, VOCAB, (2, 21))
+    assert not torch.allclose(_logits(model, ids), _logits(sdpa, ids), atol=1e-3)
+    model.set_attn_implementation("moba_t_allfull")  # or "sdpa": every layer dense from here on
+    torch.testing.assert_close(_logits(model, ids), _logits(sdpa, ids), rtol=1e-4, atol=1e-5)
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(_logits(model, ids), _logits(sdpa, ids), rtol=1e-4, atol=1e-5)
+
+
 def test_unsupported_options_raise_clear_errors():
     # sliding window: fine while the sequence fits the window, an error beyond it
     _, (qwen,) = _models("qwen2", "moba_t", use_sliding_window=True, sliding_window=8, max_window_layers=0)

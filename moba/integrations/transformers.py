@@ -6,6 +6,7 @@
     register_moba(block_size=512, top_k=3, full_attention_layers=(-1, -2, -3))   # name "moba"
     model = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="moba")
     out = model.generate(**inputs)      # prefill: MoBA; every decoding step: sparse MoBA on the KV cache
+    model.set_attn_implementation("sdpa")   # e.g. switch to full attention at a chosen training step
 
 Tested with transformers 5.23.0 (Llama, Qwen2, Qwen3, Mistral, built from configs). It uses
 transformers' own registration API: ``AttentionInterface.register(name, fn)`` for the attention
