@@ -259,20 +259,21 @@ def moba_block_mask(block_indices: torch.Tensor, seqlen: int, block_size: int, c
     dev = block_indices.device
     nb = -(-seqlen // block_size)
     n_words = -(-nb // 32)
-    idx = block_indices.long().permute(0, 2, 1, 3)  # (B, Hq, S, slots)
-    valid = idx >= 0
-    j = idx.clamp(min=0)
-    # Bitset (B, Hq, S, words): bit j % 32 of word j // 32 is set when block j is selected.
-    words = torch.zeros(b, hq, s, n_words, dtype=torch.int64, device=dev)
-    words.scatter_add_(-1, j // 32, torch.where(valid, torch.ones_like(j) << (j % 32), torch.zeros_like(j)))
-    bits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32).contiguous()
-
-    # (tile, block) selection counts -> partial / full structure.
     nq = -(-s // q_block)
-    tile = (torch.arange(s, device=dev) // q_block).view(1, 1, s, 1).expand_as(j)
+    bits = torch.empty(b, hq, s, n_words, dtype=torch.int32, device=dev)
     counts = torch.zeros(b, hq, nq * nb, dtype=torch.int32, device=dev)
-    counts.scatter_add_(-1, (tile * nb + j).masked_fill(~valid, 0).reshape(b, hq, -1),
-                        valid.to(torch.int32).reshape(b, hq, -1))
+    tile = (torch.arange(s, device=dev) // q_block).view(1, s, 1)
+    for h in range(hq):  # one head at a time bounds the int64 temporaries to (B, S, slots)
+        idx = block_indices[:, :, h].long()  # (B, S, slots)
+        valid = idx >= 0
+        j = idx.clamp(min=0)
+        # Bitset (B, S, words): bit j % 32 of word j // 32 is set when block j is selected.
+        words = torch.zeros(b, s, n_words, dtype=torch.int64, device=dev)
+        words.scatter_add_(-1, j // 32, torch.where(valid, torch.ones_like(j) << (j % 32), torch.zeros_like(j)))
+        bits[:, h] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+        # (tile, block) selection counts -> partial / full structure.
+        counts[:, h].scatter_add_(-1, (tile * nb + j).masked_fill(~valid, 0).reshape(b, -1),
+                                  valid.to(torch.int32).reshape(b, -1))
     counts = counts.view(b, hq, nq, nb)
     tile_len = torch.clamp(s - torch.arange(nq, device=dev) * q_block, max=q_block)
     blk = torch.arange(nb, device=dev)

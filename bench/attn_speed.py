@@ -182,6 +182,8 @@ class Config:
 
 def resolve_config(args) -> Config:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch build sees no CUDA device (torch {torch.__version__})")
     cpu_mode = args.cpu or torch.device(device).type == "cpu"
     if cpu_mode and not args.cpu:
         print(f"No CUDA device requested/available (device={device}): running the small CPU mode.")
