@@ -6,7 +6,11 @@
     python bench/attn_speed.py --cpu --out /tmp/bench   # small CPU smoke run (< 30 s)
 
 Defaults follow the MoBA paper's 1M-token speed test: B=1, 32 query heads, 8 KV heads,
-head_dim 128, bf16, block 4096, top-12 (95.31% sparsity at 1M), causal.
+head_dim 128, bf16, block 4096, top-12 (95.31% sparsity at 1M), causal. Dense attention at
+512k-1M tokens takes seconds per call, so the full default run is long: each measurement
+stops after ``--max-seconds`` of timed calls (at least one), a provider that runs out of
+memory is skipped at longer sequences, and ``--seqlens`` / ``--modes`` / ``--providers``
+trim the run.
 
 Providers (each skipped with a printed reason when it cannot run):
   moba-triton     ours, ``moba.moba_attn_func(backend="triton")`` (fused Triton kernels)
