@@ -100,7 +100,7 @@ def test_attn_speed_cpu_rows_are_consistent(cpu_run):
     assert by[("flex-moba", 128, "bwd")]["status"] == "skipped"
 
 
-def test_attn_speed_arguments():
+def test_attn_speed_arguments(monkeypatch):
     import attn_speed
 
     assert attn_speed.parse_sizes("8k,32k,1m,512") == [8192, 32768, 1 << 20, 512]
@@ -108,6 +108,10 @@ def test_attn_speed_arguments():
         attn_speed.parse_size("12q")
     cfg = attn_speed.resolve_config(attn_speed.build_parser().parse_args(["--cpu"]))
     assert cfg.seqlens == [512, 1024, 2048] and cfg.device == "cpu" and "moba-torch" in cfg.providers
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            attn_speed.resolve_config(attn_speed.build_parser().parse_args(["--device", "cuda"]))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only to read the GPU defaults
     cfg = attn_speed.resolve_config(attn_speed.build_parser().parse_args(
         ["--device", "cuda", "--seqlens", "8k", "--no-causal", "--modes", "fwd", "--heads", "16", "--kv-heads", "4"]))
     assert cfg.seqlens == [8192] and cfg.causal is False and cfg.modes == ["fwd"] and cfg.block_size == 4096
