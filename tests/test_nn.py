@@ -12,14 +12,6 @@ from moba.nn import HybridSchedule, MoBAAttention, MoBASelfAttention, attention_
 BS, TOP_K = 4, 2
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyLM(nn.Module):
     def __init__(self, vocab=32, width=32, layers=3, heads=4, kv_heads=2):
         super().__init__()
