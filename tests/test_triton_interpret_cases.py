@@ -230,12 +230,12 @@ def test_opcheck_custom_ops():
     layout = build_layout(cu, cu, 16, "cpu")
     idx = sort_block_indices(select_packed(q, k, layout, 2, True))
     args = (cu, cu, 16, True, 0.25)
-    tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    torch.library.opcheck(triton_attention_fwd, (*leaves, idx, *args), test_utils=tests)
+    # every opcheck test: schema, fake tensors, autograd registration, aot_dispatch_dynamic
+    torch.library.opcheck(triton_attention_fwd, (*leaves, idx, *args))
     out, lse = triton_attention_fwd(q, k, v, idx, *args)
-    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, *args), test_utils=tests[:2])
-    torch.library.opcheck(triton_gate, (q, k, cu, cu, 16, 2, True), test_utils=tests[:2])
+    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, *args))
+    torch.library.opcheck(triton_gate, (q, k, cu, cu, 16, 2, True))
 
 
 def test_torch_compile_traces_the_custom_ops():
