@@ -92,4 +92,4 @@ def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> B
 
 def fixed_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
     """cu_seqlens of a fixed-length batch packed as varlen."""
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen

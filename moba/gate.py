@@ -76,7 +76,7 @@ def select_from_means(
     blocks = torch.arange(nb_max, device=q.device)
     means_t = rearrange(padded_means, "n b h d -> n h d b")
     group = hq // hkv
-    chunk = max(1, _GATE_CHUNK_ELEMENTS // max(1, n_seq * hq * nb_max))
+    chunk = max(1, min(lq_max, _GATE_CHUNK_ELEMENTS // max(1, n_seq * hq * nb_max)))
     for start in range(0, lq_max, chunk):
         take = (index_in_seq >= start) & (index_in_seq < start + chunk)
         tok = take.nonzero().squeeze(1)

@@ -37,6 +37,8 @@ def reference_attention_packed(
     block_indices: (Tq, Hq, n_slots) local block indices, PAD_INDEX-padded.
     Returns (Tq, Hq, D) in q's dtype.
     """
+    if q.shape[0] == 0:
+        return q.clone()  # keeps the autograd graph
     compute_dtype = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]

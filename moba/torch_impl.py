@@ -28,7 +28,7 @@ from ._layout import BlockLayout
 
 _MAX_ROWS_PER_TILE = 128
 # Upper bound on the elements of one chunk of tile scores (tiles x rows x block_size).
-_CHUNK_ELEMENTS = 1 << 20
+_CHUNK_ELEMENTS = 1 << 19
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,18 +65,56 @@ def _build_tiles(slot: torch.Tensor, layout: BlockLayout, n_kv_heads: int) -> _T
     return _Tiles(rows=tile_rows, group=torch.repeat_interleave(groups, tiles_per_group))
 
 
-def _blocked(x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, dtype) -> torch.Tensor:
-    """(Tk, Hkv, D) -> (G * Hkv, block_size, D) with padding slots zeroed."""
-    g, bs = index.shape
-    blocks = x[index].to(dtype).masked_fill(~valid[:, :, None, None], 0)  # (G, bs, Hkv, D)
-    return blocks.permute(0, 2, 1, 3).reshape(g * x.shape[1], bs, x.shape[2])
+class _KeyBlocks:
+    """Per-(block, KV head) tiles of a key or value tensor (Tk, Hkv, D) -> (n, bs, D).
+
+    When every block is full (all sequence lengths are multiples of block_size, the usual
+    fixed-length case) tiles are gathered straight from a (G, bs, Hkv, D) view, with no
+    copy of K/V; otherwise K/V are laid out once as zero-padded (G * Hkv, bs, D) blocks.
+    Tiles are cast to the compute dtype as they are gathered.
+    """
+
+    def __init__(self, x: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, dtype, aligned: bool):
+        g, bs = index.shape
+        self.hkv, self.dtype, self.aligned = x.shape[1], dtype, aligned
+        if aligned:
+            self.source = x.view(g, bs, x.shape[1], x.shape[2])
+        else:
+            blocks = x[index].to(dtype).masked_fill(~valid[:, :, None, None], 0)  # (G, bs, Hkv, D)
+            self.source = blocks.permute(0, 2, 1, 3).reshape(g * x.shape[1], bs, x.shape[2])
+
+    def tile(self, group: torch.Tensor) -> torch.Tensor:
+        if self.aligned:
+            return self.source[group // self.hkv, :, group % self.hkv].to(self.dtype)
+        return self.source[group]
+
+    def zeros_like_grad(self) -> torch.Tensor:
+        """Gradient accumulator in the same block layout (aligned: token layout (G, bs, Hkv, D))."""
+        return torch.zeros(self.source.shape, dtype=self.dtype, device=self.source.device)
+
+    @staticmethod
+    def accumulate(grad: torch.Tensor, aligned: bool, hkv: int, group: torch.Tensor, tiles: torch.Tensor, alpha=1.0):
+        """grad[tile of group] += alpha * tiles, tiles (n, bs, D)."""
+        if not aligned:
+            grad.index_add_(0, group, tiles, alpha=alpha)
+            return
+        block, head = group // hkv, group % hkv
+        for h in range(hkv):  # (G, bs, D) strided view per KV head: no blocked copy of dK/dV
+            pick = (head == h).nonzero().squeeze(1)
+            if pick.numel():
+                grad[:, :, h].index_add_(0, block[pick], tiles[pick], alpha=alpha)
 
 
-def _unblocked(blocks: torch.Tensor, valid: torch.Tensor, n_kv_heads: int) -> torch.Tensor:
-    """Inverse of ``_blocked`` for gradients: (G * Hkv, bs, D) -> (Tk, Hkv, D)."""
+def _unblocked(blocks: torch.Tensor, valid: torch.Tensor, n_kv_heads: int, aligned: bool) -> torch.Tensor:
+    """Gradients from block layout back to tokens (Tk, Hkv, D).
+
+    aligned: blocks is already (G, bs, Hkv, D) token layout; else (G * Hkv, bs, D) padded blocks.
+    """
     g, bs = valid.shape
     d = blocks.shape[-1]
-    per_token = blocks.reshape(g, n_kv_heads, bs, d).permute(0, 2, 1, 3).reshape(g * bs, n_kv_heads, d)
+    if aligned:
+        return blocks.view(g * bs, n_kv_heads, d)
+    per_token = blocks.view(g, n_kv_heads, bs, d).transpose(1, 2).reshape(g * bs, n_kv_heads, d)
     return per_token[valid.reshape(-1)]
 
 
@@ -92,13 +130,17 @@ class _Context:
         self.key_bias = torch.zeros(self.key_valid.shape, dtype=self.dtype, device=q.device)
         self.key_bias = self.key_bias.masked_fill(~self.key_valid, float("-inf"))[:, None, :]
         self.block_last_token = layout.block_start + layout.block_len - 1  # (G,)
+        self.aligned = bool((layout.block_len == layout.block_size).all())
+
+    def key_blocks(self, x: torch.Tensor) -> _KeyBlocks:
+        return _KeyBlocks(x, self.key_token, self.key_valid, self.dtype, self.aligned)
 
     def chunks(self, tiles: _Tiles):
         step = max(1, _CHUNK_ELEMENTS // (tiles.rows.shape[1] * self.layout.block_size))
         for start in range(0, tiles.rows.shape[0], step):
             yield tiles.rows[start : start + step], tiles.group[start : start + step]
 
-    def scores(self, q_flat, k_blk, rows, group):
+    def scores(self, q_flat, k_blocks: _KeyBlocks, rows, group):
         """Scaled, masked scores (n, M, bs) of a chunk of tiles, and the gathered queries.
 
         Padding rows (rows == -1) get zero queries: their scores are finite but they are
@@ -109,7 +151,8 @@ class _Context:
         safe = rows.clamp(min=0)
         qt = q_flat[safe].to(self.dtype).masked_fill_(~present[..., None], 0)  # (n, M, D)
         block = group // self.hkv
-        s = torch.baddbmm(self.key_bias[block], qt, k_blk[group].transpose(1, 2), alpha=self.scale)
+        kt = k_blocks.tile(group)  # (n, bs, D)
+        s = torch.baddbmm(self.key_bias[block], qt, kt.transpose(1, 2), alpha=self.scale)
         if self.causal:
             # Only tiles that hold a query inside the block need the causal mask (own blocks).
             q_token = self.layout.q_key_token[safe // self.hq]  # (n, M)
@@ -118,7 +161,7 @@ class _Context:
             if straddle.numel():
                 future = self.key_token[block[straddle]][:, None, :] > q_token[straddle][:, :, None]
                 s[straddle] = s[straddle].masked_fill_(future, float("-inf"))
-        return qt, s, present, safe
+        return qt, kt, s, present, safe
 
 
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor, dtype, chunk: int = 4096) -> torch.Tensor:
@@ -132,58 +175,66 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor, dtype, chunk: int = 4096) -> 
 
 def _forward(q, k, v, layout, block_indices, causal, scale):
     ctx = _Context(q, k, layout, causal, scale)
-    k_blk = _blocked(k, ctx.key_token, ctx.key_valid, ctx.dtype)
-    v_blk = _blocked(v, ctx.key_token, ctx.key_valid, ctx.dtype)
+    k_blocks, v_blocks = ctx.key_blocks(k), ctx.key_blocks(v)
     q_flat = q.reshape(-1, ctx.d)
-    out = torch.zeros(q_flat.shape[0], ctx.d, dtype=ctx.dtype, device=q.device)
-    lse = torch.full((q_flat.shape[0],), float("-inf"), dtype=ctx.dtype, device=q.device)
+    # Flash-style merge across slots: running max, running sum and unnormalised accumulator
+    # per row (merging normalised partials by log-sum-exp would lose ~|lse| * eps).
+    rows_total = q_flat.shape[0]
+    acc = torch.zeros(rows_total, ctx.d, dtype=ctx.dtype, device=q.device)
+    run_max = torch.full((rows_total,), float("-inf"), dtype=ctx.dtype, device=q.device)
+    run_sum = torch.zeros(rows_total, dtype=ctx.dtype, device=q.device)
     for slot in range(block_indices.shape[-1]):
         tiles = _build_tiles(block_indices[..., slot], layout, ctx.hkv)
         if tiles is None:
             continue
         for rows, group in ctx.chunks(tiles):
-            _, s, present, _ = ctx.scores(q_flat, k_blk, rows, group)
-            row_max = s.amax(dim=-1)
-            p = s.sub_(row_max[..., None]).exp_()  # in place: s is not needed again
-            denom = p.sum(dim=-1)
-            part_out = torch.bmm(p, v_blk[group])[present] / denom[present][:, None]
-            part_lse = (row_max + torch.log(denom))[present]
+            _, _, s, present, _ = ctx.scores(q_flat, k_blocks, rows, group)
+            part_max = s.amax(dim=-1)
+            p = s.sub_(part_max[..., None]).exp_()  # in place: s is not needed again
+            part_sum = p.sum(dim=-1)[present]
+            part_acc = torch.bmm(p, v_blocks.tile(group))[present]
+            part_max = part_max[present]
             r = rows[present]
-            old_lse = lse[r]
-            merged = torch.logaddexp(old_lse, part_lse)
-            # Each row appears once per slot, so this merge never races with itself.
-            out[r] = out[r] * torch.exp(old_lse - merged)[:, None] + part_out * torch.exp(part_lse - merged)[:, None]
-            lse[r] = merged
+            # Each row appears once per slot, so these read-modify-writes never race.
+            new_max = torch.maximum(run_max[r], part_max)
+            old_scale = torch.exp(run_max[r] - new_max)
+            new_scale = torch.exp(part_max - new_max)
+            acc[r] = acc[r] * old_scale[:, None] + part_acc * new_scale[:, None]
+            run_sum[r] = run_sum[r] * old_scale + part_sum * new_scale
+            run_max[r] = new_max
+    out = acc.div_(run_sum[:, None])
+    lse = run_max + torch.log(run_sum)
     return out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:2])
 
 
 def _backward(q, k, v, out, lse, dout, layout, block_indices, causal, scale):
     ctx = _Context(q, k, layout, causal, scale)
-    k_blk = _blocked(k, ctx.key_token, ctx.key_valid, ctx.dtype)
-    v_blk = _blocked(v, ctx.key_token, ctx.key_valid, ctx.dtype)
+    k_blocks, v_blocks = ctx.key_blocks(k), ctx.key_blocks(v)
     q_flat = q.reshape(-1, ctx.d)
     lse_flat = lse.reshape(-1).to(ctx.dtype)
     delta = _rowwise_dot(dout, out, ctx.dtype).reshape(-1)  # rowsum(dO * O), (Tq * Hq,)
     dq = torch.zeros(q_flat.shape, dtype=ctx.dtype, device=q.device)
-    dk_blk = torch.zeros_like(k_blk)
-    dv_blk = torch.zeros_like(v_blk)
+    dk_blk, dv_blk = k_blocks.zeros_like_grad(), v_blocks.zeros_like_grad()
+    add = lambda grad, group, tiles, alpha=1.0: _KeyBlocks.accumulate(grad, ctx.aligned, ctx.hkv, group, tiles, alpha)
     for slot in range(block_indices.shape[-1]):
         tiles = _build_tiles(block_indices[..., slot], layout, ctx.hkv)
         if tiles is None:
             continue
         for rows, group in ctx.chunks(tiles):
-            qt, s, present, safe = ctx.scores(q_flat, k_blk, rows, group)
+            qt, kt, s, present, safe = ctx.scores(q_flat, k_blocks, rows, group)
             p = s.sub_(lse_flat[safe][..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
             # dout may be an expanded (stride-0) tensor: index it as (token, head), never flatten it.
             dot = dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype).masked_fill_(~present[..., None], 0)
-            dv_blk.index_add_(0, group, torch.bmm(p.transpose(1, 2), dot))
-            ds = torch.bmm(dot, v_blk[group].transpose(1, 2))  # dP
+            add(dv_blk, group, torch.bmm(p.transpose(1, 2), dot))
+            ds = torch.bmm(dot, v_blocks.tile(group).transpose(1, 2))  # dP
             ds = ds.sub_(delta[safe][..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
-            dq.index_add_(0, rows[present], torch.bmm(ds, k_blk[group])[present], alpha=scale)
-            dk_blk.index_add_(0, group, torch.bmm(ds.transpose(1, 2), qt), alpha=scale)
-    dk = _unblocked(dk_blk, ctx.key_valid, ctx.hkv)
-    dv = _unblocked(dv_blk, ctx.key_valid, ctx.hkv)
-    return dq.reshape(q.shape).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+            dq.index_add_(0, rows[present], torch.bmm(ds, kt)[present], alpha=scale)
+            add(dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=scale)
+    del k_blocks, v_blocks
+    dk = _unblocked(dk_blk, ctx.key_valid, ctx.hkv, ctx.aligned).to(k.dtype)
+    del dk_blk
+    dv = _unblocked(dv_blk, ctx.key_valid, ctx.hkv, ctx.aligned).to(v.dtype)
+    return dq.reshape(q.shape).to(q.dtype), dk, dv
 
 
 class _SparseAttention(torch.autograd.Function):
