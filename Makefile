@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench lint clean
+.PHONY: test demo bench speed roofline lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/torch_path_cpu.py
+
+speed: $(STAMP)
+	$(PY) bench/attn_speed.py $(ARGS)
+
+roofline: $(STAMP)
+	$(PY) bench/roofline.py $(RESULTS) --out $(or $(OUT),roofline.png)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -11,22 +11,32 @@ scores highest against it (Lu et al., 2025). See DESIGN.md section 1 for the exa
 from ._checks import PAD_INDEX
 from .backends import available_backends
 from .config import MoBAConfig
-from .full import full_attn_func, full_attn_implementation, full_attn_varlen_func, last_full_attn_implementation
+from .decode import BlockMeanState, moba_decode
+from .full import (
+    full_attn_func,
+    full_attn_implementation,
+    full_attn_varlen_func,
+    full_attn_with_kvcache,
+    last_full_attn_implementation,
+)
 from .gate import select_blocks, select_blocks_varlen
 from .ops import moba_attn_func, moba_attn_varlen_func
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BlockMeanState",
     "PAD_INDEX",
     "MoBAConfig",
     "available_backends",
     "full_attn_func",
     "full_attn_implementation",
     "full_attn_varlen_func",
+    "full_attn_with_kvcache",
     "last_full_attn_implementation",
     "moba_attn_func",
     "moba_attn_varlen_func",
+    "moba_decode",
     "select_blocks",
     "select_blocks_varlen",
 ]
