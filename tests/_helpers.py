@@ -96,14 +96,15 @@ def assert_close_by_rule(
         )
 
 
-def assert_grads_close_by_rule(grads, grads_lowp, grads_truth, factor: float = GRAD_FACTOR,
-                               names=("dq", "dk", "dv")) -> None:
+def assert_grads_close_by_rule(
+    grads, grads_lowp, grads_truth, factor: float = GRAD_FACTOR, names=("dq", "dk", "dv")
+) -> None:
     """``assert_close_by_rule`` for each gradient of one backward, with one shared floor
     (``default_floor`` over all truth gradients) and each gradient's dtype checked against
     the low-precision reference's."""
     assert len(grads) == len(grads_lowp) == len(grads_truth)
     floor = default_floor(grads_truth, grads[0].dtype)
-    for name, g, g_lo, g_t in zip(names, grads, grads_lowp, grads_truth):
+    for name, g, g_lo, g_t in zip(names[: len(grads)], grads, grads_lowp, grads_truth, strict=True):
         assert g.dtype == g_lo.dtype, f"{name}: dtype {g.dtype}, expected {g_lo.dtype}"
         assert_close_by_rule(g, g_lo, g_t, factor, atol_floor=floor, name=name)
 
@@ -254,7 +255,16 @@ def reference_fixed(q, k, v, block_indices, block_size, causal=True, softmax_sca
 def reference_varlen(q, k, v, cu, max_seqlen, block_indices, block_size, causal=True, softmax_scale=None):
     """The dense-mask reference backend with given block indices (varlen)."""
     return moba.moba_attn_varlen_func(
-        q, k, v, cu, max_seqlen, block_size, 1, causal, softmax_scale, backend="reference",
+        q,
+        k,
+        v,
+        cu,
+        max_seqlen,
+        block_size,
+        1,
+        causal,
+        softmax_scale,
+        backend="reference",
         block_indices=block_indices,
     )
 
@@ -280,7 +290,7 @@ def brute_force_gate_scores(q_seq, k_seq, block_size: int, hq_index: int):
     for j in range(n_blocks):
         members = keys[j * block_size : min((j + 1) * block_size, s)]
         means.append([sum(row[c] for row in members) / len(members) for c in range(d)])
-    return [[sum(a * b for a, b in zip(qt, m)) for m in means] for qt in queries]
+    return [[sum(a * b for a, b in zip(qt, m, strict=True)) for m in means] for qt in queries]
 
 
 def brute_force_candidates(t: int, seqlen: int, block_size: int, causal: bool) -> list[int]:
@@ -335,9 +345,13 @@ def assert_gate_matches_brute_force(
             assert valid == sorted(valid), f"t={t} h={h}: not ascending: {row}"
             assert len(set(valid)) == len(valid), f"t={t} h={h}: duplicate block: {row}"
             assert own in valid, f"t={t} h={h}: own block {own} missing: {row}"
-            assert len(valid) == n_valid, f"t={t} h={h}: {len(valid)} blocks selected, expected {n_valid}: {row}"
+            assert len(valid) == n_valid, (
+                f"t={t} h={h}: {len(valid)} blocks selected, expected {n_valid}: {row}"
+            )
             others = [j for j in valid if j != own]
-            assert all(j in cands for j in others), f"t={t} h={h}: non-candidate selected: {row} (cands {cands})"
+            assert all(j in cands for j in others), (
+                f"t={t} h={h}: non-candidate selected: {row} (cands {cands})"
+            )
             expected, scores = bf[t][h]
             if valid != expected:
                 # Only acceptable as a near-tie: the worst chosen candidate scores (almost)

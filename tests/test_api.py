@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
+from _helpers import cu_seqlens_of, dense_sdpa_causal, random_qkv, random_varlen, usable_backends
 
 import moba
-from _helpers import cu_seqlens_of, dense_sdpa_causal, random_qkv, random_varlen, usable_backends
 
 PUBLIC = [
     "PAD_INDEX",
@@ -27,7 +27,12 @@ def test_public_names():
         assert name in moba.__all__ and hasattr(moba, name), name
     assert moba.PAD_INDEX == -1
     assert isinstance(moba.__version__, str) and moba.__version__.count(".") >= 1
-    for fn in (moba.moba_attn_func, moba.moba_attn_varlen_func, moba.select_blocks, moba.select_blocks_varlen):
+    for fn in (
+        moba.moba_attn_func,
+        moba.moba_attn_varlen_func,
+        moba.select_blocks,
+        moba.select_blocks_varlen,
+    ):
         assert fn.__doc__ and "Args" in fn.__doc__ and "Returns" in fn.__doc__
 
 
@@ -184,7 +189,7 @@ def test_deterministic_on_cpu():
         out = moba.moba_attn_func(q, k, v, 6, 3, backend="torch")
         out.backward(torch.ones_like(out))
         results.append([out.detach(), q.grad.clone(), k.grad.clone(), v.grad.clone()])
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
 
 
@@ -206,3 +211,15 @@ def test_varlen_blocks_restart_at_each_sequence():
         torch.testing.assert_close(out[:13], out[13:], rtol=0, atol=1e-14)
         single = moba.moba_attn_func(q1[None], k1[None], v1[None], 5, top_k, backend="torch")[0]
         torch.testing.assert_close(out[13:], single, rtol=0, atol=1e-14)
+
+
+@pytest.mark.gpu
+def test_gpu_marker_is_skipped_without_cuda():
+    """conftest skips ``gpu`` tests without CUDA: on a CPU-only machine this never runs (if
+    the hook broke, it would run and fail); with CUDA it checks a CUDA round trip."""
+    assert torch.cuda.is_available()
+    q, k, v = random_qkv(1, 16, 2, 1, 8)
+    out = moba.moba_attn_func(q.cuda(), k.cuda(), v.cuda(), 4, 2, backend="torch")
+    torch.testing.assert_close(
+        out.cpu(), moba.moba_attn_func(q, k, v, 4, 2, backend="torch"), rtol=1e-5, atol=1e-5
+    )

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _helpers import cu_seqlens_of, random_qkv, random_varlen
 
 import moba
-from _helpers import cu_seqlens_of, random_qkv, random_varlen
 from moba.backends import REFERENCE_MAX_SEQLEN
 
 
@@ -32,7 +32,7 @@ def varlen_call(q, k, v, cu, max_seqlen, **kw):
 
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 def test_wrong_rank_fixed(which):
-    t = dict(zip("qkv", qkv()))
+    t = dict(zip("qkv", qkv(), strict=True))
     t[which] = t[which][0]  # drop the batch dimension
     with pytest.raises(ValueError, match=rf"^{which} must have 4 dimensions"):
         fixed_call(t["q"], t["k"], t["v"])
@@ -102,7 +102,7 @@ def test_heads_not_divisible(hq, hkv):
 
 @pytest.mark.parametrize("which", ["k", "v"])
 def test_mismatched_dtype(which):
-    t = dict(zip("qkv", qkv()))
+    t = dict(zip("qkv", qkv(), strict=True))
     t[which] = t[which].double()
     with pytest.raises(TypeError, match="q, k and v must share one dtype"):
         fixed_call(t["q"], t["k"], t["v"])

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import moba
 from _helpers import (
     OUT_FACTOR,
     assert_close_by_rule,
@@ -28,6 +26,8 @@ from _helpers import (
     random_qkv,
     usable_backends,
 )
+
+import moba
 from moba._layout import build_layout
 from moba.gate import select_packed
 from moba.torch_impl import sparse_attention_packed
@@ -60,7 +60,7 @@ def test_top_k_all_blocks_is_dense_attention(backend, causal, b, s, hq, hkv, d, 
     out_d, grads_d = forward_backward(dense_fn, detached_copies(q, k, v, dtype=F64), dout)
     if dtype == F64:
         torch.testing.assert_close(out, out_d, rtol=0, atol=1e-12)
-        for g, g_d in zip(grads, grads_d):
+        for g, g_d in zip(grads, grads_d, strict=True):
             torch.testing.assert_close(g, g_d, rtol=0, atol=1e-12)
     else:
         out_lo, grads_lo = forward_backward(dense_fn, detached_copies(q, k, v), dout)
@@ -72,7 +72,11 @@ def test_top_k_all_blocks_is_dense_attention(backend, causal, b, s, hq, hkv, d, 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
 @pytest.mark.parametrize(
     "s,hq,hkv,bs",
-    [pytest.param(37, 4, 2, 5, id="gqa-bs5"), pytest.param(30, 2, 1, 12, id="mqa-bs12"), pytest.param(9, 2, 2, 1, id="bs1")],
+    [
+        pytest.param(37, 4, 2, 5, id="gqa-bs5"),
+        pytest.param(30, 2, 1, 12, id="mqa-bs12"),
+        pytest.param(9, 2, 2, 1, id="bs1"),
+    ],
 )
 def test_top_k_1_is_block_diagonal_attention(backend, causal, s, hq, hkv, bs):
     dtype = F64 if _dtype_ok(backend, F64) else torch.float32
@@ -85,7 +89,7 @@ def test_top_k_1_is_block_diagonal_attention(backend, causal, s, hq, hkv, bs):
     out_d, grads_d = forward_backward(dense_fn, detached_copies(q, k, v, dtype=F64), dout)
     if dtype == F64:
         torch.testing.assert_close(out, out_d, rtol=0, atol=1e-12)
-        for g, g_d in zip(grads, grads_d):
+        for g, g_d in zip(grads, grads_d, strict=True):
             torch.testing.assert_close(g, g_d, rtol=0, atol=1e-12)
     else:
         out_lo, grads_lo = forward_backward(dense_fn, detached_copies(q, k, v), dout)
@@ -134,7 +138,7 @@ def test_padded_batch_equals_varlen(backend, lengths, bs, top_k):
     out_v, grads_v = forward_backward(var_fn, detached_copies(q, k, v), dout)
     atol = 1e-12 if dtype == F64 else 1e-5
     torch.testing.assert_close(out_p[real], out_v, rtol=0, atol=atol)
-    for g_p, g_v in zip(grads_p, grads_v):
+    for g_p, g_v in zip(grads_p, grads_v, strict=True):
         torch.testing.assert_close(g_p[real], g_v, rtol=0, atol=atol)
 
 

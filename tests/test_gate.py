@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from _helpers import assert_gate_matches_brute_force, cu_seqlens_of, random_qkv, random_varlen
 
 import moba
-from _helpers import assert_gate_matches_brute_force, cu_seqlens_of, random_qkv, random_varlen
 
 # (B, S, Hq, Hkv, D, block_size, top_k)
 GATE_CASES = [
@@ -52,7 +52,7 @@ def test_select_blocks_varlen_matches_brute_force(causal, lengths, hq, hkv, bs, 
     assert idx.dtype == torch.int32
     assert idx.shape == (q.shape[0], hq, width)
     bounds = cu.tolist()
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:  # block indices are local to each sequence
             assert_gate_matches_brute_force(idx[a:b], q[a:b], k[a:b], bs, top_k, causal, width)
 
@@ -130,7 +130,7 @@ def test_gate_scores_in_float32_for_half_inputs():
         assert torch.equal(a, b)
 
 
-def test_gate_ignores_values_and_other_sequences():
+def test_gate_of_a_sequence_ignores_other_sequences():
     """Selection of a sequence depends on its own q and k only."""
     q, k, _, cu, max_s = random_varlen([15, 22, 9], 2, 1, 8)
     idx = moba.select_blocks_varlen(q, k, cu, max_s, 4, 3, causal=False)

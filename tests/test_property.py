@@ -6,20 +6,20 @@ from __future__ import annotations
 import math
 
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import moba
 from _helpers import (
     OUT_FACTOR,
     assert_close_by_rule,
-    assert_grads_close_by_rule,
     assert_gate_matches_brute_force,
+    assert_grads_close_by_rule,
     detached_copies,
     forward_backward,
     random_qkv,
     random_varlen,
 )
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moba
 
 # derandomize + no example database: the same examples on every run and every machine, so
 # the suite is reproducible. The float32 tolerance rule is tight (factor 2/3 over a float32
@@ -117,6 +117,6 @@ def test_varlen_torch_path_equals_reference(lengths, hkv, group, block_size, top
     assert_grads_close_by_rule(grads, grads_lo, grads_t)
     bounds = cu.tolist()
     width = idx.shape[-1]
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         if b > a:
             assert_gate_matches_brute_force(idx[a:b], q[a:b], k[a:b], block_size, top_k, causal, width)

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-import moba
 from _helpers import (
     OUT_FACTOR,
     assert_close_by_rule,
@@ -25,10 +23,10 @@ from _helpers import (
     forward_backward,
     random_qkv,
     random_varlen,
-    reference_fixed,
-    reference_varlen,
     usable_backends,
 )
+
+import moba
 
 BACKENDS = usable_backends("cpu")
 
@@ -156,11 +154,12 @@ def test_half_precision_varlen_torch_path(dtype):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gate_inside_backend_equals_given_indices(backend):
     """block_indices=None runs the gate: same result as passing select_blocks' indices."""
-    q, k, v = random_qkv(2, 41, 4, 2, 8, torch.float64)
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    q, k, v = random_qkv(2, 41, 4, 2, 8, dtype)
     idx = moba.select_blocks(q, k, 6, 3)
     a = moba.moba_attn_func(q, k, v, 6, 3, backend=backend)
     b = moba.moba_attn_func(q, k, v, 6, 3, backend=backend, block_indices=idx)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-6)
     # and a different selection really gives a different output (the indices are used)
     c = moba.moba_attn_func(q, k, v, 6, 1, backend=backend)
     assert (a - c).abs().max() > 1e-3
