@@ -1,4 +1,4 @@
-"""Power-law fits and plots of a sweep: ``python -m scaling_runs.fit SWEEP_DIR [--skip_frac 0.1]``.
+"""Power-law fits and plots of a sweep: ``python -m scaling_runs.fit SWEEP_DIR [--skip_frac 0.3]``.
 
 For every attention kind (moba, full, hybrid) and both metrics (``lm_loss`` = val_loss over
 all positions, ``trailing_loss`` = loss of the last ``trailing_frac`` of positions):
@@ -56,7 +56,7 @@ def load_runs(sweep_dir: Path) -> list[dict]:
     return runs
 
 
-def run_curve(run: dict, metric: str, x: str = "pflops_days", skip_frac: float = 0.1):
+def run_curve(run: dict, metric: str, x: str = "pflops_days", skip_frac: float = 0.3):
     """(C, loss) arrays of one run, without its first ``skip_frac`` of tokens."""
     rows = run["rows"]
     final_tokens = max(r["tokens"] for r in rows)
@@ -103,7 +103,7 @@ def formula(fit: dict) -> str:
     return f"{fit['a']:.4g} C^{fit['b']:.4f}"
 
 
-def fit_runs(runs: list[dict], x: str = "pflops_days", skip_frac: float = 0.1) -> dict:
+def fit_runs(runs: list[dict], x: str = "pflops_days", skip_frac: float = 0.3) -> dict:
     out: dict = {"x": x, "skip_frac": skip_frac, "units": "PFLOP/s-days"}
     frontier: dict = {}
     for metric in METRICS:
@@ -186,6 +186,7 @@ def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
             axr.plot(grid, ratio, "-", color="k")
             axr.axhline(1.0, color="gray", lw=0.8, ls=":")
         axr.set_ylabel("MoBA / Full")
+        axr.ticklabel_format(axis="y", useOffset=False, style="plain")
         axr.set_xscale("log")
         axr.set_xlabel(xlabel)
         ax.set_xscale("log")
@@ -203,7 +204,7 @@ def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
     return paths
 
 
-def fit_sweep(sweep_dir: Path, x: str = "pflops_days", skip_frac: float = 0.1, plots: bool = True) -> dict:
+def fit_sweep(sweep_dir: Path, x: str = "pflops_days", skip_frac: float = 0.3, plots: bool = True) -> dict:
     sweep_dir = Path(sweep_dir)
     runs = load_runs(sweep_dir)
     if not runs:
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     sweep_dir = Path(argv[0])
     opts = dict(zip(argv[1::2], argv[2::2]))
     x = {"attn_aware": "attn_aware_pflops_days"}.get(opts.get("--x", ""), "pflops_days")
-    fits = fit_sweep(sweep_dir, x, float(opts.get("--skip_frac", 0.1)))
+    fits = fit_sweep(sweep_dir, x, float(opts.get("--skip_frac", 0.3)))
     print_fits(fits)
     print(f"wrote {sweep_dir / 'fit.json'}")
     for p in fits["plots"]:

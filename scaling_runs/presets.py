@@ -86,7 +86,7 @@ class SweepPreset:
 def _cpu_tiny() -> SweepPreset:
     # Context 256, block 32, top-3: a query at the end reads 3 x 32 = 96 of 256 keys.
     # Time on 2 CPU cores is dominated by the MoBA PyTorch path, whose cost grows with
-    # tokens x layers x heads, so every size gets the same token budget. One torch thread:
+    # tokens x layers x heads. One torch thread:
     # the MoBA path runs many small ops, and on 2 shared cores 2 threads were 3-10x slower.
     base = RunConfig(
         model=ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, context=256, block_size=32, top_k=3),
@@ -94,14 +94,20 @@ def _cpu_tiny() -> SweepPreset:
         train=TrainConfig(batch_size=16, lr=3e-3, warmup_steps=10, eval_every=8, eval_seqs=32,
                           trailing_frac=0.25, n_buckets=4, threads=1),
     )
-    sizes = [Size("s1", 1, 64), Size("s2", 2, 96), Size("s3", 3, 128)]
-    return SweepPreset("cpu-tiny", base, sizes, ["moba", "full"], ["tokens:400000"],
-                       note="3 sizes x {moba, full}, 400K tokens each, byte-level stdlib corpus")
+    # Token budgets grow more slowly than the sizes (0.8M x 49K, 0.6M x 222K, 0.5M x 591K
+    # non-embedding parameters), so the runs' compute ranges overlap and the frontier is
+    # made of several runs. About 5 min of CPU time for the six runs on an idle core.
+    sizes = [Size("s1", 1, 64, tokens=800_000), Size("s2", 2, 96, tokens=600_000),
+             Size("s3", 3, 128, tokens=500_000)]
+    return SweepPreset("cpu-tiny", base, sizes, ["moba", "full"], ["size"],
+                       note="3 sizes x {moba, full}, 0.8M / 0.6M / 0.5M tokens, byte-level stdlib corpus")
 
 
 def _gpu_small() -> SweepPreset:
     # One H100, about an hour. Estimate: sum over runs of attn-aware FLOPs / (989e12 * MFU)
-    # with MFU 0.15 (`sweep --preset gpu-small --dry_run` prints it per run).
+    # with MFU 0.15 (`sweep --preset gpu-small --dry_run true` prints it per run): 0.87 h,
+    # 80% of it the two s4 runs. With the embedded corpus (~30M tokens) the larger runs
+    # repeat it several times: pass --data with llm.c shards (e.g. FineWeb) for real use.
     base = RunConfig(
         model=ModelConfig(n_layer=4, n_head=4, n_kv_head=4, n_embd=256, context=2048, block_size=256, top_k=3),
         data=DataConfig(data="stdlib"),
@@ -109,8 +115,8 @@ def _gpu_small() -> SweepPreset:
                           trailing_frac=0.25, n_buckets=8),
     )
     sizes = [Size("s1", 4, 256), Size("s2", 6, 384), Size("s3", 8, 512), Size("s4", 10, 640)]
-    return SweepPreset("gpu-small", base, sizes, ["moba", "full"], ["tpp:20"],
-                       note="4 sizes x {moba, full}, 20 tokens/param, context 2048, block 256, top-3")
+    return SweepPreset("gpu-small", base, sizes, ["moba", "full"], ["tpp:10"],
+                       note="4 sizes x {moba, full}, 10 tokens/param, context 2048, block 256, top-3")
 
 
 def _paper() -> SweepPreset:

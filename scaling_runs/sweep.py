@@ -10,7 +10,9 @@ The grid is the preset's sizes x attention kinds x budgets (``scaling_runs.prese
   torchrun anyway, ``--nproc_per_run`` processes each).
 * Resumable: a run with ``DONE`` is skipped, a run with a checkpoint resumes, so running the
   same command again finishes what is missing and then only prints the summary.
-* ``--dry_run``: list the runs with parameters, tokens, FLOPs and a time estimate
+* ``--kinds moba,full,hybrid``: the attention kinds (hybrid: ``--n_full_layers N`` last layers
+  full); the preset's otherwise.
+* ``--dry_run true``: list the runs with parameters, tokens, FLOPs and a time estimate
   (attn-aware FLOPs / (peak FLOP/s x ``--mfu``), 989e12 bf16 for one H100) and stop.
 * ``paper``: multi-node; writes Slurm scripts (``OUT/launch/*.sbatch``, ``launch_all.sh``)
   with ``srun torchrun --nnodes ...`` and prints them instead of running.
@@ -109,6 +111,8 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
             run, gpus = queue.pop(0), free.pop(0)
             launch = _write_launch(run)
             env = dict(os.environ)
+            repo = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
             log = open(Path(run["config"].train.out_dir) / "train.log", "a")
@@ -227,8 +231,11 @@ def write_launch_scripts(runs: list[dict], sweep_dir: Path, gpus_per_run: int, g
 
 
 def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, str] | None = None,
-              launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int | None = None) -> list[dict]:
+              launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int | None = None,
+              kinds: list[str] | None = None) -> list[dict]:
     preset = get_preset(preset_name)
+    if kinds:
+        preset.kinds = list(kinds)
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runs = plan(preset, sweep_dir, overrides)
@@ -257,9 +264,12 @@ def main(argv: list[str] | None = None) -> None:
     mfu = float(opts.pop("mfu", "0.15"))
     dry = opts.pop("dry_run", "false").lower() in ("1", "true", "yes")
     run_anyway = opts.pop("run", "false").lower() in ("1", "true", "yes")
+    kinds = opts.pop("kinds", None)
     preset = get_preset(preset_name)
     gpus = int(opts.pop("gpus_per_run", str(preset.gpus_per_run)))
     if dry or (preset.launch_only and not run_anyway):
+        if kinds:
+            preset.kinds = kinds.split(",")
         runs = plan(preset, sweep_dir, opts)
         dry_run(runs, mfu, gpus_per_run=gpus)
         if preset.launch_only:
@@ -267,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"\n{preset.note}\nwrote {len(paths) - 1} Slurm scripts; submit them all with: "
                   f"bash {paths[-1]}\n--- {paths[0].name} ---\n{paths[0].read_text()}")
         return
-    run_sweep(preset_name, sweep_dir, opts, launcher, nproc, gpus)
+    run_sweep(preset_name, sweep_dir, opts, launcher, nproc, gpus, kinds.split(",") if kinds else None)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,18 @@ def test_grad_accum_gives_the_same_losses(tmp_path):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6)
 
 
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
-    ref = tiny_config(tmp_path, "ref")
-    assert launch(ref).returncode == 0
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted 10-step run (subprocess), shared by the resume tests."""
+    root = tmp_path_factory.mktemp("ref")
+    ref = tiny_config(root, "ref")
+    p = launch(ref)
+    assert p.returncode == 0, p.stderr
+    return ref
+
+
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, reference_run):
+    ref = reference_run
     # 1. hard exit after step 7 (last checkpoint at step 6), then resume
     cut = tiny_config(tmp_path, "cut")
     p = launch(cut, fault="exit_after_step:7")
@@ -110,10 +119,9 @@ def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert losses(torn) == losses(ref)
 
 
-def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    ref = tiny_config(tmp_path, "ref", max_steps=9)
-    assert launch(ref).returncode == 0
-    run = tiny_config(tmp_path, "bad", max_steps=9)
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, reference_run):
+    ref = reference_run
+    run = tiny_config(tmp_path, "bad")
     assert launch(run, fault="exit_after_step:7").returncode == 17
     ckpt = Path(run.train.out_dir) / "ckpt.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:1000])  # corrupt the newest (step 6); ckpt_prev.pt is step 3
@@ -134,3 +142,20 @@ def test_torchrun_two_processes_match_one(tmp_path):
         assert ra["step"] == rb["step"] and ra["tokens"] == rb["tokens"]
         for key in ("train_loss", "val_loss", "trailing_loss"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6)
+
+
+def test_sweep_runs_skips_finished_runs_and_fits(tmp_path, capsys):
+    from scaling_runs.fit import fit_sweep
+    from scaling_runs.sweep import run_sweep
+
+    corpus = make_text_corpus(tmp_path / "corpus", n_files=10, words=600)
+    overrides = {"data": str(corpus), "val_fraction": "0.2", "context": "32", "block_size": "8",
+                 "batch_size": "4", "max_tokens": "384", "eval_every": "1", "eval_seqs": "4", "progress": "false"}
+    rows = run_sweep("cpu-tiny", tmp_path / "sweep", overrides, launcher="inline")
+    assert len(rows) == 6 and all(r["status"] == "done" for r in rows)
+    assert {r["kind"] for r in rows} == {"moba", "full"}
+    rows = run_sweep("cpu-tiny", tmp_path / "sweep", overrides, launcher="inline")
+    assert all(r["status"] == "done (skipped)" for r in rows)
+    fits = fit_sweep(tmp_path / "sweep", skip_frac=0.0)
+    assert set(fits["lm_loss"]) == {"moba", "full"} and set(fits["trailing_loss"]) == {"moba", "full"}
+    assert all(Path(p).exists() for p in fits["plots"])
