@@ -343,15 +343,7 @@ def test_empty_sequences_inside_varlen(backend):
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all() and torch.isfinite(v.grad).all()
 
 
-_REF_T0_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="library bug: reference_attention_packed returns torch.empty_like(q) untouched when every "
-    "sequence is empty, so the output has no grad_fn and backward() raises",
-)
-
-
-@pytest.mark.parametrize("backend", ["torch", pytest.param("reference", marks=_REF_T0_BUG)])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_zero_tokens_in_total(backend):
     q, k, v, cu, m = random_varlen([0, 0], 4, 2, 8, requires_grad=True)
     out = varlen_call(q, k, v, cu, m, backend=backend)
@@ -360,26 +352,12 @@ def test_zero_tokens_in_total(backend):
     assert q.grad is not None and q.grad.shape == q.shape
 
 
-_REF_B0_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="library bug: backends._reference_attention takes max() over an empty list of sequences "
-    "for batch 0 ('max() arg is an empty sequence')",
-)
-
-
-@pytest.mark.parametrize("backend", ["torch", pytest.param("reference", marks=_REF_B0_BUG)])
+@pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_fixed_zero_batch(backend):
     q, k, v = qkv(b=0, s=5)
     assert fixed_call(q, k, v, backend=backend).shape == q.shape
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="library bug: _layout.fixed_cu_seqlens calls torch.arange(..., step=seqlen) and raises "
-    "'RuntimeError: step must be nonzero' for seqlen 0",
-)
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_fixed_zero_seqlen(backend):
     """S = 0 should give an empty output (as varlen T = 0 does), or at least a clear ValueError."""

@@ -22,10 +22,8 @@ from hypothesis import strategies as st
 import moba
 
 # derandomize + no example database: the same examples on every run and every machine, so
-# the suite is reproducible. The float32 tolerance rule is tight (factor 2/3 over a float32
-# reference), and the PyTorch path's log-sum-exp merge of slot partials loses ~|lse| * eps
-# of normalization accuracy (see test_torch_path.py::test_large_logits_float32): with
-# random seeds about 1 example in 500 of this distribution breaks the rule today.
+# the suite is reproducible (the float32 tolerance rule is tight: factor 2/3 over a float32
+# reference, so a rare random example may sit near the bound).
 SETTINGS = settings(
     max_examples=25,
     deadline=None,
@@ -48,8 +46,8 @@ def fixed_problems(draw):
         block_size=draw(st.integers(1, 13)),
         top_k=draw(st.integers(1, 6)),
         causal=draw(st.booleans()),
-        # logits no larger than with the default scale D ** -0.5 (larger: see the note above)
-        scale=draw(st.one_of(st.none(), st.floats(0.5, 1.0).map(lambda f: f * d**-0.5))),
+        # default, or up to twice the default scale D ** -0.5 (larger logits)
+        scale=draw(st.one_of(st.none(), st.floats(0.5, 2.0).map(lambda f: f * d**-0.5))),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
