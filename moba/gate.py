@@ -29,7 +29,8 @@ def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     A tail block is averaged over the tokens it has.
     """
     index, valid = layout.block_token_index()  # (G, bs)
-    sums = (k[index].float() * valid[:, :, None, None]).sum(dim=1)  # (G, Hkv, D)
+    # where(), not a product: a NaN/inf at the token padding slots point to must not leak in.
+    sums = torch.where(valid[:, :, None, None], k[index].float(), 0.0).sum(dim=1)  # (G, Hkv, D)
     return sums / layout.block_len.clamp(min=1)[:, None, None].to(sums.dtype)
 
 

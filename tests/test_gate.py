@@ -143,20 +143,12 @@ def test_gate_of_a_sequence_ignores_other_sequences():
     assert not torch.equal(idx[:15], idx2[:15])  # the change did matter to sequence 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="library bug: gate.block_means zeroes tail-block padding by multiplying with the mask, "
-    "so a NaN/inf in key token 0 makes every tail block's mean NaN (leaks across batch/sequences)",
-)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
 def test_nonfinite_key_does_not_leak_into_other_batch_elements(bad):
     """A NaN/inf key in batch element 0 must not change the gate of batch element 1.
 
-    Bug (moba/gate.py ``block_means``): padding slots of a tail block gather key token 0 and
-    are removed by multiplying with the validity mask; NaN * 0 = NaN and inf * 0 = NaN, so a
-    non-finite first key makes the mean of EVERY tail block (all batch elements / sequences)
-    NaN; in non-causal mode topk then prefers the NaN block for every query.
+    Regression: padding slots of a tail block gather key token 0; removing them by
+    multiplying with the validity mask turned NaN/inf into NaN in every tail block's mean.
     """
     torch.manual_seed(0)
     q = torch.randn(2, 10, 1, 4)
