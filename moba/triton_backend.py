@@ -6,10 +6,10 @@ kernels live in ``moba.triton_kernels`` (``gate.py``: block means + streaming to
 decomposition). This module wraps them as ``torch.library`` custom ops so that autograd and
 ``torch.compile`` see one opaque op per direction:
 
-* ``moba::triton_attention_fwd(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale)
-  -> (out, lse)``
+* ``moba::triton_attention_fwd(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale,
+  decomposition) -> (out, lse)``
 * ``moba::triton_attention_bwd(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k,
-  block_size, causal, scale) -> (dq, dk, dv)``
+  block_size, causal, scale, decomposition) -> (dq, dk, dv)``
 * ``moba::triton_gate(q, k, cu_q, cu_k, block_size, top_k, causal) -> block_indices``
 
 ``cu_q`` / ``cu_k`` are host lists of ints (sequence boundaries of the packed queries and
@@ -85,6 +85,15 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 # Custom ops
 
 
+def _kernel_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> _attn.KernelLayout:
+    layout = build_layout(cu_q, cu_k, block_size, device)
+    return _attn.KernelLayout(
+        cu_q=list(cu_q), cu_q_t=_int32(cu_q, device), cu_k_t=_int32(cu_k, device),
+        q_seq=layout.q_seq, q_key_token=layout.q_key_token, block_offset=layout.block_offset,
+        block_start=layout.block_start, block_len=layout.block_len, block_size=block_size,
+    )
+
+
 @torch.library.custom_op("moba::triton_attention_fwd", mutates_args=())
 def triton_attention_fwd(
     q: torch.Tensor,
@@ -96,16 +105,15 @@ def triton_attention_fwd(
     block_size: int,
     causal: bool,
     scale: float,
+    decomposition: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    return _attn.attention_forward(
-        q, k, v, sorted_indices.contiguous(), cu_q, cu_k, _int32(cu_q, q.device), _int32(cu_k, q.device),
-        block_size, causal, scale,
-    )
+    lay = _kernel_layout(cu_q, cu_k, block_size, q.device)
+    return _attn.attention_forward(q, k, v, sorted_indices.contiguous(), lay, causal, scale, decomposition)
 
 
 @triton_attention_fwd.register_fake
-def _(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale):
+def _(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale, decomposition="auto"):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
 
 
@@ -123,36 +131,30 @@ def triton_attention_bwd(
     block_size: int,
     causal: bool,
     scale: float,
+    decomposition: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    layout = build_layout(cu_q, cu_k, block_size, q.device)
-    return _attn.attention_backward(
-        dout, q, k, v, out, lse, sorted_indices.contiguous(), cu_q,
-        _int32(cu_q, q.device), _int32(cu_k, q.device),
-        layout.q_seq, layout.q_key_token, layout.block_offset, layout.block_start, layout.block_len,
-        block_size, causal, scale,
-    )
+    lay = _kernel_layout(cu_q, cu_k, block_size, q.device)
+    return _attn.attention_backward(dout, q, k, v, out, lse, sorted_indices.contiguous(), lay, causal, scale, decomposition)
 
 
 @triton_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k, block_size, causal, scale):
+def _(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k, block_size, causal, scale, decomposition="auto"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale = inputs
+    q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale, decomposition = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, sorted_indices, out, lse)
-    ctx.cu_q, ctx.cu_k, ctx.block_size, ctx.causal, ctx.scale = cu_q, cu_k, block_size, causal, scale
+    ctx.args = (cu_q, cu_k, block_size, causal, scale, decomposition)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, sorted_indices, out, lse = ctx.saved_tensors
-    dq, dk, dv = triton_attention_bwd(
-        dout, q, k, v, out, lse, sorted_indices, ctx.cu_q, ctx.cu_k, ctx.block_size, ctx.causal, ctx.scale
-    )
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = triton_attention_bwd(dout, q, k, v, out, lse, sorted_indices, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -194,21 +196,26 @@ def triton_attention_packed(
     block_indices: torch.Tensor,
     causal: bool,
     softmax_scale: float,
+    decomposition: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MoBA attention with the Triton kernels (autograd through q, k, v).
 
     q: (Tq, Hq, D); k, v: (Tk, Hkv, D), Hq % Hkv == 0; cu_q / cu_k: host lists of the
     (N + 1) sequence boundaries of queries and keys (queries aligned to the end of their keys);
     block_indices: (Tq, Hq, n_slots) local block indices, -1 padded, in any slot order.
-    Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32 (natural log of the softmax
-    denominator of the scaled scores).
+    decomposition: "auto", "union" (per query tile) or "gather" (per key block + merge) for
+    the forward and dq kernels (see ``moba.triton_kernels.attention``); results agree up to
+    rounding. Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32 (natural log of the
+    softmax denominator of the scaled scores).
 
     Example:
         >>> out, lse = triton_attention_packed(q, k, v, [0, 4096], [0, 4096], 512, idx, True, 64 ** -0.5)
     """
     _check_supported(q, k, v)
     sorted_indices = _attn.sort_block_indices(block_indices)
-    return triton_attention_fwd(q, k, v, sorted_indices, list(cu_q), list(cu_k), int(block_size), bool(causal), float(softmax_scale))
+    return triton_attention_fwd(
+        q, k, v, sorted_indices, list(cu_q), list(cu_k), int(block_size), bool(causal), float(softmax_scale), decomposition
+    )
 
 
 def _attention(q, k, v, layout: BlockLayout, block_indices, causal, scale):

@@ -43,7 +43,7 @@ def _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype):
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, seed=0, idx=None):
+def _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, decomposition, seed=0, idx=None):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.triton_backend import triton_attention_packed
@@ -59,7 +59,7 @@ def _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, s
     low = _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype)
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    out, lse = triton_attention_packed(*leaves, cu_q, cu_k, block_size, idx, causal, scale)
+    out, lse = triton_attention_packed(*leaves, cu_q, cu_k, block_size, idx, causal, scale, decomposition)
     out.backward(dout)
     got = [out.detach()] + [t.grad for t in leaves]
 
@@ -93,20 +93,23 @@ ATTENTION_CASES = [
 ]
 
 
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
 @pytest.mark.parametrize("cu,hq,hkv,d,block_size,top_k,causal,dtype", ATTENTION_CASES)
-def test_attention_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype):
-    _check_attention(cu, cu, hq, hkv, d, block_size, top_k, causal, dtype)
+def test_attention_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype, decomposition):
+    _check_attention(cu, cu, hq, hkv, d, block_size, top_k, causal, dtype, decomposition)
 
 
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_fewer_queries_than_keys(causal):
+def test_attention_fewer_queries_than_keys(causal, decomposition):
     """cu_q != cu_k (decoding-style: queries aligned to the end of their key sequence)."""
     cu_k = [0, 70, 70, 150]
     cu_q = [0, 5, 5, 6]
-    _check_attention(cu_q, cu_k, 4, 2, 32, 16, 3, causal, torch.float16)
+    _check_attention(cu_q, cu_k, 4, 2, 32, 16, 3, causal, torch.float16, decomposition)
 
 
-def test_lse_matches_torch_path():
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_lse_matches_torch_path(decomposition):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.torch_impl import sparse_attention_packed
@@ -116,13 +119,14 @@ def test_lse_matches_torch_path():
     q, k, v = _make(cu, cu, 2, 1, 32, torch.float32)
     layout = build_layout(cu, cu, 16, "cpu")
     idx = select_packed(q, k, layout, 3, True)
-    _, lse = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.3)
+    _, lse = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.3, decomposition)
     _, lse_ref = sparse_attention_packed(q.double(), k.double(), v.double(), layout, idx.long(), True, 0.3)
     assert lse.dtype == torch.float32
     torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
 
 
-def test_unsorted_indices_give_same_result():
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_unsorted_indices_give_same_result(decomposition):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.triton_backend import triton_attention_packed
@@ -132,12 +136,13 @@ def test_unsorted_indices_give_same_result():
     layout = build_layout(cu, cu, 16, "cpu")
     idx = select_packed(q, k, layout, 3, True)
     shuffled = idx.flip(-1)  # PAD first, descending
-    a, _ = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.2)
-    b, _ = triton_attention_packed(q, k, v, cu, cu, 16, shuffled, True, 0.2)
+    a, _ = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.2, decomposition)
+    b, _ = triton_attention_packed(q, k, v, cu, cu, 16, shuffled, True, 0.2, decomposition)
     assert torch.equal(a, b)
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_backward_is_deterministic(decomposition):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.triton_backend import triton_attention_packed
@@ -149,7 +154,7 @@ def test_backward_is_deterministic():
     grads = []
     for _ in range(2):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2)
+        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2, decomposition)
         out.float().square().sum().backward()
         grads.append([t.grad for t in leaves])
     for a, b in zip(*grads, strict=True):
@@ -229,7 +234,7 @@ def test_opcheck_custom_ops():
     q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
     layout = build_layout(cu, cu, 16, "cpu")
     idx = sort_block_indices(select_packed(q, k, layout, 2, True))
-    args = (cu, cu, 16, True, 0.25)
+    args = (cu, cu, 16, True, 0.25, "gather")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     # every opcheck test: schema, fake tensors, autograd registration, aot_dispatch_dynamic
     torch.library.opcheck(triton_attention_fwd, (*leaves, idx, *args))
@@ -261,7 +266,8 @@ def test_torch_compile_traces_the_custom_ops():
         torch.testing.assert_close(a, b)
 
 
-def test_strided_views_match_contiguous_inputs():
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_strided_views_match_contiguous_inputs(decomposition):
     """q, k, v as views of a fused qkv projection (token and head strides not packed)."""
     from moba._layout import build_layout
     from moba.gate import select_packed
@@ -277,14 +283,15 @@ def test_strided_views_match_contiguous_inputs():
     for inputs in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
         leaves = [t.detach().clone() if t.is_contiguous() else t.detach() for t in inputs]
         leaves = [t.requires_grad_() for t in leaves]
-        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2)
+        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2, decomposition)
         out.float().sum().backward()
         grads.append([out.detach()] + [t.grad for t in leaves])
     for a, b in zip(*grads, strict=True):
         assert torch.equal(a, b)
 
 
-def test_no_tokens():
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_no_tokens(decomposition):
     from moba.triton_backend import triton_attention_packed, triton_gate
 
     q = torch.zeros(0, 2, 16, requires_grad=True)
@@ -292,7 +299,25 @@ def test_no_tokens():
     v = torch.zeros(0, 1, 16, requires_grad=True)
     idx = triton_gate(q, k, [0, 0], [0, 0], 8, 3, True)
     assert idx.shape == (0, 2, 1) and idx.dtype == torch.int32
-    out, lse = triton_attention_packed(q, k, v, [0, 0], [0, 0], 8, idx, True, 0.25)
+    out, lse = triton_attention_packed(q, k, v, [0, 0], [0, 0], 8, idx, True, 0.25, decomposition)
     assert out.shape == (0, 2, 16) and lse.shape == (0, 2)
     out.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_auto_decomposition_follows_the_work():
+    """Shared selections -> per-query-tile union; scattered selections -> per-block gather."""
+    from moba.triton_kernels.attention import _selection, choose_decomposition, sort_block_indices
+
+    from moba.triton_backend import _kernel_layout
+
+    s, bs, hq = 1024, 64, 2
+    lay = _kernel_layout([0, s], [0, s], bs, "cpu")
+    own = (torch.arange(s) // bs)[:, None].expand(s, hq)
+    none = torch.full_like(own, -1)
+    shared = torch.stack([own, torch.where(own > 0, 0, none)], -1)  # own block + block 0
+    past = (torch.rand(s, hq, generator=torch.Generator().manual_seed(0)) * own).long()
+    scattered = torch.stack([own, torch.where(own > 0, past, none)], -1)  # own + a random past block
+    for idx, expected in ((shared, "union"), (scattered, "gather")):
+        si = sort_block_indices(idx)
+        assert choose_decomposition(si, lay, _selection(si, lay, 1), 16) == expected

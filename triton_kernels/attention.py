@@ -1,27 +1,32 @@
 """MoBA attention kernels (forward, backward dq, backward dk/dv) and their launchers.
 
-Work decomposition (chosen deliberately):
+Work decomposition (chosen deliberately; two for the forward and dq, picked per call):
 
-* Forward and dq: one program per (query tile of ``BLOCK_M`` consecutive tokens of one
-  sequence, query head). The program walks the *union* of the key blocks selected by its
-  rows in ascending order with a k-way merge of the rows' (sorted) index lists: the next
-  block is the smallest current index over the rows; rows that chose it are "on", the
-  others are masked to -inf for that block. Every row sees its blocks in the same order and
-  one online softmax per row needs no partial outputs in global memory, no merge pass and no
-  atomics. The cost is wasted MMA work on rows that did not choose a block of the union;
-  neighbouring queries share their own block (always) and tend to pick the same past blocks
-  (the gate scores of neighbouring queries are correlated), so the union stays close to
-  ``top_k`` blocks in practice, and the merge costs O(|union|) per tile, independent of the
-  number of slots. The alternative (gather, per key block, the queries that chose it, as the
-  MoBA reference implementation does with flash-attn varlen) does no wasted MMA work but
-  writes ``top_k`` partial (out, lse) per query and needs a merge pass; we use that
-  decomposition only where it pays, in the dk/dv backward.
-* dk/dv: one program per (``BLOCK_N`` key tile of one key block, KV head). The launcher
-  builds, with a stable sort, the list of (query token, query head) rows that selected each
-  (block, KV head) (query heads of a GQA group land in the same list, so K/V are never
-  repeated); the program gathers those rows ``BLOCK_M`` at a time and accumulates dk, dv
-  in registers. Each key tile is owned by exactly one program, so there are no atomics and
-  the result is deterministic (same row order every run).
+* "union" (per query tile): one program per (tile of ``BLOCK_M`` consecutive queries of one
+  sequence, query head) walks the *union* of the key blocks its rows selected, in ascending
+  order, with a k-way merge of the rows' sorted index lists (the next block is the smallest
+  current index over the rows; rows that chose it are "on", the others are masked to -inf).
+  One online softmax per row: no partial results in global memory, no merge pass, no
+  atomics, O(|union|) merge steps per tile whatever the number of slots. Its cost is MMA
+  work on rows that did not choose a block of the union: cheap when neighbouring queries
+  pick the same blocks (they always share the own block), but on uncorrelated selections
+  (random inputs: 64 queries x 2 random picks) the union approaches every past block, i.e.
+  dense causal attention.
+* "gather" (per key block, as the MoBA reference implementation does with flash-attn
+  varlen): the launcher groups, with a stable sort, the (token, query head) rows that chose
+  each (key block, KV head) pair; one program per chunk of ``BLOCK_M`` of those rows
+  computes a partial softmax over that block only and writes a partial (out, lse) (forward)
+  or a partial dq (backward) per (row, slot); the launcher merges the ``n_slots`` partials of
+  every row in slot order (log-sum-exp weights / a sum): no wasted MMA rows, deterministic,
+  but ``n_slots`` float32 partial rows per query go through global memory.
+* ``choose_decomposition`` ("auto") counts the MMA rows each would compute (union blocks x
+  BLOCK_M vs. selecting rows rounded up to BLOCK_M per pair) and picks union unless it does
+  more than 1.5x the gather work (the margin pays for the merge traffic). Both paths are
+  exact; the choice only moves work.
+* dk/dv: always per key tile: one program per (``BLOCK_N`` key tile of one key block, KV
+  head) loops over the gathered rows that chose the block (query heads of a GQA group land in
+  the same list, so K/V are never repeated) and accumulates dk, dv in registers. Each key
+  tile has exactly one owner: no atomics, deterministic (stable row order).
 
 Masks: rows past the end of a sequence, keys past the end of a tail block, head-dim
 padding to the next power of two (``HEAD_DIM`` is the padded size, ``d_real`` the real
@@ -35,6 +40,8 @@ of their key sequence (``cu_q == cu_k`` for self-attention, fewer queries for de
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -61,6 +68,9 @@ DQ_CONFIGS = {
     128: (64, 64, 8, 2),
     256: (64, 32, 8, 1),
 }
+# The gather kernels (forward, dq) use the union kernels' tables.
+FWD_GATHER_CONFIGS = FWD_CONFIGS
+DQ_GATHER_CONFIGS = DQ_CONFIGS
 DKDV_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
@@ -301,6 +311,129 @@ def _bwd_dkdv_kernel(
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
+@triton.jit
+def _fwd_gather_kernel(
+    Q, K, V, PART_O, PART_LSE,
+    ROWS, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    scale, n_heads_q, n_heads_kv, causal, d_real,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per chunk of BLOCK_M rows (token, query head) that selected one
+    # (key block, KV head) pair: a partial softmax over that block only, written to
+    # PART_O / PART_LSE at the rows' positions in ROWS (merged by the launcher).
+    pid = tl.program_id(0).to(tl.int64)
+    pair = tl.load(CHUNK_PAIR + pid).to(tl.int64)
+    r0 = tl.load(CHUNK_START + pid).to(tl.int64)
+    r_end = tl.load(ROW_PTR + pair + 1).to(tl.int64)
+    block = pair // n_heads_kv
+    kv_head = pair % n_heads_kv
+    block_start = tl.load(BLOCK_START + block).to(tl.int64)
+    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
+
+    offs_r = r0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) positions in ROWS
+    r_ok = offs_r < r_end  # (BLOCK_M,)
+    row = tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,) token * Hq + head
+    tok = row // n_heads_q  # (BLOCK_M,)
+    head = row % n_heads_q  # (BLOCK_M,)
+    q_tok = tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,)
+    offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
+    d_ok = offs_d < d_real  # (HEAD_DIM,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    row_mask = r_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
+    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+
+    # Causal: keys after the chunk's last query are masked for every row.
+    q_tok_last = tl.max(tl.where(r_ok, q_tok, -1), 0)  # scalar
+    n_end = tl.where(causal != 0, tl.minimum(block_len, q_tok_last - block_start + 1), block_len)
+    qk_scale = scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (BLOCK_M,)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # (BLOCK_M,)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # (BLOCK_M, HEAD_DIM)
+    for n0 in range(0, n_end, BLOCK_N):
+        k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
+        k_tok = block_start + n0 + offs_n  # (BLOCK_N,) global key token
+        kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
+        k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+        valid = r_ok[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
+        valid = valid & ((k_tok[None, :] <= q_tok[:, None]) | (causal == 0))
+        s = tl.where(valid, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (BLOCK_M,)
+        alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
+        p = tl.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, HEAD_DIM)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # (BLOCK_M,)
+    tl.store(PART_O + offs_r[:, None] * d_real + offs_d[None, :], acc / l_safe[:, None], mask=row_mask)
+    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # (BLOCK_M,)
+    tl.store(PART_LSE + offs_r, lse, mask=r_ok)
+
+
+@triton.jit
+def _bwd_dq_gather_kernel(
+    Q, K, V, DO, LSE, DELTA, PART_DQ,
+    ROWS, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    scale, n_heads_q, n_heads_kv, causal, d_real,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Same chunks as _fwd_gather_kernel; writes the rows' dq contribution of this block to
+    # PART_DQ at their positions in ROWS (summed per row by the launcher, deterministically).
+    pid = tl.program_id(0).to(tl.int64)
+    pair = tl.load(CHUNK_PAIR + pid).to(tl.int64)
+    r0 = tl.load(CHUNK_START + pid).to(tl.int64)
+    r_end = tl.load(ROW_PTR + pair + 1).to(tl.int64)
+    block = pair // n_heads_kv
+    kv_head = pair % n_heads_kv
+    block_start = tl.load(BLOCK_START + block).to(tl.int64)
+    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
+
+    offs_r = r0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    r_ok = offs_r < r_end  # (BLOCK_M,)
+    row = tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,)
+    tok = row // n_heads_q  # (BLOCK_M,)
+    head = row % n_heads_q  # (BLOCK_M,)
+    q_tok = tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,)
+    offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
+    d_ok = offs_d < d_real  # (HEAD_DIM,)
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    row_mask = r_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
+    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+    do = tl.load(DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
+                 mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+    lse2 = tl.load(LSE + row, mask=r_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
+    delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
+
+    q_tok_last = tl.max(tl.where(r_ok, q_tok, -1), 0)  # scalar
+    n_end = tl.where(causal != 0, tl.minimum(block_len, q_tok_last - block_start + 1), block_len)
+    qk_scale = scale * 1.4426950408889634
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # (BLOCK_M, HEAD_DIM)
+    for n0 in range(0, n_end, BLOCK_N):
+        k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
+        k_tok = block_start + n0 + offs_n  # (BLOCK_N,)
+        kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
+        k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
+        valid = r_ok[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
+        valid = valid & ((k_tok[None, :] <= q_tok[:, None]) | (causal == 0))
+        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
+        ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
+        dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_M, HEAD_DIM)
+    tl.store(PART_DQ + offs_r[:, None] * d_real + offs_d[None, :], dq * scale, mask=row_mask)
+
+
 # ----------------------------------------------------------------------------------------------
 # Launchers
 
@@ -335,22 +468,113 @@ def _check_inputs(q, k, v):
         raise ValueError("tensors too large for int32 row indices")
 
 
+class KernelLayout(NamedTuple):
+    """What the launchers need of ``moba._layout.BlockLayout``, on q's device."""
+
+    cu_q: list[int]  # host list (N + 1,)
+    cu_q_t: torch.Tensor  # (N + 1,) int32
+    cu_k_t: torch.Tensor  # (N + 1,) int32
+    q_seq: torch.Tensor  # (Tq,) sequence of every query token
+    q_key_token: torch.Tensor  # (Tq,) global key-token index of every query's position
+    block_offset: torch.Tensor  # (N,) global id of every sequence's first block
+    block_start: torch.Tensor  # (G,) first key token of every block
+    block_len: torch.Tensor  # (G,) tokens of every block
+    block_size: int
+
+
+class _Selection(NamedTuple):
+    """The selection grouped by (global block, KV head) pair ("gather" view)."""
+
+    rows: torch.Tensor  # (nnz,) int32 row = token * Hq + head, grouped by pair, stable order
+    row_ptr: torch.Tensor  # (P + 1,) int32, P = G * Hkv
+    slot_pos: torch.Tensor  # (Tq * Hq, n_slots) int64 position in ``rows`` of every slot, -1 = padding
+
+
+def _selection(sorted_indices: torch.Tensor, lay: KernelLayout, n_heads_kv: int) -> _Selection:
+    tq, hq, n_slots = sorted_indices.shape
+    n_pairs = lay.block_start.numel() * n_heads_kv
+    flat = sorted_indices.reshape(-1)
+    valid = (flat != BIG_INDEX).nonzero().squeeze(1)  # positions (token * Hq + head) * n_slots + slot
+    row = valid // n_slots
+    token = row // hq
+    head = row % hq
+    block = lay.block_offset[lay.q_seq[token]] + flat[valid].long()
+    pair = block * n_heads_kv + head // (hq // n_heads_kv)
+    order = torch.argsort(pair, stable=True)
+    rows = row[order].to(torch.int32).contiguous()
+    counts = torch.bincount(pair, minlength=n_pairs)
+    row_ptr = torch.zeros(n_pairs + 1, dtype=torch.int32, device=flat.device)
+    row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    slot_pos = torch.full((flat.numel(),), -1, dtype=torch.int64, device=flat.device)
+    slot_pos[valid[order]] = torch.arange(valid.numel(), device=flat.device)
+    return _Selection(rows, row_ptr, slot_pos.view(tq * hq, n_slots))
+
+
+def selection_rows(sorted_indices: torch.Tensor, lay: KernelLayout, n_heads_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every (global block, KV head) pair, the rows ``token * Hq + head`` that selected it:
+    (rows int32 (nnz,), row_ptr int32 (G * Hkv + 1,)), ascending rows inside a pair."""
+    sel = _selection(sorted_indices, lay, n_heads_kv)
+    return sel.rows, sel.row_ptr
+
+
+def _chunks(sel: _Selection, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks of ``block_m`` rows of one pair: (chunk_pair, chunk_start) int32, start = position in rows."""
+    counts = (sel.row_ptr[1:] - sel.row_ptr[:-1]).long()
+    n_chunks = (counts + block_m - 1) // block_m
+    pair = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), n_chunks)
+    first = torch.cumsum(n_chunks, 0) - n_chunks
+    local = torch.arange(pair.numel(), device=counts.device) - first[pair]
+    start = sel.row_ptr[:-1].long()[pair] + local * block_m
+    return pair.to(torch.int32), start.to(torch.int32)
+
+
+def choose_decomposition(sorted_indices: torch.Tensor, lay: KernelLayout, sel: _Selection, head_dim: int) -> str:
+    """"union" or "gather" for the forward and dq, from the MMA rows each would compute.
+
+    union: every (query tile, head) computes BLOCK_M rows for every block of its union;
+    gather: every (block, KV head) pair computes its selecting rows, rounded up to BLOCK_M.
+    The gather path also writes and merges n_slots partial results per row, hence the
+    margin. (An untuned heuristic: no GPU measured it.)
+    """
+    tq, hq, n_slots = sorted_indices.shape
+    bm_union = FWD_CONFIGS[head_dim][0]
+    bm_gather = FWD_GATHER_CONFIGS[head_dim][0]
+    cu = lay.cu_q_t.long()
+    index_in_seq = torch.arange(tq, device=cu.device) - cu[lay.q_seq]
+    tiles_per_seq = (cu[1:] - cu[:-1] + bm_union - 1) // bm_union
+    tile = (torch.cumsum(tiles_per_seq, 0) - tiles_per_seq)[lay.q_seq] + index_in_seq // bm_union  # (Tq,)
+    n_blocks = max(1, lay.block_start.numel())
+    local = sorted_indices.long()  # (Tq, Hq, n_slots)
+    key = (tile[:, None, None] * hq + torch.arange(hq, device=cu.device)[None, :, None]) * (n_blocks + 1)
+    key = key + torch.where(local == BIG_INDEX, n_blocks, local)
+    union_blocks = torch.unique(key[local != BIG_INDEX]).numel()
+    counts = (sel.row_ptr[1:] - sel.row_ptr[:-1]).long()
+    gather_rows = int(((counts + bm_gather - 1) // bm_gather).sum()) * bm_gather
+    return "union" if union_blocks * bm_union <= 1.5 * gather_rows else "gather"
+
+
+def _resolve(decomposition: str, sorted_indices, lay, sel, head_dim) -> str:
+    if decomposition == "auto":
+        return choose_decomposition(sorted_indices, lay, sel, head_dim)
+    if decomposition not in ("union", "gather"):
+        raise ValueError(f"decomposition must be 'auto', 'union' or 'gather', got {decomposition!r}")
+    return decomposition
+
+
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     sorted_indices: torch.Tensor,
-    cu_q: list[int],
-    cu_k: list[int],
-    cu_q_t: torch.Tensor,
-    cu_k_t: torch.Tensor,
-    block_size: int,
+    lay: KernelLayout,
     causal: bool,
     scale: float,
+    decomposition: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MoBA forward. q (Tq, Hq, D), k/v (Tk, Hkv, D) with unit last stride; sorted_indices
-    (Tq, Hq, n_slots) int32 from ``sort_block_indices``; cu_q_t/cu_k_t the int32 tensors of
-    cu_q/cu_k on q's device. Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32."""
+    (Tq, Hq, n_slots) int32 from ``sort_block_indices``. ``decomposition``: "union" (per query
+    tile), "gather" (per key block, then a merge) or "auto" (``choose_decomposition``).
+    Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32."""
     _check_inputs(q, k, v)
     tq, hq, d = q.shape
     hkv = k.shape[1]
@@ -359,43 +583,49 @@ def attention_forward(
     if tq == 0:
         return out, lse
     head_dim = padded_head_dim(d)
-    block_m, block_n, warps, stages = FWD_CONFIGS[head_dim]
-    tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
-    _fwd_kernel[(tile_seq.numel() * hq,)](
-        q, k, v, out, lse, sorted_indices,
-        tile_seq, tile_start, cu_q_t, cu_k_t,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        scale, hq, hq // hkv, sorted_indices.shape[-1], block_size, int(causal), d,
-        BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages,
-    )
+    n_slots = sorted_indices.shape[-1]
+    sel = _selection(sorted_indices, lay, hkv) if decomposition != "union" else None
+    if _resolve(decomposition, sorted_indices, lay, sel, head_dim) == "union":
+        block_m, block_n, warps, stages = FWD_CONFIGS[head_dim]
+        tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device)
+        _fwd_kernel[(tile_seq.numel() * hq,)](
+            q, k, v, out, lse, sorted_indices,
+            tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            out.stride(0), out.stride(1),
+            scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages,
+        )
+        return out, lse
+
+    block_m, block_n, warps, stages = FWD_GATHER_CONFIGS[head_dim]
+    chunk_pair, chunk_start = _chunks(sel, block_m)
+    nnz = sel.rows.numel()
+    part_o = torch.empty((nnz, d), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((nnz,), dtype=torch.float32, device=q.device)
+    if chunk_pair.numel():
+        _fwd_gather_kernel[(chunk_pair.numel(),)](
+            q, k, v, part_o, part_lse,
+            sel.rows, chunk_pair, chunk_start, sel.row_ptr,
+            lay.block_start.to(torch.int32), lay.block_len.to(torch.int32), lay.q_key_token.to(torch.int32),
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            scale, hq, hkv, int(causal), d,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages,
+        )
+    # Merge the n_slots partial results of every row (log-sum-exp weights), deterministic.
+    present = sel.slot_pos >= 0  # (Tq * Hq, n_slots)
+    pos = sel.slot_pos.clamp(min=0)
+    slot_lse = torch.where(present, part_lse[pos], float("-inf"))  # (Tq * Hq, n_slots)
+    row_lse = torch.logsumexp(slot_lse, dim=-1)  # (Tq * Hq,)
+    weight = torch.exp(slot_lse - row_lse[:, None])  # (Tq * Hq, n_slots), 0 for padding
+    merged = torch.zeros((tq * hq, d), dtype=torch.float32, device=q.device)
+    for s in range(n_slots):
+        merged += weight[:, s, None] * part_o[pos[:, s]]
+    out.copy_(merged.view(tq, hq, d))
+    lse.copy_(row_lse.view(tq, hq))
     return out, lse
-
-
-def selection_rows(
-    sorted_indices: torch.Tensor, q_seq: torch.Tensor, block_offset: torch.Tensor, n_blocks: int, n_heads_kv: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inverse of the selection: for every (global block, KV head) pair, the rows
-    ``token * Hq + head`` that selected it.
-
-    Returns (rows int32 (nnz,), row_ptr int32 (n_blocks * Hkv + 1,)), rows grouped by pair
-    in ascending row order (stable sort: deterministic).
-    """
-    tq, hq, n_slots = sorted_indices.shape
-    flat = sorted_indices.reshape(-1)
-    valid = (flat != BIG_INDEX).nonzero().squeeze(1)  # positions (token * Hq + head) * n_slots + slot
-    row = valid // n_slots
-    token = row // hq
-    head = row % hq
-    block = block_offset[q_seq[token]] + flat[valid].long()
-    pair = block * n_heads_kv + head // (hq // n_heads_kv)
-    order = torch.argsort(pair, stable=True)
-    rows = row[order].to(torch.int32)
-    counts = torch.bincount(pair, minlength=n_blocks * n_heads_kv)
-    row_ptr = torch.zeros(n_blocks * n_heads_kv + 1, dtype=torch.int32, device=sorted_indices.device)
-    row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    return rows.contiguous(), row_ptr
 
 
 def attention_backward(
@@ -406,21 +636,13 @@ def attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     sorted_indices: torch.Tensor,
-    cu_q: list[int],
-    cu_q_t: torch.Tensor,
-    cu_k_t: torch.Tensor,
-    q_seq: torch.Tensor,
-    q_key_token: torch.Tensor,
-    block_offset: torch.Tensor,
-    block_start: torch.Tensor,
-    block_len: torch.Tensor,
-    block_size: int,
+    lay: KernelLayout,
     causal: bool,
     scale: float,
+    decomposition: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MoBA backward from the saved float32 lse. Layout tensors as in ``moba._layout.BlockLayout``
-    (q_seq, q_key_token (Tq,), block_offset (N,), block_start/block_len (G,)).
-    Returns dq, dk, dv in the dtypes of q, k, v."""
+    """MoBA backward from the saved float32 lse. Returns dq, dk, dv in the dtypes of q, k, v.
+    dq uses ``decomposition`` as the forward does; dk/dv always gather per key tile."""
     _check_inputs(q, k, v)
     dout = dout.contiguous()
     tq, hq, d = q.shape
@@ -428,36 +650,57 @@ def attention_backward(
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    if tq == 0:
-        return dq, dk.zero_(), dv.zero_()
+    n_blocks = lay.block_start.numel()
+    if tq == 0 or n_blocks == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim = padded_head_dim(d)
+    n_slots = sorted_indices.shape[-1]
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (Tq, Hq) rowsum(dO * O)
     lse = lse.contiguous()
+    sel = _selection(sorted_indices, lay, hkv)
+    block_start = lay.block_start.to(torch.int32)
+    block_len = lay.block_len.to(torch.int32)
+    q_key_token = lay.q_key_token.to(torch.int32)
 
-    block_m, block_n, warps, stages = DQ_CONFIGS[head_dim]
-    tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
-    _bwd_dq_kernel[(tile_seq.numel() * hq,)](
-        q, k, v, dout, lse, delta, dq, sorted_indices,
-        tile_seq, tile_start, cu_q_t, cu_k_t,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
-        scale, hq, hq // hkv, sorted_indices.shape[-1], block_size, int(causal), d,
-        BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages,
-    )
+    if _resolve(decomposition, sorted_indices, lay, sel, head_dim) == "union":
+        block_m, block_n, warps, stages = DQ_CONFIGS[head_dim]
+        tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device)
+        _bwd_dq_kernel[(tile_seq.numel() * hq,)](
+            q, k, v, dout, lse, delta, dq, sorted_indices,
+            tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+            scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages,
+        )
+    else:
+        block_m, block_n, warps, stages = DQ_GATHER_CONFIGS[head_dim]
+        chunk_pair, chunk_start = _chunks(sel, block_m)
+        part_dq = torch.empty((sel.rows.numel(), d), dtype=torch.float32, device=q.device)
+        if chunk_pair.numel():
+            _bwd_dq_gather_kernel[(chunk_pair.numel(),)](
+                q, k, v, dout, lse, delta, part_dq,
+                sel.rows, chunk_pair, chunk_start, sel.row_ptr, block_start, block_len, q_key_token,
+                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+                dout.stride(0), dout.stride(1),
+                scale, hq, hkv, int(causal), d,
+                HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+                num_warps=warps, num_stages=stages,
+            )
+        # Sum the per-slot contributions of every row in slot order: deterministic, no atomics.
+        present = sel.slot_pos >= 0
+        pos = sel.slot_pos.clamp(min=0)
+        total = torch.zeros((tq * hq, d), dtype=torch.float32, device=q.device)
+        for s in range(n_slots):
+            total += part_dq[pos[:, s]] * present[:, s, None]
+        dq.copy_(total.view(tq, hq, d))
 
-    n_blocks = block_start.numel()
-    # Keys outside every block do not exist (every key token is in exactly one block), but a
-    # zero-length key sequence contributes no block: keep dk/dv defined everywhere.
-    if n_blocks == 0:
-        return dq, dk.zero_(), dv.zero_()
-    rows, row_ptr = selection_rows(sorted_indices, q_seq, block_offset, n_blocks, hkv)
     block_m, block_n, warps, stages = DKDV_CONFIGS[head_dim]
-    q_key_token = q_key_token.to(torch.int32)
-    n_key_tiles = triton.cdiv(block_size, block_n)
+    n_key_tiles = triton.cdiv(lay.block_size, block_n)
     _bwd_dkdv_kernel[(n_key_tiles * n_blocks * hkv,)](
         q, k, v, dout, lse, delta, dk, dv,
-        rows, row_ptr, block_start.to(torch.int32), block_len.to(torch.int32), q_key_token,
+        sel.rows, sel.row_ptr, block_start, block_len, q_key_token,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         scale, hq, hkv, n_key_tiles, int(causal), d,
@@ -505,9 +748,25 @@ def kernel_configs(dtype: str):
         types += ["fp32", "i32", "i32", "i32", "i32", "i32"]
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"dkdv_d{head_dim}", _bwd_dkdv_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+    common = ["ROWS", "CHUNK_PAIR", "CHUNK_START", "ROW_PTR", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
+    for head_dim, (bm, bn, warps, stages) in FWD_GATHER_CONFIGS.items():
+        names = ["Q", "K", "V", "PART_O", "PART_LSE"] + common
+        names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"]
+        names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
+        types = [ptr, ptr, ptr, "*fp32", "*fp32"] + ["*i32"] * 7 + ["i64"] * 6 + ["fp32"] + ["i32"] * 4
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
+        yield f"fwd_gather_d{head_dim}", _fwd_gather_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+    for head_dim, (bm, bn, warps, stages) in DQ_GATHER_CONFIGS.items():
+        names = ["Q", "K", "V", "DO", "LSE", "DELTA", "PART_DQ"] + common
+        names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh"]
+        names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", "*fp32"] + ["*i32"] * 7 + ["i64"] * 8 + ["fp32"] + ["i32"] * 4
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
+        yield f"dq_gather_d{head_dim}", _bwd_dq_gather_kernel, dict(zip(names, types, strict=True)), const, warps, stages
 
 
 __all__ = [
-    "BIG_INDEX", "DKDV_CONFIGS", "DQ_CONFIGS", "FWD_CONFIGS", "attention_backward", "attention_forward",
-    "kernel_configs", "padded_head_dim", "query_tiles", "selection_rows", "sort_block_indices",
+    "BIG_INDEX", "DKDV_CONFIGS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS", "FWD_GATHER_CONFIGS",
+    "KernelLayout", "attention_backward", "attention_forward", "choose_decomposition", "kernel_configs",
+    "padded_head_dim", "query_tiles", "selection_rows", "sort_block_indices",
 ]
