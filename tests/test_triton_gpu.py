@@ -62,9 +62,10 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cu,hq,hkv,d,block_size,top_k,causal", CASES)
-def test_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype):
+def test_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype, decomposition):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.reference import reference_attention_packed
@@ -78,13 +79,15 @@ def test_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype):
     ref = lambda a, b, c: reference_attention_packed(a, b, c, layout, idx, causal, scale)  # noqa: E731
     truth = _run(ref, q, k, v, dout, torch.float64)
     low = _run(ref, q, k, v, dout, dtype)
-    got = _run(lambda a, b, c: triton_attention_packed(a, b, c, cu, cu, block_size, idx, causal, scale)[0], q, k, v, dout, dtype)
+    attn = lambda a, b, c: triton_attention_packed(a, b, c, cu, cu, block_size, idx, causal, scale, decomposition)[0]  # noqa: E731
+    got = _run(attn, q, k, v, dout, dtype)
     _assert_rule(got, low, truth, _FLOOR[dtype])
 
 
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seqlen", [16384, 65536])
-def test_long_sequence(seqlen, dtype):
+def test_long_sequence(seqlen, dtype, decomposition):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.torch_impl import sparse_attention_packed
@@ -99,7 +102,8 @@ def test_long_sequence(seqlen, dtype):
     ref = lambda a, b, c: sparse_attention_packed(a, b, c, layout, idx, True, scale)[0]  # noqa: E731
     truth = _run(ref, q, k, v, dout, torch.float32)
     low = _run(ref, q, k, v, dout, dtype)
-    got = _run(lambda a, b, c: triton_attention_packed(a, b, c, cu, cu, block_size, idx, True, scale)[0], q, k, v, dout, dtype)
+    attn = lambda a, b, c: triton_attention_packed(a, b, c, cu, cu, block_size, idx, True, scale, decomposition)[0]  # noqa: E731
+    got = _run(attn, q, k, v, dout, dtype)
     _assert_rule(got, low, truth, _LONG_FLOOR[dtype])
 
 
@@ -122,7 +126,8 @@ def test_gate_matches_torch_gate(seqlen, block_size, top_k, causal, dtype):
     assert differing_rows <= 1e-3, differing_rows
 
 
-def test_backward_is_deterministic():
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_backward_is_deterministic(decomposition):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.triton_backend import triton_attention_packed
@@ -131,8 +136,9 @@ def test_backward_is_deterministic():
     q, k, v = _make(cu, cu, 8, 2, 64, torch.bfloat16)
     idx = select_packed(q, k, build_layout(cu, cu, 256, "cuda"), 3, True)
     dout = torch.randn_like(q)
-    first = _run(lambda a, b, c: triton_attention_packed(a, b, c, cu, cu, 256, idx, True, 0.125)[0], q, k, v, dout, torch.bfloat16)
-    second = _run(lambda a, b, c: triton_attention_packed(a, b, c, cu, cu, 256, idx, True, 0.125)[0], q, k, v, dout, torch.bfloat16)
+    attn = lambda a, b, c: triton_attention_packed(a, b, c, cu, cu, 256, idx, True, 0.125, decomposition)[0]  # noqa: E731
+    first = _run(attn, q, k, v, dout, torch.bfloat16)
+    second = _run(attn, q, k, v, dout, torch.bfloat16)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
