@@ -49,7 +49,6 @@ import triton.language as tl
 
 #: Value that replaces a padding slot in the sorted block-index tensor the kernels read.
 BIG_INDEX = 1 << 30
-_LOG2E = 1.4426950408889634
 
 # Tile configurations, keyed by the padded head dim. The launchers and the ahead-of-time
 # compile tests both read these tables (tests enumerate ``kernel_configs()``).
