@@ -618,7 +618,7 @@ def attention_forward(
     pos = sel.slot_pos.clamp(min=0)
     slot_lse = torch.where(present, part_lse[pos], float("-inf"))  # (Tq * Hq, n_slots)
     row_lse = torch.logsumexp(slot_lse, dim=-1)  # (Tq * Hq,)
-    weight = torch.exp(slot_lse - row_lse[:, None])  # (Tq * Hq, n_slots), 0 for padding
+    weight = torch.where(present, torch.exp(slot_lse - row_lse[:, None]), 0.0)  # (Tq * Hq, n_slots)
     merged = torch.zeros((tq * hq, d), dtype=torch.float32, device=q.device)
     for s in range(n_slots):
         merged += weight[:, s, None] * part_o[pos[:, s]]
