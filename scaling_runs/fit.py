@@ -115,7 +115,7 @@ def fit_runs(runs: list[dict], x: str = "pflops_days", skip_frac: float = 0.3) -
             if fx.size < 2:
                 continue
             out[metric][kind] = fit_power_law(fx, fy)
-            frontier[metric][kind] = [[float(a), float(b)] for a, b in zip(fx, fy)]
+            frontier[metric][kind] = [[float(a), float(b)] for a, b in zip(fx, fy, strict=True)]
     out["frontier"] = frontier
     return out
 
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     sweep_dir = Path(argv[0])
-    opts = dict(zip(argv[1::2], argv[2::2]))
+    opts = dict(zip(argv[1::2], argv[2::2], strict=False))
     x = {"attn_aware": "attn_aware_pflops_days"}.get(opts.get("--x", ""), "pflops_days")
     fits = fit_sweep(sweep_dir, x, float(opts.get("--skip_frac", 0.3)))
     print_fits(fits)

@@ -86,21 +86,22 @@ class SweepPreset:
 def _cpu_tiny() -> SweepPreset:
     # Context 256, block 32, top-3: a query at the end reads 3 x 32 = 96 of 256 keys.
     # Time on 2 CPU cores is dominated by the MoBA PyTorch path, whose cost grows with
-    # tokens x layers x heads. One torch thread:
-    # the MoBA path runs many small ops, and on 2 shared cores 2 threads were 3-10x slower.
+    # tokens x layers x KV heads, hence head_dim 32 with one KV head (MQA) and one torch
+    # thread (the MoBA path runs many small ops; on 2 shared cores 2 threads were 3-10x
+    # slower). Sizes are small for their budgets (5-50 tokens per parameter; bigger models
+    # would be undertrained and the frontier would bend up); budgets grow more slowly than
+    # the sizes, so the runs' compute ranges overlap. About 5 min on 2 idle cores.
     base = RunConfig(
-        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, context=256, block_size=32, top_k=3),
+        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=64, context=256, block_size=32, top_k=3),
         data=DataConfig(data="stdlib"),
-        train=TrainConfig(batch_size=16, lr=3e-3, warmup_steps=10, eval_every=8, eval_seqs=32,
+        train=TrainConfig(batch_size=16, lr=3e-3, warmup_steps=10, eval_every=12, eval_seqs=32,
                           trailing_frac=0.25, n_buckets=4, threads=1),
     )
-    # Token budgets grow more slowly than the sizes (0.8M x 49K, 0.6M x 222K, 0.5M x 591K
-    # non-embedding parameters), so the runs' compute ranges overlap and the frontier is
-    # made of several runs. About 5 min of CPU time for the six runs on an idle core.
-    sizes = [Size("s1", 1, 64, tokens=800_000), Size("s2", 2, 96, tokens=600_000),
-             Size("s3", 3, 128, tokens=500_000)]
+    sizes = [Size("s1", 1, 32, tokens=600_000), Size("s2", 2, 64, tokens=1_200_000),
+             Size("s3", 3, 96, tokens=1_600_000)]
     return SweepPreset("cpu-tiny", base, sizes, ["moba", "full"], ["size"],
-                       note="3 sizes x {moba, full}, 0.8M / 0.6M / 0.5M tokens, byte-level stdlib corpus")
+                       note="3 sizes (12K, 90K, 296K non-embedding params) x {moba, full}, "
+                            "0.6M / 1.2M / 1.6M tokens, byte-level stdlib corpus")
 
 
 def _gpu_small() -> SweepPreset:

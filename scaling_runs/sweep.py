@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RunConfig, apply_overrides, parse_overrides
+from .config import apply_overrides, parse_overrides
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import analytic_param_counts
 from .presets import SweepPreset, get_preset

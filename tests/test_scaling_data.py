@@ -119,3 +119,21 @@ def test_embedded_corpus_builder_on_a_subset(tmp_path):
     assert c.data_hash == a.data_hash
     with pytest.raises(ValueError, match="tokens"):
         build_stdlib_corpus(cache_dir=tmp_path, max_files=3, min_tokens=10**9)
+
+
+def test_optional_local_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    root = make_text_corpus(tmp_path / "txt")
+    words = sorted({w for p in root.iterdir() for w in p.read_text().split()})
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{w: i + 2 for i, w in enumerate(words)}}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(
+        tmp_path / "tok")
+    data = load_data(DataConfig(data=str(root), tokenizer=str(tmp_path / "tok"), val_fraction=0.25))
+    assert data.vocab_size == len(vocab) and data.train.dtype == np.uint16
+    assert data.train.max() < len(vocab) and (data.train == 1).sum() >= 1  # EOS after every file
+    assert data.describe()["tokenizer"] == str(tmp_path / "tok")

@@ -35,8 +35,8 @@ def test_lower_envelope_is_below_every_curve_and_touches_one():
         at = np.searchsorted(gx, x)
         assert np.all(gy[at] <= y + 1e-12)
     # every envelope value at a curve's own point equals some curve's value there or below it
-    points = {(float(a), float(b)) for x, y in curves for a, b in zip(x, y)}
-    for a, b in zip(gx, gy):
+    points = {(float(a), float(b)) for x, y in curves for a, b in zip(x, y, strict=True)}
+    for a, b in zip(gx, gy, strict=True):
         own = [pb for pa, pb in points if pa == a]
         assert b <= min(own) + 1e-12
 
@@ -56,7 +56,7 @@ def _write_run(root, name, kind, cs, losses, trailing):
         "attention_kind": kind, "params": {"non_embedding": 1000},
         "model": {"attention": kind, "context": 256}, "train": {"trailing_frac": 0.25}}))
     rows = [{"step": i + 1, "tokens": 1000 * (i + 1), "pflops_days": float(c), "attn_aware_pflops_days": float(c),
-             "val_loss": float(l), "trailing_loss": float(t)} for i, (c, l, t) in enumerate(zip(cs, losses, trailing))]
+             "val_loss": float(l), "trailing_loss": float(t)} for i, (c, l, t) in enumerate(zip(cs, losses, trailing, strict=True))]
     (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (d / "DONE").write_text("{}")
 

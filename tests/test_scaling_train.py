@@ -84,7 +84,7 @@ def test_grad_accum_gives_the_same_losses(tmp_path):
     b = tiny_config(tmp_path, "acc2", max_steps=4, eval_every=2, grad_accum=2)
     train(a)
     train(b)
-    for ra, rb in zip(metrics(a), metrics(b)):
+    for ra, rb in zip(metrics(a), metrics(b), strict=True):
         for key in ("train_loss", "val_loss", "trailing_loss"):
             assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6)
 
