@@ -127,7 +127,7 @@ def _paper() -> SweepPreset:
                           top_k=3, vocab_size=50304),
         data=DataConfig(data="data/train_*.bin"),
         train=TrainConfig(batch_size=256, lr=3e-4, warmup_steps=500, eval_every=250, eval_seqs=512,
-                          trailing_frac=0.25, n_buckets=16, grad_accum=4, compile=True),
+                          trailing_frac=0.25, n_buckets=16, grad_accum=4),  # --compile true to try torch.compile
     )
     B = 1_000_000_000
     sizes = [
