@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
 
-.PHONY: test demo bench speed roofline lint clean
+.PHONY: test demo operator-demo bench speed roofline lint clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --timeout=900
 
 demo: $(STAMP)
+	$(PY) -m scaling_runs.demo
+
+operator-demo: $(STAMP)
 	$(PY) -m moba.demo
 
 bench: $(STAMP)
