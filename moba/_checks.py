@@ -95,7 +95,7 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int, name: str = "cu_
     bounds = cu_seqlens.tolist()
     if bounds[0] != 0:
         raise ValueError(f"{name}[0] must be 0, got {bounds[0]}")
-    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     if min(lengths) < 0:
         raise ValueError(f"{name} must be non-decreasing, got {bounds}")
     if bounds[-1] != total_tokens:

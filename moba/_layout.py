@@ -52,9 +52,9 @@ class BlockLayout:
 
 def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> BlockLayout:
     """Build the block layout from host lists of sequence boundaries."""
-    lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
-    lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
-    for n, (a, b) in enumerate(zip(lq, lk)):
+    lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True)]
+    lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    for n, (a, b) in enumerate(zip(lq, lk, strict=True)):
         if a > b:
             raise ValueError(f"sequence {n} has more queries ({a}) than keys ({b})")
     n_blocks = [(length + block_size - 1) // block_size for length in lk]

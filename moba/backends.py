@@ -42,7 +42,7 @@ def _always(_device) -> None:
 
 
 def _reference_attention(q, k, v, layout: BlockLayout, block_indices, causal, scale):
-    longest = max((b - a for a, b in zip(layout.cu_k[:-1], layout.cu_k[1:])), default=0)
+    longest = max((b - a for a, b in zip(layout.cu_k[:-1], layout.cu_k[1:], strict=True)), default=0)
     if longest > REFERENCE_MAX_SEQLEN:
         raise ValueError(
             f'backend="reference" builds an S x S mask and is limited to sequences of '
