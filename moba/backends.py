@@ -35,6 +35,8 @@ class Backend:
     select: Callable[..., torch.Tensor]
     #: device -> None when usable there, else the reason it is not
     unavailable_reason: Callable[[torch.device], str | None]
+    #: q -> None when the backend handles this dtype / head dim, else why not ("auto" skips it)
+    unsupported_input: Callable[[torch.Tensor], str | None] = lambda q: None
 
 
 def _always(_device) -> None:
@@ -87,14 +89,23 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(name, device: torch.device) -> Backend:
-    """The backend that ``backend=name`` means for tensors on ``device``; clear error otherwise."""
+def resolve_backend(name, device: torch.device, q: torch.Tensor | None = None) -> Backend:
+    """The backend that ``backend=name`` means for tensors on ``device``; clear error otherwise.
+
+    With ``q`` given, ``"auto"`` also skips Triton for inputs it does not handle (float64,
+    head dims above 256) and uses the PyTorch path for them.
+    """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     _load_optional_backends()
     if name == "auto":
         triton = _BACKENDS.get("triton")
-        if device.type == "cuda" and triton is not None and triton.unavailable_reason(device) is None:
+        if (
+            device.type == "cuda"
+            and triton is not None
+            and triton.unavailable_reason(device) is None
+            and (q is None or triton.unsupported_input(q) is None)
+        ):
             return triton
         return _BACKENDS["torch"]
     if name not in _BACKENDS and name != "triton":

@@ -22,7 +22,7 @@ def _moba_packed(q, k, v, cu, block_size, top_k, causal, softmax_scale, backend,
     top_k = check_positive_int("top_k", top_k)
     check_bool("causal", causal)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
-    impl = resolve_backend(backend, q.device)
+    impl = resolve_backend(backend, q.device, q)
     layout = build_layout(cu, cu, block_size, q.device)
     if block_indices is None:
         with torch.no_grad():

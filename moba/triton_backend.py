@@ -68,6 +68,15 @@ def _int32(values: list[int], device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int32, device=device)
 
 
+def unsupported_input(q: torch.Tensor) -> str | None:
+    """None when the kernels handle q's dtype and head dim, else why not."""
+    if q.dtype not in _SUPPORTED_DTYPES:
+        return f"float16, bfloat16 and float32 only, got {q.dtype}"
+    if q.shape[-1] > 256:
+        return f"head dims up to 256 only, got {q.shape[-1]}"
+    return None
+
+
 def _check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.dtype not in _SUPPORTED_DTYPES:
         raise NotImplementedError(f'backend="triton" supports float16, bfloat16 and float32, got {q.dtype}; use backend="torch"')
@@ -232,6 +241,14 @@ def _select(q, k, layout: BlockLayout, top_k, causal):
     return triton_gate(q, k, list(layout.cu_q), list(layout.cu_k), layout.block_size, int(top_k), bool(causal))
 
 
-register_backend(Backend(name="triton", attention=_attention, select=_select, unavailable_reason=unavailable_reason))
+register_backend(
+    Backend(
+        name="triton",
+        attention=_attention,
+        select=_select,
+        unavailable_reason=unavailable_reason,
+        unsupported_input=unsupported_input,
+    )
+)
 
 __all__ = ["triton_attention_bwd", "triton_attention_fwd", "triton_attention_packed", "triton_gate", "unavailable_reason"]

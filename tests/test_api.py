@@ -223,3 +223,27 @@ def test_gpu_marker_is_skipped_without_cuda():
     torch.testing.assert_close(
         out.cpu(), moba.moba_attn_func(q, k, v, 4, 2, backend="torch"), rtol=1e-5, atol=1e-5
     )
+
+
+def test_auto_skips_triton_for_inputs_it_does_not_handle():
+    """"auto" must never pick a backend that would reject the input (float64, head dim > 256)."""
+    from moba.backends import Backend, _BACKENDS, resolve_backend
+
+    fake = Backend(
+        name="triton",
+        attention=None,
+        select=None,
+        unavailable_reason=lambda device: None,  # pretend it runs on this device
+        unsupported_input=lambda q: None if q.dtype == torch.float32 else "float32 only",
+    )
+    saved = _BACKENDS.get("triton")
+    _BACKENDS["triton"] = fake
+    try:
+        cuda = torch.device("cuda")
+        assert resolve_backend("auto", cuda, torch.empty(1, 1, 8, dtype=torch.float32)).name == "triton"
+        assert resolve_backend("auto", cuda, torch.empty(1, 1, 8, dtype=torch.float64)).name == "torch"
+    finally:
+        if saved is None:
+            _BACKENDS.pop("triton")
+        else:
+            _BACKENDS["triton"] = saved

@@ -258,7 +258,7 @@ def _decode_from_scratch(q, k, v, valid, scale, settings: MoBASettings):
     layout = build_layout(cu_q, cu_k, settings.block_size, q.device)
     qp, kp, vp = q[q_valid], k[valid], v[valid]
     backend = "reference" if settings.backend == "reference" else "torch"  # cu_q != cu_k paths
-    impl = resolve_backend(backend, q.device)
+    impl = resolve_backend(backend, q.device, q)
     with torch.no_grad():
         idx = select_packed(qp, kp, layout, settings.top_k, True)
     out = q.new_zeros(b, lq, hq, d)
