@@ -1,0 +1,344 @@
+"""Synthetic long-context tasks for byte-level models (issue 7): generated offline, by seed.
+
+Three tasks, each a prompt whose greedy continuation should be a short answer:
+
+* ``passkey``: "The pass key is 48213. Remember it." hidden in filler text at a relative
+  depth, the prompt ends with "What is the pass key? The pass key is" (answer "48213");
+* ``multikey``: several "The code for <word> is <4 digits>." needles at different depths (the
+  queried one at the requested depth), the prompt asks for one of them;
+* ``mqar``: multi-query associative recall: ``key:value`` pairs (3 letters : 3 digits) fill
+  the context, then several lookups ``key:value`` (all answered but the last, which shows
+  the format); the last lookup's pair sits at the requested depth.
+
+Lengths are in tokens = bytes (the models are byte-level, vocab 256): every prompt is ASCII
+and exactly ``context_length`` bytes long. ``depth`` in [0, 1] is the position of the queried
+needle / pair inside the haystack (0 = start, 1 = right before the question).
+
+Filler (passkey, multikey) comes from a ``Filler``: by default the held-out split of the
+scaling runs' embedded corpus (``scaling_runs.data.build_stdlib_corpus``, bytes outside
+printable ASCII replaced by spaces), else a deterministic pseudo-English fallback text. Pass
+``filler="any text"`` (or a ``Filler``) to use your own (tests use a tiny text).
+
+Determinism: every example is a pure function of (seed, task, context_length, depth, index,
+filler text): its RNG is ``random.Random("seed|task|length|depth|index")``.
+
+Scoring (``score``): exact match of the first whitespace-separated word of the prediction,
+trailing ``.,;`` removed, against the answer; overall, per task and per (length, depth).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import re
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+TASKS = ("passkey", "multikey", "mqar")
+
+PASSKEY_NEEDLE = "\nThe pass key is {value}. Remember it.\n"
+PASSKEY_QUESTION = "\nWhat is the pass key? The pass key is"
+MULTIKEY_NEEDLE = "\nThe code for {key} is {value}.\n"
+MULTIKEY_QUESTION = "\nWhat is the code for {key}? The code for {key} is"
+MULTIKEY_WORDS = (
+    "apple", "river", "tiger", "cloud", "stone", "maple", "eagle", "piano", "lemon", "ocean",
+    "delta", "amber", "falcon", "cedar", "comet", "violet", "harbor", "willow", "copper", "canyon",
+    "otter", "quartz", "saffron", "tundra", "walnut", "zephyr", "bison", "coral", "ember", "fjord",
+)
+MQAR_HEADER = "key:value pairs:\n"
+MQAR_LOOKUP = "\nlookups:"
+MIN_FILLER = 16  # bytes of filler a passkey / multikey prompt must keep at least
+
+
+# ---------------------------------------------------------------------------------------
+# examples
+
+
+@dataclass
+class Example:
+    task: str
+    prompt: str  # ASCII; len(prompt) == context_length bytes
+    answer: str  # what the model must produce (after a leading space), e.g. "48213"
+    context_length: int
+    depth: float
+    seed: int = 0
+    index: int = 0
+    meta: dict = field(default_factory=dict)  # needle offsets, keys, ...
+
+    @property
+    def prompt_bytes(self) -> bytes:
+        return self.prompt.encode("ascii")
+
+    @property
+    def target(self) -> str:
+        """The ideal greedy continuation: a space then the answer."""
+        return " " + self.answer
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "answer": self.answer, "context_length": self.context_length,
+                "depth": self.depth, "seed": self.seed, "index": self.index, "meta": self.meta}
+
+
+# ---------------------------------------------------------------------------------------
+# filler
+
+
+def _printable_ascii(data: bytes) -> str:
+    """Bytes outside printable ASCII (plus tab / newline) become spaces."""
+    table = bytes(b if (32 <= b < 127 or b in (9, 10)) else 32 for b in range(256))
+    return data.translate(table).decode("ascii")
+
+
+def fallback_text(n_chars: int = 200_000, seed: int = 0) -> str:
+    """Deterministic pseudo-English filler (no digits), about ``n_chars`` characters."""
+    words = ("the", "a", "grass", "sky", "is", "green", "blue", "and", "here", "we", "go", "there",
+             "back", "again", "of", "to", "sun", "warm", "hills", "walk", "long", "day", "rain", "wind",
+             "quiet", "town", "road", "river", "light", "old", "new", "under", "over", "near", "far")
+    rnd = random.Random(seed)
+    parts, n = [], 0
+    while n < n_chars:
+        sentence = " ".join(rnd.choice(words) for _ in range(rnd.randint(6, 14)))
+        sentence = sentence[0].upper() + sentence[1:] + (".\n" if rnd.random() < 0.2 else ". ")
+        parts.append(sentence)
+        n += len(sentence)
+    return "".join(parts)
+
+
+class Filler:
+    """A source of filler text: windows of ``text`` at random offsets (wrapping around)."""
+
+    def __init__(self, text: str, name: str = "custom"):
+        text = _printable_ascii(text.encode("utf-8", errors="replace")) if not text.isascii() else text
+        if not text:
+            raise ValueError("filler text is empty")
+        self.text = text
+        self.name = name
+
+    def sample(self, rng: random.Random, n: int) -> str:
+        if n <= 0:
+            return ""
+        start = rng.randrange(len(self.text))
+        reps = (start + n) // len(self.text) + 1
+        return (self.text * reps)[start : start + n]
+
+    def __repr__(self) -> str:
+        return f"Filler({self.name!r}, {len(self.text)} chars)"
+
+
+@functools.lru_cache(maxsize=1)
+def default_filler(max_chars: int = 2_000_000) -> Filler:
+    """Held-out split of the embedded corpus (cached), else the deterministic fallback text."""
+    try:
+        from .data import build_stdlib_corpus
+
+        data = build_stdlib_corpus(min_tokens=0)
+        raw = bytes(data.val[:max_chars])
+        return Filler(_printable_ascii(raw), name=f"stdlib-val:{data.data_hash[:12]}")
+    except Exception:  # noqa: BLE001 - no corpus here: the fallback keeps everything offline
+        return Filler(fallback_text(), name="fallback")
+
+
+def as_filler(filler: Filler | str | None) -> Filler:
+    if filler is None:
+        return default_filler()
+    if isinstance(filler, Filler):
+        return filler
+    return Filler(filler)
+
+
+def _rng(seed: int, task: str, length: int, depth: float, index: int) -> random.Random:
+    return random.Random(f"{seed}|{task}|{length}|{depth!r}|{index}")
+
+
+def _check(length: int, depth: float) -> None:
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    if length <= 0:
+        raise ValueError(f"context_length must be positive, got {length}")
+
+
+def _insert(filler: str, items: list[tuple[int, str]]) -> tuple[str, list[int]]:
+    """Insert needle strings at filler offsets; returns the text and each needle's start offset."""
+    order = sorted(range(len(items)), key=lambda i: items[i][0])
+    out, starts, prev, shift = [], [0] * len(items), 0, 0
+    for i in order:
+        pos, s = items[i]
+        out.append(filler[prev:pos])
+        starts[i] = pos + shift
+        out.append(s)
+        shift += len(s)
+        prev = pos
+    out.append(filler[prev:])
+    return "".join(out), starts
+
+
+# ---------------------------------------------------------------------------------------
+# generators
+
+
+def passkey(context_length: int, depth: float, seed: int = 0, index: int = 0,
+            filler: Filler | str | None = None, digits: int = 5) -> Example:
+    """A pass key hidden at ``depth`` of ``context_length`` bytes of filler."""
+    _check(context_length, depth)
+    fill = as_filler(filler)
+    rng = _rng(seed, "passkey", context_length, depth, index)
+    value = str(rng.randrange(10 ** (digits - 1), 10**digits))
+    needle = PASSKEY_NEEDLE.format(value=value)
+    n_fill = context_length - len(needle) - len(PASSKEY_QUESTION)
+    if n_fill < MIN_FILLER:
+        raise ValueError(f"context_length {context_length} is too short for a passkey prompt")
+    pattern = re.compile(r"pass key is (\d+)")
+    for _ in range(20):  # resample filler that happens to contain the needle's pattern
+        text = fill.sample(rng, n_fill)
+        pos = round(depth * n_fill)
+        hay, (start,) = _insert(text, [(pos, needle)])
+        if pattern.findall(hay) == [value]:
+            break
+    else:  # pragma: no cover - a filler full of pass keys
+        raise ValueError("the filler text keeps containing 'pass key is <digits>'")
+    prompt = hay + PASSKEY_QUESTION
+    return Example("passkey", prompt, value, context_length, depth, seed, index,
+                   {"needle_offset": start, "haystack_length": len(hay), "filler": fill.name})
+
+
+def multikey(context_length: int, depth: float, seed: int = 0, index: int = 0,
+             filler: Filler | str | None = None, n_keys: int = 4, digits: int = 4) -> Example:
+    """``n_keys`` "code for <word>" needles (fewer when they do not fit); the queried one at ``depth``.
+
+    The other needles sit at random depths. ``meta["n_keys"]`` records how many were used.
+    """
+    _check(context_length, depth)
+    fill = as_filler(filler)
+    rng = _rng(seed, "multikey", context_length, depth, index)
+    keys = rng.sample(MULTIKEY_WORDS, min(n_keys, len(MULTIKEY_WORDS)))
+    values = rng.sample(range(10 ** (digits - 1), 10**digits), len(keys))
+    needles = [MULTIKEY_NEEDLE.format(key=k, value=v) for k, v in zip(keys, values, strict=True)]
+    question = MULTIKEY_QUESTION.format(key=keys[0])
+    while len(needles) > 1 and context_length - sum(map(len, needles)) - len(question) < MIN_FILLER:
+        keys, values, needles = keys[:-1], values[:-1], needles[:-1]
+    n_fill = context_length - sum(map(len, needles)) - len(question)
+    if n_fill < MIN_FILLER:
+        raise ValueError(f"context_length {context_length} is too short for a multikey prompt")
+    for _ in range(20):
+        text = fill.sample(rng, n_fill)
+        positions = [round(depth * n_fill)] + [rng.randrange(n_fill + 1) for _ in needles[1:]]
+        hay, starts = _insert(text, list(zip(positions, needles, strict=True)))
+        ok = all(re.findall(rf"code for {k} is (\d+)", hay) == [str(v)] for k, v in zip(keys, values, strict=True))
+        if ok:
+            break
+    else:  # pragma: no cover
+        raise ValueError("the filler text keeps containing 'code for <key> is <digits>'")
+    prompt = hay + question
+    return Example("multikey", prompt, str(values[0]), context_length, depth, seed, index,
+                   {"needle_offset": starts[0], "haystack_length": len(hay), "n_keys": len(keys),
+                    "keys": keys, "query_key": keys[0], "filler": fill.name})
+
+
+def mqar(context_length: int, depth: float, seed: int = 0, index: int = 0,
+         filler: Filler | str | None = None, n_queries: int = 4) -> Example:
+    """Multi-query associative recall: ``abc:123`` pairs, then ``n_queries`` lookups.
+
+    The first ``n_queries - 1`` lookups are answered in the prompt; the last one (whose pair
+    sits at ``depth`` of the pair list) is the question. ``filler`` is unused (the pairs fill
+    the context); it is accepted for a uniform signature.
+    """
+    _check(context_length, depth)
+    rng = _rng(seed, "mqar", context_length, depth, index)
+    pair_len = len("abc:123 ")
+    query_len = len(" abc:123")
+    fixed = len(MQAR_HEADER) + len(MQAR_LOOKUP) + (n_queries - 1) * query_len + len(" abc:")
+    n_pairs = (context_length - fixed) // pair_len
+    if n_pairs < n_queries:
+        raise ValueError(f"context_length {context_length} is too short for {n_queries} mqar lookups")
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    keys: list[str] = []
+    seen: set[str] = set()
+    while len(keys) < n_pairs:
+        k = "".join(rng.choice(letters) for _ in range(3))
+        if k not in seen:
+            seen.add(k)
+            keys.append(k)
+    values = [str(rng.randrange(100, 1000)) for _ in range(n_pairs)]
+    target = round(depth * (n_pairs - 1))
+    others = rng.sample([i for i in range(n_pairs) if i != target], n_queries - 1)
+    pairs = "".join(f"{k}:{v} " for k, v in zip(keys, values, strict=True))
+    pad = context_length - fixed - len(pairs)
+    lookups = "".join(f" {keys[i]}:{values[i]}" for i in others) + f" {keys[target]}:"
+    prompt = MQAR_HEADER + pairs + " " * pad + MQAR_LOOKUP + lookups
+    offset = len(MQAR_HEADER) + target * pair_len
+    return Example("mqar", prompt, values[target], context_length, depth, seed, index,
+                   {"needle_offset": offset, "haystack_length": len(MQAR_HEADER) + len(pairs),
+                    "n_pairs": n_pairs, "query_key": keys[target], "pair_index": target})
+
+
+GENERATORS: dict[str, Callable[..., Example]] = {"passkey": passkey, "multikey": multikey, "mqar": mqar}
+
+
+def generate(task: str, context_length: int, depth: float, seed: int = 0, index: int = 0,
+             filler: Filler | str | None = None, **kwargs) -> Example:
+    if task not in GENERATORS:
+        raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+    return GENERATORS[task](context_length, depth, seed=seed, index=index, filler=filler, **kwargs)
+
+
+def make_suite(tasks: Iterable[str] = TASKS, lengths: Iterable[int] = (256,),
+               depths: Iterable[float] = (0.0, 0.25, 0.5, 0.75, 1.0), n_per_cell: int = 2, seed: int = 0,
+               filler: Filler | str | None = None) -> tuple[list[Example], list[dict]]:
+    """Examples for every (task, length, depth) cell; cells whose length is too short are
+    skipped and returned as ``[{"task", "context_length", "reason"}]``."""
+    fill = None
+    examples, skipped = [], []
+    for task in tasks:
+        if task != "mqar" and fill is None:
+            fill = as_filler(filler)
+        for length in lengths:
+            for depth in depths:
+                try:
+                    examples += [generate(task, length, float(depth), seed, i, fill) for i in range(n_per_cell)]
+                except ValueError as exc:
+                    skipped.append({"task": task, "context_length": length, "depth": depth, "reason": str(exc)})
+    return examples, skipped
+
+
+# ---------------------------------------------------------------------------------------
+# scoring
+
+
+def normalize(prediction: str) -> str:
+    """First whitespace-separated word of the prediction, trailing ``.,;`` removed."""
+    words = prediction.split()
+    return words[0].rstrip(".,;") if words else ""
+
+
+def is_correct(prediction: str, answer: str) -> bool:
+    return normalize(prediction) == answer
+
+
+def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict:
+    """Exact-match accuracy: overall, per task, per (context length, depth) and per (task,
+    context length, depth). Accuracies are fractions in [0, 1]."""
+    if len(predictions) != len(examples):
+        raise ValueError(f"{len(predictions)} predictions for {len(examples)} examples")
+    cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    tasks: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    task_cells: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
+    correct = 0
+    for pred, ex in zip(predictions, examples, strict=True):
+        ok = int(is_correct(pred, ex.answer))
+        correct += ok
+        for acc in (cells[(ex.context_length, ex.depth)], tasks[ex.task],
+                    task_cells[(ex.task, ex.context_length, ex.depth)]):
+            acc[0] += ok
+            acc[1] += 1
+    n = len(examples)
+    return {
+        "accuracy": correct / n if n else float("nan"),
+        "correct": correct,
+        "n": n,
+        "by_task": {t: {"accuracy": c / m, "correct": c, "n": m} for t, (c, m) in sorted(tasks.items())},
+        "by_length_depth": [{"context_length": L, "depth": d, "accuracy": c / m, "correct": c, "n": m}
+                            for (L, d), (c, m) in sorted(cells.items())],
+        "by_task_length_depth": [{"task": t, "context_length": L, "depth": d, "accuracy": c / m, "correct": c,
+                                  "n": m} for (t, L, d), (c, m) in sorted(task_cells.items())],
+    }
