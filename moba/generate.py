@@ -1,0 +1,446 @@
+"""Plain, speculative and staged speculative generation for transformers causal LMs.
+
+Works with any ``transformers`` causal LM whose KV cache is a ``DynamicCache`` (MoBA via
+``moba.integrations.transformers.register_moba``, or any other attention implementation).
+Batch size 1; everything is device-agnostic (the tokens live on ``input_ids.device``).
+
+* ``generate_plain``: autoregressive decoding with the model's KV cache (greedy, or sampling
+  with temperature / top-k / top-p).
+* ``generate_speculative``: a cheap drafter proposes ``gamma`` tokens, the target verifies
+  them in ONE forward over its cache (for MoBA: a multi-token decode step, ``moba_decode``
+  with ``Lq = gamma + 1``); greedy accepts the longest agreeing prefix, sampling uses the
+  speculative-sampling rule (``speculative_accept``); the caches are rolled back with
+  ``DynamicCache.crop`` after rejections. Greedy output is token-for-token that of
+  ``generate_plain``; sampled output has the target's distribution.
+* Drafters: ``ModelDraft`` (a smaller model with its own cache), ``NGramDraft`` (an n-gram
+  table built from token sequences, no model at all) and ``StagedDraft`` (staged speculative
+  decoding: the n-gram table speculates for the draft model, which verifies those guesses
+  in one forward and proposes the result to the target).
+
+Example::
+
+    register_moba(block_size=64, top_k=3)
+    target = AutoModelForCausalLM.from_pretrained(big, attn_implementation="moba")
+    draft = AutoModelForCausalLM.from_pretrained(small, attn_implementation="moba")
+    ids = tokenizer("...", return_tensors="pt").input_ids                       # (1, L)
+    out, stats = generate_speculative(target, draft, ids, 128, gamma=4)          # (1, L + 128)
+    out, stats = generate_speculative(target, draft, ids, 128, gamma=4,
+                                      draft_drafter=NGramDraft(corpus, n=4))     # staged
+    print(stats.acceptance_rate, stats.tokens_per_second)
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "CachedModel",
+    "GenerationStats",
+    "ModelDraft",
+    "NGramDraft",
+    "Sampling",
+    "StagedDraft",
+    "generate_plain",
+    "generate_speculative",
+    "speculative_accept",
+    "speculative_step",
+    "verify",
+]
+
+
+# -- sampling -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampling:
+    """How next tokens are chosen: greedy (``do_sample=False``) or sampled from warped logits."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k, top-p."""
+        x = logits.float() / self.temperature
+        if self.top_k is not None and self.top_k < x.shape[-1]:
+            kth = x.topk(self.top_k, dim=-1).values[..., -1:]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1:
+            sorted_x, order = x.sort(dim=-1, descending=True)
+            p = sorted_x.softmax(-1)
+            drop = p.cumsum(-1) - p >= self.top_p  # keep the smallest prefix reaching top_p
+            x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return x.softmax(-1)
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> int:
+        """One token from (V,) logits: argmax when greedy, else a sample of ``probs``."""
+        if not self.do_sample:
+            return int(logits.argmax())
+        return int(torch.multinomial(self.probs(logits), 1, generator=generator))
+
+
+def speculative_accept(p: torch.Tensor, q: torch.Tensor, token: int,
+                       generator: torch.Generator | None = None) -> tuple[bool, int]:
+    """The speculative-sampling rule for one drafted token (Leviathan et al.; Chen et al., 2023).
+
+    p: (V,) target probabilities, q: (V,) draft probabilities, ``token`` drawn from q.
+    Accept with probability ``min(1, p[token] / q[token])``; on rejection resample from
+    ``norm(max(0, p - q))``. The returned token is distributed exactly as p.
+    Returns ``(accepted, token)``.
+    """
+    pt, qt = float(p[token]), float(q[token])
+    u = float(torch.rand((), generator=generator, device=p.device))
+    if qt > 0 and u * qt < pt:  # u < p/q without dividing
+        return True, int(token)
+    residual = (p.float() - q.float()).clamp(min=0)
+    if float(residual.sum()) <= 0:  # p == q (up to rounding): rejection had probability ~0
+        residual = p.float()
+    return False, int(torch.multinomial(residual / residual.sum(), 1, generator=generator))
+
+
+# -- a model and its cache ------------------------------------------------------------------
+class CachedModel:
+    """A causal LM and its ``DynamicCache``, kept in step with a token sequence.
+
+    ``logits(tokens, need)`` returns the logits of the last ``need`` positions of ``tokens``;
+    it feeds only what the cache lacks: the cache is cropped to the longest common prefix of
+    the cached tokens and ``tokens`` (leaving at least ``need`` tokens to feed), which is how
+    rejected speculative tokens are rolled back.
+
+    Attributes:
+        tokens: the tokens whose keys/values are in the cache.
+        forwards: number of model calls; crops: number of cache rollbacks.
+    """
+
+    def __init__(self, model, device: torch.device | str | None = None):
+        self.model = model
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.cache = None
+        self.tokens: list[int] = []
+        self.forwards = 0
+        self.crops = 0
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    @torch.no_grad()
+    def logits(self, tokens: list[int], need: int = 1) -> torch.Tensor:
+        """(need, V) logits predicting the tokens after ``tokens[-need:]``' positions.
+
+        Row ``i`` is the next-token distribution after ``tokens[: len(tokens) - need + 1 + i]``.
+        """
+        if not 1 <= need <= len(tokens):
+            raise ValueError(f"need must be in [1, {len(tokens)}], got {need}")
+        keep = 0
+        for a, b in zip(self.tokens, tokens, strict=False):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(tokens) - need)
+        if keep == 0:
+            self.cache = self._new_cache()
+        elif keep < len(self.tokens):
+            self.cache.crop(keep - len(self.tokens))  # a negative count: tokens to remove
+            self.crops += 1
+        ids = torch.tensor([tokens[keep:]], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=need)
+        self.cache = out.past_key_values if out.past_key_values is not None else self.cache
+        self.tokens = list(tokens)
+        self.forwards += 1
+        return out.logits[0, -need:]
+
+
+def verify(model: CachedModel, tokens: list[int], proposal: list[int], q: torch.Tensor | None,
+           sampling: Sampling, generator: torch.Generator | None = None):
+    """Check ``proposal`` (drafted continuations of ``tokens``) with ONE forward of ``model``.
+
+    q: (len(proposal), V) draft probabilities of the proposed tokens, or None for a
+    deterministic drafter (a point mass on each proposed token).
+    Returns ``(n_accepted, next_token, p)``: the first ``n_accepted`` proposed tokens are kept,
+    then ``next_token`` (the correction at the first rejection, or a bonus token when all were
+    accepted); p: (n_accepted + 1, V) the model's probabilities at those positions when
+    sampling (None when greedy).
+    """
+    g = len(proposal)
+    logits = model.logits(tokens + proposal, need=g + 1)  # (g + 1, V)
+    if not sampling.do_sample:
+        choice = logits.argmax(-1).tolist()
+        n = 0
+        while n < g and proposal[n] == choice[n]:
+            n += 1
+        return n, choice[n], None
+    p = sampling.probs(logits)
+    for i, tok in enumerate(proposal):
+        qi = q[i] if q is not None else torch.nn.functional.one_hot(torch.tensor(tok), p.shape[-1]).to(p)
+        ok, new = speculative_accept(p[i], qi.to(p.device), tok, generator)
+        if not ok:
+            return i, new, p[: i + 1]
+    return g, int(torch.multinomial(p[g], 1, generator=generator)), p
+
+
+# -- drafters -------------------------------------------------------------------------------
+# A drafter has ``propose(tokens, gamma, sampling, generator) -> (proposal, q)``: up to gamma
+# tokens continuing ``tokens`` and their (len(proposal), V) draft probabilities, or None when
+# the drafter is deterministic.
+
+
+class ModelDraft:
+    """A (small) causal LM proposing ``gamma`` tokens one by one with its own KV cache."""
+
+    def __init__(self, model):
+        self.model = model if isinstance(model, CachedModel) else CachedModel(model)
+
+    def propose(self, tokens, gamma, sampling, generator=None):
+        out, qs = [], []
+        for _ in range(gamma):
+            logits = self.model.logits(tokens + out)[-1]
+            out.append(sampling.pick(logits, generator))
+            if sampling.do_sample:
+                qs.append(sampling.probs(logits))
+        return out, (torch.stack(qs) if qs else None)
+
+
+class NGramDraft:
+    """A deterministic n-gram drafter built from token sequences (no model).
+
+    ``propose`` extends the context token by token: the longest suffix (up to ``n - 1``
+    tokens) seen in the corpus predicts its most frequent successor (ties: the smaller id);
+    when a suffix is unseen it backs off to shorter ones; when none matches, it stops (it may
+    propose fewer than gamma tokens, even none).
+    """
+
+    def __init__(self, corpus, n: int = 3):
+        if n < 2:
+            raise ValueError(f"n must be >= 2, got {n}")
+        self.n = n
+        self.table: dict[tuple, Counter] = defaultdict(Counter)
+        for seq in corpus:
+            self.add(seq)
+
+    def add(self, seq) -> None:
+        """Count the n-grams of one token sequence (a list of ints or a 1-d tensor)."""
+        seq = [int(t) for t in (seq.tolist() if isinstance(seq, torch.Tensor) else seq)]
+        for i in range(1, len(seq)):
+            for k in range(1, min(self.n - 1, i) + 1):
+                self.table[tuple(seq[i - k : i])][seq[i]] += 1
+
+    def next_token(self, context: list[int]) -> int | None:
+        for k in range(min(self.n - 1, len(context)), 0, -1):
+            counts = self.table.get(tuple(context[-k:]))
+            if counts:
+                return min(counts, key=lambda t: (-counts[t], t))
+        return None
+
+    def propose(self, tokens, gamma, sampling=None, generator=None):
+        out: list[int] = []
+        while len(out) < gamma:
+            nxt = self.next_token(tokens + out)
+            if nxt is None:
+                break
+            out.append(nxt)
+        return out, None
+
+
+class StagedDraft:
+    """Staged speculative drafting: ``inner`` (e.g. an ``NGramDraft``) speculates for the draft
+    model, which verifies ``gamma_inner`` guesses per forward (``verify``) and proposes what it
+    accepts (plus its own correction/bonus token) to the target.
+
+    The proposals are distributed as the draft model's own (speculative sampling preserves
+    it), so q is the draft model's probabilities at the proposed positions.
+    """
+
+    def __init__(self, draft_model, inner, gamma_inner: int = 2):
+        if gamma_inner < 1:
+            raise ValueError(f"gamma_inner must be >= 1, got {gamma_inner}")
+        self.model = draft_model if isinstance(draft_model, CachedModel) else CachedModel(draft_model)
+        self.inner, self.gamma_inner = inner, gamma_inner
+        self.proposed = self.accepted = 0  # inner stage: guesses made / accepted by the draft model
+
+    def propose(self, tokens, gamma, sampling, generator=None):
+        out, qs = [], []
+        while len(out) < gamma:
+            ctx = tokens + out
+            g = min(self.gamma_inner, gamma - len(out) - 1)  # the verify adds one token of its own
+            guess, q = self.inner.propose(ctx, g, sampling, generator) if g > 0 else ([], None)
+            n, nxt, p = verify(self.model, ctx, guess, q, sampling, generator)
+            self.proposed += len(guess)
+            self.accepted += n
+            out += guess[:n] + [nxt]
+            if p is not None:
+                qs.append(p)
+        return out, (torch.cat(qs) if qs else None)
+
+
+# -- generation -----------------------------------------------------------------------------
+@dataclass
+class GenerationStats:
+    """Counters of one generation call.
+
+    proposed / accepted: drafted tokens sent to / accepted by the target; rounds: verify
+    forwards of the target (one per speculative step); target_forwards / draft_forwards: all
+    model calls, prefill included.
+    """
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    rounds: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    seconds: float = 0.0
+    accepted_per_round: list[int] = field(default_factory=list)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Drafted tokens accepted per target verify forward."""
+        return self.accepted / self.rounds if self.rounds else 0.0
+
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def _check_ids(input_ids: torch.Tensor) -> list[int]:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise ValueError("input_ids must be a (batch, length) tensor")
+    if input_ids.shape[0] != 1:
+        raise ValueError(f"only batch size 1 is supported, got batch {input_ids.shape[0]}")
+    if input_ids.shape[1] < 1 or input_ids.is_floating_point():
+        raise ValueError("input_ids must hold at least one integer token")
+    return [int(t) for t in input_ids[0].tolist()]
+
+
+def _finish(tokens: list[int], n_prompt: int, max_new: int, eos) -> tuple[list[int], bool]:
+    """Cut at max_new new tokens and after the first eos among the new ones."""
+    new = tokens[n_prompt : n_prompt + max_new]
+    if eos is not None and eos in new:
+        new = new[: new.index(eos) + 1]
+        return tokens[:n_prompt] + new, True
+    return tokens[:n_prompt] + new, len(new) >= max_new
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate_plain(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                   temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                   generator: torch.Generator | None = None, eos_token_id: int | None = None,
+                   return_stats: bool = False):
+    """Autoregressive decoding with the model's KV cache, one token per forward.
+
+    input_ids: (1, L). Returns (1, L + n) token ids (n <= max_new_tokens, fewer only when
+    ``eos_token_id`` is produced), and a ``GenerationStats`` when ``return_stats``.
+    """
+    tokens = _check_ids(input_ids)
+    sampling = Sampling(do_sample, temperature, top_k, top_p)
+    runner = CachedModel(model, input_ids.device)
+    n_prompt, done = len(tokens), max_new_tokens <= 0
+    start = time.perf_counter()
+    while not done:
+        tokens.append(sampling.pick(runner.logits(tokens)[-1], generator))
+        tokens, done = _finish(tokens, n_prompt, max_new_tokens, eos_token_id)
+    _sync(input_ids.device)
+    out = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
+    if not return_stats:
+        return out
+    n_new = len(tokens) - n_prompt
+    stats = GenerationStats(new_tokens=n_new, target_forwards=runner.forwards, rounds=runner.forwards,
+                            seconds=time.perf_counter() - start)
+    return out, stats
+
+
+def speculative_step(target: CachedModel, drafter, tokens: list[int], gamma: int, sampling: Sampling,
+                     generator: torch.Generator | None = None, stats: GenerationStats | None = None) -> list[int]:
+    """One round: draft up to ``gamma`` tokens, verify them in one target forward.
+
+    Returns the new tokens (1 to gamma + 1: the accepted drafts, then the target's own token).
+    """
+    proposal, q = drafter.propose(tokens, gamma, sampling, generator) if gamma > 0 else ([], None)
+    proposal = proposal[:gamma]
+    q = q[: len(proposal)] if q is not None else None
+    n, nxt, _ = verify(target, tokens, proposal, q, sampling, generator)
+    if stats is not None:
+        stats.rounds += 1
+        stats.proposed += len(proposal)
+        stats.accepted += n
+        stats.accepted_per_round.append(n)
+    return proposal[:n] + [nxt]
+
+
+def generate_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens: int, gamma: int = 4, *,
+                         do_sample: bool = False, temperature: float = 1.0, top_k: int | None = None,
+                         top_p: float | None = None, generator: torch.Generator | None = None,
+                         draft_drafter=None, gamma_inner: int = 2, eos_token_id: int | None = None,
+                         return_stats: bool = True):
+    """Speculative decoding of ``target`` with a draft model or drafter.
+
+    Args:
+        target: the causal LM whose output is produced (greedy: exactly ``generate_plain``'s
+            tokens; sampling: the target's distribution).
+        draft: a causal LM (wrapped in ``ModelDraft``), or any drafter with ``propose``
+            (``NGramDraft``, ``StagedDraft``, ``ModelDraft``).
+        input_ids: (1, L) prompt.
+        gamma: tokens drafted per round (the target verifies gamma + 1 positions per forward).
+        draft_drafter: with a draft model, a drafter (e.g. ``NGramDraft``) that speculates for
+            the draft model: staged speculative decoding (``StagedDraft``, ``gamma_inner``
+            guesses per draft-model forward).
+        do_sample, temperature, top_k, top_p, generator: sampling settings (shared by all stages).
+        eos_token_id: stop after this token.
+
+    Returns:
+        (1, L + n) token ids, and a ``GenerationStats`` when ``return_stats`` (the default).
+    """
+    tokens = _check_ids(input_ids)
+    if gamma < 0:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    sampling = Sampling(do_sample, temperature, top_k, top_p)
+    if hasattr(draft, "propose"):
+        if draft_drafter is not None:
+            raise ValueError("draft_drafter needs a draft model, not a drafter")
+        drafter = draft
+    elif draft_drafter is not None:
+        drafter = StagedDraft(CachedModel(draft, input_ids.device), draft_drafter, gamma_inner)
+    else:
+        drafter = ModelDraft(CachedModel(draft, input_ids.device))
+    runner = CachedModel(target, input_ids.device)
+    draft_runner = getattr(drafter, "model", None)
+    draft_before = draft_runner.forwards if isinstance(draft_runner, CachedModel) else 0
+    stats = GenerationStats()
+    n_prompt, done = len(tokens), max_new_tokens <= 0
+    start = time.perf_counter()
+    while not done:
+        left = max_new_tokens - (len(tokens) - n_prompt)
+        tokens = tokens + speculative_step(runner, drafter, tokens, min(gamma, left - 1), sampling, generator, stats)
+        tokens, done = _finish(tokens, n_prompt, max_new_tokens, eos_token_id)
+    _sync(input_ids.device)
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = len(tokens) - n_prompt
+    stats.target_forwards = runner.forwards
+    if isinstance(draft_runner, CachedModel):
+        stats.draft_forwards = draft_runner.forwards - draft_before
+    out = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
+    return (out, stats) if return_stats else out
