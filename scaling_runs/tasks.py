@@ -126,15 +126,17 @@ class Filler:
         return f"Filler({self.name!r}, {len(self.text)} chars)"
 
 
-@functools.lru_cache(maxsize=1)
-def default_filler(max_chars: int = 2_000_000) -> Filler:
-    """Held-out split of the embedded corpus (cached), else the deterministic fallback text."""
+@functools.lru_cache(maxsize=2)
+def default_filler(max_chars: int = 2_000_000, split: str = "val") -> Filler:
+    """The embedded corpus's held-out split (``split="train"`` for training corpora: keeps the
+    validation split unseen), cached; else the deterministic fallback text."""
     try:
         from .data import build_stdlib_corpus
 
         data = build_stdlib_corpus(min_tokens=0)
-        raw = bytes(data.val[:max_chars])
-        return Filler(_printable_ascii(raw), name=f"stdlib-val:{data.data_hash[:12]}")
+        tokens = data.val if split == "val" else data.train
+        raw = bytes(tokens[:max_chars])
+        return Filler(_printable_ascii(raw), name=f"stdlib-{split}:{data.data_hash[:12]}")
     except Exception:  # noqa: BLE001 - no corpus here: the fallback keeps everything offline
         return Filler(fallback_text(), name="fallback")
 
@@ -342,3 +344,70 @@ def score(predictions: Sequence[str], examples: Sequence[Example]) -> dict:
         "by_task_length_depth": [{"task": t, "context_length": L, "depth": d, "accuracy": c / m, "correct": c,
                                   "n": m} for (t, L, d), (c, m) in sorted(task_cells.items())],
     }
+
+
+# ---------------------------------------------------------------------------------------
+# training corpora (mixing task data into a run without touching the trainer)
+
+
+def write_corpus(out_dir, n_examples: int, tasks: Iterable[str] = TASKS, lengths: Iterable[int] = (256,),
+                 seed: int = 1000, filler: Filler | str | None = None, n_files: int = 8) -> dict:
+    """Write ``n_examples`` solved task examples (prompt + " " + answer + newline) as text files
+    ``tasks_NNN.txt`` under ``out_dir``, for ``python -m scaling_runs.train --data out_dir``.
+
+    Task, length and depth (uniform in [0, 1]) are drawn per example from
+    ``random.Random(f"corpus|{seed}")``; the default filler is the embedded corpus's
+    *training* split, so the runs' held-out loss stays clean. Use a seed other than the
+    evaluation seed. Returns a summary dict.
+    """
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fill = as_filler(filler) if filler is not None else default_filler(split="train")
+    tasks, lengths = list(tasks), list(lengths)
+    rng = random.Random(f"corpus|{seed}")
+    docs: list[list[str]] = [[] for _ in range(n_files)]
+    counts: dict[str, int] = defaultdict(int)
+    made = 0
+    for i in range(n_examples * 4):
+        if made == n_examples:
+            break
+        task, length, depth = rng.choice(tasks), rng.choice(lengths), round(rng.random(), 4)
+        try:
+            ex = generate(task, length, depth, seed=seed, index=i, filler=fill)
+        except ValueError:
+            continue
+        docs[made % n_files].append(ex.prompt + ex.target + "\n")
+        counts[task] += 1
+        made += 1
+    for j, parts in enumerate(docs):
+        (out / f"tasks_{j:03d}.txt").write_text("".join(parts))
+    return {"out": str(out), "examples": made, "by_task": dict(counts), "lengths": lengths, "seed": seed,
+            "filler": fill.name, "files": n_files}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m scaling_runs.tasks",
+                                description="Write a training corpus of solved task examples (see write_corpus).")
+    p.add_argument("out_dir")
+    p.add_argument("--n", type=int, default=2000, help="examples")
+    p.add_argument("--tasks", default=",".join(TASKS))
+    p.add_argument("--lengths", default="256", help="context lengths in bytes, comma-separated")
+    p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--filler", default=None, help="text file for the filler (default: embedded corpus, train split)")
+    a = p.parse_args(argv)
+    from pathlib import Path
+
+    filler = Filler(Path(a.filler).read_text(errors="replace"), name=a.filler) if a.filler else None
+    info = write_corpus(a.out_dir, a.n, [t for t in a.tasks.split(",") if t], [int(x) for x in a.lengths.split(",")],
+                        a.seed, filler, a.files)
+    print(json.dumps(info))
+
+
+if __name__ == "__main__":
+    main()

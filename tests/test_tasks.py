@@ -125,3 +125,17 @@ def test_score_exact_match_and_buckets():
     assert T.is_correct(" 48213.", "48213") and not T.is_correct("4821", "48213") and not T.is_correct("", "1")
     with pytest.raises(ValueError):
         T.score(preds[:2], examples)
+
+
+def test_write_corpus_is_training_text(tmp_path):
+    from scaling_runs.config import DataConfig
+    from scaling_runs.data import load_data
+
+    info = T.write_corpus(tmp_path / "c", 40, lengths=(200, 300), seed=9, filler=FILLER, n_files=4)
+    assert info["examples"] == 40 and sum(info["by_task"].values()) == 40
+    text = "".join((tmp_path / "c" / f"tasks_{j:03d}.txt").read_text() for j in range(4))
+    assert text.count("What is the pass key? The pass key is ") == info["by_task"].get("passkey", 0)
+    T.write_corpus(tmp_path / "d", 40, lengths=(200, 300), seed=9, filler=FILLER, n_files=4)
+    assert text == "".join((tmp_path / "d" / f"tasks_{j:03d}.txt").read_text() for j in range(4))
+    data = load_data(DataConfig(data=str(tmp_path / "c")))
+    assert data.vocab_size == 256 and data.train.size + data.val.size == len(text) + 4
