@@ -29,6 +29,7 @@ Writes to ``--out`` (default ``RUN/budget_sweep``): ``budget_sweep.json``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -261,12 +262,19 @@ def run_sweep(checkpoint: str | Path, out: str | Path | None = None, budgets: li
               depths: list[float] = (0.0, 0.25, 0.5, 0.75, 1.0), tasks: list[str] = T.TASKS,
               n_per_cell: int = 2, seed: int = 0, loss_context: int | None = None, loss_seqs: int = 8,
               data: str | None = None, filler: T.Filler | str | None = None, threads: int = 0,
-              plots: bool = True, progress: bool = True) -> dict:
-    """Evaluate ``checkpoint`` at every budget and dense; write ``budget_sweep.json`` (+ plots)."""
+              plots: bool = True, progress: bool = True, device: str = "auto", dtype: str = "auto",
+              batch: int = 16) -> dict:
+    """Evaluate ``checkpoint`` at every budget and dense; write ``budget_sweep.json`` (+ plots).
+
+    ``device``: auto (CUDA when available) / cpu / cuda; ``dtype``: auto (bfloat16 autocast on
+    CUDA, float32 on CPU) / float32 / bfloat16; ``batch``: sequences per forward."""
     t0 = time.time()
     if threads > 0:
         torch.set_num_threads(threads)
-    model, cfg, run_dir = load_model(checkpoint)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    use_bf16 = dtype == "bfloat16" or (dtype == "auto" and dev.type == "cuda")
+    model, cfg, run_dir = load_model(checkpoint, device=dev)
     m = model.cfg
     out = Path(out) if out is not None else run_dir / "budget_sweep"
     out.mkdir(parents=True, exist_ok=True)
@@ -282,22 +290,25 @@ def run_sweep(checkpoint: str | Path, out: str | Path | None = None, budgets: li
     val = _load_val(cfg, data)
     probe = None
     if val is not None and val.size > loss_context + 1:
-        probe = gather(val, eval_offsets(val.size, loss_context, 1), loss_context)[0]
+        probe = gather(val, eval_offsets(val.size, loss_context, 1), loss_context)[0].to(dev)
     elif examples:
-        probe = torch.tensor([list(prompts[-1])], dtype=torch.long)
+        probe = torch.tensor([list(prompts[-1])], dtype=torch.long, device=dev)
 
     setter = BudgetSetter(model)
     results = []
     for setting in settings:
         ts = time.time()
         setter.apply(setting)
-        preds = greedy_decode(model, prompts, n_new) if examples else []
-        sc = T.score(preds, examples) if examples else {"accuracy": float("nan"), "n": 0}
-        row = {**setting, **sc}
-        if val is not None and val.size > loss_context + 1:
-            row.update(loss_summary(loss_by_position(model, val, loss_context, loss_seqs)))
-        if probe is not None:
-            row["attended_keys_per_query"] = measure_attended_keys(model, setter, setting, probe)
+        amp = (torch.autocast(device_type=dev.type, dtype=torch.bfloat16) if use_bf16
+               else contextlib.nullcontext())
+        with amp:
+            preds = greedy_decode(model, prompts, n_new, batch, dev) if examples else []
+            sc = T.score(preds, examples) if examples else {"accuracy": float("nan"), "n": 0}
+            row = {**setting, **sc}
+            if val is not None and val.size > loss_context + 1:
+                row.update(loss_summary(loss_by_position(model, val, loss_context, loss_seqs, batch, dev)))
+            if probe is not None:
+                row["attended_keys_per_query"] = measure_attended_keys(model, setter, setting, probe)
         row["examples"] = [{"task": e.task, "context_length": e.context_length, "depth": e.depth,
                             "answer": e.answer, "prediction": p} for e, p in zip(examples, preds, strict=True)]
         row["elapsed_s"] = round(time.time() - ts, 3)
@@ -319,7 +330,8 @@ def run_sweep(checkpoint: str | Path, out: str | Path | None = None, budgets: li
         "settings": {"tasks": list(tasks), "lengths": list(lengths), "depths": list(depths),
                      "n_per_cell": n_per_cell, "seed": seed, "loss_context": loss_context, "loss_seqs": loss_seqs,
                      "filler": (T.as_filler(filler).name if any(t != "mqar" for t in tasks) else None),
-                     "n_examples": len(examples), "skipped_cells": skipped, "decode_bytes": n_new},
+                     "n_examples": len(examples), "skipped_cells": skipped, "decode_bytes": n_new,
+                     "device": str(dev), "bf16": use_bf16},
         "results": results,
         "elapsed_s": round(time.time() - t0, 3),
     }
@@ -443,6 +455,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data", default=None, help="validation data (default: the run's data config)")
     p.add_argument("--filler", default=None, help="text file for task filler (default: embedded corpus)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto / cpu / cuda")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA) / float32 / bfloat16")
+    p.add_argument("--batch", type=int, default=16, help="sequences per forward")
     p.add_argument("--out", default=None, help="output folder (default RUN/budget_sweep)")
     p.add_argument("--no_plots", action="store_true")
     a = p.parse_args(argv)
@@ -454,7 +469,7 @@ def main(argv: list[str] | None = None) -> dict:
         a.checkpoint, a.out, budgets, pairs, lengths, [float(d) for d in a.depths.split(",")],
         [t.strip() for t in a.tasks.split(",") if t.strip()], a.n_per_cell, a.seed,
         parse_size(a.loss_context) if a.loss_context else None, a.loss_seqs, a.data, filler, a.threads,
-        plots=not a.no_plots,
+        plots=not a.no_plots, device=a.device, dtype=a.dtype, batch=a.batch,
     )
     summary = {r["name"]: {"accuracy": r["accuracy"], "val_loss": r.get("val_loss"),
                            "attended_keys": r.get("attended_keys_per_query", {}).get("mean")}
