@@ -46,6 +46,7 @@ __all__ = [
     "StagedDraft",
     "generate_plain",
     "generate_speculative",
+    "roofline_point",
     "speculative_accept",
     "speculative_step",
     "verify",
@@ -120,7 +121,8 @@ class CachedModel:
 
     Attributes:
         tokens: the tokens whose keys/values are in the cache.
-        forwards: number of model calls; crops: number of cache rollbacks.
+        forwards: number of model calls; fed: tokens fed through the model (all calls);
+        crops: number of cache rollbacks.
     """
 
     def __init__(self, model, device: torch.device | str | None = None):
@@ -129,6 +131,7 @@ class CachedModel:
         self.cache = None
         self.tokens: list[int] = []
         self.forwards = 0
+        self.fed = 0
         self.crops = 0
 
     def _new_cache(self):
@@ -160,6 +163,7 @@ class CachedModel:
         self.cache = out.past_key_values if out.past_key_values is not None else self.cache
         self.tokens = list(tokens)
         self.forwards += 1
+        self.fed += ids.shape[1]
         return out.logits[0, -need:]
 
 
@@ -292,12 +296,14 @@ class GenerationStats:
 
     proposed / accepted: drafted tokens sent to / accepted by the target; rounds: verify
     forwards of the target (one per speculative step); target_forwards / draft_forwards: all
-    model calls, prefill included.
+    model calls, prefill included; target_tokens / draft_tokens: tokens fed through them.
     """
 
     new_tokens: int = 0
     target_forwards: int = 0
     draft_forwards: int = 0
+    target_tokens: int = 0
+    draft_tokens: int = 0
     rounds: int = 0
     proposed: int = 0
     accepted: int = 0
@@ -369,7 +375,7 @@ def generate_plain(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sa
         return out
     n_new = len(tokens) - n_prompt
     stats = GenerationStats(new_tokens=n_new, target_forwards=runner.forwards, rounds=runner.forwards,
-                            seconds=time.perf_counter() - start)
+                            target_tokens=runner.fed, seconds=time.perf_counter() - start)
     return out, stats
 
 
@@ -428,7 +434,8 @@ def generate_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens:
         drafter = ModelDraft(CachedModel(draft, input_ids.device))
     runner = CachedModel(target, input_ids.device)
     draft_runner = getattr(drafter, "model", None)
-    draft_before = draft_runner.forwards if isinstance(draft_runner, CachedModel) else 0
+    has_runner = isinstance(draft_runner, CachedModel)
+    draft_before = (draft_runner.forwards, draft_runner.fed) if has_runner else (0, 0)
     stats = GenerationStats()
     n_prompt, done = len(tokens), max_new_tokens <= 0
     start = time.perf_counter()
@@ -439,8 +446,43 @@ def generate_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens:
     _sync(input_ids.device)
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = len(tokens) - n_prompt
-    stats.target_forwards = runner.forwards
-    if isinstance(draft_runner, CachedModel):
-        stats.draft_forwards = draft_runner.forwards - draft_before
+    stats.target_forwards, stats.target_tokens = runner.forwards, runner.fed
+    if has_runner:
+        stats.draft_forwards = draft_runner.forwards - draft_before[0]
+        stats.draft_tokens = draft_runner.fed - draft_before[1]
     out = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
     return (out, stats) if return_stats else out
+
+
+# -- roofline feed --------------------------------------------------------------------------
+def _weights(model) -> tuple[int, int]:
+    """(parameters, bytes) a forward multiplies with: all but the input embedding table
+    (only looked up), unless it is tied to the output head."""
+    skip = set()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        skip = {id(p) for p in emb.parameters()}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dict:
+    """One point for ``bench/roofline.py``'s points file, for one generation call.
+
+    A weight-streaming model of batch-1 decoding: every forward reads each weight once from
+    memory (bytes = weight bytes x forwards) and spends 2 FLOPs per weight per token fed
+    (FLOPs = 2 x weights x tokens). KV-cache and activation traffic are left out (small next
+    to the weights for short contexts, and MoBA reads only ``top_k`` blocks). Speculative
+    decoding feeds ``gamma + 1`` tokens per target forward: more FLOPs per byte, which is
+    what moves it right on the roofline.
+
+    Returns ``{"name", "flops", "bytes", "seconds"}``; write ``{"points": [...]}`` as JSON.
+    """
+    n_t, b_t = _weights(target)
+    flops, nbytes = 2.0 * n_t * stats.target_tokens, float(b_t * stats.target_forwards)
+    if draft is not None and hasattr(draft, "parameters"):
+        n_d, b_d = _weights(draft)
+        flops += 2.0 * n_d * stats.draft_tokens
+        nbytes += b_d * stats.draft_forwards
+    return {"name": name, "flops": flops, "bytes": nbytes, "seconds": stats.seconds}

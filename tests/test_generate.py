@@ -17,6 +17,7 @@ from moba.generate import (  # noqa: E402
     StagedDraft,
     generate_plain,
     generate_speculative,
+    roofline_point,
     speculative_accept,
     speculative_step,
 )
@@ -276,3 +277,17 @@ def test_staged_speculative_sampling_matches_the_target_distribution():
     assert chi2(pairs.sum(1), joint.sum(1)) < 20.5  # 5 degrees of freedom
     assert chi2(pairs.sum(0), joint.sum(0)) < 20.5
     assert chi2(thirds, third) < 20.5
+
+
+def test_roofline_point_speculation_raises_intensity(models, prompt):
+    target, draft = models
+    _, plain_stats = generate_plain(target, prompt, 12, return_stats=True)
+    assert plain_stats.target_tokens == 7 + 11 and plain_stats.target_forwards == 12
+    _, spec_stats = generate_speculative(target, target, prompt, 12, gamma=3)  # all accepted
+    assert spec_stats.draft_tokens > 0
+    base = roofline_point("plain", plain_stats, target)
+    spec = roofline_point("speculative", spec_stats, target)  # the draft's cost left out
+    both = roofline_point("speculative+draft", spec_stats, target, target)
+    assert set(base) == {"name", "flops", "bytes", "seconds"} and base["seconds"] > 0
+    assert spec["flops"] / spec["bytes"] > 2 * base["flops"] / base["bytes"]
+    assert both["flops"] > spec["flops"] and both["bytes"] > spec["bytes"]
