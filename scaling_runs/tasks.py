@@ -59,12 +59,13 @@ MIN_FILLER = 16  # bytes of filler a passkey / multikey prompt must keep at leas
 class Example:
     task: str
     prompt: str  # ASCII; len(prompt) == context_length bytes
-    answer: str  # what the model must produce (after a leading space), e.g. "48213"
+    answer: str  # what the model must produce (after ``prefix``), e.g. "48213"
     context_length: int
     depth: float
     seed: int = 0
     index: int = 0
     meta: dict = field(default_factory=dict)  # needle offsets, keys, ...
+    prefix: str = " "  # what precedes the answer in the ideal continuation ("" for mqar: "abc:123")
 
     @property
     def prompt_bytes(self) -> bytes:
@@ -72,8 +73,8 @@ class Example:
 
     @property
     def target(self) -> str:
-        """The ideal greedy continuation: a space then the answer."""
-        return " " + self.answer
+        """The ideal greedy continuation: ``prefix`` (a space, none for mqar) then the answer."""
+        return self.prefix + self.answer
 
     def to_dict(self) -> dict:
         return {"task": self.task, "answer": self.answer, "context_length": self.context_length,
@@ -271,7 +272,7 @@ def mqar(context_length: int, depth: float, seed: int = 0, index: int = 0,
     offset = len(MQAR_HEADER) + target * pair_len
     return Example("mqar", prompt, values[target], context_length, depth, seed, index,
                    {"needle_offset": offset, "haystack_length": len(MQAR_HEADER) + len(pairs),
-                    "n_pairs": n_pairs, "query_key": keys[target], "pair_index": target})
+                    "n_pairs": n_pairs, "query_key": keys[target], "pair_index": target}, prefix="")
 
 
 GENERATORS: dict[str, Callable[..., Example]] = {"passkey": passkey, "multikey": multikey, "mqar": mqar}

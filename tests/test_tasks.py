@@ -51,7 +51,7 @@ def test_answer_recoverable_length_and_depth(task):
             assert ex.task == task and ex.context_length == length and ex.depth == depth
             assert len(ex.prompt_bytes) == length  # exactly the requested length, ASCII
             assert _recover(ex) == [ex.answer]
-            assert ex.answer.isdigit()
+            assert ex.answer.isdigit() and ex.target == ("" if task == "mqar" else " ") + ex.answer
             # the queried needle starts where meta says, at the requested relative depth
             off, hay = ex.meta["needle_offset"], ex.meta["haystack_length"]
             if task == "passkey":
@@ -135,6 +135,7 @@ def test_write_corpus_is_training_text(tmp_path):
     assert info["examples"] == 40 and sum(info["by_task"].values()) == 40
     text = "".join((tmp_path / "c" / f"tasks_{j:03d}.txt").read_text() for j in range(4))
     assert text.count("What is the pass key? The pass key is ") == info["by_task"].get("passkey", 0)
+    assert re.findall(r"lookups:.* [a-z]{3}:(\d{3})\n", text) and not re.findall(r" [a-z]{3}: \d", text)
     T.write_corpus(tmp_path / "d", 40, lengths=(200, 300), seed=9, filler=FILLER, n_files=4)
     assert text == "".join((tmp_path / "d" / f"tasks_{j:03d}.txt").read_text() for j in range(4))
     data = load_data(DataConfig(data=str(tmp_path / "c")))
