@@ -22,8 +22,9 @@ At every budget:
 
 Writes to ``--out`` (default ``RUN/budget_sweep``): ``budget_sweep.json``,
 ``performance_vs_budget.png`` (like the "Inference Compute Scaling" chart, dense dashed),
-``accuracy_heatmap.png`` (context length x depth, one panel per budget) and
-``loss_by_position.png``.
+``answer_loss_vs_budget.png`` (teacher-forced loss of the answer bytes: a soft score that
+moves before exact match does, useful for tiny models), ``accuracy_heatmap.png`` (context
+length x depth, one panel per budget) and ``loss_by_position.png``.
 """
 
 from __future__ import annotations
@@ -222,6 +223,27 @@ def greedy_decode(model: GPT, prompts: list[bytes], n_new: int, batch: int = 16,
 
 
 @torch.no_grad()
+def answer_nll(model: GPT, prompts: list[bytes], targets: list[bytes], batch: int = 16, device="cpu") -> list[float]:
+    """Teacher-forced mean loss (nats / byte) of each target's bytes after its prompt: a soft
+    score that moves before exact match does (prompt + target lengths equal -> batched)."""
+    out: list[float] = [math.nan] * len(prompts)
+    by_len: dict[tuple[int, int], list[int]] = {}
+    for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        by_len.setdefault((len(p), len(t)), []).append(i)
+    for (lp, lt), ids in by_len.items():
+        if lt == 0:
+            continue
+        for j in range(0, len(ids), batch):
+            chunk = ids[j : j + batch]
+            seq = torch.tensor([list(prompts[i] + targets[i]) for i in chunk], dtype=torch.long, device=device)
+            logits = model(seq[:, :-1])[:, lp - 1 :].float()
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), seq[:, lp:], reduction="none")
+            for i, v in zip(chunk, nll.mean(1).tolist(), strict=True):
+                out[i] = v
+    return out
+
+
+@torch.no_grad()
 def loss_by_position(model: GPT, tokens: np.ndarray, context: int, n_seqs: int, batch: int = 8,
                      device="cpu") -> torch.Tensor:
     """Per-position mean next-token loss (context,) over fixed evenly spaced windows."""
@@ -305,17 +327,23 @@ def run_sweep(checkpoint: str | Path, out: str | Path | None = None, budgets: li
             preds = greedy_decode(model, prompts, n_new, batch, dev) if examples else []
             sc = T.score(preds, examples) if examples else {"accuracy": float("nan"), "n": 0}
             row = {**setting, **sc}
+            nll = answer_nll(model, prompts, [e.target.encode("ascii") for e in examples], batch, dev)
+            row["answer_nll"] = float(np.mean(nll)) if nll else math.nan
+            row["answer_nll_by_task"] = {t: float(np.mean([v for v, e in zip(nll, examples, strict=True)
+                                                           if e.task == t])) for t in sorted({e.task for e in examples})}
             if val is not None and val.size > loss_context + 1:
                 row.update(loss_summary(loss_by_position(model, val, loss_context, loss_seqs, batch, dev)))
             if probe is not None:
                 row["attended_keys_per_query"] = measure_attended_keys(model, setter, setting, probe)
         row["examples"] = [{"task": e.task, "context_length": e.context_length, "depth": e.depth,
-                            "answer": e.answer, "prediction": p} for e, p in zip(examples, preds, strict=True)]
+                            "answer": e.answer, "prediction": p, "answer_nll": v}
+                           for e, p, v in zip(examples, preds, nll, strict=True)]
         row["elapsed_s"] = round(time.time() - ts, 3)
         results.append(row)
         if progress:
             loss = f" val_loss {row['val_loss']:.3f}" if "val_loss" in row else ""
-            print(f"[eval_budget] {setting['name']:>8}: accuracy {100 * row['accuracy']:.1f}%{loss} "
+            print(f"[eval_budget] {setting['name']:>8}: accuracy {100 * row['accuracy']:.1f}% "
+                  f"answer_nll {row['answer_nll']:.3f}{loss} "
                   f"({row['elapsed_s']:.1f}s)", file=sys.stderr)
     setter.restore()
 
@@ -384,6 +412,30 @@ def make_plots(record: dict, out: str | Path) -> list[Path]:
     written.append(out / "performance_vs_budget.png")
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
+
+    # soft score: teacher-forced loss of the answer bytes vs budget
+    if rows and "answer_nll" in rows[0]:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        ax.plot(xs, [r["answer_nll"] for r in rows], "-o", color="tab:blue", mfc="black", mec="black",
+                label="MoBA, all tasks")
+        for j, task in enumerate(record["settings"]["tasks"]):
+            ys = [r["answer_nll_by_task"].get(task, math.nan) for r in rows]
+            ax.plot(xs, ys, "-", marker=".", alpha=0.5, color=f"C{j + 1}", label=task)
+        if dense is not None:
+            ax.axhline(dense["answer_nll"], ls="--", color="gray", label="dense (full attention)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([fmt_size(x) for x in xs])
+        ax.minorticks_off()
+        ax.set_xlabel("Compute Budget (attended keys per query = top_k x block_size)")
+        ax.set_ylabel("answer loss (nats / byte, teacher-forced)")
+        ax.set_title("Answer loss vs inference budget")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(out / "answer_loss_vs_budget.png")
+        fig.savefig(written[-1], dpi=120)
+        plt.close(fig)
 
     # accuracy heatmap: context length x depth, one panel per setting
     panels = rows + ([dense] if dense is not None else [])
@@ -471,7 +523,7 @@ def main(argv: list[str] | None = None) -> dict:
         parse_size(a.loss_context) if a.loss_context else None, a.loss_seqs, a.data, filler, a.threads,
         plots=not a.no_plots, device=a.device, dtype=a.dtype, batch=a.batch,
     )
-    summary = {r["name"]: {"accuracy": r["accuracy"], "val_loss": r.get("val_loss"),
+    summary = {r["name"]: {"accuracy": r["accuracy"], "answer_nll": r.get("answer_nll"), "val_loss": r.get("val_loss"),
                            "attended_keys": r.get("attended_keys_per_query", {}).get("mean")}
                for r in record["results"]}
     print(json.dumps({"out": record["out"], "elapsed_s": record["elapsed_s"], "results": summary}, indent=1))

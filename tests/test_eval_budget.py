@@ -74,7 +74,8 @@ def test_sweep_end_to_end(tmp_path):
     rec = E.run_sweep(run, out=tmp_path / "out", lengths=[128, 160], depths=[0.0, 1.0], n_per_cell=1,
                       loss_seqs=2, filler=filler, progress=False)
     out = tmp_path / "out"
-    for name in ("budget_sweep.json", "performance_vs_budget.png", "accuracy_heatmap.png", "loss_by_position.png"):
+    for name in ("budget_sweep.json", "performance_vs_budget.png", "answer_loss_vs_budget.png",
+                 "accuracy_heatmap.png", "loss_by_position.png"):
         assert (out / name).stat().st_size > 0, name
     saved = json.loads((out / "budget_sweep.json").read_text())
     assert saved["settings"]["n_examples"] == rec["settings"]["n_examples"] == 3 * 2 * 2
@@ -83,6 +84,7 @@ def test_sweep_end_to_end(tmp_path):
     assert [r["top_k"] for r in rows[:-1]] == [1, 2, 4, 8, 16]
     for r in rows:
         assert 0.0 <= r["accuracy"] <= 1.0 and len(r["examples"]) == 12
+        assert r["answer_nll"] > 0 and set(r["answer_nll_by_task"]) == set(T.TASKS)
         assert {"val_loss", "trailing_loss", "loss_by_bucket", "loss_by_position"} <= set(r)
         assert {(c["context_length"], c["depth"]) for c in r["by_length_depth"]} == {
             (L, d) for L in (128, 160) for d in (0.0, 1.0)}
@@ -108,3 +110,14 @@ def test_cli_pairs(tmp_path, capsys):
     assert [(r["name"], r["budget"]) for r in rec["results"]] == [("2x16", 32), ("1x64", 64), ("dense", None)]
     assert not (tmp_path / "cli" / "performance_vs_budget.png").exists()
     assert '"2x16"' in capsys.readouterr().out
+
+
+def test_answer_nll_matches_full_forward(tmp_path):
+    run, model = _tiny_checkpoint(tmp_path)
+    prompts, targets = [b"abc def ghi", b"xyz uvw rst", b"0123"], [b" 42", b" 17", b"9"]
+    got = E.answer_nll(model, prompts, targets, batch=2)
+    for p, t, v in zip(prompts, targets, got, strict=True):
+        seq = torch.tensor([list(p + t)])
+        with torch.no_grad():
+            loss = model(seq[:, :-1], seq[:, 1:], reduction="none")[0, len(p) - 1 :]
+        assert v == pytest.approx(float(loss.mean()), rel=1e-5)
