@@ -87,6 +87,12 @@ class DataConfig:
     tokenizer: str | None = None
     val_fraction: float = 0.05  # share of files held out (text data), chosen by path hash
     cache_dir: str | None = None  # default ~/.cache/moba-scaling (env MOBA_SCALING_CACHE)
+    mix: str | None = None  # optional 2nd source (e.g. `python -m scaling_runs.tasks DIR`), training only
+    mix_fraction: float = 0.0  # share of training tokens drawn from `mix` (0 = off)
+
+    def __post_init__(self):
+        if not 0.0 <= self.mix_fraction < 1.0:
+            raise ValueError(f"mix_fraction must be in [0, 1), got {self.mix_fraction}")
 
 
 @dataclass

@@ -313,7 +313,28 @@ def load_text(root: Path, val_fraction: float, tokenizer: str | None = None) -> 
 
 
 def load_data(cfg: DataConfig) -> TokenData:
-    """Load the tokens ``cfg`` names (see the module docstring)."""
+    """Load the tokens ``cfg`` names (see the module docstring), mixed with ``cfg.mix`` when
+    ``cfg.mix_fraction > 0``: the mix source's training tokens, repeated as needed, are appended
+    to the training array so that they make ``mix_fraction`` of it (batch offsets are uniform,
+    so about that share of training windows); validation stays the main source's only."""
+    data = _load_main(cfg)
+    if not cfg.mix or cfg.mix_fraction <= 0:
+        return data
+    mix = _load_main(DataConfig(data=cfg.mix, tokenizer=cfg.tokenizer, val_fraction=cfg.val_fraction,
+                                cache_dir=cfg.cache_dir))
+    if mix.vocab_size > data.vocab_size and data.vocab_size == 256:
+        raise ValueError(f"{cfg.mix}: vocabulary {mix.vocab_size} does not fit the byte-level main data")
+    n_mix = int(round(cfg.mix_fraction / (1 - cfg.mix_fraction) * data.train.size))
+    reps = -(-n_mix // max(1, mix.train.size))
+    extra = np.tile(np.asarray(mix.train), reps)[:n_mix].astype(data.train.dtype)
+    train = np.concatenate([np.asarray(data.train), extra])
+    info = {**data.info, "mix": {"source": cfg.mix, "fraction": cfg.mix_fraction, "tokens": int(n_mix),
+                                 "data_hash": mix.data_hash}}
+    return TokenData(train, data.val, max(data.vocab_size, mix.vocab_size), tokens_hash(train, data.val),
+                     data.source + "+mix", info)
+
+
+def _load_main(cfg: DataConfig) -> TokenData:
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     if cfg.data == "stdlib":
         return build_stdlib_corpus(cache_dir=cache, val_fraction=cfg.val_fraction)
