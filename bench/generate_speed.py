@@ -1,0 +1,256 @@
+"""Decoding speed of plain, speculative and staged speculative generation (``moba.generate``).
+
+    python bench/generate_speed.py                              # GPU (or CPU): default sizes
+    python bench/generate_speed.py --draft-noise 0.02 --gamma 4 --new-tokens 256 --prompt-len 2048
+    python bench/generate_speed.py --cpu --out /tmp/gen         # CPU smoke run (< 20 s)
+    python bench/roofline.py /tmp/gen/points.json --out /tmp/gen/roofline.png
+
+Models: a target and a draft ``transformers`` Llama built from configs with random weights
+(no download), both running MoBA attention (``register_moba(--block-size, --top-k)``). By
+default the draft is a smaller random model: its greedy tokens almost never agree with the
+target's, so acceptance is ~0 and speculative decoding is pure overhead. ``--draft-noise X``
+makes the draft a copy of the target with Gaussian noise (X x each tensor's std) added to
+its weights instead: acceptance is then high, but the draft is as big as the target, so it
+measures the mechanics (acceptance, tokens per target forward, roofline position), not a
+realistic speed-up. Random weights say nothing about acceptance on real text.
+
+Modes (greedy decoding; speculative output is checked token-for-token against plain):
+  plain        ``generate_plain(target)``
+  speculative  ``generate_speculative(target, draft, gamma=--gamma)``
+  staged       ``generate_speculative(target, draft, draft_drafter=NGramDraft(corpus))``:
+               an n-gram table speculates for the draft model (``--gamma-inner`` guesses per
+               draft forward); corpus = the prompt (prompt lookup) or, with
+               ``--ngram-corpus draft``, the draft model's own greedy continuation of it.
+
+Per mode: tokens/s (median over ``--repeats`` timed runs after one warm-up), acceptance rate,
+mean accepted length (drafted tokens accepted per target verify forward), tokens per target
+forward, forwards. Output under ``--out``: ``generate_speed.json`` (metadata: device, torch /
+transformers versions, date, git commit, config; and the three modes' stats) and
+``points.json`` (``{"points": [{"name","flops","bytes","seconds"}]}`` from
+``moba.generate.roofline_point``: a weight-streaming model, for ``bench/roofline.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from moba.generate import NGramDraft, generate_plain, generate_speculative, roofline_point  # noqa: E402
+
+CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 decoding is "
+            "memory-bound and speculative decoding trades spare FLOPs for fewer weight reads; "
+            "on CPU the extra FLOPs of the verify forward are not free.")
+
+MODES = ("plain", "speculative", "staged")
+
+
+def _git(*args) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="small CPU smoke run (< 20 s); overrides sizes")
+    p.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda if available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per target verify forward")
+    p.add_argument("--gamma-inner", type=int, default=2, help="staged: n-gram guesses per draft forward")
+    p.add_argument("--ngram-n", type=int, default=3, help="staged: n of the n-gram table")
+    p.add_argument("--ngram-corpus", default="prompt", choices=["prompt", "draft"],
+                   help="staged: n-gram table from the prompt, or from the draft's greedy continuation")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (after one warm-up)")
+    p.add_argument("--block-size", type=int, default=64, help="MoBA block size")
+    p.add_argument("--top-k", type=int, default=3, help="MoBA top-k blocks")
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--target-layers", type=int, default=12)
+    p.add_argument("--target-hidden", type=int, default=1024)
+    p.add_argument("--draft-layers", type=int, default=2)
+    p.add_argument("--draft-hidden", type=int, default=256)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--init-std", type=float, default=0.02, help="initializer_range of the random models")
+    p.add_argument("--draft-noise", type=float, default=0.0,
+                   help="> 0: draft = target + Gaussian noise (this x each tensor's std) instead of a small model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output folder (default bench/results/generate-<device>-<date>)")
+    return p
+
+
+def apply_cpu(args) -> None:
+    args.device = "cpu"
+    args.dtype = args.dtype or "float32"
+    args.vocab = min(args.vocab, 512)
+    args.target_layers, args.target_hidden = min(args.target_layers, 2), min(args.target_hidden, 128)
+    args.draft_layers, args.draft_hidden = min(args.draft_layers, 1), min(args.draft_hidden, 64)
+    args.head_dim = min(args.head_dim, 32)
+    args.prompt_len = min(args.prompt_len, 48)
+    args.new_tokens = min(args.new_tokens, 16)
+    args.repeats = min(args.repeats, 1)
+    args.block_size = min(args.block_size, 16)
+    args.top_k = min(args.top_k, 2)
+
+
+def llama(args, layers: int, hidden: int, attn: str, seed: int, device, dtype):
+    import transformers
+
+    heads = max(1, hidden // args.head_dim)
+    cfg = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2) if heads % 2 == 0 else heads,
+        max_position_embeddings=args.prompt_len + args.new_tokens + 64, initializer_range=args.init_std,
+        pad_token_id=0, eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+@torch.no_grad()
+def noisy_copy(model, noise: float, seed: int):
+    out = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(seed)
+    for p in out.parameters():
+        if p.numel() > 1:
+            std = float(p.float().std())
+            p.add_((torch.randn(p.shape, generator=g) * (noise * std)).to(p))
+    return out
+
+
+def _n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def summarize(runs: list, n_prompt: int) -> dict:
+    """Stats of the median-time run, plus the spread of tokens/s over the runs."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i][1].seconds)
+    out, st = runs[order[len(order) // 2]]
+    return {
+        "tokens_per_second": st.tokens_per_second,
+        "tokens_per_second_all": [r[1].tokens_per_second for r in runs],
+        "seconds": st.seconds,
+        "seconds_all": [r[1].seconds for r in runs],
+        "new_tokens": st.new_tokens,
+        "acceptance_rate": st.acceptance_rate,
+        "mean_accepted_length": st.mean_accepted_length,
+        "tokens_per_target_forward": st.tokens_per_target_forward,
+        "target_forwards": st.target_forwards,
+        "draft_forwards": st.draft_forwards,
+        "target_tokens": st.target_tokens,
+        "draft_tokens": st.draft_tokens,
+        "rounds": st.rounds,
+        "proposed": st.proposed,
+        "accepted": st.accepted,
+    }, st, out
+
+
+def run(args) -> dict:
+    import transformers
+
+    from moba.integrations.transformers import register_moba
+
+    t_start = time.perf_counter()
+    if args.cpu:
+        apply_cpu(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    attn = register_moba(args.block_size, args.top_k, name="moba_genbench")
+
+    target = llama(args, args.target_layers, args.target_hidden, attn, args.seed, device, dtype)
+    if args.draft_noise > 0:
+        draft = noisy_copy(target, args.draft_noise, args.seed + 1)
+        draft_kind = f"target + noise {args.draft_noise}"
+    else:
+        draft = llama(args, args.draft_layers, args.draft_hidden, attn, args.seed + 1, device, dtype)
+        draft_kind = "small random model"
+    g = torch.Generator().manual_seed(args.seed + 2)
+    prompt = torch.randint(1, args.vocab, (1, args.prompt_len), generator=g).to(device)
+
+    if args.ngram_corpus == "draft":
+        corpus = [generate_plain(draft, prompt, args.new_tokens)[0].tolist()]
+    else:
+        corpus = [prompt[0].tolist()]
+
+    def call(mode):
+        if mode == "plain":
+            return generate_plain(target, prompt, args.new_tokens, return_stats=True)
+        if mode == "speculative":
+            return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma)
+        return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma,
+                                    draft_drafter=NGramDraft(corpus, n=args.ngram_n), gamma_inner=args.gamma_inner)
+
+    results, points, reference = {}, [], None
+    for mode in MODES:
+        call(mode)  # warm-up (kernels, allocator, caches)
+        runs = [call(mode) for _ in range(max(1, args.repeats))]
+        summary, st, out = summarize(runs, args.prompt_len)
+        if reference is None:
+            reference = out
+        summary["matches_plain"] = bool(torch.equal(out, reference))
+        results[mode] = summary
+        points.append(roofline_point(f"decode {mode} (gamma={args.gamma})" if mode != "plain" else "decode plain",
+                                     st, target, None if mode == "plain" else draft))
+
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    meta = {
+        "device": str(device),
+        "device_name": dev_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "argv": sys.argv[1:],
+        "config": {k: v for k, v in vars(args).items() if k != "out"} | {
+            "dtype": str(dtype).replace("torch.", ""), "draft_kind": draft_kind,
+            "target_params": _n_params(target), "draft_params": _n_params(draft)},
+        "note": CPU_NOTE if device.type == "cpu" else "",
+    }
+    out_dir = Path(args.out) if args.out else HERE / "results" / (
+        f"generate-{'cpu' if device.type == 'cpu' else dev_name.replace(' ', '_')}-{dt.date.today():%Y%m%d}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report = {"metadata": meta, "modes": results}
+    with open(out_dir / "generate_speed.json", "w") as f:
+        json.dump(report, f, indent=1)
+    with open(out_dir / "points.json", "w") as f:
+        json.dump({"device_name": dev_name, "points": points}, f, indent=1)
+
+    print(f"{dev_name}  torch {torch.__version__}  transformers {transformers.__version__}  {meta['config']['dtype']}")
+    print(f"target {meta['config']['target_params'] / 1e6:.2f}M params, draft {meta['config']['draft_params'] / 1e6:.2f}M "
+          f"({draft_kind}); prompt {args.prompt_len}, {args.new_tokens} new tokens, gamma {args.gamma}, "
+          f"MoBA block {args.block_size} top-{args.top_k}")
+    print(f"{'mode':12s} {'tok/s':>9s} {'accept':>7s} {'acc/round':>9s} {'tok/fwd':>7s} {'T fwd':>6s} {'D fwd':>6s}  =plain")
+    for mode, r in results.items():
+        print(f"{mode:12s} {r['tokens_per_second']:9.1f} {r['acceptance_rate']:7.3f} {r['mean_accepted_length']:9.2f} "
+              f"{r['tokens_per_target_forward']:7.2f} {r['target_forwards']:6d} {r['draft_forwards']:6d}  {r['matches_plain']}")
+    if device.type == "cpu":
+        print(f"NOTE: {CPU_NOTE}")
+    print(f"wrote {out_dir / 'generate_speed.json'} and {out_dir / 'points.json'} ({time.perf_counter() - t_start:.1f} s)")
+    print(f"roofline: python bench/roofline.py {out_dir / 'points.json'} --out {out_dir / 'roofline.png'}")
+    report["out_dir"] = str(out_dir)
+    return report
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

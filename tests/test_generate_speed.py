@@ -1,0 +1,62 @@
+"""bench/generate_speed.py: the CPU smoke run end to end, its JSON, and its roofline points."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))
+
+import generate_speed  # noqa: E402
+import roofline  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen")
+    generate_speed.main(["--cpu", "--draft-noise", "0.05", "--gamma", "3", "--out", str(out)])
+    return out
+
+
+def test_cpu_run_writes_json(run_dir, capsys):
+    data = json.loads((run_dir / "generate_speed.json").read_text())
+    meta = data["metadata"]
+    for key in ("device", "device_name", "torch", "transformers", "date", "git_commit", "config", "note"):
+        assert key in meta
+    assert meta["device"] == "cpu" and "say nothing about GPU" in meta["note"]
+    assert meta["config"]["gamma"] == 3 and meta["config"]["draft_noise"] == 0.05
+    assert set(data["modes"]) == {"plain", "speculative", "staged"}
+    for mode, r in data["modes"].items():
+        assert r["tokens_per_second"] > 0 and r["seconds"] > 0
+        assert r["new_tokens"] == meta["config"]["new_tokens"]
+        assert 0.0 <= r["acceptance_rate"] <= 1.0
+        assert 0.0 <= r["mean_accepted_length"] <= 3
+        assert r["matches_plain"], mode  # greedy speculative output is plain's, token for token
+    plain, spec = data["modes"]["plain"], data["modes"]["speculative"]
+    assert plain["acceptance_rate"] == 0 and plain["target_forwards"] == plain["new_tokens"]
+    # a noisy copy of the target as draft: most drafts accepted, fewer target forwards
+    assert spec["acceptance_rate"] > 0.2 and spec["target_forwards"] < plain["target_forwards"]
+    assert spec["draft_forwards"] > 0 and data["modes"]["staged"]["draft_forwards"] > 0
+
+
+def test_points_feed_roofline(run_dir):
+    points = json.loads((run_dir / "points.json").read_text())["points"]
+    assert [p["name"].split()[1] for p in points] == ["plain", "speculative", "staged"]
+    for p in points:
+        assert p["flops"] > 0 and p["bytes"] > 0 and p["seconds"] > 0
+    # verifying gamma + 1 tokens per target forward raises the FLOPs per weight byte
+    assert points[1]["flops"] / points[1]["bytes"] > points[0]["flops"] / points[0]["bytes"]
+    png = run_dir / "roofline.png"
+    res = roofline.main([str(run_dir / "points.json"), "--out", str(png), "--no-model",
+                         "--peak-tflops", "0.1", "--peak-bw-tbs", "0.01"])
+    assert png.exists() and png.stat().st_size > 1000
+    names = [p["name"] for p in res["points"]]
+    assert names == [p["name"] for p in points]
+    assert all(p["achieved_flops_per_s"] for p in res["points"])
