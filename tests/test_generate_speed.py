@@ -60,3 +60,37 @@ def test_points_feed_roofline(run_dir):
     names = [p["name"] for p in res["points"]]
     assert names == [p["name"] for p in points]
     assert all(p["achieved_flops_per_s"] for p in res["points"])
+
+
+def test_gpt_adapter_drives_generate(tmp_path):
+    """moba.generate_adapters: a scaling_runs GPT checkpoint decoded plain / speculative / staged."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    from moba.generate import NGramDraft, generate_plain, generate_speculative, roofline_point
+    from moba.generate_adapters import GPTAdapter, load_gpt
+    from scaling_runs.config import ModelConfig
+    from scaling_runs.model import GPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=32, context=32, vocab_size=64, block_size=8, top_k=2)
+    gpt = GPT(cfg).eval()
+    torch.save({"model": gpt.state_dict(), "config": {"model": dataclasses.asdict(cfg)}, "step": 0},
+               tmp_path / "ckpt.pt")
+    target = load_gpt(tmp_path / "ckpt.pt")
+    ids = torch.randint(0, 64, (1, 20), generator=torch.Generator().manual_seed(1))
+    plain = generate_plain(target, ids, 16)
+    ref = ids
+    with torch.no_grad():
+        for _ in range(16):  # the GPT run over its last `context` tokens, no cache
+            ref = torch.cat([ref, gpt(ref[:, -32:])[:, -1:].argmax(-1)], 1)
+    assert torch.equal(plain, ref)
+    draft = GPTAdapter(copy.deepcopy(gpt))
+    out, st = generate_speculative(target, draft, ids, 16, gamma=3)
+    assert torch.equal(out, plain) and st.acceptance_rate == 1.0 and st.target_forwards < 16
+    out, st2 = generate_speculative(target, draft, ids, 16, gamma=3, draft_drafter=NGramDraft([ids[0]]))
+    assert torch.equal(out, plain)
+    p = roofline_point("gpt speculative", st, target, draft)
+    assert p["flops"] > 0 and p["bytes"] > 0
