@@ -87,6 +87,32 @@ def padded_head_dim(d: int) -> int:
 
 
 @triton.jit
+def query_tile(pid, TILE_SEQ, TILE_START, CU_Q, CU_K, n_heads_q):
+    """1-D program id (query heads fastest) -> (query head, sequence, first query token of the
+    tile, the sequence's query range q0:q1 and key range k0:k1), all int64 scalars."""
+    pid_m = pid // n_heads_q
+    pid_h = pid % n_heads_q
+    seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
+    q_start = tl.load(TILE_START + pid_m).to(tl.int64)
+    q0 = tl.load(CU_Q + seq).to(tl.int64)
+    q1 = tl.load(CU_Q + seq + 1).to(tl.int64)
+    k0 = tl.load(CU_K + seq).to(tl.int64)
+    k1 = tl.load(CU_K + seq + 1).to(tl.int64)
+    return pid_h, seq, q_start, q0, q1, k0, k1
+
+
+@triton.jit
+def next_union_block(idx_row, cur, sel, slot, n_slots, BIG: tl.constexpr):
+    """One step of the k-way merge over the rows' sorted index lists: the rows that took the
+    current block (``sel``) move to their next slot. Returns the rows' new current blocks
+    (BLOCK_M,), their cursors (BLOCK_M,) and the next block of the union (scalar, BIG = done)."""
+    slot = slot + sel.to(tl.int32)
+    nxt = tl.load(idx_row + slot, mask=sel & (slot < n_slots), other=BIG)  # (BLOCK_M,)
+    cur = tl.where(sel, nxt, cur)
+    return cur, slot, tl.min(cur, axis=0)
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX,
     TILE_SEQ, TILE_START, CU_Q, CU_K,
@@ -97,14 +123,7 @@ def _fwd_kernel(
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
     pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid // n_heads_q
-    pid_h = pid % n_heads_q
-    seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
-    q_start = tl.load(TILE_START + pid_m).to(tl.int64)
-    q0 = tl.load(CU_Q + seq).to(tl.int64)
-    q1 = tl.load(CU_Q + seq + 1).to(tl.int64)
-    k0 = tl.load(CU_K + seq).to(tl.int64)
-    k1 = tl.load(CU_K + seq + 1).to(tl.int64)
+    pid_h, seq, q_start, q0, q1, k0, k1 = query_tile(pid, TILE_SEQ, TILE_START, CU_Q, CU_K, n_heads_q)
     kv_head = pid_h // group
     seq_len_k = k1 - k0
 
@@ -156,10 +175,7 @@ def _fwd_kernel(
                         mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, HEAD_DIM)
             m_i = m_new
-        slot = slot + sel.to(tl.int32)
-        nxt = tl.load(idx_row + slot, mask=sel & (slot < n_slots), other=BIG)  # (BLOCK_M,)
-        cur = tl.where(sel, nxt, cur)
-        j = tl.min(cur, axis=0)
+        cur, slot, j = next_union_block(idx_row, cur, sel, slot, n_slots, BIG)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # (BLOCK_M,)
     out = acc / l_safe[:, None]  # (BLOCK_M, HEAD_DIM)
@@ -181,14 +197,7 @@ def _bwd_dq_kernel(
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
     pid = tl.program_id(0).to(tl.int64)
-    pid_m = pid // n_heads_q
-    pid_h = pid % n_heads_q
-    seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
-    q_start = tl.load(TILE_START + pid_m).to(tl.int64)
-    q0 = tl.load(CU_Q + seq).to(tl.int64)
-    q1 = tl.load(CU_Q + seq + 1).to(tl.int64)
-    k0 = tl.load(CU_K + seq).to(tl.int64)
-    k1 = tl.load(CU_K + seq + 1).to(tl.int64)
+    pid_h, seq, q_start, q0, q1, k0, k1 = query_tile(pid, TILE_SEQ, TILE_START, CU_Q, CU_K, n_heads_q)
     kv_head = pid_h // group
     seq_len_k = k1 - k0
 
@@ -236,10 +245,7 @@ def _bwd_dq_kernel(
             dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
             ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
             dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_M, HEAD_DIM)
-        slot = slot + sel.to(tl.int32)
-        nxt = tl.load(idx_row + slot, mask=sel & (slot < n_slots), other=BIG)  # (BLOCK_M,)
-        cur = tl.where(sel, nxt, cur)
-        j = tl.min(cur, axis=0)
+        cur, slot, j = next_union_block(idx_row, cur, sel, slot, n_slots, BIG)
 
     dq = dq * scale
     tl.store(DQ + offs_m[:, None] * stride_dqt + pid_h * stride_dqh + offs_d[None, :],

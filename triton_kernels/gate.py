@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import padded_head_dim, query_tiles
+from .attention import padded_head_dim, query_tile, query_tiles
 
 _BIG = 1 << 30
 
@@ -76,14 +76,7 @@ def _gate_topk_kernel(
     BIG: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid, query heads fastest
-    pid_m = pid // n_heads_q
-    pid_h = pid % n_heads_q
-    seq = tl.load(TILE_SEQ + pid_m).to(tl.int64)
-    q_start = tl.load(TILE_START + pid_m).to(tl.int64)
-    q0 = tl.load(CU_Q + seq).to(tl.int64)
-    q1 = tl.load(CU_Q + seq + 1).to(tl.int64)
-    k0 = tl.load(CU_K + seq).to(tl.int64)
-    k1 = tl.load(CU_K + seq + 1).to(tl.int64)
+    pid_h, seq, q_start, q0, q1, k0, k1 = query_tile(pid, TILE_SEQ, TILE_START, CU_Q, CU_K, n_heads_q)
     first_block = tl.load(BLOCK_OFFSET + seq).to(tl.int64)
     kv_head = pid_h // group
     seq_len_k = k1 - k0
