@@ -399,19 +399,8 @@ def make_plots(record: dict, out: str | Path) -> list[Path]:
     lo, hi = min(ys_all), max(ys_all)
     pad = max(2.0, 0.15 * (hi - lo))
     ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs)
-    ax.set_xticklabels([fmt_size(x) for x in xs])
-    ax.minorticks_off()
-    ax.set_xlabel("Compute Budget (attended keys per query = top_k x block_size)")
-    ax.set_ylabel("Performance (%)")
-    ax.set_title("Inference Compute Scaling")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    written.append(out / "performance_vs_budget.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    _finish_budget_plot(fig, ax, xs, "Performance (%)", "Inference Compute Scaling",
+                        out / "performance_vs_budget.png", written)
 
     # soft score: teacher-forced loss of the answer bytes vs budget
     if rows and "answer_nll" in rows[0]:
@@ -423,19 +412,8 @@ def make_plots(record: dict, out: str | Path) -> list[Path]:
             ax.plot(xs, ys, "-", marker=".", alpha=0.5, color=f"C{j + 1}", label=task)
         if dense is not None:
             ax.axhline(dense["answer_nll"], ls="--", color="gray", label="dense (full attention)")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(xs)
-        ax.set_xticklabels([fmt_size(x) for x in xs])
-        ax.minorticks_off()
-        ax.set_xlabel("Compute Budget (attended keys per query = top_k x block_size)")
-        ax.set_ylabel("answer loss (nats / byte, teacher-forced)")
-        ax.set_title("Answer loss vs inference budget")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(out / "answer_loss_vs_budget.png")
-        fig.savefig(written[-1], dpi=120)
-        plt.close(fig)
+        _finish_budget_plot(fig, ax, xs, "answer loss (nats / byte, teacher-forced)",
+                            "Answer loss vs inference budget", out / "answer_loss_vs_budget.png", written)
 
     # accuracy heatmap: context length x depth, one panel per setting
     panels = rows + ([dense] if dense is not None else [])
@@ -489,6 +467,25 @@ def make_plots(record: dict, out: str | Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------
 # CLI
+
+
+def _finish_budget_plot(fig, ax, xs, ylabel: str, title: str, path, written: list) -> None:
+    """Log2 budget x-axis (512, 1k, ...), labels, legend; save to ``path`` and record it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs)
+    ax.set_xticklabels([fmt_size(x) for x in xs])
+    ax.minorticks_off()
+    ax.set_xlabel("Compute Budget (attended keys per query = top_k x block_size)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
 
 
 def main(argv: list[str] | None = None) -> dict:
