@@ -11,7 +11,7 @@ scores highest against it (Lu et al., 2025). See DESIGN.md section 1 for the exa
 from ._checks import PAD_INDEX
 from .backends import available_backends
 from .config import MoBAConfig
-from .decode import BlockMeanState, moba_decode
+from .decode import BlockMeanState, KVCache, LayerKVCache, moba_decode
 from .full import (
     full_attn_func,
     full_attn_implementation,
@@ -26,6 +26,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BlockMeanState",
+    "KVCache",
+    "LayerKVCache",
     "PAD_INDEX",
     "MoBAConfig",
     "available_backends",

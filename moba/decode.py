@@ -288,3 +288,84 @@ def moba_decode(
     else:
         out = decode_attention_torch(q, k_cache, v_cache, idx, starts_t, lengths_t, block_size, scale)
     return (out, idx) if return_block_indices else out
+
+
+class LayerKVCache:
+    """Keys and values of one attention layer for a batch of sequences, plus its block means.
+
+    Storage grows geometrically (amortised O(1) per token); ``keys`` / ``values`` are
+    (B, length, Hkv, D) views of it. ``state`` is the layer's ``BlockMeanState`` (created on
+    the first MoBA step). All rows share one length (no padding).
+    """
+
+    def __init__(self):
+        self._k: torch.Tensor | None = None  # (B, capacity, Hkv, D)
+        self._v: torch.Tensor | None = None
+        self.length = 0
+        self.state: BlockMeanState | None = None
+
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, : self.length]
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, : self.length]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add k, v (B, n, Hkv, D) after the cached tokens; returns all keys and values so far."""
+        if k.dim() != 4 or k.shape != v.shape:
+            raise ValueError(f"k and v must be equal (B, n, Hkv, D) tensors, got {tuple(k.shape)}, {tuple(v.shape)}")
+        if self._k is not None and (k.shape[0] != self._k.shape[0] or k.shape[2:] != self._k.shape[2:]
+                                    or k.dtype != self._k.dtype or k.device != self._k.device):
+            raise ValueError(f"new keys {tuple(k.shape)} {k.dtype} do not match the cache "
+                             f"{tuple(self._k.shape)} {self._k.dtype} (batch, heads, head_dim, dtype)")
+        need = self.length + k.shape[1]
+        if self._k is None or need > self._k.shape[1]:
+            capacity = max(need, 2 * (0 if self._k is None else self._k.shape[1]), 64)
+            new_k = k.new_empty(k.shape[0], capacity, *k.shape[2:])
+            new_v = v.new_empty(v.shape[0], capacity, *v.shape[2:])
+            if self.length:
+                new_k[:, : self.length] = self._k[:, : self.length]
+                new_v[:, : self.length] = self._v[:, : self.length]
+            self._k, self._v = new_k, new_v
+        self._k[:, self.length : need] = k
+        self._v[:, self.length : need] = v
+        self.length = need
+        return self.keys, self.values
+
+    def crop(self, length: int) -> None:
+        """Keep the first ``length`` tokens (the block means follow on the next MoBA step)."""
+        self.length = max(0, min(self.length, length))
+
+
+class KVCache:
+    """A model's KV cache for ``moba.nn.MoBASelfAttention`` layers (sparse MoBA decoding).
+
+    Pass the same object to every step; layer ``i`` uses ``cache.layer(i)``. MoBA layers
+    decode with ``moba_decode`` (only ``top_k`` blocks of the cache are read per query), full
+    layers with ``full_attn_with_kvcache``. ``crop`` rolls back, e.g. rejected speculative
+    tokens; it has ``transformers.DynamicCache.crop``'s meaning, so ``moba.generate`` drives
+    models that use it.
+
+    >>> cache = KVCache()
+    >>> logits = model(prompt, cache=cache)            # prefill: (B, L) tokens
+    >>> logits = model(next_tokens, cache=cache)       # then (B, n) new tokens per step
+    """
+
+    def __init__(self):
+        self.layers: list[LayerKVCache] = []
+
+    def layer(self, index: int) -> LayerKVCache:
+        while len(self.layers) <= index:
+            self.layers.append(LayerKVCache())
+        return self.layers[index]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].length if layer_idx < len(self.layers) else 0
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens; a negative value removes that many from the end."""
+        keep = self.get_seq_length() + max_length if max_length < 0 else max_length
+        for layer in self.layers:
+            layer.crop(keep)

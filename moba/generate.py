@@ -135,6 +135,8 @@ class CachedModel:
         self.crops = 0
 
     def _new_cache(self):
+        if hasattr(self.model, "new_cache"):  # e.g. moba.generate_adapters.GPTAdapter
+            return self.model.new_cache()
         from transformers import DynamicCache
 
         return DynamicCache(config=self.model.config)

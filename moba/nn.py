@@ -2,6 +2,9 @@
 
 * ``MoBAAttention``: q, k, v in, output out (flash layout); ``mode`` is "moba" or "full".
 * ``MoBASelfAttention``: projections, optional rotary embeddings, GQA, around ``MoBAAttention``.
+* KV-cache decoding: pass a ``moba.decode.LayerKVCache`` (one per layer, from a
+  ``moba.decode.KVCache``) as ``cache=``; the first call prefills it, later calls feed only
+  new tokens, and MoBA layers then read only their selected blocks (``moba_decode``).
 * ``set_attention_mode(model, mode, layers=None)``: switch every (or some) attention core of
   a model between MoBA and full attention, e.g. the last N layers full (hybrid) or the whole
   model full from a chosen training step (the paper's MoBA/full recipe).
@@ -22,7 +25,8 @@ import torch
 from torch import nn
 
 from ._checks import check_bool, check_positive_int
-from .full import full_attn_func, full_attn_varlen_func
+from .decode import BlockMeanState, LayerKVCache, moba_decode
+from .full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
 from .ops import moba_attn_func, moba_attn_varlen_func
 
 MODES = ("moba", "full")
@@ -45,6 +49,8 @@ class MoBAAttention(nn.Module):
 
     Shapes: ``forward(q (B, S, Hq, D), k/v (B, S, Hkv, D)) -> (B, S, Hq, D)``, or packed
     ``forward(q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens, max_seqlen) -> (T, Hq, D)``.
+    With ``cache=LayerKVCache``: q, k, v are the newest S tokens; k, v are appended to the
+    cache and the queries attend causally over everything cached (see ``_forward_cached``).
     """
 
     def __init__(
@@ -64,8 +70,11 @@ class MoBAAttention(nn.Module):
         self.backend = backend
         self.softmax_scale = softmax_scale
 
-    def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
+    def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                cache: LayerKVCache | None = None):
         mode = _check_mode(self.mode)
+        if cache is not None:
+            return self._forward_cached(q, k, v, cu_seqlens, cache, mode)
         if cu_seqlens is None:
             if mode == "full":
                 return full_attn_func(q, k, v, self.causal, self.softmax_scale)
@@ -78,6 +87,31 @@ class MoBAAttention(nn.Module):
             q, k, v, cu_seqlens, max_seqlen, self.block_size, self.top_k, self.causal, self.softmax_scale,
             self.backend,
         )
+
+    def _forward_cached(self, q, k, v, cu_seqlens, cache: LayerKVCache, mode: str):
+        """Append k, v to the cache; the queries (the newest tokens) attend over the cache.
+
+        An empty cache is a prefill: the ordinary forward over the prompt. Afterwards MoBA
+        layers decode with ``moba_decode`` (block means kept incrementally in
+        ``cache.state``; a crop is picked up on the next step) and full layers with
+        ``full_attn_with_kvcache``. Both equal the prefill forward over the whole sequence.
+        """
+        if not isinstance(cache, LayerKVCache):
+            raise TypeError(f"cache must be a moba.decode.LayerKVCache, got {type(cache).__name__}")
+        if cu_seqlens is not None:
+            raise ValueError("a KV cache takes (B, S, H, D) inputs, not packed sequences (cu_seqlens)")
+        if not self.causal:
+            raise ValueError("KV-cache decoding needs causal attention (causal=True)")
+        past = cache.length
+        keys, values = cache.append(k, v)
+        if past == 0:
+            return self.forward(q, k, v)
+        if mode == "full":
+            return full_attn_with_kvcache(q, keys, values, True, self.softmax_scale)
+        if cache.state is None or cache.state.block_size != self.block_size:
+            cache.state = BlockMeanState(self.block_size)
+        backend = self.backend if self.backend in ("auto", "triton") else "torch"
+        return moba_decode(q, keys, values, cache.state, self.block_size, self.top_k, self.softmax_scale, backend=backend)
 
     def extra_repr(self) -> str:
         return f"mode={self.mode}, block_size={self.block_size}, top_k={self.top_k}, causal={self.causal}"
@@ -113,7 +147,9 @@ class MoBASelfAttention(nn.Module):
         rotary: apply rotary embeddings to q and k (theta ``rope_theta``).
 
     Shapes: ``forward(x (B, S, hidden_size)) -> (B, S, hidden_size)``; packed sequences:
-    ``forward(x (T, hidden_size), cu_seqlens=..., max_seqlen=...)``.
+    ``forward(x (T, hidden_size), cu_seqlens=..., max_seqlen=...)``. Decoding:
+    ``forward(x (B, S_new, hidden_size), cache=LayerKVCache)``: x holds the tokens after the
+    cached ones (rotary positions continue from the cache length).
     """
 
     def __init__(
@@ -144,20 +180,26 @@ class MoBASelfAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rotary else None
         self.attn = MoBAAttention(block_size, top_k, causal, mode, backend)
 
-    def forward(self, x, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None):
+    def forward(self, x, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
+                cache: LayerKVCache | None = None):
         lead = x.shape[:-1]
+        if cache is not None and cu_seqlens is not None:
+            raise ValueError("a KV cache takes (batch, new_tokens, hidden_size) inputs, not packed sequences (cu_seqlens)")
+        if cache is not None and x.dim() != 3:
+            raise ValueError(f"with a KV cache x must be (batch, new_tokens, hidden_size), got {tuple(x.shape)}")
         q = self.q_proj(x).view(*lead, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         if self.rotary is not None:
             if cu_seqlens is None:
-                positions = torch.arange(x.shape[-2], device=x.device)
+                past = cache.length if cache is not None else 0
+                positions = torch.arange(past, past + x.shape[-2], device=x.device)
             else:  # positions restart at every sequence
                 starts = cu_seqlens.to(x.device).long()
                 seq = torch.searchsorted(starts[1:], torch.arange(x.shape[0], device=x.device), right=True)
                 positions = torch.arange(x.shape[0], device=x.device) - starts[seq]
             q, k = self.rotary(q, positions), self.rotary(k, positions)
-        out = self.attn(q, k, v, cu_seqlens, max_seqlen)
+        out = self.attn(q, k, v, cu_seqlens, max_seqlen, cache=cache)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
 

@@ -8,6 +8,8 @@
   ``n_full_layers`` layers full, set through ``moba.nn.set_attention_mode``);
 * no learned position embedding (rotary only), pre-norm (RMSNorm by default, LayerNorm
   optional), MLP ``Linear(d, 4d) -> GELU -> Linear(4d, d)`` without bias;
+* KV-cache decoding: ``forward(idx, cache=moba.KVCache())`` prefills the cache, later calls
+  feed only the new tokens; MoBA layers then read only their selected blocks (``moba_decode``);
 * LM head tied to the token embedding by default (``tie_embeddings``); untied is an option.
   Parameter counts (``param_counts``): "embedding" is the token embedding plus an untied LM
   head; "non_embedding" is everything else (the N of C = 6 N D, as in Kaplan et al.).
@@ -21,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moba.decode import KVCache, LayerKVCache
 from moba.nn import MoBASelfAttention, set_attention_mode
 
 from .config import ModelConfig
@@ -59,8 +62,8 @@ class Block(nn.Module):
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, cache: LayerKVCache | None = None):
+        x = x + self.attn(self.norm1(x), cache=cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -96,11 +99,22 @@ class GPT(nn.Module):
             if layers:
                 set_attention_mode(self, mode, layers)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean"):
-        """idx (B, S) int64 -> logits (B, S, V); with targets: the loss (mean, or (B, S) for "none")."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
+                cache: KVCache | None = None, logits_to_keep: int = 0):
+        """idx (B, S) int64 -> logits (B, S, V); with targets: the loss (mean, or (B, S) for "none").
+
+        cache: a ``moba.KVCache`` for decoding; ``idx`` then holds the tokens after the cached
+        ones. logits_to_keep > 0: only the last that many positions go through the LM head.
+        """
+        if cache is not None and not isinstance(cache, KVCache):
+            raise TypeError(f"cache must be a moba.KVCache, got {type(cache).__name__}")
+        if targets is not None and logits_to_keep:
+            raise ValueError("logits_to_keep cannot be combined with targets (the loss needs every position)")
         x = self.wte(idx)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if cache is None else cache.layer(i))
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm_f(x))
         if targets is None:
             return logits
