@@ -5,7 +5,15 @@
     python bench/generate_speed.py --cpu --out /tmp/gen         # CPU smoke run (< 20 s)
     python bench/roofline.py /tmp/gen/points.json --out /tmp/gen/roofline.png
 
-Models: a target and a draft ``transformers`` Llama built from configs with random weights
+Models, either of:
+
+* ``--target-run DIR --draft-run DIR``: two scaling_runs checkpoints (e.g. the largest and
+  the smallest MoBA size of one sweep: ``runs/cpu-tiny/s3-moba`` and ``runs/cpu-tiny/s1-moba``
+  after ``make demo``), decoded with their sparse KV cache (``moba.generate_adapters``). The
+  prompt is a window of the held-out split of the run's corpus, and the staged mode's n-gram
+  table is built from the run's training split (``--ngram-corpus train``, the default here):
+  real text, so acceptance rates mean something.
+* otherwise a target and a draft ``transformers`` Llama built from configs with random weights
 (no download), both running MoBA attention (``register_moba(--block-size, --top-k)``). By
 default the draft is a smaller random model: its greedy tokens almost never agree with the
 target's, so acceptance is ~0 and speculative decoding is pure overhead. ``--draft-noise X``
@@ -19,10 +27,12 @@ Modes (greedy decoding; speculative output is checked token-for-token against pl
   speculative  ``generate_speculative(target, draft, gamma=--gamma)``
   staged       ``generate_speculative(target, draft, draft_drafter=NGramDraft(corpus))``:
                an n-gram table speculates for the draft model (``--gamma-inner`` guesses per
-               draft forward); corpus = the prompt (prompt lookup) or, with
-               ``--ngram-corpus draft``, the draft model's own greedy continuation of it.
+               draft forward); corpus = the prompt (prompt lookup), the draft model's own
+               greedy continuation of it (``--ngram-corpus draft``) or, with checkpoints,
+               the training split (``--ngram-corpus train``).
 
-Per mode: tokens/s (median over ``--repeats`` timed runs after one warm-up), acceptance rate,
+Per mode: decoding tokens/s (the prompt's prefill is timed apart; median over ``--repeats``
+timed runs after one warm-up), acceptance rate,
 mean accepted length (drafted tokens accepted per target verify forward), tokens per target
 forward, forwards. Output under ``--out``: ``generate_speed.json`` (metadata: device, torch /
 transformers versions, date, git commit, config; and the three modes' stats) and
@@ -34,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -47,7 +58,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from moba.generate import NGramDraft, generate_plain, generate_speculative, roofline_point  # noqa: E402
+from moba.generate import GenerationStats, NGramDraft, generate_plain, generate_speculative, roofline_point  # noqa: E402
 
 CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 decoding is "
             "memory-bound and speculative decoding trades spare FLOPs for fewer weight reads; "
@@ -73,8 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted per target verify forward")
     p.add_argument("--gamma-inner", type=int, default=2, help="staged: n-gram guesses per draft forward")
     p.add_argument("--ngram-n", type=int, default=3, help="staged: n of the n-gram table")
-    p.add_argument("--ngram-corpus", default="prompt", choices=["prompt", "draft"],
-                   help="staged: n-gram table from the prompt, or from the draft's greedy continuation")
+    p.add_argument("--ngram-corpus", default=None, choices=["prompt", "draft", "train"],
+                   help="staged: n-gram table from the prompt, the draft's greedy continuation, or (with "
+                        "--target-run) the training split (default: train with checkpoints, else prompt)")
+    p.add_argument("--target-run", default=None, help="a scaling_runs run dir / ckpt.pt as the target")
+    p.add_argument("--draft-run", default=None, help="a scaling_runs run dir / ckpt.pt as the draft (with --target-run)")
+    p.add_argument("--prompt-offset", type=int, default=0, help="with checkpoints: where the prompts start in the held-out split")
+    p.add_argument("--prompts", type=int, default=1,
+                   help="prompts per timed run (checkpoints: windows spread evenly over the held-out split; "
+                        "else random); stats are summed over them")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (speculative output checked against plain); > 0: sampling at this temperature")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (after one warm-up)")
@@ -133,6 +153,47 @@ def noisy_copy(model, noise: float, seed: int):
     return out
 
 
+def checkpoints(args, device, dtype):
+    """Target and draft from scaling_runs checkpoints, a held-out prompt, the training tokens."""
+    from moba.generate_adapters import load_gpt
+    from scaling_runs.config import DataConfig
+    from scaling_runs.data import load_data
+    from scaling_runs.eval_budget import load_model
+
+    if not args.draft_run:
+        raise SystemExit("--target-run needs --draft-run (the draft checkpoint)")
+    _, cfg, run_dir = load_model(args.target_run, "cpu")
+    target = load_gpt(args.target_run, device).to(dtype)
+    draft = load_gpt(args.draft_run, device).to(dtype)
+    if target.gpt.cfg.vocab_size != draft.gpt.cfg.vocab_size:
+        raise SystemExit(f"target and draft vocabularies differ: {target.gpt.cfg.vocab_size} vs {draft.gpt.cfg.vocab_size}")
+    context = target.gpt.cfg.context
+    if args.prompt_len + args.new_tokens > context:
+        print(f"note: prompt {args.prompt_len} + {args.new_tokens} new tokens > the training context {context}: "
+              "positions past it were never trained")
+    data = load_data(DataConfig(**cfg["data"]))
+    start, last = args.prompt_offset, len(data.val) - args.prompt_len
+    if start > last:
+        raise SystemExit(f"--prompt-offset {start} + --prompt-len {args.prompt_len} > held-out tokens {len(data.val)}")
+    offsets = [start + i * (last - start) // max(1, args.prompts - 1) for i in range(args.prompts)] if args.prompts > 1 else [start]
+    prompts = [torch.as_tensor(data.val[o : o + args.prompt_len].astype("int64"))[None].to(device) for o in offsets]
+    args.vocab = target.gpt.cfg.vocab_size
+    args.block_size, args.top_k = target.gpt.cfg.block_size, target.gpt.cfg.top_k  # reported as run
+    kind = f"checkpoint {args.draft_run}"
+    print(f"target {run_dir}, draft {args.draft_run}; prompts: {len(prompts)} held-out windows of {args.prompt_len} "
+          f"tokens from offset {start}")
+    return target, draft, kind, prompts, data.train
+
+
+def merge_stats(stats) -> GenerationStats:
+    """The stats of several generation calls summed (rates then come out as pooled ratios)."""
+    total = GenerationStats()
+    for st in stats:
+        for f in dataclasses.fields(GenerationStats):
+            setattr(total, f.name, getattr(total, f.name) + getattr(st, f.name))
+    return total
+
+
 def _n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -146,8 +207,11 @@ def summarize(runs: list, n_prompt: int) -> dict:
         "tokens_per_second_all": [r[1].tokens_per_second for r in runs],
         "seconds": st.seconds,
         "seconds_all": [r[1].seconds for r in runs],
+        "prefill_seconds": st.prefill_seconds,
+        "prefill_tokens": st.prefill_tokens,
         "new_tokens": st.new_tokens,
         "acceptance_rate": st.acceptance_rate,
+        "inner_acceptance_rate": st.inner_acceptance_rate,
         "mean_accepted_length": st.mean_accepted_length,
         "tokens_per_target_forward": st.tokens_per_target_forward,
         "target_forwards": st.target_forwards,
@@ -157,6 +221,8 @@ def summarize(runs: list, n_prompt: int) -> dict:
         "rounds": st.rounds,
         "proposed": st.proposed,
         "accepted": st.accepted,
+        "inner_proposed": st.inner_proposed,
+        "inner_accepted": st.inner_accepted,
     }, st, out
 
 
@@ -172,28 +238,49 @@ def run(args) -> dict:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     attn = register_moba(args.block_size, args.top_k, name="moba_genbench")
 
-    target = llama(args, args.target_layers, args.target_hidden, attn, args.seed, device, dtype)
-    if args.draft_noise > 0:
-        draft = noisy_copy(target, args.draft_noise, args.seed + 1)
-        draft_kind = f"target + noise {args.draft_noise}"
+    if args.target_run:
+        target, draft, draft_kind, prompts, train_tokens = checkpoints(args, device, dtype)
     else:
-        draft = llama(args, args.draft_layers, args.draft_hidden, attn, args.seed + 1, device, dtype)
-        draft_kind = "small random model"
-    g = torch.Generator().manual_seed(args.seed + 2)
-    prompt = torch.randint(1, args.vocab, (1, args.prompt_len), generator=g).to(device)
+        if args.draft_run or args.ngram_corpus == "train":
+            raise SystemExit("--draft-run and --ngram-corpus train need --target-run")
+        target = llama(args, args.target_layers, args.target_hidden, attn, args.seed, device, dtype)
+        if args.draft_noise > 0:
+            draft = noisy_copy(target, args.draft_noise, args.seed + 1)
+            draft_kind = f"target + noise {args.draft_noise}"
+        else:
+            draft = llama(args, args.draft_layers, args.draft_hidden, attn, args.seed + 1, device, dtype)
+            draft_kind = "small random model"
+        g = torch.Generator().manual_seed(args.seed + 2)
+        prompts = [torch.randint(1, args.vocab, (1, args.prompt_len), generator=g).to(device) for _ in range(args.prompts)]
+        train_tokens = None
 
-    if args.ngram_corpus == "draft":
-        corpus = [generate_plain(draft, prompt, args.new_tokens)[0].tolist()]
+    corpus_kind = args.ngram_corpus or ("train" if args.target_run else "prompt")
+    t_ngram = time.perf_counter()
+    if corpus_kind == "draft":
+        corpus = [generate_plain(draft, p, args.new_tokens)[0].tolist() for p in prompts]
+    elif corpus_kind == "train":
+        corpus = [train_tokens]
     else:
-        corpus = [prompt[0].tolist()]
+        corpus = [p[0].tolist() for p in prompts]
+    ngram = NGramDraft(corpus, n=args.ngram_n)
+    t_ngram = time.perf_counter() - t_ngram
+
+    sample = {"do_sample": args.temperature > 0, "temperature": args.temperature or 1.0}
+
+    def one(mode, prompt, generator):
+        if mode == "plain":
+            return generate_plain(target, prompt, args.new_tokens, return_stats=True, generator=generator, **sample)
+        if mode == "speculative":
+            return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma,
+                                        generator=generator, **sample)
+        return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma,
+                                    draft_drafter=ngram, gamma_inner=args.gamma_inner, generator=generator, **sample)
 
     def call(mode):
-        if mode == "plain":
-            return generate_plain(target, prompt, args.new_tokens, return_stats=True)
-        if mode == "speculative":
-            return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma)
-        return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma,
-                                    draft_drafter=NGramDraft(corpus, n=args.ngram_n), gamma_inner=args.gamma_inner)
+        """Every prompt once: (the outputs, the summed stats)."""
+        g = torch.Generator(device=device).manual_seed(args.seed + 3)
+        outs, stats = zip(*(one(mode, p, g) for p in prompts), strict=True)
+        return list(outs), merge_stats(stats)
 
     results, points, reference = {}, [], None
     for mode in MODES:
@@ -202,7 +289,8 @@ def run(args) -> dict:
         summary, st, out = summarize(runs, args.prompt_len)
         if reference is None:
             reference = out
-        summary["matches_plain"] = bool(torch.equal(out, reference))
+        summary["matches_plain"] = (all(torch.equal(a, b) for a, b in zip(out, reference, strict=True))
+                                    if not sample["do_sample"] else None)  # sampled: same law, not same tokens
         results[mode] = summary
         points.append(roofline_point(f"decode {mode} (gamma={args.gamma})" if mode != "plain" else "decode plain",
                                      st, target, None if mode == "plain" else draft))
@@ -219,7 +307,8 @@ def run(args) -> dict:
         "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
         "argv": sys.argv[1:],
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {
-            "dtype": str(dtype).replace("torch.", ""), "draft_kind": draft_kind,
+            "dtype": str(dtype).replace("torch.", ""), "draft_kind": draft_kind, "ngram_corpus": corpus_kind,
+            "ngram_build_seconds": t_ngram,
             "target_params": _n_params(target), "draft_params": _n_params(draft)},
         "note": CPU_NOTE if device.type == "cpu" else "",
     }
@@ -236,10 +325,12 @@ def run(args) -> dict:
     print(f"target {meta['config']['target_params'] / 1e6:.2f}M params, draft {meta['config']['draft_params'] / 1e6:.2f}M "
           f"({draft_kind}); prompt {args.prompt_len}, {args.new_tokens} new tokens, gamma {args.gamma}, "
           f"MoBA block {args.block_size} top-{args.top_k}")
-    print(f"{'mode':12s} {'tok/s':>9s} {'accept':>7s} {'acc/round':>9s} {'tok/fwd':>7s} {'T fwd':>6s} {'D fwd':>6s}  =plain")
+    print(f"{'mode':12s} {'tok/s':>9s} {'accept':>7s} {'acc/round':>9s} {'tok/fwd':>7s} {'T fwd':>6s} {'D fwd':>6s} "
+          f"{'n-gram acc':>10s}  =plain")
     for mode, r in results.items():
         print(f"{mode:12s} {r['tokens_per_second']:9.1f} {r['acceptance_rate']:7.3f} {r['mean_accepted_length']:9.2f} "
-              f"{r['tokens_per_target_forward']:7.2f} {r['target_forwards']:6d} {r['draft_forwards']:6d}  {r['matches_plain']}")
+              f"{r['tokens_per_target_forward']:7.2f} {r['target_forwards']:6d} {r['draft_forwards']:6d} "
+              f"{format(r['inner_acceptance_rate'], '.3f') if mode == 'staged' else '-':>10s}  {r['matches_plain']}")
     if device.type == "cpu":
         print(f"NOTE: {CPU_NOTE}")
     print(f"wrote {out_dir / 'generate_speed.json'} and {out_dir / 'points.json'} ({time.perf_counter() - t_start:.1f} s)")

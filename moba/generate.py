@@ -32,9 +32,9 @@ Example::
 from __future__ import annotations
 
 import time
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -226,28 +226,58 @@ class NGramDraft:
     tokens) seen in the corpus predicts its most frequent successor (ties: the smaller id);
     when a suffix is unseen it backs off to shorter ones; when none matches, it stops (it may
     propose fewer than gamma tokens, even none).
+
+    The tables are built with numpy (a sort per order, no Python loop over tokens), so a
+    training corpus of tens of millions of tokens takes seconds:
+    ``NGramDraft([train_tokens], n=4)``. Contexts are encoded as integers in base
+    ``vocab_size`` (the largest token + 1), so ``vocab_size ** n`` must stay below 2**63.
+
+    corpus: an iterable of sequences (lists of ints, 1-d tensors or numpy arrays); n-grams
+    never cross from one sequence into the next.
     """
 
     def __init__(self, corpus, n: int = 3):
-        if n < 2:
-            raise ValueError(f"n must be >= 2, got {n}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+            raise ValueError(f"n must be an int >= 2, got {n!r}")
         self.n = n
-        self.table: dict[tuple, Counter] = defaultdict(Counter)
-        for seq in corpus:
-            self.add(seq)
+        seqs = [_int_array(seq) for seq in corpus]
+        self.vocab_size = max((int(s.max()) + 1 for s in seqs if s.size), default=0)
+        if seqs and min((int(s.min()) for s in seqs if s.size), default=0) < 0:
+            raise ValueError("corpus tokens must be >= 0")
+        if self.vocab_size and self.vocab_size ** n >= 2**63:
+            raise ValueError(f"n={n} is too large for a vocabulary of {self.vocab_size} tokens "
+                             f"(contexts are int64 keys: vocab_size ** n must be < 2**63)")
+        # order k -> (sorted context keys, most frequent successor of each)
+        self.tables: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for k in range(1, n):
+            pairs = [self._keys(s, k) * self.vocab_size + s[k:] for s in seqs if s.size > k]
+            if not pairs:
+                continue
+            pair, count = np.unique(np.concatenate(pairs), return_counts=True)
+            ctx, nxt = np.divmod(pair, self.vocab_size)
+            order = np.lexsort((nxt, -count, ctx))  # by context, then most frequent, then smaller id
+            ctx, nxt = ctx[order], nxt[order]
+            first = np.concatenate([[True], ctx[1:] != ctx[:-1]])
+            self.tables[k] = (ctx[first], nxt[first])
 
-    def add(self, seq) -> None:
-        """Count the n-grams of one token sequence (a list of ints or a 1-d tensor)."""
-        seq = [int(t) for t in (seq.tolist() if isinstance(seq, torch.Tensor) else seq)]
-        for i in range(1, len(seq)):
-            for k in range(1, min(self.n - 1, i) + 1):
-                self.table[tuple(seq[i - k : i])][seq[i]] += 1
+    def _keys(self, seq: np.ndarray, k: int) -> np.ndarray:
+        """The int64 key of every length-k window of seq that has a successor."""
+        key = np.zeros(seq.size - k, dtype=np.int64)
+        for j in range(k):
+            key = key * self.vocab_size + seq[j : seq.size - k + j]
+        return key
 
     def next_token(self, context: list[int]) -> int | None:
         for k in range(min(self.n - 1, len(context)), 0, -1):
-            counts = self.table.get(tuple(context[-k:]))
-            if counts:
-                return min(counts, key=lambda t: (-counts[t], t))
+            if k not in self.tables or not all(0 <= t < self.vocab_size for t in context[-k:]):
+                continue
+            key = 0
+            for t in context[-k:]:
+                key = key * self.vocab_size + t
+            keys, best = self.tables[k]
+            i = int(np.searchsorted(keys, key))
+            if i < keys.size and keys[i] == key:
+                return int(best[i])
         return None
 
     def propose(self, tokens, gamma, sampling=None, generator=None):
@@ -258,6 +288,16 @@ class NGramDraft:
                 break
             out.append(nxt)
         return out, None
+
+
+def _int_array(seq) -> np.ndarray:
+    if isinstance(seq, torch.Tensor):
+        seq = seq.detach().cpu().numpy()
+    arr = np.asarray(seq)
+    if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"each corpus sequence must be a 1-d sequence of integer tokens, got shape {arr.shape}, "
+                         f"dtype {arr.dtype}")
+    return arr.astype(np.int64, copy=False)
 
 
 class StagedDraft:
@@ -296,9 +336,14 @@ class StagedDraft:
 class GenerationStats:
     """Counters of one generation call.
 
+    The prompt is prefilled first (all its tokens but the last, into every model's cache), and
+    timed apart: ``prefill_seconds`` / ``prefill_tokens`` (per model). Everything else counts
+    the decoding that follows: seconds, and tokens per second = new_tokens / seconds;
     proposed / accepted: drafted tokens sent to / accepted by the target; rounds: verify
-    forwards of the target (one per speculative step); target_forwards / draft_forwards: all
-    model calls, prefill included; target_tokens / draft_tokens: tokens fed through them.
+    forwards of the target (one per speculative step); target_forwards / draft_forwards: model
+    calls; target_tokens / draft_tokens: tokens fed through them;
+    inner_proposed / inner_accepted: staged drafting only, the cheap drafter's guesses sent to
+    / accepted by the draft model.
     """
 
     new_tokens: int = 0
@@ -310,7 +355,15 @@ class GenerationStats:
     proposed: int = 0
     accepted: int = 0
     seconds: float = 0.0
+    prefill_seconds: float = 0.0
+    prefill_tokens: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
+    inner_proposed: int = 0
+    inner_accepted: int = 0
+
+    @property
+    def inner_acceptance_rate(self) -> float:
+        return self.inner_accepted / self.inner_proposed if self.inner_proposed else 0.0
 
     @property
     def acceptance_rate(self) -> float:
@@ -354,6 +407,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _prefill(runners: list[CachedModel], tokens: list[int], device: torch.device) -> tuple[float, int]:
+    """Put the prompt but its last token into every runner's cache (decoding then feeds the
+    last prompt token first); returns (seconds, tokens fed per runner)."""
+    start = time.perf_counter()
+    if len(tokens) > 1:
+        for runner in runners:
+            runner.logits(tokens[:-1])
+    _sync(device)
+    return time.perf_counter() - start, max(0, len(tokens) - 1)
+
+
+class _Counter:
+    """Forwards and fed tokens of a runner since construction (after the prefill)."""
+
+    def __init__(self, runner: CachedModel | None):
+        self.runner = runner
+        self.start = (runner.forwards, runner.fed) if runner is not None else (0, 0)
+
+    def counts(self) -> tuple[int, int]:
+        if self.runner is None:
+            return 0, 0
+        return self.runner.forwards - self.start[0], self.runner.fed - self.start[1]
+
+
 def generate_plain(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                    generator: torch.Generator | None = None, eos_token_id: int | None = None,
@@ -367,6 +444,8 @@ def generate_plain(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sa
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     runner = CachedModel(model, input_ids.device)
     n_prompt, done = len(tokens), max_new_tokens <= 0
+    prefill_seconds, prefill_tokens = _prefill([runner], tokens, input_ids.device) if not done else (0.0, 0)
+    counter = _Counter(runner)
     start = time.perf_counter()
     while not done:
         tokens.append(sampling.pick(runner.logits(tokens)[-1], generator))
@@ -375,9 +454,10 @@ def generate_plain(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sa
     out = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
     if not return_stats:
         return out
-    n_new = len(tokens) - n_prompt
-    stats = GenerationStats(new_tokens=n_new, target_forwards=runner.forwards, rounds=runner.forwards,
-                            target_tokens=runner.fed, seconds=time.perf_counter() - start)
+    forwards, fed = counter.counts()
+    stats = GenerationStats(new_tokens=len(tokens) - n_prompt, target_forwards=forwards, rounds=forwards,
+                            target_tokens=fed, seconds=time.perf_counter() - start,
+                            prefill_seconds=prefill_seconds, prefill_tokens=prefill_tokens)
     return out, stats
 
 
@@ -436,10 +516,14 @@ def generate_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens:
         drafter = ModelDraft(CachedModel(draft, input_ids.device))
     runner = CachedModel(target, input_ids.device)
     draft_runner = getattr(drafter, "model", None)
-    has_runner = isinstance(draft_runner, CachedModel)
-    draft_before = (draft_runner.forwards, draft_runner.fed) if has_runner else (0, 0)
+    draft_runner = draft_runner if isinstance(draft_runner, CachedModel) else None
     stats = GenerationStats()
     n_prompt, done = len(tokens), max_new_tokens <= 0
+    if not done:
+        runners = [runner] + ([draft_runner] if draft_runner is not None else [])
+        stats.prefill_seconds, stats.prefill_tokens = _prefill(runners, tokens, input_ids.device)
+    target_counter, draft_counter = _Counter(runner), _Counter(draft_runner)
+    inner_before = (getattr(drafter, "proposed", 0), getattr(drafter, "accepted", 0))
     start = time.perf_counter()
     while not done:
         left = max_new_tokens - (len(tokens) - n_prompt)
@@ -448,10 +532,11 @@ def generate_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens:
     _sync(input_ids.device)
     stats.seconds = time.perf_counter() - start
     stats.new_tokens = len(tokens) - n_prompt
-    stats.target_forwards, stats.target_tokens = runner.forwards, runner.fed
-    if has_runner:
-        stats.draft_forwards = draft_runner.forwards - draft_before[0]
-        stats.draft_tokens = draft_runner.fed - draft_before[1]
+    stats.target_forwards, stats.target_tokens = target_counter.counts()
+    stats.draft_forwards, stats.draft_tokens = draft_counter.counts()
+    if isinstance(drafter, StagedDraft):
+        stats.inner_proposed = drafter.proposed - inner_before[0]
+        stats.inner_accepted = drafter.accepted - inner_before[1]
     out = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
     return (out, stats) if return_stats else out
 
@@ -470,7 +555,8 @@ def _weights(model) -> tuple[int, int]:
 
 
 def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dict:
-    """One point for ``bench/roofline.py``'s points file, for one generation call.
+    """One point for ``bench/roofline.py``'s points file: the decoding of one generation call
+    (the prompt's prefill is counted apart in ``stats`` and left out).
 
     A weight-streaming model of batch-1 decoding: every forward reads each weight once from
     memory (bytes = weight bytes x forwards) and spends 2 FLOPs per weight per token fed

@@ -282,7 +282,8 @@ def test_staged_speculative_sampling_matches_the_target_distribution():
 def test_roofline_point_speculation_raises_intensity(models, prompt):
     target, draft = models
     _, plain_stats = generate_plain(target, prompt, 12, return_stats=True)
-    assert plain_stats.target_tokens == 7 + 11 and plain_stats.target_forwards == 12
+    # the prompt (7 tokens) is prefilled apart (all but its last token), then one token per forward
+    assert (plain_stats.prefill_tokens, plain_stats.target_tokens, plain_stats.target_forwards) == (6, 12, 12)
     _, spec_stats = generate_speculative(target, target, prompt, 12, gamma=3)  # all accepted
     assert spec_stats.draft_tokens > 0
     base = roofline_point("plain", plain_stats, target)
@@ -291,3 +292,35 @@ def test_roofline_point_speculation_raises_intensity(models, prompt):
     assert set(base) == {"name", "flops", "bytes", "seconds"} and base["seconds"] > 0
     assert spec["flops"] / spec["bytes"] > 2 * base["flops"] / base["bytes"]
     assert both["flops"] > spec["flops"] and both["bytes"] > spec["bytes"]
+
+
+def test_ngram_tables_match_a_brute_force_count():
+    """The numpy-built tables agree with counting every n-gram by hand (longest suffix first,
+    most frequent successor, ties to the smaller id, no n-gram across sequences)."""
+    from collections import Counter
+
+    gen = torch.Generator().manual_seed(0)
+    corpus = [torch.randint(0, 5, (int(n),), generator=gen).tolist() for n in (40, 1, 0, 25, 3)]
+    n = 4
+    counts: dict[tuple, Counter] = {}
+    for seq in corpus:
+        for i in range(1, len(seq)):
+            for k in range(1, min(n - 1, i) + 1):
+                counts.setdefault(tuple(seq[i - k : i]), Counter())[seq[i]] += 1
+
+    def brute(ctx):
+        for k in range(min(n - 1, len(ctx)), 0, -1):
+            c = counts.get(tuple(ctx[-k:]))
+            if c:
+                return min(c, key=lambda t: (-c[t], t))
+        return None
+
+    ng = NGramDraft(corpus, n=n)
+    contexts = [torch.randint(0, 6, (int(m),), generator=gen).tolist() for m in torch.randint(1, 6, (300,), generator=gen)]
+    assert sum(brute(c) is not None for c in contexts) > 200
+    for ctx in contexts:  # 5 is never in the corpus: its contexts back off or stop
+        assert ng.next_token(ctx) == brute(ctx), ctx
+    with pytest.raises(ValueError, match="integer tokens"):
+        NGramDraft([[0.5, 1.5]])
+    with pytest.raises(ValueError, match="too large"):
+        NGramDraft([[0, 50_000]], n=5)

@@ -168,7 +168,7 @@ def test_generate_on_gpt_checkpoint_uses_the_cache(tmp_path):
         for _ in range(24):
             ref = torch.cat([ref, gpt(ref)[:, -1:].argmax(-1)], 1)
     assert torch.equal(out, ref) and len(set(ref[0, 20:].tolist())) > 5
-    assert st.target_tokens == 20 + 23  # prompt once, then one token per step
+    assert (st.prefill_tokens, st.target_tokens, st.target_forwards) == (19, 24, 24)  # then one token per step
     draft = GPTAdapter(copy.deepcopy(gpt))
     spec, st = generate_speculative(target, draft, ids, 24, gamma=3)
     assert torch.equal(spec, ref) and st.acceptance_rate == 1.0
