@@ -27,6 +27,8 @@ from ._checks import PAD_INDEX
 from ._layout import BlockLayout
 
 _MAX_ROWS_PER_TILE = 128
+# (query, head) rows grouped into tiles at once (bounds the grouping temporaries).
+_ROWS_PER_TILE_SET = 1 << 15
 # Upper bound on the elements of one chunk of tile scores (tiles x rows x block_size).
 _CHUNK_ELEMENTS = 1 << 19
 
@@ -41,14 +43,18 @@ class _Tiles:
     group: torch.Tensor  # (n_tiles,) block id * Hkv + kv head
 
 
-def _build_tiles(slot: torch.Tensor, layout: BlockLayout, n_kv_heads: int) -> _Tiles | None:
-    """Group the rows of one slot (Tq, Hq) of block indices by (key block, KV head) into tiles."""
+def _build_tiles(slot: torch.Tensor, layout: BlockLayout, n_kv_heads: int, first_token: int = 0) -> _Tiles | None:
+    """Group the rows of one slot of block indices by (key block, KV head) into tiles.
+
+    slot: (n, Hq) block indices of the query tokens ``first_token : first_token + n``.
+    """
     tq, hq = slot.shape
     flat = slot.reshape(-1)
     rows = (flat != PAD_INDEX).nonzero().squeeze(1)
     if rows.numel() == 0:
         return None
-    block = layout.block_offset[layout.q_seq[rows // hq]] + flat[rows]
+    block = layout.block_offset[layout.q_seq[rows // hq + first_token]] + flat[rows].long()
+    rows += first_token * hq
     group = block * n_kv_heads + (rows % hq) // (hq // n_kv_heads)
     order = torch.argsort(group, stable=True)
     rows, group = rows[order], group[order]
@@ -135,6 +141,16 @@ class _Context:
     def key_blocks(self, x: torch.Tensor) -> _KeyBlocks:
         return _KeyBlocks(x, self.key_token, self.key_valid, self.dtype, self.aligned)
 
+    def tile_sets(self, block_indices: torch.Tensor):
+        """Tiles of every slot, built for at most ``_ROWS_PER_TILE_SET`` (query, head) rows at a
+        time so that the grouping temporaries stay small (rows are O(S * Hq))."""
+        tokens = max(1, _ROWS_PER_TILE_SET // self.hq)
+        for slot in range(block_indices.shape[-1]):
+            for start in range(0, block_indices.shape[0], tokens):
+                tiles = _build_tiles(block_indices[start : start + tokens, :, slot], self.layout, self.hkv, start)
+                if tiles is not None:
+                    yield tiles
+
     def chunks(self, tiles: _Tiles):
         step = max(1, _CHUNK_ELEMENTS // (tiles.rows.shape[1] * self.layout.block_size))
         for start in range(0, tiles.rows.shape[0], step):
@@ -173,64 +189,85 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor, dtype, chunk: int = 4096) -> 
     return out
 
 
+class _Forward:
+    """Flash-style merge across slots: running max, running sum and unnormalised accumulator
+    per row (merging normalised partials by log-sum-exp would lose ~|lse| * eps)."""
+
+    def __init__(self, ctx: _Context, q_flat, k_blocks, v_blocks):
+        self.ctx, self.q_flat, self.k_blocks, self.v_blocks = ctx, q_flat, k_blocks, v_blocks
+        n, dev = q_flat.shape[0], q_flat.device
+        self.acc = torch.zeros(n, ctx.d, dtype=ctx.dtype, device=dev)
+        self.run_max = torch.full((n,), float("-inf"), dtype=ctx.dtype, device=dev)
+        self.run_sum = torch.zeros(n, dtype=ctx.dtype, device=dev)
+
+    def chunk(self, rows, group) -> None:
+        """Merge one chunk of tiles (a method, so its temporaries are freed on return)."""
+        _, _, s, present, _ = self.ctx.scores(self.q_flat, self.k_blocks, rows, group)
+        part_max = s.amax(dim=-1)
+        p = s.sub_(part_max[..., None]).exp_()  # in place: s is not needed again
+        part_sum = p.sum(dim=-1)[present]
+        part_acc = torch.bmm(p, self.v_blocks.tile(group))[present]
+        del s, p
+        part_max = part_max[present]
+        r = rows[present]
+        # Each row appears once per slot, so these read-modify-writes never race.
+        new_max = torch.maximum(self.run_max[r], part_max)
+        old_scale = torch.exp(self.run_max[r] - new_max)
+        new_scale = torch.exp(part_max - new_max)
+        self.acc[r] = self.acc[r] * old_scale[:, None] + part_acc * new_scale[:, None]
+        self.run_sum[r] = self.run_sum[r] * old_scale + part_sum * new_scale
+        self.run_max[r] = new_max
+
+
 def _forward(q, k, v, layout, block_indices, causal, scale):
     ctx = _Context(q, k, layout, causal, scale)
-    k_blocks, v_blocks = ctx.key_blocks(k), ctx.key_blocks(v)
-    q_flat = q.reshape(-1, ctx.d)
-    # Flash-style merge across slots: running max, running sum and unnormalised accumulator
-    # per row (merging normalised partials by log-sum-exp would lose ~|lse| * eps).
-    rows_total = q_flat.shape[0]
-    acc = torch.zeros(rows_total, ctx.d, dtype=ctx.dtype, device=q.device)
-    run_max = torch.full((rows_total,), float("-inf"), dtype=ctx.dtype, device=q.device)
-    run_sum = torch.zeros(rows_total, dtype=ctx.dtype, device=q.device)
-    for slot in range(block_indices.shape[-1]):
-        tiles = _build_tiles(block_indices[..., slot], layout, ctx.hkv)
-        if tiles is None:
-            continue
+    state = _Forward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v))
+    for tiles in ctx.tile_sets(block_indices):
         for rows, group in ctx.chunks(tiles):
-            _, _, s, present, _ = ctx.scores(q_flat, k_blocks, rows, group)
-            part_max = s.amax(dim=-1)
-            p = s.sub_(part_max[..., None]).exp_()  # in place: s is not needed again
-            part_sum = p.sum(dim=-1)[present]
-            part_acc = torch.bmm(p, v_blocks.tile(group))[present]
-            part_max = part_max[present]
-            r = rows[present]
-            # Each row appears once per slot, so these read-modify-writes never race.
-            new_max = torch.maximum(run_max[r], part_max)
-            old_scale = torch.exp(run_max[r] - new_max)
-            new_scale = torch.exp(part_max - new_max)
-            acc[r] = acc[r] * old_scale[:, None] + part_acc * new_scale[:, None]
-            run_sum[r] = run_sum[r] * old_scale + part_sum * new_scale
-            run_max[r] = new_max
-    out = acc.div_(run_sum[:, None])
-    lse = run_max + torch.log(run_sum)
+            state.chunk(rows, group)
+    out = state.acc.div_(state.run_sum[:, None])
+    lse = state.run_max + torch.log(state.run_sum)
     return out.reshape(q.shape).to(q.dtype), lse.reshape(q.shape[:2])
+
+
+class _Backward:
+    """dQ and the block-layout dK / dV, accumulated chunk by chunk from recomputed scores."""
+
+    def __init__(self, ctx: _Context, q_flat, k_blocks, v_blocks, lse_flat, delta, dout):
+        self.ctx, self.q_flat, self.k_blocks, self.v_blocks = ctx, q_flat, k_blocks, v_blocks
+        self.lse_flat, self.delta, self.dout = lse_flat, delta, dout
+        self.dq = torch.zeros(q_flat.shape, dtype=ctx.dtype, device=q_flat.device)
+        self.dk_blk, self.dv_blk = k_blocks.zeros_like_grad(), v_blocks.zeros_like_grad()
+
+    def _add(self, grad, group, tiles, alpha=1.0) -> None:
+        _KeyBlocks.accumulate(grad, self.ctx.aligned, self.ctx.hkv, group, tiles, alpha)
+
+    def chunk(self, rows, group) -> None:
+        """One chunk of tiles (a method, so its temporaries are freed on return)."""
+        ctx = self.ctx
+        qt, kt, s, present, safe = ctx.scores(self.q_flat, self.k_blocks, rows, group)
+        p = s.sub_(self.lse_flat[safe][..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
+        # dout may be an expanded (stride-0) tensor: index it as (token, head), never flatten it.
+        dot = self.dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype).masked_fill_(~present[..., None], 0)
+        self._add(self.dv_blk, group, torch.bmm(p.transpose(1, 2), dot))
+        ds = torch.bmm(dot, self.v_blocks.tile(group).transpose(1, 2))  # dP
+        del dot
+        ds = ds.sub_(self.delta[safe][..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
+        del p, s
+        self.dq.index_add_(0, rows[present], torch.bmm(ds, kt)[present], alpha=ctx.scale)
+        self._add(self.dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=ctx.scale)
 
 
 def _backward(q, k, v, out, lse, dout, layout, block_indices, causal, scale):
     ctx = _Context(q, k, layout, causal, scale)
-    k_blocks, v_blocks = ctx.key_blocks(k), ctx.key_blocks(v)
-    q_flat = q.reshape(-1, ctx.d)
-    lse_flat = lse.reshape(-1).to(ctx.dtype)
     delta = _rowwise_dot(dout, out, ctx.dtype).reshape(-1)  # rowsum(dO * O), (Tq * Hq,)
-    dq = torch.zeros(q_flat.shape, dtype=ctx.dtype, device=q.device)
-    dk_blk, dv_blk = k_blocks.zeros_like_grad(), v_blocks.zeros_like_grad()
-    add = lambda grad, group, tiles, alpha=1.0: _KeyBlocks.accumulate(grad, ctx.aligned, ctx.hkv, group, tiles, alpha)
-    for slot in range(block_indices.shape[-1]):
-        tiles = _build_tiles(block_indices[..., slot], layout, ctx.hkv)
-        if tiles is None:
-            continue
+    state = _Backward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v),
+                      lse.reshape(-1).to(ctx.dtype), delta, dout)
+    for tiles in ctx.tile_sets(block_indices):
         for rows, group in ctx.chunks(tiles):
-            qt, kt, s, present, safe = ctx.scores(q_flat, k_blocks, rows, group)
-            p = s.sub_(lse_flat[safe][..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
-            # dout may be an expanded (stride-0) tensor: index it as (token, head), never flatten it.
-            dot = dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype).masked_fill_(~present[..., None], 0)
-            add(dv_blk, group, torch.bmm(p.transpose(1, 2), dot))
-            ds = torch.bmm(dot, v_blocks.tile(group).transpose(1, 2))  # dP
-            ds = ds.sub_(delta[safe][..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
-            dq.index_add_(0, rows[present], torch.bmm(ds, kt)[present], alpha=scale)
-            add(dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=scale)
-    del k_blocks, v_blocks
+            state.chunk(rows, group)
+    dq, dk_blk, dv_blk = state.dq, state.dk_blk, state.dv_blk
+    del state
     dk = _unblocked(dk_blk, ctx.key_valid, ctx.hkv, ctx.aligned).to(k.dtype)
     del dk_blk
     dv = _unblocked(dv_blk, ctx.key_valid, ctx.hkv, ctx.aligned).to(v.dtype)
@@ -270,4 +307,4 @@ def sparse_attention_packed(
     """
     if q.shape[0] == 0:
         return q.clone(), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))  # clone keeps the graph
-    return _SparseAttention.apply(q, k, v, block_indices.long(), layout, causal, softmax_scale)
+    return _SparseAttention.apply(q, k, v, block_indices, layout, causal, softmax_scale)
