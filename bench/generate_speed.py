@@ -334,7 +334,7 @@ def run(args) -> dict:
     if device.type == "cpu":
         print(f"NOTE: {CPU_NOTE}")
     print(f"wrote {out_dir / 'generate_speed.json'} and {out_dir / 'points.json'} ({time.perf_counter() - t_start:.1f} s)")
-    print(f"roofline: python bench/roofline.py {out_dir / 'points.json'} --out {out_dir / 'roofline.png'}")
+    print(f"roofline: python bench/roofline.py {out_dir / 'points.json'} --no-model --out {out_dir / 'roofline.png'}")
     report["out_dir"] = str(out_dir)
     return report
 

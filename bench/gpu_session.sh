@@ -38,7 +38,7 @@ case "$stage" in
   generate)
     timeout 400 python3 bench/generate_speed.py --draft-noise 0.02 --gamma 4 --new-tokens 128 --prompt-len 2048 \
       --out "$work/generate" 2>&1 | tee "$out/generate.log"
-    python3 bench/roofline.py "$work/generate/points.json" --out "$work/generate/roofline.png" 2>&1 | tee -a "$out/generate.log"
+    python3 bench/roofline.py "$work/generate/points.json" --no-model --out "$work/generate/roofline.png" 2>&1 | tee -a "$out/generate.log"
     ;;
   *)
     echo "unknown stage $stage (tests|attn|generate)"; exit 2 ;;
