@@ -26,7 +26,7 @@ import torch
 from ._checks import PAD_INDEX
 from ._layout import BlockLayout
 
-_MAX_ROWS_PER_TILE = 128
+_MAX_ROWS_PER_TILE = 256
 # (query, head) rows grouped into tiles at once (bounds the grouping temporaries).
 _ROWS_PER_TILE_SET = 1 << 15
 # Upper bound on the elements of one chunk of tile scores (tiles x rows x block_size).
