@@ -94,3 +94,40 @@ def test_gpt_adapter_drives_generate(tmp_path):
     assert torch.equal(out, plain)
     p = roofline_point("gpt speculative", st, target, draft)
     assert p["flops"] > 0 and p["bytes"] > 0
+
+
+def test_checkpoint_mode_uses_held_out_prompts_and_training_ngrams(tmp_path):
+    """--target-run / --draft-run: two scaling_runs checkpoints, prompts from the held-out
+    split, the staged n-gram table from the training split; greedy outputs equal plain."""
+    import dataclasses
+    import json
+
+    import torch
+
+    from scaling_runs.config import DataConfig, ModelConfig
+    from scaling_runs.model import GPT
+
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(6):  # a single repeated sentence: the n-gram table predicts it well
+        (text / f"f{i}.txt").write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    data = dataclasses.asdict(DataConfig(data=str(text), val_fraction=0.3))
+    for name, layers, seed in (("target", 2, 0), ("draft", 1, 1)):
+        torch.manual_seed(seed)
+        cfg = ModelConfig(n_layer=layers, n_head=2, n_kv_head=1, n_embd=32, context=64, vocab_size=256,
+                          block_size=8, top_k=2)
+        (tmp_path / name).mkdir()
+        torch.save({"model": GPT(cfg).state_dict(), "step": 0,
+                    "config": {"model": dataclasses.asdict(cfg), "data": data}}, tmp_path / name / "ckpt.pt")
+    res = generate_speed.main(["--target-run", str(tmp_path / "target" / "ckpt.pt"), "--draft-run",
+                   str(tmp_path / "draft" / "ckpt.pt"), "--prompt-len", "24", "--new-tokens", "8", "--prompts", "3",
+                   "--repeats", "1", "--gamma", "3", "--device", "cpu", "--dtype", "float32",
+                   "--out", str(tmp_path / "out")])
+    saved = json.loads((tmp_path / "out" / "generate_speed.json").read_text())
+    assert saved["metadata"]["config"]["ngram_corpus"] == "train"
+    assert saved["metadata"]["config"]["block_size"] == 8  # reported as the run was trained
+    for mode in ("speculative", "staged"):
+        assert res["modes"][mode]["matches_plain"] is True
+    plain = res["modes"]["plain"]
+    assert plain["new_tokens"] == 3 * 8 and plain["prefill_tokens"] == 3 * 23  # summed over the 3 prompts
+    assert res["modes"]["staged"]["inner_proposed"] > 0
