@@ -44,8 +44,10 @@ __all__ = [
     "NGramDraft",
     "Sampling",
     "StagedDraft",
+    "TreeDraft",
     "generate_plain",
     "generate_speculative",
+    "generate_tree_speculative",
     "roofline_point",
     "speculative_accept",
     "speculative_step",
@@ -539,6 +541,121 @@ def generate_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens:
         stats.inner_accepted = drafter.accepted - inner_before[1]
     out = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
     return (out, stats) if return_stats else out
+
+
+# -- tree-shaped drafts ---------------------------------------------------------------------
+class TreeDraft:
+    """A draft model proposing a *tree*: along its own greedy chain, the ``branching`` most
+    likely tokens at every depth (the first continues the chain, the others are leaves).
+
+    ``depth`` draft forwards give ``depth x branching`` nodes; the target checks all of them in
+    one forward (``moba.tree``), so a wrong chain token can still be saved by a sibling.
+    """
+
+    def __init__(self, model, branching: int = 2):
+        if isinstance(branching, bool) or not isinstance(branching, int) or branching < 1:
+            raise ValueError(f"branching must be an int >= 1, got {branching!r}")
+        self.model = model if isinstance(model, CachedModel) else CachedModel(model)
+        self.branching = branching
+
+    def propose_tree(self, tokens: list[int], depth: int) -> tuple[list[int], list[int]]:
+        """(node tokens, parents) of a tree continuing ``tokens``; parents -1 for the roots."""
+        nodes, parents, chain, parent = [], [], [], -1
+        for _ in range(depth):
+            top = self.model.logits(tokens + chain)[-1].topk(self.branching).indices.tolist()
+            nodes += top
+            parents += [parent] * len(top)
+            parent = len(nodes) - len(top)  # the chain node: the draft's own greedy choice
+            chain.append(top[0])
+        return nodes, parents
+
+
+class TreeTarget:
+    """A target model with a ``moba.KVCache`` that verifies draft trees (greedy).
+
+    The cache holds ``tokens[:cached]``; a round feeds the tokens it lacks (at least the last
+    one, whose logits predict the tree's roots) plus the tree, in one forward
+    (``model(..., tree=parents)``: the tree's keys and values are not cached).
+    """
+
+    def __init__(self, model, device):
+        if not getattr(model, "supports_tree", False) or not hasattr(model, "new_cache"):
+            raise TypeError("tree verification needs a model with moba tree attention, e.g. a scaling_runs "
+                            "checkpoint through moba.generate_adapters.load_gpt / GPTAdapter")
+        self.model, self.device = model, torch.device(device)
+        self.cache = model.new_cache()
+        self.cached = self.forwards = self.fed = 0
+
+    @torch.no_grad()
+    def prefill(self, tokens: list[int]) -> None:
+        if len(tokens) > 1:
+            self.model(input_ids=torch.tensor([tokens[:-1]], device=self.device), past_key_values=self.cache,
+                       logits_to_keep=1)
+            self.cached = len(tokens) - 1
+
+    @torch.no_grad()
+    def verify(self, tokens: list[int], nodes: list[int], parents: list[int]) -> tuple[list[int], int]:
+        """(accepted node tokens along one path, the target's next token after them)."""
+        new = tokens[self.cached :]
+        ids = torch.tensor([new + nodes], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, past_key_values=self.cache, logits_to_keep=len(nodes) + 1,
+                         tree=parents if nodes else None)
+        self.cached = len(tokens)
+        self.forwards += 1
+        self.fed += ids.shape[1]
+        choice = out.logits[0].argmax(-1).tolist()  # [0]: after the last token; [1 + i]: after node i
+        accepted, nxt, node = [], choice[0], -1
+        while True:
+            match = next((i for i, p in enumerate(parents) if p == node and nodes[i] == nxt), None)
+            if match is None:
+                return accepted, nxt
+            accepted.append(nxt)
+            nxt, node = choice[1 + match], match
+
+
+def generate_tree_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens: int, depth: int = 4,
+                              branching: int = 2, eos_token_id: int | None = None):
+    """Greedy speculative decoding with tree-shaped drafts; output equals ``generate_plain``'s.
+
+    Args:
+        target: a model with tree attention (``moba.generate_adapters.GPTAdapter``).
+        draft: a causal LM (wrapped in ``TreeDraft``) or a ``TreeDraft``.
+        depth: drafted tokens along the chain per round; branching: candidates per depth.
+
+    Returns (1, L + n) token ids and a ``GenerationStats`` (proposed = tree nodes sent to the
+    target, accepted = tokens kept: the acceptance rate is per node, so compare trees by
+    ``mean_accepted_length``).
+    """
+    tokens = _check_ids(input_ids)
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
+        raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+    drafter = draft if isinstance(draft, TreeDraft) else TreeDraft(CachedModel(draft, input_ids.device), branching)
+    runner = TreeTarget(target, input_ids.device)
+    stats = GenerationStats()
+    n_prompt, done = len(tokens), max_new_tokens <= 0
+    if not done:
+        start = time.perf_counter()
+        runner.prefill(tokens)
+        drafter.model.logits(tokens[:-1]) if len(tokens) > 1 else None
+        _sync(input_ids.device)
+        stats.prefill_seconds, stats.prefill_tokens = time.perf_counter() - start, max(0, len(tokens) - 1)
+    draft_counter = _Counter(drafter.model)
+    start = time.perf_counter()
+    while not done:
+        left = max_new_tokens - (len(tokens) - n_prompt)
+        nodes, parents = drafter.propose_tree(tokens, min(depth, left - 1))
+        accepted, nxt = runner.verify(tokens, nodes, parents)
+        stats.rounds += 1
+        stats.proposed += len(nodes)
+        stats.accepted += len(accepted)
+        stats.accepted_per_round.append(len(accepted))
+        tokens, done = _finish(tokens + accepted + [nxt], n_prompt, max_new_tokens, eos_token_id)
+    _sync(input_ids.device)
+    stats.seconds = time.perf_counter() - start
+    stats.new_tokens = len(tokens) - n_prompt
+    stats.target_forwards, stats.target_tokens = runner.forwards, runner.fed
+    stats.draft_forwards, stats.draft_tokens = draft_counter.counts()
+    return torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device), stats
 
 
 # -- roofline feed --------------------------------------------------------------------------

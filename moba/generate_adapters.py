@@ -45,11 +45,16 @@ class GPTAdapter(torch.nn.Module):
     def get_output_embeddings(self):
         return self.gpt.lm_head
 
+    supports_tree = True  # ``forward(..., tree=parents)``: draft-tree verification (moba.tree)
+
     @torch.no_grad()
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep: int = 0, **_):
-        """input_ids (B, n): the tokens after the cached ones -> ``.logits`` (B, n or logits_to_keep, V)."""
+    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep: int = 0,
+                tree: list[int] | None = None, **_):
+        """input_ids (B, n): the tokens after the cached ones -> ``.logits`` (B, n or logits_to_keep, V).
+
+        tree: the parents of the last ``len(tree)`` tokens, a draft tree (batch 1; not cached)."""
         cache = past_key_values if isinstance(past_key_values, KVCache) else KVCache()
-        logits = self.gpt(input_ids, cache=cache, logits_to_keep=logits_to_keep)
+        logits = self.gpt(input_ids, cache=cache, logits_to_keep=logits_to_keep, tree=tree)
         return SimpleNamespace(logits=logits, past_key_values=cache if use_cache else None)
 
 

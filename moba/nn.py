@@ -24,10 +24,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_positive_int
+from ._checks import check_bool, check_positive_int, resolve_softmax_scale
 from .decode import BlockMeanState, LayerKVCache, moba_decode
 from .full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
 from .ops import moba_attn_func, moba_attn_varlen_func
+from .tree import check_parents, moba_tree_attention, tree_depths
 
 MODES = ("moba", "full")
 
@@ -71,8 +72,10 @@ class MoBAAttention(nn.Module):
         self.softmax_scale = softmax_scale
 
     def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                cache: LayerKVCache | None = None):
+                cache: LayerKVCache | None = None, tree: list[int] | None = None):
         mode = _check_mode(self.mode)
+        if tree is not None:
+            return self._forward_tree(q, k, v, cache, tree, mode)
         if cache is not None:
             return self._forward_cached(q, k, v, cu_seqlens, cache, mode)
         if cu_seqlens is None:
@@ -113,6 +116,27 @@ class MoBAAttention(nn.Module):
         backend = self.backend if self.backend in ("auto", "triton") else "torch"
         return moba_decode(q, keys, values, cache.state, self.block_size, self.top_k, self.softmax_scale, backend=backend)
 
+    def _forward_tree(self, q, k, v, cache: LayerKVCache | None, tree: list[int], mode: str):
+        """The last ``len(tree)`` tokens are a draft tree (``tree`` = their parents, see
+        ``moba.tree``); the tokens before them are ordinary new tokens, appended to the cache
+        first. The tree's keys and values are not cached."""
+        if cache is None or q.shape[0] != 1:
+            raise ValueError("tree attention needs a KV cache (cache=...) and batch size 1")
+        n = len(tree)
+        p = q.shape[1] - n
+        if p < 0:
+            raise ValueError(f"tree has {n} nodes but only {q.shape[1]} tokens were given")
+        parts = [self._forward_cached(q[:, :p], k[:, :p], v[:, :p], None, cache, mode)] if p else []
+        if cache.length == 0:
+            raise ValueError("tree attention needs at least one cached or preceding token")
+        if cache.state is None or cache.state.block_size != self.block_size:
+            cache.state = BlockMeanState(self.block_size)
+        top_k = self.top_k if mode == "moba" else cache.length + n  # every block: full attention
+        scale = resolve_softmax_scale(self.softmax_scale, q.shape[-1])
+        out = moba_tree_attention(q[0, p:], k[0, p:], v[0, p:], tree, cache.keys, cache.values, cache.state,
+                                  self.block_size, top_k, scale)
+        return torch.cat(parts + [out[None]], dim=1)
+
     def extra_repr(self) -> str:
         return f"mode={self.mode}, block_size={self.block_size}, top_k={self.top_k}, causal={self.causal}"
 
@@ -149,7 +173,8 @@ class MoBASelfAttention(nn.Module):
     Shapes: ``forward(x (B, S, hidden_size)) -> (B, S, hidden_size)``; packed sequences:
     ``forward(x (T, hidden_size), cu_seqlens=..., max_seqlen=...)``. Decoding:
     ``forward(x (B, S_new, hidden_size), cache=LayerKVCache)``: x holds the tokens after the
-    cached ones (rotary positions continue from the cache length).
+    cached ones (rotary positions continue from the cache length). Tree verification (batch
+    1): ``tree=parents`` marks the last ``len(parents)`` tokens as a draft tree (``moba.tree``).
     """
 
     def __init__(
@@ -181,7 +206,7 @@ class MoBASelfAttention(nn.Module):
         self.attn = MoBAAttention(block_size, top_k, causal, mode, backend)
 
     def forward(self, x, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
-                cache: LayerKVCache | None = None):
+                cache: LayerKVCache | None = None, tree: list[int] | None = None):
         lead = x.shape[:-1]
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a KV cache takes (batch, new_tokens, hidden_size) inputs, not packed sequences (cu_seqlens)")
@@ -194,12 +219,16 @@ class MoBASelfAttention(nn.Module):
             if cu_seqlens is None:
                 past = cache.length if cache is not None else 0
                 positions = torch.arange(past, past + x.shape[-2], device=x.device)
+                if tree is not None:  # tree nodes sit at (first tree position) + depth
+                    depth = torch.tensor(tree_depths(check_parents(tree)), device=x.device)
+                    first = past + x.shape[-2] - len(tree)
+                    positions = torch.cat([positions[:first - past], first + depth])
             else:  # positions restart at every sequence
                 starts = cu_seqlens.to(x.device).long()
                 seq = torch.searchsorted(starts[1:], torch.arange(x.shape[0], device=x.device), right=True)
                 positions = torch.arange(x.shape[0], device=x.device) - starts[seq]
             q, k = self.rotary(q, positions), self.rotary(k, positions)
-        out = self.attn(q, k, v, cu_seqlens, max_seqlen, cache=cache)
+        out = self.attn(q, k, v, cu_seqlens, max_seqlen, cache=cache, tree=tree)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
 
 

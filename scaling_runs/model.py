@@ -62,8 +62,8 @@ class Block(nn.Module):
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cache: LayerKVCache | None = None):
-        x = x + self.attn(self.norm1(x), cache=cache)
+    def forward(self, x, cache: LayerKVCache | None = None, tree: list[int] | None = None):
+        x = x + self.attn(self.norm1(x), cache=cache, tree=tree)
         return x + self.mlp(self.norm2(x))
 
 
@@ -100,11 +100,13 @@ class GPT(nn.Module):
                 set_attention_mode(self, mode, layers)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, reduction: str = "mean",
-                cache: KVCache | None = None, logits_to_keep: int = 0):
+                cache: KVCache | None = None, logits_to_keep: int = 0, tree: list[int] | None = None):
         """idx (B, S) int64 -> logits (B, S, V); with targets: the loss (mean, or (B, S) for "none").
 
         cache: a ``moba.KVCache`` for decoding; ``idx`` then holds the tokens after the cached
         ones. logits_to_keep > 0: only the last that many positions go through the LM head.
+        tree: with a cache and batch 1, the parents of the last ``len(tree)`` tokens, a draft tree
+        verified in this forward (``moba.tree``; its keys and values are not cached).
         """
         if cache is not None and not isinstance(cache, KVCache):
             raise TypeError(f"cache must be a moba.KVCache, got {type(cache).__name__}")
@@ -112,7 +114,7 @@ class GPT(nn.Module):
             raise ValueError("logits_to_keep cannot be combined with targets (the loss needs every position)")
         x = self.wte(idx)
         for i, block in enumerate(self.blocks):
-            x = block(x, None if cache is None else cache.layer(i))
+            x = block(x, None if cache is None else cache.layer(i), tree)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(self.norm_f(x))
