@@ -25,6 +25,9 @@ realistic speed-up. Random weights say nothing about acceptance on real text.
 Modes (greedy decoding; speculative output is checked token-for-token against plain):
   plain        ``generate_plain(target)``
   speculative  ``generate_speculative(target, draft, gamma=--gamma)``
+  tree         (checkpoints, greedy) ``generate_tree_speculative(target, draft, depth=--gamma,
+               branching=--tree-branching)``: the draft's top candidates at every depth of its
+               chain, verified as one tree (``moba.tree``)
   staged       ``generate_speculative(target, draft, draft_drafter=NGramDraft(corpus))``:
                an n-gram table speculates for the draft model (``--gamma-inner`` guesses per
                draft forward); corpus = the prompt (prompt lookup), the draft model's own
@@ -58,13 +61,20 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from moba.generate import GenerationStats, NGramDraft, generate_plain, generate_speculative, roofline_point  # noqa: E402
+from moba.generate import (  # noqa: E402
+    GenerationStats,
+    NGramDraft,
+    generate_plain,
+    generate_speculative,
+    generate_tree_speculative,
+    roofline_point,
+)
 
 CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 decoding is "
             "memory-bound and speculative decoding trades spare FLOPs for fewer weight reads; "
             "on CPU the extra FLOPs of the verify forward are not free.")
 
-MODES = ("plain", "speculative", "staged")
+MODES = ("plain", "speculative", "staged", "tree")
 
 
 def _git(*args) -> str | None:
@@ -83,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted per target verify forward")
     p.add_argument("--gamma-inner", type=int, default=2, help="staged: n-gram guesses per draft forward")
+    p.add_argument("--tree-branching", type=int, default=2,
+                   help="tree mode (checkpoints, greedy): candidates per depth of the draft tree (< 2: off)")
     p.add_argument("--ngram-n", type=int, default=3, help="staged: n of the n-gram table")
     p.add_argument("--ngram-corpus", default=None, choices=["prompt", "draft", "train"],
                    help="staged: n-gram table from the prompt, the draft's greedy continuation, or (with "
@@ -273,6 +285,9 @@ def run(args) -> dict:
         if mode == "speculative":
             return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma,
                                         generator=generator, **sample)
+        if mode == "tree":
+            return generate_tree_speculative(target, draft, prompt, args.new_tokens, depth=args.gamma,
+                                             branching=args.tree_branching)
         return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma,
                                     draft_drafter=ngram, gamma_inner=args.gamma_inner, generator=generator, **sample)
 
@@ -283,7 +298,12 @@ def run(args) -> dict:
         return list(outs), merge_stats(stats)
 
     results, points, reference = {}, [], None
-    for mode in MODES:
+    modes = list(MODES[:3])
+    if args.tree_branching >= 2 and getattr(target, "supports_tree", False) and not sample["do_sample"]:
+        modes.append("tree")
+    else:
+        print("tree mode skipped: it needs --target-run checkpoints, greedy decoding and --tree-branching >= 2")
+    for mode in modes:
         call(mode)  # warm-up (kernels, allocator, caches)
         runs = [call(mode) for _ in range(max(1, args.repeats))]
         summary, st, out = summarize(runs, args.prompt_len)

@@ -126,7 +126,7 @@ def test_checkpoint_mode_uses_held_out_prompts_and_training_ngrams(tmp_path):
     saved = json.loads((tmp_path / "out" / "generate_speed.json").read_text())
     assert saved["metadata"]["config"]["ngram_corpus"] == "train"
     assert saved["metadata"]["config"]["block_size"] == 8  # reported as the run was trained
-    for mode in ("speculative", "staged"):
+    for mode in ("speculative", "staged", "tree"):  # tree: checkpoints support tree verification
         assert res["modes"][mode]["matches_plain"] is True
     plain = res["modes"]["plain"]
     assert plain["new_tokens"] == 3 * 8 and plain["prefill_tokens"] == 3 * 23  # summed over the 3 prompts
