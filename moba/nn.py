@@ -111,10 +111,15 @@ class MoBAAttention(nn.Module):
             return self.forward(q, k, v)
         if mode == "full":
             return full_attn_with_kvcache(q, keys, values, True, self.softmax_scale)
+        backend = self.backend if self.backend in ("auto", "triton") else "torch"
+        return moba_decode(q, keys, values, self._block_means(cache), self.block_size, self.top_k,
+                           self.softmax_scale, backend=backend)
+
+    def _block_means(self, cache: LayerKVCache) -> BlockMeanState:
+        """The cache's block-mean state for this layer's block size (rebuilt from the keys when new)."""
         if cache.state is None or cache.state.block_size != self.block_size:
             cache.state = BlockMeanState(self.block_size)
-        backend = self.backend if self.backend in ("auto", "triton") else "torch"
-        return moba_decode(q, keys, values, cache.state, self.block_size, self.top_k, self.softmax_scale, backend=backend)
+        return cache.state
 
     def _forward_tree(self, q, k, v, cache: LayerKVCache | None, tree: list[int], mode: str):
         """The last ``len(tree)`` tokens are a draft tree (``tree`` = their parents, see
@@ -129,12 +134,10 @@ class MoBAAttention(nn.Module):
         parts = [self._forward_cached(q[:, :p], k[:, :p], v[:, :p], None, cache, mode)] if p else []
         if cache.length == 0:
             raise ValueError("tree attention needs at least one cached or preceding token")
-        if cache.state is None or cache.state.block_size != self.block_size:
-            cache.state = BlockMeanState(self.block_size)
         top_k = self.top_k if mode == "moba" else cache.length + n  # every block: full attention
         scale = resolve_softmax_scale(self.softmax_scale, q.shape[-1])
-        out = moba_tree_attention(q[0, p:], k[0, p:], v[0, p:], tree, cache.keys, cache.values, cache.state,
-                                  self.block_size, top_k, scale)
+        out = moba_tree_attention(q[0, p:], k[0, p:], v[0, p:], tree, cache.keys, cache.values,
+                                  self._block_means(cache), self.block_size, top_k, scale)
         return torch.cat(parts + [out[None]], dim=1)
 
     def extra_repr(self) -> str:

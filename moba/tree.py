@@ -88,6 +88,7 @@ def moba_tree_attention(
     Returns:
         (n, Hq, D) in q's dtype.
     """
+    parents = check_parents(parents)
     n, hq, d = q.shape
     lk, hkv = k_cache.shape[1], k_cache.shape[2]
     if k_cache.shape[0] != 1 or lk < 1:
