@@ -636,9 +636,8 @@ def generate_tree_speculative(target, draft, input_ids: torch.Tensor, max_new_to
     if not done:
         start = time.perf_counter()
         runner.prefill(tokens)
-        drafter.model.logits(tokens[:-1]) if len(tokens) > 1 else None
-        _sync(input_ids.device)
-        stats.prefill_seconds, stats.prefill_tokens = time.perf_counter() - start, max(0, len(tokens) - 1)
+        _, stats.prefill_tokens = _prefill([drafter.model], tokens, input_ids.device)
+        stats.prefill_seconds = time.perf_counter() - start
     draft_counter = _Counter(drafter.model)
     start = time.perf_counter()
     while not done:
