@@ -167,15 +167,15 @@ def noisy_copy(model, noise: float, seed: int):
 
 def checkpoints(args, device, dtype):
     """Target and draft from scaling_runs checkpoints, a held-out prompt, the training tokens."""
-    from moba.generate_adapters import load_gpt
+    from moba.generate_adapters import GPTAdapter, load_gpt
     from scaling_runs.config import DataConfig
     from scaling_runs.data import load_data
     from scaling_runs.eval_budget import load_model
 
     if not args.draft_run:
         raise SystemExit("--target-run needs --draft-run (the draft checkpoint)")
-    _, cfg, run_dir = load_model(args.target_run, "cpu")
-    target = load_gpt(args.target_run, device).to(dtype)
+    target_gpt, cfg, run_dir = load_model(args.target_run, device)  # the run's config comes with it
+    target = GPTAdapter(target_gpt).eval().to(dtype)
     draft = load_gpt(args.draft_run, device).to(dtype)
     if target.gpt.cfg.vocab_size != draft.gpt.cfg.vocab_size:
         raise SystemExit(f"target and draft vocabularies differ: {target.gpt.cfg.vocab_size} vs {draft.gpt.cfg.vocab_size}")
