@@ -113,6 +113,32 @@ def next_union_block(idx_row, cur, sel, slot, n_slots, BIG: tl.constexpr):
 
 
 @triton.jit
+def gather_chunk(pid, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, ROWS, Q_KEY_TOKEN,
+                 n_heads_q, n_heads_kv, causal, BLOCK_M: tl.constexpr):
+    """1-D program id of a "gather" kernel -> its chunk of BLOCK_M rows that selected one (key
+    block, KV head) pair: positions in ROWS (BLOCK_M,) and their mask, the rows' token / query
+    head / key-token position (BLOCK_M,), the KV head, the block's first key token and length,
+    and how many of its keys any row of the chunk may see (n_end; causal cuts the tail)."""
+    pair = tl.load(CHUNK_PAIR + pid).to(tl.int64)
+    r0 = tl.load(CHUNK_START + pid).to(tl.int64)
+    r_end = tl.load(ROW_PTR + pair + 1).to(tl.int64)
+    block = pair // n_heads_kv
+    kv_head = pair % n_heads_kv
+    block_start = tl.load(BLOCK_START + block).to(tl.int64)
+    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
+    offs_r = r0 + tl.arange(0, BLOCK_M)
+    r_ok = offs_r < r_end
+    row = tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)  # token * Hq + head
+    tok = row // n_heads_q
+    head = row % n_heads_q
+    q_tok = tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64)
+    # Causal: keys after the chunk's last query are masked for every row.
+    q_tok_last = tl.max(tl.where(r_ok, q_tok, -1), 0)
+    n_end = tl.where(causal != 0, tl.minimum(block_len, q_tok_last - block_start + 1), block_len)
+    return offs_r, r_ok, row, tok, head, q_tok, kv_head, block_start, block_len, n_end
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX,
     TILE_SEQ, TILE_START, CU_Q, CU_K,
@@ -328,20 +354,9 @@ def _fwd_gather_kernel(
     # (key block, KV head) pair: a partial softmax over that block only, written to
     # PART_O / PART_LSE at the rows' positions in ROWS (merged by the launcher).
     pid = tl.program_id(0).to(tl.int64)
-    pair = tl.load(CHUNK_PAIR + pid).to(tl.int64)
-    r0 = tl.load(CHUNK_START + pid).to(tl.int64)
-    r_end = tl.load(ROW_PTR + pair + 1).to(tl.int64)
-    block = pair // n_heads_kv
-    kv_head = pair % n_heads_kv
-    block_start = tl.load(BLOCK_START + block).to(tl.int64)
-    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
-
-    offs_r = r0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,) positions in ROWS
-    r_ok = offs_r < r_end  # (BLOCK_M,)
-    row = tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,) token * Hq + head
-    tok = row // n_heads_q  # (BLOCK_M,)
-    head = row % n_heads_q  # (BLOCK_M,)
-    q_tok = tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,)
+    offs_r, r_ok, row, tok, head, q_tok, kv_head, block_start, block_len, n_end = gather_chunk(
+        pid, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, ROWS, Q_KEY_TOKEN,
+        n_heads_q, n_heads_kv, causal, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -349,9 +364,6 @@ def _fwd_gather_kernel(
     q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
                 mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
 
-    # Causal: keys after the chunk's last query are masked for every row.
-    q_tok_last = tl.max(tl.where(r_ok, q_tok, -1), 0)  # scalar
-    n_end = tl.where(causal != 0, tl.minimum(block_len, q_tok_last - block_start + 1), block_len)
     qk_scale = scale * 1.4426950408889634
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (BLOCK_M,)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # (BLOCK_M,)
@@ -392,20 +404,9 @@ def _bwd_dq_gather_kernel(
     # Same chunks as _fwd_gather_kernel; writes the rows' dq contribution of this block to
     # PART_DQ at their positions in ROWS (summed per row by the launcher, deterministically).
     pid = tl.program_id(0).to(tl.int64)
-    pair = tl.load(CHUNK_PAIR + pid).to(tl.int64)
-    r0 = tl.load(CHUNK_START + pid).to(tl.int64)
-    r_end = tl.load(ROW_PTR + pair + 1).to(tl.int64)
-    block = pair // n_heads_kv
-    kv_head = pair % n_heads_kv
-    block_start = tl.load(BLOCK_START + block).to(tl.int64)
-    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
-
-    offs_r = r0 + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    r_ok = offs_r < r_end  # (BLOCK_M,)
-    row = tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,)
-    tok = row // n_heads_q  # (BLOCK_M,)
-    head = row % n_heads_q  # (BLOCK_M,)
-    q_tok = tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,)
+    offs_r, r_ok, row, tok, head, q_tok, kv_head, block_start, block_len, n_end = gather_chunk(
+        pid, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, ROWS, Q_KEY_TOKEN,
+        n_heads_q, n_heads_kv, causal, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
@@ -417,8 +418,6 @@ def _bwd_dq_gather_kernel(
     lse2 = tl.load(LSE + row, mask=r_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
     delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
 
-    q_tok_last = tl.max(tl.where(r_ok, q_tok, -1), 0)  # scalar
-    n_end = tl.where(causal != 0, tl.minimum(block_len, q_tok_last - block_start + 1), block_len)
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # (BLOCK_M, HEAD_DIM)
     for n0 in range(0, n_end, BLOCK_N):
