@@ -139,6 +139,22 @@ def gather_chunk(pid, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, 
 
 
 @triton.jit
+def gather_block_scores(q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
+                        r_ok, q_tok, qk_scale, causal):
+    """Keys n0:n0+BLOCK_N of a gather chunk's block: the key tile (BLOCK_N, HEAD_DIM), its
+    global key tokens and load mask, and the rows' scaled scores (BLOCK_M, BLOCK_N, log2
+    units) with the mask of the (row, key) pairs that count."""
+    k_ok = (n0 + offs_n) < block_len
+    k_tok = block_start + n0 + offs_n  # global key token
+    kv_mask = k_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    valid = r_ok[:, None] & k_ok[None, :]
+    valid = valid & ((k_tok[None, :] <= q_tok[:, None]) | (causal == 0))
+    return k, k_tok, kv_mask, s, valid
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX,
     TILE_SEQ, TILE_START, CU_Q, CU_K,
@@ -369,14 +385,9 @@ def _fwd_gather_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # (BLOCK_M,)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # (BLOCK_M, HEAD_DIM)
     for n0 in range(0, n_end, BLOCK_N):
-        k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
-        k_tok = block_start + n0 + offs_n  # (BLOCK_N,) global key token
-        kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
-        k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
-        valid = r_ok[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
-        valid = valid & ((k_tok[None, :] <= q_tok[:, None]) | (causal == 0))
+        _, k_tok, kv_mask, s, valid = gather_block_scores(
+            q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
+            r_ok, q_tok, qk_scale, causal)  # s, valid: (BLOCK_M, BLOCK_N)
         s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (BLOCK_M,)
@@ -421,16 +432,11 @@ def _bwd_dq_gather_kernel(
     qk_scale = scale * 1.4426950408889634
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # (BLOCK_M, HEAD_DIM)
     for n0 in range(0, n_end, BLOCK_N):
-        k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
-        k_tok = block_start + n0 + offs_n  # (BLOCK_N,)
-        kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
-        k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+        k, k_tok, kv_mask, s, valid = gather_block_scores(
+            q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
+            r_ok, q_tok, qk_scale, causal)  # k: (BLOCK_N, HEAD_DIM); s, valid: (BLOCK_M, BLOCK_N)
         v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
                     mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
-        valid = r_ok[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
-        valid = valid & ((k_tok[None, :] <= q_tok[:, None]) | (causal == 0))
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
         dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
