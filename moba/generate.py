@@ -31,6 +31,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 
@@ -130,6 +131,9 @@ class CachedModel:
     def __init__(self, model, device: torch.device | str | None = None):
         self.model = model
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        # transformers renamed the forward's ``past_key_values`` to ``cache`` in 5.24: read which one it takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in params else "past_key_values"
         self.cache = None
         self.tokens: list[int] = []
         self.forwards = 0
@@ -163,8 +167,9 @@ class CachedModel:
             self.cache.crop(keep - len(self.tokens))  # a negative count: tokens to remove
             self.crops += 1
         ids = torch.tensor([tokens[keep:]], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=self.cache, use_cache=True, logits_to_keep=need)
-        self.cache = out.past_key_values if out.past_key_values is not None else self.cache
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=need, **{self._cache_keyword: self.cache})
+        returned = getattr(out, self._cache_keyword, None)
+        self.cache = returned if returned is not None else self.cache
         self.tokens = list(tokens)
         self.forwards += 1
         self.fed += ids.shape[1]
@@ -589,7 +594,7 @@ class TreeTarget:
     @torch.no_grad()
     def prefill(self, tokens: list[int]) -> None:
         if len(tokens) > 1:
-            self.model(input_ids=torch.tensor([tokens[:-1]], device=self.device), past_key_values=self.cache,
+            self.model(input_ids=torch.tensor([tokens[:-1]], device=self.device), cache=self.cache,
                        logits_to_keep=1)
             self.cached = len(tokens) - 1
 
@@ -598,7 +603,7 @@ class TreeTarget:
         """(accepted node tokens along one path, the target's next token after them)."""
         new = tokens[self.cached :]
         ids = torch.tensor([new + nodes], dtype=torch.long, device=self.device)
-        out = self.model(input_ids=ids, past_key_values=self.cache, logits_to_keep=len(nodes) + 1,
+        out = self.model(input_ids=ids, cache=self.cache, logits_to_keep=len(nodes) + 1,
                          tree=parents if nodes else None)
         self.cached = len(tokens)
         self.forwards += 1

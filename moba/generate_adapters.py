@@ -1,7 +1,7 @@
 """Adapters letting ``moba.generate`` drive models that are not ``transformers`` causal LMs.
 
-``moba.generate.CachedModel`` calls ``model(input_ids=, past_key_values=, use_cache=True,
-logits_to_keep=)``, reads ``.logits`` / ``.past_key_values``, rolls back with
+``moba.generate.CachedModel`` calls ``model(input_ids=, cache=, use_cache=True,
+logits_to_keep=)`` (``past_key_values=`` for transformers before 5.24), reads ``.logits`` and the returned cache, rolls back with
 ``cache.crop(-n)`` and asks ``model.new_cache()`` for an empty cache.
 
 ``GPTAdapter`` wraps a ``scaling_runs.model.GPT`` that way, with a ``moba.KVCache``: the
@@ -48,14 +48,14 @@ class GPTAdapter(torch.nn.Module):
     supports_tree = True  # ``forward(..., tree=parents)``: draft-tree verification (moba.tree)
 
     @torch.no_grad()
-    def forward(self, input_ids, past_key_values=None, use_cache=True, logits_to_keep: int = 0,
+    def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep: int = 0,
                 tree: list[int] | None = None, **_):
         """input_ids (B, n): the tokens after the cached ones -> ``.logits`` (B, n or logits_to_keep, V).
 
         tree: the parents of the last ``len(tree)`` tokens, a draft tree (batch 1; not cached)."""
-        cache = past_key_values if isinstance(past_key_values, KVCache) else KVCache()
+        cache = cache if isinstance(cache, KVCache) else KVCache()
         logits = self.gpt(input_ids, cache=cache, logits_to_keep=logits_to_keep, tree=tree)
-        return SimpleNamespace(logits=logits, past_key_values=cache if use_cache else None)
+        return SimpleNamespace(logits=logits, cache=cache if use_cache else None)
 
 
 def load_gpt(path, device="cpu") -> GPTAdapter:

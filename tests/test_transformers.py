@@ -1,9 +1,12 @@
 """transformers integration: attn_implementation="moba" on tiny random Llama / Qwen2 / Qwen3 / Mistral.
 
-Tested with transformers 5.23.0 (see moba/integrations/transformers.py).
+Runs on every transformers release in ``TESTED_TRANSFORMERS_VERSIONS`` (``make test`` pins the newest,
+``make test-oldest`` / ``make test-latest`` run the ends of the range).
 """
 
 import copy
+import inspect
+import warnings
 
 import pytest
 import torch
@@ -18,6 +21,8 @@ from moba.decode import BlockMeanState  # noqa: E402
 
 BS, TOP_K = 4, 2
 VOCAB = 64
+# the model's cache keyword: ``cache`` from transformers 5.24, ``past_key_values`` before
+CACHE_KW = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,7 +104,7 @@ def test_generate_decode_equals_prefill_and_is_incremental(arch, monkeypatch):
     # incremental: the prompt once (2 rows x 6 tokens, per layer), then 1 token per row per step;
     # (the last two: the check's plain forward over all 24 tokens also fills a fresh cache)
     assert folded == [12, 12] + [2] * (2 * 17) + [48, 48], folded
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_KW)
     states = mt._STATES[cache]
     assert sorted(states) == [0, 1] and states[0].lengths == [cache.get_seq_length()] * 2
 
@@ -173,12 +178,12 @@ def test_speculative_style_crop_then_continue():
     seq = torch.randint(1, VOCAB, (1, 30))
     cache = transformers.DynamicCache(config=model.config)
     with torch.no_grad():
-        model(seq[:, :11], past_key_values=cache, use_cache=True)  # prefill (installs the hooks)
-        model(seq[:, 11:12], past_key_values=cache, use_cache=True)
-        model(seq[:, 12:17], past_key_values=cache, use_cache=True)  # a 5-token "draft"
+        model(seq[:, :11], use_cache=True, **{CACHE_KW: cache})  # prefill (installs the hooks)
+        model(seq[:, 11:12], use_cache=True, **{CACHE_KW: cache})
+        model(seq[:, 12:17], use_cache=True, **{CACHE_KW: cache})  # a 5-token "draft"
         cache.crop(-3)  # 3 draft tokens rejected: 14 tokens stay
         other = torch.randint(1, VOCAB, (1, 4))
-        got = model(other, past_key_values=cache, use_cache=True).logits
+        got = model(other, use_cache=True, **{CACHE_KW: cache}).logits
     assert mt._STATES[cache][0].lengths == [18]
     expected = _logits(model, torch.cat([seq[:, :14], other], dim=1))[:, -4:]
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -256,12 +261,92 @@ def test_unsupported_options_raise_clear_errors():
     _logits(llama, torch.randint(1, VOCAB, (1, 6)))  # no dropout at inference
     with pytest.raises(ValueError, match="custom attention masks"):
         _logits(llama, torch.randint(1, VOCAB, (1, 6)), attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
-    with pytest.raises(ValueError, match="growing cache"):  # StaticCache: fixed-size buffers
-        llama.generate(torch.randint(1, VOCAB, (1, 6)), max_new_tokens=2, cache_implementation="static")
     with pytest.raises(ValueError, match="block_size"):
         mt.register_moba(0, 3, name="moba_bad")
     with pytest.raises(ValueError, match="backend"):
         mt.register_moba(4, 3, name="moba_bad", backend="cuda")
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["first-call", "hooks-installed"])
+def test_static_cache_is_refused_never_silently_wrong(fresh):
+    """A static cache has unused slots after the real keys: refused on a module's very first call
+    (from the query positions) and, once the hooks are in, from the cache object itself."""
+    _, (llama,) = _models("llama", "moba_t")
+    ids = torch.randint(1, VOCAB, (1, 6))
+    if fresh:  # one forward: only the position check can see the 10 unused slots
+        cache = transformers.StaticCache(config=llama.config, max_cache_len=16)
+        with pytest.raises(ValueError, match="growing cache"):
+            _logits(llama, ids, use_cache=True, **{CACHE_KW: cache})
+    else:
+        llama.generate(ids, max_new_tokens=2)  # installs the cache hooks
+        with pytest.raises(ValueError, match="growing cache"):
+            llama.generate(ids, max_new_tokens=2, cache_implementation="static")
+
+
+class _WrappedCache:
+    """A cache object the integration does not know: it forwards everything to a DynamicCache."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+
+def test_unrecognised_cache_object_is_refused():
+    _, (llama,) = _models("llama", "moba_t")
+    ids = torch.randint(1, VOCAB, (1, 6))
+    _logits(llama, ids)  # installs the cache hooks
+    cache = _WrappedCache(transformers.DynamicCache(config=llama.config))
+    with pytest.raises(ValueError, match="_WrappedCache"):
+        _logits(llama, ids, use_cache=True, **{CACHE_KW: cache})
+
+
+def test_unknown_attention_arguments_are_named():
+    attention = mt.make_attention_function(mt.MoBASettings(BS, TOP_K, (), "auto"))
+    module = torch.nn.Module()
+    module.layer_idx = 0
+    q = k = v = torch.randn(1, 2, 8, 4)
+    with pytest.raises(ValueError, match="alibi_slopes, window_shape"):
+        attention(module, q, k, v, None, alibi_slopes=torch.ones(2), window_shape=(4, 4))
+    out, _ = attention(module, q, k, v, None, some_flag=None, other=False, use_cache=True)  # carry nothing: fine
+    assert out.shape == (1, 8, 2, 4)
+
+
+def test_hybrid_layer_indices_out_of_range_raise():
+    mt.register_moba(BS, TOP_K, full_attention_layers=(2,), name="moba_t_bad_layers")
+    _, (llama,) = _models("llama", "moba_t_bad_layers")  # 2 layers: valid indices -2 .. 1
+    with pytest.raises(ValueError, match=r"full_attention_layers \[2\] out of range"):
+        _logits(llama, torch.randint(1, VOCAB, (1, 6)))
+
+
+def test_cu_seq_lens_pack_like_restarting_position_ids():
+    """Padding-free batches pass cu_seq_lens_q/k (flash-attention collators): same as separate runs."""
+    torch.manual_seed(5)
+    attention = mt.make_attention_function(mt.MoBASettings(BS, TOP_K, (), "auto"))
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, True
+    q, k, v = torch.randn(1, 4, 23, 8), torch.randn(1, 2, 23, 8), torch.randn(1, 2, 23, 8)
+    cu = torch.tensor([0, 13, 23], dtype=torch.int32)
+    got, _ = attention(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=13, max_length_k=13)
+    for a, b in ((0, 13), (13, 23)):
+        one, _ = attention(module, q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None)
+        torch.testing.assert_close(got[:, a:b], one, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="cu_seq_lens_q == cu_seq_lens_k"):
+        attention(module, q, k, v, None, cu_seq_lens_q=cu, cu_seq_lens_k=torch.tensor([0, 23]))
+
+
+def test_untested_transformers_version_warns_once(monkeypatch):
+    monkeypatch.setattr(mt, "_warned_versions", set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mt._warn_if_untested(mt.TESTED_TRANSFORMERS_VERSIONS[-1])  # inside the range: silent
+        mt._warn_if_untested(mt.TESTED_TRANSFORMERS_VERSIONS[0])
+    with pytest.warns(UserWarning, match="tested with transformers 4.56.0 to"):
+        mt._warn_if_untested("99.0.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mt._warn_if_untested("99.0.0")  # once
 
 
 def test_mask_function_never_builds_a_square_mask():
@@ -270,6 +355,12 @@ def test_mask_function_never_builds_a_square_mask():
     pad = torch.ones(2, 7, dtype=torch.bool)
     pad[0, 0] = False
     assert mt.padding_mask_function(2, 1, 7, attention_mask=pad).shape == (2, 7)
+    # as transformers calls it: by keyword, with cache_position (before 5.4) or q_length/q_offset (after)
+    old_style = dict(batch_size=2, cache_position=torch.arange(6, 7), kv_length=7, kv_offset=0)
+    new_style = dict(batch_size=2, q_length=1, kv_length=7, q_offset=6, kv_offset=0, config=None, dtype=torch.float32)
+    for kw in (old_style, new_style):
+        assert mt.padding_mask_function(**kw, attention_mask=pad).shape == (2, 7)
+        assert mt.padding_mask_function(**kw, attention_mask=torch.ones(2, 7, dtype=torch.bool)) is None
 
 
 @pytest.mark.gpu

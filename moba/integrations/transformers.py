@@ -8,7 +8,12 @@
     out = model.generate(**inputs)      # prefill: MoBA; every decoding step: sparse MoBA on the KV cache
     model.set_attn_implementation("sdpa")   # e.g. switch to full attention at a chosen training step
 
-Tested with transformers 5.23.0 (Llama, Qwen2, Qwen3, Mistral, built from configs). It uses
+Tested with transformers 4.56 to 5.24 (Llama, Qwen2, Qwen3, Mistral, built from configs; see
+``TESTED_TRANSFORMERS_VERSIONS``). Registering on a release outside that range warns once. The
+integration reads what it needs from transformers' own signatures rather than from one release's
+internals: the KV cache is the attention module's ``forward`` parameter annotated ``Cache``
+(``past_key_values`` up to 5.23, ``cache`` from 5.24), and the mask function takes every argument
+by keyword (``cache_position`` before 5.4, ``q_length``/``q_offset`` after). It uses
 transformers' own registration API: ``AttentionInterface.register(name, fn)`` for the attention
 and ``AttentionMaskInterface.register(name, mask_fn)`` so the model builds no (S, S) mask: the
 mask function returns the 2D padding mask (B, kv_len) when there is padding and ``None``
@@ -26,8 +31,11 @@ What the attention function does (query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D
   The gate reads block means kept incrementally per layer in a ``BlockMeanState``, stored
   per cache object (weakly, so it dies with the cache). The cache is found through a forward
   pre-hook that this module adds to each attention module on its first call (the attention
-  function itself is not given the cache); without a known cache, every step recomputes the
-  means from the keys (correct, not incremental). ``crop`` (rejected speculative tokens) is
+  function itself is not given the cache); on that first call, every step recomputes the
+  means from the keys (correct, not incremental), and the query positions are checked against
+  the key length so that a fixed-size cache is refused even before its hook sees it. Only
+  growing caches (``DynamicCache``) are accepted: static, quantized or unknown cache objects
+  raise a ``ValueError`` naming the cache class. ``crop`` (rejected speculative tokens) is
   detected from the lengths and the affected blocks are recomputed; ``reorder_cache`` /
   ``batch_select_indices`` / ``batch_repeat_interleave`` (beam search) are followed;
   ``reset`` or a new prompt restarts from a prefill.
@@ -35,13 +43,16 @@ What the attention function does (query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D
 GQA (Hkv < Hq) is handled natively (no KV repeat), ``scaling`` is respected. Rejected with a
 clear error: dropout > 0, sliding-window layers once a sequence is longer than the window
 (shorter sequences are exact: Mistral's default 4096 window works up to 4096 tokens), logit soft-capping, attention sinks,
-position biases, custom 4D masks, ``output_attentions``, non-causal decoding.
+position biases, custom 4D masks, ``output_attentions``, non-causal decoding, static or
+unrecognised caches, and keyword arguments the integration does not know (named in the error).
 Left-padded (and right-padded prefill) batches are unpadded; a decoding batch whose padding
 is not a left prefix of each row falls back to a from-scratch sparse path.
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 import weakref
 from dataclasses import dataclass
 
@@ -55,7 +66,22 @@ from ..full import full_attn_with_kvcache
 from ..gate import select_packed
 from ..ops import moba_attn_func, moba_attn_varlen_func
 
-TESTED_TRANSFORMERS_VERSIONS = ("5.23.0",)
+#: The transformers releases the test suite runs on (``make test`` pins the newest one in
+#: constraints.txt; ``make test-oldest`` / ``make test-latest`` run the ends of the range).
+TESTED_TRANSFORMERS_VERSIONS = ("4.56.0", "5.24.0")
+
+#: Attention keyword arguments this module reads (each changes what attention computes).
+_HANDLED_KWARGS = frozenset({
+    "position_ids", "is_causal", "sliding_window", "softcap", "s_aux", "position_bias", "output_attentions",
+    "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k",
+})
+#: Keyword arguments transformers passes along that do not change attention's output.
+_IGNORED_KWARGS = frozenset({
+    "use_cache", "cache_position", "output_hidden_states", "output_router_logits", "num_items_in_batch",
+    "seq_idx", "return_dict", "token_type_ids", "layer_idx",
+})
+#: Names of the attention module's cache parameter in releases whose annotations do not say ``Cache``.
+_CACHE_PARAMETER_NAMES = ("cache", "past_key_values", "past_key_value")
 
 # cache object -> {layer_idx: BlockMeanState}; entries die with their cache.
 _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -70,19 +96,51 @@ class MoBASettings:
 
 
 # -- the cache of the current forward --------------------------------------------------------
-def _capture_cache(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
-    try:
-        module._moba_cache_ref = weakref.ref(cache) if cache is not None else None
-    except TypeError:  # not weakly referenceable: decode without a stored state
-        module._moba_cache_ref = None
+class _UnknownCache:
+    """Marker: this module's cache has not been seen yet (its first call, before the hook)."""
+
+
+_UNKNOWN = _UnknownCache()
+
+
+def _cache_parameter(module) -> tuple[str, int | None]:
+    """The attention module's forward parameter that carries the KV cache, from its signature:
+    (name, positional index or None). ``inspect.signature`` follows ``functools.wraps``, so
+    transformers' ``deprecate_kwarg`` wrappers show the real parameters."""
+    params = list(inspect.signature(module.forward).parameters.values())
+    for i, p in enumerate(params):
+        annotation = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", repr(p.annotation))
+        if "Cache" in str(annotation) or p.name in _CACHE_PARAMETER_NAMES:
+            positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+            return p.name, (i if positional else None)
+    return None, None  # a module that takes no cache: every step recomputes the block means
+
+
+def _install_cache_hook(module) -> None:
+    module._moba_tracks_cache = True
+    name, position = _cache_parameter(module)
+    if name is None:
+        return
+
+    def capture(mod, args, kwargs):
+        cache = kwargs.get(name)
+        if cache is None and position is not None and len(args) > position:
+            cache = args[position]
+        if cache is not None:
+            _check_cache(cache)  # before the model writes into a cache we cannot follow
+        try:
+            mod._moba_cache_ref = weakref.ref(cache) if cache is not None else None
+        except TypeError:  # not weakly referenceable: decode without a stored state
+            mod._moba_cache_ref = None
+
+    module.register_forward_pre_hook(capture, with_kwargs=True)
 
 
 def _current_cache(module):
+    """The cache of this forward, ``None`` when there is none, ``_UNKNOWN`` on a module's first call."""
     if not getattr(module, "_moba_tracks_cache", False):
-        module.register_forward_pre_hook(_capture_cache, with_kwargs=True)
-        module._moba_tracks_cache = True
-        return None  # this call started before the hook existed
+        _install_cache_hook(module)
+        return _UNKNOWN  # this call started before the hook existed
     ref = getattr(module, "_moba_cache_ref", None)
     return ref() if ref is not None else None
 
@@ -114,16 +172,29 @@ def _follow_batch_edits(cache, states: dict) -> None:
 
 
 def _check_cache(cache) -> None:
-    layers = getattr(cache, "layers", None) or []
-    if any(getattr(layer, "is_compileable", False) or hasattr(layer, "max_cache_len") for layer in layers):
+    """Accept only caches whose keys grow by appending (``DynamicCache`` and its layers): the block
+    means are kept incrementally and would silently go wrong on fixed-size or quantized storage."""
+    from transformers import cache_utils
+
+    dynamic_cache = getattr(cache_utils, "DynamicCache", None)
+    dynamic_layer = getattr(cache_utils, "DynamicLayer", None)
+    quantized_layer = getattr(cache_utils, "QuantizedLayer", ())
+    layers = getattr(cache, "layers", None)
+    ok = dynamic_cache is not None and isinstance(cache, dynamic_cache)
+    if ok and layers is not None and dynamic_layer is not None:
+        ok = all(isinstance(layer, dynamic_layer) and not isinstance(layer, quantized_layer) for layer in layers)
+    if not ok:
+        kinds = sorted({type(layer).__name__ for layer in layers or []})
         raise ValueError(
-            f"attn_implementation='moba' needs a growing cache (DynamicCache); got {type(cache).__name__} "
-            "with fixed-size (static) layers"
+            f"attn_implementation='moba' needs a growing cache (DynamicCache); got {type(cache).__name__}"
+            + (f" with {', '.join(kinds)} layers" if kinds else "")
+            + ": static, quantized and unknown caches are not supported (use the default cache, or "
+            "cache_implementation='dynamic')"
         )
 
 
 def _state_for(module, cache, block_size: int) -> BlockMeanState | None:
-    if cache is None:
+    if cache is None or cache is _UNKNOWN:
         return None
     try:
         states = _STATES.get(cache)
@@ -141,6 +212,43 @@ def _state_for(module, cache, block_size: int) -> BlockMeanState | None:
 
 
 # -- checks ---------------------------------------------------------------------------------
+def _check_known_kwargs(kwargs) -> None:
+    """Refuse keyword arguments we do not understand (unless they carry nothing: None / False)."""
+    unknown = sorted(
+        name for name, value in kwargs.items()
+        if name not in _HANDLED_KWARGS and name not in _IGNORED_KWARGS and value is not None and value is not False
+    )
+    if unknown:
+        raise ValueError(
+            f"attn_implementation='moba' does not understand the attention argument(s) {', '.join(unknown)} "
+            "passed by this model; it supports the Llama, Qwen2, Qwen3 and Mistral families "
+            f"(transformers {' to '.join(TESTED_TRANSFORMERS_VERSIONS)})"
+        )
+
+
+def _check_keys_end_at_queries(query_length, key_length, valid, kwargs) -> None:
+    """Before a module's cache is known: the queries must be the last real keys (a growing cache).
+    A fixed-size cache has unused slots after them, which MoBA would silently attend to."""
+    cache_position = kwargs.get("cache_position")
+    position_ids = kwargs.get("position_ids")
+    if cache_position is not None:
+        ends = torch.as_tensor(cache_position).reshape(-1)[-1:] + 1
+        expected = torch.full_like(ends, key_length)
+    elif position_ids is not None:
+        ends = position_ids[..., -1].reshape(-1) + 1
+        expected = torch.full_like(ends, key_length) if valid is None else valid.sum(1).to(ends)
+        expected = expected.expand_as(ends) if expected.numel() != ends.numel() else expected
+        if ends.numel() != expected.numel():
+            return
+    else:
+        return  # nothing to check against; the cache hook checks the cache from the next call on
+    if query_length < key_length and not bool((ends == expected).all()):
+        raise ValueError(
+            f"attn_implementation='moba' needs a growing cache (DynamicCache): the {query_length} queries end at "
+            f"position {int(ends.max())} but there are {key_length} keys (a static cache's unused slots?)"
+        )
+
+
 def _check_supported(module, attention_mask, dropout, key_length, kwargs) -> None:
     if dropout and dropout > 0:
         raise ValueError(
@@ -180,14 +288,17 @@ def _is_full_layer(module, settings: MoBASettings) -> bool:
     if layer is None:
         raise ValueError("full_attention_layers needs attention modules with a layer_idx")
     n_layers = getattr(getattr(module, "config", None), "num_hidden_layers", None)
-    for i in settings.full_attention_layers:
-        if i < 0:
-            if n_layers is None:
-                raise ValueError("negative full_attention_layers need config.num_hidden_layers")
-            i += n_layers
-        if i == layer:
-            return True
-    return False
+    if n_layers is None:
+        if any(i < 0 for i in settings.full_attention_layers):
+            raise ValueError("negative full_attention_layers need config.num_hidden_layers")
+        return layer in settings.full_attention_layers
+    bad = [i for i in settings.full_attention_layers if not -n_layers <= i < n_layers]
+    if bad:
+        raise ValueError(
+            f"full_attention_layers {bad} out of range for a model with {n_layers} layers "
+            f"(expected indices in [{-n_layers}, {n_layers - 1}])"
+        )
+    return layer in {i % n_layers for i in settings.full_attention_layers}
 
 
 # -- the paths ------------------------------------------------------------------------------
@@ -204,6 +315,25 @@ def _packed_boundaries(valid: torch.Tensor, position_ids) -> tuple[torch.Tensor,
     tokens = flat_valid.nonzero().squeeze(1)
     first = starts.reshape(-1)[tokens].nonzero().squeeze(1).tolist()
     return tokens, first + [int(tokens.numel())]
+
+
+def _positions_from_cu_seq_lens(kwargs, batch: int, length: int, device):
+    """Padding-free batches (transformers' flash-attention collators) pass ``cu_seq_lens_q/k``:
+    the positions that restart at each boundary, so that ``_prefill`` packs the same sequences."""
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is None and cu_k is None:
+        return None
+    if cu_q is None or cu_k is None or not torch.equal(cu_q.cpu(), cu_k.cpu()):
+        raise ValueError("attn_implementation='moba' needs cu_seq_lens_q == cu_seq_lens_k (self-attention prefill)")
+    cu = cu_q.to(device=device, dtype=torch.long).reshape(-1)
+    if batch != 1 or int(cu[0]) != 0 or int(cu[-1]) != length:
+        raise ValueError(
+            f"cu_seq_lens_q must start at 0 and end at the row length {length} of a batch of 1, "
+            f"got {cu.tolist()} for batch {batch}"
+        )
+    tokens = torch.arange(length, device=device)
+    segment = torch.bucketize(tokens, cu[1:], right=True)
+    return (tokens - cu[segment])[None]
 
 
 def _restarts(position_ids, valid) -> bool:
@@ -279,6 +409,7 @@ def make_attention_function(settings: MoBASettings):
     """The function registered with ``transformers.AttentionInterface``."""
 
     def moba_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        _check_known_kwargs(kwargs)
         _check_supported(module, attention_mask, dropout, key.shape[2], kwargs)
         q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)  # (B, L, H, D)
         lq, lk = q.shape[1], k.shape[1]
@@ -288,8 +419,6 @@ def make_attention_function(settings: MoBASettings):
         if not getattr(getattr(module, "config", None), "is_causal", True):
             causal = False
         cache = _current_cache(module)
-        if cache is not None:
-            _check_cache(cache)
         valid = None
         if attention_mask is not None:
             if attention_mask.shape[-1] < lk:
@@ -300,10 +429,14 @@ def make_attention_function(settings: MoBASettings):
             valid = attention_mask[:, -lk:].to(device=q.device, dtype=torch.bool)
             if bool(valid.all()):
                 valid = None
+        if cache is _UNKNOWN:
+            _check_keys_end_at_queries(lq, lk, valid, kwargs)
         if _is_full_layer(module, settings):
             return full_attn_with_kvcache(q, k, v, causal, scale, key_padding_mask=valid), None
         if lq == lk:
-            position_ids = kwargs.get("position_ids")
+            position_ids = _positions_from_cu_seq_lens(kwargs, q.shape[0], lq, q.device)
+            if position_ids is None:
+                position_ids = kwargs.get("position_ids")
             packed = position_ids if _restarts(position_ids, valid) else None
             out = _prefill(q, k, v, valid, packed, causal, scale, settings)
             state = _state_for(module, cache, settings.block_size)
@@ -313,6 +446,8 @@ def make_attention_function(settings: MoBASettings):
                 if starts is not None and causal and packed is None:
                     state.update(k, starts, lk)
             return out, None
+        if kwargs.get("cu_seq_lens_q") is not None:
+            raise ValueError("attn_implementation='moba' takes cu_seq_lens_q/k only for prefill (queries == keys)")
         if not causal:
             raise ValueError("attn_implementation='moba' decodes causally only (is_causal=False with a KV cache)")
         return _decode(module, cache, q, k, v, valid, scale, settings), None
@@ -321,16 +456,42 @@ def make_attention_function(settings: MoBASettings):
     return moba_attention
 
 
-def padding_mask_function(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
-                          attention_mask=None, **kwargs):
+def padding_mask_function(batch_size=None, *args, kv_length=None, attention_mask=None, **kwargs):
     """Mask builder registered with ``AttentionMaskInterface``: the 2D (B, kv_len) padding mask
-    when some token is padding, else ``None``. Never an (S, S) mask."""
+    when some token is padding, else ``None``. Never an (S, S) mask.
+
+    Only ``kv_length`` and ``attention_mask`` are read, by keyword, so the releases that pass
+    ``cache_position`` (before 5.4) and those that pass ``q_length``/``q_offset`` both work."""
     if attention_mask is None:
         return None
+    if kv_length is None:
+        kv_length = attention_mask.shape[-1]
     attention_mask = attention_mask[:, -kv_length:]
     if attention_mask.shape[1] == kv_length and bool(attention_mask.all()):
         return None
     return attention_mask
+
+
+_warned_versions: set[str] = set()
+
+
+def _warn_if_untested(version: str) -> None:
+    """Warn once per version when transformers is outside the tested range (compared by minor release)."""
+    from packaging.version import Version  # a dependency of transformers
+
+    def minor(v: str) -> tuple[int, ...]:
+        return Version(v).release[:2]
+
+    low, high = minor(TESTED_TRANSFORMERS_VERSIONS[0]), minor(TESTED_TRANSFORMERS_VERSIONS[-1])
+    if low <= minor(version) <= high or version in _warned_versions:
+        return
+    _warned_versions.add(version)
+    warnings.warn(
+        f"moba's transformers integration is tested with transformers {TESTED_TRANSFORMERS_VERSIONS[0]} to "
+        f"{TESTED_TRANSFORMERS_VERSIONS[-1]}; found {version}. Unsupported model arguments and caches raise "
+        "errors, but please report anything that breaks.",
+        stacklevel=3,
+    )
 
 
 def register_moba(
@@ -356,9 +517,11 @@ def register_moba(
         'moba'
         >>> model = AutoModelForCausalLM.from_config(config, attn_implementation="moba")
     """
+    import transformers
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
+    _warn_if_untested(transformers.__version__)
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
     if backend not in ("auto", "torch", "triton", "reference"):
