@@ -6,17 +6,25 @@ PY := $(VENV)/bin/python
 # torch is installed first and pinned, so no later step pulls a multi-GB CUDA build on a
 # CPU machine. On a GPU machine: `make test TORCH_SPEC=torch` (or any version you use).
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py | cksum | cut -d' ' -f1)
+# Every package the tests use, at exact versions (see the file's header; `make lock` renews it).
+CONSTRAINTS ?= constraints.txt
+PIP_VERSION := 26.3
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $(CONSTRAINTS) | cksum | cut -d' ' -f1)
+# The integration tests that `test-latest` / `test-oldest` run against other transformers releases.
+INTEGRATION_TESTS := tests/test_transformers.py tests/test_generate.py
+# The declared lower bounds (pyproject.toml) that `test-oldest` installs.
+OLDEST := "transformers==4.56.0" "einops==0.7.0"
 
-.PHONY: test demo operator-demo bench speed roofline lint clean
+.PHONY: test demo operator-demo bench speed roofline lint clean lock test-latest test-oldest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "pip==$(PIP_VERSION)"
 
-$(STAMP): $(PY) pyproject.toml setup.py
+$(STAMP): $(PY) pyproject.toml setup.py $(CONSTRAINTS)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,bench,scaling,hf]"
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) setuptools wheel
+	$(PY) -m pip install --quiet --no-build-isolation -c $(CONSTRAINTS) -e ".[test,bench,scaling,hf]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 test: $(STAMP)
@@ -41,5 +49,30 @@ lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff
 	$(PY) -m ruff check .
 
+# The newest releases of everything (no constraints; torch stays pinned): integration tests.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install --quiet --upgrade pip "$(TORCH_SPEC)"
+	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[test,bench,scaling,hf]"
+	.venv-latest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	.venv-latest/bin/python -m pytest -q -n 2 --timeout=900 $(INTEGRATION_TESTS)
+
+# The declared lower bounds (transformers 4.56, einops 0.7; torch stays pinned): integration tests.
+test-oldest:
+	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install --quiet --upgrade pip "$(TORCH_SPEC)"
+	.venv-oldest/bin/python -m pip install --quiet -e ".[test,bench,scaling,hf]" $(OLDEST)
+	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
+	.venv-oldest/bin/python -m pytest -q -n 2 --timeout=900 $(INTEGRATION_TESTS)
+
+# Re-resolve the newest releases and freeze them into constraints.txt (then run `make test`).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet "pip==$(PIP_VERSION)" "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install --quiet setuptools wheel -e ".[test,bench,scaling,hf]"
+	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-lock/bin/python -m pip freeze --all | grep -v -e '^-e' -e '^#' -e '^pip==' \
+	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock build *.egg-info .pytest_cache
