@@ -57,6 +57,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-noise", type=float, default=0.0,
                    help="> 0: draft = target + Gaussian noise (this x each tensor's std) instead of a small model")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's choice); fix it to compare runs on a shared machine")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/generate-<device>-<date>)")
     return p
 
@@ -246,6 +250,10 @@ def run(args) -> dict:
     t_start = time.perf_counter()
     if args.cpu:
         apply_cpu(args)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     attn = register_moba(args.block_size, args.top_k, name="moba_genbench")
@@ -291,11 +299,16 @@ def run(args) -> dict:
         return generate_speculative(target, draft, prompt, args.new_tokens, gamma=args.gamma,
                                     draft_drafter=ngram, gamma_inner=args.gamma_inner, generator=generator, **sample)
 
-    def call(mode):
+    def call(mode, bar):
         """Every prompt once: (the outputs, the summed stats)."""
         g = torch.Generator(device=device).manual_seed(args.seed + 3)
-        outs, stats = zip(*(one(mode, p, g) for p in prompts), strict=True)
-        return list(outs), merge_stats(stats)
+        outs, stats = [], []
+        for p in prompts:
+            out, st = one(mode, p, g)
+            outs.append(out)
+            stats.append(st)
+            bar.update(1)
+        return outs, merge_stats(stats)
 
     results, points, reference = {}, [], None
     modes = list(MODES[:3])
@@ -303,10 +316,16 @@ def run(args) -> dict:
         modes.append("tree")
     else:
         print("tree mode skipped: it needs --target-run checkpoints, greedy decoding and --tree-branching >= 2")
+    repeats = max(1, args.repeats)
+    bar = tqdm(total=len(modes) * (1 + repeats) * len(prompts), unit="generation", disable=args.no_progress,
+               desc="generate_speed")
     for mode in modes:
-        call(mode)  # warm-up (kernels, allocator, caches)
-        runs = [call(mode) for _ in range(max(1, args.repeats))]
+        bar.set_postfix_str(f"{mode} (warm-up)")
+        call(mode, bar)  # warm-up (kernels, allocator, caches)
+        bar.set_postfix_str(mode)
+        runs = [call(mode, bar) for _ in range(repeats)]
         summary, st, out = summarize(runs, args.prompt_len)
+        bar.write(f"{mode}: {summary['tokens_per_second']:.1f} tok/s")
         if reference is None:
             reference = out
         summary["matches_plain"] = (all(torch.equal(a, b) for a, b in zip(out, reference, strict=True))
@@ -314,6 +333,7 @@ def run(args) -> dict:
         results[mode] = summary
         points.append(roofline_point(f"decode {mode} (gamma={args.gamma})" if mode != "plain" else "decode plain",
                                      st, target, None if mode == "plain" else draft))
+    bar.close()
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
     meta = {

@@ -21,7 +21,7 @@ import roofline  # noqa: E402
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("gen")
-    generate_speed.main(["--cpu", "--draft-noise", "0.05", "--gamma", "3", "--out", str(out)])
+    generate_speed.main(["--cpu", "--draft-noise", "0.05", "--gamma", "3", "--threads", "1", "--out", str(out)])
     return out
 
 
