@@ -35,6 +35,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,14 @@ def budget_settings(block_size: int, budgets: list[int] | None = None, pairs: li
         seen.add((k, b))
         name = fmt_size(k * b) if not pairs else f"{k}x{fmt_size(b)}"
         out.append({"name": name, "mode": "moba", "top_k": k, "block_size": b, "budget": k * b})
+    if max_context is not None:
+        # A budget that covers the whole context attends every key: it is dense attention again.
+        dense = [s["name"] for s in out if s["budget"] > max_context]
+        if dense and (budgets or pairs):  # explicit budgets only (the automatic ones stop at the context)
+            warnings.warn(
+                f"budgets {', '.join(dense)} exceed the longest evaluated context ({max_context} tokens): "
+                "they equal dense attention", stacklevel=2,
+            )
     return out
 
 

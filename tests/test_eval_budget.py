@@ -5,6 +5,7 @@ random-weight checkpoint saved the way scaling_runs.train saves it."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -121,3 +122,13 @@ def test_answer_nll_matches_full_forward(tmp_path):
         with torch.no_grad():
             loss = model(seq[:, :-1], seq[:, 1:], reduction="none")[0, len(p) - 1 :]
         assert v == pytest.approx(float(loss.mean()), rel=1e-5)
+
+
+def test_budgets_beyond_the_context_warn_that_they_are_dense():
+    with pytest.warns(UserWarning, match="budgets 4k exceed the longest evaluated context"):
+        settings = E.budget_settings(64, budgets=[128, 4096], max_context=1024)
+    assert [s["budget"] for s in settings] == [128, 4096]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        E.budget_settings(64, max_context=1024)  # automatic budgets stop at the context: silent
+        E.budget_settings(64, budgets=[128, 1024], max_context=1024)
