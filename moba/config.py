@@ -58,7 +58,7 @@ def _check_scale(value) -> float | None:
 
 def _as_bool(name: str, value) -> bool:
     # numpy.bool_ is not a bool subclass; accept it (configs are often built from arrays / argparse).
-    if type(value).__name__ == "bool_" and type(value).__module__ == "numpy":
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
         value = bool(value)
     return check_bool(name, value)
 
