@@ -12,6 +12,7 @@ from ._checks import PAD_INDEX
 from .backends import available_backends
 from .config import MoBAConfig
 from .decode import BlockMeanState, KVCache, LayerKVCache, moba_decode
+from .flex import flex_block_mask
 from .full import (
     full_attn_func,
     full_attn_implementation,
@@ -42,6 +43,7 @@ __all__ = [
     "PAD_INDEX",
     "MoBAConfig",
     "available_backends",
+    "flex_block_mask",
     "full_attn_func",
     "full_attn_implementation",
     "full_attn_varlen_func",
