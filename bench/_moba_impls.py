@@ -1,21 +1,24 @@
-"""Third-party ways to compute MoBA, for comparison in ``attn_speed.py``.
+"""Other ways to compute MoBA, for comparison in ``attn_speed.py``.
 
-* ``official_moba``: a re-implementation, written from the MoBA paper's description
-  (Lu et al., 2025, "MoBA: Mixture of Block Attention for Long-Context LLMs", section 2.3
-  and its Algorithm 1), of the official algorithm: mean-pooled key chunks score every query,
-  the own chunk is always selected and future chunks never; the own chunk is attended
-  causally with *dense varlen attention over the chunks*; the (query, chunk) pairs of the
-  other selected chunks are gathered, grouped per (chunk, head) and attended densely; the
-  two partial results are merged by log-sum-exp. With ``flash_attn`` and CUDA both dense
-  steps are ``flash_attn_varlen_func`` calls (forward only here: flash-attn does not
-  differentiate its returned LSE, and the official custom backward is not re-implemented);
-  otherwise each chunk is a plain PyTorch matmul-softmax (differentiable).
-* ``flex_moba``: torch FlexAttention with a MoBA ``BlockMask``, built from
-  ``moba.select_blocks`` indices without any O(S^2) tensor: the block structure is
-  (query tile of 128 rows) x (MoBA block), and the exact per-query selection is a
-  ``mask_mod`` that looks bits up in a (B, Hq, S, ceil(n_blocks / 32)) int32 bitset.
+* ``paper_reimpl_moba`` (provider ``moba-paper-reimpl``): our re-implementation, written from
+  the MoBA paper's description (Lu et al., 2025, "MoBA: Mixture of Block Attention for
+  Long-Context LLMs", section 2.3 and its Algorithm 1), of the official algorithm; it is *not*
+  the official code. Mean-pooled key chunks score every query, the own chunk is always
+  selected and future chunks never; the own chunk is attended causally with *dense varlen
+  attention over the chunks*; the (query, chunk) pairs of the other selected chunks are
+  gathered, grouped per (chunk, head) and attended densely; the two partial results are merged
+  by log-sum-exp. With ``flash_attn`` and CUDA both dense steps are ``flash_attn_varlen_func``
+  calls (forward only here: flash-attn does not differentiate its returned LSE, and the
+  official custom backward is not re-implemented); otherwise each chunk is a plain PyTorch
+  matmul-softmax (differentiable).
+* ``load_official_moba`` (provider ``moba-official``): the real official code,
+  ``moba_attn_varlen`` from a checkout of https://github.com/MoonshotAI/MoBA (needs CUDA and
+  flash-attn). Both packages install the top-level name ``moba``, so the official one cannot
+  be imported next to ours: its ``moba/moba_efficient.py`` (self-contained: torch, flash_attn,
+  einops) is loaded from the checkout under another module name.
+* ``flex_moba``: torch FlexAttention with the MoBA ``BlockMask`` of ``moba.flex_block_mask``.
 
-Both take the flash-attn layout: q (B, S, Hq, D), k, v (B, S, Hkv, D), and use only the
+All take the flash-attn layout: q (B, S, Hq, D), k, v (B, S, Hkv, D), and use only the
 public API of ``moba``.
 """
 
@@ -40,8 +43,8 @@ def flash_attn_usable(device) -> bool:
 
 
 # ----------------------------------------------------------------------------- gate
-def official_gate(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
-    """The official MoBA gate (causal): (B, S, Hq, min(top_k, nb)) int64 chunk indices, -1 padded.
+def paper_reimpl_gate(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int) -> torch.Tensor:
+    """The paper's MoBA gate (causal): (B, S, Hq, min(top_k, nb)) int64 chunk indices, -1 padded.
 
     Chunk representative = mean of its keys; score = q . mean in float32; the own chunk gets
     +inf (always selected), future chunks and the own chunk's successors -inf; top-k.
@@ -69,7 +72,7 @@ def official_gate(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int)
     return out
 
 
-# ----------------------------------------------------------------------------- official MoBA
+# ----------------------------------------------------------------------------- MoBA re-implemented from the paper
 def _dense_lse(q, k, v, scale, causal):
     """(N, Hq, L, D) x (N, Hkv, L, D) -> float32 out (N, Hq, L, D) and LSE (N, Hq, L), in chunks."""
     n, hq, length, d = q.shape
@@ -194,7 +197,7 @@ def _flash_parts(q, k, v, block_size, scale, sel):  # pragma: no cover - needs C
     return self_out, self_lse, om.float().view(-1, d), lsem.float()[0, : qm.shape[0]]
 
 
-def official_moba(
+def paper_reimpl_moba(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -205,18 +208,19 @@ def official_moba(
     block_indices: torch.Tensor | None = None,
     use_flash: bool | None = None,
 ) -> torch.Tensor:
-    """Official-style MoBA (causal only): q (B, S, Hq, D), k, v (B, S, Hkv, D) -> (B, S, Hq, D).
+    """MoBA as the paper describes the official algorithm (causal only), re-implemented here:
+    q (B, S, Hq, D), k, v (B, S, Hkv, D) -> (B, S, Hq, D).
 
     ``block_indices`` (B, S, Hq, slots), e.g. from ``moba.select_blocks``, replaces the gate.
     ``use_flash`` defaults to "flash_attn importable and CUDA tensors".
     """
     if not causal:
-        raise NotImplementedError("the official MoBA algorithm is causal only")
+        raise NotImplementedError("the paper's MoBA algorithm (and the official code) is causal only")
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     if use_flash is None:
         use_flash = flash_attn_usable(q.device)
     with torch.no_grad():
-        idx = official_gate(q, k, block_size, top_k) if block_indices is None else block_indices.long()
+        idx = paper_reimpl_gate(q, k, block_size, top_k) if block_indices is None else block_indices.long()
         sel = _gathered_pairs(idx, block_size)
     if use_flash:
         self_out, self_lse, part_out, part_lse = _flash_parts(q, k, v, block_size, scale, sel)
@@ -235,6 +239,60 @@ def official_moba(
     return out.view(q.shape).to(q.dtype)
 
 
+# ----------------------------------------------------------------------------- the official package
+#: Environment variable naming a checkout of https://github.com/MoonshotAI/MoBA.
+OFFICIAL_SRC_ENV = "MOBA_OFFICIAL_SRC"
+
+
+def load_official_moba(src: str | None, device) -> tuple[object | None, str | None]:
+    """The official ``moba_attn_varlen`` and None, or None and why it cannot run here.
+
+    ``src``: a checkout of MoonshotAI/MoBA (the folder holding ``moba/moba_efficient.py``) or
+    that file; None reads ``$MOBA_OFFICIAL_SRC``.
+    """
+    import importlib.util
+    import os
+    from pathlib import Path
+
+    if torch.device(device).type != "cuda":
+        return None, "the official MoBA package needs CUDA (flash-attn kernels)"
+    if not flash_attn_usable(device):
+        return None, "the official MoBA package needs flash-attn (pip install flash-attn)"
+    src = src or os.environ.get(OFFICIAL_SRC_ENV)
+    if not src:
+        return None, (f"no official MoBA source: pass --official-moba-src or set ${OFFICIAL_SRC_ENV} to a checkout "
+                      "of https://github.com/MoonshotAI/MoBA (it cannot be pip-installed next to this package: "
+                      "both are the top-level module `moba`)")
+    path = Path(src)
+    path = path if path.suffix == ".py" else path / "moba" / "moba_efficient.py"
+    if not path.is_file():
+        return None, f"{path} does not exist (expected a MoonshotAI/MoBA checkout)"
+    spec = importlib.util.spec_from_file_location("moba_official_efficient", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason to skip
+        return None, f"loading {path} failed: {type(e).__name__}: {e}"
+    fn = getattr(module, "moba_attn_varlen", None)
+    if fn is None:
+        return None, f"{path} has no moba_attn_varlen"
+    return fn, None
+
+
+def official_moba(fn, q, k, v, block_size: int, top_k: int) -> torch.Tensor:
+    """Run the official ``moba_attn_varlen`` on (B, S, Hq, D) inputs (causal, default scale).
+
+    The official code takes packed (T, H, D) tensors with as many KV heads as query heads, so
+    K/V are repeated for GQA (as its transformers wrapper does).
+    """
+    b, s, hq, d = q.shape
+    g = hq // k.shape[2]
+    cu = torch.arange(b + 1, dtype=torch.int32, device=q.device) * s
+    kk = k.repeat_interleave(g, dim=2).reshape(b * s, hq, d)
+    vv = v.repeat_interleave(g, dim=2).reshape(b * s, hq, d)
+    return fn(q.reshape(b * s, hq, d), kk, vv, cu, s, block_size, top_k).view(b, s, hq, d)
+
+
 # ----------------------------------------------------------------------------- FlexAttention
 def flex_attention_status(device) -> str | None:
     """None when FlexAttention can run on ``device``, else why not."""
@@ -243,66 +301,6 @@ def flex_attention_status(device) -> str | None:
     except ImportError as e:
         return f"torch.nn.attention.flex_attention not importable ({e})"
     return None
-
-
-def moba_block_mask(block_indices: torch.Tensor, seqlen: int, block_size: int, causal: bool, q_block: int = 128):
-    """A FlexAttention ``BlockMask`` with the exact per-query MoBA selection, O(S * n_blocks) memory.
-
-    block_indices: (B, S, Hq, slots) from ``moba.select_blocks``. Block structure: query tiles
-    of ``q_block`` rows x MoBA blocks (``BLOCK_SIZE=(q_block, block_size)``); a (tile, block)
-    pair is *full* when every query of the tile selected the block and no causal cut falls in
-    it, *partial* when some did (then ``mask_mod`` decides per query from a bitset).
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    b, s, hq, _ = block_indices.shape
-    dev = block_indices.device
-    nb = -(-seqlen // block_size)
-    n_words = -(-nb // 32)
-    nq = -(-s // q_block)
-    bits = torch.empty(b, hq, s, n_words, dtype=torch.int32, device=dev)
-    counts = torch.zeros(b, hq, nq * nb, dtype=torch.int32, device=dev)
-    tile = (torch.arange(s, device=dev) // q_block).view(1, s, 1)
-    for h in range(hq):  # one head at a time bounds the int64 temporaries to (B, S, slots)
-        idx = block_indices[:, :, h].long()  # (B, S, slots)
-        valid = idx >= 0
-        j = idx.clamp(min=0)
-        # Bitset (B, S, words): bit j % 32 of word j // 32 is set when block j is selected.
-        words = torch.zeros(b, s, n_words, dtype=torch.int64, device=dev)
-        words.scatter_add_(-1, j // 32, torch.where(valid, torch.ones_like(j) << (j % 32), torch.zeros_like(j)))
-        bits[:, h] = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-        # (tile, block) selection counts -> partial / full structure.
-        counts[:, h].scatter_add_(-1, (tile * nb + j).masked_fill(~valid, 0).reshape(b, -1),
-                                  valid.to(torch.int32).reshape(b, -1))
-    counts = counts.view(b, hq, nq, nb)
-    tile_len = torch.clamp(s - torch.arange(nq, device=dev) * q_block, max=q_block)
-    blk = torch.arange(nb, device=dev)
-    full = counts == tile_len[:, None].to(torch.int32)
-    full &= (blk * block_size + block_size <= seqlen)[None, :]  # the tail block keeps its mask
-    if causal:  # block entirely at or before the tile's first query
-        full &= ((blk + 1) * block_size - 1 <= torch.arange(nq, device=dev)[:, None] * q_block)
-    partial = (counts > 0) & ~full
-
-    def ordered(m):
-        num = m.sum(-1, dtype=torch.int32)
-        ind = torch.argsort((~m).to(torch.int8), dim=-1, stable=True).to(torch.int32)
-        return num, ind.contiguous()
-
-    kv_num, kv_ind = ordered(partial)
-    full_num, full_ind = ordered(full)
-
-    def mask_mod(bi, hi, qi, ki):
-        blk_k = ki // block_size
-        word = bits[bi, hi, qi, blk_k // 32]
-        keep = ((word >> (blk_k % 32)) & 1) == 1
-        if causal:
-            keep = keep & (ki <= qi)
-        return keep
-
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_ind, full_num, full_ind, BLOCK_SIZE=(q_block, block_size), mask_mod=mask_mod,
-        seq_lengths=(seqlen, seqlen),
-    )
 
 
 _COMPILED_FLEX = None
@@ -324,7 +322,8 @@ def flex_moba(
     if block_indices is None:
         with torch.no_grad():
             block_indices = moba.select_blocks(q, k, block_size, top_k, causal)
-    bm = moba_block_mask(block_indices, q.shape[1], block_size, causal, q_block)
+    bm = moba.flex_block_mask(q, k, block_size, causal=causal, block_indices=block_indices, q_block=q_block,
+                              layout="bshd")
     fn = flex_attention
     if compiled:
         if _COMPILED_FLEX is None:

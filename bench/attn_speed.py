@@ -23,8 +23,13 @@ Providers (each skipped with a printed reason when it cannot run):
   sdpa-math       dense torch SDPA, math backend (materialises S x S; small sizes)
   flex-moba       MoBA through torch FlexAttention, exact per-query mask from ``moba.select_blocks``
                   (compiled on CUDA; eager on CPU, forward only: a correctness path there)
-  official-moba   the official MoBA algorithm (re-implemented from the paper: dense varlen
-                  attention over the own chunk + gathered chunks, log-sum-exp merge)
+  moba-paper-reimpl
+                  our re-implementation, from the MoBA paper, of the official algorithm (dense
+                  varlen attention over the own chunk + gathered chunks, log-sum-exp merge);
+                  not the official code
+  moba-official   the official MoonshotAI/MoBA code itself (CUDA + flash-attn + a checkout of
+                  github.com/MoonshotAI/MoBA given by --official-moba-src or $MOBA_OFFICIAL_SRC;
+                  it cannot be installed next to this package: both are the module ``moba``)
   reference       ``backend="reference"``, dense mask, CPU small sizes only
 
 Every timed MoBA call includes its gate (what a user pays); the gate alone
@@ -74,7 +79,14 @@ from _attn_model import (  # noqa: E402
     moba_pairs,
     moba_pairs_from_indices,
 )
-from _moba_impls import flash_attn_usable, flex_attention_status, flex_moba, official_moba  # noqa: E402
+from _moba_impls import (  # noqa: E402
+    flash_attn_usable,
+    flex_attention_status,
+    flex_moba,
+    load_official_moba,
+    official_moba,
+    paper_reimpl_moba,
+)
 
 import moba  # noqa: E402
 
@@ -89,14 +101,15 @@ ALL_PROVIDERS = (
     "sdpa",
     "sdpa-math",
     "flex-moba",
-    "official-moba",
+    "moba-paper-reimpl",
+    "moba-official",
     "reference",
 )
 OURS = ("moba-triton", "moba-torch")
-MOBA_PROVIDERS = {"moba-triton", "moba-torch", "flex-moba", "official-moba", "reference"}
+MOBA_PROVIDERS = {"moba-triton", "moba-torch", "flex-moba", "moba-paper-reimpl", "moba-official", "reference"}
 # moba-full duplicates flash-attn / sdpa-flash, sdpa-math is no long-context option: ask for them by name.
 GPU_DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("sdpa", "reference", "moba-full", "sdpa-math"))
-CPU_DEFAULT_PROVIDERS = ("moba-torch", "reference", "sdpa", "official-moba")
+CPU_DEFAULT_PROVIDERS = ("moba-torch", "reference", "sdpa", "moba-paper-reimpl")
 CPU_NOTE = "CPU timings say nothing about GPU kernels: this mode checks that the benchmark runs."
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -155,6 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cap on one measurement's timed runs: fewer repeats (>= 3) when a run is slow")
     p.add_argument("--reference-max", type=parse_size, default=1024,
                    help="longest sequence the dense-mask reference provider runs (it is O(S^2) and slow)")
+    p.add_argument("--official-moba-src", default=None,
+                   help="checkout of github.com/MoonshotAI/MoBA for the moba-official provider (default $MOBA_OFFICIAL_SRC)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no table, only the output paths")
@@ -182,6 +197,7 @@ class Config:
     seed: int
     threads: int | None
     reference_max: int = 1024
+    official_moba_src: str | None = None
 
 
 def resolve_config(args) -> Config:
@@ -208,7 +224,7 @@ def resolve_config(args) -> Config:
         head_dim=pick("head_dim"), dtype=pick("dtype"), block_size=pick("block_size"), top_k=pick("top_k"),
         causal=args.causal, modes=args.modes, providers=pick("providers"), device=device, cpu_mode=cpu_mode,
         repeats=max(1, pick("repeats")), warmup=max(0, pick("warmup")), max_seconds=args.max_seconds, seed=args.seed,
-        threads=pick("threads"), reference_max=args.reference_max,
+        threads=pick("threads"), reference_max=args.reference_max, official_moba_src=args.official_moba_src,
     )
     if cfg.heads % cfg.kv_heads:
         raise SystemExit(f"--heads ({cfg.heads}) must be a multiple of --kv-heads ({cfg.kv_heads})")
@@ -262,7 +278,7 @@ def provider_forward(name: str, cfg: Config) -> Callable:
     dev = torch.device(cfg.device)
     cuda = dev.type == "cuda"
     bs, tk, causal = cfg.block_size, cfg.top_k, cfg.causal
-    if name.startswith("moba-") and name != "moba-full":
+    if name in OURS:
         backend = name.split("-", 1)[1]
         reason = moba.available_backends(dev).get(backend, f"moba has no backend {backend!r}")
         if reason is not None:
@@ -299,10 +315,17 @@ def provider_forward(name: str, cfg: Config) -> Callable:
         if reason:
             raise Skip(reason)
         return lambda q, k, v: flex_moba(q, k, v, bs, tk, causal=causal)
-    if name == "official-moba":
+    if name == "moba-paper-reimpl":
         if not causal:
-            raise Skip("the official MoBA algorithm is causal only")
-        return lambda q, k, v: official_moba(q, k, v, bs, tk, causal=causal)
+            raise Skip("the paper's MoBA algorithm is causal only")
+        return lambda q, k, v: paper_reimpl_moba(q, k, v, bs, tk, causal=causal)
+    if name == "moba-official":
+        if not causal:
+            raise Skip("the official MoBA code is causal only")
+        fn, reason = load_official_moba(cfg.official_moba_src, dev)
+        if fn is None:
+            raise Skip(reason)
+        return lambda q, k, v: official_moba(fn, q, k, v, bs, tk)
     raise Skip(f"unknown provider {name}")
 
 
@@ -310,8 +333,8 @@ def backward_skip_reason(name: str, cfg: Config) -> str | None:
     dev = torch.device(cfg.device)
     if name == "flex-moba" and dev.type == "cpu":
         return "FlexAttention has no backward on CPU"
-    if name == "official-moba" and flash_attn_usable(dev):
-        return "official-moba re-implementation: forward only on the flash-attn path (no custom backward)"
+    if name == "moba-paper-reimpl" and flash_attn_usable(dev):
+        return "moba-paper-reimpl: forward only on the flash-attn path (no custom backward re-implemented)"
     return None
 
 

@@ -31,7 +31,7 @@ case "$stage" in
     timeout 330 python3 bench/attn_speed.py --seqlens 8k,32k,128k --modes fwd,fwd+bwd --max-seconds 3 \
       --out "$work/attn" 2>&1 | tee "$out/attn.log"
     timeout 220 python3 bench/attn_speed.py --seqlens 512k,1m --modes fwd --max-seconds 3 \
-      --providers moba-triton,moba-full,sdpa-flash,sdpa-cudnn,flex-moba,official-moba \
+      --providers moba-triton,moba-full,sdpa-flash,sdpa-cudnn,flex-moba,moba-paper-reimpl,moba-official \
       --out "$work/attn_long" 2>&1 | tee -a "$out/attn.log"
     python3 bench/roofline.py "$work/attn/attn_speed.json" --out "$work/attn/roofline.png" 2>&1 | tee -a "$out/attn.log"
     ;;

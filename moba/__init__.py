@@ -12,6 +12,7 @@ from ._checks import PAD_INDEX
 from .backends import available_backends
 from .config import MoBAConfig
 from .decode import BlockMeanState, KVCache, LayerKVCache, moba_decode
+from .flex import flex_block_mask
 from .full import (
     full_attn_func,
     full_attn_implementation,
@@ -20,9 +21,20 @@ from .full import (
     last_full_attn_implementation,
 )
 from .gate import select_blocks, select_blocks_varlen
-from .ops import moba_attn_func, moba_attn_varlen_func
+from .ops import moba_attn_func, moba_attn_varlen, moba_attn_varlen_func, moba_attn_varlen_naive
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``from moba import register_moba`` (the official MoBA package's import) without loading the
+    # transformers integration, or transformers, at ``import moba``.
+    if name == "register_moba":
+        from .integrations.transformers import register_moba
+
+        return register_moba
+    raise AttributeError(f"module 'moba' has no attribute {name!r}")
+
 
 __all__ = [
     "BlockMeanState",
@@ -31,14 +43,18 @@ __all__ = [
     "PAD_INDEX",
     "MoBAConfig",
     "available_backends",
+    "flex_block_mask",
     "full_attn_func",
     "full_attn_implementation",
     "full_attn_varlen_func",
     "full_attn_with_kvcache",
     "last_full_attn_implementation",
     "moba_attn_func",
+    "moba_attn_varlen",
     "moba_attn_varlen_func",
+    "moba_attn_varlen_naive",
     "moba_decode",
+    "register_moba",
     "select_blocks",
     "select_blocks_varlen",
 ]

@@ -47,10 +47,12 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
-def check_qkv(q, k, v, *, varlen: bool) -> None:
+def check_qkv(q, k, v, *, varlen: bool, same_length: bool = True) -> None:
     """Check ranks, shapes, dtypes and devices of q, k, v.
 
     fixed length: q (B, S, Hq, D), k/v (B, S, Hkv, D); varlen: q (T, Hq, D), k/v (T, Hkv, D).
+    ``same_length=False``: q may have fewer tokens than k/v (Sq <= Sk; varlen: any totals,
+    the sequence boundaries are checked by the caller).
     """
     rank = 3 if varlen else 4
     layout = "(total_tokens, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
@@ -69,11 +71,19 @@ def check_qkv(q, k, v, *, varlen: bool) -> None:
     if k.device != q.device or v.device != q.device:
         raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     lead = 1 if varlen else 2
-    if q.shape[:lead] != k.shape[:lead]:
+    if same_length and q.shape[:lead] != k.shape[:lead]:
         what = "total tokens" if varlen else "batch and seqlen"
         raise ValueError(
             f"q and k must agree on {what}: q {tuple(q.shape)}, k {tuple(k.shape)}"
         )
+    if not same_length and not varlen:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"q and k must agree on batch: q {tuple(q.shape)}, k {tuple(k.shape)}")
+        if q.shape[1] > k.shape[1]:
+            raise ValueError(
+                f"q has more tokens ({q.shape[1]}) than k ({k.shape[1]}); queries are the last "
+                f"tokens of the key sequence (bottom-right aligned), so seqlen_q <= seqlen_k"
+            )
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
     hq, hkv = q.shape[-2], k.shape[-2]

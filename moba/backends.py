@@ -37,29 +37,48 @@ class Backend:
     unavailable_reason: Callable[[torch.device], str | None]
     #: q -> None when the backend handles this dtype / head dim, else why not ("auto" skips it)
     unsupported_input: Callable[[torch.Tensor], str | None] = lambda q: None
+    #: like ``attention`` but -> (output, lse (Tq, Hq) float32/float64); None: no lse
+    attention_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
+    #: device -> None when gradients are bitwise reproducible there, else why not
+    nondeterministic_reason: Callable[[torch.device], str | None] = lambda device: None
 
 
 def _always(_device) -> None:
     return None
 
 
-def _reference_attention(q, k, v, layout: BlockLayout, block_indices, causal, scale):
+def _reference_attention(q, k, v, layout: BlockLayout, block_indices, causal, scale, return_lse=False):
     longest = max((b - a for a, b in zip(layout.cu_k[:-1], layout.cu_k[1:], strict=True)), default=0)
     if longest > REFERENCE_MAX_SEQLEN:
         raise ValueError(
             f'backend="reference" builds an S x S mask and is limited to sequences of '
             f"{REFERENCE_MAX_SEQLEN} tokens (got {longest}); use backend=\"torch\" or \"triton\""
         )
-    return reference_attention_packed(q, k, v, layout, block_indices, causal, scale)
+    return reference_attention_packed(q, k, v, layout, block_indices, causal, scale, return_lse=return_lse)
 
 
 def _torch_attention(q, k, v, layout, block_indices, causal, scale):
     return sparse_attention_packed(q, k, v, layout, block_indices, causal, scale)[0]
 
 
+def _torch_nondeterministic(device: torch.device) -> str | None:
+    # dK / dV are summed with index_add_, which uses atomics on CUDA unless PyTorch's
+    # deterministic mode is on (then it takes a sorted, deterministic path).
+    if device.type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        return ("its CUDA backward sums dK/dV with atomic index_add_; call "
+                "torch.use_deterministic_algorithms(True) first, or use backend=\"triton\"")
+    return None
+
+
 _BACKENDS: dict[str, Backend] = {
-    "reference": Backend("reference", _reference_attention, select_packed, _always),
-    "torch": Backend("torch", _torch_attention, select_packed, _always),
+    "reference": Backend(
+        "reference", _reference_attention, select_packed, _always,
+        attention_lse=lambda *a: _reference_attention(*a, return_lse=True),
+    ),
+    "torch": Backend(
+        "torch", _torch_attention, select_packed, _always,
+        attention_lse=sparse_attention_packed, nondeterministic_reason=_torch_nondeterministic,
+    ),
 }
 
 
@@ -74,6 +93,11 @@ def _load_optional_backends() -> None:
             from . import triton_backend  # noqa: F401  (registers itself)
         except ImportError:
             pass
+
+
+def known_backend_names() -> tuple[str, ...]:
+    """Every name ``backend=`` accepts ("auto" first), whether or not usable here."""
+    return ("auto",) + tuple(sorted(set(_BACKENDS) | {"triton"}))
 
 
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:

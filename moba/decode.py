@@ -46,6 +46,11 @@ _GATHER_CHUNK_ELEMENTS = 1 << 24
 class BlockMeanState:
     """Running per-block key sums of a batch of cached sequences (one attention layer).
 
+    A state belongs to one cache (one layer of one cache): it only remembers sums, so used with
+    another cache it would silently give wrong means. ``update`` therefore keeps the raw bytes of
+    the first and the last key it folded in per row and raises ``ValueError`` when a cache
+    whose keys it would reuse differs there (``clear()`` makes a state reusable).
+
     Attributes:
         block_size: tokens per key block.
         sums: (B, capacity, Hkv, D) float32 key sums per block (blocks past a row's end are 0).
@@ -56,11 +61,12 @@ class BlockMeanState:
         self.block_size = check_positive_int("block_size", block_size)
         self.sums: torch.Tensor | None = None
         self.lengths: list[int] | None = None
+        self._marks: torch.Tensor | None = None  # (B, 2, Hkv, D) keys at positions 0 and length - 1
 
     # -- bookkeeping -------------------------------------------------------------------
     def clear(self) -> None:
         """Forget everything (the next ``update`` rebuilds from the cache)."""
-        self.sums, self.lengths = None, None
+        self.sums, self.lengths, self._marks = None, None, None
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep / reorder rows (beam search ``reorder_cache``, ``batch_select_indices``)."""
@@ -69,6 +75,7 @@ class BlockMeanState:
         index = index.to(self.sums.device).long()
         self.sums = self.sums.index_select(0, index)
         self.lengths = [self.lengths[i] for i in index.tolist()]
+        self._marks = None if self._marks is None else self._marks.index_select(0, index.to(self._marks.device))
 
     def repeat_rows(self, repeats: int) -> None:
         """Repeat every row ``repeats`` times (``batch_repeat_interleave``)."""
@@ -76,6 +83,7 @@ class BlockMeanState:
             return
         self.sums = self.sums.repeat_interleave(repeats, dim=0)
         self.lengths = [n for n in self.lengths for _ in range(repeats)]
+        self._marks = None if self._marks is None else self._marks.repeat_interleave(repeats, dim=0)
 
     def _ensure(self, batch: int, n_blocks: int, hkv: int, d: int, device) -> None:
         shape_ok = (
@@ -122,9 +130,39 @@ class BlockMeanState:
                 self.sums[b, begin // bs :].zero_()
             rows.append(b)
             begins.append(begin)
+        self._check_same_cache(k_cache, starts, begins)
         self._fold(k_cache, starts, rows, begins, target)
         self.lengths = target
+        last = torch.tensor([s + max(n - 1, 0) for s, n in zip(starts, target, strict=True)], device=k_cache.device)
+        self._marks = self._keys_at(k_cache, torch.stack([torch.tensor(starts, device=k_cache.device), last], 1))
         return target
+
+    @staticmethod
+    def _keys_at(k_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """(B, m) cache positions -> (B, m, Hkv, D) keys, clamped into the cache."""
+        rows = torch.arange(k_cache.shape[0], device=k_cache.device)[:, None]
+        return k_cache[rows, pos.clamp(0, max(k_cache.shape[1] - 1, 0))].clone()
+
+    def _check_same_cache(self, k_cache, starts: list[int], begins: list[int]) -> None:
+        """Raise if keys this state would reuse (positions < begin) differ from what it folded in."""
+        marks = self._marks
+        if (marks is None or marks.shape[0] != k_cache.shape[0] or marks.shape[2:] != k_cache.shape[2:]
+                or marks.dtype != k_cache.dtype or marks.device != k_cache.device or k_cache.shape[1] == 0):
+            return
+        last = [n - 1 for n in self.lengths]
+        flags = [[n >= 0 and b > 0, n >= 0 and b > n] for n, b in zip(last, begins, strict=True)]
+        if not any(f for row in flags for f in row):
+            return
+        check = torch.tensor(flags, device=k_cache.device)  # (B, 2): which marks are reused keys
+        pos = torch.tensor([[s, s + max(n, 0)] for s, n in zip(starts, last, strict=True)], device=k_cache.device)
+        now = self._keys_at(k_cache, pos)
+        # Compare raw bytes: a NaN key in the cache is still "the same key".
+        same = (now.view(torch.uint8) == marks.view(torch.uint8)).flatten(2).all(-1)
+        if bool((check & ~same).any()):
+            raise ValueError(
+                "this BlockMeanState was filled from another cache (or layer): its keys differ from this "
+                "cache's. Use one BlockMeanState per layer of each cache, or call state.clear() to reuse it"
+            )
 
     def _fold(self, k_cache, starts, rows, begins, ends) -> None:
         """Add the keys of positions ``begins[i]:ends[i]`` of row ``rows[i]`` to their block sums."""

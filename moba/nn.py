@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_positive_int, resolve_softmax_scale
+from ._checks import check_positive_int, resolve_softmax_scale
+from .config import MoBAConfig, resolve_config
 from .decode import BlockMeanState, LayerKVCache, moba_decode
 from .full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
 from .ops import moba_attn_func, moba_attn_varlen_func
@@ -43,10 +44,14 @@ class MoBAAttention(nn.Module):
     """Attention core with no parameters: MoBA or full attention over given q, k, v.
 
     Args:
-        block_size, top_k, causal, backend: as in ``moba.moba_attn_func``.
+        block_size, top_k, causal, backend: as in ``moba.moba_attn_func`` (defaults 512, 3,
+            True, "auto").
         mode: "moba" or "full" (dense attention through ``moba.full_attn_func``); can be
             changed at any time (``module.mode = "full"`` or ``set_attention_mode``).
         softmax_scale: defaults to ``head_dim ** -0.5``.
+        config: a ``moba.MoBAConfig`` holding the settings above (an explicit argument next
+            to it must agree with it); ``module.config`` gives the current settings back.
+        deterministic: as in ``moba.moba_attn_func``.
 
     Shapes: ``forward(q (B, S, Hq, D), k/v (B, S, Hkv, D)) -> (B, S, Hq, D)``, or packed
     ``forward(q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens, max_seqlen) -> (T, Hq, D)``.
@@ -56,20 +61,29 @@ class MoBAAttention(nn.Module):
 
     def __init__(
         self,
-        block_size: int = 512,
-        top_k: int = 3,
-        causal: bool = True,
+        block_size: int | None = None,
+        top_k: int | None = None,
+        causal: bool | None = None,
         mode: str = "moba",
-        backend: str = "auto",
+        backend: str | None = None,
         softmax_scale: float | None = None,
+        *,
+        config: MoBAConfig | None = None,
+        deterministic: bool | None = None,
     ):
         super().__init__()
-        self.block_size = check_positive_int("block_size", block_size)
-        self.top_k = check_positive_int("top_k", top_k)
-        self.causal = check_bool("causal", causal)
+        cfg = resolve_config(config, block_size=block_size, top_k=top_k, causal=causal, backend=backend,
+                             softmax_scale=softmax_scale, deterministic=deterministic)
+        # Plain attributes, not the config: training code may change them between steps.
+        self.block_size, self.top_k, self.causal = cfg.block_size, cfg.top_k, cfg.causal
+        self.backend, self.softmax_scale, self.deterministic = cfg.backend, cfg.softmax_scale, cfg.deterministic
         self.mode = _check_mode(mode)
-        self.backend = backend
-        self.softmax_scale = softmax_scale
+
+    @property
+    def config(self) -> MoBAConfig:
+        """The current settings as a ``MoBAConfig`` (validated)."""
+        return MoBAConfig(self.block_size, self.top_k, self.causal, self.backend, self.softmax_scale,
+                          self.deterministic)
 
     def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cache: LayerKVCache | None = None, tree: list[int] | None = None):
@@ -82,13 +96,14 @@ class MoBAAttention(nn.Module):
             if mode == "full":
                 return full_attn_func(q, k, v, self.causal, self.softmax_scale)
             return moba_attn_func(
-                q, k, v, self.block_size, self.top_k, self.causal, self.softmax_scale, self.backend
+                q, k, v, self.block_size, self.top_k, self.causal, self.softmax_scale, self.backend,
+                deterministic=self.deterministic,
             )
         if mode == "full":
             return full_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, self.causal, self.softmax_scale)
         return moba_attn_varlen_func(
             q, k, v, cu_seqlens, max_seqlen, self.block_size, self.top_k, self.causal, self.softmax_scale,
-            self.backend,
+            self.backend, deterministic=self.deterministic,
         )
 
     def _forward_cached(self, q, k, v, cu_seqlens, cache: LayerKVCache, mode: str):
@@ -170,7 +185,8 @@ class MoBASelfAttention(nn.Module):
     Args:
         hidden_size: model width; num_heads: query heads; num_kv_heads: key/value heads
             (default num_heads; must divide num_heads); head_dim: default hidden_size // num_heads.
-        block_size, top_k, causal, mode, backend: passed to ``MoBAAttention``.
+        block_size, top_k, causal, mode, backend, config: passed to ``MoBAAttention`` (defaults
+            512, 3, True, "moba", "auto"; ``config=MoBAConfig(...)`` sets them in one object).
         rotary: apply rotary embeddings to q and k (theta ``rope_theta``).
 
     Shapes: ``forward(x (B, S, hidden_size)) -> (B, S, hidden_size)``; packed sequences:
@@ -186,14 +202,16 @@ class MoBASelfAttention(nn.Module):
         num_heads: int,
         num_kv_heads: int | None = None,
         head_dim: int | None = None,
-        block_size: int = 512,
-        top_k: int = 3,
-        causal: bool = True,
+        block_size: int | None = None,
+        top_k: int | None = None,
+        causal: bool | None = None,
         mode: str = "moba",
-        backend: str = "auto",
+        backend: str | None = None,
         rotary: bool = True,
         rope_theta: float = 10000.0,
         bias: bool = False,
+        *,
+        config: MoBAConfig | None = None,
     ):
         super().__init__()
         self.num_heads = check_positive_int("num_heads", num_heads)
@@ -206,7 +224,7 @@ class MoBASelfAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rotary else None
-        self.attn = MoBAAttention(block_size, top_k, causal, mode, backend)
+        self.attn = MoBAAttention(block_size, top_k, causal, mode, backend, config=config)
 
     def forward(self, x, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cache: LayerKVCache | None = None, tree: list[int] | None = None):

@@ -31,14 +31,18 @@ def reference_attention_packed(
     causal: bool,
     softmax_scale: float,
     upcast: bool = False,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """MoBA attention of packed q (Tq, Hq, D) over k, v (Tk, Hkv, D) with given block indices.
 
     block_indices: (Tq, Hq, n_slots) local block indices, PAD_INDEX-padded.
-    Returns (Tq, Hq, D) in q's dtype.
+    Returns (Tq, Hq, D) in q's dtype; with ``return_lse`` also the log-sum-exp (Tq, Hq) of the
+    scaled scores over the attended keys (float32; float64 for float64 inputs).
     """
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    lse = q.new_zeros(q.shape[:2], dtype=lse_dtype)
     if q.shape[0] == 0:
-        return q.clone()  # keeps the autograd graph
+        return (q.clone(), lse) if return_lse else q.clone()  # clone keeps the autograd graph
     compute_dtype = torch.float64 if q.dtype == torch.float64 else (torch.float32 if upcast else q.dtype)
     out = torch.empty_like(q)
     group = q.shape[1] // k.shape[1]
@@ -60,6 +64,8 @@ def reference_attention_packed(
             allowed = allowed & (torch.arange(k1 - k0, device=q.device)[None, :] <= q_pos[:, None])[None]
         scores = torch.matmul(qs, ks.transpose(-1, -2)) * softmax_scale
         scores = scores.masked_fill(~allowed, float("-inf"))
+        if return_lse:
+            lse[q0:q1] = torch.logsumexp(scores.detach().to(lse_dtype), dim=-1).transpose(0, 1)
         probs = torch.softmax(scores, dim=-1)
         out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
-    return out
+    return (out, lse) if return_lse else out

@@ -227,8 +227,12 @@ def triton_attention_packed(
     )
 
 
+def _attention_lse(q, k, v, layout: BlockLayout, block_indices, causal, scale):
+    return triton_attention_packed(q, k, v, layout.cu_q, layout.cu_k, layout.block_size, block_indices, causal, scale)
+
+
 def _attention(q, k, v, layout: BlockLayout, block_indices, causal, scale):
-    return triton_attention_packed(q, k, v, layout.cu_q, layout.cu_k, layout.block_size, block_indices, causal, scale)[0]
+    return _attention_lse(q, k, v, layout, block_indices, causal, scale)[0]
 
 
 def _select(q, k, layout: BlockLayout, top_k, causal):
@@ -248,6 +252,7 @@ register_backend(
         select=_select,
         unavailable_reason=unavailable_reason,
         unsupported_input=unsupported_input,
+        attention_lse=_attention_lse,  # every kernel is deterministic (no atomics)
     )
 )
 

@@ -51,7 +51,8 @@ def test_config_defaults_and_dict():
     cfg = moba.MoBAConfig()
     assert (cfg.block_size, cfg.top_k, cfg.causal, cfg.backend) == (512, 3, True, "auto")
     cfg = moba.MoBAConfig(block_size=7, top_k=1, causal=False, backend="torch")
-    assert cfg.to_dict() == {"block_size": 7, "top_k": 1, "causal": False, "backend": "torch"}
+    assert cfg.to_dict() == {"block_size": 7, "top_k": 1, "causal": False, "backend": "torch",
+                             "softmax_scale": None, "deterministic": False}
     assert moba.MoBAConfig(**cfg.to_dict()) == cfg
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.top_k = 5

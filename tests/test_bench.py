@@ -2,7 +2,8 @@
 
 * ``bench/attn_speed.py`` end to end in its CPU mode (subprocess, into tmp_path);
 * the FLOP, pair and HBM-traffic counting of ``bench/_attn_model.py`` on hand-computed cases;
-* the official-MoBA re-implementation and the FlexAttention MoBA against the reference;
+* the paper re-implementation of MoBA (not the official code) and the FlexAttention MoBA against the
+  reference; the official-package provider skips with a reason without CUDA / flash-attn / a checkout;
 * ``bench/roofline.py``: ceilings table, model points, plots with and without timing data.
 """
 
@@ -27,7 +28,7 @@ sys.path.insert(0, str(BENCH))
 
 import _attn_model as am  # noqa: E402
 import roofline  # noqa: E402
-from _moba_impls import moba_block_mask, official_gate, official_moba  # noqa: E402
+from _moba_impls import load_official_moba, paper_reimpl_gate, paper_reimpl_moba  # noqa: E402
 
 ROW_KEYS = {
     "provider", "seqlen", "mode", "status", "reason", "kind", "median_ms", "p20_ms", "p80_ms",
@@ -45,7 +46,7 @@ META_KEYS = {
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("attn_speed")
-    providers = "moba-torch,reference,sdpa,official-moba,flex-moba,moba-triton,sdpa-flash,flash-attn"
+    providers = "moba-torch,reference,sdpa,moba-paper-reimpl,flex-moba,moba-triton,sdpa-flash,flash-attn,moba-official"
     cmd = [sys.executable, str(BENCH / "attn_speed.py"), "--cpu", "--seqlens", "128,256", "--block-size", "4",
            "--top-k", "3", "--repeats", "2", "--providers", providers, "--out", str(out)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -74,7 +75,7 @@ def test_attn_speed_cpu_rows_are_consistent(cpu_run):
     out, _ = cpu_run
     rows = json.loads((out / "attn_speed.json").read_text())["rows"]
     by = {(r["provider"], r["seqlen"], r["mode"]): r for r in rows}
-    for p in ("moba-torch", "reference", "sdpa", "official-moba"):
+    for p in ("moba-torch", "reference", "sdpa", "moba-paper-reimpl"):
         for s in (128, 256):
             for m in ("fwd", "bwd", "fwd+bwd"):
                 r = by[(p, s, m)]
@@ -83,8 +84,9 @@ def test_attn_speed_cpu_rows_are_consistent(cpu_run):
                 assert r["tflops_effective"] > 0 and r["tflops_dense_equiv"] >= r["tflops_effective"]
                 assert r["speedup_vs"] == "sdpa" and r["speedup"] > 0
     # unavailable providers are rows with a reason, never a crash
-    for p in ("sdpa-flash", "flash-attn"):
+    for p in ("sdpa-flash", "flash-attn", "moba-official"):
         assert by[(p, 128, "fwd")]["status"] == "skipped" and by[(p, 128, "fwd")]["reason"]
+    assert "CUDA" in by[("moba-official", 128, "fwd")]["reason"]
     assert by[("moba-triton", 128, "fwd")]["status"] in ("skipped", "ok", "error")
     # exact pair counts: dense causal and MoBA (causal: analytic count == count from the selection)
     r = by[("sdpa", 256, "fwd")]
@@ -195,17 +197,17 @@ def _qkv(b, s, hq, hkv, d, dtype=torch.float32, grad=False):
 
 
 @pytest.mark.parametrize("shape", [(2, 37, 4, 2, 8, 8, 3), (1, 50, 2, 2, 16, 7, 10), (1, 64, 3, 1, 8, 16, 1)])
-def test_official_moba_matches_reference(shape):
+def test_paper_reimpl_moba_matches_reference(shape):
     b, s, hq, hkv, d, bs, tk = shape
     q, k, v = _qkv(b, s, hq, hkv, d, grad=True)
     idx = moba.select_blocks(q, k, bs, tk)
-    gate = official_gate(q, k, bs, tk)
+    gate = paper_reimpl_gate(q, k, bs, tk)
     big = 1 << 30
     gate_sorted = torch.where(gate < 0, big, gate).sort(-1).values
     assert torch.equal(torch.where(gate_sorted == big, moba.PAD_INDEX, gate_sorted), idx.long())
     q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = moba.moba_attn_func(q64, k64, v64, bs, tk, backend="reference", block_indices=idx)
-    out = official_moba(q, k, v, bs, tk)
+    out = paper_reimpl_moba(q, k, v, bs, tk)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
     dout = torch.randn_like(ref)
     grads_ref = torch.autograd.grad(ref, (q64, k64, v64), dout)
@@ -214,10 +216,30 @@ def test_official_moba_matches_reference(shape):
         torch.testing.assert_close(g.double(), gr, atol=5e-5, rtol=1e-4)
 
 
-def test_official_moba_rejects_non_causal():
+def test_paper_reimpl_moba_rejects_non_causal():
     q, k, v = _qkv(1, 16, 2, 2, 4)
     with pytest.raises(NotImplementedError):
-        official_moba(q, k, v, 4, 2, causal=False)
+        paper_reimpl_moba(q, k, v, 4, 2, causal=False)
+
+
+def test_official_package_provider_says_why_it_cannot_run(tmp_path, monkeypatch):
+    import _moba_impls
+
+    monkeypatch.delenv(_moba_impls.OFFICIAL_SRC_ENV, raising=False)
+    fn, reason = load_official_moba(None, "cpu")
+    assert fn is None and "CUDA" in reason
+    monkeypatch.setattr(_moba_impls, "flash_attn_usable", lambda device: True)  # pretend CUDA + flash-attn
+    fn, reason = load_official_moba(None, "cuda")
+    assert fn is None and "--official-moba-src" in reason and "top-level module `moba`" in reason
+    fn, reason = load_official_moba(str(tmp_path), "cuda")
+    assert fn is None and "moba_efficient.py does not exist" in reason
+    (tmp_path / "moba").mkdir()
+    (tmp_path / "moba" / "moba_efficient.py").write_text("import flash_attn_that_is_missing\n")
+    fn, reason = load_official_moba(str(tmp_path), "cuda")
+    assert fn is None and "ModuleNotFoundError" in reason
+    (tmp_path / "moba" / "moba_efficient.py").write_text("def moba_attn_varlen(*a):\n    return a\n")
+    fn, reason = load_official_moba(str(tmp_path), "cuda")
+    assert reason is None and fn(1, 2) == (1, 2)
 
 
 def _flex_or_skip():
@@ -234,7 +256,7 @@ def test_flex_moba_block_mask_structure(causal):
     s, bs, qb = 50, 8, 16
     q, k, _ = _qkv(2, s, 4, 2, 8)
     idx = moba.select_blocks(q, k, bs, 3, causal)
-    bm = moba_block_mask(idx, s, bs, causal, q_block=qb)
+    bm = moba.flex_block_mask(q, k, bs, causal=causal, block_indices=idx, q_block=qb, layout="bshd")
     nb, nq = -(-s // bs), -(-s // qb)
     # true mask (B, H, S, S) from the reference's definition
     sel = torch.zeros(2, s, 4, nb + 1, dtype=torch.bool)

@@ -61,6 +61,7 @@ import torch
 from .._checks import check_positive_int
 from .._layout import build_layout
 from ..backends import resolve_backend
+from ..config import MoBAConfig, resolve_config
 from ..decode import BlockMeanState, moba_decode
 from ..full import full_attn_with_kvcache
 from ..gate import select_packed
@@ -495,16 +496,22 @@ def _warn_if_untested(version: str) -> None:
 
 
 def register_moba(
-    block_size: int = 512,
-    top_k: int = 3,
+    block_size: int | MoBAConfig | None = None,
+    top_k: int | None = None,
     full_attention_layers=(),
     name: str = "moba",
-    backend: str = "auto",
+    backend: str | None = None,
+    *,
+    config: MoBAConfig | None = None,
 ) -> str:
     """Register MoBA with transformers as ``attn_implementation=name``; returns ``name``.
 
     Args:
-        block_size, top_k: as in ``moba.moba_attn_func``.
+        block_size, top_k: as in ``moba.moba_attn_func`` (defaults 512 and 3).
+        config: a ``moba.MoBAConfig`` instead of block_size / top_k / backend (explicit ones must
+            agree with it); it may also be the first argument: ``register_moba(MoBAConfig(...))``,
+            the official MoBA package's call. Its ``causal`` must be True and ``softmax_scale``
+            None (the model passes its own scaling).
         full_attention_layers: layer indices that run dense attention instead (hybrid; negative
             indices count from the last layer, e.g. ``(-1, -2, -3)`` = last three).
         name: the implementation name to pass as ``attn_implementation``; registering several
@@ -522,6 +529,15 @@ def register_moba(
     from transformers.masking_utils import AttentionMaskInterface
 
     _warn_if_untested(transformers.__version__)
+    if isinstance(block_size, MoBAConfig):  # register_moba(cfg), as in the official package
+        if config is not None:
+            raise TypeError("register_moba() got a MoBAConfig both positionally and as config=")
+        block_size, config = None, block_size
+    cfg = resolve_config(config, block_size=block_size, top_k=top_k, backend=backend)
+    if not cfg.causal or cfg.softmax_scale is not None or cfg.deterministic:
+        raise ValueError("register_moba needs a config with causal=True, softmax_scale=None (the model "
+                         f"passes its own scaling) and deterministic=False, got {cfg}")
+    block_size, top_k, backend = cfg.block_size, cfg.top_k, cfg.backend
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
     if backend not in ("auto", "torch", "triton", "reference"):
