@@ -44,10 +44,10 @@ from moba import PAD_INDEX, KVCache, select_blocks
 from moba.nn import attention_modules
 
 from . import tasks as T
+from .checkpoint import CKPT, atomic_write_text, load_checkpoint, load_file
 from .config import DataConfig, ModelConfig
 from .data import eval_offsets, gather, load_data
 from .model import GPT
-from .checkpoint import CKPT, atomic_write_text, load_checkpoint, load_file
 
 # ---------------------------------------------------------------------------------------
 # parsing
