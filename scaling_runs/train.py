@@ -536,14 +536,14 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
             bad = not math.isfinite(loss_val) or (grad_norm is not None and not math.isfinite(grad_norm))
             if bad:
-                what = f"train loss {loss_val}" + (f", grad norm {grad_norm}" if grad_norm is not None else "")
+                what = f"train loss {loss_val} at step {done_steps}" + (
+                    f" (grad norm {grad_norm})" if grad_norm is not None else "")
                 if skipped >= t.skip_nonfinite_steps:
                     raise NonFiniteLossError(
-                        f"{out}: non-finite {what} at step {done_steps}; stopping without DONE (the last "
-                        f"checkpoint is intact; --skip_nonfinite_steps N skips up to N such steps; "
-                        f"{skipped} skipped so far)")
+                        f"{out}: non-finite {what}; stopping without DONE (the last checkpoint is intact; "
+                        f"--skip_nonfinite_steps N skips up to N such steps; {skipped} skipped so far)")
                 skipped += 1
-                log(f"[train] warning: non-finite {what} at step {done_steps}: step skipped, no update "
+                log(f"[train] warning: non-finite {what}: step skipped, no update "
                     f"({skipped}/{t.skip_nonfinite_steps} allowed)")
                 opt.zero_grad(set_to_none=True)
             else:
