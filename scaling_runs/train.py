@@ -9,21 +9,40 @@ float rounding. Every option of ``scaling_runs.config`` is a ``--key value`` fla
 ``--config run/config.json`` starts from a saved run config.
 
 Run directory (``out_dir``):
-* ``config.json``: the full config, attention kind, parameter counts, FLOPs per token, git
-  commit, versions, device, data description and hash (written at every start);
+* ``config.json``: the full config (``model``, ``train``, and the data options as
+  ``data_config``; ``--config RUN/config.json`` reads them back), attention kind, parameter
+  counts, FLOPs per token, git commit, versions, device, ``data`` = the loaded data's
+  description and hash (written at every start);
 * ``metrics.jsonl``: one JSON object per evaluation (step, tokens, flops, pflops_days,
   attn_aware_flops, train_loss, val_loss, trailing_loss, loss_by_bucket, lr, elapsed_s, ...);
-* ``ckpt.pt`` (+ ``ckpt_prev.pt``): model, optimizer, step, RNG states, running train loss,
-  elapsed time; written to a temporary file, fsynced, then ``os.replace``d, so a kill at any
-  moment (even ``kill -9`` during the write) leaves the last good checkpoint;
+* ``ckpt.pt`` (+ ``ckpt_prev.pt``, the one before): model, optimizer, step, RNG states,
+  running train loss, elapsed time, config and data hash, with a sha256 checksum
+  (``scaling_runs.checkpoint``); written to a temporary file, fsynced, then ``os.replace``d,
+  so a kill at any moment (even ``kill -9`` during the write) leaves a good checkpoint;
+* ``train.lock``: pid, host and start time of the trainer writing this folder (see below);
 * ``DONE``: written last, with the final metrics; a run with ``DONE`` is not trained again.
 
-Restarting the same command resumes from the checkpoint: same data order (batches are a
-function of (seed, step)), and on CPU the same losses as an uninterrupted run.
+Restarting the same command resumes from the newest checkpoint that verifies: same data
+order (batches are a function of (seed, step)), and on CPU the same losses as an
+uninterrupted run; metrics rows past the checkpoint's step are dropped (they are recomputed).
+A run stops with an error (exit status 1, no ``DONE``) instead of training on bad state:
+* checkpoint files exist but none verifies (a corrupt newest one falls back to the previous
+  one with a message and is renamed ``*.corrupt``);
+* a non-finite train loss or gradient norm (``--skip_nonfinite_steps N`` skips up to N such
+  steps without an update; 0 by default), or a non-finite validation loss;
+* the checkpoint was trained with another config or other data (``data_hash``): the message
+  names the fields; ``--allow_config_change true`` resumes anyway. Options that change no
+  number (``out_dir``, ``threads``, ``progress``, ``device``, ``compile``, ``cache_dir``,
+  ``skip_nonfinite_steps``) may change freely;
+* another trainer holds the folder's ``train.lock``: one folder, one writer. The lock is
+  released on exit (also on SIGTERM); a lock whose process is gone is taken over.
+Under torchrun, a worker asks the kernel for SIGTERM when torchrun dies (no orphans).
 
-Fault injection for tests: ``MOBA_SCALING_FAULT=exit_after_step:N`` exits (os._exit) right
-after step N (1-based count of finished steps); ``die_in_ckpt:N`` exits halfway through
-writing the checkpoint of step N.
+Fault injection for tests (``MOBA_SCALING_FAULT=KIND:N``, N = 1-based count of finished
+steps): ``exit_after_step`` exits (os._exit) right after step N; ``die_in_ckpt`` exits halfway
+through writing the checkpoint of step N; ``stop_after_step`` raises ``InjectedFault``;
+``sleep_after_step`` sleeps 10 minutes; ``nan_loss_at_step`` / ``nan_val_at_step`` make that
+step's train / validation loss NaN.
 """
 
 from __future__ import annotations
