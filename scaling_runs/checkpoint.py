@@ -68,12 +68,12 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def encode(state: dict) -> bytes:
-    """``state`` -> header (with the payload's sha256) + ``torch.save`` payload."""
+def encode(state: dict) -> tuple[bytes, memoryview]:
+    """``state`` -> (header with the payload's sha256, ``torch.save`` payload), without a copy."""
     buf = io.BytesIO()
     torch.save(state, buf)
-    payload = buf.getvalue()
-    return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n" + payload
+    payload = buf.getbuffer()
+    return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n", payload
 
 
 def save_checkpoint(out: Path, state: dict, torn_write: bool = False) -> Path:
@@ -83,15 +83,16 @@ def save_checkpoint(out: Path, state: dict, torn_write: bool = False) -> Path:
     with status 17, as a ``kill -9`` in the middle of the write would.
     """
     out = Path(out)
-    data = encode(state)
+    header, payload = encode(state)
     cur, tmp = out / CKPT, out / (CKPT + ".tmp")
     with open(tmp, "wb") as f:
+        f.write(header)
         if torn_write:
-            f.write(data[: len(data) // 2])
+            f.write(payload[: len(payload) // 2])
             f.flush()
             os.fsync(f.fileno())
             os._exit(17)
-        f.write(data)
+        f.write(payload)
         f.flush()
         os.fsync(f.fileno())
     if cur.exists():
@@ -101,39 +102,43 @@ def save_checkpoint(out: Path, state: dict, torn_write: bool = False) -> Path:
     return cur
 
 
-def verify_bytes(data: bytes, name: str = "checkpoint") -> tuple[bytes, bool]:
-    """(payload, verified): checks the header's sha256; raises CheckpointError on a mismatch.
-
-    ``verified`` is False for a file without the header (the format before checksums).
-    """
-    if not data.startswith(MAGIC):
-        return data, False
-    if len(data) < HEADER_LEN or data[HEADER_LEN - 1 : HEADER_LEN] != b"\n":
-        raise CheckpointError(f"{name}: truncated header ({len(data)} bytes)")
-    want = data[len(MAGIC) : HEADER_LEN - 1].decode("ascii", "replace")
-    payload = data[HEADER_LEN:]
-    got = hashlib.sha256(payload).hexdigest()
+def _check_header(f, name: str) -> bool:
+    """Verify the sha256 of a checkpoint file opened at its start, streaming; leave ``f`` at the
+    payload. False for a file without the header (the format before checksums)."""
+    head = f.read(HEADER_LEN)
+    if not head.startswith(MAGIC):
+        f.seek(0)
+        return False
+    if len(head) < HEADER_LEN or head[-1:] != b"\n":
+        raise CheckpointError(f"{name}: truncated header ({len(head)} bytes)")
+    want = head[len(MAGIC) : -1].decode("ascii", "replace")
+    h = hashlib.sha256()
+    while chunk := f.read(1 << 24):
+        h.update(chunk)
+    got = h.hexdigest()
     if got != want:
         raise CheckpointError(f"{name}: checksum mismatch (sha256 {got[:16]}..., header says {want[:16]}...): "
                               "the file is corrupt or truncated")
-    return payload, True
+    f.seek(HEADER_LEN)
+    return True
 
 
 def load_file(path: Path, map_location=None, warn=True) -> dict:
     """Load one checkpoint file after verifying its checksum; raises CheckpointError if it fails."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc})") from exc
-    payload, verified = verify_bytes(data, str(path))
-    if not verified and warn:
-        print(f"[checkpoint] warning: {path} has no checksum (written by an older version); loading it unverified",
-              file=sys.stderr)
-    try:
-        state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise CheckpointError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
+    with f:
+        verified = _check_header(f, str(path))
+        if not verified and warn:
+            print(f"[checkpoint] warning: {path} has no checksum (written by an older version); loading it "
+                  "unverified", file=sys.stderr)
+        try:  # torch reads the zip payload from the file's current position on
+            state = torch.load(f, map_location=map_location, weights_only=False)
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+            raise CheckpointError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from exc
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a dict of state, got {type(state).__name__}")
     return state
