@@ -550,13 +550,15 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
                 dist.all_reduce(step_loss)
                 step_loss /= world
             loss_val = float(step_loss)
-            grad_norm = None
+            # a finite loss can still have non-finite gradients: never let them reach the weights
             if t.grad_clip > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-            bad = not math.isfinite(loss_val) or (grad_norm is not None and not math.isfinite(grad_norm))
+            else:
+                grad_norm = float(torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]))
+            bad = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
             if bad:
-                what = f"train loss {loss_val} at step {done_steps}" + (
-                    f" (grad norm {grad_norm})" if grad_norm is not None else "")
+                what = f"train loss {loss_val} at step {done_steps} (grad norm {grad_norm})"
                 if skipped >= t.skip_nonfinite_steps:
                     raise NonFiniteLossError(
                         f"{out}: non-finite {what}; stopping without DONE (the last checkpoint is intact; "

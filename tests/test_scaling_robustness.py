@@ -148,11 +148,17 @@ def test_nonfinite_train_loss_stops_without_done(tmp_path, monkeypatch):
     assert all(r["step"] < 6 or r["skipped_steps"] == 1 for r in metrics(skip))
 
 
-def test_diverging_run_stops_without_done(tmp_path):
-    run = tiny_config(tmp_path, "lr", lr=1e6, warmup_steps=0)
-    with pytest.raises(T.NonFiniteLossError, match="non-finite"):
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_diverging_run_stops_without_done(tmp_path, grad_clip):
+    # lr 1e6: the loss stays finite a step longer than the gradients; without clipping the
+    # gradient norm is checked all the same, so no non-finite update reaches a checkpoint
+    run = tiny_config(tmp_path, "lr", lr=1e6, warmup_steps=0, grad_clip=grad_clip, eval_every=10,
+                     ckpt_every=1)
+    with pytest.raises(T.NonFiniteLossError, match="non-finite") as exc:
         T.train(run)
     assert not (Path(run.train.out_dir) / "DONE").exists()
+    ckpt = C.load_file(Path(run.train.out_dir) / C.CKPT) if (Path(run.train.out_dir) / C.CKPT).exists() else None
+    assert ckpt is None or all(torch.isfinite(v).all() for v in ckpt["model"].values()), str(exc.value)
 
 
 def test_nonfinite_val_loss_stops_without_done(tmp_path, monkeypatch):
@@ -238,6 +244,47 @@ def test_second_trainer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, caps
     T.train(run)
     assert f"stale lock in {out} (pid {dead.pid}" in capsys.readouterr().err
     assert (out / "DONE").exists() and not (out / T.LOCK).exists()
+
+
+def test_lock_of_a_live_process_is_refused_and_a_reused_pid_is_not(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    parent = os.getppid()  # alive, and not this process
+    held = {"pid": parent, "host": T.socket.gethostname(), "start": T._proc_start_time(parent)}
+    (out / T.LOCK).write_text(json.dumps(held))
+    with pytest.raises(T.RunLockedError, match=f"pid {parent} on"):
+        T.RunLock(out).acquire()
+    # the same pid with another start time is a reused pid: the lock is stale
+    (out / T.LOCK).write_text(json.dumps({**held, "start": "1"}))
+    with T.RunLock(out, log=lambda msg: None):
+        assert json.loads((out / T.LOCK).read_text())["pid"] == os.getpid()
+
+
+def test_stopping_a_sweep_signals_each_child_group(tmp_path):
+    # a child in its own session with a grandchild in the same group, like torchrun + trainer
+    code = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); time.sleep(60)"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    time.sleep(1.0)
+    group = [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(int(p.name)) == proc.pid]
+    assert len(group) == 2
+    S._stop_children([(proc,)], signal.SIGTERM, grace_s=10)
+    assert proc.returncode == -signal.SIGTERM
+    time.sleep(0.5)
+    assert [p for p in group if Path(f"/proc/{p}").exists() and _state(p) != "Z"] == []
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
 
 
 def _processes_mentioning(text: str) -> list[int]:
