@@ -42,6 +42,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -172,7 +173,9 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
     def forward(signum, frame):
         raise SweepInterrupted(signum)
 
-    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # signal handlers can only be set from the main thread; elsewhere the caller handles signals
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
     try:
         while queue or active:
             while queue and free:
@@ -203,7 +206,8 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
                     results[run["name"]] = "done" if ok else f"failed (rc {proc.returncode}, see train.log)"
                     print(f"[sweep] {run['name']}: {results[run['name']]}", flush=True)
     except SweepInterrupted as exc:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
+        for sig in old:  # a second Ctrl-C / SIGTERM must not cut the cleanup short (SIGKILL still works)
+            signal.signal(sig, signal.SIG_IGN)
         print(f"[sweep] {exc}: stopping {len(active)} run(s)", file=sys.stderr, flush=True)
         _stop_children(active, exc.signum)
         for proc, run, _gpus, log in active:

@@ -215,7 +215,7 @@ class RunLock:
             if holder and holder.get("pid") != os.getpid() and self._holder_alive(holder):
                 os.close(fd)
                 raise self._refuse(holder)
-            if holder:
+            if holder and holder.get("pid") != os.getpid():
                 self.log(f"[train] taking over a stale lock in {self.path.parent} (pid {holder.get('pid')} on "
                          f"{holder.get('host')} is no longer running)")
             me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start_time(os.getpid()),
