@@ -76,8 +76,10 @@ def encode(state: dict) -> tuple[bytes, memoryview]:
     return MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n", payload
 
 
-def save_checkpoint(out: Path, state: dict, torn_write: bool = False) -> Path:
+def save_checkpoint(out: Path, state: dict, step: int | None = None, *, torn_write: bool = False) -> Path:
     """Write ``out/ckpt.pt`` atomically; the checkpoint it replaces is kept as ``ckpt_prev.pt``.
+
+    ``step`` is accepted for the older call form ``save_checkpoint(out, state, step)`` and unused.
 
     ``torn_write`` (a test hook) writes half of the file, fsyncs it and exits the process
     with status 17, as a ``kill -9`` in the middle of the write would.

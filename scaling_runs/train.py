@@ -633,7 +633,7 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
                     "config": cfg.to_dict(),
                     "data_hash": data.data_hash,
                 }
-                save_checkpoint(out, state, torn_write=_fault("die_in_ckpt") == done_steps)
+                save_checkpoint(out, state, done_steps, torn_write=_fault("die_in_ckpt") == done_steps)
             if is_ckpt and ddp:
                 dist.barrier()
             if _fault("exit_after_step") == done_steps:
