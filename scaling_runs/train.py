@@ -50,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
-import fcntl
 import json
 import math
 import os
@@ -66,6 +65,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: the lock relies on its pid check alone
+    fcntl = None
 
 from .checkpoint import (  # noqa: F401 - re-exported for older imports
     CKPT,
@@ -197,7 +201,8 @@ class RunLock:
         for _ in range(5):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = self._read(fd)
                 os.close(fd)
