@@ -392,6 +392,8 @@ def train(cfg: RunConfig, allow_config_change: bool = False) -> dict:
     if err:
         raise RunLockedError(err)
     try:
+        if done_path.exists():  # finished by the trainer that held the lock a moment ago
+            return json.loads(done_path.read_text() or "{}")
         return _train_locked(cfg, world, rank, device, allow_config_change)
     finally:
         if lock is not None:
