@@ -859,12 +859,18 @@ def main(argv: list[str] | None = None) -> dict:
     rows = run_benchmark(cfg, log=log)
     meta["wall_seconds"] = round(time.perf_counter() - t0, 3)
     out = Path(args.out) if args.out else default_out_dir(torch.device(cfg.device))
-    paths = write_outputs(rows, meta, out, plots=not args.no_plots)
+    # nothing measured (every provider skipped or failed): the JSON/CSV record why, no empty plots
+    nothing_ran = not any(r.status == "ok" for r in rows)
+    paths = write_outputs(rows, meta, out, plots=not args.no_plots and not nothing_ran)
     if not args.quiet:
         print_table(rows, meta)
         print_summary(summarize(rows))
     for name, path in paths.items():
         print(f"wrote {name}: {path}")
+    if nothing_ran:
+        why = sorted({f"{r.provider}: {r.status} ({r.reason})" for r in rows})
+        raise SystemExit("error: nothing was measured: every provider was skipped or failed:\n  "
+                         + "\n  ".join(why or ["no (provider, seqlen, mode) to run"]))
     return {"rows": rows, "metadata": meta, "paths": paths}
 
 

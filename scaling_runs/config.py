@@ -122,6 +122,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (GPU)
     threads: int = 0  # torch.set_num_threads on CPU when > 0
     progress: bool = True  # tqdm progress bar on rank 0
+    # Non-finite train loss / grad norm: 0 stops the run with an error at the first one; N > 0
+    # skips up to N such steps (no optimizer update), then stops. A non-finite val loss always stops.
+    skip_nonfinite_steps: int = 0
 
 
 @dataclass
@@ -135,11 +138,68 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
-        return cls(
-            model=ModelConfig(**d.get("model", {})),
-            data=DataConfig(**d.get("data", {})),
-            train=TrainConfig(**d.get("train", {})),
-        )
+        """From ``to_dict()``'s layout; unknown keys raise a ValueError naming them."""
+        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+        built = {}
+        for sec, typ in sections.items():
+            values = d.get(sec, {})
+            if not isinstance(values, dict):
+                raise TypeError(f"config section {sec!r} must be a dict, got {type(values).__name__}")
+            unknown = sorted(set(values) - {f.name for f in dataclasses.fields(typ)})
+            if unknown:
+                raise ValueError(f"config section {sec!r}: unknown keys {unknown} "
+                                 f"(expected fields of {typ.__name__})")
+            built[sec] = typ(**values)
+        return cls(**built)
+
+    @classmethod
+    def from_saved(cls, saved: dict, source: str = "config") -> RunConfig:
+        """From a run's saved ``config.json`` (or a sweep's ``launch.json``, or ``to_dict()``).
+
+        ``config.json``'s ``data`` section describes the loaded data (hash, token counts); the
+        data options are in ``data_config``.
+        """
+        if "data_config" in saved:
+            return cls.from_dict({**saved, "data": saved["data_config"]})
+        data = saved.get("data", {})
+        if isinstance(data, dict) and "data_hash" in data:
+            raise ValueError(f"{source}: its 'data' section describes the loaded data and it has no "
+                             "'data_config' (written by an older version); pass the data options "
+                             "(--data PATH ...) with the run's launch.json or a config of your own")
+        return cls.from_dict(saved)
+
+
+# Options that change no number of a run: they may differ between a checkpoint and its resume.
+RESUME_FREE_FIELDS = frozenset({
+    "train.out_dir", "train.progress", "train.threads", "train.device", "train.compile",
+    "train.skip_nonfinite_steps", "data.cache_dir",
+})
+
+
+def config_differences(saved: dict, current: dict, ignore=RESUME_FREE_FIELDS) -> list[str]:
+    """``"section.field (checkpoint X, now Y)"`` for every field that differs (``to_dict()`` layouts).
+
+    A field absent from ``saved`` (added to the config after that checkpoint was written) counts
+    as its default value.
+    """
+    defaults = RunConfig().to_dict()
+    missing = object()
+
+    def show(v):
+        return "absent" if v is missing else repr(v)
+
+    diffs = []
+    for sec in sorted(set(saved) | set(current)):
+        a, b = saved.get(sec, {}), current.get(sec, {})
+        for name in sorted(set(a) | set(b)):
+            key = f"{sec}.{name}"
+            if key in ignore:
+                continue
+            va = a.get(name, defaults.get(sec, {}).get(name, missing))
+            vb = b.get(name, missing)
+            if va != vb:
+                diffs.append(f"{key} (checkpoint {show(va)}, now {show(vb)})")
+    return diffs
 
 
 def _parse_value(text: str, typ):

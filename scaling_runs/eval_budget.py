@@ -45,10 +45,10 @@ from moba import PAD_INDEX, KVCache, select_blocks
 from moba.nn import attention_modules
 
 from . import tasks as T
+from .checkpoint import CKPT, atomic_write_text, load_checkpoint, load_file
 from .config import DataConfig, ModelConfig
 from .data import eval_offsets, gather, load_data
 from .model import GPT
-from .train import CKPT, atomic_write_text, load_checkpoint
 
 # ---------------------------------------------------------------------------------------
 # parsing
@@ -133,7 +133,7 @@ def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict, Path]:
             raise FileNotFoundError(f"{path}: no readable {CKPT} / ckpt_prev.pt")
     else:
         run_dir = path.parent
-        ckpt = torch.load(path, map_location=device, weights_only=False)
+        ckpt = load_file(path, map_location=device)
     cfg = ckpt.get("config")
     if cfg is None and (run_dir / "config.json").exists():
         saved = json.loads((run_dir / "config.json").read_text())

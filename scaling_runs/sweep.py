@@ -16,25 +16,50 @@ The grid is the preset's sizes x attention kinds x budgets (``scaling_runs.prese
   (attn-aware FLOPs / (peak FLOP/s x ``--mfu``), 989e12 bf16 for one H100) and stop.
 * ``paper``: multi-node; writes Slurm scripts (``OUT/launch/*.sbatch``, ``launch_all.sh``)
   with ``srun torchrun --nnodes ...`` and prints them instead of running.
+* ``--allow_config_change true``: resume runs whose checkpoint was trained with other options
+  (without it such a run fails, naming the differing fields; see ``scaling_runs.train``).
+
+Exit status: 0 when every run of the plan is DONE (this includes "all runs were already DONE,
+nothing to do", which is reported as such); 1 when any run failed (its status in the table
+says why, a torchrun run's log is ``RUN/train.log``); 2 when the plan is empty (nothing to
+run, e.g. ``--kinds`` names none); 128 + N when stopped by signal N.
+
+Stopping a sweep (Ctrl-C, SIGTERM) forwards the signal to every torchrun it started (each in
+its own process group) and waits for them; torchrun stops its trainers. If the sweep itself
+is killed (SIGKILL), the kernel's parent-death signal stops its torchruns, and theirs stops
+the trainers, so no orphan keeps writing to a run folder. Run the same command again to
+resume.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from .config import apply_overrides, parse_overrides
+from .config import ATTENTION_KINDS, apply_overrides, parse_overrides
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import analytic_param_counts
 from .presets import SweepPreset, get_preset
 
 H100_PEAK = 989e12
+EXIT_FAILED = 1
+EXIT_NOTHING_TO_RUN = 2
+
+
+class SweepInterrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by signal {signum}")
+        self.signum = signum
 
 
 def plan(preset: SweepPreset, sweep_dir: Path, overrides: dict[str, str] | None = None) -> list[dict]:
@@ -66,13 +91,50 @@ def _write_launch(run: dict) -> Path:
     return path
 
 
-def _torchrun_cmd(launch: Path, nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "scaling_runs.train", "--config", str(launch)]
+def _torchrun_cmd(launch: Path, nproc: int, allow_config_change: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "scaling_runs.train", "--config", str(launch)]
+    return cmd + (["--allow_config_change", "true"] if allow_config_change else [])
 
 
-def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int = 1) -> dict:
-    """Run every run that is not DONE; returns {name: "done" | "failed (rc)" | ...}."""
+def _child_preexec():
+    """For ``Popen(preexec_fn=...)``: the child gets SIGTERM when this process dies (Linux)."""
+    parent = os.getpid()
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before the fork
+    except (OSError, AttributeError):
+        return None
+
+    def setup():
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the sweep died before the prctl
+            os._exit(1)
+
+    return setup
+
+
+def _stop_children(active: list, signum: int, grace_s: float = 60.0) -> None:
+    """Forward ``signum`` to each child's process group, wait ``grace_s``, then SIGKILL the groups."""
+    for proc, *_ in active:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signum)
+    deadline = time.time() + grace_s
+    for proc, *_ in active:
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int = 1,
+            allow_config_change: bool = False) -> dict:
+    """Run every run that is not DONE; returns {name: "done" | "done (skipped)" | "failed (...)"}.
+
+    Raises SweepInterrupted after SIGTERM / SIGINT (torchrun launcher), once the children
+    it forwarded the signal to have stopped.
+    """
     import torch
 
     n_gpus = torch.cuda.device_count()
@@ -93,8 +155,9 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
 
         for run in todo:
             try:
-                train(run["config"])
-                results[run["name"]] = "done"
+                train(run["config"], allow_config_change=allow_config_change)
+                done = (Path(run["config"].train.out_dir) / "DONE").exists()
+                results[run["name"]] = "done" if done else "failed (finished without DONE)"
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 results[run["name"]] = f"failed ({type(exc).__name__}: {exc})"
                 print(f"[sweep] {run['name']} failed: {exc!r}", file=sys.stderr)
@@ -106,30 +169,54 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
     free = [list(range(i * per_run, (i + 1) * per_run)) for i in range(slots)] if n_gpus else [[]]
     active: list[tuple[subprocess.Popen, dict, list[int], object]] = []
     queue = list(todo)
-    while queue or active:
-        while queue and free:
-            run, gpus = queue.pop(0), free.pop(0)
-            launch = _write_launch(run)
-            env = dict(os.environ)
-            repo = str(Path(__file__).resolve().parent.parent)
-            env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-            if gpus:
-                env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
-            log = open(Path(run["config"].train.out_dir) / "train.log", "a")
-            cmd = _torchrun_cmd(launch, per_run)
-            print(f"[sweep] {run['name']}: {shlex.join(cmd)}" + (f"  (GPUs {gpus})" if gpus else ""), flush=True)
-            proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-            active.append((proc, run, gpus, log))
-        time.sleep(1.0)
-        for item in list(active):
-            proc, run, gpus, log = item
-            if proc.poll() is not None:
-                log.close()
-                active.remove(item)
-                free.append(gpus)
-                ok = proc.returncode == 0 and (Path(run["config"].train.out_dir) / "DONE").exists()
-                results[run["name"]] = "done" if ok else f"failed (rc {proc.returncode}, see train.log)"
-                print(f"[sweep] {run['name']}: {results[run['name']]}", flush=True)
+
+    def forward(signum, frame):
+        raise SweepInterrupted(signum)
+
+    # signal handlers can only be set from the main thread; elsewhere the caller handles signals
+    main_thread = threading.current_thread() is threading.main_thread()
+    old = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)} if main_thread else {}
+    try:
+        while queue or active:
+            while queue and free:
+                run, gpus = queue.pop(0), free.pop(0)
+                launch = _write_launch(run)
+                env = dict(os.environ)
+                repo = str(Path(__file__).resolve().parent.parent)
+                env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+                if gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
+                log = open(Path(run["config"].train.out_dir) / "train.log", "a")
+                cmd = _torchrun_cmd(launch, per_run, allow_config_change)
+                print(f"[sweep] {run['name']}: {shlex.join(cmd)}" + (f"  (GPUs {gpus})" if gpus else ""),
+                      flush=True)
+                # its own process group (signals are forwarded to it, a terminal's Ctrl-C reaches
+                # only the sweep), and SIGTERM from the kernel if the sweep dies
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True, preexec_fn=_child_preexec())
+                active.append((proc, run, gpus, log))
+            time.sleep(1.0)
+            for item in list(active):
+                proc, run, gpus, log = item
+                if proc.poll() is not None:
+                    log.close()
+                    active.remove(item)
+                    free.append(gpus)
+                    ok = proc.returncode == 0 and (Path(run["config"].train.out_dir) / "DONE").exists()
+                    results[run["name"]] = "done" if ok else f"failed (rc {proc.returncode}, see train.log)"
+                    print(f"[sweep] {run['name']}: {results[run['name']]}", flush=True)
+    except SweepInterrupted as exc:
+        for sig in old:  # a second Ctrl-C / SIGTERM must not cut the cleanup short (SIGKILL still works)
+            signal.signal(sig, signal.SIG_IGN)
+        print(f"[sweep] {exc}: stopping {len(active)} run(s)", file=sys.stderr, flush=True)
+        _stop_children(active, exc.signum)
+        for proc, run, _gpus, log in active:
+            log.close()
+            results[run["name"]] = f"interrupted (rc {proc.returncode})"
+        raise
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
     return results
 
 
@@ -232,10 +319,11 @@ def write_launch_scripts(runs: list[dict], sweep_dir: Path, gpus_per_run: int, g
 
 def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, str] | None = None,
               launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int | None = None,
-              kinds: list[str] | None = None) -> list[dict]:
+              kinds: list[str] | None = None, allow_config_change: bool = False) -> list[dict]:
+    """Plan, run what is not DONE, print the summary; returns its rows (``status`` per run)."""
     preset = get_preset(preset_name)
-    if kinds:
-        preset.kinds = list(kinds)
+    if kinds is not None:
+        preset.kinds = _check_kinds(kinds)
     sweep_dir = Path(sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     runs = plan(preset, sweep_dir, overrides)
@@ -245,17 +333,38 @@ def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, str] | Non
                   "params": r["params"], "flops": r["flops"], "attn_aware_flops": r["attn_aware_flops"]}
                  for r in runs]}, indent=2))
     t0 = time.time()
-    results = execute(runs, launcher, nproc_per_run, gpus_per_run or preset.gpus_per_run)
+    results = execute(runs, launcher, nproc_per_run, gpus_per_run or preset.gpus_per_run, allow_config_change)
     rows = summarize(runs, results, title=f"{preset.name} sweep in {sweep_dir}")
     print(f"[sweep] wall time this invocation: {time.time() - t0:.1f} s")
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
+def _check_kinds(kinds: list[str]) -> list[str]:
+    kinds = [k.strip() for k in kinds if k.strip()]
+    bad = [k for k in kinds if k not in ATTENTION_KINDS]
+    if bad:
+        raise ValueError(f"--kinds: unknown attention kind(s) {bad}; expected some of {list(ATTENTION_KINDS)}")
+    return kinds
+
+
+def exit_status(rows: list[dict]) -> tuple[int, str]:
+    """(exit status, one-line verdict) for a sweep's summary rows; see the module docstring."""
+    if not rows:
+        return EXIT_NOTHING_TO_RUN, "nothing to run: the plan has no runs"
+    failed = [r["run"] for r in rows if not str(r["status"]).startswith("done")]
+    if failed:
+        return EXIT_FAILED, f"{len(failed)} of {len(rows)} run(s) failed: {', '.join(failed)}"
+    if all(r["status"] == "done (skipped)" for r in rows):
+        return 0, f"all {len(rows)} runs were already DONE: nothing to do"
+    return 0, f"all {len(rows)} runs DONE"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line; returns the exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        return
+        return 0
     opts = parse_overrides(argv)
     preset_name = opts.pop("preset", "cpu-tiny")
     sweep_dir = Path(opts.pop("out", f"runs/{preset_name}"))
@@ -265,20 +374,30 @@ def main(argv: list[str] | None = None) -> None:
     dry = opts.pop("dry_run", "false").lower() in ("1", "true", "yes")
     run_anyway = opts.pop("run", "false").lower() in ("1", "true", "yes")
     kinds = opts.pop("kinds", None)
+    allow = opts.pop("allow_config_change", "false").lower() in ("1", "true", "yes")
     preset = get_preset(preset_name)
     gpus = int(opts.pop("gpus_per_run", str(preset.gpus_per_run)))
     if dry or (preset.launch_only and not run_anyway):
-        if kinds:
-            preset.kinds = kinds.split(",")
+        if kinds is not None:
+            preset.kinds = _check_kinds(kinds.split(","))
         runs = plan(preset, sweep_dir, opts)
         dry_run(runs, mfu, gpus_per_run=gpus)
         if preset.launch_only:
             paths = write_launch_scripts(runs, sweep_dir, gpus)
             print(f"\n{preset.note}\nwrote {len(paths) - 1} Slurm scripts; submit them all with: "
                   f"bash {paths[-1]}\n--- {paths[0].name} ---\n{paths[0].read_text()}")
-        return
-    run_sweep(preset_name, sweep_dir, opts, launcher, nproc, gpus, kinds.split(",") if kinds else None)
+        return 0
+    # inline runs: SIGTERM unwinds the stack so that the run folder's lock is released
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    try:
+        rows = run_sweep(preset_name, sweep_dir, opts, launcher, nproc, gpus,
+                         kinds.split(",") if kinds is not None else None, allow)
+    except SweepInterrupted as exc:
+        return 128 + exc.signum
+    code, verdict = exit_status(rows)
+    print(f"[sweep] {verdict}", file=sys.stderr if code else sys.stdout, flush=True)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

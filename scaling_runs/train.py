@@ -9,31 +9,54 @@ float rounding. Every option of ``scaling_runs.config`` is a ``--key value`` fla
 ``--config run/config.json`` starts from a saved run config.
 
 Run directory (``out_dir``):
-* ``config.json``: the full config, attention kind, parameter counts, FLOPs per token, git
-  commit, versions, device, data description and hash (written at every start);
+* ``config.json``: the full config (``model``, ``train``, and the data options as
+  ``data_config``; ``--config RUN/config.json`` reads them back), attention kind, parameter
+  counts, FLOPs per token, git commit, versions, device, ``data`` = the loaded data's
+  description and hash (written at every start);
 * ``metrics.jsonl``: one JSON object per evaluation (step, tokens, flops, pflops_days,
   attn_aware_flops, train_loss, val_loss, trailing_loss, loss_by_bucket, lr, elapsed_s, ...);
-* ``ckpt.pt`` (+ ``ckpt_prev.pt``): model, optimizer, step, RNG states, running train loss,
-  elapsed time; written to a temporary file, fsynced, then ``os.replace``d, so a kill at any
-  moment (even ``kill -9`` during the write) leaves the last good checkpoint;
+* ``ckpt.pt`` (+ ``ckpt_prev.pt``, the one before): model, optimizer, step, RNG states,
+  running train loss, elapsed time, config and data hash, with a sha256 checksum
+  (``scaling_runs.checkpoint``); written to a temporary file, fsynced, then ``os.replace``d,
+  so a kill at any moment (even ``kill -9`` during the write) leaves a good checkpoint;
+* ``train.lock``: pid, host and start time of the trainer writing this folder (see below);
 * ``DONE``: written last, with the final metrics; a run with ``DONE`` is not trained again.
 
-Restarting the same command resumes from the checkpoint: same data order (batches are a
-function of (seed, step)), and on CPU the same losses as an uninterrupted run.
+Restarting the same command resumes from the newest checkpoint that verifies: same data
+order (batches are a function of (seed, step)), and on CPU the same losses as an
+uninterrupted run; metrics rows past the checkpoint's step are dropped (they are recomputed).
+A run stops with an error (exit status 1, no ``DONE``) instead of training on bad state:
+* checkpoint files exist but none verifies (a corrupt newest one falls back to the previous
+  one with a message and is renamed ``*.corrupt``);
+* a non-finite train loss or gradient norm (``--skip_nonfinite_steps N`` skips up to N such
+  steps without an update; 0 by default), or a non-finite validation loss;
+* the checkpoint was trained with another config or other data (``data_hash``): the message
+  names the fields; ``--allow_config_change true`` resumes anyway. Options that change no
+  number (``out_dir``, ``threads``, ``progress``, ``device``, ``compile``, ``cache_dir``,
+  ``skip_nonfinite_steps``) may change freely;
+* another trainer holds the folder's ``train.lock``: one folder, one writer. The lock is
+  released on exit (also on SIGTERM); a lock whose process is gone is taken over.
+Under torchrun, a worker asks the kernel for SIGTERM when torchrun dies (no orphans).
 
-Fault injection for tests: ``MOBA_SCALING_FAULT=exit_after_step:N`` exits (os._exit) right
-after step N (1-based count of finished steps); ``die_in_ckpt:N`` exits halfway through
-writing the checkpoint of step N.
+Fault injection for tests (``MOBA_SCALING_FAULT=KIND:N``, N = 1-based count of finished
+steps): ``exit_after_step`` exits (os._exit) right after step N; ``die_in_ckpt`` exits halfway
+through writing the checkpoint of step N; ``stop_after_step`` raises ``InjectedFault``;
+``sleep_after_step`` sleeps 10 minutes; ``nan_loss_at_step`` / ``nan_val_at_step`` make that
+step's train / validation loss NaN.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import dataclasses
 import json
 import math
 import os
 import platform
 import random
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,16 +66,51 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .config import RunConfig, apply_overrides, dumps, parse_overrides
+try:
+    import fcntl
+except ImportError:  # not POSIX: the lock relies on its pid check alone
+    fcntl = None
+
+from .checkpoint import (  # noqa: F401 - re-exported for older imports
+    CKPT,
+    CKPT_PREV,
+    CheckpointError,
+    atomic_write_bytes,
+    atomic_write_text,
+    load_checkpoint,
+    load_latest,
+    quarantine,
+    save_checkpoint,
+)
+from .config import RunConfig, apply_overrides, config_differences, dumps, parse_overrides
 from .data import eval_offsets, gather, get_batch, load_data
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import GPT, param_counts
 
-CKPT = "ckpt.pt"
-CKPT_PREV = "ckpt_prev.pt"
+LOCK = "train.lock"
 
 # Dense bf16 peak FLOP/s by device-name substring, for MFU.
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12}
+
+
+class TrainingError(RuntimeError):
+    """A run that must stop without DONE: ``main`` prints the message and exits with status 1."""
+
+
+class NonFiniteLossError(TrainingError):
+    pass
+
+
+class ConfigMismatchError(TrainingError):
+    pass
+
+
+class RunLockedError(TrainingError):
+    pass
+
+
+class InjectedFault(Exception):
+    """Raised by the ``stop_after_step`` test hook: an interruption that leaves the process alive."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -66,65 +124,129 @@ def _fault(kind: str) -> int | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
+def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent dies (prctl
+    PR_SET_PDEATHSIG), so a killed launcher leaves no orphan. False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return False
+
+
+def _proc_start_time(pid: int) -> str | None:
+    """Start time of ``pid`` in clock ticks since boot (Linux /proc), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22; the command name may hold spaces
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """One writer per run folder: ``out/train.lock`` holds the owner's pid, host and start time.
+
+    The owner keeps an exclusive ``flock`` on the file while it runs (the kernel drops it when
+    the process dies, however it dies) and deletes the file on release. A lock file whose
+    process is gone (pid not running on this host, or a reused pid with another start time)
+    is stale and is taken over with a message. A lock held on another host is never taken
+    over: delete the file by hand once that job is known to be gone.
+    """
+
+    def __init__(self, folder: Path, log=None):
+        self.path = Path(folder) / LOCK
+        self.fd: int | None = None
+        self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        os.lseek(fd, 0, os.SEEK_SET)
+        raw = os.read(fd, 4096)
         try:
+            return json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError:
+            return {"unreadable": raw[:80].decode("utf-8", "replace")}
+
+    def _holder_alive(self, holder: dict) -> bool:
+        pid = holder.get("pid")
+        if not isinstance(pid, int):
+            return False  # empty or torn lock file: its writer died before finishing it
+        if holder.get("host") != socket.gethostname():
+            return True  # cannot check another host's processes
+        if not _pid_alive(pid):
+            return False
+        start = _proc_start_time(pid)
+        return start is None or holder.get("start") in (None, start)
+
+    def _refuse(self, holder: dict) -> RunLockedError:
+        who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}"
+        return RunLockedError(f"{self.path.parent}: another trainer is using this run folder ({who}; "
+                              f"lock file {self.path}). One run folder, one writer: wait for it or stop it; "
+                              "if that process is gone, delete the lock file.")
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise self._refuse(holder) from None
+            except OSError:
+                pass  # a filesystem without flock: the pid check below decides alone
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous owner deleted the file between our open and flock
+                os.close(fd)
+                continue
+            holder = self._read(fd)
+            if holder and holder.get("pid") != os.getpid() and self._holder_alive(holder):
+                os.close(fd)
+                raise self._refuse(holder)
+            if holder and holder.get("pid") != os.getpid():
+                self.log(f"[train] taking over a stale lock in {self.path.parent} (pid {holder.get('pid')} on "
+                         f"{holder.get('host')} is no longer running)")
+            me = {"pid": os.getpid(), "host": socket.gethostname(), "start": _proc_start_time(os.getpid()),
+                  "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(me).encode())
             os.fsync(fd)
-        finally:
-            os.close(fd)
+            self.fd = fd
+            return self
+        raise RunLockedError(f"{self.path}: could not take the lock (it kept changing hands)")
 
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if self._read(self.fd).get("pid") == os.getpid():
+                os.unlink(self.path)
+        os.close(self.fd)  # drops the flock
+        self.fd = None
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: tmp file, fsync, os.replace, fsync the folder."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    def __enter__(self) -> RunLock:
+        return self.acquire()
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def save_checkpoint(out: Path, state: dict, step: int) -> None:
-    """Write ``ckpt.pt`` atomically; the checkpoint it replaces is kept as ``ckpt_prev.pt``."""
-    import io
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    cur, tmp = out / CKPT, out / (CKPT + ".tmp")
-    with open(tmp, "wb") as f:
-        data = buf.getvalue()
-        if _fault("die_in_ckpt") == step:  # test hook: a torn write, then a hard exit
-            f.write(data[: len(data) // 2])
-            f.flush()
-            os.fsync(f.fileno())
-            os._exit(17)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    if cur.exists():
-        os.replace(cur, out / CKPT_PREV)
-    os.replace(tmp, cur)
-    _fsync_dir(out)
-
-
-def load_checkpoint(out: Path, map_location) -> dict | None:
-    """The newest readable checkpoint (ckpt.pt, else ckpt_prev.pt), or None. Ignores *.tmp."""
-    for name in (CKPT, CKPT_PREV):
-        path = out / name
-        if not path.exists():
-            continue
-        try:
-            return torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a torn/corrupt file: fall back to the older one
-            print(f"[train] warning: cannot read {path} ({type(exc).__name__}: {exc}); trying an older one",
-                  file=sys.stderr)
-    return None
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 def git_commit() -> dict:
@@ -219,8 +341,34 @@ def _setup_distributed(cfg: RunConfig):
     return world, rank, local_rank, device
 
 
-def train(cfg: RunConfig) -> dict:
-    """Train (or resume, or skip when DONE) the run ``cfg`` describes; returns the last metrics."""
+def _check_resume(ckpt: dict, cfg: RunConfig, data_hash: str, allow_change: bool, log) -> list[str]:
+    """The fields where the checkpoint's config or data differ from this run's; raises unless allowed."""
+    diffs = []
+    saved = ckpt.get("config")
+    if saved is None:
+        log("[train] warning: the checkpoint holds no config (older version): resuming without checking it")
+    else:
+        diffs += config_differences(saved, cfg.to_dict())
+    saved_hash = ckpt.get("data_hash")
+    if saved_hash is not None and saved_hash != data_hash:
+        diffs.append(f"data_hash (checkpoint {saved_hash[:16]}..., now {data_hash[:16]}...)")
+    if diffs and not allow_change:
+        raise ConfigMismatchError(
+            f"{cfg.train.out_dir}: the checkpoint (step {ckpt.get('step')}) was trained with another config or "
+            f"data; refusing to resume. Differences: {'; '.join(diffs)}. Pass --allow_config_change true to "
+            "resume anyway, or use another out_dir.")
+    if diffs:
+        log(f"[train] warning: resuming with changes (--allow_config_change): {'; '.join(diffs)}")
+    return diffs
+
+
+def train(cfg: RunConfig, allow_config_change: bool = False) -> dict:
+    """Train (or resume, or skip when DONE) the run ``cfg`` describes; returns the last metrics.
+
+    Raises ``TrainingError`` (no DONE is written) on a non-finite loss, on a checkpoint whose
+    config or data differ from ``cfg`` (unless ``allow_config_change``), or when another trainer
+    holds the run folder; ``CheckpointError`` when checkpoints exist but none is valid.
+    """
     world, rank, _local_rank, device = _setup_distributed(cfg)
     t = cfg.train
     out = Path(t.out_dir)
@@ -230,8 +378,38 @@ def train(cfg: RunConfig) -> dict:
         if master:
             print(f"[train] {out}: already DONE, skipping")
         return json.loads(done_path.read_text() or "{}")
+    lock = RunLock(out) if master else None
+    err = None
     if master:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            err = str(exc)
+    if world > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise RunLockedError(err)
+    try:
+        if done_path.exists():  # finished by the trainer that held the lock a moment ago
+            return json.loads(done_path.read_text() or "{}")
+        return _train_locked(cfg, world, rank, device, allow_config_change)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_change: bool) -> dict:
+    t = cfg.train
+    out = Path(t.out_dir)
+    master = rank == 0
+    done_path = out / "DONE"
+
+    def log(msg: str) -> None:
+        if master:
+            print(msg, file=sys.stderr, flush=True)
+
     if device.type == "cpu" and t.threads > 0:
         torch.set_num_threads(t.threads)
 
@@ -264,28 +442,46 @@ def train(cfg: RunConfig) -> dict:
         **({"fused": True} if device.type == "cuda" else {}),
     )
 
-    start_step, loss_sum, loss_count, elapsed_before = 0, 0.0, 0, 0.0
-    ckpt = load_checkpoint(out, map_location=device)
-    if ckpt is not None:
+    start_step, loss_sum, loss_count, elapsed_before, skipped = 0, 0.0, 0, 0.0, 0
+    changes: list[str] = []
+    # every rank reads the checkpoint; only rank 0 reports what it rejected
+    found = load_latest(out, map_location=device, log=log if master else (lambda msg: None))
+    if found is not None:
+        ckpt = found.state
+        changes = _check_resume(ckpt, cfg, data.data_hash, allow_config_change, log)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start_step = ckpt["step"]
         loss_sum, loss_count = ckpt["train_loss_sum"], ckpt["train_loss_count"]
         elapsed_before = ckpt["elapsed_s"]
+        skipped = ckpt.get("skipped_steps", 0)
         rng = ckpt["rng"]
         torch.set_rng_state(rng["torch"].cpu())
         if device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+        del ckpt
+        log(f"[train] {out}: resuming from {found.path.name} at step {start_step}")
+        if found.rejected and world > 1:
+            dist.barrier()  # every rank has read its checkpoint before rank 0 renames the bad ones
+        if found.rejected and master:
+            moved = quarantine([p for p, _ in found.rejected])
+            log(f"[train] moved the rejected checkpoint(s) aside: {', '.join(str(p) for p in moved)}")
 
     metrics_path = out / "metrics.jsonl"
     if master:
-        # keep only the evaluations the checkpoint already covers (a kill may have left more)
-        rows = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= start_step]
+        # keep only the evaluations the checkpoint already covers (a kill may have left more),
+        # in increasing step order, so a resumed run never repeats a row
+        rows, last_step = [], 0
+        for r in _read_metrics(metrics_path):
+            if last_step < r.get("step", 0) <= start_step:
+                rows.append(r)
+                last_step = r["step"]
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
         record = {
             **cfg.to_dict(),
+            "data_config": dataclasses.asdict(cfg.data),  # the options: `--config` reads these
             "attention_kind": m.attention,
             "layer_modes": m.layer_modes(),
             "params": counts,
@@ -300,8 +496,9 @@ def train(cfg: RunConfig) -> dict:
             "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
                        else platform.processor() or platform.machine(), "world_size": world,
                        "threads": torch.get_num_threads()},
-            "data": data.describe(),
+            "data": data.describe(),  # what was loaded (hash, token counts)
             "resumed_from_step": start_step,
+            "resumed_with_changes": changes,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         atomic_write_text(out / "config.json", dumps(record))
@@ -337,92 +534,127 @@ def train(cfg: RunConfig) -> dict:
     t0 = time.time()
     window_t, window_tok = time.time(), 0
     model.train()
-    for step in range(start_step, max_steps):
-        lr = lr_at(step, cfg, max_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for k in range(t.grad_accum):
-            first = rank * per_rank + k * micro
-            x, y = get_batch(data.train, m.context, t.batch_size, t.seed, step, first, first + micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            sync = (k == t.grad_accum - 1) or not ddp
-            with (contextlib.nullcontext() if sync else run_model.no_sync()):
-                with amp():
-                    loss = run_model(x, y)
-                (loss / t.grad_accum).backward()
-            step_loss += loss.detach().float() / t.grad_accum
-        if t.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ddp:
-            dist.all_reduce(step_loss)
-            step_loss /= world
-        loss_val = float(step_loss)
-        loss_sum += loss_val
-        loss_count += 1
-        done_steps = step + 1
-        window_tok += tokens_per_step
+    try:
+        for step in range(start_step, max_steps):
+            lr = lr_at(step, cfg, max_steps)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            step_loss = torch.zeros((), device=device)
+            for k in range(t.grad_accum):
+                first = rank * per_rank + k * micro
+                x, y = get_batch(data.train, m.context, t.batch_size, t.seed, step, first, first + micro)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                sync = (k == t.grad_accum - 1) or not ddp
+                with (contextlib.nullcontext() if sync else run_model.no_sync()):
+                    with amp():
+                        loss = run_model(x, y)
+                    (loss / t.grad_accum).backward()
+                step_loss += loss.detach().float() / t.grad_accum
+            done_steps = step + 1
+            if _fault("nan_loss_at_step") == done_steps:  # test hook
+                step_loss = torch.full_like(step_loss, float("nan"))
+            if ddp:  # before the update, so that every rank takes the same decision below
+                dist.all_reduce(step_loss)
+                step_loss /= world
+            loss_val = float(step_loss)
+            # a finite loss can still have non-finite gradients: never let them reach the weights
+            if t.grad_clip > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
+            else:
+                grad_norm = float(torch.nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]))
+            bad = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
+            if bad:
+                what = f"train loss {loss_val} at step {done_steps} (grad norm {grad_norm})"
+                if skipped >= t.skip_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"{out}: non-finite {what}; stopping without DONE (the last checkpoint is intact; "
+                        f"--skip_nonfinite_steps N skips up to N such steps; {skipped} skipped so far)")
+                skipped += 1
+                log(f"[train] warning: non-finite {what}: step skipped, no update "
+                    f"({skipped}/{t.skip_nonfinite_steps} allowed)")
+                opt.zero_grad(set_to_none=True)
+            else:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                loss_sum += loss_val
+                loss_count += 1
+            window_tok += tokens_per_step
 
-        if bar is not None:
-            dt = time.time() - window_t
-            tps = window_tok / dt if dt > 0 else 0.0
-            post = {"loss": f"{loss_val:.3f}", "tok/s": f"{tps:,.0f}"}
-            if peak:
-                post["mfu"] = f"{100 * tps * fpt['attn_aware'] / peak / world:.1f}%"
-            bar.set_postfix(post, refresh=False)
-            bar.update(1)
-
-        is_eval = done_steps % t.eval_every == 0 or done_steps == max_steps
-        ckpt_every = t.ckpt_every or t.eval_every
-        is_ckpt = done_steps % ckpt_every == 0 or done_steps == max_steps
-        if is_eval:
-            ev = evaluate(run_model, data.val, cfg, device, amp, rank, world, micro)
-            tokens = done_steps * tokens_per_step
-            elapsed = elapsed_before + time.time() - t0
-            last = {
-                "step": done_steps,
-                "tokens": tokens,
-                "flops": fpt["dense"] * tokens,
-                "pflops_days": fpt["dense"] * tokens / PFLOPS_DAY,
-                "attn_aware_flops": fpt["attn_aware"] * tokens,
-                "attn_aware_pflops_days": fpt["attn_aware"] * tokens / PFLOPS_DAY,
-                "train_loss": loss_sum / max(1, loss_count),
-                **ev,
-                "lr": lr,
-                "elapsed_s": round(elapsed, 3),
-                "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-            }
-            loss_sum, loss_count = 0.0, 0
-            if master:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-        if is_ckpt and master:
-            state = {
-                "model": model.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": done_steps,
-                "train_loss_sum": loss_sum,
-                "train_loss_count": loss_count,
-                "elapsed_s": elapsed_before + time.time() - t0,
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                        "numpy": np.random.get_state(), "python": random.getstate()},
-                "config": cfg.to_dict(),
-            }
-            save_checkpoint(out, state, done_steps)
-        if is_ckpt and ddp:
-            dist.barrier()
-        if _fault("exit_after_step") == done_steps:
             if bar is not None:
-                bar.close()
-            sys.stderr.flush()
-            os._exit(17)
-    if bar is not None:
-        bar.close()
+                dt = time.time() - window_t
+                tps = window_tok / dt if dt > 0 else 0.0
+                post = {"loss": f"{loss_val:.3f}", "tok/s": f"{tps:,.0f}"}
+                if peak:
+                    post["mfu"] = f"{100 * tps * fpt['attn_aware'] / peak / world:.1f}%"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+
+            is_eval = done_steps % t.eval_every == 0 or done_steps == max_steps
+            ckpt_every = t.ckpt_every or t.eval_every
+            is_ckpt = done_steps % ckpt_every == 0 or done_steps == max_steps
+            if is_eval:
+                ev = evaluate(run_model, data.val, cfg, device, amp, rank, world, micro)
+                if _fault("nan_val_at_step") == done_steps:  # test hook
+                    ev["val_loss"] = float("nan")
+                bad_ev = [k for k in ("val_loss", "trailing_loss") if not math.isfinite(ev[k])]
+                if bad_ev:
+                    raise NonFiniteLossError(
+                        f"{out}: non-finite {', '.join(f'{k} {ev[k]}' for k in bad_ev)} at step {done_steps}; "
+                        "stopping without DONE (no metrics row or checkpoint written for this step)")
+                tokens = done_steps * tokens_per_step
+                elapsed = elapsed_before + time.time() - t0
+                last = {
+                    "step": done_steps,
+                    "tokens": tokens,
+                    "flops": fpt["dense"] * tokens,
+                    "pflops_days": fpt["dense"] * tokens / PFLOPS_DAY,
+                    "attn_aware_flops": fpt["attn_aware"] * tokens,
+                    "attn_aware_pflops_days": fpt["attn_aware"] * tokens / PFLOPS_DAY,
+                    "train_loss": loss_sum / max(1, loss_count),
+                    **ev,
+                    "lr": lr,
+                    "elapsed_s": round(elapsed, 3),
+                    "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+                }
+                if skipped:
+                    last["skipped_steps"] = skipped
+                loss_sum, loss_count = 0.0, 0
+                if master:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                        f.flush()
+                        os.fsync(f.fileno())
+            if is_ckpt and master:
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": done_steps,
+                    "train_loss_sum": loss_sum,
+                    "train_loss_count": loss_count,
+                    "skipped_steps": skipped,
+                    "elapsed_s": elapsed_before + time.time() - t0,
+                    "rng": {"torch": torch.get_rng_state(),
+                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                            "numpy": np.random.get_state(), "python": random.getstate()},
+                    "config": cfg.to_dict(),
+                    "data_hash": data.data_hash,
+                }
+                save_checkpoint(out, state, done_steps, torn_write=_fault("die_in_ckpt") == done_steps)
+            if is_ckpt and ddp:
+                dist.barrier()
+            if _fault("exit_after_step") == done_steps:
+                if bar is not None:
+                    bar.close()
+                sys.stderr.flush()
+                os._exit(17)
+            if _fault("stop_after_step") == done_steps:  # test hook: an in-process interruption
+                raise InjectedFault(f"MOBA_SCALING_FAULT stop_after_step:{done_steps}")
+            if _fault("sleep_after_step") == done_steps:  # test hook: a trainer that stays alive
+                time.sleep(600)
+    finally:
+        if bar is not None:
+            bar.close()
     if master:
         if not last:
             rows = _read_metrics(metrics_path)
@@ -434,13 +666,23 @@ def train(cfg: RunConfig) -> dict:
 
 
 def config_from_argv(argv: list[str]) -> RunConfig:
+    """``--config PATH`` (a run's config.json, a sweep's launch.json or ``to_dict()`` JSON) then overrides."""
     overrides = parse_overrides(argv)
     base = RunConfig()
     cfg_path = overrides.pop("config", None)
     if cfg_path:
         saved = json.loads(Path(cfg_path).read_text())
-        base = RunConfig.from_dict({k: saved[k] for k in ("model", "data", "train") if k in saved})
+        base = RunConfig.from_saved(saved, source=str(cfg_path))
     return apply_overrides(base, overrides)
+
+
+def _truthy(text: str) -> bool:
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -451,12 +693,28 @@ def main(argv: list[str] | None = None) -> None:
         for sec, obj in RunConfig().to_dict().items():
             for k, v in obj.items():
                 print(f"  --{k} {v!r}  [{sec}]")
+        print("  --allow_config_change false  [this invocation: resume a checkpoint whose config/data differ]")
         return
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
+        # a torchrun worker: die with the agent (its own session keeps it out of the agent's
+        # process group, so nothing else would stop it if the agent is SIGKILLed)
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() == 1:
+            sys.exit("[train] the launcher died before this worker started")
+    # SIGTERM (from the launcher, a scheduler or the parent-death signal) unwinds the stack so
+    # that the run-folder lock is released; the checkpoints are atomic either way
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    opts = parse_overrides(argv)
+    allow = _truthy(opts.pop("allow_config_change", "false"))
+    argv = [x for k, v in opts.items() for x in (f"--{k}", v)]
     cfg = config_from_argv(argv)
     try:
-        last = train(cfg)
+        last = train(cfg, allow_config_change=allow)
         if int(os.environ.get("RANK", "0")) == 0:
             print(json.dumps(last))
+    except (TrainingError, CheckpointError) as exc:
+        print(f"[train] error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

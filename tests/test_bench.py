@@ -398,3 +398,16 @@ def test_attn_speed_gpu_smoke(tmp_path):
     assert rows[("moba-torch", 4096, "fwd")]["status"] == "ok"
     assert all(r["status"] in ("ok", "skipped", "oom", "error") for r in data["rows"])
     assert all(r["reason"] for r in data["rows"] if r["status"] != "ok")
+
+
+def test_attn_speed_nothing_measured_exits_nonzero_without_plots(tmp_path):
+    """Every provider skipped (flash-attn and sdpa-flash need CUDA): status 1, the reasons on
+    stderr, JSON/CSV recording them, and no empty plots."""
+    cmd = [sys.executable, str(BENCH / "attn_speed.py"), "--cpu", "--seqlens", "128", "--providers",
+           "flash-attn,sdpa-flash", "--repeats", "1", "--out", str(tmp_path), "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "nothing was measured" in proc.stderr and "flash-attn: skipped" in proc.stderr
+    rows = json.loads((tmp_path / "attn_speed.json").read_text())["rows"]
+    assert rows and all(r["status"] == "skipped" and r["reason"] for r in rows)
+    assert not list(tmp_path.glob("*.png"))
