@@ -171,10 +171,10 @@ def noisy_copy(model, noise: float, seed: int):
 
 def checkpoints(args, device, dtype):
     """Target and draft from scaling_runs checkpoints, a held-out prompt, the training tokens."""
-    from moba.generate_adapters import GPTAdapter, load_gpt
+    from moba.generate_adapters import GPTAdapter
+    from scaling_runs.checkpoint import load_gpt, load_model
     from scaling_runs.config import DataConfig
     from scaling_runs.data import load_data
-    from scaling_runs.eval_budget import load_model
 
     if not args.draft_run:
         raise SystemExit("--target-run needs --draft-run (the draft checkpoint)")

@@ -586,7 +586,7 @@ class TreeTarget:
     def __init__(self, model, device):
         if not getattr(model, "supports_tree", False) or not hasattr(model, "new_cache"):
             raise TypeError("tree verification needs a model with moba tree attention, e.g. a scaling_runs "
-                            "checkpoint through moba.generate_adapters.load_gpt / GPTAdapter")
+                            "checkpoint through scaling_runs.checkpoint.load_gpt / moba.generate_adapters.GPTAdapter")
         self.model, self.device = model, torch.device(device)
         self.cache = model.new_cache()
         self.cached = self.forwards = self.fed = 0

@@ -11,7 +11,7 @@ means are kept incrementally and follow crops). Positions past the model's train
 context (``cfg.context``) keep counting (rotary positions are not windowed).
 
     from moba.generate import generate_speculative
-    from moba.generate_adapters import load_gpt
+    from scaling_runs.checkpoint import load_gpt          # builds GPTAdapter(GPT from the checkpoint)
     target, draft = load_gpt("runs/cpu-tiny/s3-moba"), load_gpt("runs/cpu-tiny/s1-moba")
     out, stats = generate_speculative(target, draft, ids, 64, gamma=4)
 """
@@ -24,7 +24,7 @@ import torch
 
 from .decode import KVCache
 
-__all__ = ["GPTAdapter", "load_gpt"]
+__all__ = ["GPTAdapter"]
 
 
 class GPTAdapter(torch.nn.Module):
@@ -58,9 +58,7 @@ class GPTAdapter(torch.nn.Module):
         return SimpleNamespace(logits=logits, cache=cache if use_cache else None)
 
 
-def load_gpt(path, device="cpu") -> GPTAdapter:
-    """A scaling_runs checkpoint (run dir or ``ckpt.pt``) as a ``GPTAdapter`` in eval mode."""
-    from scaling_runs.eval_budget import load_model
-
-    model, _, _ = load_model(path, device)
-    return GPTAdapter(model).eval()
+def __getattr__(name):
+    if name == "load_gpt":  # it loads scaling_runs checkpoints, so it lives there: moba never imports them
+        raise ImportError("load_gpt moved to scaling_runs.checkpoint.load_gpt (run from the repository root)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

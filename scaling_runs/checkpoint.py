@@ -25,12 +25,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from .config import ModelConfig
+from .model import GPT
 
 CKPT = "ckpt.pt"
 CKPT_PREV = "ckpt_prev.pt"
@@ -210,3 +214,36 @@ def load_checkpoint(out: Path, map_location=None) -> dict | None:
     """
     found = load_latest(out, map_location)
     return None if found is None else found.state
+
+
+# -- models from checkpoints ----------------------------------------------------------------
+def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict, Path]:
+    """A scaling_runs checkpoint (run dir or ``ckpt.pt``) -> (model in eval mode, run config dict, run dir)."""
+    path = Path(path)
+    if path.is_dir():
+        run_dir = path
+        ckpt = load_checkpoint(path, map_location=device)
+        if ckpt is None:
+            raise FileNotFoundError(f"{path}: no readable {CKPT} / ckpt_prev.pt")
+    else:
+        run_dir = path.parent
+        ckpt = load_file(path, map_location=device)
+    cfg = ckpt.get("config")
+    if cfg is None and (run_dir / "config.json").exists():
+        saved = json.loads((run_dir / "config.json").read_text())
+        cfg = {k: saved[k] for k in ("model", "data", "train") if k in saved}
+    if cfg is None:
+        raise ValueError(f"{path}: the checkpoint holds no config and there is no config.json beside it")
+    model = GPT(ModelConfig(**cfg["model"])).to(device)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    return model, {**cfg, "step": ckpt.get("step")}, run_dir
+
+
+def load_gpt(path: str | Path, device="cpu"):
+    """A checkpoint (run dir or ``ckpt.pt``) as a ``moba.generate_adapters.GPTAdapter`` in eval mode,
+    ready for ``moba.generate`` (plain, speculative, staged and tree decoding over its KV cache)."""
+    from moba.generate_adapters import GPTAdapter
+
+    model, _, _ = load_model(path, device)
+    return GPTAdapter(model).eval()

@@ -45,8 +45,8 @@ from moba import PAD_INDEX, KVCache, select_blocks
 from moba.nn import attention_modules
 
 from . import tasks as T
-from .checkpoint import CKPT, atomic_write_text, load_checkpoint, load_file
-from .config import DataConfig, ModelConfig
+from .checkpoint import atomic_write_text, load_model
+from .config import DataConfig
 from .data import eval_offsets, gather, load_data
 from .model import GPT
 
@@ -121,29 +121,6 @@ def budget_settings(block_size: int, budgets: list[int] | None = None, pairs: li
 
 # ---------------------------------------------------------------------------------------
 # model
-
-
-def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict, Path]:
-    """A scaling_runs checkpoint (run dir or ``ckpt.pt``) -> (model in eval mode, run config dict, run dir)."""
-    path = Path(path)
-    if path.is_dir():
-        run_dir = path
-        ckpt = load_checkpoint(path, map_location=device)
-        if ckpt is None:
-            raise FileNotFoundError(f"{path}: no readable {CKPT} / ckpt_prev.pt")
-    else:
-        run_dir = path.parent
-        ckpt = load_file(path, map_location=device)
-    cfg = ckpt.get("config")
-    if cfg is None and (run_dir / "config.json").exists():
-        saved = json.loads((run_dir / "config.json").read_text())
-        cfg = {k: saved[k] for k in ("model", "data", "train") if k in saved}
-    if cfg is None:
-        raise ValueError(f"{path}: the checkpoint holds no config and there is no config.json beside it")
-    model = GPT(ModelConfig(**cfg["model"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    model.eval()
-    return model, {**cfg, "step": ckpt.get("step")}, run_dir
 
 
 class BudgetSetter:

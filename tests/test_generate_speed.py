@@ -70,7 +70,8 @@ def test_gpt_adapter_drives_generate(tmp_path):
     import torch
 
     from moba.generate import NGramDraft, generate_plain, generate_speculative, roofline_point
-    from moba.generate_adapters import GPTAdapter, load_gpt
+    from moba.generate_adapters import GPTAdapter
+    from scaling_runs.checkpoint import load_gpt
     from scaling_runs.config import ModelConfig
     from scaling_runs.model import GPT
 

@@ -150,7 +150,8 @@ def test_generate_on_gpt_checkpoint_uses_the_cache(tmp_path):
     import copy
 
     from moba.generate import generate_plain, generate_speculative
-    from moba.generate_adapters import GPTAdapter, load_gpt
+    from moba.generate_adapters import GPTAdapter
+    from scaling_runs.checkpoint import load_gpt
 
     gpt = _gpt(tie_embeddings=False)
     with torch.no_grad():  # a varied greedy continuation, not one repeated token

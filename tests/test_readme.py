@@ -66,7 +66,7 @@ def _tiny_llama(tmp_path: Path) -> dict:
 
 def _tiny_gpts(tmp_path: Path) -> dict:
     """target, draft: tiny random scaling_runs GPTs (MoBA) as ``GPTAdapter``s, what
-    ``moba.generate_adapters.load_gpt(run_dir)`` returns; input_ids (1, L); corpus: token lists."""
+    ``scaling_runs.checkpoint.load_gpt(run_dir)`` returns; input_ids (1, L); corpus: token lists."""
     from moba.generate_adapters import GPTAdapter
     from scaling_runs.config import ModelConfig
     from scaling_runs.model import GPT

@@ -1,0 +1,45 @@
+"""Dependencies point one way (docs/design.md section 2):
+triton_kernels <- moba <- bench, scaling_runs. Read from the imports of every source file.
+(bench may read scaling_runs checkpoints: both sit at the top, over moba.)"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _imported_roots(path: Path) -> set[str]:
+    """Top-level names of every absolute import in a file (function-level imports included)."""
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            roots.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+@pytest.mark.parametrize(
+    ("folder", "forbidden"),
+    [
+        ("moba", {"bench", "scaling_runs", "tests"}),
+        ("triton_kernels", {"moba", "bench", "scaling_runs", "tests"}),
+    ],
+)
+def test_imports_point_one_way(folder, forbidden):
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(_imported_roots(path) & forbidden)
+        for path in sorted((ROOT / folder).rglob("*.py"))
+    }
+    offenders = {name: roots for name, roots in offenders.items() if roots}
+    assert not offenders, f"{folder}/ must not import {sorted(forbidden)}: {offenders}"
+
+
+def test_the_check_sees_function_level_imports(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text("def f():\n    from scaling_runs.checkpoint import load_gpt\n    import bench.roofline\n")
+    assert _imported_roots(source) == {"scaling_runs", "bench"}
