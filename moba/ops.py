@@ -14,6 +14,7 @@ from ._checks import (
 )
 from ._layout import build_layout, fixed_cu_seqlens
 from .backends import resolve_backend
+from .full import _sdpa
 from .gate import check_index_values
 
 
@@ -23,6 +24,10 @@ def _moba_packed(q, k, v, cu, block_size, top_k, causal, softmax_scale, backend,
     check_bool("causal", causal)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     impl = resolve_backend(backend, q.device, q)
+    if q.shape[0] == 0:
+        # No tokens: SDPA's empty output keeps q, k and v in the autograd graph, so all three
+        # get zero-sized gradients, as with dense attention.
+        return _sdpa(q, k, v, causal, scale)
     layout = build_layout(cu, cu, block_size, q.device)
     if block_indices is None:
         with torch.no_grad():
