@@ -143,7 +143,7 @@ def moba_tree_attention(
     tree_ok = selected & anc[:, None, :]  # (n, Hq, n)
     # Node values per (node, head, other node): a node on another branch is replaced, not
     # weighted by probability 0.
-    tree_vals = torch.where(tree_ok[..., None], v.to(dtype)[:, head_kv][None], 0.0)  # (n, Hq, n, D)
+    tree_vals = torch.where(tree_ok[..., None], v.to(dtype)[:, head_kv].transpose(0, 1)[None], 0.0)  # (n, Hq, n, D)
     qf = q.to(dtype)
     s_cache = torch.einsum("nhd,nhkd->nhk", qf, keys).masked_fill(~cached, float("-inf"))
     s_tree = torch.einsum("nhd,mhd->nhm", qf, k.to(dtype)[:, head_kv]).masked_fill(~tree_ok, float("-inf"))
