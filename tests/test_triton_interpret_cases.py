@@ -321,3 +321,83 @@ def test_auto_decomposition_follows_the_work():
     for idx, expected in ((shared, "union"), (scattered, "gather")):
         si = sort_block_indices(idx)
         assert choose_decomposition(si, lay, _selection(si, lay, 1), 16) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN isolation (issue 13): a non-finite value in one sequence never reaches another. The
+# checks are the ones of tests/test_nan_isolation.py, run here on the Triton kernels.
+
+
+@pytest.fixture(params=["union", "gather"])
+def forced_decomposition(request, monkeypatch):
+    """Make "auto" pick one decomposition, so the public API runs both paths."""
+    from moba.triton_kernels import attention as _attn
+
+    monkeypatch.setattr(_attn, "choose_decomposition", lambda *args, **kwargs: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_nan_in_one_batch_row_stays_there(decomposition, poison):
+    """Issue 13 item 2: B=2, S=16, NaN at q[0, 0, 0, 0]. The gather merge weighted padding
+    slots (pointing at another row's partial) by 0; 0 * NaN put NaN into out[1]."""
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu = [0, 16, 32]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32, seed=3)
+    idx = select_packed(q, k, build_layout(cu, cu, 4, "cpu"), 2, True)  # 1 or 2 slots per row
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][0, 0, 0] = poison
+        leaves = [t.requires_grad_() for t in leaves]
+        out, lse = triton_attention_packed(*leaves, cu, cu, 4, idx, True, 0.25, decomposition)
+        out.backward(dout)
+        results.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, clean, got in zip(["out", "lse", "dq", "dk", "dv"], *results, strict=True):
+        assert torch.isfinite(got[16:]).all(), f"{decomposition}: non-finite {name} in row 1"
+        assert torch.equal(got[16:], clean[16:]), f"{decomposition}: {name} of row 1 changed"
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_isolation_fixed_batch(forced_decomposition, where):
+    from test_nan_isolation import check_fixed_batch
+
+    check_fixed_batch("triton", where=where, token=0, s=13, block_size=4, top_k=2)
+
+
+def test_nan_isolation_varlen(forced_decomposition):
+    from test_nan_isolation import check_varlen
+
+    check_varlen("triton", poisoned=0)
+    check_varlen("triton", poison="inf", poisoned=2)
+
+
+def test_nan_isolation_decode_left_padding():
+    from test_nan_isolation import check_decode_padding
+
+    check_decode_padding("triton")
+    check_decode_padding("triton", dtype=torch.float16, poison="inf")
+
+
+def test_large_negative_score_stays_finite(forced_decomposition):
+    from test_nan_isolation import check_large_negative_self_score
+
+    check_large_negative_self_score("triton")
+
+
+def test_huge_block_size_is_one_block_per_sequence():
+    """Issue 13 item 4: any block size is legal and costs what block_size = seqlen costs
+    (the kernels get int32 block sizes and launch cdiv(block_size, BLOCK_N) key tiles)."""
+    import moba
+
+    q, k, v = _make([0, 32], [0, 32], 2, 1, 16, torch.float32, seed=6)
+    q, k, v = (t.reshape(2, 16, *t.shape[1:]) for t in (q, k, v))
+    dense = moba.moba_attn_func(q, k, v, 16, 1, backend="triton")
+    for bs in (2**31, 2**62, 2**70):
+        torch.testing.assert_close(moba.moba_attn_func(q, k, v, bs, 3, backend="triton"), dense, rtol=0, atol=0)
