@@ -208,12 +208,13 @@ def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, 
 
     q: (B, Lq, Hq, D); k_cache, v_cache: (B, Lk, Hkv, D) any strides; block_indices:
     (B, Lq, Hq, W) local block ids (-1 = unused); starts, lengths: (B,) int64 first cache
-    position and token count of every row. Returns (B, Lq, Hq, D) in q's dtype.
+    position and token count of every row; block_size: ``layout.block_size`` of the rows
+    (``moba._layout.effective_block_size``: at most the longest row, which bounds the
+    (B, Lq, Hq, W, block_size) gather). Returns (B, Lq, Hq, D) in q's dtype.
     Only the selected blocks are read (gathered), never the whole cache.
     """
     b, lq, hq, d = q.shape
     lk, hkv = k_cache.shape[1], k_cache.shape[2]
-    block_size = effective_block_size(block_size, lk)  # blocks never reach past the cache
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     dev = q.device
     offs = torch.arange(block_size, device=dev)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_cache_qkv, check_positive_int, check_qkv, resolve_softmax_scale
-from ._layout import build_layout, effective_block_size
+from ._layout import build_layout
 from .decode import BlockMeanState
 from .gate import select_from_means
 
@@ -110,7 +110,9 @@ def moba_tree_attention(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     anc = ancestor_mask(parents, dev)  # (n, n)
     pos = lk + torch.tensor(tree_depths(parents), device=dev)  # (n,) position of each node
-    bs = effective_block_size(block_size, int(pos.max()) + 1)  # the same blocks, O(path) buffers
+    # One "sequence" per node: its path (cache + ancestors + itself) ends at its position.
+    layout = build_layout(list(range(n + 1)), [0] + (pos + 1).cumsum(0).tolist(), block_size, dev)
+    bs = layout.block_size  # min(block_size, longest path): the same blocks, O(path) buffers
     node_block = pos // bs
     nb = int(node_block.max()) + 1
 
@@ -127,7 +129,6 @@ def moba_tree_attention(
     path_sums = torch.zeros(n, nb, hkv, d, dtype=torch.float32, device=dev).index_add_(1, node_block, path_keys)
     path_in_block = torch.zeros(n, nb, dtype=torch.float32, device=dev).index_add_(1, node_block, anc.float())
     means = (sums[None] + path_sums) / (counts[None] + path_in_block).clamp(min=1)[..., None, None]
-    layout = build_layout(list(range(n + 1)), [0] + (pos + 1).cumsum(0).tolist(), bs, dev)
     idx = select_from_means(q, means, layout, top_k, causal=True).long()  # (n, Hq, W)
 
     # Keys: the cached tokens of the selected blocks, then every tree node (masked).

@@ -220,8 +220,7 @@ def test_large_negative_score_stays_finite(backend):
     check_large_negative_self_score(backend)
 
 
-@pytest.mark.parametrize("backend", [_backward_param("torch")])
-def test_float16_large_inputs_stay_finite(backend):
+def check_float16_large_inputs(backend):
     """float16 q, k with entries ~30 (scores of several thousand): finite wherever SDPA (which
     computes in float32 on CPU) is finite."""
     b, s, h, d = 2, 13, 2, 16
@@ -234,7 +233,12 @@ def test_float16_large_inputs_stay_finite(backend):
     got = _run(lambda *t: moba.moba_attn_func(*t, 4, 2, backend=backend), q, k, v, dout)
     for name, g, r in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
         if torch.isfinite(r).all():
-            assert torch.isfinite(g).all(), f"{name} is not finite where SDPA's is"
+            assert torch.isfinite(g).all(), f"{backend}: {name} is not finite where SDPA's is"
+
+
+@pytest.mark.parametrize("backend", [_backward_param(b) for b in CPU_BACKENDS])
+def test_float16_large_inputs_stay_finite(backend):
+    check_float16_large_inputs(backend)
 
 
 # ---------------------------------------------------------------------------------------------

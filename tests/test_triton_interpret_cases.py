@@ -391,6 +391,12 @@ def test_large_negative_score_stays_finite(forced_decomposition):
     check_large_negative_self_score("triton")
 
 
+def test_float16_large_inputs_stay_finite(forced_decomposition):
+    from test_nan_isolation import check_float16_large_inputs
+
+    check_float16_large_inputs("triton")
+
+
 def test_huge_block_size_is_one_block_per_sequence():
     """Issue 13 item 4: any block size is legal and costs what block_size = seqlen costs
     (the kernels get int32 block sizes and launch cdiv(block_size, BLOCK_N) key tiles)."""
