@@ -397,13 +397,19 @@ def test_float16_large_inputs_stay_finite(forced_decomposition):
     check_float16_large_inputs("triton")
 
 
-def test_huge_block_size_is_one_block_per_sequence():
+def test_huge_block_size_and_top_k():
     """Issue 13 item 4: any block size is legal and costs what block_size = seqlen costs
-    (the kernels get int32 block sizes and launch cdiv(block_size, BLOCK_N) key tiles)."""
+    (the kernels get int32 block sizes and launch cdiv(block_size, BLOCK_N) key tiles); any
+    top_k >= the block count is dense (the gate op takes an int64 top_k)."""
     import moba
+    from moba.decode import BlockMeanState
 
     q, k, v = _make([0, 32], [0, 32], 2, 1, 16, torch.float32, seed=6)
     q, k, v = (t.reshape(2, 16, *t.shape[1:]) for t in (q, k, v))
     dense = moba.moba_attn_func(q, k, v, 16, 1, backend="triton")
-    for bs in (2**31, 2**62, 2**70):
-        torch.testing.assert_close(moba.moba_attn_func(q, k, v, bs, 3, backend="triton"), dense, rtol=0, atol=0)
+    for big in (2**31, 2**62, 2**70):
+        torch.testing.assert_close(moba.moba_attn_func(q, k, v, big, 3, backend="triton"), dense, rtol=0, atol=0)
+        torch.testing.assert_close(moba.moba_attn_func(q, k, v, 4, big, backend="triton"),
+                                   moba.moba_attn_func(q, k, v, 4, 4, backend="triton"), rtol=0, atol=0)
+        out = moba.moba_decode(q[:, -2:], k, v, BlockMeanState(big), big, 3, backend="triton")
+        torch.testing.assert_close(out, dense[:, -2:], rtol=1e-6, atol=1e-6)
