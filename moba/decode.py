@@ -33,9 +33,9 @@ Example (one sequence, token-by-token)::
 
 from __future__ import annotations
 
-import torch
-
 import numbers
+
+import torch
 
 from ._checks import (
     SUPPORTED_DTYPES,
@@ -76,7 +76,8 @@ class BlockMeanState:
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep / reorder rows (beam search ``reorder_cache``, ``batch_select_indices``)."""
         if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"index must be a 1-d int32/int64 tensor of row numbers, got {index!r}")
+            what = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
+            raise TypeError(f"index must be a 1-d int32/int64 tensor of row numbers, got {what}")
         if self.sums is None:
             return
         n_rows = self.sums.shape[0]
@@ -233,9 +234,9 @@ def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, 
         valid = valid.flatten(3)  # (B, l, Hq, W * bs)
         pos = pos.flatten(3).masked_fill(~valid, 0)  # (B, l, Hq, W * bs)
         row = torch.arange(b, device=dev)[:, None, None, None]  # (B, 1, 1, 1)
-        # Masked slots read cache position 0 (left padding of a padded row, maybe NaN): replace
-        # their keys and values, since 0 * NaN in the products below would be NaN.
-        keys = torch.where(valid[..., None], k_cache[row, pos, head_kv].to(dtype), 0.0)  # (B, l, Hq, W * bs, D)
+        keys = k_cache[row, pos, head_kv].to(dtype)  # (B, l, Hq, W * bs, D)
+        # Masked slots read cache position 0 (left padding of a padded row, maybe NaN): their
+        # scores are replaced below, their values here, since probability 0 * NaN is NaN.
         vals = torch.where(valid[..., None], v_cache[row, pos, head_kv].to(dtype), 0.0)
         s = torch.einsum("blhd,blhnd->blhn", q[:, i0:i1].to(dtype), keys) * scale
         s = s.masked_fill(~valid, float("-inf"))
@@ -308,8 +309,6 @@ def moba_decode(
         raise ValueError(f"every row needs at least Lq = {lq} real cache tokens after its start, got starts={starts} "
                          f"for Lk = {k_cache.shape[1]}")
     _use_triton(backend, q.device)  # an unknown backend fails before the state changes
-    if b == 0:
-        return (q.clone(), q.new_zeros(0, lq, hq, 1, dtype=torch.int32)) if return_block_indices else q.clone()
     lengths = state.update(k_cache, starts, lq)
 
     cu_q = [i * lq for i in range(b + 1)]
@@ -319,10 +318,10 @@ def moba_decode(
     layout = build_layout(cu_q, cu_k, block_size, q.device)
     with torch.no_grad():
         idx = select_from_means(q.reshape(b * lq, hq, d), state.padded_means(), layout, top_k, causal=True)
-    idx = idx.reshape(b, lq, hq, -1)
+    idx = idx.reshape(b, lq, hq, idx.shape[-1])
     starts_t = torch.tensor(starts, dtype=torch.int64, device=q.device)
     lengths_t = torch.tensor(lengths, dtype=torch.int64, device=q.device)
-    if _use_triton(backend, q.device):
+    if b > 0 and _use_triton(backend, q.device):  # no rows: nothing to launch
         from .triton_kernels.decode import moba_decode_triton
 
         out = moba_decode_triton(q, k_cache, v_cache, idx, starts_t, lengths_t, layout.block_size, scale)
