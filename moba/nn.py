@@ -18,13 +18,12 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-import numbers
 
 from ._checks import check_bool, check_positive_float, check_positive_int, resolve_softmax_scale
 from .backends import available_backends

@@ -25,7 +25,6 @@ Batch size 1. ``ancestor_mask`` / ``tree_depths`` turn a parent list into what t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ._checks import check_cache_qkv, check_positive_int, check_qkv, resolve_softmax_scale
 from ._layout import build_layout

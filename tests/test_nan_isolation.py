@@ -212,7 +212,7 @@ def check_large_negative_self_score(backend, dtype=torch.float32):
     for name, g, t in zip(["out", "dq", "dk", "dv"], got, truth, strict=True):
         assert torch.isfinite(t).all()
         assert torch.isfinite(g).all(), f"{backend}: {name} is not finite where SDPA's is"
-        torch.testing.assert_close(g.double(), t, rtol=1e-3, atol=1e-3, msg=lambda m: f"{backend} {name}: {m}")
+        torch.testing.assert_close(g.double(), t, rtol=1e-3, atol=1e-3, msg=lambda m, name=name: f"{backend} {name}: {m}")
 
 
 @pytest.mark.parametrize("backend", [_backward_param(b) for b in CPU_BACKENDS])
