@@ -285,7 +285,8 @@ def moba_decode(
             folded in; a cropped or unknown cache is handled, see the module docstring).
         block_size, top_k: as in ``moba.moba_attn_func``.
         softmax_scale: defaults to ``D ** -0.5``.
-        starts: first real cache position of each row (left padding); default all 0.
+        starts: first real cache position of each row (left padding), ints with
+            ``0 <= starts[b] <= Lk - Lq``; default all 0. The padding is never read.
         backend: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
 
     Returns:

@@ -138,8 +138,9 @@ def full_attn_with_kvcache(
             (``Lq <= Lk``; query ``i`` sits at key position ``Lk - Lq + i``, as in flash-attn).
         k, v: (B, Lk, Hkv, D), ``Hq % Hkv == 0``.
         causal: mask keys after each query's position.
-        key_padding_mask: optional (B, Lk) bool, True for real tokens. Outputs of queries at
-            padding positions are 0. With a mask, "auto" runs SDPA.
+        key_padding_mask: optional (B, Lk) bool on q's device, True for real tokens. Outputs
+            of queries at padding positions are 0; the padding's q, k, v are never read (NaN
+            there stays there). With a mask, "auto" runs SDPA.
         implementation: "auto", "flash_attn" (no key_padding_mask) or "sdpa".
 
     Returns:
