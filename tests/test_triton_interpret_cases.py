@@ -413,3 +413,28 @@ def test_huge_block_size_and_top_k():
                                    moba.moba_attn_func(q, k, v, 4, 4, backend="triton"), rtol=0, atol=0)
         out = moba.moba_decode(q[:, -2:], k, v, BlockMeanState(big), big, 3, backend="triton")
         torch.testing.assert_close(out, dense[:, -2:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_nan_isolation_fewer_queries_than_keys(decomposition):
+    """Chunked prefill / decoding layout (cu_q != cu_k): non-finite q, k, v in sequence 0
+    leave sequences 1 and 2 bit for bit as they are, forward and backward."""
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu_q, cu_k = [0, 3, 6, 8], [0, 13, 30, 37]
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(8, 2, 16, generator=gen), torch.randn(37, 1, 16, generator=gen), torch.randn(37, 1, 16, generator=gen)
+    idx = select_packed(q, k, build_layout(cu_q, cu_k, 4, "cpu"), 3, True)
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][0], leaves[1][0], leaves[2][5] = float("nan"), float("nan"), float("inf")
+        leaves = [t.requires_grad_() for t in leaves]
+        out, _ = triton_attention_packed(*leaves, cu_q, cu_k, 4, idx, True, 0.25, decomposition)
+        out.sum().backward()
+        results.append([out.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad])
+    for name, first, clean, got in zip(["out", "dq", "dk", "dv"], [3, 3, 13, 13], *results, strict=True):
+        assert torch.equal(got[first:], clean[first:]), f"{decomposition}: {name} of sequences 1, 2 changed"
