@@ -33,6 +33,7 @@ def check_bool(name: str, value) -> bool:
 
 
 def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
+    """``head_dim ** -0.5`` for None, else the given scale, a finite number > 0, as a float."""
     if softmax_scale is None:
         return head_dim**-0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
@@ -47,6 +48,37 @@ def _check_tensor(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
 
 
+def _check_attention_tensors(q, k, v, names: tuple[str, str, str], rank: int, layout: str) -> None:
+    """What every attention entry point needs of its q, k, v: tensors of ``rank`` dimensions,
+    one floating dtype, one device, k and v of one shape, >= 1 head and head dim,
+    ``Hq % Hkv == 0``. Leading dimensions are checked by the callers."""
+    nq, nk, nv = names
+    for name, t in zip(names, (q, k, v), strict=True):
+        _check_tensor(name, t)
+        if t.dim() != rank:
+            raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"{nk} and {nv} must have the same shape, got {nk} {tuple(k.shape)} and {nv} {tuple(v.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"{nq}, {nk} and {nv} must share one dtype, got {nq} {q.dtype}, {nk} {k.dtype}, {nv} {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(
+            f"{nq}, {nk} and {nv} must be on one device, got {nq} {q.device}, {nk} {k.device}, {nv} {v.device}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"{nq} and {nk} must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[-1] == 0:
+        raise ValueError(f"{nq}, {nk} and {nv} must have head_dim >= 1, got shape {nq} {tuple(q.shape)}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hq == 0 or hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"the number of query heads ({hq}) must be a positive multiple of the number of key/value heads "
+            f"({hkv}): {nq} {tuple(q.shape)}, {nk} {tuple(k.shape)}"
+        )
+
+
 def check_qkv(q, k, v, *, varlen: bool, same_length: bool = True) -> None:
     """Check ranks, shapes, dtypes and devices of q, k, v.
 
@@ -56,20 +88,7 @@ def check_qkv(q, k, v, *, varlen: bool, same_length: bool = True) -> None:
     """
     rank = 3 if varlen else 4
     layout = "(total_tokens, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t)
-        if t.dim() != rank:
-            raise ValueError(f"{name} must have {rank} dimensions {layout}, got shape {tuple(t.shape)}")
-        if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}"
-            )
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise TypeError(f"q, k and v must share one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
+    _check_attention_tensors(q, k, v, ("q", "k", "v"), rank, layout)
     lead = 1 if varlen else 2
     if same_length and q.shape[:lead] != k.shape[:lead]:
         what = "total tokens" if varlen else "batch and seqlen"
@@ -84,15 +103,48 @@ def check_qkv(q, k, v, *, varlen: bool, same_length: bool = True) -> None:
                 f"q has more tokens ({q.shape[1]}) than k ({k.shape[1]}); queries are the last "
                 f"tokens of the key sequence (bottom-right aligned), so seqlen_q <= seqlen_k"
             )
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"q and k must have the same head_dim, got {q.shape[-1]} and {k.shape[-1]}")
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hq == 0 or hkv == 0 or hq % hkv != 0:
+
+
+def check_cache_qkv(q, k, v, names: tuple[str, str, str] = ("q", "k", "v")) -> None:
+    """Queries over a KV cache: q (B, Lq, Hq, D), k/v (B, Lk, Hkv, D), ``Lq <= Lk``."""
+    _check_attention_tensors(q, k, v, names, 4, "(batch, seqlen, heads, head_dim)")
+    nq, nk, _ = names
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"{nq} and {nk} must have the same batch size, got {nq} {tuple(q.shape)}, {nk} {tuple(k.shape)}")
+    if q.shape[1] > k.shape[1]:
         raise ValueError(
-            f"the number of query heads ({hq}) must be a positive multiple of the number of key/value heads ({hkv})"
+            f"{nq} has more queries ({q.shape[1]}) than {nk} has keys ({k.shape[1]}); need Lq <= Lk "
+            "(the queries are the newest cached tokens)"
         )
-    if q.shape[-1] == 0:
-        raise ValueError("head_dim must be >= 1")
+
+
+def check_key_padding_mask(mask, batch: int, seqlen: int, device, name: str = "key_padding_mask") -> torch.Tensor:
+    """A (batch, seqlen) bool mask, True for real tokens; returned on ``device``."""
+    _check_tensor(name, mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must be a bool tensor (True for real tokens), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, seqlen):
+        raise ValueError(f"{name} must have shape (batch, seqlen_k) = {(batch, seqlen)}, got {tuple(mask.shape)}")
+    if mask.device != torch.device(device):
+        raise ValueError(f"{name} must be on the device of the keys ({device}), got {mask.device}")
+    return mask
+
+
+def check_nonnegative_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return int(value)
+
+
+def check_positive_float(name: str, value) -> float:
+    """A finite number > 0 (numpy scalars are converted to a Python float)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return float(value)
 
 
 def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int, name: str = "cu_seqlens") -> list[int]:

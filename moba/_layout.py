@@ -16,6 +16,24 @@ from dataclasses import dataclass
 
 import torch
 
+#: No tensor holds this many tokens (sizes are int64), so a larger block size means the same
+#: thing: one block per sequence.
+MAX_TOKENS = 1 << 62
+
+
+def effective_block_size(block_size: int, longest: int = MAX_TOKENS) -> int:
+    """The block size the kernels use: ``min(block_size, longest)`` (at least 1).
+
+    ``longest`` is the longest key sequence the blocks will cover. Any ``block_size`` is
+    legal (DESIGN.md section 1), but every sequence of at most ``block_size`` tokens is one
+    block, so a block size above the longest sequence selects the same blocks as
+    ``block_size = longest``. Clamping here, once, keeps every per-block buffer (token
+    indices, tail masks, tiles, kernel tile counts, int32 kernel arguments) at
+    O(min(block_size, seqlen)): a huge block size costs what dense attention costs, and
+    2**62 never reaches a tensor size.
+    """
+    return max(1, min(int(block_size), int(longest)))
+
 
 @dataclass
 class BlockLayout:
@@ -51,9 +69,14 @@ class BlockLayout:
 
 
 def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> BlockLayout:
-    """Build the block layout from host lists of sequence boundaries."""
+    """Build the block layout from host lists of sequence boundaries.
+
+    ``layout.block_size`` is ``effective_block_size(block_size, longest key sequence)``:
+    the same blocks, and no buffer larger than the sequences need.
+    """
     lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True)]
     lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    block_size = effective_block_size(block_size, max(lk, default=1))
     for n, (a, b) in enumerate(zip(lq, lk, strict=True)):
         if a > b:
             raise ValueError(f"sequence {n} has more queries ({a}) than keys ({b})")

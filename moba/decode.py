@@ -33,10 +33,18 @@ Example (one sequence, token-by-token)::
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
-from ._checks import check_positive_int, resolve_softmax_scale
-from ._layout import build_layout
+from ._checks import (
+    SUPPORTED_DTYPES,
+    check_cache_qkv,
+    check_nonnegative_int,
+    check_positive_int,
+    resolve_softmax_scale,
+)
+from ._layout import build_layout, effective_block_size
 from .gate import select_from_means
 
 # Upper bound on the elements of one chunk of gathered keys in the PyTorch decode path.
@@ -59,6 +67,9 @@ class BlockMeanState:
 
     def __init__(self, block_size: int):
         self.block_size = check_positive_int("block_size", block_size)
+        # Sums are indexed by token // _bs: a block size above any possible length is one
+        # block per row, and the clamp keeps the int64 arithmetic in range (see _layout).
+        self._bs = effective_block_size(self.block_size)
         self.sums: torch.Tensor | None = None
         self.lengths: list[int] | None = None
         self._marks: torch.Tensor | None = None  # (B, 2, Hkv, D) keys at positions 0 and length - 1
@@ -70,8 +81,14 @@ class BlockMeanState:
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep / reorder rows (beam search ``reorder_cache``, ``batch_select_indices``)."""
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            what = f"{index.dtype} {tuple(index.shape)}" if isinstance(index, torch.Tensor) else type(index).__name__
+            raise TypeError(f"index must be a 1-d int32/int64 tensor of row numbers, got {what}")
         if self.sums is None:
             return
+        n_rows = self.sums.shape[0]
+        if index.numel() and not bool(((index >= 0) & (index < n_rows)).all()):
+            raise ValueError(f"index holds a row outside [0, {n_rows}): {index.tolist()}")
         index = index.to(self.sums.device).long()
         self.sums = self.sums.index_select(0, index)
         self.lengths = [self.lengths[i] for i in index.tolist()]
@@ -79,6 +96,7 @@ class BlockMeanState:
 
     def repeat_rows(self, repeats: int) -> None:
         """Repeat every row ``repeats`` times (``batch_repeat_interleave``)."""
+        repeats = check_positive_int("repeats", repeats)
         if self.sums is None:
             return
         self.sums = self.sums.repeat_interleave(repeats, dim=0)
@@ -110,11 +128,16 @@ class BlockMeanState:
         row (or all of a shorter row) are new since the previous call; the state keeps what it
         has of the rest.
         """
+        if not isinstance(k_cache, torch.Tensor) or k_cache.dim() != 4:
+            shape = tuple(k_cache.shape) if isinstance(k_cache, torch.Tensor) else type(k_cache).__name__
+            raise ValueError(f"k_cache must be a 4-d tensor (batch, seqlen, kv_heads, head_dim), got {shape}")
+        if k_cache.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"k_cache must be float16, bfloat16, float32 or float64, got {k_cache.dtype}")
         batch, lk, hkv, d = k_cache.shape
-        bs = self.block_size
+        starts = _check_starts(starts, batch, lk)
+        n_new = check_nonnegative_int("n_new", n_new)
+        bs = self._bs
         target = [lk - s for s in starts]
-        if min(target, default=0) < 0 or n_new < 0:
-            raise ValueError(f"bad update: starts={starts}, Lk={lk}, n_new={n_new}")
         self._ensure(batch, -(-max(target, default=0) // bs), hkv, d, k_cache.device)
         rows, begins = [], []
         for b in range(batch):
@@ -178,14 +201,14 @@ class BlockMeanState:
         keys = k_cache[row_t, pos].float()  # (n, Hkv, D)
         cap = self.sums.shape[1]
         flat = self.sums.view(-1, *self.sums.shape[2:])
-        flat.index_add_(0, row_t * cap + token // self.block_size, keys)
+        flat.index_add_(0, row_t * cap + token // self._bs, keys)
 
     # -- reading -------------------------------------------------------------------------
     def block_counts(self, n_blocks: int) -> torch.Tensor:
         """(B, n_blocks) tokens per block (0 past a row's end)."""
         lengths = torch.tensor(self.lengths, device=self.sums.device)
-        first = torch.arange(n_blocks, device=self.sums.device) * self.block_size
-        return (lengths[:, None] - first[None, :]).clamp(min=0, max=self.block_size)
+        first = torch.arange(n_blocks, device=self.sums.device) * self._bs
+        return (lengths[:, None] - first[None, :]).clamp(min=0, max=self._bs)
 
     def padded_means(self) -> torch.Tensor:
         """(B, nb_max, Hkv, D) float32 block means, zero past each row's last block.
@@ -194,25 +217,29 @@ class BlockMeanState:
         recomputed from the keys (up to float summation order); a tail block is averaged over
         the tokens it has.
         """
-        nb_max = max(1, -(-max(self.lengths) // self.block_size))
+        nb_max = max(1, -(-max(self.lengths, default=0) // self._bs))
         counts = self.block_counts(nb_max)
         return self.sums[:, :nb_max] / counts.clamp(min=1)[:, :, None, None].to(torch.float32)
 
 
-def _check_decode_inputs(q, k_cache, v_cache):
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor (batch, seqlen, heads, head_dim)")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache shapes differ: {tuple(k_cache.shape)} vs {tuple(v_cache.shape)}")
-    if q.shape[0] != k_cache.shape[0] or q.shape[-1] != k_cache.shape[-1]:
-        raise ValueError(f"q {tuple(q.shape)} and k_cache {tuple(k_cache.shape)} disagree on batch or head_dim")
-    if q.shape[2] % k_cache.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k_cache.shape[2]})")
-    if q.shape[1] > k_cache.shape[1]:
-        raise ValueError(f"more queries ({q.shape[1]}) than cached keys ({k_cache.shape[1]})")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise TypeError(f"q, k_cache and v_cache must share one dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+def _check_starts(starts, batch: int, lk: int) -> list[int]:
+    """``starts``: one int per row, ``0 <= starts[b] <= Lk`` (tokens before it are left padding)."""
+    if isinstance(starts, torch.Tensor):
+        if starts.dim() != 1 or starts.dtype.is_floating_point or starts.dtype.is_complex or starts.dtype == torch.bool:
+            raise TypeError(f"starts must be a list of ints or a 1-d integer tensor, got {starts.dtype} {tuple(starts.shape)}")
+        starts = starts.tolist()
+    if isinstance(starts, (str, bytes)) or not hasattr(starts, "__len__"):
+        raise TypeError(f"starts must be a list of ints, got {type(starts).__name__}")
+    bad = [s for s in starts if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+    if bad:
+        raise TypeError(f"starts must hold ints, got {bad[0]!r}")
+    if len(starts) != batch:
+        raise ValueError(f"starts must have one entry per row ({batch}), got {len(starts)}")
+    out = [int(s) for s in starts]
+    wrong = [s for s in out if not 0 <= s <= lk]
+    if wrong:
+        raise ValueError(f"starts must lie in [0, Lk = {lk}] (first real cache position of each row), got {wrong[0]}")
+    return out
 
 
 def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, block_size, scale):
@@ -220,7 +247,9 @@ def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, 
 
     q: (B, Lq, Hq, D); k_cache, v_cache: (B, Lk, Hkv, D) any strides; block_indices:
     (B, Lq, Hq, W) local block ids (-1 = unused); starts, lengths: (B,) int64 first cache
-    position and token count of every row. Returns (B, Lq, Hq, D) in q's dtype.
+    position and token count of every row; block_size: ``layout.block_size`` of the rows
+    (``moba._layout.effective_block_size``: at most the longest row, which bounds the
+    (B, Lq, Hq, W, block_size) gather). Returns (B, Lq, Hq, D) in q's dtype.
     Only the selected blocks are read (gathered), never the whole cache.
     """
     b, lq, hq, d = q.shape
@@ -240,12 +269,15 @@ def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, 
         token = idx[..., None] * block_size + offs  # (B, l, Hq, W, bs) position inside the row
         valid = (idx[..., None] >= 0) & (token <= q_pos[:, :, None, None, None])
         pos = (starts[:, None, None, None, None] + token).clamp(0, lk - 1)
-        pos = pos.masked_fill(~valid, 0).flatten(3)  # (B, l, Hq, W * bs)
+        valid = valid.flatten(3)  # (B, l, Hq, W * bs)
+        pos = pos.flatten(3).masked_fill(~valid, 0)  # (B, l, Hq, W * bs)
         row = torch.arange(b, device=dev)[:, None, None, None]  # (B, 1, 1, 1)
         keys = k_cache[row, pos, head_kv].to(dtype)  # (B, l, Hq, W * bs, D)
-        vals = v_cache[row, pos, head_kv].to(dtype)
+        # Masked slots read cache position 0 (left padding of a padded row, maybe NaN): their
+        # scores are replaced below, their values here, since probability 0 * NaN is NaN.
+        vals = torch.where(valid[..., None], v_cache[row, pos, head_kv].to(dtype), 0.0)
         s = torch.einsum("blhd,blhnd->blhn", q[:, i0:i1].to(dtype), keys) * scale
-        s = s.masked_fill(~valid.flatten(3), float("-inf"))
+        s = s.masked_fill(~valid, float("-inf"))
         p = torch.softmax(s, dim=-1)
         out[:, i0:i1] = torch.einsum("blhn,blhnd->blhd", p, vals).to(q.dtype)
     return out
@@ -291,22 +323,31 @@ def moba_decode(
             folded in; a cropped or unknown cache is handled, see the module docstring).
         block_size, top_k: as in ``moba.moba_attn_func``.
         softmax_scale: defaults to ``D ** -0.5``.
-        starts: first real cache position of each row (left padding); default all 0.
+        starts: first real cache position of each row (left padding), ints with
+            ``0 <= starts[b] <= Lk - Lq``; default all 0. The padding is never read.
         backend: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
 
     Returns:
         (B, Lq, Hq, D) in q's dtype (and the (B, Lq, Hq, W) block indices if asked).
     """
-    _check_decode_inputs(q, k_cache, v_cache)
+    check_cache_qkv(q, k_cache, v_cache, ("q", "k_cache", "v_cache"))
+    if q.shape[1] == 0:
+        raise ValueError(f"q must hold at least one query token per row (Lq >= 1), got shape {tuple(q.shape)}")
     block_size = check_positive_int("block_size", block_size)
     top_k = check_positive_int("top_k", top_k)
+    if not isinstance(state, BlockMeanState):
+        raise TypeError(f"state must be a moba.BlockMeanState (one per layer), got {type(state).__name__}")
     if state.block_size != block_size:
         raise ValueError(f"state.block_size ({state.block_size}) != block_size ({block_size})")
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     b, lq, hq, d = q.shape
     scale = resolve_softmax_scale(softmax_scale, d)
-    starts = [0] * b if starts is None else [int(s) for s in starts]
-    if len(starts) != b:
-        raise ValueError(f"starts must have one entry per row ({b}), got {len(starts)}")
+    starts = _check_starts([0] * b if starts is None else starts, b, k_cache.shape[1])
+    if min((k_cache.shape[1] - s for s in starts), default=lq) < lq:
+        raise ValueError(f"every row needs at least Lq = {lq} real cache tokens after its start, got starts={starts} "
+                         f"for Lk = {k_cache.shape[1]}")
+    _use_triton(backend, q.device)  # an unknown backend fails before the state changes
     lengths = state.update(k_cache, starts, lq)
 
     cu_q = [i * lq for i in range(b + 1)]
@@ -316,15 +357,15 @@ def moba_decode(
     layout = build_layout(cu_q, cu_k, block_size, q.device)
     with torch.no_grad():
         idx = select_from_means(q.reshape(b * lq, hq, d), state.padded_means(), layout, top_k, causal=True)
-    idx = idx.reshape(b, lq, hq, -1)
+    idx = idx.reshape(b, lq, hq, idx.shape[-1])
     starts_t = torch.tensor(starts, dtype=torch.int64, device=q.device)
     lengths_t = torch.tensor(lengths, dtype=torch.int64, device=q.device)
-    if _use_triton(backend, q.device):
+    if b > 0 and _use_triton(backend, q.device):  # no rows: nothing to launch
         from .triton_kernels.decode import moba_decode_triton
 
-        out = moba_decode_triton(q, k_cache, v_cache, idx, starts_t, lengths_t, block_size, scale)
+        out = moba_decode_triton(q, k_cache, v_cache, idx, starts_t, lengths_t, layout.block_size, scale)
     else:
-        out = decode_attention_torch(q, k_cache, v_cache, idx, starts_t, lengths_t, block_size, scale)
+        out = decode_attention_torch(q, k_cache, v_cache, idx, starts_t, lengths_t, layout.block_size, scale)
     return (out, idx) if return_block_indices else out
 
 

@@ -16,7 +16,14 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
+from ._checks import (
+    check_bool,
+    check_cache_qkv,
+    check_cu_seqlens,
+    check_key_padding_mask,
+    check_qkv,
+    resolve_softmax_scale,
+)
 
 IMPLEMENTATIONS = ("auto", "flash_attn", "sdpa")
 _last_implementation: str | None = None
@@ -111,7 +118,8 @@ def full_attn_varlen_func(
     parts = [
         _sdpa(q[a:b], k[a:b], v[a:b], causal, scale) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a
     ]
-    return torch.cat(parts, dim=0) if parts else q.clone()
+    # No tokens at all: one empty SDPA call, so that q, k and v all get (empty) gradients.
+    return torch.cat(parts, dim=0) if parts else _sdpa(q, k, v, causal, scale)
 
 
 def full_attn_with_kvcache(
@@ -130,25 +138,25 @@ def full_attn_with_kvcache(
             (``Lq <= Lk``; query ``i`` sits at key position ``Lk - Lq + i``, as in flash-attn).
         k, v: (B, Lk, Hkv, D), ``Hq % Hkv == 0``.
         causal: mask keys after each query's position.
-        key_padding_mask: optional (B, Lk) bool, True for real tokens. Outputs of queries at
-            padding positions are 0. With a mask, "auto" runs SDPA.
+        key_padding_mask: optional (B, Lk) bool on q's device, True for real tokens. Outputs
+            of queries at padding positions are 0; the padding's q, k, v are never read (NaN
+            there stays there). With a mask, "auto" runs SDPA.
         implementation: "auto", "flash_attn" (no key_padding_mask) or "sdpa".
 
     Returns:
         (B, Lq, Hq, D) in q's dtype.
     """
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-d tensor (batch, seqlen, heads, head_dim)")
+    check_cache_qkv(q, k, v)
     b, lq, hq, d = q.shape
     lk = k.shape[1]
-    if k.shape != v.shape or k.shape[0] != b or k.shape[-1] != d or hq % k.shape[2] or lq > lk:
-        raise ValueError(f"incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} "
-                         "(need k == v shapes, same batch and head_dim, Hq % Hkv == 0, Lq <= Lk)")
     check_bool("causal", causal)
     scale = resolve_softmax_scale(softmax_scale, d)
-    if key_padding_mask is not None and bool(key_padding_mask.all()):
-        key_padding_mask = None
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if key_padding_mask is not None:
+        key_padding_mask = check_key_padding_mask(key_padding_mask, b, lk, q.device)
+        if bool(key_padding_mask.all()):
+            key_padding_mask = None
     if key_padding_mask is None and lq == lk:
         return full_attn_func(q, k, v, causal, scale, implementation)
     if key_padding_mask is not None and implementation == "flash_attn":
@@ -168,14 +176,20 @@ def full_attn_with_kvcache(
         allowed = allowed & (key_pos[None, None, :] <= q_pos[None, :, None])
     q_valid = None
     if key_padding_mask is not None:
-        kpm = key_padding_mask.to(device=q.device, dtype=torch.bool)
+        kpm = key_padding_mask
         allowed = allowed & kpm[:, None, :]
         q_valid = kpm[:, lk - lq :]  # (B, Lq)
         allowed = allowed | ~q_valid[:, :, None]  # padding queries attend anywhere (no NaN), zeroed below
+        # Replace the padding tokens' values: SDPA multiplies a masked key's value by probability
+        # 0, and 0 * NaN is NaN. Padding queries become 0, so their (discarded) rows stay finite
+        # and their backward adds nothing to the real tokens' gradients.
+        k = torch.where(kpm[:, :, None, None], k, 0.0)
+        v = torch.where(kpm[:, :, None, None], v, 0.0)
+        q = torch.where(q_valid[:, :, None, None], q, 0.0)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None],
         scale=scale, enable_gqa=hq != k.shape[2],
     ).transpose(1, 2)
     if q_valid is not None:
-        out = out.masked_fill(~q_valid[:, :, None, None], 0)
+        out = torch.where(q_valid[:, :, None, None], out, 0.0)
     return out

@@ -18,13 +18,15 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ._checks import check_positive_int, resolve_softmax_scale
+from ._checks import check_bool, check_positive_float, check_positive_int, resolve_softmax_scale
+from .backends import available_backends
 from .config import MoBAConfig, resolve_config
 from .decode import BlockMeanState, LayerKVCache, moba_decode
 from .full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
@@ -35,9 +37,25 @@ MODES = ("moba", "full")
 
 
 def _check_mode(mode) -> str:
-    if mode not in MODES:
+    if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return mode
+    return str(mode)  # a numpy str_ becomes a plain str (JSON, pickling)
+
+
+def _check_backend(backend) -> str:
+    """A known backend name ("auto", "torch", "triton", "reference"); whether it runs on the
+    inputs' device is decided at call time."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__} {backend!r}")
+    known = sorted(set(available_backends("cpu")) | {"auto"})
+    if backend not in known:
+        raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(known)}")
+    return str(backend)
+
+
+def _check_optional_scale(softmax_scale) -> float | None:
+    """None (``head_dim ** -0.5`` at call time) or a finite number > 0, as a Python float."""
+    return None if softmax_scale is None else resolve_softmax_scale(softmax_scale, 1)
 
 
 class MoBAAttention(nn.Module):
@@ -164,6 +182,8 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float = 10000.0):
         super().__init__()
+        head_dim = check_positive_int("head_dim", head_dim)
+        theta = check_positive_float("rope_theta", theta)
         if head_dim % 2:
             raise ValueError(f"rotary embeddings need an even head_dim, got {head_dim}")
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
@@ -214,11 +234,14 @@ class MoBASelfAttention(nn.Module):
         config: MoBAConfig | None = None,
     ):
         super().__init__()
+        hidden_size = check_positive_int("hidden_size", hidden_size)
         self.num_heads = check_positive_int("num_heads", num_heads)
-        self.num_kv_heads = check_positive_int("num_kv_heads", num_kv_heads or num_heads)
+        self.num_kv_heads = check_positive_int("num_kv_heads", self.num_heads if num_kv_heads is None else num_kv_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
-        self.head_dim = check_positive_int("head_dim", head_dim or hidden_size // num_heads)
+        self.head_dim = check_positive_int("head_dim", hidden_size // self.num_heads if head_dim is None else head_dim)
+        rotary, bias = check_bool("rotary", rotary), check_bool("bias", bias)
+        rope_theta = check_positive_float("rope_theta", rope_theta)  # checked even without rotary
         self.q_proj = nn.Linear(hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
@@ -307,12 +330,24 @@ class HybridSchedule:
     switch_to_full_at_step: int | None = None
 
     def __post_init__(self):
-        object.__setattr__(self, "full_layers", tuple(int(i) for i in self.full_layers))
-        if isinstance(self.full_last_n, bool) or not isinstance(self.full_last_n, int) or self.full_last_n < 0:
-            raise ValueError(f"full_last_n must be an int >= 0, got {self.full_last_n!r}")
+        layers = self.full_layers
+        if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+            raise TypeError(f"full_layers must be a sequence of ints, got {type(layers).__name__}")
+        layers = tuple(layers)
+        bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+        if bad:
+            raise TypeError(f"full_layers must hold ints, got {bad[0]!r}")
+        # numpy integers become Python ints: the schedule goes into JSON run records.
+        object.__setattr__(self, "full_layers", tuple(int(i) for i in layers))
+        n = self.full_last_n
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0:
+            raise ValueError(f"full_last_n must be an int >= 0, got {n!r}")
+        object.__setattr__(self, "full_last_n", int(n))
         step = self.switch_to_full_at_step
-        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
-            raise ValueError(f"switch_to_full_at_step must be None or an int >= 0, got {step!r}")
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+                raise ValueError(f"switch_to_full_at_step must be None or an int >= 0, got {step!r}")
+            object.__setattr__(self, "switch_to_full_at_step", int(step))
 
     def full_layer_set(self, n_layers: int) -> set[int]:
         """Layers that run full attention before the switch step."""

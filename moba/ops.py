@@ -33,6 +33,7 @@ from ._checks import check_block_indices, check_cu_seqlens, check_qkv, resolve_s
 from ._layout import build_layout
 from .backends import resolve_backend
 from .config import MoBAConfig, resolve_config
+from .full import _sdpa
 from .gate import check_index_values
 
 
@@ -54,6 +55,12 @@ def _moba_packed(q, k, v, cu_q: list[int], cu_k: list[int], cfg: MoBAConfig, blo
         reason = impl.nondeterministic_reason(q.device)
         if reason is not None:
             raise NotImplementedError(f"deterministic=True: backend {impl.name!r} is not deterministic on {q.device}: {reason}")
+    if q.shape[0] == 0:
+        # No queries: SDPA's empty output keeps q, k and v in the autograd graph, so all three
+        # get zero-sized gradients, as with dense attention.
+        out = _sdpa(q, k, v, cfg.causal, scale)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (out, q.new_zeros(0, q.shape[1], dtype=lse_dtype)) if return_lse else out
     layout = build_layout(cu_q, cu_k, cfg.block_size, q.device)
     if block_indices is None:
         with torch.no_grad():

@@ -25,8 +25,8 @@ Batch size 1. ``ancestor_mask`` / ``tree_depths`` turn a parent list into what t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from ._checks import check_cache_qkv, check_positive_int, check_qkv, resolve_softmax_scale
 from ._layout import build_layout
 from .decode import BlockMeanState
 from .gate import select_from_means
@@ -89,32 +89,45 @@ def moba_tree_attention(
         (n, Hq, D) in q's dtype.
     """
     parents = check_parents(parents)
+    check_qkv(q, k, v, varlen=True)
+    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4 and (k_cache.shape[0] != 1 or k_cache.shape[1] < 1):
+        raise ValueError(f"k_cache: tree attention needs a cache of one non-empty sequence, got {tuple(k_cache.shape)}")
+    check_cache_qkv(q[None, :0], k_cache, v_cache, ("q", "k_cache", "v_cache"))  # dtypes, devices, heads
     n, hq, d = q.shape
     lk, hkv = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.shape[0] != 1 or lk < 1:
-        raise ValueError(f"tree attention needs a cache of one non-empty sequence, got {tuple(k_cache.shape)}")
-    if len(parents) != n or k.shape != (n, hkv, d) or v.shape != k.shape:
+    if len(parents) != n or k.shape[1] != hkv:
         raise ValueError(f"tree tensors disagree: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
                          f"{len(parents)} parents, cache heads {hkv}")
-    dev, bs = q.device, block_size
+    if not isinstance(state, BlockMeanState):
+        raise TypeError(f"state must be a moba.BlockMeanState, got {type(state).__name__}")
+    block_size = check_positive_int("block_size", block_size)
+    top_k = check_positive_int("top_k", top_k)
+    softmax_scale = resolve_softmax_scale(softmax_scale, d)
+    if n == 0:
+        return q.clone()
+    dev = q.device
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     anc = ancestor_mask(parents, dev)  # (n, n)
     pos = lk + torch.tensor(tree_depths(parents), device=dev)  # (n,) position of each node
+    # One "sequence" per node: its path (cache + ancestors + itself) ends at its position.
+    layout = build_layout(list(range(n + 1)), [0] + (pos + 1).cumsum(0).tolist(), block_size, dev)
+    bs = layout.block_size  # min(block_size, longest path): the same blocks, O(path) buffers
     node_block = pos // bs
     nb = int(node_block.max()) + 1
 
-    # Block means of every node's path sequence: cached sums + the sums of its ancestors.
+    # Block means of every node's path sequence: cached sums + the sums of its ancestors. The
+    # ancestors are picked with where() and summed with index_add_ (never a 0/1 product): a
+    # non-finite key on one branch must not reach another branch's gate.
     state.update(k_cache, [0], 0)
     nb_cache = -(-lk // bs)
     sums = torch.zeros(nb, hkv, d, dtype=torch.float32, device=dev)
     sums[:nb_cache] = state.sums[0, :nb_cache]
     counts = torch.zeros(nb, dtype=torch.float32, device=dev)
     counts[:nb_cache] = state.block_counts(nb_cache)[0].float()
-    in_block = F.one_hot(node_block, nb).float()  # (n, nb)
-    path_in_block = anc.float() @ in_block  # (n, nb): ancestors of node i in block j
-    path_sums = torch.einsum("im,mj,mhd->ijhd", anc.float(), in_block, k.float())
+    path_keys = torch.where(anc[:, :, None, None], k.float()[None], 0.0)  # (n, n, Hkv, D)
+    path_sums = torch.zeros(n, nb, hkv, d, dtype=torch.float32, device=dev).index_add_(1, node_block, path_keys)
+    path_in_block = torch.zeros(n, nb, dtype=torch.float32, device=dev).index_add_(1, node_block, anc.float())
     means = (sums[None] + path_sums) / (counts[None] + path_in_block).clamp(min=1)[..., None, None]
-    layout = build_layout(list(range(n + 1)), [0] + (pos + 1).cumsum(0).tolist(), bs, dev)
     idx = select_from_means(q, means, layout, top_k, causal=True).long()  # (n, Hq, W)
 
     # Keys: the cached tokens of the selected blocks, then every tree node (masked).
@@ -123,14 +136,18 @@ def moba_tree_attention(
     cached = ((idx[..., None] >= 0) & (token < lk)).flatten(2)  # (n, Hq, W * bs)
     token = token.clamp(0, lk - 1).flatten(2)
     head_kv = torch.arange(hq, device=dev) // (hq // hkv)  # (Hq,)
+    # Masked slots point at some cached token: replace their values (0 * NaN is NaN).
     keys = k_cache[0, token, head_kv[None, :, None]].to(dtype)  # (n, Hq, W * bs, D)
-    vals = v_cache[0, token, head_kv[None, :, None]].to(dtype)
+    vals = torch.where(cached[..., None], v_cache[0, token, head_kv[None, :, None]].to(dtype), 0.0)
     selected = (idx[:, :, :, None] == node_block[None, None, None, :]).any(2)  # (n, Hq, n): node m's block chosen
-    tree_ok = selected & anc[:, None, :]
+    tree_ok = selected & anc[:, None, :]  # (n, Hq, n)
+    # Node values per (node, head, other node): a node on another branch is replaced, not
+    # weighted by probability 0.
+    tree_vals = torch.where(tree_ok[..., None], v.to(dtype)[:, head_kv].transpose(0, 1)[None], 0.0)  # (n, Hq, n, D)
     qf = q.to(dtype)
     s_cache = torch.einsum("nhd,nhkd->nhk", qf, keys).masked_fill(~cached, float("-inf"))
     s_tree = torch.einsum("nhd,mhd->nhm", qf, k.to(dtype)[:, head_kv]).masked_fill(~tree_ok, float("-inf"))
     p = torch.cat([s_cache, s_tree], -1).mul(softmax_scale).softmax(-1)
     out = torch.einsum("nhk,nhkd->nhd", p[..., : width * bs], vals)
-    out = out + torch.einsum("nhm,mhd->nhd", p[..., width * bs :], v.to(dtype)[:, head_kv])
+    out = out + torch.einsum("nhm,nhmd->nhd", p[..., width * bs :], tree_vals)
     return out.to(q.dtype)

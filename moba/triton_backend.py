@@ -99,7 +99,7 @@ def _kernel_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) ->
     return _attn.KernelLayout(
         cu_q=list(cu_q), cu_q_t=_int32(cu_q, device), cu_k_t=_int32(cu_k, device),
         q_seq=layout.q_seq, q_key_token=layout.q_key_token, block_offset=layout.block_offset,
-        block_start=layout.block_start, block_len=layout.block_len, block_size=block_size,
+        block_start=layout.block_start, block_len=layout.block_len, block_size=layout.block_size,
     )
 
 
@@ -182,7 +182,7 @@ def triton_gate(
     return _gate.gate_select(
         _last_dim_contiguous(q), _last_dim_contiguous(k), cu_q, _int32(cu_q, q.device), _int32(cu_k, q.device),
         layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset, layout.block_start, layout.block_len,
-        block_size, top_k, causal,
+        layout.block_size, top_k, causal,
     )
 
 
@@ -238,7 +238,10 @@ def _attention(q, k, v, layout: BlockLayout, block_indices, causal, scale):
 def _select(q, k, layout: BlockLayout, top_k, causal):
     _check_supported(q, k, k)
     nb_max = layout.max_blocks_per_seq
-    width = max(1, min(top_k, nb_max))
+    # top_k >= the block count selects every block: clamp, so an int64 custom-op argument
+    # never overflows (any integer top_k is legal).
+    top_k = max(1, min(top_k, nb_max))
+    width = top_k
     if top_k - 1 < nb_max - 1 and triton.next_power_of_2(width) > _gate.MAX_SORT_WIDTH:
         # The kernel sorts the selection in registers; wide (non-dense) selections use the torch gate.
         return select_packed(q, k, layout, top_k, causal)

@@ -253,3 +253,10 @@ def test_triton_decode_kernel_cuda(dtype, batch, lq, block_size):
         assert err <= 2 * ref_err + 1e-6, (n_splits, err, ref_err)
     auto = moba_decode(q, kc, vc, BlockMeanState(block_size), block_size, top_k, starts=starts)  # auto: Triton
     assert (auto.double() - truth).abs().max().item() <= 2 * ref_err + 1e-6
+
+
+def test_decode_zero_rows():
+    """A batch of zero rows gives an empty output (and empty block indices)."""
+    q, kc = torch.randn(0, 2, 4, 8), torch.randn(0, 5, 2, 8)
+    out, idx = moba_decode(q, kc, kc, BlockMeanState(4), 4, 2, backend="torch", return_block_indices=True)
+    assert out.shape == q.shape and idx.shape[:3] == (0, 2, 4)

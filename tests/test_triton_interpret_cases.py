@@ -321,3 +321,120 @@ def test_auto_decomposition_follows_the_work():
     for idx, expected in ((shared, "union"), (scattered, "gather")):
         si = sort_block_indices(idx)
         assert choose_decomposition(si, lay, _selection(si, lay, 1), 16) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN isolation (issue 13): a non-finite value in one sequence never reaches another. The
+# checks are the ones of tests/test_nan_isolation.py, run here on the Triton kernels.
+
+
+@pytest.fixture(params=["union", "gather"])
+def forced_decomposition(request, monkeypatch):
+    """Make "auto" pick one decomposition, so the public API runs both paths."""
+    from moba.triton_kernels import attention as _attn
+
+    monkeypatch.setattr(_attn, "choose_decomposition", lambda *args, **kwargs: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_nan_in_one_batch_row_stays_there(decomposition, poison):
+    """Issue 13 item 2: B=2, S=16, NaN at q[0, 0, 0, 0]. The gather merge weighted padding
+    slots (pointing at another row's partial) by 0; 0 * NaN put NaN into out[1]."""
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu = [0, 16, 32]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32, seed=3)
+    idx = select_packed(q, k, build_layout(cu, cu, 4, "cpu"), 2, True)  # 1 or 2 slots per row
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][0, 0, 0] = poison
+        leaves = [t.requires_grad_() for t in leaves]
+        out, lse = triton_attention_packed(*leaves, cu, cu, 4, idx, True, 0.25, decomposition)
+        out.backward(dout)
+        results.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, clean, got in zip(["out", "lse", "dq", "dk", "dv"], *results, strict=True):
+        assert torch.isfinite(got[16:]).all(), f"{decomposition}: non-finite {name} in row 1"
+        assert torch.equal(got[16:], clean[16:]), f"{decomposition}: {name} of row 1 changed"
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_isolation_fixed_batch(forced_decomposition, where):
+    from test_nan_isolation import check_fixed_batch
+
+    check_fixed_batch("triton", where=where, token=0, s=13, block_size=4, top_k=2)
+
+
+def test_nan_isolation_varlen(forced_decomposition):
+    from test_nan_isolation import check_varlen
+
+    check_varlen("triton", poisoned=0)
+    check_varlen("triton", poison="inf", poisoned=2)
+
+
+def test_nan_isolation_decode_left_padding():
+    from test_nan_isolation import check_decode_padding
+
+    check_decode_padding("triton")
+    check_decode_padding("triton", dtype=torch.float16, poison="inf")
+
+
+def test_large_negative_score_stays_finite(forced_decomposition):
+    from test_nan_isolation import check_large_negative_self_score
+
+    check_large_negative_self_score("triton")
+
+
+def test_float16_large_inputs_stay_finite(forced_decomposition):
+    from test_nan_isolation import check_float16_large_inputs
+
+    check_float16_large_inputs("triton")
+
+
+def test_huge_block_size_and_top_k():
+    """Issue 13 item 4: any block size is legal and costs what block_size = seqlen costs
+    (the kernels get int32 block sizes and launch cdiv(block_size, BLOCK_N) key tiles); any
+    top_k >= the block count is dense (the gate op takes an int64 top_k)."""
+    import moba
+    from moba.decode import BlockMeanState
+
+    q, k, v = _make([0, 32], [0, 32], 2, 1, 16, torch.float32, seed=6)
+    q, k, v = (t.reshape(2, 16, *t.shape[1:]) for t in (q, k, v))
+    dense = moba.moba_attn_func(q, k, v, 16, 1, backend="triton")
+    for big in (2**31, 2**62, 2**70):
+        torch.testing.assert_close(moba.moba_attn_func(q, k, v, big, 3, backend="triton"), dense, rtol=0, atol=0)
+        torch.testing.assert_close(moba.moba_attn_func(q, k, v, 4, big, backend="triton"),
+                                   moba.moba_attn_func(q, k, v, 4, 4, backend="triton"), rtol=0, atol=0)
+        out = moba.moba_decode(q[:, -2:], k, v, BlockMeanState(big), big, 3, backend="triton")
+        torch.testing.assert_close(out, dense[:, -2:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_nan_isolation_fewer_queries_than_keys(decomposition):
+    """Chunked prefill / decoding layout (cu_q != cu_k): non-finite q, k, v in sequence 0
+    leave sequences 1 and 2 bit for bit as they are, forward and backward."""
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_attention_packed
+
+    cu_q, cu_k = [0, 3, 6, 8], [0, 13, 30, 37]
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(8, 2, 16, generator=gen), torch.randn(37, 1, 16, generator=gen), torch.randn(37, 1, 16, generator=gen)
+    idx = select_packed(q, k, build_layout(cu_q, cu_k, 4, "cpu"), 3, True)
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][0], leaves[1][0], leaves[2][5] = float("nan"), float("nan"), float("inf")
+        leaves = [t.requires_grad_() for t in leaves]
+        out, _ = triton_attention_packed(*leaves, cu_q, cu_k, 4, idx, True, 0.25, decomposition)
+        out.sum().backward()
+        results.append([out.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad])
+    for name, first, clean, got in zip(["out", "dq", "dk", "dv"], [3, 3, 13, 13], *results, strict=True):
+        assert torch.equal(got[first:], clean[first:]), f"{decomposition}: {name} of sequences 1, 2 changed"

@@ -632,7 +632,9 @@ def attention_forward(
     weight = torch.where(present, torch.exp(slot_lse - row_lse[:, None]), 0.0)  # (Tq * Hq, n_slots)
     merged = torch.zeros((tq * hq, d), dtype=torch.float32, device=q.device)
     for s in range(n_slots):
-        merged += weight[:, s, None] * part_o[pos[:, s]]
+        # where(), not weight 0 times the partial: a padding slot reads rows[0]'s partial, which
+        # belongs to another row (often another sequence) and may be NaN; 0 * NaN is NaN.
+        merged += torch.where(present[:, s, None], weight[:, s, None] * part_o[pos[:, s]], 0.0)
     out.copy_(merged.view(tq, hq, d))
     lse.copy_(row_lse.view(tq, hq))
     return out, lse
@@ -703,7 +705,8 @@ def attention_backward(
         pos = sel.slot_pos.clamp(min=0)
         total = torch.zeros((tq * hq, d), dtype=torch.float32, device=q.device)
         for s in range(n_slots):
-            total += part_dq[pos[:, s]] * present[:, s, None]
+            # where(), not a product with the mask: see the forward merge (0 * NaN is NaN).
+            total += torch.where(present[:, s, None], part_dq[pos[:, s]], 0.0)
         dq.copy_(total.view(tq, hq, d))
 
     block_m, block_n, warps, stages = DKDV_CONFIGS[head_dim]
