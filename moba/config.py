@@ -42,7 +42,7 @@ def _check_backend(value) -> str:
     known = known_backend_names()
     if value not in known:
         raise ValueError(f"unknown backend {value!r}; expected one of: {', '.join(known)}")
-    return value
+    return str(value)  # a numpy str_ becomes a plain str (JSON)
 
 
 def _check_scale(value) -> float | None:

@@ -156,8 +156,11 @@ class BlockMeanState:
         self._check_same_cache(k_cache, starts, begins)
         self._fold(k_cache, starts, rows, begins, target)
         self.lengths = target
-        last = torch.tensor([s + max(n - 1, 0) for s, n in zip(starts, target, strict=True)], device=k_cache.device)
-        self._marks = self._keys_at(k_cache, torch.stack([torch.tensor(starts, device=k_cache.device), last], 1))
+        # dtype given: an empty batch would otherwise make float index tensors
+        last = torch.tensor([s + max(n - 1, 0) for s, n in zip(starts, target, strict=True)], dtype=torch.long,
+                            device=k_cache.device)
+        first = torch.tensor(starts, dtype=torch.long, device=k_cache.device)
+        self._marks = self._keys_at(k_cache, torch.stack([first, last], 1))
         return target
 
     @staticmethod
@@ -177,7 +180,8 @@ class BlockMeanState:
         if not any(f for row in flags for f in row):
             return
         check = torch.tensor(flags, device=k_cache.device)  # (B, 2): which marks are reused keys
-        pos = torch.tensor([[s, s + max(n, 0)] for s, n in zip(starts, last, strict=True)], device=k_cache.device)
+        pos = torch.tensor([[s, s + max(n, 0)] for s, n in zip(starts, last, strict=True)], dtype=torch.long,
+                           device=k_cache.device)
         now = self._keys_at(k_cache, pos)
         # Compare raw bytes: a NaN key in the cache is still "the same key".
         same = (now.view(torch.uint8) == marks.view(torch.uint8)).flatten(2).all(-1)

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ._checks import check_bool, check_positive_float, check_positive_int, resolve_softmax_scale
-from .backends import available_backends
 from .config import MoBAConfig, resolve_config
 from .decode import BlockMeanState, LayerKVCache, moba_decode
 from .full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
@@ -40,22 +39,6 @@ def _check_mode(mode) -> str:
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return str(mode)  # a numpy str_ becomes a plain str (JSON, pickling)
-
-
-def _check_backend(backend) -> str:
-    """A known backend name ("auto", "torch", "triton", "reference"); whether it runs on the
-    inputs' device is decided at call time."""
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__} {backend!r}")
-    known = sorted(set(available_backends("cpu")) | {"auto"})
-    if backend not in known:
-        raise ValueError(f"unknown backend {backend!r}; expected one of: {', '.join(known)}")
-    return str(backend)
-
-
-def _check_optional_scale(softmax_scale) -> float | None:
-    """None (``head_dim ** -0.5`` at call time) or a finite number > 0, as a Python float."""
-    return None if softmax_scale is None else resolve_softmax_scale(softmax_scale, 1)
 
 
 class MoBAAttention(nn.Module):
