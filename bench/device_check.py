@@ -284,18 +284,34 @@ def step_ceilings(rec: Recorder, cfg: dict, dry: bool, clock: Clock) -> None:
     rec("copy", status="ok", mib=cfg["copy_mib"], tbps=2 * bufs[0].numel() / (t["median_ms"] * 1e-3) / 1e12, **t)
 
 
+_SDPA_NO_GQA: set = set()
+
+
 def _sdpa(q, k, v, backend: str | None):
+    """Dense causal SDPA in flash-attn layout (B, S, H, D), optionally pinned to one backend.
+    GQA through ``enable_gqa``; a backend that refuses it gets K/V repeated (that is its cost)."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    def run():
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                              enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    group = q.shape[2] // k.shape[2]
+
+    def run(kk, vv, gqa):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                              is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
     if backend is None:
-        return run()
+        return run(k, v, group > 1)
     with sdpa_kernel(getattr(SDPBackend, backend)):
-        return run()
+        if group > 1 and backend not in _SDPA_NO_GQA:
+            try:
+                return run(k, v, True)
+            except RuntimeError as e:
+                if "out of memory" in str(e).lower():
+                    raise
+                _SDPA_NO_GQA.add(backend)
+        if group > 1:
+            return run(k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False)
+        return run(k, v, False)
 
 
 def _measure(rec, clock, dev, fn, grads, dout, max_s, **label) -> None:

@@ -155,7 +155,7 @@ class Kernel:
     fma_flops: float = 0.0  # non-tensor FLOPs / ops
     hbm_bytes: float = 0.0
     programs: int = 0
-    blocks_per_sm: int = 1
+    blocks_per_sm: int = ATTN_BLOCKS_PER_SM
     mma_eff: float = 1.0
     serial_flops: float = 0.0  # MMA FLOPs of the longest single program (it runs on one SM)
     launches: int = 1
@@ -389,10 +389,6 @@ def design(s: Shape, gpu: GPU, name: str) -> dict:
         dec_used = "gather" if any("gather" in k.name for k in kernels) else "union"
         mem = memory_today(s, dec_used)
     for k in kernels:
-        if k.programs and "gate" in k.name and name != "redesign":
-            k.blocks_per_sm = GATE_BLOCKS_PER_SM
-        elif k.programs and k.blocks_per_sm == 1:
-            k.blocks_per_sm = ATTN_BLOCKS_PER_SM
         k.seconds = kernel_seconds(k, gpu)
     fwd = sum(k.seconds for k in kernels if k.phase == "fwd")
     bwd = sum(k.seconds for k in kernels if k.phase == "bwd")
