@@ -41,9 +41,15 @@ COMMITTED = BENCH / "results" / "kernel-report-main-2026-12-03.json"
 @pytest.fixture(scope="session")
 def report(tmp_path_factory) -> dict:
     """The --quick report, computed once per test session (xdist workers share it)."""
+    import triton
     from filelock import FileLock
 
-    shared = tmp_path_factory.getbasetemp().parent  # common to the xdist workers of one session
+    if getattr(getattr(getattr(triton, "knobs", None), "runtime", None), "jit_cache_hook", "missing") == "missing":
+        pytest.skip(f"kernel_report captures launches through triton.knobs.runtime.jit_cache_hook "
+                    f"(Triton >= 3.4), not in triton {triton.__version__}")
+    base = tmp_path_factory.getbasetemp()
+    # under xdist every worker has its own basetemp inside the session's: share the parent
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
     path = shared / "kernel_report_quick.json"
     with FileLock(str(path) + ".lock"):
         if not path.exists():
@@ -82,10 +88,10 @@ def test_shared_memory_within_limits(report, cc):
 
 
 def test_capture_is_the_real_specialisation(report):
-    """What the launchers pass, not the config tables: e.g. the gate runs with Triton's default
-    num_stages (3) and its strides arrive as 16-divisible i32, the decode merge with its splits."""
+    """What the launchers pass, not the config tables: Triton's own specialisation (integers
+    equal to 1 become constants) and the launch-time choices (top-3 -> a sort width of 4)."""
     gate = _row(report, "_gate_topk_kernel", 90)
-    assert gate["num_stages"] == 3 and gate["constexprs"]["SORT_WIDTH"] == 4  # top-3 -> width 4
+    assert gate["constexprs"]["SORT_WIDTH"] == 4 and gate["constexprs"]["causal"] == 1
     fwd = _row(report, "_fwd_kernel", 90)
     # causal == 1 is specialised into a constant by Triton at launch; the config tables do not say so
     assert fwd["constexprs"] == {"causal": 1, "BIG": 1 << 30, "HEAD_DIM": 128, "BLOCK_M": 64, "BLOCK_N": 64}
