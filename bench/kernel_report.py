@@ -540,7 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
     p.add_argument("--cc", type=lambda s: [int(x) for x in s.split(",")], default=[90, 80],
                    help="comma list of compute capabilities (default 90,80)")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes (default 2)")
+    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+                   help="compile processes (default: the CPU count, at most 8)")
     p.add_argument("--json", dest="json_path", default=None, help="write the full report as JSON")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of the rich table")
     p.add_argument("--cache", default=str(default_cache_dir()),
