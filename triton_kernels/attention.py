@@ -470,12 +470,40 @@ def query_tiles(cu_q: list[int], block_m: int, device) -> tuple[torch.Tensor, to
     return torch.tensor(seqs, **kw), torch.tensor(starts, **kw)
 
 
-def _check_inputs(q, k, v):
+#: Largest value an int32 index tensor (or a CUDA grid's x dimension) holds.
+INT32_MAX = 2**31 - 1
+
+
+def _check_inputs(q, k, v, n_slots: int = 1):
+    """Reject only what the launchers cannot index. Pointer offsets are int64 in every kernel
+    (program ids and loaded indices are cast before the pointer math), so element counts such
+    as T * Hq * D are not limited (S = 512K or 1M with 32 heads is fine). What is 32-bit:
+
+    * the "gather" row ids ``token * Hq + head`` (``rows``, int32) and the union / gate grids
+      (at most one program per (token, query head)): Tq * Hq <= 2**31 - 1;
+    * positions in ``rows`` (``row_ptr``, chunk starts, int32; also the gather grid) up to the
+      selected (row, slot) count, at most Tq * Hq * n_slots: <= 2**31 - 1;
+    * token indices (``cu_seqlens``, tile starts, block starts, query key tokens, int32):
+      Tq, Tk <= 2**31 - 1;
+    * the block-mean kernel's grid is (blocks, Hkv): Hkv <= 65535 (a CUDA grid's y limit).
+
+    The dk/dv grid (key tiles per block x blocks x Hkv) depends on the layout; a launch past
+    the CUDA limit fails loudly at launch, it cannot corrupt memory.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must be contiguous in its last dim")
-    if q.shape[0] * q.shape[1] * max(1, q.shape[2]) >= 2**31 or k.shape[0] * k.shape[1] >= 2**31:
-        raise ValueError("tensors too large for int32 row indices")
+    tq, hq = q.shape[0], q.shape[1]
+    tk, hkv = k.shape[0], k.shape[1]
+    if tq * hq > INT32_MAX:
+        raise ValueError(f"q has {tq} tokens x {hq} heads = {tq * hq} rows; int32 row ids allow at most 2**31 - 1")
+    if tq * hq * n_slots > INT32_MAX:
+        raise ValueError(f"q tokens x heads x selected blocks = {tq} x {hq} x {n_slots} = {tq * hq * n_slots}; "
+                         f"the int32 selection offsets allow at most 2**31 - 1")
+    if max(tq, tk) > INT32_MAX:
+        raise ValueError(f"at most 2**31 - 1 tokens (int32 token indices), got {tq} query and {tk} key tokens")
+    if hkv > 65535:
+        raise ValueError(f"at most 65535 KV heads (the block-mean grid's y dimension), got {hkv}")
 
 
 class KernelLayout(NamedTuple):
@@ -585,7 +613,7 @@ def attention_forward(
     (Tq, Hq, n_slots) int32 from ``sort_block_indices``. ``decomposition``: "union" (per query
     tile), "gather" (per key block, then a merge) or "auto" (``choose_decomposition``).
     Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32."""
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, sorted_indices.shape[-1])
     tq, hq, d = q.shape
     hkv = k.shape[1]
     out = torch.empty_like(q)
@@ -655,7 +683,7 @@ def attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoBA backward from the saved float32 lse. Returns dq, dk, dv in the dtypes of q, k, v.
     dq uses ``decomposition`` as the forward does; dk/dv always gather per key tile."""
-    _check_inputs(q, k, v)
+    _check_inputs(q, k, v, sorted_indices.shape[-1])
     dout = dout.contiguous()
     tq, hq, d = q.shape
     hkv = k.shape[1]
