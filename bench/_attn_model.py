@@ -8,7 +8,7 @@ Conventions (the ones flash-attention's benchmarks use):
   forward + backward = 3.5x. Softmax / exp / masking FLOPs are not counted.
 * Pairs are summed over the batch and the *query* heads (GQA does not change FLOPs).
 * Dense causal self-attention of length S has ``S (S + 1) / 2`` pairs per head.
-* MoBA (DESIGN.md section 1): a query at position t in block ``c = t // block_size`` attends
+* MoBA (docs/design.md section 1): a query at position t in block ``c = t // block_size`` attends
   to the keys ``<= t`` of its own block plus ``top_k - 1`` selected blocks (causal: complete
   blocks before ``c``; fewer when fewer exist).
 

@@ -16,7 +16,7 @@ a hung kernel costs only its own step; a step that would overrun the budget is s
    ``moba.triton_kernels`` and record the versions and the GPU.
 2. ``correctness``: bf16 (dry run: fp16) every kernel against the PyTorch path with the same
    block indices: gate (identical selections), forward and backward in both decompositions
-   ("union", "gather"), decode. DESIGN.md's rule: the float32 torch path is the truth; the
+   ("union", "gather"), decode. docs/design.md's rule: the float32 torch path is the truth; the
    kernel's error is at most 2x the bf16 torch path's (3x for gradients).
 3. ``ceilings``: bf16 GEMM (8192^3, random data) and a device-to-device copy (TB/s counting
    bytes read + written), medians of CUDA-event timings.
@@ -187,7 +187,7 @@ def step_install(rec: Recorder, cfg: dict, dry: bool, clock: Clock) -> None:
 
 
 def _max_err(x, ref) -> float:
-    """Max absolute error (DESIGN.md's tolerance rule compares max errors)."""
+    """Max absolute error (docs/design.md's tolerance rule compares max errors)."""
     return float((x.double() - ref.double()).abs().max())
 
 

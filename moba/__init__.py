@@ -1,7 +1,7 @@
 """MoBA: Mixture of Block Attention.
 
 Each query attends to its own key block plus the ``top_k - 1`` past blocks whose mean key
-scores highest against it (Lu et al., 2025). See DESIGN.md section 1 for the exact contract.
+scores highest against it (Lu et al., 2025). See docs/design.md section 1 for the exact contract.
 
 >>> import torch, moba
 >>> q = torch.randn(1, 2048, 8, 64); k = v = torch.randn(1, 2048, 2, 64)

@@ -25,7 +25,7 @@ def effective_block_size(block_size: int, longest: int = MAX_TOKENS) -> int:
     """The block size the kernels use: ``min(block_size, longest)`` (at least 1).
 
     ``longest`` is the longest key sequence the blocks will cover. Any ``block_size`` is
-    legal (DESIGN.md section 1), but every sequence of at most ``block_size`` tokens is one
+    legal (docs/design.md section 1), but every sequence of at most ``block_size`` tokens is one
     block, so a block size above the longest sequence selects the same blocks as
     ``block_size = longest``. Clamping here, once, keeps every per-block buffer (token
     indices, tail masks, tiles, kernel tile counts, int32 kernel arguments) at

@@ -14,7 +14,7 @@ blocks only, reading the cache in place:
   then merged);
 * elsewhere: a PyTorch path that gathers the selected blocks only.
 
-The result equals a full prefill MoBA forward over the whole sequence (DESIGN.md section 1:
+The result equals a full prefill MoBA forward over the whole sequence (docs/design.md section 1:
 the gate only ever reads complete past blocks plus the own block), up to float rounding.
 
 Cache edits: ``BlockMeanState.update`` is told the cache's current shape and how many of its

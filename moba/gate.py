@@ -1,4 +1,4 @@
-"""The MoBA gate: which key blocks each query attends to (DESIGN.md section 1, steps 1-5).
+"""The MoBA gate: which key blocks each query attends to (docs/design.md section 1, steps 1-5).
 
 The result is a block-index tensor: for every query and query head, the *local* indices
 (block ``j`` of the query's own sequence) of its selected blocks, sorted ascending, with
@@ -84,7 +84,7 @@ def select_from_means(
         q_pad = q.new_zeros(n_seq, chunk, hq, q.shape[-1], dtype=torch.float32)
         q_pad[layout.q_seq[tok], index_in_seq[tok] - start] = q[tok].float()
         q_pad = rearrange(q_pad, "n s (h g) d -> n h (s g) d", g=group)
-        scores = torch.matmul(q_pad, means_t)  # float32 (DESIGN.md step 3): (N, Hkv, s * g, nb)
+        scores = torch.matmul(q_pad, means_t)  # float32 (docs/design.md step 3): (N, Hkv, s * g, nb)
         scores = rearrange(scores, "n h (s g) b -> n s (h g) b", g=group)[layout.q_seq[tok], index_in_seq[tok] - start]
         own_c = own[tok][:, None, None]  # (t, 1, 1)
         if causal:  # complete blocks strictly before the own block

@@ -3,7 +3,7 @@
 It builds, per sequence, the full (Hq, Sq, Sk) mask "key block is selected for this query
 (and, causal, key position <= query position)" and runs a masked softmax. It computes in
 the input dtype (so a float16 run of the reference measures float16 error, as the
-tolerance rule in DESIGN.md needs), or in float32/float64 with ``upcast=True``.
+tolerance rule in docs/design.md needs), or in float32/float64 with ``upcast=True``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import moba
 
 # ---------------------------------------------------------------------------------------
-# Tolerance rule (DESIGN.md section 3, from flash-attention's tests)
+# Tolerance rule (docs/design.md section 3, from flash-attention's tests)
 # ---------------------------------------------------------------------------------------
 
 #: factor of the rule for outputs and for gradients.
@@ -63,7 +63,7 @@ def assert_close_by_rule(
     atol_floor: float | None = None,
     name: str = "output",
 ) -> None:
-    """DESIGN.md tolerance rule.
+    """docs/design.md tolerance rule.
 
     ``max|actual - truth| <= factor * max|ref_lowp - truth| + atol_floor``
 
@@ -270,7 +270,7 @@ def reference_varlen(q, k, v, cu, max_seqlen, block_indices, block_size, causal=
 
 
 # ---------------------------------------------------------------------------------------
-# Brute-force gate (plain Python loops, float64), DESIGN.md section 1 steps 1-5
+# Brute-force gate (plain Python loops, float64), docs/design.md section 1 steps 1-5
 # ---------------------------------------------------------------------------------------
 
 
@@ -294,7 +294,7 @@ def brute_force_gate_scores(q_seq, k_seq, block_size: int, hq_index: int):
 
 
 def brute_force_candidates(t: int, seqlen: int, block_size: int, causal: bool) -> list[int]:
-    """Candidate blocks of the query at position t (DESIGN.md step 4)."""
+    """Candidate blocks of the query at position t (docs/design.md step 4)."""
     own = t // block_size
     n_blocks = math.ceil(seqlen / block_size)
     if causal:

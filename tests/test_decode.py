@@ -231,7 +231,7 @@ def test_decode_torch_path_reads_only_selected_blocks():
 @pytest.mark.parametrize("batch,lq,block_size", [(1, 1, 512), (4, 3, 100)])
 def test_triton_decode_kernel_cuda(dtype, batch, lq, block_size):
     """On CUDA: the Triton decode kernel against the float64 truth, within 2x the error of the
-    PyTorch decode path run on the same low-precision inputs (DESIGN.md tolerance rule)."""
+    PyTorch decode path run on the same low-precision inputs (docs/design.md tolerance rule)."""
     dev = "cuda"
     hq, hkv, d, lk, top_k = 16, 4, 128, 4000, 3
     kc = torch.randn(batch, hkv, lk, d, device=dev, dtype=dtype).transpose(1, 2)

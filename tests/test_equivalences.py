@@ -1,4 +1,4 @@
-"""Consequences of the contract (DESIGN.md section 1) checked against independent code:
+"""Consequences of the contract (docs/design.md section 1) checked against independent code:
 
 * top_k >= n_blocks is dense attention (``F.scaled_dot_product_attention``);
 * top_k = 1 is block-diagonal causal attention (explicit mask);

@@ -1,5 +1,5 @@
 """The MoBA gate (``moba.select_blocks`` / ``select_blocks_varlen``) against a brute-force
-gate written in plain Python loops (DESIGN.md section 1, steps 1-5), and its invariants."""
+gate written in plain Python loops (docs/design.md section 1, steps 1-5), and its invariants."""
 
 from __future__ import annotations
 

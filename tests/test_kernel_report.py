@@ -4,7 +4,7 @@ The report runs once (``--quick``: Hq=32/Hkv=8, D=128, bf16, block 512/top-3, wh
 every kernel) in a subprocess without TRITON_INTERPRET, shared by the pytest-xdist workers
 through a file lock; Triton's cache and the report's analysis cache make reruns take seconds.
 
-Static rules on sm_90 (the H100/H200 target; DESIGN.md section 3): the gate and attention
+Static rules on sm_90 (the H100/H200 target; docs/design.md section 3): the gate and attention
 kernels neither spill nor use local memory (LDL/STL), and every matmul of the attention
 kernels (bf16/fp16 operands) is a wgmma. Kernels that break a rule today are
 ``xfail(strict=True)``: the test turns red the day a kernel is fixed, and its marker must go.

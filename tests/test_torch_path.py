@@ -1,4 +1,4 @@
-"""Attention backends against the dense-mask reference (DESIGN.md section 1, tolerance rule of
+"""Attention backends against the dense-mask reference (docs/design.md section 1, tolerance rule of
 section 3): forward and gradients of q, k, v, fixed length and varlen.
 
 Both sides get the SAME block indices (from ``moba.select_blocks`` / ``select_blocks_varlen``),

@@ -1,6 +1,6 @@
 """The Triton backend on a CUDA GPU: bf16 and fp16, up to 64K tokens.
 
-Skipped without CUDA (no CUDA call at import time). Tolerance rule (DESIGN.md): truth =
+Skipped without CUDA (no CUDA call at import time). Tolerance rule (docs/design.md): truth =
 float64 reference, kernel max error <= 2x (outputs) / 3x (gradients) the error of the same
 reference run in the low precision, plus a tiny absolute floor. The dense reference is
 O(S^2), so beyond a few thousand tokens the truth is the PyTorch path run on float32 copies

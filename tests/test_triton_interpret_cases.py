@@ -3,7 +3,7 @@
 Runs only with TRITON_INTERPRET=1 set before Triton is imported: ``test_triton_interpret.py``
 starts it in such a subprocess (see there why); in any other session it skips itself.
 
-Tolerance rule (DESIGN.md): truth = float64 reference; the kernel's max error must be at
+Tolerance rule (docs/design.md): truth = float64 reference; the kernel's max error must be at
 most 2x (outputs) / 3x (gradients) the error of the same reference run in the test's
 precision, plus a tiny absolute floor. The same block indices are fed to both sides.
 """
