@@ -165,7 +165,7 @@ class _Context:
         """
         present = rows >= 0
         safe = rows.clamp(min=0)
-        qt = q_flat[safe].to(self.dtype).masked_fill_(~present[..., None], 0)  # (n, M, D)
+        qt = torch.where(present[..., None], q_flat[safe].to(self.dtype), 0.0)  # (n, M, D)
         block = group // self.hkv
         kt = k_blocks.tile(group)  # (n, bs, D)
         s = torch.baddbmm(self.key_bias[block], qt, kt.transpose(1, 2), alpha=self.scale)
@@ -246,13 +246,18 @@ class _Backward:
         """One chunk of tiles (a method, so its temporaries are freed on return)."""
         ctx = self.ctx
         qt, kt, s, present, safe = ctx.scores(self.q_flat, self.k_blocks, rows, group)
-        p = s.sub_(self.lse_flat[safe][..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
+        # Padding rows point at row 0, whose lse / delta may be anything (-100 makes
+        # exp(0 - lse) overflow, NaN stays NaN): replace them, so that padding rows get P = 0
+        # and dS = 0 exactly and add nothing to dK / dV of the tile's real rows.
+        lse = torch.where(present, self.lse_flat[safe], float("inf"))
+        delta = torch.where(present, self.delta[safe], 0.0)
+        p = s.sub_(lse[..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
         # dout may be an expanded (stride-0) tensor: index it as (token, head), never flatten it.
-        dot = self.dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype).masked_fill_(~present[..., None], 0)
+        dot = torch.where(present[..., None], self.dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype), 0.0)
         self._add(self.dv_blk, group, torch.bmm(p.transpose(1, 2), dot))
         ds = torch.bmm(dot, self.v_blocks.tile(group).transpose(1, 2))  # dP
         del dot
-        ds = ds.sub_(self.delta[safe][..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
+        ds = ds.sub_(delta[..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
         del p, s
         self.dq.index_add_(0, rows[present], torch.bmm(ds, kt)[present], alpha=ctx.scale)
         self._add(self.dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=ctx.scale)

@@ -231,3 +231,77 @@ def test_large_logits_float32(s, hq, d, bs, top_k, scale, seed):
     out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
     assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
     assert_grads_close_by_rule(grads, grads_lo, grads_t)
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite isolation (issue 13 item 1): padding rows of a tile point at row 0
+# ---------------------------------------------------------------------------------------
+
+
+def _large_negative_self_score(b, s, hq, hkv, d, seed=0):
+    """Random q, k, v (float32) where query 0 of batch element 0 scores -100 against its own key
+    (its lse is then about -100: exp(0 - lse) overflows float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(b, s, hq, hkv, d, torch.float32, generator=gen)
+    k0 = k[0, 0, 0]
+    q[0, 0, 0] = -100 * k0 / k0.dot(k0) * d**0.5
+    return q, k, v
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_large_negative_score_at_token_0_keeps_grads_finite(top_k):
+    """Regression: padding rows read row 0's lse; exp(0 - lse) = inf times a zero mask was NaN
+    in dK / dV of other tokens. Causal: token 0 sees only itself, so its lse is exactly -100."""
+    q, k, v = _large_negative_self_score(1, 16, 2, 1, 8)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(be):
+        return lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, 4, top_k, backend=be)
+
+    out, grads = forward_backward(run("torch"), detached_copies(q, k, v), dout)
+    out_lo, grads_lo = forward_backward(run("reference"), detached_copies(q, k, v), dout)
+    out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
+    for name, g in zip("qkv", grads, strict=True):
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+    assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "large"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_non_finite_in_batch_0_does_not_reach_batch_1(bad, causal):
+    """A NaN / inf / huge negative score at token 0 of batch element 0 leaves batch element 1's
+    output and gradients equal to those of batch element 1 run alone."""
+    q, k, v = _large_negative_self_score(2, 24, 4, 2, 8, seed=3)
+    if bad != "large":
+        q[0, 0, 0, 0] = bad
+        k[0, 0, 0, 0] = bad
+        v[0, 0, 0, 0] = bad
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+
+    def run(q_, k_, v_):
+        return moba.moba_attn_func(q_, k_, v_, 5, 2, causal, backend="torch")
+
+    out, grads = forward_backward(run, detached_copies(q, k, v), dout)
+    alone_out, alone_grads = forward_backward(run, detached_copies(q[1:], k[1:], v[1:]), dout[1:])
+    torch.testing.assert_close(out[1:], alone_out, rtol=0, atol=1e-6)
+    for g, g_alone in zip(grads, alone_grads, strict=True):
+        assert torch.isfinite(g[1:]).all()
+        torch.testing.assert_close(g[1:], g_alone, rtol=0, atol=1e-5)
+
+
+def test_non_finite_in_one_sequence_stays_there_varlen():
+    """Packed sequences: a NaN at the first token of sequence 0 reaches no other sequence."""
+    q, k, v, cu, max_s = random_varlen([9, 13, 1, 20], 4, 2, 8, torch.float32)
+    q[0, 0, 0] = float("nan")
+    v[0, 0, 0] = float("nan")
+    dout = torch.randn(q.shape)
+
+    def run(q_, k_, v_):
+        return moba.moba_attn_varlen_func(q_, k_, v_, cu, max_s, 4, 2, backend="torch")
+
+    out, grads = forward_backward(run, detached_copies(q, k, v), dout)
+    rest = slice(int(cu[1]), None)
+    assert torch.isfinite(out[rest]).all()
+    for g in grads:
+        assert torch.isfinite(g[rest]).all()
