@@ -20,7 +20,7 @@ import torch
 from ._layout import BlockLayout
 from .gate import select_packed
 from .reference import reference_attention_packed
-from .torch_impl import sparse_attention_packed
+from .torch_impl import moba_attention_packed, sparse_attention_packed
 
 # The dense reference builds (Hq, S, S) per sequence; beyond this it is the wrong tool.
 REFERENCE_MAX_SEQLEN = 16384
@@ -37,6 +37,10 @@ class Backend:
     unavailable_reason: Callable[[torch.device], str | None]
     #: q -> None when the backend handles this dtype / head dim, else why not ("auto" skips it)
     unsupported_input: Callable[[torch.Tensor], str | None] = lambda q: None
+    #: optional gate + attention in one call, (q, k, v, cu_q, cu_k, block_size, top_k, causal,
+    #: scale) -> output, with host lists of boundaries and no BlockLayout built by the caller
+    #: (so torch.compile can trace it with dynamic lengths); used when no block_indices are given
+    gated_attention: Callable[..., torch.Tensor] | None = None
 
 
 def _always(_device) -> None:
@@ -59,7 +63,7 @@ def _torch_attention(q, k, v, layout, block_indices, causal, scale):
 
 _BACKENDS: dict[str, Backend] = {
     "reference": Backend("reference", _reference_attention, select_packed, _always),
-    "torch": Backend("torch", _torch_attention, select_packed, _always),
+    "torch": Backend("torch", _torch_attention, select_packed, _always, gated_attention=moba_attention_packed),
 }
 
 
@@ -97,6 +101,12 @@ def resolve_backend(name, device: torch.device, q: torch.Tensor | None = None) -
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    # Resolved without importing optional backends when none can be meant: an import while
+    # torch.compile traces this function changes _BACKENDS mid-trace and aborts the trace.
+    if name == "auto" and device.type != "cuda":
+        return _BACKENDS["torch"]
+    if name in ("torch", "reference") and _BACKENDS[name].unavailable_reason(device) is None:
+        return _BACKENDS[name]
     _load_optional_backends()
     if name == "auto":
         triton = _BACKENDS.get("triton")

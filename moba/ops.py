@@ -12,7 +12,7 @@ from ._checks import (
     check_qkv,
     resolve_softmax_scale,
 )
-from ._layout import build_layout, fixed_cu_seqlens
+from ._layout import build_layout
 from .backends import resolve_backend
 from .gate import check_index_values
 
@@ -23,6 +23,8 @@ def _moba_packed(q, k, v, cu, block_size, top_k, causal, softmax_scale, backend,
     check_bool("causal", causal)
     scale = resolve_softmax_scale(softmax_scale, q.shape[-1])
     impl = resolve_backend(backend, q.device, q)
+    if block_indices is None and impl.gated_attention is not None:
+        return impl.gated_attention(q, k, v, cu, cu, block_size, top_k, causal, scale)
     layout = build_layout(cu, cu, block_size, q.device)
     if block_indices is None:
         with torch.no_grad():
@@ -118,7 +120,7 @@ def moba_attn_func(
         q.reshape(b * s, *q.shape[2:]),
         k.reshape(b * s, *k.shape[2:]),
         v.reshape(b * s, *v.shape[2:]),
-        fixed_cu_seqlens(b, s, "cpu").tolist(),
+        [i * s for i in range(b + 1)],  # host ints (SymInts under torch.compile): no tensor round trip
         block_size,
         top_k,
         causal,

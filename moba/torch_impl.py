@@ -19,12 +19,16 @@ it uses atomics - the Triton backend is the fast and deterministic path there).
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import PAD_INDEX
-from ._layout import BlockLayout
+from ._layout import BlockLayout, build_layout
+from .gate import select_packed
 
 _MAX_ROWS_PER_TILE = 256
 # (query, head) rows grouped into tiles at once (bounds the grouping temporaries).
@@ -124,19 +128,55 @@ def _unblocked(blocks: torch.Tensor, valid: torch.Tensor, n_kv_heads: int, align
     return per_token[valid.reshape(-1)]
 
 
+class _StaticLayout:
+    """What the tile loops need from a block layout; it depends only on the sequence
+    boundaries, so it is cached per (cu_q, cu_k, block_size, device) by ``_static_layout``."""
+
+    def __init__(self, layout: BlockLayout):
+        self.layout = layout
+        self.key_token, self.key_valid = layout.block_token_index()  # (G, bs)
+        self.block_last_token = layout.block_start + layout.block_len - 1  # (G,)
+        self.aligned = bool((layout.block_len == layout.block_size).all())
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    def key_bias(self, dtype) -> torch.Tensor:
+        """Additive bias that removes the missing keys of a tail block: 0 or -inf, (G, 1, bs)."""
+        if dtype not in self._bias:
+            zeros = torch.zeros(self.key_valid.shape, dtype=dtype, device=self.key_valid.device)
+            self._bias[dtype] = zeros.masked_fill(~self.key_valid, float("-inf"))[:, None, :]
+        return self._bias[dtype]
+
+
+_LAYOUT_CACHE: OrderedDict[tuple, _StaticLayout] = OrderedDict()
+_LAYOUT_CACHE_SIZE = 16
+
+
+def _static_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> _StaticLayout:
+    """The block layout of these sequence boundaries (a small LRU cache: training calls every
+    layer with the same lengths, forward and backward)."""
+    key = (tuple(cu_q), tuple(cu_k), block_size, str(torch.device(device)))
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is None:
+        hit = _StaticLayout(build_layout(list(cu_q), list(cu_k), block_size, device))
+        _LAYOUT_CACHE[key] = hit
+        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
+    else:
+        _LAYOUT_CACHE.move_to_end(key)
+    return hit
+
+
 class _Context:
     """Tensors shared by the forward and backward tile loops."""
 
-    def __init__(self, q, k, layout: BlockLayout, causal: bool, scale: float):
+    def __init__(self, q, k, static: _StaticLayout, causal: bool, scale: float):
         self.dtype = _compute_dtype(q.dtype)
         self.hq, self.hkv, self.d = q.shape[1], k.shape[1], q.shape[2]
-        self.layout, self.causal, self.scale = layout, causal, scale
-        self.key_token, self.key_valid = layout.block_token_index()  # (G, bs)
-        # Additive bias that removes the missing keys of a tail block: 0 or -inf, (G, 1, bs).
-        self.key_bias = torch.zeros(self.key_valid.shape, dtype=self.dtype, device=q.device)
-        self.key_bias = self.key_bias.masked_fill(~self.key_valid, float("-inf"))[:, None, :]
-        self.block_last_token = layout.block_start + layout.block_len - 1  # (G,)
-        self.aligned = bool((layout.block_len == layout.block_size).all())
+        self.layout, self.causal, self.scale = static.layout, causal, scale
+        self.key_token, self.key_valid = static.key_token, static.key_valid  # (G, bs)
+        self.key_bias = static.key_bias(self.dtype)  # (G, 1, bs)
+        self.block_last_token = static.block_last_token  # (G,)
+        self.aligned = static.aligned
 
     def key_blocks(self, x: torch.Tensor) -> _KeyBlocks:
         return _KeyBlocks(x, self.key_token, self.key_valid, self.dtype, self.aligned)
@@ -219,8 +259,8 @@ class _Forward:
         self.run_max[r] = new_max
 
 
-def _forward(q, k, v, layout, block_indices, causal, scale):
-    ctx = _Context(q, k, layout, causal, scale)
+def _forward(q, k, v, static, block_indices, causal, scale):
+    ctx = _Context(q, k, static, causal, scale)
     state = _Forward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v))
     for tiles in ctx.tile_sets(block_indices):
         for rows, group in ctx.chunks(tiles):
@@ -263,8 +303,8 @@ class _Backward:
         self._add(self.dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=ctx.scale)
 
 
-def _backward(q, k, v, out, lse, dout, layout, block_indices, causal, scale):
-    ctx = _Context(q, k, layout, causal, scale)
+def _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale):
+    ctx = _Context(q, k, static, causal, scale)
     delta = _rowwise_dot(dout, out, ctx.dtype).reshape(-1)  # rowsum(dO * O), (Tq * Hq,)
     state = _Backward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v),
                       lse.reshape(-1).to(ctx.dtype), delta, dout)
@@ -279,20 +319,240 @@ def _backward(q, k, v, out, lse, dout, layout, block_indices, causal, scale):
     return dq.reshape(q.shape).to(q.dtype), dk, dv
 
 
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_indices, layout, causal, scale):
-        out, lse = _forward(q, k, v, layout, block_indices, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, block_indices)
-        ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# ----------------------------------------------------------------------------------------------
+# Custom ops: autograd and torch.compile see one opaque op per direction (the tile grouping is
+# data dependent: nonzero, unique, .item(); it stays inside the ops).
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, block_indices = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.layout, block_indices, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+
+@torch.library.custom_op("moba::torch_attention_fwd", mutates_args=())
+def torch_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile-path forward: (out (Tq, Hq, D) in q.dtype, lse (Tq, Hq) float32 / float64)."""
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))
+    static = _static_layout(cu_q, cu_k, block_size, q.device)
+    return _forward(q, k, v, static, block_indices, causal, scale)
+
+
+@torch_attention_fwd.register_fake
+def _(q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("moba::torch_attention_bwd", mutates_args=())
+def torch_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block_indices: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tile-path backward: (dq, dk, dv) in the dtypes of q, k, v."""
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    static = _static_layout(cu_q, cu_k, block_size, q.device)
+    return _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale)
+
+
+@torch_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, block_indices, out, lse)
+    ctx.args = (cu_q, cu_k, block_size, causal, scale)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_op(ctx, dout, _dlse):
+    q, k, v, block_indices, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch_attention_bwd(dout, q, k, v, out, lse, block_indices, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None
+
+
+torch_attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def _gate_width(cu_k: list[int], block_size: int, top_k: int):
+    """Slots of the gate's result: max(1, min(top_k, blocks of the longest key sequence)).
+    SymInt-safe (torch.sym_max / sym_min), so compiled callers do not guard on lengths."""
+    n_blocks = [(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    nb_max = functools.reduce(torch.sym_max, n_blocks, 0)
+    return torch.sym_max(1, torch.sym_min(top_k, nb_max))
+
+
+@torch.library.custom_op("moba::torch_gate", mutates_args=())
+def torch_gate(
+    q: torch.Tensor, k: torch.Tensor, cu_q: list[int], cu_k: list[int], block_size: int, top_k: int, causal: bool
+) -> torch.Tensor:
+    """``moba.gate.select_packed`` as an op: (Tq, Hq, width) int32 local block indices."""
+    static = _static_layout(cu_q, cu_k, block_size, q.device)
+    return select_packed(q, k, static.layout, top_k, causal).to(torch.int32)
+
+
+@torch_gate.register_fake
+def _(q, k, cu_q, cu_k, block_size, top_k, causal):
+    return q.new_empty((q.shape[0], q.shape[1], _gate_width(cu_k, block_size, top_k)), dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Dense formulations for short sequences (plain torch ops: autograd and torch.compile trace them)
+
+# The dense-mask path runs while the attended-pair ratio of dense causal attention over MoBA,
+# (L / 2) / ((top_k - 1/2) * block_size), is below this; above it the tile path is faster.
+_DENSE_MASK_MAX_PAIR_RATIO = 2.5
+# ... and while its (N, Hq, L, L) mask stays below this many elements.
+_DENSE_MASK_MAX_ELEMENTS = 1 << 24
+# Causal dense-mask attention runs in this many query chunks, each over its causal key prefix
+# (skips ~(1 - 1/chunks) / 2 of the masked-out upper triangle; a constant count, so compiled
+# code does not specialize on the length).
+_DENSE_MASK_CHUNKS = 8
+
+
+def _sdpa(q, k, v, scale, *, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(N, L, Hq, D) x (N, Lk, Hkv, D) [mask (N, Hq, L, Lk) bool] -> (N, L, Hq, D) via torch SDPA."""
+    gqa = True if q.shape[2] != k.shape[2] else False  # a plain bool (a guard, not a SymBool) under compile
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=scale,
+        enable_gqa=gqa,
+    )
+    return out.transpose(1, 2)
+
+
+def _selection_mask(block_indices: torch.Tensor, n: int, length: int, block_size: int, causal: bool) -> torch.Tensor:
+    """(N * L, Hq, slots) local block indices -> (N, Hq, L, L) bool: key allowed for the query."""
+    hq = block_indices.shape[1]
+    n_blocks = (length + block_size - 1) // block_size
+    idx = block_indices.view(n, length, hq, -1).transpose(1, 2).long()  # (N, Hq, L, slots)
+    # PAD_INDEX slots write into an extra column that is dropped.
+    idx = torch.where(idx == PAD_INDEX, n_blocks, idx)
+    sel = torch.zeros(n, hq, length, n_blocks + 1, dtype=torch.bool, device=idx.device)
+    sel = sel.scatter_(-1, idx, True)
+    key_block = torch.arange(length, device=idx.device) // block_size
+    allowed = sel[..., key_block]  # (N, Hq, L, L)
+    if causal:
+        pos = torch.arange(length, device=idx.device)
+        allowed = allowed & (pos[None, :] <= pos[:, None])
+    return allowed
+
+
+def _dense_mask_attention(q, k, v, block_indices, n, length, block_size, causal, scale) -> torch.Tensor:
+    """MoBA as dense attention under the selection mask, for N sequences of one length L.
+    q: (N * L, Hq, D); k, v: (N * L, Hkv, D); block_indices (N * L, Hq, slots). -> (N * L, Hq, D)."""
+    allowed = _selection_mask(block_indices, n, length, block_size, causal)
+    qs, ks, vs = (x.view(n, length, *x.shape[1:]) for x in (q, k, v))
+    if not causal or length < 4 * _DENSE_MASK_CHUNKS:
+        out = _sdpa(qs, ks, vs, scale, mask=allowed)
+    else:
+        parts = []
+        for c in range(_DENSE_MASK_CHUNKS):
+            a, b = c * length // _DENSE_MASK_CHUNKS, (c + 1) * length // _DENSE_MASK_CHUNKS
+            parts.append(_sdpa(qs[:, a:b], ks[:, :b], vs[:, :b], scale, mask=allowed[:, :, a:b, :b]))
+        out = torch.cat(parts, dim=1)
+    return out.reshape(q.shape)
+
+
+def _uniform_length(cu_q: list[int], cu_k: list[int]):
+    """L when every sequence has L queries and L keys (self-attention, one length), else None."""
+    if len(cu_q) != len(cu_k) or len(cu_q) < 2:
+        return None
+    length = cu_q[1] - cu_q[0]
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
+        if b - a != length or d - c != length or a != c:
+            return None
+    return length
+
+
+def _dense_attention_packed(q, k, v, cu_q, cu_k, causal, scale) -> torch.Tensor:
+    """Dense attention (what MoBA is when top_k covers every block) over packed sequences."""
+    length = _uniform_length(cu_q, cu_k)
+    if length is not None:
+        n = len(cu_q) - 1
+        out = _sdpa(*(x.view(n, length, *x.shape[1:]) for x in (q, k, v)), scale, causal=causal)
+        return out.reshape(q.shape)
+    parts = []
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
+        if b == a:
+            continue
+        qs, ks, vs = q[None, a:b], k[None, c:d], v[None, c:d]
+        mask = None
+        if causal and b - a != d - c:  # queries aligned to the end of their keys
+            pos = torch.arange(d - c, device=q.device)
+            mask = pos[None, None, None, :] <= pos[d - c - (b - a) :][None, None, :, None]
+        parts.append(_sdpa(qs, ks, vs, scale, causal=causal and mask is None, mask=mask)[0])
+    return torch.cat(parts, dim=0) if parts else torch.zeros_like(q)
+
+
+def _n_blocks_max(cu_k: list[int], block_size: int):
+    n_blocks = [(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    return functools.reduce(torch.sym_max, n_blocks, 0)
+
+
+def moba_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    top_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """MoBA attention with the gate, choosing the cheapest exact formulation (PyTorch, autograd).
+
+    q: (Tq, Hq, D); k, v: (Tk, Hkv, D); cu_q / cu_k: host lists (SymInts under torch.compile)
+    of the N + 1 sequence boundaries. Returns (Tq, Hq, D) in q's dtype.
+
+    * top_k covers every block of every sequence: dense attention (torch SDPA), no gate;
+    * one length L for all sequences and L short relative to top_k * block_size: the gate,
+      then dense attention under the selection mask (SDPA, causal key prefixes per query chunk);
+    * otherwise the gate, then the tile path (``moba::torch_attention_fwd`` / ``_bwd``).
+    The choice depends on lengths only, so under torch.compile it is a guard, not a recompile
+    per length.
+    """
+    if q.shape[0] == 0:
+        return q.clone()  # clone keeps the graph
+    path = gated_path(cu_q, cu_k, q.shape[1], block_size, top_k)
+    if path == "dense":
+        return _dense_attention_packed(q, k, v, cu_q, cu_k, causal, softmax_scale)
+    block_indices = torch_gate(q.detach(), k.detach(), cu_q, cu_k, block_size, top_k, causal)
+    if path == "dense_mask":
+        n, length = len(cu_q) - 1, _uniform_length(cu_q, cu_k)
+        return _dense_mask_attention(q, k, v, block_indices, n, length, block_size, causal, softmax_scale)
+    return torch_attention_fwd(q, k, v, block_indices, cu_q, cu_k, block_size, causal, softmax_scale)[0]
+
+
+def gated_path(cu_q: list[int], cu_k: list[int], n_heads: int, block_size: int, top_k: int) -> str:
+    """Which formulation ``moba_attention_packed`` runs: "dense", "dense_mask" or "tile"."""
+    if top_k >= _n_blocks_max(cu_k, block_size):
+        return "dense"
+    length = _uniform_length(cu_q, cu_k)
+    if length is not None:
+        pair_ratio = length / (2 * (top_k - 0.5) * block_size)
+        mask_elements = (len(cu_q) - 1) * n_heads * length * length
+        if pair_ratio < _DENSE_MASK_MAX_PAIR_RATIO and mask_elements <= _DENSE_MASK_MAX_ELEMENTS:
+            return "dense_mask"
+    return "tile"
 
 
 def sparse_attention_packed(
@@ -304,7 +564,7 @@ def sparse_attention_packed(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoBA attention of packed queries over their selected key blocks (PyTorch, autograd).
+    """MoBA attention of packed queries over given key blocks: the tile path (PyTorch, autograd).
 
     q: (Tq, Hq, D); k, v: (Tk, Hkv, D); block_indices: (Tq, Hq, n_slots) local block indices
     (validated, PAD_INDEX-padded). Returns the output (Tq, Hq, D) in q's dtype and the
@@ -312,4 +572,7 @@ def sparse_attention_packed(
     """
     if q.shape[0] == 0:
         return q.clone(), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))  # clone keeps the graph
-    return _SparseAttention.apply(q, k, v, block_indices, layout, causal, softmax_scale)
+    return torch_attention_fwd(
+        q, k, v, block_indices, list(layout.cu_q), list(layout.cu_k), int(layout.block_size), bool(causal),
+        float(softmax_scale),
+    )
