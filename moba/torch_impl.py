@@ -318,10 +318,99 @@ def _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale):
     dv = _unblocked(dv_blk, ctx.key_valid, ctx.hkv, ctx.aligned).to(v.dtype)
     return dq.reshape(q.shape).to(q.dtype), dk, dv
 
+# ----------------------------------------------------------------------------------------------
+# Dense-mask formulation for short sequences of one length (CPU): dense attention under the
+# selection mask, through the CPU flash-attention kernels (native GQA, returns the lse), one
+# query chunk at a time over its causal key prefix.
+
+# Used while the attended-pair ratio of dense causal attention over MoBA,
+# (L / 2) / ((top_k - 1/2) * block_size), is below this (above it the tile path is faster) ...
+_DENSE_MASK_MAX_PAIR_RATIO = 2.5
+# ... and while the (N, Hq, L, L) mask stays below this many elements.
+_DENSE_MASK_MAX_ELEMENTS = 1 << 24
+# Causal query chunks (each over its key prefix): the masked-out upper triangle costs
+# (1 + 1/chunks) / 2 of a full square instead of all of it.
+_DENSE_MASK_CHUNKS = 8
+
+
+def _chunks(length: int, causal: bool) -> list[tuple[int, int]]:
+    """Query row ranges [a, b); each attends to keys [0, b) (all keys when not causal)."""
+    n = _DENSE_MASK_CHUNKS if causal and length >= 4 * _DENSE_MASK_CHUNKS else 1
+    bounds = [c * length // n for c in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class _DenseMask:
+    """Additive selection masks of N sequences of length L: 0 where the query attends the key,
+    -inf elsewhere (the flash kernel's mask convention), built per query chunk."""
+
+    def __init__(self, block_indices, n: int, length: int, block_size: int, causal: bool, dtype):
+        hq = block_indices.shape[1]
+        n_blocks = (length + block_size - 1) // block_size
+        idx = block_indices.view(n, length, hq, -1).transpose(1, 2).long()  # (N, Hq, L, slots)
+        idx = torch.where(idx == PAD_INDEX, n_blocks, idx)  # padding writes an extra, dropped column
+        sel = torch.zeros(n, hq, length, n_blocks + 1, dtype=torch.bool, device=idx.device)
+        self.sel = sel.scatter_(-1, idx, True)  # (N, Hq, L, n_blocks + 1)
+        self.key_block = torch.arange(length, device=idx.device) // block_size
+        self.causal, self.length, self.dtype = causal, length, dtype
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        """(N, Hq, b - a, keys) for queries a:b; keys 0:b when causal, else all."""
+        keys = b if self.causal else self.length
+        allowed = self.sel[:, :, a:b].gather(-1, self.key_block[:keys].expand(*self.sel.shape[:2], b - a, keys))
+        if self.causal:
+            pos = torch.arange(keys, device=allowed.device)
+            allowed = allowed & (pos[None, :] <= pos[a:b, None])
+        zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
+        return torch.where(allowed, zero, float("-inf"))
+
+
+def _as_bhld(x: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """(N * L, H, D) -> (N, H, L, D) view."""
+    return x.reshape(n, length, *x.shape[1:]).transpose(1, 2)
+
+
+def _dense_mask_forward(q, k, v, block_indices, cu_q, block_size, causal, scale):
+    n, length = len(cu_q) - 1, cu_q[1] - cu_q[0]
+    masks = _DenseMask(block_indices, n, length, block_size, causal, q.dtype)
+    qb, kb, vb = (_as_bhld(x, n, length) for x in (q, k, v))
+    out = torch.empty(n, length, *q.shape[1:], dtype=q.dtype, device=q.device)
+    lse = torch.empty(n, length, q.shape[1], dtype=_compute_dtype(q.dtype), device=q.device)
+    for a, b in _chunks(length, causal):
+        keys = b if causal else length
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb[:, :, a:b], kb[:, :, :keys], vb[:, :, :keys], 0.0, False, attn_mask=masks(a, b), scale=scale
+        )
+        out[:, a:b] = o.transpose(1, 2)
+        lse[:, a:b] = l.transpose(1, 2)
+    return out.view(q.shape), lse.view(q.shape[:2])
+
+
+def _dense_mask_backward(dout, q, k, v, out, lse, block_indices, cu_q, block_size, causal, scale):
+    n, length = len(cu_q) - 1, cu_q[1] - cu_q[0]
+    masks = _DenseMask(block_indices, n, length, block_size, causal, q.dtype)
+    qb, kb, vb, ob, gb = (_as_bhld(x, n, length) for x in (q, k, v, out, dout))
+    lseb = lse.view(n, length, -1).transpose(1, 2).to(torch.float32 if q.dtype != torch.float64 else q.dtype)
+    dq = torch.empty(n, length, *q.shape[1:], dtype=q.dtype, device=q.device)
+    dk = torch.zeros(n, length, *k.shape[1:], dtype=torch.float32 if k.dtype != torch.float64 else k.dtype,
+                     device=k.device)
+    dv = torch.zeros_like(dk)
+    for a, b in _chunks(length, causal):
+        keys = b if causal else length
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gb[:, :, a:b], qb[:, :, a:b], kb[:, :, :keys], vb[:, :, :keys], ob[:, :, a:b], lseb[:, :, a:b].contiguous(),
+            0.0, False, attn_mask=masks(a, b), scale=scale,
+        )
+        dq[:, a:b] = gq.transpose(1, 2)
+        dk[:, :keys] += gk.transpose(1, 2)
+        dv[:, :keys] += gv.transpose(1, 2)
+    return dq.view(q.shape), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)
+
 
 # ----------------------------------------------------------------------------------------------
 # Custom ops: autograd and torch.compile see one opaque op per direction (the tile grouping is
-# data dependent: nonzero, unique, .item(); it stays inside the ops).
+# data dependent: nonzero, unique, .item(); it stays inside the ops, and so do the chunk loops).
+# method: "tile" (any layout) or "dense_mask" (CPU, one length L for queries and keys).
 
 
 @torch.library.custom_op("moba::torch_attention_fwd", mutates_args=())
@@ -335,16 +424,20 @@ def torch_attention_fwd(
     block_size: int,
     causal: bool,
     scale: float,
+    method: str = "tile",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tile-path forward: (out (Tq, Hq, D) in q.dtype, lse (Tq, Hq) float32 / float64)."""
+    """MoBA forward over given block indices: (out (Tq, Hq, D) in q.dtype, lse (Tq, Hq) float32;
+    float64 for float64 inputs)."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))
+    if method == "dense_mask":
+        return _dense_mask_forward(q, k, v, block_indices, cu_q, block_size, causal, scale)
     static = _static_layout(cu_q, cu_k, block_size, q.device)
     return _forward(q, k, v, static, block_indices, causal, scale)
 
 
 @torch_attention_fwd.register_fake
-def _(q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale):
+def _(q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale, method="tile"):
     return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_compute_dtype(q.dtype))
 
 
@@ -362,31 +455,34 @@ def torch_attention_bwd(
     block_size: int,
     causal: bool,
     scale: float,
+    method: str = "tile",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tile-path backward: (dq, dk, dv) in the dtypes of q, k, v."""
+    """MoBA backward: (dq, dk, dv) in the dtypes of q, k, v."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if method == "dense_mask":
+        return _dense_mask_backward(dout, q, k, v, out, lse, block_indices, cu_q, block_size, causal, scale)
     static = _static_layout(cu_q, cu_k, block_size, q.device)
     return _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale)
 
 
 @torch_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, causal, scale):
+def _(dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, causal, scale, method="tile"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale = inputs
+    q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale, method = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, block_indices, out, lse)
-    ctx.args = (cu_q, cu_k, block_size, causal, scale)
+    ctx.args = (cu_q, cu_k, block_size, causal, scale, method)
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_op(ctx, dout, _dlse):
     q, k, v, block_indices, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch_attention_bwd(dout, q, k, v, out, lse, block_indices, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq, dk, dv = torch_attention_bwd(dout.contiguous(), q, k, v, out, lse, block_indices, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
 
 
 torch_attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
@@ -395,9 +491,7 @@ torch_attention_fwd.register_autograd(_backward_op, setup_context=_setup_context
 def _gate_width(cu_k: list[int], block_size: int, top_k: int):
     """Slots of the gate's result: max(1, min(top_k, blocks of the longest key sequence)).
     SymInt-safe (torch.sym_max / sym_min), so compiled callers do not guard on lengths."""
-    n_blocks = [(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
-    nb_max = functools.reduce(torch.sym_max, n_blocks, 0)
-    return torch.sym_max(1, torch.sym_min(top_k, nb_max))
+    return torch.sym_max(1, torch.sym_min(top_k, _n_blocks_max(cu_k, block_size)))
 
 
 @torch.library.custom_op("moba::torch_gate", mutates_args=())
@@ -415,60 +509,16 @@ def _(q, k, cu_q, cu_k, block_size, top_k, causal):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dense formulations for short sequences (plain torch ops: autograd and torch.compile trace them)
-
-# The dense-mask path runs while the attended-pair ratio of dense causal attention over MoBA,
-# (L / 2) / ((top_k - 1/2) * block_size), is below this; above it the tile path is faster.
-_DENSE_MASK_MAX_PAIR_RATIO = 2.5
-# ... and while its (N, Hq, L, L) mask stays below this many elements.
-_DENSE_MASK_MAX_ELEMENTS = 1 << 24
-# Causal dense-mask attention runs in this many query chunks, each over its causal key prefix
-# (skips ~(1 - 1/chunks) / 2 of the masked-out upper triangle; a constant count, so compiled
-# code does not specialize on the length).
-_DENSE_MASK_CHUNKS = 8
+# The gated entry point (moba_attn_func / moba_attn_varlen_func without block_indices)
 
 
-def _sdpa(q, k, v, scale, *, causal: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(N, L, Hq, D) x (N, Lk, Hkv, D) [mask (N, Hq, L, Lk) bool] -> (N, L, Hq, D) via torch SDPA."""
+def _sdpa(q, k, v, scale, causal: bool) -> torch.Tensor:
+    """(N, L, Hq, D) x (N, Lk, Hkv, D) -> (N, L, Hq, D) via torch SDPA (native GQA)."""
     gqa = True if q.shape[2] != k.shape[2] else False  # a plain bool (a guard, not a SymBool) under compile
     out = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=causal, scale=scale,
-        enable_gqa=gqa,
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale, enable_gqa=gqa
     )
     return out.transpose(1, 2)
-
-
-def _selection_mask(block_indices: torch.Tensor, n: int, length: int, block_size: int, causal: bool) -> torch.Tensor:
-    """(N * L, Hq, slots) local block indices -> (N, Hq, L, L) bool: key allowed for the query."""
-    hq = block_indices.shape[1]
-    n_blocks = (length + block_size - 1) // block_size
-    idx = block_indices.view(n, length, hq, -1).transpose(1, 2).long()  # (N, Hq, L, slots)
-    # PAD_INDEX slots write into an extra column that is dropped.
-    idx = torch.where(idx == PAD_INDEX, n_blocks, idx)
-    sel = torch.zeros(n, hq, length, n_blocks + 1, dtype=torch.bool, device=idx.device)
-    sel = sel.scatter_(-1, idx, True)
-    key_block = torch.arange(length, device=idx.device) // block_size
-    allowed = sel[..., key_block]  # (N, Hq, L, L)
-    if causal:
-        pos = torch.arange(length, device=idx.device)
-        allowed = allowed & (pos[None, :] <= pos[:, None])
-    return allowed
-
-
-def _dense_mask_attention(q, k, v, block_indices, n, length, block_size, causal, scale) -> torch.Tensor:
-    """MoBA as dense attention under the selection mask, for N sequences of one length L.
-    q: (N * L, Hq, D); k, v: (N * L, Hkv, D); block_indices (N * L, Hq, slots). -> (N * L, Hq, D)."""
-    allowed = _selection_mask(block_indices, n, length, block_size, causal)
-    qs, ks, vs = (x.view(n, length, *x.shape[1:]) for x in (q, k, v))
-    if not causal or length < 4 * _DENSE_MASK_CHUNKS:
-        out = _sdpa(qs, ks, vs, scale, mask=allowed)
-    else:
-        parts = []
-        for c in range(_DENSE_MASK_CHUNKS):
-            a, b = c * length // _DENSE_MASK_CHUNKS, (c + 1) * length // _DENSE_MASK_CHUNKS
-            parts.append(_sdpa(qs[:, a:b], ks[:, :b], vs[:, :b], scale, mask=allowed[:, :, a:b, :b]))
-        out = torch.cat(parts, dim=1)
-    return out.reshape(q.shape)
 
 
 def _uniform_length(cu_q: list[int], cu_k: list[int]):
@@ -487,24 +537,40 @@ def _dense_attention_packed(q, k, v, cu_q, cu_k, causal, scale) -> torch.Tensor:
     length = _uniform_length(cu_q, cu_k)
     if length is not None:
         n = len(cu_q) - 1
-        out = _sdpa(*(x.view(n, length, *x.shape[1:]) for x in (q, k, v)), scale, causal=causal)
-        return out.reshape(q.shape)
+        return _sdpa(*(x.view(n, length, *x.shape[1:]) for x in (q, k, v)), scale, causal).reshape(q.shape)
     parts = []
     for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
         if b == a:
             continue
-        qs, ks, vs = q[None, a:b], k[None, c:d], v[None, c:d]
-        mask = None
-        if causal and b - a != d - c:  # queries aligned to the end of their keys
+        if causal and b - a != d - c:  # queries aligned to the end of their keys: bottom-right mask
             pos = torch.arange(d - c, device=q.device)
-            mask = pos[None, None, None, :] <= pos[d - c - (b - a) :][None, None, :, None]
-        parts.append(_sdpa(qs, ks, vs, scale, causal=causal and mask is None, mask=mask)[0])
+            mask = pos[None, :] <= pos[d - c - (b - a) :, None]
+            gqa = q.shape[1] != k.shape[1]
+            part = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                  v[c:d].transpose(0, 1), attn_mask=mask, scale=scale,
+                                                  enable_gqa=gqa).transpose(0, 1)
+        else:
+            part = _sdpa(q[None, a:b], k[None, c:d], v[None, c:d], scale, causal)[0]
+        parts.append(part)
     return torch.cat(parts, dim=0) if parts else torch.zeros_like(q)
 
 
 def _n_blocks_max(cu_k: list[int], block_size: int):
     n_blocks = [(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
     return functools.reduce(torch.sym_max, n_blocks, 0)
+
+
+def gated_path(cu_q: list[int], cu_k: list[int], n_heads: int, block_size: int, top_k: int, device="cpu") -> str:
+    """Which formulation ``moba_attention_packed`` runs: "dense", "dense_mask" or "tile"."""
+    if top_k >= _n_blocks_max(cu_k, block_size):
+        return "dense"
+    length = _uniform_length(cu_q, cu_k)
+    if length is not None and torch.device(device).type == "cpu":
+        pair_ratio = length / (2 * (top_k - 0.5) * block_size)
+        mask_elements = (len(cu_q) - 1) * n_heads * length * length
+        if pair_ratio < _DENSE_MASK_MAX_PAIR_RATIO and mask_elements <= _DENSE_MASK_MAX_ELEMENTS:
+            return "dense_mask"
+    return "tile"
 
 
 def moba_attention_packed(
@@ -518,41 +584,24 @@ def moba_attention_packed(
     causal: bool,
     softmax_scale: float,
 ) -> torch.Tensor:
-    """MoBA attention with the gate, choosing the cheapest exact formulation (PyTorch, autograd).
+    """MoBA attention with the gate, in the cheapest exact formulation (PyTorch, autograd).
 
     q: (Tq, Hq, D); k, v: (Tk, Hkv, D); cu_q / cu_k: host lists (SymInts under torch.compile)
     of the N + 1 sequence boundaries. Returns (Tq, Hq, D) in q's dtype.
 
-    * top_k covers every block of every sequence: dense attention (torch SDPA), no gate;
-    * one length L for all sequences and L short relative to top_k * block_size: the gate,
-      then dense attention under the selection mask (SDPA, causal key prefixes per query chunk);
-    * otherwise the gate, then the tile path (``moba::torch_attention_fwd`` / ``_bwd``).
-    The choice depends on lengths only, so under torch.compile it is a guard, not a recompile
-    per length.
+    * "dense": top_k covers every block of every sequence: dense attention (torch SDPA), no gate;
+    * "dense_mask": CPU, one length L for all sequences, L short relative to top_k * block_size:
+      the gate, then dense attention under the selection mask (CPU flash kernels);
+    * "tile": the gate, then the tile path.
+    The choice depends on lengths only: under torch.compile it is a guard, not a recompile per length.
     """
     if q.shape[0] == 0:
         return q.clone()  # clone keeps the graph
-    path = gated_path(cu_q, cu_k, q.shape[1], block_size, top_k)
+    path = gated_path(cu_q, cu_k, q.shape[1], block_size, top_k, q.device)
     if path == "dense":
         return _dense_attention_packed(q, k, v, cu_q, cu_k, causal, softmax_scale)
     block_indices = torch_gate(q.detach(), k.detach(), cu_q, cu_k, block_size, top_k, causal)
-    if path == "dense_mask":
-        n, length = len(cu_q) - 1, _uniform_length(cu_q, cu_k)
-        return _dense_mask_attention(q, k, v, block_indices, n, length, block_size, causal, softmax_scale)
-    return torch_attention_fwd(q, k, v, block_indices, cu_q, cu_k, block_size, causal, softmax_scale)[0]
-
-
-def gated_path(cu_q: list[int], cu_k: list[int], n_heads: int, block_size: int, top_k: int) -> str:
-    """Which formulation ``moba_attention_packed`` runs: "dense", "dense_mask" or "tile"."""
-    if top_k >= _n_blocks_max(cu_k, block_size):
-        return "dense"
-    length = _uniform_length(cu_q, cu_k)
-    if length is not None:
-        pair_ratio = length / (2 * (top_k - 0.5) * block_size)
-        mask_elements = (len(cu_q) - 1) * n_heads * length * length
-        if pair_ratio < _DENSE_MASK_MAX_PAIR_RATIO and mask_elements <= _DENSE_MASK_MAX_ELEMENTS:
-            return "dense_mask"
-    return "tile"
+    return torch_attention_fwd(q, k, v, block_indices, cu_q, cu_k, block_size, causal, softmax_scale, path)[0]
 
 
 def sparse_attention_packed(
