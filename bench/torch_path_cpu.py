@@ -2,6 +2,15 @@
 
     python bench/torch_path_cpu.py                       # S = 8K and 16K (the README numbers)
     python bench/torch_path_cpu.py --seqlens 4096 --repeats 1
+    python bench/torch_path_cpu.py --short               # training throughput, cpu-tiny shape
+
+Long mode reports the speedup over SDPA and its share of the attended-pair limit: the ratio
+of the (query, key) pairs dense causal attention computes to those MoBA computes (own block
+causal + top_k - 1 full past blocks, the gate's exact selection counted), i.e. the speedup a
+path with the same cost per pair as SDPA would reach. Short mode trains a small GPT-like
+stack (the cpu-tiny preset's largest model: 3 layers, width 96, 3 query heads, 1 KV head,
+context 256, block 32, top-3, batch 16, AdamW, 1 thread) built from ``moba.nn.MoBASelfAttention``
+in "moba" and "full" mode and reports tokens/s of both, measured alternately in one process.
 
 Shape: B=1, Hq=8, Hkv=2, D=64, block 512, top-3, float32; the backward gets one
 pre-allocated random output gradient (as in training). Each provider runs in a fresh
@@ -88,6 +97,11 @@ def _one(provider: str, seqlen: int, repeats: int, threads: int) -> dict:
         out.backward(dout)
 
     step()  # warm-up
+    pairs = None
+    if provider == "moba-torch":
+        with torch.no_grad():
+            idx = moba.select_blocks(q, k, 512, 3)
+        pairs = _moba_pairs(idx, seqlen, 512)
     times = []
     for _ in range(repeats):
         q.grad = k.grad = v.grad = None
@@ -104,7 +118,73 @@ def _one(provider: str, seqlen: int, repeats: int, threads: int) -> dict:
         "peak_rss_mib": peak / 1024,
         "rss_above_inputs_mib": (peak - base_rss) / 1024,
         "peak_live_mib": None if live is None else live / 2**20,
+        "attended_pairs": pairs if pairs is not None else 8 * seqlen * (seqlen + 1) // 2,
     }
+
+
+def _moba_pairs(idx, seqlen: int, block_size: int) -> int:
+    """(query, key) pairs MoBA attends for block indices idx (1, S, Hq, slots), causal."""
+    import torch
+
+    t = torch.arange(seqlen)[None, :, None, None]
+    start = idx.long() * block_size
+    own = start + block_size > t
+    n = torch.where(own, t - start + 1, torch.clamp(seqlen - start, max=block_size))
+    return int(torch.where(idx >= 0, n, 0).sum())
+
+
+def _short(steps: int, rounds: int) -> dict:
+    """Training tokens/s of MoBA and full attention in the cpu-tiny preset's largest shape."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from moba.nn import MoBASelfAttention
+
+    torch.set_num_threads(1)
+    width, layers, heads, kv_heads, context, block, top_k, batch = 96, 3, 3, 1, 256, 32, 3, 16
+
+    class Block(nn.Module):
+        def __init__(self, mode):
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(width, bias=False), nn.LayerNorm(width, bias=False)
+            self.attn = MoBASelfAttention(width, heads, kv_heads, block_size=block, top_k=top_k, mode=mode,
+                                          backend="torch")
+            self.fc, self.proj = nn.Linear(width, 4 * width, bias=False), nn.Linear(4 * width, width, bias=False)
+
+        def forward(self, x):
+            x = x + self.attn(self.n1(x))
+            return x + self.proj(F.gelu(self.fc(self.n2(x))))
+
+    def model(mode):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Embedding(256, width), *[Block(mode) for _ in range(layers)],
+                            nn.LayerNorm(width, bias=False), nn.Linear(width, 256, bias=False))
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-3)
+
+    data = torch.randint(0, 256, (batch, context + 1), generator=torch.Generator().manual_seed(0))
+    nets = {mode: model(mode) for mode in ("moba", "full")}
+
+    def run(mode, n):
+        net, opt = nets[mode]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            loss = F.cross_entropy(net(data[:, :-1]).flatten(0, 1), data[:, 1:].flatten())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return time.perf_counter() - t0
+
+    for mode in nets:
+        run(mode, 2)  # warm-up
+    elapsed = {mode: [] for mode in nets}
+    for _ in range(rounds):  # alternate, so that load from other processes hits both alike
+        for mode in nets:
+            elapsed[mode].append(run(mode, steps))
+    tok = {mode: batch * context * steps / statistics.median(t) for mode, t in elapsed.items()}
+    return {"shape": dict(width=width, layers=layers, heads=heads, kv_heads=kv_heads, context=context,
+                          block_size=block, top_k=top_k, batch=batch, threads=1),
+            "moba_tok_s": tok["moba"], "full_tok_s": tok["full"], "ratio": tok["moba"] / tok["full"]}
 
 
 def main() -> None:
@@ -113,12 +193,23 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="also write the rows to this file")
+    p.add_argument("--short", action="store_true", help="training throughput at context 256 (cpu-tiny) instead")
+    p.add_argument("--steps", type=int, default=5, help="--short: optimizer steps per timed round")
+    p.add_argument("--rounds", type=int, default=5, help="--short: alternating rounds (median reported)")
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
         print(json.dumps(_one(args._child[0], int(args._child[1]), args.repeats, args.threads)))
         return
     print("CPU timings (forward + backward); they say nothing about GPU kernels.")
+    if args.short:
+        r = _short(args.steps, args.rounds)
+        print(f"short context training (cpu-tiny shape {r['shape']}): MoBA {r['moba_tok_s']:.0f} tok/s, "
+              f"full {r['full_tok_s']:.0f} tok/s, ratio {r['ratio']:.2f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=1)
+        return
     rows = []
     for seqlen in [int(s) for s in args.seqlens.split(",")]:
         for provider in ("sdpa-dense", "moba-torch"):
@@ -129,7 +220,9 @@ def main() -> None:
             print(f"S={seqlen:6d} {provider:11s} {r['median_s']:8.3f} s   peak RSS {r['peak_rss_mib']:7.0f} MiB"
                   f"   peak live above inputs {r['peak_live_mib']:7.1f} MiB")
         dense, ours = rows[-2], rows[-1]
-        print(f"S={seqlen:6d} speedup x{dense['median_s'] / ours['median_s']:.2f}, "
+        speedup, limit = dense["median_s"] / ours["median_s"], dense["attended_pairs"] / ours["attended_pairs"]
+        ours.update(speedup=speedup, pair_limit=limit, share_of_limit=speedup / limit)
+        print(f"S={seqlen:6d} speedup x{speedup:.2f}, pair limit x{limit:.2f} (share {speedup / limit:.0%}), "
               f"peak RSS ratio {ours['peak_rss_mib'] / dense['peak_rss_mib']:.2f}, "
               f"peak live ratio {ours['peak_live_mib'] / dense['peak_live_mib']:.2f}")
     if args.json:

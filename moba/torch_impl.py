@@ -347,22 +347,24 @@ class _DenseMask:
     def __init__(self, block_indices, n: int, length: int, block_size: int, causal: bool, dtype):
         hq = block_indices.shape[1]
         n_blocks = (length + block_size - 1) // block_size
-        idx = block_indices.view(n, length, hq, -1).transpose(1, 2).long()  # (N, Hq, L, slots)
+        idx = block_indices.reshape(n, length, hq, -1).transpose(1, 2).long()  # (N, Hq, L, slots)
         idx = torch.where(idx == PAD_INDEX, n_blocks, idx)  # padding writes an extra, dropped column
-        sel = torch.zeros(n, hq, length, n_blocks + 1, dtype=torch.bool, device=idx.device)
-        self.sel = sel.scatter_(-1, idx, True)  # (N, Hq, L, n_blocks + 1)
-        self.key_block = torch.arange(length, device=idx.device) // block_size
-        self.causal, self.length, self.dtype = causal, length, dtype
+        sel = torch.zeros(n, hq, length, n_blocks + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+        zero = torch.zeros((), dtype=dtype, device=idx.device)
+        self.block_bias = torch.where(sel[..., :n_blocks], zero, float("-inf"))  # (N, Hq, L, n_blocks)
+        self.causal, self.length, self.block_size = causal, length, block_size
 
     def __call__(self, a: int, b: int) -> torch.Tensor:
         """(N, Hq, b - a, keys) for queries a:b; keys 0:b when causal, else all."""
         keys = b if self.causal else self.length
-        allowed = self.sel[:, :, a:b].gather(-1, self.key_block[:keys].expand(*self.sel.shape[:2], b - a, keys))
-        if self.causal:
-            pos = torch.arange(keys, device=allowed.device)
-            allowed = allowed & (pos[None, :] <= pos[a:b, None])
-        zero = torch.zeros((), dtype=self.dtype, device=allowed.device)
-        return torch.where(allowed, zero, float("-inf"))
+        n_blocks = (keys + self.block_size - 1) // self.block_size
+        bias = self.block_bias[:, :, a:b, :n_blocks]
+        # Each block's bias repeated over its keys, into a fresh tensor.
+        mask = bias.new_empty(*bias.shape, self.block_size).copy_(bias[..., None]).flatten(-2)[..., :keys]
+        if self.causal:  # only the square of keys a:b holds future keys of queries a:b
+            future = torch.ones(b - a, b - a, dtype=torch.bool, device=mask.device).triu_(1)
+            mask[..., a:b].masked_fill_(future, float("-inf"))
+        return mask
 
 
 def _as_bhld(x: torch.Tensor, n: int, length: int) -> torch.Tensor:
