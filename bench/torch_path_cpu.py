@@ -73,52 +73,79 @@ def _peak_live_bytes(fn) -> int | None:
     return mode.peak - base
 
 
-def _one(provider: str, seqlen: int, repeats: int, threads: int) -> dict:
+def _inputs(seqlen: int):
     import torch
-    import torch.nn.functional as F
 
-    import moba
-
-    torch.set_num_threads(threads)
     torch.manual_seed(0)
     q = torch.randn(1, seqlen, 8, 64, requires_grad=True)
     k = torch.randn(1, seqlen, 2, 64, requires_grad=True)
     v = torch.randn(1, seqlen, 2, 64, requires_grad=True)
-    dout = torch.randn(1, seqlen, 8, 64)
-    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return q, k, v, torch.randn(1, seqlen, 8, 64)
 
-    def step():
-        if provider == "moba-torch":
-            out = moba.moba_attn_func(q, k, v, block_size=512, top_k=3, backend="torch")
-        else:  # dense causal SDPA, GQA by enable_gqa (no repeated K/V)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-            ).transpose(1, 2)
-        out.backward(dout)
 
-    step()  # warm-up
-    pairs = None
+def _step(provider: str, q, k, v, dout) -> None:
+    import torch.nn.functional as F
+
+    import moba
+
     if provider == "moba-torch":
-        with torch.no_grad():
-            idx = moba.select_blocks(q, k, 512, 3)
-        pairs = _moba_pairs(idx, seqlen, 512)
-    times = []
+        out = moba.moba_attn_func(q, k, v, block_size=512, top_k=3, backend="torch")
+    else:  # dense causal SDPA, GQA by enable_gqa (no repeated K/V)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+        ).transpose(1, 2)
+    out.backward(dout)
+
+
+def _timing(seqlen: int, repeats: int, threads: int) -> dict:
+    """Both providers in one process, alternating, so that load from other processes hits both
+    alike; the speedup is the median of the per-round ratios."""
+    import torch
+
+    import moba
+
+    torch.set_num_threads(threads)
+    q, k, v, dout = _inputs(seqlen)
+    times = {"sdpa-dense": [], "moba-torch": []}
+    for provider in times:
+        _step(provider, q, k, v, dout)  # warm-up
     for _ in range(repeats):
-        q.grad = k.grad = v.grad = None
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+        for provider in times:
+            q.grad = k.grad = v.grad = None
+            t0 = time.perf_counter()
+            _step(provider, q, k, v, dout)
+            times[provider].append(time.perf_counter() - t0)
+    with torch.no_grad():
+        idx = moba.select_blocks(q, k, 512, 3)
+    ratios = [a / b for a, b in zip(times["sdpa-dense"], times["moba-torch"], strict=True)]
+    return {
+        "seqlen": seqlen,
+        "sdpa_median_s": statistics.median(times["sdpa-dense"]),
+        "moba_median_s": statistics.median(times["moba-torch"]),
+        "speedup": statistics.median(ratios),
+        "speedup_per_round": ratios,
+        "dense_pairs": 8 * seqlen * (seqlen + 1) // 2,
+        "moba_pairs": _moba_pairs(idx, seqlen, 512),
+    }
+
+
+def _one(provider: str, seqlen: int, threads: int) -> dict:
+    """Memory of one provider, alone in its process (peak RSS is per process)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    q, k, v, dout = _inputs(seqlen)
+    base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    _step(provider, q, k, v, dout)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     q.grad = k.grad = v.grad = None
-    live = _peak_live_bytes(step)
+    live = _peak_live_bytes(lambda: _step(provider, q, k, v, dout))
     return {
         "provider": provider,
         "seqlen": seqlen,
-        "median_s": statistics.median(times),
         "peak_rss_mib": peak / 1024,
         "rss_above_inputs_mib": (peak - base_rss) / 1024,
         "peak_live_mib": None if live is None else live / 2**20,
-        "attended_pairs": pairs if pairs is not None else 8 * seqlen * (seqlen + 1) // 2,
     }
 
 
@@ -199,7 +226,9 @@ def main() -> None:
     p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args._child:
-        print(json.dumps(_one(args._child[0], int(args._child[1]), args.repeats, args.threads)))
+        what, seqlen = args._child[0], int(args._child[1])
+        row = _timing(seqlen, args.repeats, args.threads) if what == "timing" else _one(what, seqlen, args.threads)
+        print(json.dumps(row))
         return
     print("CPU timings (forward + backward); they say nothing about GPU kernels.")
     if args.short:
@@ -212,19 +241,25 @@ def main() -> None:
         return
     rows = []
     for seqlen in [int(s) for s in args.seqlens.split(",")]:
-        for provider in ("sdpa-dense", "moba-torch"):
-            cmd = [sys.executable, __file__, "--_child", provider, str(seqlen), "--repeats", str(args.repeats),
+        def child(*what):
+            cmd = [sys.executable, __file__, "--_child", *what, "--repeats", str(args.repeats),
                    "--threads", str(args.threads)]
-            rows.append(json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout))
-            r = rows[-1]
-            print(f"S={seqlen:6d} {provider:11s} {r['median_s']:8.3f} s   peak RSS {r['peak_rss_mib']:7.0f} MiB"
-                  f"   peak live above inputs {r['peak_live_mib']:7.1f} MiB")
-        dense, ours = rows[-2], rows[-1]
-        speedup, limit = dense["median_s"] / ours["median_s"], dense["attended_pairs"] / ours["attended_pairs"]
-        ours.update(speedup=speedup, pair_limit=limit, share_of_limit=speedup / limit)
-        print(f"S={seqlen:6d} speedup x{speedup:.2f}, pair limit x{limit:.2f} (share {speedup / limit:.0%}), "
-              f"peak RSS ratio {ours['peak_rss_mib'] / dense['peak_rss_mib']:.2f}, "
-              f"peak live ratio {ours['peak_live_mib'] / dense['peak_live_mib']:.2f}")
+            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+
+        t = child("timing", str(seqlen))
+        mem = {provider: child(provider, str(seqlen)) for provider in ("sdpa-dense", "moba-torch")}
+        limit = t["dense_pairs"] / t["moba_pairs"]
+        t.update(pair_limit=limit, share_of_limit=t["speedup"] / limit, memory=mem,
+                 peak_live_ratio=mem["moba-torch"]["peak_live_mib"] / mem["sdpa-dense"]["peak_live_mib"],
+                 peak_rss_ratio=mem["moba-torch"]["peak_rss_mib"] / mem["sdpa-dense"]["peak_rss_mib"])
+        rows.append(t)
+        print(f"S={seqlen:6d} SDPA {t['sdpa_median_s']:.3f} s, MoBA {t['moba_median_s']:.3f} s (medians, alternating); "
+              f"speedup x{t['speedup']:.2f} (median of per-round ratios {[round(r, 2) for r in t['speedup_per_round']]}), "
+              f"pair limit x{limit:.2f}, share of the limit {t['share_of_limit']:.0%}")
+        for provider, m in mem.items():
+            print(f"S={seqlen:6d} {provider:11s} peak RSS {m['peak_rss_mib']:7.0f} MiB, "
+                  f"peak live above inputs {m['peak_live_mib']:7.1f} MiB")
+        print(f"S={seqlen:6d} peak live ratio {t['peak_live_ratio']:.2f}, peak RSS ratio {t['peak_rss_ratio']:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
