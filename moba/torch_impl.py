@@ -15,6 +15,26 @@ K/V are laid out once per (block, KV head); query heads that share a KV head lan
 same tiles, so GQA never repeats K/V. fp16/bf16 tiles are computed in float32, float64 in
 float64. Gradients of K/V are accumulated with ``index_add_`` (deterministic on CPU; on CUDA
 it uses atomics - the Triton backend is the fast and deterministic path there).
+
+Formulations behind the gated entry point ``moba_attention_packed`` (``moba_attn_func`` /
+``moba_attn_varlen_func`` with ``backend="torch"`` and no ``block_indices``), chosen from the
+lengths only (``gated_path``):
+  * "dense": top_k covers every block, so MoBA is dense attention: torch SDPA, no gate;
+  * "dense_mask" (CPU, one length for all sequences, short relative to top_k * block_size):
+    dense attention under the selection mask with the CPU flash-attention kernels, one query
+    chunk at a time over its causal key prefix (at context 256 the tile path's bookkeeping
+    costs more than the pairs it skips);
+  * "tile": the decomposition above.
+
+torch.compile: the gate (``moba::torch_gate``) and attention (``moba::torch_attention_fwd`` /
+``_bwd``, autograd registered) are ``torch.library.custom_op``s whose boundaries are host int
+lists (SymInts under dynamic shapes); everything data dependent (nonzero, unique, .item(), the
+chunk loops, the layout, cached per (boundaries, block size)) runs inside them, so a model
+compiles with ``fullgraph=True`` and does not recompile per sequence length.
+
+Masking is by ``torch.where`` / ``masked_fill`` on values, never a product with a 0/1 mask;
+a tile's padding rows get P = 0 and dS = 0, so a non-finite value in one sequence (or at row 0,
+which padding rows point at) reaches no other sequence.
 """
 
 from __future__ import annotations
