@@ -234,7 +234,9 @@ class _Context:
             q_token = self.layout.q_key_token[safe // self.hq]  # (n, M)
             q_first = q_token.masked_fill(~present, torch.iinfo(q_token.dtype).max).amin(dim=1)
             straddle = (self.block_last_token[block] > q_first).nonzero().squeeze(1)
-            if straddle.numel():
+            if straddle.numel() == block.numel():  # a chunk of own-block tiles only: mask in place, no copies
+                s.masked_fill_(self.key_token[block][:, None, :] > q_token[:, :, None], float("-inf"))
+            elif straddle.numel():
                 future = self.key_token[block[straddle]][:, None, :] > q_token[straddle][:, :, None]
                 s[straddle] = s[straddle].masked_fill_(future, float("-inf"))
         return qt, kt, s, present, safe
