@@ -20,7 +20,7 @@ import torch
 from ._layout import BlockLayout
 from .gate import select_packed
 from .reference import reference_attention_packed
-from .torch_impl import sparse_attention_packed
+from .torch_impl import moba_attention_packed, sparse_attention_packed
 
 # The dense reference builds (Hq, S, S) per sequence; beyond this it is the wrong tool.
 REFERENCE_MAX_SEQLEN = 16384
@@ -41,6 +41,10 @@ class Backend:
     attention_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
     #: device -> None when gradients are bitwise reproducible there, else why not
     nondeterministic_reason: Callable[[torch.device], str | None] = lambda device: None
+    #: optional gate + attention in one call, (q, k, v, cu_q, cu_k, block_size, top_k, causal,
+    #: scale) -> output, with host lists of boundaries and no BlockLayout built by the caller
+    #: (so torch.compile can trace it with dynamic lengths); used when no block_indices are given
+    gated_attention: Callable[..., torch.Tensor] | None = None
 
 
 def _always(_device) -> None:
@@ -78,6 +82,7 @@ _BACKENDS: dict[str, Backend] = {
     "torch": Backend(
         "torch", _torch_attention, select_packed, _always,
         attention_lse=sparse_attention_packed, nondeterministic_reason=_torch_nondeterministic,
+        gated_attention=moba_attention_packed,
     ),
 }
 
@@ -121,6 +126,12 @@ def resolve_backend(name, device: torch.device, q: torch.Tensor | None = None) -
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    # Resolved without importing optional backends when none can be meant: an import while
+    # torch.compile traces this function changes _BACKENDS mid-trace and aborts the trace.
+    if name == "auto" and device.type != "cuda":
+        return _BACKENDS["torch"]
+    if name in ("torch", "reference") and _BACKENDS[name].unavailable_reason(device) is None:
+        return _BACKENDS[name]
     _load_optional_backends()
     if name == "auto":
         triton = _BACKENDS.get("triton")

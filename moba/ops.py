@@ -61,6 +61,9 @@ def _moba_packed(q, k, v, cu_q: list[int], cu_k: list[int], cfg: MoBAConfig, blo
         out = _sdpa(q, k, v, cfg.causal, scale)
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (out, q.new_zeros(0, q.shape[1], dtype=lse_dtype)) if return_lse else out
+    if block_indices is None and not return_lse and impl.gated_attention is not None:
+        # gate + attention in one custom op (torch.compile traces it with dynamic lengths)
+        return impl.gated_attention(q, k, v, cu_q, cu_k, cfg.block_size, cfg.top_k, cfg.causal, scale)
     layout = build_layout(cu_q, cu_k, cfg.block_size, q.device)
     if block_indices is None:
         with torch.no_grad():

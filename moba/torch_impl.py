@@ -15,16 +15,40 @@ K/V are laid out once per (block, KV head); query heads that share a KV head lan
 same tiles, so GQA never repeats K/V. fp16/bf16 tiles are computed in float32, float64 in
 float64. Gradients of K/V are accumulated with ``index_add_`` (deterministic on CPU; on CUDA
 it uses atomics - the Triton backend is the fast and deterministic path there).
+
+Formulations behind the gated entry point ``moba_attention_packed`` (``moba_attn_func`` /
+``moba_attn_varlen_func`` with ``backend="torch"`` and no ``block_indices``), chosen from the
+lengths only (``gated_path``):
+  * "dense": top_k covers every block, so MoBA is dense attention: torch SDPA, no gate;
+  * "dense_mask" (CPU, one length for all sequences, short relative to top_k * block_size):
+    dense attention under the selection mask with the CPU flash-attention kernels, one query
+    chunk at a time over its causal key prefix (at context 256 the tile path's bookkeeping
+    costs more than the pairs it skips);
+  * "tile": the decomposition above.
+
+torch.compile: the gate (``moba::torch_gate``) and attention (``moba::torch_attention_fwd`` /
+``_bwd``, autograd registered) are ``torch.library.custom_op``s whose boundaries are host int
+lists (SymInts under dynamic shapes); everything data dependent (nonzero, unique, .item(), the
+chunk loops, the layout, cached per (boundaries, block size)) runs inside them, so a model
+compiles with ``fullgraph=True`` and does not recompile per sequence length.
+
+Masking is by ``torch.where`` / ``masked_fill`` on values, never a product with a 0/1 mask;
+a tile's padding rows get P = 0 and dS = 0, so a non-finite value in one sequence (or at row 0,
+which padding rows point at) reaches no other sequence.
 """
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ._checks import PAD_INDEX
-from ._layout import BlockLayout
+from ._layout import BlockLayout, build_layout
+from .gate import select_packed
 
 _MAX_ROWS_PER_TILE = 256
 # (query, head) rows grouped into tiles at once (bounds the grouping temporaries).
@@ -124,19 +148,55 @@ def _unblocked(blocks: torch.Tensor, valid: torch.Tensor, n_kv_heads: int, align
     return per_token[valid.reshape(-1)]
 
 
+class _StaticLayout:
+    """What the tile loops need from a block layout; it depends only on the sequence
+    boundaries, so it is cached per (cu_q, cu_k, block_size, device) by ``_static_layout``."""
+
+    def __init__(self, layout: BlockLayout):
+        self.layout = layout
+        self.key_token, self.key_valid = layout.block_token_index()  # (G, bs)
+        self.block_last_token = layout.block_start + layout.block_len - 1  # (G,)
+        self.aligned = bool((layout.block_len == layout.block_size).all())
+        self._bias: dict[torch.dtype, torch.Tensor] = {}
+
+    def key_bias(self, dtype) -> torch.Tensor:
+        """Additive bias that removes the missing keys of a tail block: 0 or -inf, (G, 1, bs)."""
+        if dtype not in self._bias:
+            zeros = torch.zeros(self.key_valid.shape, dtype=dtype, device=self.key_valid.device)
+            self._bias[dtype] = zeros.masked_fill(~self.key_valid, float("-inf"))[:, None, :]
+        return self._bias[dtype]
+
+
+_LAYOUT_CACHE: OrderedDict[tuple, _StaticLayout] = OrderedDict()
+_LAYOUT_CACHE_SIZE = 16
+
+
+def _static_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> _StaticLayout:
+    """The block layout of these sequence boundaries (a small LRU cache: training calls every
+    layer with the same lengths, forward and backward)."""
+    key = (tuple(cu_q), tuple(cu_k), block_size, str(torch.device(device)))
+    hit = _LAYOUT_CACHE.get(key)
+    if hit is None:
+        hit = _StaticLayout(build_layout(list(cu_q), list(cu_k), block_size, device))
+        _LAYOUT_CACHE[key] = hit
+        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
+    else:
+        _LAYOUT_CACHE.move_to_end(key)
+    return hit
+
+
 class _Context:
     """Tensors shared by the forward and backward tile loops."""
 
-    def __init__(self, q, k, layout: BlockLayout, causal: bool, scale: float):
+    def __init__(self, q, k, static: _StaticLayout, causal: bool, scale: float):
         self.dtype = _compute_dtype(q.dtype)
         self.hq, self.hkv, self.d = q.shape[1], k.shape[1], q.shape[2]
-        self.layout, self.causal, self.scale = layout, causal, scale
-        self.key_token, self.key_valid = layout.block_token_index()  # (G, bs)
-        # Additive bias that removes the missing keys of a tail block: 0 or -inf, (G, 1, bs).
-        self.key_bias = torch.zeros(self.key_valid.shape, dtype=self.dtype, device=q.device)
-        self.key_bias = self.key_bias.masked_fill(~self.key_valid, float("-inf"))[:, None, :]
-        self.block_last_token = layout.block_start + layout.block_len - 1  # (G,)
-        self.aligned = bool((layout.block_len == layout.block_size).all())
+        self.layout, self.causal, self.scale = static.layout, causal, scale
+        self.key_token, self.key_valid = static.key_token, static.key_valid  # (G, bs)
+        self.key_bias = static.key_bias(self.dtype)  # (G, 1, bs)
+        self.block_last_token = static.block_last_token  # (G,)
+        self.aligned = static.aligned
 
     def key_blocks(self, x: torch.Tensor) -> _KeyBlocks:
         return _KeyBlocks(x, self.key_token, self.key_valid, self.dtype, self.aligned)
@@ -165,7 +225,7 @@ class _Context:
         """
         present = rows >= 0
         safe = rows.clamp(min=0)
-        qt = q_flat[safe].to(self.dtype).masked_fill_(~present[..., None], 0)  # (n, M, D)
+        qt = torch.where(present[..., None], q_flat[safe].to(self.dtype), 0.0)  # (n, M, D)
         block = group // self.hkv
         kt = k_blocks.tile(group)  # (n, bs, D)
         s = torch.baddbmm(self.key_bias[block], qt, kt.transpose(1, 2), alpha=self.scale)
@@ -174,7 +234,9 @@ class _Context:
             q_token = self.layout.q_key_token[safe // self.hq]  # (n, M)
             q_first = q_token.masked_fill(~present, torch.iinfo(q_token.dtype).max).amin(dim=1)
             straddle = (self.block_last_token[block] > q_first).nonzero().squeeze(1)
-            if straddle.numel():
+            if straddle.numel() == block.numel():  # a chunk of own-block tiles only: mask in place, no copies
+                s.masked_fill_(self.key_token[block][:, None, :] > q_token[:, :, None], float("-inf"))
+            elif straddle.numel():
                 future = self.key_token[block[straddle]][:, None, :] > q_token[straddle][:, :, None]
                 s[straddle] = s[straddle].masked_fill_(future, float("-inf"))
         return qt, kt, s, present, safe
@@ -219,8 +281,8 @@ class _Forward:
         self.run_max[r] = new_max
 
 
-def _forward(q, k, v, layout, block_indices, causal, scale):
-    ctx = _Context(q, k, layout, causal, scale)
+def _forward(q, k, v, static, block_indices, causal, scale):
+    ctx = _Context(q, k, static, causal, scale)
     state = _Forward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v))
     for tiles in ctx.tile_sets(block_indices):
         for rows, group in ctx.chunks(tiles):
@@ -246,20 +308,25 @@ class _Backward:
         """One chunk of tiles (a method, so its temporaries are freed on return)."""
         ctx = self.ctx
         qt, kt, s, present, safe = ctx.scores(self.q_flat, self.k_blocks, rows, group)
-        p = s.sub_(self.lse_flat[safe][..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
+        # Padding rows point at row 0, whose lse / delta may be anything (-100 makes
+        # exp(0 - lse) overflow, NaN stays NaN): replace them, so that padding rows get P = 0
+        # and dS = 0 exactly and add nothing to dK / dV of the tile's real rows.
+        lse = torch.where(present, self.lse_flat[safe], float("inf"))
+        delta = torch.where(present, self.delta[safe], 0.0)
+        p = s.sub_(lse[..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
         # dout may be an expanded (stride-0) tensor: index it as (token, head), never flatten it.
-        dot = self.dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype).masked_fill_(~present[..., None], 0)
+        dot = torch.where(present[..., None], self.dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype), 0.0)
         self._add(self.dv_blk, group, torch.bmm(p.transpose(1, 2), dot))
         ds = torch.bmm(dot, self.v_blocks.tile(group).transpose(1, 2))  # dP
         del dot
-        ds = ds.sub_(self.delta[safe][..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
+        ds = ds.sub_(delta[..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
         del p, s
         self.dq.index_add_(0, rows[present], torch.bmm(ds, kt)[present], alpha=ctx.scale)
         self._add(self.dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=ctx.scale)
 
 
-def _backward(q, k, v, out, lse, dout, layout, block_indices, causal, scale):
-    ctx = _Context(q, k, layout, causal, scale)
+def _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale):
+    ctx = _Context(q, k, static, causal, scale)
     delta = _rowwise_dot(dout, out, ctx.dtype).reshape(-1)  # rowsum(dO * O), (Tq * Hq,)
     state = _Backward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v),
                       lse.reshape(-1).to(ctx.dtype), delta, dout)
@@ -273,21 +340,292 @@ def _backward(q, k, v, out, lse, dout, layout, block_indices, causal, scale):
     dv = _unblocked(dv_blk, ctx.key_valid, ctx.hkv, ctx.aligned).to(v.dtype)
     return dq.reshape(q.shape).to(q.dtype), dk, dv
 
+# ----------------------------------------------------------------------------------------------
+# Dense-mask formulation for short sequences of one length (CPU): dense attention under the
+# selection mask, through the CPU flash-attention kernels (native GQA, returns the lse), one
+# query chunk at a time over its causal key prefix.
 
-class _SparseAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, block_indices, layout, causal, scale):
-        out, lse = _forward(q, k, v, layout, block_indices, causal, scale)
-        ctx.save_for_backward(q, k, v, out, lse, block_indices)
-        ctx.layout, ctx.causal, ctx.scale = layout, causal, scale
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+# Used while the attended-pair ratio of dense causal attention over MoBA,
+# (L / 2) / ((top_k - 1/2) * block_size), is below this (above it the tile path is faster) ...
+_DENSE_MASK_MAX_PAIR_RATIO = 2.5
+# ... and while the (N, Hq, L, L) mask stays below this many elements.
+_DENSE_MASK_MAX_ELEMENTS = 1 << 24
+# Causal query chunks (each over its key prefix): the masked-out upper triangle costs
+# (1 + 1/chunks) / 2 of a full square instead of all of it.
+_DENSE_MASK_CHUNKS = 8
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse, block_indices = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, lse, dout, ctx.layout, block_indices, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+
+def _chunks(length: int, causal: bool) -> list[tuple[int, int]]:
+    """Query row ranges [a, b); each attends to keys [0, b) (all keys when not causal)."""
+    n = _DENSE_MASK_CHUNKS if causal and length >= 4 * _DENSE_MASK_CHUNKS else 1
+    bounds = [c * length // n for c in range(n + 1)]
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
+class _DenseMask:
+    """Additive selection masks of N sequences of length L: 0 where the query attends the key,
+    -inf elsewhere (the flash kernel's mask convention), built per query chunk."""
+
+    def __init__(self, block_indices, n: int, length: int, block_size: int, causal: bool, dtype):
+        hq = block_indices.shape[1]
+        n_blocks = (length + block_size - 1) // block_size
+        idx = block_indices.reshape(n, length, hq, -1).transpose(1, 2).long()  # (N, Hq, L, slots)
+        idx = torch.where(idx == PAD_INDEX, n_blocks, idx)  # padding writes an extra, dropped column
+        sel = torch.zeros(n, hq, length, n_blocks + 1, dtype=torch.bool, device=idx.device).scatter_(-1, idx, True)
+        zero = torch.zeros((), dtype=dtype, device=idx.device)
+        self.block_bias = torch.where(sel[..., :n_blocks], zero, float("-inf"))  # (N, Hq, L, n_blocks)
+        self.causal, self.length, self.block_size = causal, length, block_size
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        """(N, Hq, b - a, keys) for queries a:b; keys 0:b when causal, else all."""
+        keys = b if self.causal else self.length
+        n_blocks = (keys + self.block_size - 1) // self.block_size
+        bias = self.block_bias[:, :, a:b, :n_blocks]
+        # Each block's bias repeated over its keys, into a fresh tensor.
+        mask = bias.new_empty(*bias.shape, self.block_size).copy_(bias[..., None]).flatten(-2)[..., :keys]
+        if self.causal:  # only the square of keys a:b holds future keys of queries a:b
+            future = torch.ones(b - a, b - a, dtype=torch.bool, device=mask.device).triu_(1)
+            mask[..., a:b].masked_fill_(future, float("-inf"))
+        return mask
+
+
+def _as_bhld(x: torch.Tensor, n: int, length: int) -> torch.Tensor:
+    """(N * L, H, D) -> (N, H, L, D) view."""
+    return x.reshape(n, length, *x.shape[1:]).transpose(1, 2)
+
+
+def _dense_mask_forward(q, k, v, block_indices, cu_q, block_size, causal, scale):
+    n, length = len(cu_q) - 1, cu_q[1] - cu_q[0]
+    masks = _DenseMask(block_indices, n, length, block_size, causal, q.dtype)
+    qb, kb, vb = (_as_bhld(x, n, length) for x in (q, k, v))
+    out = torch.empty(n, length, *q.shape[1:], dtype=q.dtype, device=q.device)
+    lse = torch.empty(n, length, q.shape[1], dtype=_compute_dtype(q.dtype), device=q.device)
+    for a, b in _chunks(length, causal):
+        keys = b if causal else length
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            qb[:, :, a:b], kb[:, :, :keys], vb[:, :, :keys], 0.0, False, attn_mask=masks(a, b), scale=scale
+        )
+        out[:, a:b] = o.transpose(1, 2)
+        lse[:, a:b] = l.transpose(1, 2)
+    return out.view(q.shape), lse.view(q.shape[:2])
+
+
+def _dense_mask_backward(dout, q, k, v, out, lse, block_indices, cu_q, block_size, causal, scale):
+    n, length = len(cu_q) - 1, cu_q[1] - cu_q[0]
+    masks = _DenseMask(block_indices, n, length, block_size, causal, q.dtype)
+    qb, kb, vb, ob, gb = (_as_bhld(x, n, length) for x in (q, k, v, out, dout))
+    lseb = lse.view(n, length, -1).transpose(1, 2).to(torch.float32 if q.dtype != torch.float64 else q.dtype)
+    dq = torch.empty(n, length, *q.shape[1:], dtype=q.dtype, device=q.device)
+    dk = torch.zeros(n, length, *k.shape[1:], dtype=torch.float32 if k.dtype != torch.float64 else k.dtype,
+                     device=k.device)
+    dv = torch.zeros_like(dk)
+    for a, b in _chunks(length, causal):
+        keys = b if causal else length
+        gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gb[:, :, a:b], qb[:, :, a:b], kb[:, :, :keys], vb[:, :, :keys], ob[:, :, a:b], lseb[:, :, a:b].contiguous(),
+            0.0, False, attn_mask=masks(a, b), scale=scale,
+        )
+        dq[:, a:b] = gq.transpose(1, 2)
+        dk[:, :keys] += gk.transpose(1, 2)
+        dv[:, :keys] += gv.transpose(1, 2)
+    return dq.view(q.shape), dk.view(k.shape).to(k.dtype), dv.view(v.shape).to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Custom ops: autograd and torch.compile see one opaque op per direction (the tile grouping is
+# data dependent: nonzero, unique, .item(); it stays inside the ops, and so do the chunk loops).
+# method: "tile" (any layout) or "dense_mask" (CPU, one length L for queries and keys).
+
+
+@torch.library.custom_op("moba::torch_attention_fwd", mutates_args=())
+def torch_attention_fwd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_indices: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    causal: bool,
+    scale: float,
+    method: str = "tile",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA forward over given block indices: (out (Tq, Hq, D) in q.dtype, lse (Tq, Hq) float32;
+    float64 for float64 inputs)."""
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))
+    if method == "dense_mask":
+        return _dense_mask_forward(q, k, v, block_indices, cu_q, block_size, causal, scale)
+    static = _static_layout(cu_q, cu_k, block_size, q.device)
+    return _forward(q, k, v, static, block_indices, causal, scale)
+
+
+@torch_attention_fwd.register_fake
+def _(q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale, method="tile"):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=_compute_dtype(q.dtype))
+
+
+@torch.library.custom_op("moba::torch_attention_bwd", mutates_args=())
+def torch_attention_bwd(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    block_indices: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    causal: bool,
+    scale: float,
+    method: str = "tile",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MoBA backward: (dq, dk, dv) in the dtypes of q, k, v."""
+    if q.shape[0] == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if method == "dense_mask":
+        return _dense_mask_backward(dout, q, k, v, out, lse, block_indices, cu_q, block_size, causal, scale)
+    static = _static_layout(cu_q, cu_k, block_size, q.device)
+    return _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale)
+
+
+@torch_attention_bwd.register_fake
+def _(dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, causal, scale, method="tile"):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale, method = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, block_indices, out, lse)
+    ctx.args = (cu_q, cu_k, block_size, causal, scale, method)
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_op(ctx, dout, _dlse):
+    q, k, v, block_indices, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch_attention_bwd(dout.contiguous(), q, k, v, out, lse, block_indices, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+torch_attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
+
+
+def _gate_width(cu_k: list[int], block_size: int, top_k: int):
+    """Slots of the gate's result: max(1, min(top_k, blocks of the longest key sequence)).
+    SymInt-safe (torch.sym_max / sym_min), so compiled callers do not guard on lengths."""
+    return torch.sym_max(1, torch.sym_min(top_k, _n_blocks_max(cu_k, block_size)))
+
+
+@torch.library.custom_op("moba::torch_gate", mutates_args=())
+def torch_gate(
+    q: torch.Tensor, k: torch.Tensor, cu_q: list[int], cu_k: list[int], block_size: int, top_k: int, causal: bool
+) -> torch.Tensor:
+    """``moba.gate.select_packed`` as an op: (Tq, Hq, width) int32 local block indices."""
+    static = _static_layout(cu_q, cu_k, block_size, q.device)
+    return select_packed(q, k, static.layout, top_k, causal).to(torch.int32)
+
+
+@torch_gate.register_fake
+def _(q, k, cu_q, cu_k, block_size, top_k, causal):
+    return q.new_empty((q.shape[0], q.shape[1], _gate_width(cu_k, block_size, top_k)), dtype=torch.int32)
+
+
+# ----------------------------------------------------------------------------------------------
+# The gated entry point (moba_attn_func / moba_attn_varlen_func without block_indices)
+
+
+def _sdpa(q, k, v, scale, causal: bool) -> torch.Tensor:
+    """(N, L, Hq, D) x (N, Lk, Hkv, D) -> (N, L, Hq, D) via torch SDPA (native GQA)."""
+    gqa = True if q.shape[2] != k.shape[2] else False  # a plain bool (a guard, not a SymBool) under compile
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal, scale=scale, enable_gqa=gqa
+    )
+    return out.transpose(1, 2)
+
+
+def _uniform_length(cu_q: list[int], cu_k: list[int]):
+    """L when every sequence has L queries and L keys (self-attention, one length), else None."""
+    if len(cu_q) != len(cu_k) or len(cu_q) < 2:
+        return None
+    length = cu_q[1] - cu_q[0]
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
+        if b - a != length or d - c != length or a != c:
+            return None
+    return length
+
+
+def _dense_attention_packed(q, k, v, cu_q, cu_k, causal, scale) -> torch.Tensor:
+    """Dense attention (what MoBA is when top_k covers every block) over packed sequences."""
+    length = _uniform_length(cu_q, cu_k)
+    if length is not None:
+        n = len(cu_q) - 1
+        return _sdpa(*(x.view(n, length, *x.shape[1:]) for x in (q, k, v)), scale, causal).reshape(q.shape)
+    parts = []
+    for a, b, c, d in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:], strict=True):
+        if b == a:
+            continue
+        if causal and b - a != d - c:  # queries aligned to the end of their keys: bottom-right mask
+            pos = torch.arange(d - c, device=q.device)
+            mask = pos[None, :] <= pos[d - c - (b - a) :, None]
+            gqa = q.shape[1] != k.shape[1]
+            part = F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[c:d].transpose(0, 1),
+                                                  v[c:d].transpose(0, 1), attn_mask=mask, scale=scale,
+                                                  enable_gqa=gqa).transpose(0, 1)
+        else:
+            part = _sdpa(q[None, a:b], k[None, c:d], v[None, c:d], scale, causal)[0]
+        parts.append(part)
+    return torch.cat(parts, dim=0) if parts else torch.zeros_like(q)
+
+
+def _n_blocks_max(cu_k: list[int], block_size: int):
+    n_blocks = [(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    return functools.reduce(torch.sym_max, n_blocks, 0)
+
+
+def gated_path(cu_q: list[int], cu_k: list[int], n_heads: int, block_size: int, top_k: int, device="cpu") -> str:
+    """Which formulation ``moba_attention_packed`` runs: "dense", "dense_mask" or "tile"."""
+    if top_k >= _n_blocks_max(cu_k, block_size):
+        return "dense"
+    length = _uniform_length(cu_q, cu_k)
+    if length is not None and torch.device(device).type == "cpu":
+        pair_ratio = length / (2 * (top_k - 0.5) * block_size)
+        mask_elements = (len(cu_q) - 1) * n_heads * length * length
+        if pair_ratio < _DENSE_MASK_MAX_PAIR_RATIO and mask_elements <= _DENSE_MASK_MAX_ELEMENTS:
+            return "dense_mask"
+    return "tile"
+
+
+def moba_attention_packed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: list[int],
+    cu_k: list[int],
+    block_size: int,
+    top_k: int,
+    causal: bool,
+    softmax_scale: float,
+) -> torch.Tensor:
+    """MoBA attention with the gate, in the cheapest exact formulation (PyTorch, autograd).
+
+    q: (Tq, Hq, D); k, v: (Tk, Hkv, D); cu_q / cu_k: host lists (SymInts under torch.compile)
+    of the N + 1 sequence boundaries. Returns (Tq, Hq, D) in q's dtype.
+
+    * "dense": top_k covers every block of every sequence: dense attention (torch SDPA), no gate;
+    * "dense_mask": CPU, one length L for all sequences, L short relative to top_k * block_size:
+      the gate, then dense attention under the selection mask (CPU flash kernels);
+    * "tile": the gate, then the tile path.
+    The choice depends on lengths only: under torch.compile it is a guard, not a recompile per length.
+    """
+    if q.shape[0] == 0:
+        return q.clone()  # clone keeps the graph
+    path = gated_path(cu_q, cu_k, q.shape[1], block_size, top_k, q.device)
+    if path == "dense":
+        return _dense_attention_packed(q, k, v, cu_q, cu_k, causal, softmax_scale)
+    block_indices = torch_gate(q.detach(), k.detach(), cu_q, cu_k, block_size, top_k, causal)
+    return torch_attention_fwd(q, k, v, block_indices, cu_q, cu_k, block_size, causal, softmax_scale, path)[0]
 
 
 def sparse_attention_packed(
@@ -299,7 +637,7 @@ def sparse_attention_packed(
     causal: bool,
     softmax_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoBA attention of packed queries over their selected key blocks (PyTorch, autograd).
+    """MoBA attention of packed queries over given key blocks: the tile path (PyTorch, autograd).
 
     q: (Tq, Hq, D); k, v: (Tk, Hkv, D); block_indices: (Tq, Hq, n_slots) local block indices
     (validated, PAD_INDEX-padded). Returns the output (Tq, Hq, D) in q's dtype and the
@@ -307,4 +645,7 @@ def sparse_attention_packed(
     """
     if q.shape[0] == 0:
         return q.clone(), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))  # clone keeps the graph
-    return _SparseAttention.apply(q, k, v, block_indices, layout, causal, softmax_scale)
+    return torch_attention_fwd(
+        q, k, v, block_indices, list(layout.cu_q), list(layout.cu_k), int(layout.block_size), bool(causal),
+        float(softmax_scale),
+    )

@@ -231,3 +231,246 @@ def test_large_logits_float32(s, hq, d, bs, top_k, scale, seed):
     out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
     assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
     assert_grads_close_by_rule(grads, grads_lo, grads_t)
+
+
+# ---------------------------------------------------------------------------------------
+# Non-finite isolation (issue 13 item 1): padding rows of a tile point at row 0
+# ---------------------------------------------------------------------------------------
+
+
+def _large_negative_self_score(b, s, hq, hkv, d, seed=0):
+    """Random q, k, v (float32) where query 0 of batch element 0 scores -100 against its own key
+    (its lse is then about -100: exp(0 - lse) overflows float32)."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = random_qkv(b, s, hq, hkv, d, torch.float32, generator=gen)
+    k0 = k[0, 0, 0]
+    q[0, 0, 0] = -100 * k0 / k0.dot(k0) * d**0.5
+    return q, k, v
+
+
+@pytest.fixture(params=["tile", "dense_mask"])
+def gated_path(request, monkeypatch):
+    """Force the formulation ``moba_attn_func(..., backend="torch")`` runs without block_indices."""
+    import moba.torch_impl as impl
+
+    monkeypatch.setattr(impl, "_DENSE_MASK_MAX_PAIR_RATIO", 0.0 if request.param == "tile" else float("inf"))
+    return request.param
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_large_negative_score_at_token_0_keeps_grads_finite(top_k, gated_path):
+    """Regression: padding rows read row 0's lse; exp(0 - lse) = inf times a zero mask was NaN
+    in dK / dV of other tokens. Causal: token 0 sees only itself, so its lse is exactly -100."""
+    q, k, v = _large_negative_self_score(1, 16, 2, 1, 8)
+    dout = torch.randn(q.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def run(be):
+        return lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, 4, top_k, backend=be)
+
+    out, grads = forward_backward(run("torch"), detached_copies(q, k, v), dout)
+    out_lo, grads_lo = forward_backward(run("reference"), detached_copies(q, k, v), dout)
+    out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
+    for name, g in zip("qkv", grads, strict=True):
+        assert torch.isfinite(g).all(), f"d{name} has non-finite values"
+    assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), "large"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_non_finite_in_batch_0_does_not_reach_batch_1(bad, causal, gated_path):
+    """A NaN / inf / huge negative score at token 0 of batch element 0 leaves batch element 1's
+    output and gradients equal to those of batch element 1 run alone."""
+    q, k, v = _large_negative_self_score(2, 24, 4, 2, 8, seed=3)
+    if bad != "large":
+        q[0, 0, 0, 0] = bad
+        k[0, 0, 0, 0] = bad
+        v[0, 0, 0, 0] = bad
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+
+    def run(q_, k_, v_):
+        return moba.moba_attn_func(q_, k_, v_, 5, 2, causal, backend="torch")
+
+    out, grads = forward_backward(run, detached_copies(q, k, v), dout)
+    alone_out, alone_grads = forward_backward(run, detached_copies(q[1:], k[1:], v[1:]), dout[1:])
+    torch.testing.assert_close(out[1:], alone_out, rtol=0, atol=1e-6)
+    for g, g_alone in zip(grads, alone_grads, strict=True):
+        assert torch.isfinite(g[1:]).all()
+        torch.testing.assert_close(g[1:], g_alone, rtol=0, atol=1e-5)
+
+
+def test_non_finite_in_one_sequence_stays_there_varlen(gated_path):
+    """Packed sequences: a NaN at the first token of sequence 0 reaches no other sequence."""
+    q, k, v, cu, max_s = random_varlen([9, 13, 1, 20], 4, 2, 8, torch.float32)
+    q[0, 0, 0] = float("nan")
+    v[0, 0, 0] = float("nan")
+    dout = torch.randn(q.shape)
+
+    def run(q_, k_, v_):
+        return moba.moba_attn_varlen_func(q_, k_, v_, cu, max_s, 4, 2, backend="torch")
+
+    out, grads = forward_backward(run, detached_copies(q, k, v), dout)
+    rest = slice(int(cu[1]), None)
+    assert torch.isfinite(out[rest]).all()
+    for g in grads:
+        assert torch.isfinite(g[rest]).all()
+
+
+# ---------------------------------------------------------------------------------------
+# The formulations behind moba_attn_func(backend="torch") without block_indices
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize(
+    "b,s,hq,hkv,d,bs,top_k",
+    [
+        pytest.param(2, 50, 4, 2, 16, 7, 3, id="gqa-bs7-k3-tail"),
+        pytest.param(1, 64, 2, 1, 8, 16, 1, id="mqa-bs16-k1"),
+        pytest.param(3, 37, 4, 4, 8, 5, 2, id="mha-bs5-k2-tail"),
+        pytest.param(2, 96, 3, 1, 8, 8, 3, id="mqa-chunked-causal"),
+    ],
+)
+def test_gated_paths_match_reference(gated_path, dtype, causal, b, s, hq, hkv, d, bs, top_k):
+    """The gate inside the backend, then the tile or the dense-mask formulation, against the
+    reference fed the same gate's indices (select_blocks)."""
+    q, k, v = random_qkv(b, s, hq, hkv, d, dtype)
+    idx = moba.select_blocks(q, k, bs, top_k, causal)
+    dout = torch.randn(b, s, hq, d, dtype=torch.float64)
+    ours = lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, bs, top_k, causal, backend="torch")  # noqa: E731
+
+    def ref(q_, k_, v_):
+        return moba.moba_attn_func(q_, k_, v_, bs, top_k, causal, backend="reference", block_indices=idx)
+
+    out, grads = forward_backward(ours, detached_copies(q, k, v), dout)
+    out_lo, grads_lo = forward_backward(ref, detached_copies(q, k, v), dout)
+    out_t, grads_t = forward_backward(ref, detached_copies(q, k, v, dtype=torch.float64), dout)
+    assert out.dtype == dtype
+    assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_dense_mask_half_precision(dtype, monkeypatch):
+    import moba.torch_impl as impl
+
+    monkeypatch.setattr(impl, "_DENSE_MASK_MAX_PAIR_RATIO", float("inf"))
+    q, k, v = random_qkv(2, 64, 4, 2, 16, dtype)
+    idx = moba.select_blocks(q, k, 8, 3)
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    ours = lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, 8, 3, backend="torch")  # noqa: E731
+    ref = lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, 8, 3, backend="reference", block_indices=idx)  # noqa: E731
+    out, grads = forward_backward(ours, detached_copies(q, k, v), dout)
+    out_lo, grads_lo = forward_backward(ref, detached_copies(q, k, v), dout)
+    out_t, grads_t = forward_backward(ref, detached_copies(q, k, v, dtype=torch.float64), dout)
+    assert out.dtype == dtype
+    assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_top_k_covering_all_blocks_is_dense_sdpa(causal):
+    """top_k >= n_blocks dispatches to dense attention: bitwise SDPA's output and gradients."""
+    import torch.nn.functional as F
+
+    q, k, v = random_qkv(2, 40, 4, 2, 8, torch.float32)
+    dout = torch.randn(q.shape)
+
+    def sdpa(q_, k_, v_):
+        t = [x.transpose(1, 2) for x in (q_, k_, v_)]
+        return F.scaled_dot_product_attention(*t, is_causal=causal, enable_gqa=True).transpose(1, 2)
+
+    out, grads = forward_backward(lambda *x: moba.moba_attn_func(*x, 8, 5, causal, backend="torch"),
+                                  detached_copies(q, k, v), dout)
+    out_d, grads_d = forward_backward(sdpa, detached_copies(q, k, v), dout)
+    assert torch.equal(out, out_d)
+    for g, g_d in zip(grads, grads_d, strict=True):
+        assert torch.equal(g, g_d)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_top_k_covering_all_blocks_varlen_matches_reference(causal):
+    q, k, v, cu, max_s = random_varlen([23, 0, 1, 40, 7], 4, 2, 8, torch.float64)
+    idx = moba.select_blocks_varlen(q, k, cu, max_s, 5, 8, causal)
+    dout = torch.randn(q.shape, dtype=torch.float64)
+    out, grads = forward_backward(lambda *x: moba.moba_attn_varlen_func(*x, cu, max_s, 5, 8, causal, backend="torch"),
+                                  detached_copies(q, k, v), dout)
+    out_t, grads_t = forward_backward(
+        lambda *x: moba.moba_attn_varlen_func(*x, cu, max_s, 5, 8, causal, backend="reference", block_indices=idx),
+        detached_copies(q, k, v), dout)
+    assert_close_by_rule(out, out_t, out_t, name="out")
+    assert_grads_close_by_rule(grads, grads_t, grads_t)
+
+
+def test_path_choice():
+    """Dense when top_k covers every block; the dense mask at short contexts (the cpu-tiny
+    preset: context 256, block 32, top-3); the tile path at long contexts and for varlen."""
+    from moba.torch_impl import gated_path
+
+    assert gated_path([0, 256, 512], [0, 256, 512], 3, 32, 8) == "dense"
+    assert gated_path([0, 256, 512], [0, 256, 512], 3, 32, 3) == "dense_mask"
+    assert gated_path([0, 16384], [0, 16384], 8, 512, 3) == "tile"
+    assert gated_path([0, 200, 456], [0, 200, 456], 3, 32, 3) == "tile"  # two lengths
+
+
+def test_layout_is_cached_per_lengths_and_block_size():
+    from moba import torch_impl as impl
+
+    a = impl._static_layout([0, 30, 60], [0, 30, 60], 8, "cpu")
+    assert impl._static_layout([0, 30, 60], [0, 30, 60], 8, "cpu") is a
+    assert impl._static_layout([0, 30, 60], [0, 30, 60], 4, "cpu") is not a
+
+
+# ---------------------------------------------------------------------------------------
+# torch.compile: the PyTorch path as custom ops, fullgraph, dynamic lengths
+# ---------------------------------------------------------------------------------------
+
+
+def _compiled_matches_eager(fn, inputs, dout):
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=True)
+    out, grads = forward_backward(fn, detached_copies(*inputs), dout)
+    out_c, grads_c = forward_backward(compiled, detached_copies(*inputs), dout)
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-6)
+    for g_c, g in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(g_c, g, rtol=0, atol=1e-6)
+    return compiled
+
+
+@pytest.mark.parametrize("s,top_k,path", [(50, 3, "dense_mask"), (120, 2, "tile"), (12, 3, "dense")])
+def test_compile_fullgraph_moba_attn_func(s, top_k, path):
+    from moba.torch_impl import gated_path
+
+    assert gated_path([0, s, 2 * s], [0, s, 2 * s], 4, 8, top_k) == path
+    q, k, v = random_qkv(2, s, 4, 2, 8, torch.float32)
+    fn = lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, 8, top_k, backend="torch")  # noqa: E731
+    _compiled_matches_eager(fn, (q, k, v), torch.randn(q.shape))
+
+
+@pytest.mark.parametrize("s", [64, 200], ids=["dense_mask", "tile"])
+def test_compile_fullgraph_self_attention_module(s):
+    """A model built from moba.nn: MoBASelfAttention (rotary, GQA) twice, compiled fullgraph."""
+    from moba.nn import MoBASelfAttention
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[MoBASelfAttention(32, 4, 2, block_size=8, top_k=3, backend="torch")
+                                   for _ in range(2)])
+    x = torch.randn(2, s, 32)
+    _compiled_matches_eager(lambda x_: layers(x_), (x,), torch.randn(x.shape))
+
+
+@pytest.mark.parametrize("s1,s2", [(64, 72), (200, 232)], ids=["dense_mask", "tile"])
+def test_compile_dynamic_lengths_do_not_recompile(s1, s2):
+    """dynamic=True: a second sequence length (same formulation) reuses the compiled graph."""
+    torch._dynamo.reset()
+    fn = torch.compile(lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, 8, 3, backend="torch"),
+                       fullgraph=True, backend="aot_eager", dynamic=True)
+    q, k, v = random_qkv(2, s1, 4, 2, 8, torch.float32, requires_grad=True)
+    fn(q, k, v).sum().backward()
+    q, k, v = random_qkv(2, s2, 4, 2, 8, torch.float32, requires_grad=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = fn(q, k, v)
+        out.sum().backward()
+    eager = moba.moba_attn_func(q, k, v, 8, 3, backend="torch")
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
