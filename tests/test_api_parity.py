@@ -301,7 +301,10 @@ def test_return_lse_fixed(backend, causal, dtype):
     out, lse = moba.moba_attn_func(q, k, v, 4, 2, causal, scale, backend, return_lse=True)
     assert lse.shape == (2, 4, 19) and lse.is_contiguous() and not lse.requires_grad
     assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert torch.equal(out, moba.moba_attn_func(q, k, v, 4, 2, causal, scale, backend))
+    # the same output as without the lse (the torch backend may pick another exact formulation
+    # without it, e.g. dense under the selection mask at short lengths: equal up to rounding)
+    tol = dict(atol=2e-3, rtol=2e-3) if dtype == torch.float16 else {}  # a few float16 ulps
+    torch.testing.assert_close(out, moba.moba_attn_func(q, k, v, 4, 2, causal, scale, backend), **tol)
     idx = moba.select_blocks(q, k, 4, 2, causal)
     truth = _dense_lse_from_indices(q, k, idx, 4, causal, scale)
     _, lse_lowp = moba.moba_attn_func(q, k, v, 4, 2, causal, scale, "reference", return_lse=True,

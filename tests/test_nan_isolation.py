@@ -26,14 +26,8 @@ from moba.tree import moba_tree_attention
 CPU_BACKENDS = ["torch", "reference"]
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
 
-#: The PyTorch path's backward (moba/torch_impl.py, issue 13 item 1) is fixed on another
-#: branch; its backward cases may still fail here.
-TORCH_BACKWARD_XFAIL = pytest.mark.xfail(strict=False, reason="fixed in torch_impl by the torch-path work")
-
-
 def _backward_param(backend: str):
-    marks = [TORCH_BACKWARD_XFAIL] if backend == "torch" else []
-    return pytest.param(backend, marks=marks, id=backend)
+    return pytest.param(backend, id=backend)
 
 
 def _leaves(*tensors):
@@ -320,7 +314,7 @@ def test_tree_branches_are_isolated(poison, top_k):
 
 @pytest.mark.parametrize(
     "backend,mode",
-    [pytest.param("torch", "moba", marks=TORCH_BACKWARD_XFAIL), ("reference", "moba"), ("torch", "full")],
+    [("torch", "moba"), ("reference", "moba"), ("torch", "full")],
 )
 def test_self_attention_layer_isolates_batch_rows(backend, mode):
     torch.manual_seed(0)
