@@ -297,7 +297,7 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _duration(seconds: float | None) -> str:
+def format_duration(seconds: float | None) -> str:
     """``42.1 s``, ``3:07`` (min:s) or ``1:02:03`` (h:min:s)."""
     if seconds is None or not math.isfinite(seconds):
         return "-"
@@ -318,7 +318,7 @@ def eval_line(row: dict, max_steps: int, tokens_per_s: float | None, eta_s: floa
     return (f"[train] step {row['step']}/{max_steps} ({100 * row['step'] / max(1, max_steps):.0f}%)  "
             f"tokens {row['tokens']:,}  train {_loss(row.get('train_loss'))}  val {_loss(row.get('val_loss'))}  "
             f"trailing {_loss(row.get('trailing_loss'))}  {tps} tok/s  "
-            f"elapsed {_duration(row.get('elapsed_s'))}  eta {_duration(eta_s)}")
+            f"elapsed {format_duration(row.get('elapsed_s'))}  eta {format_duration(eta_s)}")
 
 
 def format_summary(last: dict, out_dir: str | Path, title: str = "finished") -> str:
@@ -346,7 +346,7 @@ def format_summary(last: dict, out_dir: str | Path, title: str = "finished") -> 
         ("val loss", _loss(last.get("val_loss"))),
         ("trailing loss", f"{_loss(last.get('trailing_loss'))}  (held-out, {where})"),
         ("throughput", "-" if last.get("tokens_per_s") is None else f"{last['tokens_per_s']:,.0f} tokens/s"),
-        ("wall time", _duration(last.get("elapsed_s")) + "  (all sessions of this run)"),
+        ("wall time", format_duration(last.get("elapsed_s")) + "  (all sessions of this run)"),
     ]
     if last.get("skipped_steps"):
         lines.append(("skipped steps", f"{last['skipped_steps']} (non-finite loss or gradients)"))
