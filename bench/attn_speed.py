@@ -37,9 +37,12 @@ Every timed MoBA call includes its gate (what a user pays); the gate alone
 
 Metrics per (provider, seqlen, mode): median and p20/p80 time; effective TFLOP/s (attended
 pairs only, counted exactly from the selection); dense-equivalent TFLOP/s (dense causal FLOPs
-/ time); speedup vs dense flash attention (flash-attn, else sdpa-flash on GPU; sdpa on CPU);
-peak memory (``torch.cuda.max_memory_allocated`` on GPU; peak RSS delta on CPU, measured in
-this process after resetting the kernel's high-water mark with /proc/self/clear_refs).
+/ time); speedup vs the dense baseline (GPU: flash attention, i.e. flash-attn, else SDPA's
+flash backend; CPU: torch SDPA, labelled "SDPA", never "flash"); peak memory, reported one
+way in every output: the increase over what was allocated before the call (the inputs, and
+for ``bwd`` the saved forward), ``peak_mem_delta_mib`` (``torch.cuda.max_memory_allocated``
+minus the allocation before, on GPU; peak RSS minus RSS before on CPU, measured in this
+process after resetting the kernel's high-water mark with /proc/self/clear_refs).
 
 Output (under ``--out``, default ``bench/results/<device>-<date>/``): a table on the terminal,
 ``attn_speed.json`` (metadata + rows), ``attn_speed.csv``, ``time_vs_seqlen.png`` and
@@ -67,8 +70,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _p in (HERE, HERE.parent):  # bench's helpers; the repo root for scaling_runs.plotting
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -110,6 +114,10 @@ MOBA_PROVIDERS = {"moba-triton", "moba-torch", "flex-moba", "moba-paper-reimpl",
 # moba-full duplicates flash-attn / sdpa-flash, sdpa-math is no long-context option: ask for them by name.
 GPU_DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("sdpa", "reference", "moba-full", "sdpa-math"))
 CPU_DEFAULT_PROVIDERS = ("moba-torch", "reference", "sdpa", "moba-paper-reimpl")
+#: How plots and tables name each dense baseline (the CPU one is SDPA, not flash attention).
+BASELINE_LABELS = {"flash-attn": "flash-attn", "sdpa-flash": "SDPA flash backend", "sdpa-cudnn": "SDPA cuDNN backend",
+                   "sdpa-efficient": "SDPA efficient backend", "moba-full": "moba.full_attn_func", "sdpa": "SDPA",
+                   "sdpa-math": "SDPA math backend"}
 CPU_NOTE = "CPU timings say nothing about GPU kernels: this mode checks that the benchmark runs."
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -403,13 +411,14 @@ def _malloc_trim():
         pass
 
 
-def peak_memory(fn: Callable, dev: torch.device) -> tuple[float | None, float | None]:
-    """(peak MiB, peak MiB above what was allocated before the call) of one call of ``fn``.
+def peak_memory(fn: Callable, dev: torch.device) -> float | None:
+    """Peak MiB above what was allocated before one call of ``fn`` (the inputs): the one
+    memory figure every output reports.
 
-    CUDA: ``torch.cuda.max_memory_allocated`` (peak includes the inputs already allocated).
+    CUDA: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` before the call.
     CPU: peak RSS delta: free heap is trimmed, the kernel's high-water mark is reset by
-    writing 5 to /proc/self/clear_refs, then VmHWM - VmRSS before; (None, None) when the
-    platform cannot do that.
+    writing 5 to /proc/self/clear_refs, then VmHWM - VmRSS before; None when the platform
+    cannot do that.
     """
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
@@ -419,19 +428,19 @@ def peak_memory(fn: Callable, dev: torch.device) -> tuple[float | None, float | 
         fn()
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
-        return peak / 2**20, (peak - base) / 2**20
+        return (peak - base) / 2**20
     _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
-        return None, None
+        return None
     base = _rss_kib("VmRSS")
     fn()
     peak = _rss_kib("VmHWM")
     if base is None or peak is None:
-        return None, None
-    return peak / 1024, max(0, peak - base) / 1024
+        return None
+    return max(0, peak - base) / 1024
 
 
 def _step(fwd: Callable, mode: str, q, k, v):
@@ -483,8 +492,7 @@ class Row:
     tflops_dense_equiv: float | None = None
     speedup: float | None = None
     speedup_vs: str | None = None
-    peak_mem_mib: float | None = None
-    peak_mem_delta_mib: float | None = None
+    peak_mem_delta_mib: float | None = None  # MiB above the inputs (see peak_memory)
     gating_ms: float | None = None
 
 
@@ -586,7 +594,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore")
                         t_first = time.perf_counter()
-                        row.peak_mem_mib, row.peak_mem_delta_mib = peak_memory(step, dev)
+                        row.peak_mem_delta_mib = peak_memory(step, dev)
                         t_first = time.perf_counter() - t_first
                         times = time_fn(step, dev, cfg.warmup, cfg.repeats, cfg.max_seconds, t_first)
                     row.median_ms = statistics.median(times)
@@ -614,7 +622,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
 
 
 def baseline_candidates(device_type: str) -> tuple[str, ...]:
-    """Dense flash attention to compare with, in order of preference."""
+    """The dense baseline to compare with, in order of preference: flash attention on GPU, SDPA on CPU."""
     return ("flash-attn", "sdpa-flash", "sdpa-cudnn", "moba-full") if device_type == "cuda" else ("sdpa", "moba-full", "sdpa-math")
 
 
@@ -653,14 +661,22 @@ def summarize(rows: list[Row]) -> list[dict]:
     return out
 
 
+def baseline_label(names) -> str:
+    """How outputs name the dense baseline(s) the speedups are against: "SDPA" on CPU,
+    "flash-attn" / "SDPA flash backend" on GPU (several joined with " / ")."""
+    labels = list(dict.fromkeys(BASELINE_LABELS.get(n, n) for n in names if n))
+    return " / ".join(labels) if labels else "the dense baseline"
+
+
 def print_summary(summary: list[dict]) -> None:
     if not summary:
         return
-    print("Summary: our fastest MoBA path vs dense flash attention (memory = peak above the inputs)")
+    label = baseline_label(x["baseline"] for x in summary)
+    print(f"Summary: our fastest MoBA path vs dense {label} (memory = peak MiB above the inputs)")
     for x in summary:
         sp = "-" if x["speedup"] is None else f"{x['speedup']:.2f}x"
         mem = "-" if x["mem_ratio"] is None else f"{x['mem_ratio']:.2f}x the memory"
-        base = x["baseline"] or "no baseline"
+        base = BASELINE_LABELS.get(x["baseline"], x["baseline"]) if x["baseline"] else "no baseline"
         print(f"  S={x['seqlen']:>8} {x['mode']:8s} {x['moba']:14s} {x['moba_ms']:10.3f} ms  "
               f"{sp:>8} vs {base} ({'-' if x['baseline_ms'] is None else format(x['baseline_ms'], '.3f')} ms), "
               f"{mem}, sparsity {x['sparsity']:.1%}")
@@ -702,7 +718,7 @@ def metadata(cfg: Config, argv: list[str]) -> dict:
     dev = torch.device(cfg.device)
     meta = {
         "benchmark": "attn_speed",
-        "schema_version": 1,
+        "schema_version": 2,  # 2: one memory column (peak_mem_delta_mib), the absolute peak_mem_mib is gone
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "argv": list(argv),
         "device": str(dev),
@@ -719,8 +735,10 @@ def metadata(cfg: Config, argv: list[str]) -> dict:
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
         "timing": "CUDA events per call" if dev.type == "cuda" else "time.perf_counter per call",
-        "peak_mem": "torch.cuda.max_memory_allocated (includes inputs); delta = above memory allocated before the call"
-        if dev.type == "cuda" else "peak RSS (VmHWM after /proc/self/clear_refs reset); delta = above RSS before the call",
+        "peak_mem": "peak_mem_delta_mib = peak above the inputs: torch.cuda.max_memory_allocated minus memory "
+        "allocated before the call" if dev.type == "cuda" else
+        "peak_mem_delta_mib = peak above the inputs: peak RSS (VmHWM after /proc/self/clear_refs reset) minus RSS "
+        "before the call",
         "flops": "attended pairs x 4 x head_dim (fwd); bwd 2.5x, fwd+bwd 3.5x; dense = S(S+1)/2 pairs per head (S^2 non-causal)",
         "baseline_preference": list(baseline_candidates(dev.type)),
         "moba_times_include_gate": True,
@@ -767,15 +785,18 @@ def write_plots(rows: list[Row], meta: dict, out: Path) -> dict[str, Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from scaling_runs.plotting import readable_log_axis
+
     ok = [r for r in rows if r.status == "ok"]
     modes = [m for m in MODES if any(r.mode == m for r in rows)] or ["fwd"]
+    base = baseline_label(r.speedup_vs for r in ok)
     providers = list(dict.fromkeys(r.provider for r in rows))
     cfg = meta["config"]
     title = (f"{meta['device_name']}: B={cfg['batch']} Hq={cfg['heads']} Hkv={cfg['kv_heads']} D={cfg['head_dim']} "
              f"{cfg['dtype']}, block {cfg['block_size']} top-{cfg['top_k']}{'' if cfg['causal'] else ', non-causal'}")
     paths = {}
     for key, fname, ylabel in (("median_ms", "time_vs_seqlen.png", "median time (ms)"),
-                               ("speedup", "speedup_vs_seqlen.png", "speedup vs dense flash attention (x)")):
+                               ("speedup", "speedup_vs_seqlen.png", f"speedup vs dense {base} (x)")):
         fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.5), squeeze=False)
         for ax, mode in zip(axes[0], modes, strict=True):
             for p in providers:
@@ -784,8 +805,8 @@ def write_plots(rows: list[Row], meta: dict, out: Path) -> dict[str, Path]:
                 if pts:
                     ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o",
                             linestyle="--" if p not in MOBA_PROVIDERS else "-", label=p)
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            readable_log_axis(ax, "x", base=2, units=1024)  # 512, 1K, 2K, ...
+            readable_log_axis(ax, "y")
             if key == "speedup":
                 ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_xlabel("sequence length (tokens)")
@@ -807,8 +828,9 @@ def _fmt(x, spec):
 
 
 def print_table(rows: list[Row], meta: dict) -> None:
+    base = baseline_label(r.speedup_vs for r in rows if r.status == "ok")
     headers = ["provider", "S", "mode", "median ms", "p20-p80 ms", "TFLOP/s eff", "TFLOP/s dense-eq",
-               "speedup", "peak MiB", "gate ms", "status"]
+               f"speedup vs {base}", "peak MiB above inputs", "gate ms", "status"]
     body = []
     for r in rows:
         if r.status == "skipped":
@@ -817,7 +839,7 @@ def print_table(rows: list[Row], meta: dict) -> None:
             r.provider, str(r.seqlen), r.mode, _fmt(r.median_ms, ".3f"),
             "-" if r.p20_ms is None else f"{r.p20_ms:.3f}-{r.p80_ms:.3f}",
             _fmt(r.tflops_effective, ".3f"), _fmt(r.tflops_dense_equiv, ".3f"),
-            "-" if r.speedup is None else f"{r.speedup:.2f}x", _fmt(r.peak_mem_mib, ".0f"),
+            "-" if r.speedup is None else f"{r.speedup:.2f}x", _fmt(r.peak_mem_delta_mib, ".1f"),
             _fmt(r.gating_ms, ".3f"), r.status if r.status == "ok" else f"{r.status.upper()} {r.reason[:40]}",
         ])
     skipped = sorted({(r.provider, r.mode if r.mode != "fwd" else "", r.reason) for r in rows if r.status == "skipped"})

@@ -31,8 +31,14 @@ Inputs (any number of JSON files):
 
 Ceilings (peak dense bf16 tensor FLOP/s, HBM bytes/s): ``--peak-tflops`` / ``--peak-bw-tbs``,
 else ``--measure`` (a large matmul and a large copy on this machine's device), else the table
-below by device name (``--device-name``, else the JSON's metadata), else measured on the spot
-when the results come from a CPU.
+``DEVICE_PEAKS`` below by device name (``--device-name``, else the JSON's metadata). Results
+from a CPU use the table's fixed CPU row (this project's 2-core Xeon, measured once): CPU
+ceilings measured on each run vary several-fold with the machine's load, so a plot would move
+from one run to the next; pass ``--measure`` to measure this CPU instead.
+
+The plot: the roof, then one colour per kernel (provider) and one marker per mode, filled
+for measured points and hollow for model-only ones, explained by two legends (kernels;
+modes and fill) beside the axes; log axes read 0.1, 1, 10 FLOP/B and 1G, 1T, 1P FLOP/s.
 """
 
 from __future__ import annotations
@@ -45,8 +51,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+for _p in (HERE, HERE.parent):  # bench's helpers; the repo root for scaling_runs.plotting
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from _attn_model import (  # noqa: E402
     DTYPE_BYTES,
@@ -68,6 +75,11 @@ DEVICE_PEAKS = (
     ("H100", "H100 SXM", 989e12, 3.35e12),
     ("A100", "A100 80GB", 312e12, 2.0e12),
     ("4090", "RTX 4090", 165e12, 1.0e12),  # fp16/bf16 with fp32 accumulation ~165
+    # Any CPU: fixed fp32 ceilings, measured once with measure_peaks() on this project's 2-core
+    # Xeon, idle (bench/results/cpu-xeon-2core-2026-11-22/generate-cpu-tiny-greedy/roofline.json:
+    # 344 GFLOP/s, 9.39 GB/s; the T=1 run's measurement gave 293 GFLOP/s, 9.40 GB/s). Not this
+    # machine's: a fixed row keeps CPU plots comparable (--measure measures this CPU).
+    ("CPU", "CPU (fixed: 2-core Xeon fp32, measured 2026-11-22)", 344e9, 9.39e9),
 )
 #: Names that match a row above but have other peaks: a warning says so.
 DEVICE_CAVEATS = {"PCIe": "PCIe boards have lower peaks than the table's SXM figures",
@@ -148,7 +160,8 @@ def points_from_attn_speed(data: dict, tile_m: int = 128, tile_n: int = 128) -> 
         else:
             nbytes = dense_bytes(*common, r["causal"], r["mode"], tile_m, tile_n)
         pts.append(dict(name=f"{r['provider']} {r['mode']}", flops=r["flops_effective"], bytes=nbytes,
-                        seconds=r["median_ms"] * 1e-3, seqlen=r["seqlen"], kind=r["kind"], mode=r["mode"]))
+                        seconds=r["median_ms"] * 1e-3, seqlen=r["seqlen"], kind=r["kind"], mode=r["mode"],
+                        family=r["provider"], variant=r["mode"]))
         if r.get("gating_ms") is not None:
             gates[r["seqlen"]] = (r, r["gating_ms"])
     for s, (r, ms) in sorted(gates.items()):
@@ -157,7 +170,8 @@ def points_from_attn_speed(data: dict, tile_m: int = 128, tile_n: int = 128) -> 
             name="gate (moba.select_blocks)",
             flops=gate_flops(r["batch"], s, r["heads"], r["kv_heads"], r["head_dim"], r["block_size"]),
             bytes=gate_bytes(r["batch"], s, r["heads"], r["kv_heads"], r["head_dim"], r["block_size"], r["top_k"], e),
-            seconds=ms * 1e-3, seqlen=s, kind="gate", mode="fwd"))
+            seconds=ms * 1e-3, seqlen=s, kind="gate", mode="fwd", family="gate (moba.select_blocks)",
+            variant="fwd"))
     return pts
 
 
@@ -169,18 +183,22 @@ def model_points(cfg: dict, decode_queries=DECODE_QUERIES, tile_m: int = 128, ti
     pts = []
     for mode in ("fwd", "bwd"):
         pts.append(dict(name=f"MoBA {mode} (model)", kind="moba", mode=mode, seqlen=s, seconds=None,
+                        family="MoBA (model)", variant=mode,
                         flops=attention_flops(moba_pairs(s, bs, tk, causal) * b * h, d, mode),
                         bytes=moba_bytes(b, s, h, d, e, bs, tk, causal, mode, tile_m, tile_n)))
         pts.append(dict(name=f"dense {mode} (model)", kind="dense", mode=mode, seqlen=s, seconds=None,
+                        family="dense (model)", variant=mode,
                         flops=attention_flops(dense_pairs(s, causal) * b * h, d, mode),
                         bytes=dense_bytes(b, s, h, d, e, causal, mode, tile_m, tile_n)))
     pts.append(dict(name="gate (model)", kind="gate", mode="fwd", seqlen=s, seconds=None,
+                    family="gate (model)", variant="fwd",
                     flops=gate_flops(b, s, h, hkv, d, bs), bytes=gate_bytes(b, s, h, hkv, d, bs, tk, e)))
     for nq in decode_queries:
         for label, kw in (("dense", {}), ("MoBA", {"block_size": bs, "top_k": tk})):
             f, by = decode_flops_bytes(s, nq, h, hkv, d, e, batch=b, **kw)
             pts.append(dict(name=f"decode {label} n_q={nq} (model)", kind=f"decode-{label.lower()}",
-                            mode=f"n_q={nq}", seqlen=s, seconds=None, flops=f, bytes=by))
+                            mode=f"n_q={nq}", seqlen=s, seconds=None, flops=f, bytes=by,
+                            family=f"decode {label} (model)", variant=f"n_q={nq}"))
     return pts
 
 
@@ -203,8 +221,8 @@ def load_inputs(paths: list[str]) -> tuple[list[dict], dict | None, str | None]:
                 missing = [k for k in ("name", "flops", "bytes") if k not in q]
                 if missing:
                     raise SystemExit(f"{p}: a point lacks {', '.join(missing)} (schema: name, flops, bytes, seconds)")
-                points.append(dict(kind="external", mode="", seqlen=None, seconds=q.get("seconds"), **{
-                    k: q[k] for k in ("name", "flops", "bytes")}))
+                points.append(dict(kind="external", mode="", seqlen=None, seconds=q.get("seconds"),
+                                   family=q["name"], variant="point", **{k: q[k] for k in ("name", "flops", "bytes")}))
             device = device or data.get("device_name")
         else:
             raise SystemExit(f"{p}: neither an attn_speed.json (rows) nor a points file (points)")
@@ -223,52 +241,78 @@ def annotate(points: list[dict], peak_flops: float, peak_bw: float) -> list[dict
     return points
 
 
+#: Marker per mode (variant); other variants take the spare markers in turn.
+MARKERS = {"fwd": "o", "bwd": "s", "fwd+bwd": "D", "n_q=1": "^", "n_q=4": "v", "n_q=8": "<", "point": "P"}
+SPARE_MARKERS = ("p", "h", "*", "X", ">", "d")
+
+
 def plot(points: list[dict], label: str, peak_flops: float, peak_bw: float, out: Path, note: str = "") -> Path:
+    """The roofline PNG: one colour per kernel (``family``), one marker per mode (``variant``),
+    filled = measured, hollow = model only (on the roof); two legends beside the axes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    from scaling_runs.plotting import format_tick, readable_log_axis
+
+    fig, ax = plt.subplots(figsize=(10, 6))
     ais = [p["intensity"] for p in points if math.isfinite(p["intensity"])]
     lo = min([0.1, *ais]) / 2
     hi = max([1e3, *ais]) * 2
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    ax.plot(xs, [roof(x, peak_flops, peak_bw) for x in xs], color="tab:blue", linewidth=2, label=f"{label} Roofline")
+    ax.plot(xs, [roof(x, peak_flops, peak_bw) for x in xs], color="black", linewidth=2)
     ridge = peak_flops / peak_bw
-    ax.axvline(ridge, color="tab:blue", linestyle=":", linewidth=0.8)
-    ax.annotate(f"ridge {ridge:.0f} FLOP/B", (ridge, peak_flops), textcoords="offset points", xytext=(4, -12), fontsize=7)
+    ax.axvline(ridge, color="grey", linestyle=":", linewidth=0.8)
+    ax.annotate(f"ridge {ridge:.0f} FLOP/B", (ridge, peak_flops), textcoords="offset points", xytext=(4, -12),
+                fontsize=7)
 
-    names = list(dict.fromkeys(p["name"] for p in points))
-    cmap = plt.get_cmap("tab20")
-    markers = {"fwd": "o", "bwd": "s", "fwd+bwd": "D"}
-    for i, name in enumerate(names):
+    families = list(dict.fromkeys(p.get("family", p["name"]) for p in points))
+    cmap = plt.get_cmap("tab10" if len(families) <= 10 else "tab20")
+    colors = {f: cmap(i % cmap.N) for i, f in enumerate(families)}
+    variants = list(dict.fromkeys(p.get("variant", p.get("mode", "")) for p in points))
+    spare = iter(SPARE_MARKERS * (1 + len(variants) // len(SPARE_MARKERS)))
+    markers = {v: MARKERS.get(v) or next(spare) for v in variants}
+    labelled: set[str] = set()
+    for name in dict.fromkeys(p["name"] for p in points):
         group = sorted((p for p in points if p["name"] == name), key=lambda p: (p.get("seqlen") or 0))
+        color = colors[group[0].get("family", name)]
+        marker = markers[group[0].get("variant", group[0].get("mode", ""))]
         measured = [p for p in group if p["achieved_flops_per_s"]]
         model = [p for p in group if not p["achieved_flops_per_s"]]
-        color = cmap(i % 20)
-        marker = markers.get(group[0].get("mode"), "^" if "decode" in name else "v")
         if measured:
             ax.plot([p["intensity"] for p in measured], [p["achieved_flops_per_s"] for p in measured],
-                    marker=marker, color=color, linestyle="-", linewidth=0.8, label=name)
+                    marker=marker, color=color, linestyle="-", linewidth=0.8)
             last = measured[-1]
-            if last.get("seqlen"):
-                ax.annotate(f"S={last['seqlen']}", (last["intensity"], last["achieved_flops_per_s"]),
+            if last.get("seqlen") and group[0].get("family", name) not in labelled:  # once per kernel
+                labelled.add(group[0].get("family", name))
+                ax.annotate(f"S={format_tick(last['seqlen'])}", (last["intensity"], last["achieved_flops_per_s"]),
                             textcoords="offset points", xytext=(3, 3), fontsize=6, color=color)
         if model:
             ax.scatter([p["intensity"] for p in model], [p["attainable_flops_per_s"] for p in model],
-                       marker=marker, facecolors="none", edgecolors=[color], s=60,
-                       label=name if not measured else None)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("Arithmetic Intensity (FLOP/Byte)")
-    ax.set_ylabel("Performance (FLOP/s)")
-    ax.set_title(f"{label} Roofline" + (f"\n{note}" if note else ""), fontsize=10)
+                       marker=marker, facecolors="none", edgecolors=[color], s=60)
+    ax.set_xlim(lo, hi)
+    readable_log_axis(ax, "x")  # FLOP/B: 0.1, 1, 10, ...
+    readable_log_axis(ax, "y", units=1000)  # FLOP/s: 1G, 1T, 1P
+    ax.set_xlabel("Arithmetic intensity (FLOP/byte)")
+    ax.set_ylabel("Performance (FLOP/s; G = 1e9, T = 1e12, P = 1e15)")
+    ax.set_title(f"{label} roofline" + (f"\n{note}" if note else ""), fontsize=10)
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
+
+    kernels = [Line2D([], [], color="black", linewidth=2, label=f"roof: {format_tick(peak_flops, 1000)} FLOP/s, "
+                      f"{format_tick(peak_bw, 1000)} B/s")]
+    kernels += [Line2D([], [], color=colors[f], marker="o", linestyle="-", linewidth=0.8, label=f) for f in families]
+    first = ax.legend(handles=kernels, title="kernel", fontsize=7, title_fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    shapes = [Line2D([], [], color="dimgrey", marker=markers[v], linestyle="none", label=v or "-") for v in variants]
+    shapes += [Line2D([], [], color="dimgrey", marker="o", linestyle="none", label="filled: measured"),
+               Line2D([], [], color="dimgrey", marker="o", markerfacecolor="none", linestyle="none",
+                      label="hollow: model, on the roof")]
+    ax.legend(handles=shapes, title="mode", fontsize=7, title_fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
+    fig.savefig(out, dpi=130, bbox_inches="tight")  # keeps the legends beside the axes
     plt.close(fig)
     return out
 
@@ -297,13 +341,12 @@ def resolve_peaks(args, device: str | None) -> tuple[str, float, float, str]:
     found = peaks_for(name)
     if found:
         label, f, b, warn = found
+        if label.startswith("CPU"):
+            return label, f, b, "fixed CPU ceilings from the table, not this machine's (--measure measures them)"
         return label, f, b, (f"warning: {warn}" if warn else "")
     if name is None:
         label, f, b, _ = peaks_for("H100")
         return label, f, b, "no device given: H100 SXM ceilings"
-    if name.upper().startswith("CPU"):
-        label, f, b = measure_peaks("cpu")
-        return label, f, b, "CPU results: ceilings measured on this machine's CPU (fp32)"
     raise SystemExit(f"unknown device {name!r}: pass --peak-tflops and --peak-bw-tbs, or --measure")
 
 

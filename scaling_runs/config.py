@@ -11,6 +11,7 @@ import dataclasses
 import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 
 ATTENTION_KINDS = ("moba", "full", "hybrid")
@@ -54,6 +55,26 @@ class ModelConfig:
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
         if self.attention == "hybrid" and not 0 <= self.n_full_layers <= self.n_layer:
             raise ValueError(f"n_full_layers must be in [0, n_layer], got {self.n_full_layers}")
+        self._warn_if_dense()
+
+    def _warn_if_dense(self) -> None:
+        """A MoBA setting that selects every block is dense causal attention at MoBA's cost: say so.
+
+        A query of block i chooses top_k of the blocks 0..i, so once top_k >= the number of
+        blocks (ceil(context / block_size)) every query attends to its whole prefix.
+        """
+        if "moba" not in self.layer_modes() or self.block_size <= 0 or self.top_k <= 0:
+            return
+        n_blocks = -(-self.context // self.block_size)
+        if self.block_size >= self.context:
+            why = f"block_size ({self.block_size}) >= context ({self.context}): one block"
+        elif self.top_k >= n_blocks:
+            why = f"top_k ({self.top_k}) >= the {n_blocks} blocks of context {self.context} / block_size {self.block_size}"
+        else:
+            return
+        warnings.warn(f"{why}, so every query attends to its whole prefix: the MoBA layers compute dense "
+                      "causal attention. Use a block_size * top_k below the context for sparse attention.",
+                      UserWarning, stacklevel=4)  # the line that built the config
 
     @property
     def head_dim(self) -> int:

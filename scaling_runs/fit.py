@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .plotting import readable_log_axis
+
 KIND_LABEL = {"moba": "MoBA", "full": "Full Attention", "hybrid": "Hybrid"}
 KIND_COLOR = {"moba": "tab:blue", "full": "tab:red", "hybrid": "tab:green"}
 KIND_CMAP = {"moba": "Blues", "full": "Reds", "hybrid": "Greens"}
@@ -155,8 +157,8 @@ def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
             if f:
                 ax.plot(grid, f["a"] * grid ** f["b"], "--", color=KIND_COLOR[kind], lw=2,
                         label=f"{KIND_LABEL[kind]} Projection: {formula(f)}")
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        readable_log_axis(ax, "x")  # PFLOP/s-days: "1e-7", "3e-7", ...
+        readable_log_axis(ax, "y")  # losses: "2", "3", "4"
         ax.set_xlabel(xlabel)
         ax.set_ylabel(_ylabel(metric, runs))
         ax.set_title(f"{'LM' if metric == 'lm_loss' else 'Trailing'} loss vs compute ({sweep_dir.name})")
@@ -187,10 +189,9 @@ def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
             axr.axhline(1.0, color="gray", lw=0.8, ls=":")
         axr.set_ylabel("MoBA / Full")
         axr.ticklabel_format(axis="y", useOffset=False, style="plain")
-        axr.set_xscale("log")
         axr.set_xlabel(xlabel)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
+        readable_log_axis(ax, "x")  # shared with axr
+        readable_log_axis(ax, "y")
         ax.set_ylabel(_ylabel(metric, runs))
         ax.grid(True, which="both", alpha=0.25)
         axr.grid(True, which="both", alpha=0.25)

@@ -12,6 +12,10 @@ The grid is the preset's sizes x attention kinds x budgets (``scaling_runs.prese
   same command again finishes what is missing and then only prints the summary.
 * ``--kinds moba,full,hybrid``: the attention kinds (hybrid: ``--n_full_layers N`` last layers
   full); the preset's otherwise.
+* Progress: ``[sweep] run i/N NAME (sweep ETA ...)`` as each run starts and a line as it
+  ends; the ETA is the attention-aware FLOPs left over the FLOP rate of the runs finished
+  in this invocation (none before the first one finishes). A run's own progress is its
+  trainer's (a bar on a terminal, one line per evaluation in ``RUN/train.log``).
 * ``--dry_run true``: list the runs with parameters, tokens, FLOPs and a time estimate
   (attn-aware FLOPs / (peak FLOP/s x ``--mfu``), 989e12 bf16 for one H100) and stop.
 * ``paper``: multi-node; writes Slurm scripts (``OUT/launch/*.sbatch``, ``launch_all.sh``)
@@ -128,6 +132,80 @@ def _stop_children(active: list, signum: int, grace_s: float = 60.0) -> None:
             proc.wait()
 
 
+def _tokens_done(out_dir: Path) -> int:
+    """Tokens a partial run has already trained (its last metrics row; 0 when none)."""
+    rows = (out_dir / "metrics.jsonl").read_text().splitlines() if (out_dir / "metrics.jsonl").exists() else []
+    for line in reversed(rows):
+        with contextlib.suppress(json.JSONDecodeError):
+            return int(json.loads(line).get("tokens", 0))
+    return 0
+
+
+class SweepProgress:
+    """``run i/N`` and an ETA for the runs a sweep still has to train.
+
+    Each finished run gives (attention-aware FLOPs it trained, seconds it took). The time of
+    a run left is predicted as ``overhead + FLOPs / rate``, fitted by least squares once two
+    finished runs differ in FLOPs (start-up costs weigh on small runs), else FLOP-proportional
+    to the finished ones; the ETA is the sum over the runs left (less the time the running ones
+    have had), divided by the runs that go side by side (``slots``). No ETA before the first
+    run finishes. Resumed runs count only the FLOPs they have left.
+    """
+
+    def __init__(self, todo: list[dict], slots: int = 1):
+        self.n = len(todo)
+        self.slots = max(1, slots)
+        self.t0 = time.time()
+        self.started = 0
+        self.began: dict[str, float] = {}
+        self.finished: list[tuple[float, float]] = []  # (FLOPs, seconds) of runs that ended DONE
+        self.left: dict[str, float] = {}
+        for run in todo:
+            frac = _tokens_done(Path(run["config"].train.out_dir)) / max(1, run["tokens"])
+            self.left[run["name"]] = run["attn_aware_flops"] * max(0.0, 1.0 - frac)
+
+    def _predict(self, flops: float) -> float:
+        xs = [f for f, _ in self.finished]
+        ys = [t for _, t in self.finished]
+        mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+        var = sum((x - mx) ** 2 for x in xs)
+        if var > 0:
+            slope = max(0.0, sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var)
+            overhead = max(0.0, my - slope * mx)
+            return overhead + slope * flops
+        return flops * sum(ys) / max(sum(xs), 1e-30)
+
+    def eta_s(self) -> float | None:
+        if not self.finished:
+            return None
+        now = time.time()
+        total = sum(max(0.0, self._predict(f) - (now - self.began[name] if name in self.began else 0.0))
+                    for name, f in self.left.items())
+        return total / self.slots
+
+    def _eta_text(self) -> str:
+        from .train import format_duration
+
+        eta = self.eta_s()
+        return "ETA after the first run" if eta is None else f"sweep ETA {format_duration(eta)}"
+
+    def start(self, run: dict, detail: str = "") -> str:
+        self.started += 1
+        self.began[run["name"]] = time.time()
+        return f"[sweep] run {self.started}/{self.n} {run['name']}{detail} ({self._eta_text()})"
+
+    def finish(self, run: dict, status: str) -> str:
+        from .train import format_duration
+
+        took = time.time() - self.began.get(run["name"], self.t0)
+        flops = self.left.pop(run["name"], 0.0)
+        if status == "done":
+            self.finished.append((flops, took))
+        remaining = len(self.left)
+        tail = f"{remaining} run(s) left, {self._eta_text()}" if remaining else "no run left"
+        return f"[sweep] {run['name']}: {status} in {format_duration(took)}; {tail}"
+
+
 def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int = 1,
             allow_config_change: bool = False) -> dict:
     """Run every run that is not DONE; returns {name: "done" | "done (skipped)" | "failed (...)"}.
@@ -151,9 +229,11 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
             todo.append(run)
             print(f"[sweep] {run['name']}: {'resuming' if status == 'partial' else 'starting'}", flush=True)
     if launcher == "inline":
+        progress = SweepProgress(todo)
         from .train import train
 
         for run in todo:
+            print(progress.start(run), flush=True)
             try:
                 train(run["config"], allow_config_change=allow_config_change)
                 done = (Path(run["config"].train.out_dir) / "DONE").exists()
@@ -161,6 +241,7 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
             except Exception as exc:  # noqa: BLE001 - report and go on with the other runs
                 results[run["name"]] = f"failed ({type(exc).__name__}: {exc})"
                 print(f"[sweep] {run['name']} failed: {exc!r}", file=sys.stderr)
+            print(progress.finish(run, "done" if results[run["name"]] == "done" else "failed"), flush=True)
         return results
 
     # torchrun: on GPUs, as many runs side by side as the GPUs allow; on CPU one at a time.
@@ -169,6 +250,7 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
     free = [list(range(i * per_run, (i + 1) * per_run)) for i in range(slots)] if n_gpus else [[]]
     active: list[tuple[subprocess.Popen, dict, list[int], object]] = []
     queue = list(todo)
+    progress = SweepProgress(todo, slots)
 
     def forward(signum, frame):
         raise SweepInterrupted(signum)
@@ -188,8 +270,8 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, gpus))
                 log = open(Path(run["config"].train.out_dir) / "train.log", "a")
                 cmd = _torchrun_cmd(launch, per_run, allow_config_change)
-                print(f"[sweep] {run['name']}: {shlex.join(cmd)}" + (f"  (GPUs {gpus})" if gpus else ""),
-                      flush=True)
+                print(progress.start(run, f" on GPUs {gpus}" if gpus else ""), flush=True)
+                print(f"[sweep] {run['name']}: {shlex.join(cmd)}", flush=True)
                 # its own process group (signals are forwarded to it, a terminal's Ctrl-C reaches
                 # only the sweep), and SIGTERM from the kernel if the sweep dies
                 proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -204,7 +286,7 @@ def execute(runs: list[dict], launcher: str = "auto", nproc_per_run: int = 1, gp
                     free.append(gpus)
                     ok = proc.returncode == 0 and (Path(run["config"].train.out_dir) / "DONE").exists()
                     results[run["name"]] = "done" if ok else f"failed (rc {proc.returncode}, see train.log)"
-                    print(f"[sweep] {run['name']}: {results[run['name']]}", flush=True)
+                    print(progress.finish(run, results[run["name"]]), flush=True)
     except SweepInterrupted as exc:
         for sig in old:  # a second Ctrl-C / SIGTERM must not cut the cleanup short (SIGKILL still works)
             signal.signal(sig, signal.SIG_IGN)

@@ -22,6 +22,13 @@ Run directory (``out_dir``):
 * ``train.lock``: pid, host and start time of the trainer writing this folder (see below);
 * ``DONE``: written last, with the final metrics; a run with ``DONE`` is not trained again.
 
+Output (rank 0, stderr): on a terminal a progress bar (train loss, latest val loss, tokens/s,
+MFU on known GPUs); when stderr is not a terminal (a log file, a sweep's ``train.log``) one
+line per evaluation instead (step, tokens, losses, tokens/s, elapsed, ETA); ``--progress
+false`` silences both. A resumed run says ``resuming from step N``. At the end a summary
+(steps, tokens, final losses, tokens/s, wall time, file paths) goes to stdout; the final
+metrics row as JSON is in ``DONE``.
+
 Restarting the same command resumes from the newest checkpoint that verifies: same data
 order (batches are a function of (seed, step)), and on CPU the same losses as an
 uninterrupted run; metrics rows past the checkpoint's step are dropped (they are recomputed).
@@ -290,6 +297,65 @@ def _read_metrics(path: Path) -> list[dict]:
     return rows
 
 
+def format_duration(seconds: float | None) -> str:
+    """``42.1 s``, ``3:07`` (min:s) or ``1:02:03`` (h:min:s)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, sec = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def _loss(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def eval_line(row: dict, max_steps: int, tokens_per_s: float | None, eta_s: float | None) -> str:
+    """The one line a log file (stderr not a terminal) gets per evaluation."""
+    tps = "-" if tokens_per_s is None else f"{tokens_per_s:,.0f}"
+    return (f"[train] step {row['step']}/{max_steps} ({100 * row['step'] / max(1, max_steps):.0f}%)  "
+            f"tokens {row['tokens']:,}  train {_loss(row.get('train_loss'))}  val {_loss(row.get('val_loss'))}  "
+            f"trailing {_loss(row.get('trailing_loss'))}  {tps} tok/s  "
+            f"elapsed {format_duration(row.get('elapsed_s'))}  eta {format_duration(eta_s)}")
+
+
+def format_summary(last: dict, out_dir: str | Path, title: str = "finished") -> str:
+    """The end-of-run report: aligned lines of the final metrics and where the files are.
+
+    ``last`` is a metrics row (what ``train`` returns, also stored in ``DONE``); the planned
+    step count comes from the run's ``config.json`` when it is there.
+    """
+    out = Path(out_dir)
+    saved: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        saved = json.loads((out / "config.json").read_text())
+    if not last:
+        return f"[train] {out}: {title}, no evaluation recorded (metrics: {out / 'metrics.jsonl'})"
+    planned = saved.get("max_steps")
+    try:
+        ctx = saved["model"]["context"]
+        where = f"last {max(1, int(round(ctx * saved['train']['trailing_frac'])))} of {ctx} positions"
+    except (KeyError, TypeError):
+        where = "last positions of each sequence"
+    lines = [
+        ("steps", f"{last.get('step', '-')}" + (f" / {planned}" if planned else "")),
+        ("tokens", f"{last.get('tokens', 0):,}"),
+        ("train loss", f"{_loss(last.get('train_loss'))}  (mean over the steps since the previous evaluation)"),
+        ("val loss", _loss(last.get("val_loss"))),
+        ("trailing loss", f"{_loss(last.get('trailing_loss'))}  (held-out, {where})"),
+        ("throughput", "-" if last.get("tokens_per_s") is None else f"{last['tokens_per_s']:,.0f} tokens/s"),
+        ("wall time", format_duration(last.get("elapsed_s")) + "  (all sessions of this run)"),
+    ]
+    if last.get("skipped_steps"):
+        lines.append(("skipped steps", f"{last['skipped_steps']} (non-finite loss or gradients)"))
+    lines += [("metrics", str(out / "metrics.jsonl")), ("checkpoint", str(out / CKPT)),
+              ("config", str(out / "config.json")), ("final row", f"{out / 'DONE'} (JSON)")]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join([f"[train] {out}: {title}"] + [f"  {k:<{width}}  {v}" for k, v in lines])
+
+
 # ---------------------------------------------------------------------------------------
 # evaluation
 
@@ -462,7 +528,7 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
         del ckpt
-        log(f"[train] {out}: resuming from {found.path.name} at step {start_step}")
+        log(f"[train] {out}: resuming from step {start_step} ({found.path.name})")
         if found.rejected and world > 1:
             dist.barrier()  # every rank has read its checkpoint before rank 0 renames the bad ones
         if found.rejected and master:
@@ -523,14 +589,19 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
-    bar = None
+    # a terminal gets a progress bar; a log file (not a TTY) one line per evaluation instead
+    bar, eval_lines = None, False
     if master and t.progress and start_step < max_steps:
-        from tqdm import tqdm
+        if sys.stderr.isatty():
+            from tqdm import tqdm
 
-        bar = tqdm(total=max_steps, initial=start_step, desc=out.name, unit="step", dynamic_ncols=True,
-                   leave=True, file=sys.stderr)
+            bar = tqdm(total=max_steps, initial=start_step, desc=out.name, unit="step", dynamic_ncols=True,
+                       leave=True, file=sys.stderr)
+        else:
+            eval_lines = True
 
     last = {}
+    latest_val = None
     t0 = time.time()
     window_t, window_tok = time.time(), 0
     model.train()
@@ -584,7 +655,10 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
             if bar is not None:
                 dt = time.time() - window_t
                 tps = window_tok / dt if dt > 0 else 0.0
-                post = {"loss": f"{loss_val:.3f}", "tok/s": f"{tps:,.0f}"}
+                post = {"loss": f"{loss_val:.3f}"}
+                if latest_val is not None:
+                    post["val"] = f"{latest_val:.3f}"
+                post["tok/s"] = f"{tps:,.0f}"
                 if peak:
                     post["mfu"] = f"{100 * tps * fpt['attn_aware'] / peak / world:.1f}%"
                 bar.set_postfix(post, refresh=False)
@@ -620,6 +694,14 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
                 if skipped:
                     last["skipped_steps"] = skipped
                 loss_sum, loss_count = 0.0, 0
+                latest_val = ev["val_loss"]
+                if bar is not None:  # show this evaluation now, not at the next step
+                    post["val"] = f"{latest_val:.3f}"
+                    bar.set_postfix(post)
+                if eval_lines:
+                    session_s = time.time() - t0
+                    eta = session_s / (done_steps - start_step) * (max_steps - done_steps)
+                    log(eval_line(last, max_steps, window_tok / session_s if session_s > 0 else None, eta))
                 if master:
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(last) + "\n")
@@ -711,7 +793,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         last = train(cfg, allow_config_change=allow)
         if int(os.environ.get("RANK", "0")) == 0:
-            print(json.dumps(last))
+            print(format_summary(last, cfg.train.out_dir), flush=True)
     except (TrainingError, CheckpointError) as exc:
         print(f"[train] error: {exc}", file=sys.stderr, flush=True)
         sys.exit(1)

@@ -30,9 +30,12 @@ import _attn_model as am  # noqa: E402
 import roofline  # noqa: E402
 from _moba_impls import load_official_moba, paper_reimpl_gate, paper_reimpl_moba  # noqa: E402
 
+from scaling_runs.plotting import format_tick, readable_log_axis  # noqa: E402
+from tests.test_scaling_fit import capture_figures  # noqa: E402
+
 ROW_KEYS = {
     "provider", "seqlen", "mode", "status", "reason", "kind", "median_ms", "p20_ms", "p80_ms",
-    "tflops_effective", "tflops_dense_equiv", "speedup", "speedup_vs", "peak_mem_mib", "peak_mem_delta_mib",
+    "tflops_effective", "tflops_dense_equiv", "speedup", "speedup_vs", "peak_mem_delta_mib",
     "gating_ms", "pairs", "sparsity", "flops_effective", "flops_dense", "batch", "heads", "kv_heads",
     "head_dim", "dtype", "block_size", "top_k", "causal",
 }
@@ -411,3 +414,127 @@ def test_attn_speed_nothing_measured_exits_nonzero_without_plots(tmp_path):
     rows = json.loads((tmp_path / "attn_speed.json").read_text())["rows"]
     assert rows and all(r["status"] == "skipped" and r["reason"] for r in rows)
     assert not list(tmp_path.glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- readable outputs (issue 17)
+def test_format_tick():
+    assert [format_tick(v) for v in (512, 1024, 1536, 2**20, 3 * 2**30, 1000)] == ["512", "1K", "1.5K", "1M", "3G", "1000"]
+    assert [format_tick(v, 1000) for v in (1e12, 2.5e9, 989e12, 999)] == ["1T", "2.5G", "989T", "999"]
+    assert [format_tick(v, None) for v in (2.5, 0.1, 1e-7, 3.2e-8, 1000, 0)] == ["2.5", "0.1", "1e-7", "3.2e-8", "1000", "0"]
+    with pytest.raises(ValueError, match="units"):
+        format_tick(5, 100)
+
+
+def _visible_labels(ax, which):
+    import matplotlib
+
+    ax.figure.canvas.draw()
+    lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    labels = [t.label1.get_text() for t in axis.get_major_ticks() if lo * 0.999 <= t.get_loc() <= hi * 1.001]
+    matplotlib.pyplot.close(ax.figure)
+    return [t for t in labels if t]
+
+
+def test_readable_log_axis_labels_sizes_and_losses():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    ax.plot([512, 8192], [2.1, 4.9])
+    readable_log_axis(ax, "x", base=2, units=1024)
+    readable_log_axis(ax, "y")
+    assert _visible_labels(ax, "x") == ["512", "1K", "2K", "4K", "8K"]
+    fig, ax = plt.subplots()
+    ax.plot([1, 2], [2.1, 4.9])
+    readable_log_axis(ax, "y")
+    assert {"3", "4"} <= set(_visible_labels(ax, "y"))
+    with pytest.raises(ValueError, match="which"):
+        readable_log_axis(ax, "z")
+    plt.close("all")
+
+
+def test_every_plot_uses_the_one_tick_formatter():
+    """One formatter (scaling_runs/plotting.py), imported by every plot: no copy, no bare log scale."""
+    root = BENCH.parent
+    users = {"bench/attn_speed.py": "from scaling_runs.plotting import", "bench/roofline.py": "from scaling_runs.plotting import",
+             "scaling_runs/fit.py": "from .plotting import"}
+    for path, imp in users.items():
+        text = (root / path).read_text()
+        assert imp in text, path
+        assert "set_xscale(" not in text and "set_yscale(" not in text and "Formatter(" not in text, path
+    defs = [p for p in [*root.glob("bench/*.py"), *root.glob("scaling_runs/*.py"), *root.glob("moba/**/*.py")]
+            if "def format_tick" in p.read_text()]
+    assert [p.relative_to(root).as_posix() for p in defs] == ["scaling_runs/plotting.py"]
+
+
+def test_attn_speed_reports_memory_one_way_and_labels_the_cpu_baseline_sdpa(cpu_run, tmp_path, monkeypatch):
+    import attn_speed
+
+    out, stdout = cpu_run
+    data = json.loads((out / "attn_speed.json").read_text())
+    assert data["metadata"]["schema_version"] == 2 and "above the inputs" in data["metadata"]["peak_mem"]
+    for r in data["rows"]:
+        assert not [k for k in r if k.startswith("peak_mem") and k != "peak_mem_delta_mib"], r
+        if r["status"] == "ok" and sys.platform.startswith("linux"):
+            assert r["peak_mem_delta_mib"] is not None and r["peak_mem_delta_mib"] >= 0
+    with open(out / "attn_speed.csv") as f:
+        assert [c for c in next(csv.reader(f)) if "mem" in c] == ["peak_mem_delta_mib"]
+    assert "vs dense SDPA" in stdout and "vs SDPA (" in stdout and "flash attention" not in stdout
+    # the plots: the CPU speedups are against SDPA, and the ticks read 128, 256
+    figures = capture_figures(monkeypatch)
+    rows = [attn_speed.Row(**r) for r in data["rows"]]
+    attn_speed.write_plots(rows, data["metadata"], tmp_path)
+    speedup = next(f for f in figures if f["path"].endswith("speedup_vs_seqlen.png"))
+    for ax in speedup["axes"]:
+        assert "SDPA" in ax["ylabel"] and "flash" not in ax["ylabel"].lower()
+        assert ax["ticks"]["x"] == ["128", "256"]
+    for f in figures:
+        for ax in f["axes"]:
+            assert not [t for t in ax["ticks"]["x"] + ax["ticks"]["y"] if "$" in t]
+    assert attn_speed.baseline_label(["flash-attn", "sdpa-flash"]) == "flash-attn / SDPA flash backend"
+
+
+def _cpu_attn_speed_json(tmp_path):
+    row = dict(provider="moba-torch", kind="moba", status="ok", mode="fwd", seqlen=2048, batch=1, heads=4,
+               kv_heads=2, head_dim=64, dtype="fp32", block_size=64, top_k=3, causal=True, median_ms=50.0,
+               flops_effective=am.attention_flops(am.moba_pairs(2048, 64, 3) * 4, 64), gating_ms=5.0)
+    rows = [row, dict(row, mode="bwd", median_ms=90.0), dict(row, provider="sdpa", kind="dense", median_ms=40.0,
+                                                            gating_ms=None)]
+    run = {"metadata": {"device_name": "CPU AMD EPYC 7B13", "config": dict(
+        batch=1, heads=4, kv_heads=2, head_dim=64, dtype="fp32", block_size=64, top_k=3, causal=True, seqlens=[2048])},
+        "rows": rows}
+    (tmp_path / "cpu.json").write_text(json.dumps(run))
+    return tmp_path / "cpu.json"
+
+
+def test_roofline_cpu_ceilings_come_from_the_table_unless_measured(tmp_path, monkeypatch):
+    path = _cpu_attn_speed_json(tmp_path)
+    calls = []
+    monkeypatch.setattr(roofline, "measure_peaks", lambda *a: calls.append(a) or ("CPU (measured)", 1e11, 1e10))
+    res = roofline.main([str(path), "--out", str(tmp_path / "a.png")])
+    assert calls == [] and res["peaks"] == roofline.peaks_for("CPU x")[:3]
+    assert res["peaks"][1:] == (344e9, 9.39e9)
+    assert "fixed" in json.loads((tmp_path / "a.json").read_text())["note"]
+    res = roofline.main([str(path), "--measure", "--out", str(tmp_path / "b.png")])
+    assert len(calls) == 1 and res["peaks"] == ("CPU (measured)", 1e11, 1e10)
+
+
+def test_roofline_legend_is_grouped(tmp_path, monkeypatch):
+    from matplotlib.legend import Legend
+
+    figures = capture_figures(monkeypatch)
+    res = roofline.main([str(_cpu_attn_speed_json(tmp_path)), "--out", str(tmp_path / "r.png")])
+    ax = figures[-1]["axes"][0]["ax"]
+    legends = [c for c in ax.get_children() if isinstance(c, Legend)]
+    assert sorted(lg.get_title().get_text() for lg in legends) == ["kernel", "mode"]
+    kernel = next(lg for lg in legends if lg.get_title().get_text() == "kernel")
+    mode = next(lg for lg in legends if lg.get_title().get_text() == "mode")
+    families = {p["family"] for p in res["points"]}
+    assert len({p["name"] for p in res["points"]}) > len(families)  # fewer entries than point series
+    assert len(kernel.get_texts()) == len(families) + 1  # + the roof
+    assert {"moba-torch", "sdpa", "MoBA (model)"} <= {t.get_text() for t in kernel.get_texts()}
+    assert {"fwd", "bwd", "n_q=4", "filled: measured"} <= {t.get_text() for t in mode.get_texts()}
+    assert figures[-1]["axes"][0]["ticks"]["y"] and not [t for t in figures[-1]["axes"][0]["ticks"]["y"] if "$" in t]

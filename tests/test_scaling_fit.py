@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,51 @@ def test_fit_sweep_recovers_known_law_on_frontier(tmp_path):
     assert set(saved["lm_loss"]) == {"moba", "full"} and saved["frontier"]["lm_loss"]["moba"]
     for name in ("lm_loss.png", "trailing_loss.png", "projections.png"):
         assert (tmp_path / name).stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------- readable plots
+def capture_figures(monkeypatch) -> list[dict]:
+    """Patch ``Figure.savefig`` to record, per saved figure, each axes' labels and the text of its
+    visible tick labels (after a draw, as they appear in the PNG)."""
+    from matplotlib.figure import Figure
+
+    seen: list[dict] = []
+    original = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        fig.canvas.draw()
+        axes = []
+        for ax in fig.axes:
+            ticks = {}
+            for which in ("x", "y"):
+                lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+                axis = ax.xaxis if which == "x" else ax.yaxis
+                for kind, got in ((which, axis.get_major_ticks()), (which + "_minor", axis.get_minor_ticks())):
+                    ticks[kind] = [t.label1.get_text() for t in got
+                                   if lo * (1 - 1e-9) <= t.get_loc() <= hi * (1 + 1e-9) and t.label1.get_text()]
+            axes.append({"xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "ticks": ticks, "ax": ax})
+        seen.append({"path": str(args[0]) if args else "", "axes": axes})
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return seen
+
+
+def test_fit_plots_have_readable_log_ticks(tmp_path, monkeypatch):
+    """Loss axes read 2, 3, 4 and compute axes 1e-7 ..., never matplotlib's 10^x / 2x10^0 mathtext."""
+    for kind, a in (("moba", 2.6), ("full", 2.5)):
+        c = np.logspace(-8, -6, 12)  # PFLOP/s-days of small CPU runs
+        _write_run(tmp_path, f"r-{kind}", kind, c, a * (c / 1e-8) ** -0.1, 1.2 * a * (c / 1e-8) ** -0.1)
+    figures = capture_figures(monkeypatch)
+    fit_sweep(tmp_path, skip_frac=0.0)
+    assert {Path(f["path"]).name for f in figures} == {"lm_loss.png", "trailing_loss.png", "projections.png"}
+    main_axes = [ax for f in figures for ax in f["axes"] if ax["ax"].get_yscale() == "log"]
+    assert len(main_axes) == 4
+    for ax in main_axes:
+        labels = ax["ticks"]["x"] + ax["ticks"]["y"] + ax["ticks"]["x_minor"] + ax["ticks"]["y_minor"]
+        assert labels and not [t for t in labels if "$" in t or "10^" in t], labels
+        assert ax["ticks"]["x_minor"] == [] and ax["ticks"]["y_minor"] == []
+        assert "1e-7" in ax["ticks"]["x"]
+        # a loss axis spanning less than a decade still gets several plain labels
+        ys = [float(t) for t in ax["ticks"]["y"]]
+        assert len(ys) >= 2 and all(1 <= y <= 10 for y in ys)

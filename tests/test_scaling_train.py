@@ -159,3 +159,129 @@ def test_sweep_runs_skips_finished_runs_and_fits(tmp_path, capsys):
     fits = fit_sweep(tmp_path / "sweep", skip_frac=0.0)
     assert set(fits["lm_loss"]) == {"moba", "full"} and set(fits["trailing_loss"]) == {"moba", "full"}
     assert all(Path(p).exists() for p in fits["plots"])
+
+
+# ----------------------------------------------------------------------------- what a user sees
+
+
+def test_log_file_output_resume_line_and_summary(tmp_path):
+    """stderr not a terminal (a log file): one line per evaluation, no progress bar; a resumed
+    run says so; the run ends with a readable summary holding the final val loss, not JSON."""
+    run = tiny_config(tmp_path, "logged", progress=True)  # evaluations at steps 3, 6, 9, 10
+    first = launch(run, fault="exit_after_step:7")
+    assert first.returncode == 17, first.stderr
+    evals = [ln for ln in first.stderr.splitlines() if ln.startswith("[train] step ")]
+    assert [ln.split()[2] for ln in evals] == ["3/10", "6/10"], first.stderr
+    assert "step/s" not in first.stderr and "\r" not in first.stderr  # no tqdm bar in a log file
+    second = launch(run)
+    assert second.returncode == 0, second.stderr
+    assert "resuming from step 6" in second.stderr
+    evals = [ln for ln in second.stderr.splitlines() if ln.startswith("[train] step ")]
+    assert [ln.split()[2] for ln in evals] == ["9/10", "10/10"], second.stderr
+    final = metrics(run)[-1]
+    assert f"val {final['val_loss']:.4f}" in evals[-1] and "tok/s" in evals[-1] and "eta" in evals[-1]
+    out = second.stdout
+    assert "{" not in out, out  # not a raw JSON dict
+    lines = {ln.split("  ")[1].strip(): ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert f"{final['val_loss']:.4f}" in lines["val loss"]
+    assert f"{final['trailing_loss']:.4f}" in lines["trailing loss"]
+    assert "10 / 10" in lines["steps"] and f"{final['tokens']:,}" in lines["tokens"]
+    assert "tokens/s" in lines["throughput"] and str(Path(run.train.out_dir) / "metrics.jsonl") in lines["metrics"]
+
+
+def test_progress_bar_on_a_terminal_shows_val_loss_and_tokens_per_s(tmp_path, monkeypatch):
+    import io
+
+    from scaling_runs import train as T
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    term = Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    cfg = tiny_config(tmp_path, "bar", progress=True, max_steps=4, eval_every=2)
+    last = T.train(cfg)
+    shown = term.getvalue().split("\r")
+    assert any("4/4" in s for s in shown), term.getvalue()
+    final = [s for s in shown if "4/4" in s][-1]
+    assert f"val={last['val_loss']:.3f}" in final and "tok/s=" in final and "loss=" in final
+    assert "[train] step" not in term.getvalue()  # the bar replaces the per-evaluation lines
+
+
+def test_format_summary_and_eval_line():
+    from scaling_runs.train import eval_line, format_duration, format_summary
+
+    row = {"step": 50, "tokens": 204800, "train_loss": 2.5, "val_loss": 2.25, "trailing_loss": 2.125,
+           "tokens_per_s": 1234.5, "elapsed_s": 3725.0}
+    text = format_summary(row, "/tmp/nowhere")
+    assert "2.2500" in text and "2.1250" in text and "204,800" in text and "1,234 tokens/s" in text
+    assert "1:02:05" in text and "/tmp/nowhere/metrics.jsonl" in text
+    values = [ln[2:].split("  ", 1) for ln in text.splitlines()[1:]]
+    assert len({len(k) + len(rest) - len(rest.lstrip()) for k, rest in values}) == 1  # one column
+    assert format_summary({}, "/x").startswith("[train] /x: finished, no evaluation")
+    line = eval_line(row, 100, 999.0, 61.0)
+    assert line.startswith("[train] step 50/100 (50%)") and "val 2.2500" in line and "eta 1:01" in line
+    assert format_duration(None) == "-" and format_duration(42.14) == "42.1 s"
+
+
+@pytest.mark.parametrize(("kw", "dense"), [
+    (dict(context=64, block_size=64), True),
+    (dict(context=64, block_size=128), True),
+    (dict(context=64, block_size=16, top_k=4), True),  # 4 blocks, all selected
+    (dict(context=64, block_size=16, top_k=3), False),
+    (dict(context=64, block_size=64, attention="full"), False),
+    (dict(context=64, block_size=64, attention="hybrid", n_layer=2, n_full_layers=2), False),
+    (dict(context=64, block_size=64, attention="hybrid", n_layer=2, n_full_layers=1), True),
+])
+def test_moba_settings_that_are_dense_attention_warn(kw, dense):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ModelConfig(**kw)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if dense:
+        assert len(msgs) == 1 and "dense" in msgs[0] and "block_size" in msgs[0], msgs
+        assert caught[0].filename == __file__  # points at the line that built the config
+    else:
+        assert msgs == []
+
+
+def test_sweep_shows_run_i_of_n_and_an_eta(tmp_path, capsys):
+    from scaling_runs import sweep as S
+
+    corpus = make_text_corpus(tmp_path / "corpus", n_files=10, words=600)
+    argv = ["--out", str(tmp_path / "sw"), "--data", str(corpus), "--val_fraction", "0.2", "--context", "32",
+            "--block_size", "8", "--batch_size", "4", "--max_tokens", "256", "--eval_every", "2", "--eval_seqs", "4",
+            "--progress", "false", "--launcher", "inline", "--kinds", "moba", "--threads", "1"]
+    assert S.main(argv) == 0
+    out = capsys.readouterr().out
+    starts = [ln for ln in out.splitlines() if ln.startswith("[sweep] run ")]
+    assert [ln.split()[2] for ln in starts] == ["1/3", "2/3", "3/3"], out
+    assert "ETA after the first run" in starts[0] and "sweep ETA" in starts[1]
+    assert "1 run(s) left, sweep ETA" in out and "no run left" in out
+
+
+def test_sweep_eta_from_finished_runs(monkeypatch):
+    from scaling_runs import sweep as S
+
+    clock = [1000.0]
+    monkeypatch.setattr(S.time, "time", lambda: clock[0])
+    cfg = RunConfig(train=TrainConfig(out_dir="/nonexistent/run"))
+    runs = [{"name": n, "config": cfg, "tokens": 100, "attn_aware_flops": f}
+            for n, f in (("a", 1e9), ("b", 2e9), ("c", 4e9))]
+    p = S.SweepProgress(runs)
+    assert p.eta_s() is None
+    p.start(runs[0])
+    clock[0] += 2.0
+    p.finish(runs[0], "done")
+    assert p.eta_s() == pytest.approx(2.0 * (2e9 + 4e9) / 1e9)  # one run: proportional to FLOPs
+    p.start(runs[1])
+    clock[0] += 3.0
+    p.finish(runs[1], "done")
+    assert p.eta_s() == pytest.approx(1.0 + 4e9 * 1e-9)  # 2 s = 1 + 1e9 k, 3 s = 1 + 2e9 k
+    p.start(runs[2])
+    clock[0] += 2.0
+    assert p.eta_s() == pytest.approx(3.0)  # what is left of run c's predicted 5 s
+    assert "2/3" not in p.finish(runs[2], "failed (rc 1)") and p.eta_s() == 0.0
