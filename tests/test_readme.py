@@ -106,3 +106,63 @@ def test_readme_plain_blocks_run_in_order():
 def test_readme_block_with_setup_runs(line, setup, code, tmp_path):
     namespace = {"torch": torch, **SETUPS[setup](tmp_path)}
     exec(compile(code, f"README.md:{line}", "exec"), namespace)  # noqa: S102
+
+
+# --------------------------------------------------------------------------- shell commands
+def readme_commands(text: str) -> list[str]:
+    """Every ``python ...`` / ``torchrun ...`` command of the README's ```bash blocks, with
+    continuation lines joined and trailing comments removed."""
+    commands, in_bash, pending = [], False, ""
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            in_bash = line.strip() == "```bash"
+            continue
+        if not in_bash:
+            continue
+        line = pending + line.split("  #")[0].strip()
+        if line.endswith("\\"):
+            pending = line[:-1] + " "
+            continue
+        pending = ""
+        if line.startswith(("python ", "torchrun ")):
+            commands.append(" ".join(line.split()))
+    return commands
+
+
+def _entry_point(command: str) -> list[str]:
+    """``python -m pkg.mod ...`` -> ["-m", "pkg.mod"]; ``python path.py ...`` -> ["path.py"]."""
+    words = command.split()
+    if words[0] == "torchrun":
+        words = ["python"] + [w for w in words[1:] if not w.startswith("--nproc")]
+    return words[1:3] if words[1] == "-m" else words[1:2]
+
+
+ENTRY_POINTS = sorted({tuple(_entry_point(c)) for c in readme_commands(README.read_text())})
+
+
+def test_readme_commands_are_found():
+    assert len(ENTRY_POINTS) >= 8, ENTRY_POINTS  # the parser still reads the README's blocks
+    assert ("-m", "scaling_runs.train") in ENTRY_POINTS and ("bench/attn_speed.py",) in ENTRY_POINTS
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS, ids=" ".join)
+def test_every_readme_command_exists_and_has_help(entry):
+    """Each script or module the README tells users to run starts and prints its usage."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, *entry, "--help"], cwd=README.parent, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"{' '.join(entry)} --help failed:\n{result.stderr[-2000:]}"
+    assert len(result.stdout) > 100, result.stdout  # its help text, not an empty run
+
+
+def test_readme_sweep_dry_run_command_runs():
+    """The README's dry-run command, as written (it only plans: runs, FLOPs, time)."""
+    import subprocess
+    import sys
+
+    command = next(c for c in readme_commands(README.read_text()) if "--dry_run true" in c)
+    result = subprocess.run([sys.executable, *command.split()[1:]], cwd=README.parent, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
