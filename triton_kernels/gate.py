@@ -27,6 +27,8 @@ import triton.language as tl
 from .attention import padded_head_dim, query_tile, query_tiles
 
 _BIG = 1 << 30
+#: Block index of a chunk entry that is no candidate: ranks below every slot of the selection.
+NOT_CAND = tl.constexpr(2**31 - 1)
 
 # Keyed by the padded head dim: (BLOCK_M, BLOCK_B, num_warps). Read by the launchers and by
 # the ahead-of-time compile tests (``kernel_configs``).
@@ -67,6 +69,12 @@ def _block_mean_kernel(
 
 
 @triton.jit
+def _better(s_a, i_a, s_b, i_b):
+    """(score, block) pair a ranks above b: higher score, ties to the lower block index."""
+    return (s_a > s_b) | ((s_a == s_b) & (i_a < i_b))
+
+
+@triton.jit
 def _gate_topk_kernel(
     Q, MEANS, OUT,
     TILE_SEQ, TILE_START, CU_Q, CU_K, BLOCK_OFFSET,
@@ -80,7 +88,7 @@ def _gate_topk_kernel(
     first_block = tl.load(BLOCK_OFFSET + seq).to(tl.int64)
     kv_head = pid_h // group
     seq_len_k = k1 - k0
-    n_blocks = (seq_len_k + block_size - 1) // block_size
+    n_blocks = ((seq_len_k + block_size - 1) // block_size).to(tl.int32)
 
     offs_m = q_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     row_ok = offs_m < q1  # (BLOCK_M,)
@@ -91,36 +99,56 @@ def _gate_topk_kernel(
     q = tl.load(Q + offs_m[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # (BLOCK_M, HEAD_DIM)
 
+    # Running selection per row, unsorted: columns < n_pick hold the best candidates so far
+    # (empty slot: score -inf, block BIG + column, below any real candidate); column n_pick
+    # is the own block and columns above are padding, both locked (+inf, -1: never the worst).
     cols = tl.arange(0, SORT_WIDTH)  # (SORT_WIDTH,)
-    chosen = tl.full([BLOCK_M, SORT_WIDTH], BIG, dtype=tl.int32)  # (BLOCK_M, SORT_WIDTH)
-    chosen = tl.where(cols[None, :] == 0, own[:, None], chosen)
-    prev_s = tl.full([BLOCK_M], float("inf"), dtype=tl.float32)  # (BLOCK_M,) score of the last pick
-    prev_i = tl.full([BLOCK_M], -1, dtype=tl.int32)  # (BLOCK_M,) index of the last pick
+    work = cols[None, :] < n_pick  # (1, SORT_WIDTH)
+    top_s = tl.where(work, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, SORT_WIDTH], tl.float32)
+    top_i = tl.where(work, BIG + cols[None, :], -1) + tl.zeros([BLOCK_M, SORT_WIDTH], tl.int32)
+    # the worst kept pair of every row (BLOCK_M,): a candidate enters only if it ranks above
+    thr_s = tl.min(top_s, 1)
+    thr_i = tl.max(tl.where(top_s == thr_s[:, None], top_i, -1), 1)
+
+    # Candidate blocks of the tile: causal, the complete blocks before the last row's own block.
+    own_last = tl.max(tl.where(row_ok, own, 0), 0)
+    hi = tl.where(causal != 0, own_last, n_blocks)
     offs_b = tl.arange(0, BLOCK_B)  # (BLOCK_B,)
-    for p in range(0, n_pick):
-        best_s = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (BLOCK_M,)
-        best_i = tl.full([BLOCK_M], BIG, dtype=tl.int32)  # (BLOCK_M,)
-        for b0 in range(0, n_blocks, BLOCK_B):
-            blk = (b0 + offs_b).to(tl.int32)  # (BLOCK_B,) local block index
-            b_ok = blk < n_blocks  # (BLOCK_B,)
-            means = tl.load(MEANS + ((first_block + blk)[:, None] * n_heads_kv + kv_head) * d_real + offs_d[None, :],
-                            mask=b_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_B, HEAD_DIM) float32
-            s = tl.dot(q, tl.trans(means), input_precision="ieee")  # (BLOCK_M, BLOCK_B) float32
-            cand_causal = blk[None, :] < own[:, None]  # (BLOCK_M, BLOCK_B)
-            cand_all = (blk[None, :] != own[:, None]) & b_ok[None, :]  # (BLOCK_M, BLOCK_B)
-            cand = tl.where(causal != 0, cand_causal, cand_all)
-            after = (s < prev_s[:, None]) | ((s == prev_s[:, None]) & (blk[None, :] > prev_i[:, None]))
-            ok = cand & after  # (BLOCK_M, BLOCK_B)
-            s = tl.where(ok, s, float("-inf"))
-            c_max = tl.max(s, 1)  # (BLOCK_M,)
-            c_arg = tl.min(tl.where(ok & (s == c_max[:, None]), blk[None, :], BIG), 1)  # (BLOCK_M,)
-            better = (c_max > best_s) | ((c_max == best_s) & (c_arg < best_i))  # (BLOCK_M,)
-            best_s = tl.where(better, c_max, best_s)
-            best_i = tl.where(better, c_arg, best_i)
-        chosen = tl.where(cols[None, :] == p + 1, best_i[:, None], chosen)
-        prev_s = best_s
-        prev_i = best_i
-    chosen = tl.sort(chosen, dim=1)  # (BLOCK_M, SORT_WIDTH) ascending, BIG last
+    for b0 in range(0, hi, BLOCK_B):
+        blk = b0 + offs_b  # (BLOCK_B,) local block index
+        b_ok = blk < hi  # (BLOCK_B,)
+        means = tl.load(MEANS + ((first_block + blk)[:, None] * n_heads_kv + kv_head) * d_real + offs_d[None, :],
+                        mask=b_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_B, HEAD_DIM) float32
+        s = tl.dot(q, tl.trans(means), input_precision="tf32x3")  # (BLOCK_M, BLOCK_B) float32
+        s = tl.where(s != s, float("inf"), s)  # NaN ranks first, as in torch.topk
+        cand_causal = blk[None, :] < own[:, None]  # (BLOCK_M, BLOCK_B)
+        cand_all = (blk[None, :] != own[:, None]) & b_ok[None, :]  # (BLOCK_M, BLOCK_B)
+        cand = tl.where(causal != 0, cand_causal, cand_all) & row_ok[:, None]
+        # a non-candidate ranks below every empty slot: never inserted
+        s = tl.where(cand, s, float("-inf"))
+        idx = tl.where(cand, blk[None, :], NOT_CAND)  # (BLOCK_M, BLOCK_B)
+        # best remaining pair of the chunk per row (BLOCK_M,)
+        c_s = tl.max(s, 1)
+        c_i = tl.min(tl.where(s == c_s[:, None], idx, NOT_CAND), 1)
+        ins = _better(c_s, c_i, thr_s, thr_i)  # (BLOCK_M,)
+        # Best first: a row whose best remaining pair does not enter is done with this chunk.
+        # At most min(n_pick, BLOCK_B) rounds; once the selection is good, usually none.
+        while tl.max(ins.to(tl.int32), 0) > 0:
+            slot = ins[:, None] & (top_s == thr_s[:, None]) & (top_i == thr_i[:, None])  # (BLOCK_M, SORT_WIDTH)
+            top_s = tl.where(slot, c_s[:, None], top_s)
+            top_i = tl.where(slot, c_i[:, None], top_i)
+            taken = idx == c_i[:, None]  # (BLOCK_M, BLOCK_B)
+            s = tl.where(taken, float("-inf"), s)
+            idx = tl.where(taken, NOT_CAND, idx)
+            thr_s = tl.min(top_s, 1)
+            thr_i = tl.max(tl.where(top_s == thr_s[:, None], top_i, -1), 1)
+            c_s = tl.max(s, 1)
+            c_i = tl.min(tl.where(s == c_s[:, None], idx, NOT_CAND), 1)
+            ins = ins & _better(c_s, c_i, thr_s, thr_i)
+
+    chosen = tl.where((top_i >= 0) & (top_i < BIG), top_i, BIG)  # picks; empty and locked slots -> BIG
+    chosen = tl.where(cols[None, :] == n_pick, own[:, None], chosen)  # (BLOCK_M, SORT_WIDTH)
+    chosen = tl.sort(chosen, dim=1)  # ascending, BIG last
     chosen = tl.where(chosen == BIG, -1, chosen)
     tl.store(OUT + (offs_m[:, None] * n_heads_q + pid_h) * width + cols[None, :], chosen,
              mask=row_ok[:, None] & (cols[None, :] < width))
