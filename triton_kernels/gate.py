@@ -4,18 +4,42 @@
   in float32 ``BLOCK_T`` tokens at a time and writes the mean, (G, Hkv, D) float32. A tail
   block is averaged over the tokens it has.
 * ``_gate_topk_kernel``: one program per (tile of ``BLOCK_M`` queries of one sequence, query
-  head; GQA: query head h reads the means of KV head h // group). It streams the sequence's
-  block means ``BLOCK_B`` blocks at a time and computes the float32 scores q . mean in
-  registers; the (S, n_blocks) score matrix never exists in global memory. Selection is
-  ``n_pick = min(top_k - 1, n_blocks)`` streaming arg-max passes: pass p finds, per row, the
-  best candidate strictly after the previous pick in the order (score descending, block
-  index ascending), so ties are broken toward the lower block index. Candidates are the
-  complete blocks before the own block (causal) or every other block (non-causal). The own
-  block plus the picks are sorted ascending in registers (``tl.sort``), padding
-  (``PAD_INDEX`` = -1) last, and written as (Tq, Hq, width) int32.
-  The passes re-read the means (n_pick * n_blocks * D floats per tile, from L2); this is
-  cheap for the small ``top_k`` MoBA uses. When ``top_k - 1`` covers every candidate the
-  launcher skips the kernel and writes the dense selection directly.
+  head; GQA: query head h reads the means of KV head h // group), one pass. It walks only the
+  tile's candidate blocks ``BLOCK_B`` at a time (causal: blocks before the own block of the
+  tile's last row, which are complete; non-causal: every block of the sequence), scores them
+  with one ``tl.dot`` per chunk and keeps a running top-``n_pick`` (``n_pick = top_k - 1``) per
+  row in registers. The (S, n_blocks) score matrix never exists in global memory, and the
+  means are read once per tile.
+
+  Running selection: a (BLOCK_M, SORT_WIDTH) register tile of (score, block) pairs, unsorted;
+  columns < n_pick hold the best candidates so far (empty: score -inf, block BIG + column, below
+  every real candidate), column n_pick the own block, the rest padding (both locked as
+  (+inf, -1), never replaced). Per chunk, best first: the chunk's best remaining pair of every
+  row replaces that row's worst kept pair while it ranks above it; the first pair that does not
+  ends the row's chunk, so a chunk costs one max/min reduction once the selection is good and
+  at most min(n_pick, BLOCK_B) + 1 rounds. At the end the own block and the picks are sorted
+  ascending (``tl.sort``), padding (``PAD_INDEX`` = -1) last, and written as (Tq, Hq, width) int32.
+
+  Order and ties: (score descending, block index ascending), so among equal scores the lower
+  block wins; a NaN score ranks first (as in ``torch.topk``). Every kept block is distinct.
+
+  Score precision (DESIGN.md step 3: float32): q is upcast to float32 and the float32 means
+  are multiplied with ``input_precision="tf32x3"``: three TF32 tensor-core products
+  (hi*hi + hi*lo + lo*hi, the lo*lo term dropped, ~2**-22 relative per product), i.e. float32
+  accuracy up to summation order, which already differs between any two float32 matmuls. So
+  the selection equals the float32 reference's except where two scores agree to float32
+  rounding, where no float32 implementation is canonical (the tests compare against the torch
+  gate on data without such near ties, and pin exact ties on data where the scores are exact).
+  It keeps wgmma on sm_90 (3 per chunk) and mma.sync on sm_80, without fp32 FMA. Cost: a TF32
+  product runs at half the bf16 rate, so the gate's matmul costs ~6x a single bf16 product; a
+  bf16 product with an exact float32 re-check of near ties would be ~2-3x cheaper and is left
+  for later (it needs a second pass for rows whose cut falls inside the error bound).
+
+  Limits: the selection tile is SORT_WIDTH = next_power_of_2(top_k) wide; above
+  ``MAX_SORT_WIDTH`` (16) the launcher (``moba.triton_backend._select``) falls back to the
+  torch gate (``moba.gate.select_packed``). When ``top_k - 1`` covers every candidate the
+  launcher skips the kernel and writes the dense selection directly; ``top_k = 1`` writes the
+  own block.
 """
 
 from __future__ import annotations
@@ -30,14 +54,14 @@ _BIG = 1 << 30
 #: Block index of a chunk entry that is no candidate: ranks below every slot of the selection.
 NOT_CAND = tl.constexpr(2**31 - 1)
 
-# Keyed by the padded head dim: (BLOCK_M, BLOCK_B, num_warps). Read by the launchers and by
-# the ahead-of-time compile tests (``kernel_configs``).
+# Keyed by the padded head dim: (BLOCK_M, BLOCK_B, num_warps, num_stages). Read by the
+# launchers and by the ahead-of-time compile tests (``kernel_configs``).
 GATE_CONFIGS = {
-    16: (64, 32, 4),
-    32: (64, 32, 4),
-    64: (64, 32, 4),
-    128: (64, 32, 4),
-    256: (32, 32, 4),
+    16: (64, 32, 4, 2),
+    32: (64, 32, 4, 2),
+    64: (64, 32, 4, 2),
+    128: (64, 16, 4, 2),  # BLOCK_B = 32 spills on sm_80 (the q split of tf32x3 lives in registers there)
+    256: (32, 16, 4, 2),
 }
 # (BLOCK_T, num_warps)
 MEAN_CONFIGS = {16: (64, 4), 32: (64, 4), 64: (64, 4), 128: (64, 4), 256: (32, 4)}
@@ -224,7 +248,7 @@ def gate_select(
         q = q.contiguous()
     means = block_means(k, block_start, block_len)
     head_dim = padded_head_dim(d)
-    block_m, block_b, warps = GATE_CONFIGS[head_dim]
+    block_m, block_b, warps, stages = GATE_CONFIGS[head_dim]
     tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
     out = torch.empty((tq, hq, width), dtype=torch.int32, device=q.device)
     _gate_topk_kernel[(tile_seq.numel() * hq,)](
@@ -232,7 +256,7 @@ def gate_select(
         q.stride(0), q.stride(1),
         hq, hkv, hq // hkv, block_size, n_pick, width, int(causal), d,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_B=block_b, SORT_WIDTH=sort_width, BIG=_BIG,
-        num_warps=warps,
+        num_warps=warps, num_stages=stages,
     )
     return out
 
@@ -240,17 +264,18 @@ def gate_select(
 def kernel_configs(dtype: str):
     """Every (name, kernel, signature, constexprs, num_warps, num_stages) the gate launchers
     can launch for inputs of ``dtype``, from the config tables above (SORT_WIDTH: the
-    smallest (2, top_k = 2) and the largest (``MAX_SORT_WIDTH``) the launcher uses)."""
+    smallest (2, top_k = 2) and the largest (``MAX_SORT_WIDTH``) the launcher uses). Integer
+    arguments are i32 as at launch (Python ints below 2**31)."""
     ptr = "*" + dtype
     for head_dim, (block_t, warps) in MEAN_CONFIGS.items():
         sig = dict(K=ptr, MEANS="*fp32", BLOCK_START="*i32", BLOCK_LEN="*i32",
                    stride_kt="i64", stride_kh="i64", n_heads_kv="i32", d_real="i32")
         yield f"mean_d{head_dim}", _block_mean_kernel, sig, dict(HEAD_DIM=head_dim, BLOCK_T=block_t), warps, 1
-    for head_dim, (block_m, block_b, warps) in GATE_CONFIGS.items():
+    for head_dim, (block_m, block_b, warps, stages) in GATE_CONFIGS.items():
         for sort_width in (2, MAX_SORT_WIDTH):
             sig = dict(Q=ptr, MEANS="*fp32", OUT="*i32", TILE_SEQ="*i32", TILE_START="*i32", CU_Q="*i32",
-                       CU_K="*i32", BLOCK_OFFSET="*i32", stride_qt="i64", stride_qh="i64",
+                       CU_K="*i32", BLOCK_OFFSET="*i32", stride_qt="i32", stride_qh="i32",
                        n_heads_q="i32", n_heads_kv="i32", group="i32", block_size="i32", n_pick="i32",
                        width="i32", causal="i32", d_real="i32")
             const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_B=block_b, SORT_WIDTH=sort_width, BIG=_BIG)
-            yield f"gate_d{head_dim}_w{sort_width}", _gate_topk_kernel, sig, const, warps, 1
+            yield f"gate_d{head_dim}_w{sort_width}", _gate_topk_kernel, sig, const, warps, stages
