@@ -208,8 +208,9 @@ def _gate_by_rule(scores, own, cands, n_pick):
     return sorted(best + [own])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
-def test_gate_ties_go_to_the_lower_block(causal):
+def test_gate_ties_go_to_the_lower_block(causal, dtype):
     """Exact ties (integer data: float32 and tf32x3 scores are exact) pick the lower block
     index, in the kernel's one pass as in the brute-force rule; a later chunk never displaces an
     equal earlier pick. 80 blocks of 2 tokens cross several BLOCK_B chunks."""
@@ -225,7 +226,7 @@ def test_gate_ties_go_to_the_lower_block(causal):
     k = torch.zeros(s, 1, 16)
     k[:, 0, 0] = level.repeat_interleave(bs)
     k[:, 0, 1] = torch.tensor([j % 2 for j in range(n_blocks)], dtype=torch.float32).repeat_interleave(bs)
-    got = triton_gate(q, k, [0, s], [0, s], bs, top_k, causal)
+    got = triton_gate(q.to(dtype), k.to(dtype), [0, s], [0, s], bs, top_k, causal)
     means = k.reshape(n_blocks, bs, 16).mean(1)  # (n_blocks, 16)
     for t in range(0, s, 3):
         own = t // bs
@@ -235,6 +236,21 @@ def test_gate_ties_go_to_the_lower_block(causal):
             row = _gate_by_rule(scores, own, cands, top_k - 1)
             row += [-1] * (top_k - len(row))
             assert got[t, h].tolist() == row, (t, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gate_scores_keep_float32_bits_beyond_tf32(dtype):
+    """Block means 1 + 2**-12 and 1 differ below TF32's 11 bits: a single TF32 product ties
+    them (and would pick the lower block); the float32 score picks the higher mean."""
+    from moba.triton_backend import triton_gate
+
+    bs = 4
+    k = torch.ones(3 * bs, 1, 16)
+    k[bs + 3, 0, 0] = 1 + 2**-10  # block 1: mean 1 + 2**-12 along dim 0; block 0: mean 1
+    q = torch.zeros(3 * bs, 1, 16)
+    q[:, 0, 0] = 1.0
+    got = triton_gate(q.to(dtype), k.to(dtype), [0, 3 * bs], [0, 3 * bs], bs, 2, True)
+    assert got[-1, 0].tolist() == [1, 2]
 
 
 def test_gate_huge_block_size_and_top_k_are_clamped():

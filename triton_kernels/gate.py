@@ -23,17 +23,21 @@
   Order and ties: (score descending, block index ascending), so among equal scores the lower
   block wins; a NaN score ranks first (as in ``torch.topk``). Every kept block is distinct.
 
-  Score precision (DESIGN.md step 3: float32): q is upcast to float32 and the float32 means
-  are multiplied with ``input_precision="tf32x3"``: three TF32 tensor-core products
-  (hi*hi + hi*lo + lo*hi, the lo*lo term dropped, ~2**-22 relative per product), i.e. float32
-  accuracy up to summation order, which already differs between any two float32 matmuls. So
-  the selection equals the float32 reference's except where two scores agree to float32
-  rounding, where no float32 implementation is canonical (the tests compare against the torch
-  gate on data without such near ties, and pin exact ties on data where the scores are exact).
-  It keeps wgmma on sm_90 (3 per chunk) and mma.sync on sm_80, without fp32 FMA. Cost: a TF32
-  product runs at half the bf16 rate, so the gate's matmul costs ~6x a single bf16 product; a
-  bf16 product with an exact float32 re-check of near ties would be ~2-3x cheaper and is left
-  for later (it needs a second pass for rows whose cut falls inside the error bound).
+  Score precision (DESIGN.md step 3: float32), on tensor cores, no fp32 FMA:
+  - float16 / bfloat16 q (the training dtypes): q is exact in TF32 (11 significant bits).
+    The float32 means are split m = hi + lo, hi = m with its low 13 mantissa bits cleared
+    (exact in TF32), and s = q.hi + q.lo in two TF32 products with float32 accumulation: q.hi
+    is exact, lo loses at most its bits below 2**-22 of m. Two wgmma per chunk on sm_90.
+  - float32 q: ``input_precision="tf32x3"`` (q and m both split, hi*hi + hi*lo + lo*hi, the
+    lo*lo term dropped, ~2**-22 relative per product). Three wgmma per chunk.
+  Either is float32 accuracy up to summation order, which already differs between any two
+  float32 matmuls (the torch reference's included), so the selection equals the float32
+  reference's except where two scores agree to float32 rounding, where no float32
+  implementation is canonical. The tests compare with the torch gate on random data and pin
+  exact ties and scores that differ only below TF32's precision on data whose float32 scores
+  are exact. Not chosen: a single bf16 product (2x cheaper than two TF32 ones) with an exact
+  float32 re-check of near ties: the re-check needs a second pass for rows whose cut falls
+  inside the error bound, and the interpreter cannot run bf16 dots to test it on CPU.
 
   Limits: the selection tile is SORT_WIDTH = next_power_of_2(top_k) wide; above
   ``MAX_SORT_WIDTH`` (16) the launcher (``moba.triton_backend._select``) falls back to the
@@ -143,7 +147,13 @@ def _gate_topk_kernel(
         b_ok = blk < hi  # (BLOCK_B,)
         means = tl.load(MEANS + ((first_block + blk)[:, None] * n_heads_kv + kv_head) * d_real + offs_d[None, :],
                         mask=b_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_B, HEAD_DIM) float32
-        s = tl.dot(q, tl.trans(means), input_precision="tf32x3")  # (BLOCK_M, BLOCK_B) float32
+        if Q.dtype.element_ty == tl.float32:
+            s = tl.dot(q, tl.trans(means), input_precision="tf32x3")  # (BLOCK_M, BLOCK_B) float32
+        else:
+            # half q is exact in TF32: two TF32 products against the means' hi/lo split suffice
+            m_hi = (means.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)  # 11 bits
+            s = tl.dot(q, tl.trans(m_hi), input_precision="tf32")  # (BLOCK_M, BLOCK_B) float32
+            s = tl.dot(q, tl.trans(means - m_hi), s, input_precision="tf32")
         s = tl.where(s != s, float("inf"), s)  # NaN ranks first, as in torch.topk
         cand_causal = blk[None, :] < own[:, None]  # (BLOCK_M, BLOCK_B)
         cand_all = (blk[None, :] != own[:, None]) & b_ok[None, :]  # (BLOCK_M, BLOCK_B)
