@@ -35,7 +35,7 @@
   reference's except where two scores agree to float32 rounding, where no float32
   implementation is canonical. The tests compare with the torch gate on random data and pin
   exact ties and scores that differ only below TF32's precision on data whose float32 scores
-  are exact. Not chosen: a single bf16 product (2x cheaper than two TF32 ones) with an exact
+  are exact. Not chosen: one bf16 product (a quarter of the tensor-core time of two TF32 ones) with an exact
   float32 re-check of near ties: the re-check needs a second pass for rows whose cut falls
   inside the error bound, and the interpreter cannot run bf16 dots to test it on CPU.
 
