@@ -35,9 +35,10 @@
   reference's except where two scores agree to float32 rounding, where no float32
   implementation is canonical. The tests compare with the torch gate on random data and pin
   exact ties and scores that differ only below TF32's precision on data whose float32 scores
-  are exact. Not chosen: one bf16 product (a quarter of the tensor-core time of two TF32 ones) with an exact
-  float32 re-check of near ties: the re-check needs a second pass for rows whose cut falls
-  inside the error bound, and the interpreter cannot run bf16 dots to test it on CPU.
+  are exact. Not chosen: one bf16 product (a quarter of the tensor-core time of two TF32
+  ones) with an exact float32 re-check of near ties: the re-check needs a second pass for
+  rows whose cut falls inside the error bound, and the interpreter cannot run bf16 dots to
+  test it on CPU.
 
   Limits: the selection tile is SORT_WIDTH = next_power_of_2(top_k) wide; above
   ``MAX_SORT_WIDTH`` (16) the launcher (``moba.triton_backend._select``) falls back to the
@@ -168,7 +169,8 @@ def _gate_topk_kernel(
         # Best first: a row whose best remaining pair does not enter is done with this chunk.
         # At most min(n_pick, BLOCK_B) rounds; once the selection is good, usually none.
         while tl.max(ins.to(tl.int32), 0) > 0:
-            slot = ins[:, None] & (top_s == thr_s[:, None]) & (top_i == thr_i[:, None])  # (BLOCK_M, SORT_WIDTH)
+            # the row's worst kept pair (unique: kept blocks are distinct), (BLOCK_M, SORT_WIDTH)
+            slot = ins[:, None] & (top_s == thr_s[:, None]) & (top_i == thr_i[:, None])
             top_s = tl.where(slot, c_s[:, None], top_s)
             top_i = tl.where(slot, c_i[:, None], top_i)
             taken = idx == c_i[:, None]  # (BLOCK_M, BLOCK_B)
