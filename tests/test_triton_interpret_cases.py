@@ -179,6 +179,7 @@ GATE_CASES = [
                  id="ragged-varlen-gqa4"),
     pytest.param([0, 20, 90], [0, 70, 220], 4, 2, 32, 6, 4, torch.float32, id="chunked-prefill"),
     pytest.param([0, 150], [0, 150], 2, 1, 16, 2, 16, torch.float32, id="top16-bs2"),
+    pytest.param([0, 150], [0, 150], 2, 1, 16, 2, 32, torch.float16, id="top32-bs2"),
     pytest.param([0, 150], [0, 150], 2, 1, 16, 3, 9, torch.float16, id="top9-bs3"),
     pytest.param([0, 48], [0, 48], 2, 2, 16, 8, 5, torch.float32, id="top-k-nblocks-minus-1"),
     pytest.param([0, 48], [0, 48], 2, 2, 16, 8, 6, torch.float32, id="top-k-nblocks"),
@@ -264,18 +265,22 @@ def test_gate_huge_block_size_and_top_k_are_clamped():
         assert torch.equal(triton_gate(q, k, [0, 40], [0, 40], bs, top_k, True), expected)
 
 
-def test_gate_wider_than_the_register_sort_falls_back_to_torch():
-    """top_k = 17 (sort width 32 > MAX_SORT_WIDTH): the backend uses the torch gate; the op refuses."""
-    import moba
+def test_gate_wider_than_the_register_selection_falls_back_to_torch():
+    """top_k = 33 (sort width 64 > MAX_SORT_WIDTH = 32): the op refuses, the backend's select
+    uses the torch gate."""
+    from moba._layout import build_layout
+    from moba.backends import resolve_backend
+    from moba.gate import select_packed
     from moba.triton_backend import triton_gate
+    from moba.triton_kernels.gate import MAX_SORT_WIDTH
 
-    q, k, _ = _make([0, 120], [0, 120], 2, 1, 16, torch.float32, seed=10)
-    with pytest.raises(NotImplementedError, match="top_k=17"):
-        triton_gate(q, k, [0, 120], [0, 120], 2, 17, True)
-    q4, k4 = q[None], k[None]
-    got = moba.select_blocks(q4, k4, 2, 17, True)
-    out = moba.moba_attn_func(q4, k4, k4, 2, 17, backend="triton")  # goes through the fallback
-    assert got.shape[-1] == 17 and torch.isfinite(out).all()
+    assert MAX_SORT_WIDTH == 32
+    q, k, _ = _make([0, 150], [0, 150], 2, 1, 16, torch.float32, seed=10)
+    with pytest.raises(NotImplementedError, match="top_k=33"):
+        triton_gate(q, k, [0, 150], [0, 150], 2, 33, True)
+    layout = build_layout([0, 150], [0, 150], 2, "cpu")
+    got = resolve_backend("triton", torch.device("cpu")).select(q, k, layout, 33, True)
+    assert torch.equal(got, select_packed(q, k, layout, 33, True))
 
 
 @pytest.mark.parametrize("causal", [True, False])
