@@ -1,7 +1,7 @@
 """The ``"triton"`` backend: fused Triton kernels for the MoBA gate and attention.
 
 Importing this module registers the backend (``moba.backends`` imports it lazily). The
-kernels live in ``moba.triton_kernels`` (``gate.py``: block means + streaming top-k;
+kernels live in ``moba.triton_kernels`` (``gate.py``: block means + one-pass top-k;
 ``attention.py``: forward, backward dq, backward dk/dv; see their headers for the work
 decomposition). This module wraps them as ``torch.library`` custom ops so that autograd and
 ``torch.compile`` see one opaque op per direction:

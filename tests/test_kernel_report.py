@@ -108,8 +108,6 @@ _WGMMA = "wgmma"
 
 #: Rules broken today (triton 3.9.0, sm_90, the --quick shape): (kernel, rule) -> why.
 KNOWN_FAILING = {
-    ("_gate_topk_kernel", _SPILLS): "fp32 FMA gate with 4 warps: 32 registers, ~14.5 KB spill traffic (issue 14, item 1)",
-    ("_gate_topk_kernel", _LOCAL): "fp32 FMA gate: ~3,200 LDL/STL (issue 14, item 1)",
     ("_fwd_kernel", _SPILLS): "union forward at 255 registers: 24 B spills (issue 14, item 3)",
     ("_fwd_kernel", _LOCAL): "union forward: 6 LDL/STL (issue 14, item 3)",
     ("_bwd_dq_kernel", _SPILLS): "union dq at 255 registers: ~100 B spills (issue 14, item 3)",

@@ -4,7 +4,7 @@ Each kernel and each tile configuration the launchers can launch (enumerated fro
 config tables they use, through ``kernel_configs``) is compiled for sm_90 (H100) and sm_80
 (A100) in float16 and bfloat16. The test fails on a compile error or on shared memory above
 the target's limit; for sm_90 it asserts that the attention kernels (fp16/bf16 ``tl.dot``)
-use wgmma. The gate's score dot is float32 ("ieee") on purpose, so it has no wgmma.
+use wgmma, and so does the gate's tf32x3 score dot in the 64-row tiles (D <= 128).
 
 Compiles run in a subprocess with TRITON_INTERPRET unset: Triton decides interpreter mode at
 decoration time, so this works in any session (also one started with TRITON_INTERPRET=1).
@@ -91,3 +91,5 @@ def test_every_kernel_config_compiles(cc, dtype, tmp_path):
     if cc == 90:
         no_wgmma = [r["name"] for r in results if r["module"].endswith(".attention") and not r["wgmma"]]
         assert not no_wgmma, f"attention kernels without wgmma on sm_90: {no_wgmma}"
+        gate_64_rows = [r for r in results if r["name"].startswith(("gate_d64_", "gate_d128_"))]
+        assert gate_64_rows and all(r["wgmma"] for r in gate_64_rows), "gate score dot without wgmma on sm_90"

@@ -174,6 +174,17 @@ GATE_CASES = [
     pytest.param([0, 130], [0, 130], 2, 2, 32, 16, 1, torch.float16, id="top1"),
     pytest.param([0, 3, 3, 5], [0, 70, 70, 150], 4, 2, 32, 16, 3, torch.float16, id="decode"),
     pytest.param([0, 200], [0, 200], 2, 2, 16, 5, 12, torch.float32, id="top12-bs5"),
+    # one-pass gate (issue 14, item 1): ragged tails, chunked prefill, wide selections, D = 128
+    pytest.param([0, 37, 37, 100, 101, 230], [0, 37, 37, 100, 101, 230], 8, 2, 16, 8, 3, torch.float16,
+                 id="ragged-varlen-gqa4"),
+    pytest.param([0, 20, 90], [0, 70, 220], 4, 2, 32, 6, 4, torch.float32, id="chunked-prefill"),
+    pytest.param([0, 150], [0, 150], 2, 1, 16, 2, 16, torch.float32, id="top16-bs2"),
+    pytest.param([0, 150], [0, 150], 2, 1, 16, 2, 32, torch.float16, id="top32-bs2"),
+    pytest.param([0, 150], [0, 150], 2, 1, 16, 3, 9, torch.float16, id="top9-bs3"),
+    pytest.param([0, 48], [0, 48], 2, 2, 16, 8, 5, torch.float32, id="top-k-nblocks-minus-1"),
+    pytest.param([0, 48], [0, 48], 2, 2, 16, 8, 6, torch.float32, id="top-k-nblocks"),
+    pytest.param([0, 140], [0, 140], 2, 1, 128, 4, 8, torch.float16, id="hd128-top8"),
+    pytest.param([0, 100], [0, 100], 2, 2, 64, 3, 3, torch.float32, id="hd64-many-chunks"),
 ]
 
 
@@ -190,6 +201,106 @@ def test_gate_matches_torch_gate(cu_q, cu_k, hq, hkv, d, block_size, top_k, dtyp
     got = triton_gate(q, k, cu_q, cu_k, block_size, top_k, causal)
     assert got.dtype == torch.int32 and got.shape == expected.shape
     assert torch.equal(got, expected)
+
+
+def _gate_by_rule(scores, own, cands, n_pick):
+    """Own block + the n_pick best candidates by (score descending, block ascending), sorted."""
+    best = sorted(cands, key=lambda j: (-scores[j], j))[:n_pick]
+    return sorted(best + [own])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gate_ties_go_to_the_lower_block(causal, dtype):
+    """Exact ties (integer data: float32 and tf32x3 scores are exact) pick the lower block
+    index, in the kernel's one pass as in the brute-force rule; a later chunk never displaces an
+    equal earlier pick. 80 blocks of 2 tokens cross several BLOCK_B chunks."""
+    from moba.triton_backend import triton_gate
+
+    bs, n_blocks, top_k = 2, 80, 4
+    s = bs * n_blocks
+    q = torch.zeros(s, 2, 16)
+    q[:, 0, 0] = 1.0
+    q[:, 1, 1] = 1.0
+    # block means along dims 0 and 1: few distinct values, so most scores tie
+    level = torch.tensor([(j * 7) % 3 for j in range(n_blocks)], dtype=torch.float32)
+    k = torch.zeros(s, 1, 16)
+    k[:, 0, 0] = level.repeat_interleave(bs)
+    k[:, 0, 1] = torch.tensor([j % 2 for j in range(n_blocks)], dtype=torch.float32).repeat_interleave(bs)
+    got = triton_gate(q.to(dtype), k.to(dtype), [0, s], [0, s], bs, top_k, causal)
+    means = k.reshape(n_blocks, bs, 16).mean(1)  # (n_blocks, 16)
+    for t in range(0, s, 3):
+        own = t // bs
+        cands = list(range(own)) if causal else [j for j in range(n_blocks) if j != own]
+        for h in range(2):
+            scores = [float(means[j, h]) for j in range(n_blocks)]
+            row = _gate_by_rule(scores, own, cands, top_k - 1)
+            row += [-1] * (top_k - len(row))
+            assert got[t, h].tolist() == row, (t, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gate_scores_keep_float32_bits_beyond_tf32(dtype):
+    """Block means 1 + 2**-12 and 1 differ below TF32's 11 bits: a single TF32 product ties
+    them (and would pick the lower block); the float32 score picks the higher mean."""
+    from moba.triton_backend import triton_gate
+
+    bs = 4
+    k = torch.ones(3 * bs, 1, 16)
+    k[bs + 3, 0, 0] = 1 + 2**-10  # block 1: mean 1 + 2**-12 along dim 0; block 0: mean 1
+    q = torch.zeros(3 * bs, 1, 16)
+    q[:, 0, 0] = 1.0
+    got = triton_gate(q.to(dtype), k.to(dtype), [0, 3 * bs], [0, 3 * bs], bs, 2, True)
+    assert got[-1, 0].tolist() == [1, 2]
+
+
+def test_gate_huge_block_size_and_top_k_are_clamped():
+    from moba._layout import build_layout
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_gate
+
+    q, k, _ = _make([0, 40], [0, 40], 2, 1, 16, torch.float32, seed=9)
+    for bs, top_k in ((2**40, 3), (4, 2**40), (2**31, 2**31)):
+        expected = select_packed(q, k, build_layout([0, 40], [0, 40], bs, "cpu"), min(top_k, 64), True)
+        assert torch.equal(triton_gate(q, k, [0, 40], [0, 40], bs, top_k, True), expected)
+
+
+def test_gate_wider_than_the_register_selection_falls_back_to_torch():
+    """top_k = 33 (sort width 64 > MAX_SORT_WIDTH = 32): the op refuses, the backend's select
+    uses the torch gate."""
+    from moba._layout import build_layout
+    from moba.backends import resolve_backend
+    from moba.gate import select_packed
+    from moba.triton_backend import triton_gate
+    from moba.triton_kernels.gate import MAX_SORT_WIDTH
+
+    assert MAX_SORT_WIDTH == 32
+    q, k, _ = _make([0, 150], [0, 150], 2, 1, 16, torch.float32, seed=10)
+    with pytest.raises(NotImplementedError, match="top_k=33"):
+        triton_gate(q, k, [0, 150], [0, 150], 2, 33, True)
+    layout = build_layout([0, 150], [0, 150], 2, "cpu")
+    got = resolve_backend("triton", torch.device("cpu")).select(q, k, layout, 33, True)
+    assert torch.equal(got, select_packed(q, k, layout, 33, True))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gate_nan_stays_in_its_row_and_sequence(causal):
+    """A NaN query row still gets a valid selection (distinct blocks, own block included); a NaN
+    key changes its own sequence's selection only."""
+    from moba.triton_backend import triton_gate
+
+    cu = [0, 70, 150]
+    q, k, _ = _make(cu, cu, 2, 1, 16, torch.float32, seed=11)
+    clean = triton_gate(q, k, cu, cu, 4, 4, causal)
+    q2, k2 = q.clone(), k.clone()
+    q2[60, 0, 3] = float("nan")
+    k2[5, 0, 0] = float("nan")
+    dirty = triton_gate(q2, k2, cu, cu, 4, 4, causal)
+    assert torch.equal(dirty[70:], clean[70:])
+    row = dirty[60, 0].tolist()
+    valid = [j for j in row if j != -1]
+    assert len(set(valid)) == len(valid) == 4 and 60 // 4 in valid and valid == sorted(valid)
+    assert (dirty[:70] < 18).all() and (dirty[:70] >= -1).all()
 
 
 def test_public_api_backend_triton():
