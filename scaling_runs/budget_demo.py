@@ -11,7 +11,7 @@ with MoBA at budgets 16, 32, 48, 64, 128 and full (256) on 256 fresh examples, e
 with Wilson 95% CIs -> ``OUT/budget.json`` + ``OUT/performance_vs_budget.png``. Options:
 ``--task`` (needle / multineedle), ``--n_filler``, ``--n_needles``, ``--n_train`` (20000),
 ``--train_seed``, ``--n_eval`` (256), ``--eval_seed``, ``--budgets``, ``--arms`` (moba,full),
-``--ci`` (wilson / exact); every other ``--key value`` goes to both training configs.
+``--ci`` (wilson / exact), ``--eval_device`` (cpu / cuda / auto), ``--eval_batch`` (64); every other ``--key value`` goes to both training configs.
 
 The default preset (``tasks``):
 
@@ -167,6 +167,7 @@ NEEDLE_TRAIN_DEFAULTS = {
 NEEDLE_DEMO_DEFAULTS = {
     "task": "needle", "n_filler": "254", "n_needles": "4", "n_train": "20000", "train_seed": "1000",
     "n_eval": "256", "eval_seed": "0", "budgets": "16,32,48,64,128", "arms": "moba,full", "ci": "wilson",
+    "eval_device": "cpu", "eval_batch": "64",
 }
 
 ARM_LABELS = {"moba": "MoBA-trained", "full": "Full-attention-trained"}
@@ -225,11 +226,13 @@ def run_needle_demo(out: str | Path = "runs/budget-needle", train_overrides: dic
         ts = time.time()
         entry = E.short_answer_sweep(cfg.train.out_dir, task, int(o["n_eval"]), _sizes(o["budgets"]), length,
                                      int(o["eval_seed"]), task_opts, model_name=ARM_LABELS[arm],
-                                     ci_method=o["ci"], progress=progress)
+                                     batch=int(o["eval_batch"]), ci_method=o["ci"], device=o["eval_device"],
+                                     progress=progress)
         entry["label"] = ARM_LABELS[arm]
         # memorisation check: the same dense evaluation on examples the model trained on
         seen = E.short_answer_sweep(cfg.train.out_dir, task, min(int(o["n_eval"]), int(o["n_train"])), [length],
-                                    length, int(o["train_seed"]), task_opts, progress=False)
+                                    length, int(o["train_seed"]), task_opts, batch=int(o["eval_batch"]),
+                                    device=o["eval_device"], progress=False)
         entry["train_vs_eval_full"] = {"train_accuracy": seen["accuracy"][-1], "train_n": seen["n"][-1],
                                        "eval_accuracy": entry["accuracy"][-1], "eval_n": entry["n"][-1],
                                        "gap": seen["accuracy"][-1] - entry["accuracy"][-1]}

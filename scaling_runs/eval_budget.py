@@ -390,7 +390,8 @@ def short_answer_sweep(checkpoint: str | Path, task: str = "needle", n: int = 25
     equal it exactly. Returns ``{"task", "model", "checkpoint", "budgets", "accuracy", "ci95",
     "n", "correct", "settings", ...}`` (one ``budget.json`` entry; accuracy in [0, 1]).
     """
-    dev = torch.device(device)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
     model, cfg, run_dir = load_model(checkpoint, device=dev)
     model.eval()
     m = model.cfg
