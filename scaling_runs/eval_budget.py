@@ -482,8 +482,10 @@ def plot_budget_chart(entries: list[dict], path: str | Path, title: str = "Infer
         hi = 100 * np.asarray([c[1] for c in e["ci95"]], dtype=float)
         label = e.get("label") or e["model"]
         ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
-        ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], ls=ls, marker=marker, color=color, mfc="black", mec="black",
-                    ms=5, capsize=3, label=f"{label} (95% CI, n={max(e['n'])})")
+        bars = ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], ls=ls, marker=marker, color=color, mfc="black",
+                           mec="black", ms=5, capsize=3, label=f"{label} (95% CI, n={max(e['n'])})")
+        for artist in bars.lines[0:1] + tuple(bars.lines[1]) + tuple(bars.lines[2]):
+            artist.set_clip_on(False)  # markers at exactly 0% / 100% stay whole on the clamped axis
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(FixedLocator(ticks))
     ax.xaxis.set_major_formatter(FuncFormatter(_budget_tick))

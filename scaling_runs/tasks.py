@@ -46,6 +46,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 TASKS = ("passkey", "multikey", "mqar")
 
 PASSKEY_NEEDLE = "\nThe pass key is {value}. Remember it.\n"
@@ -509,19 +511,17 @@ class ExampleSet:
     """Solved examples as one byte stream: example i is ``tokens[starts[i]:starts[i+1]]``
     (prompt then answer), its answer bytes are ``tokens[answer_start[i]:answer_end[i]]``."""
 
-    tokens: "np.ndarray"  # (T,) uint8
-    starts: "np.ndarray"  # (N,) int64
-    answer_start: "np.ndarray"  # (N,) int64
-    answer_end: "np.ndarray"  # (N,) int64
+    tokens: np.ndarray  # (T,) uint8
+    starts: np.ndarray  # (N,) int64
+    answer_start: np.ndarray  # (N,) int64
+    answer_end: np.ndarray  # (N,) int64
     info: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.starts.size)
 
     @classmethod
-    def from_examples(cls, examples: Sequence[Example], info: dict | None = None) -> "ExampleSet":
-        import numpy as np
-
+    def from_examples(cls, examples: Sequence[Example], info: dict | None = None) -> ExampleSet:
         if not examples:
             raise ValueError("no examples")
         parts, starts, a0, a1, pos = [], [], [], [], 0
@@ -540,8 +540,6 @@ class ExampleSet:
         import io
         import json as _json
 
-        import numpy as np
-
         from .checkpoint import atomic_write_bytes
 
         buf = io.BytesIO()
@@ -550,17 +548,14 @@ class ExampleSet:
         atomic_write_bytes(path, buf.getvalue())
 
     @classmethod
-    def load(cls, path) -> "ExampleSet":
+    def load(cls, path) -> ExampleSet:
         import json as _json
-
-        import numpy as np
 
         with np.load(path) as z:
             return cls(z["tokens"], z["starts"], z["answer_start"], z["answer_end"], _json.loads(str(z["info"])))
 
-    def answer_mask(self) -> "np.ndarray":
+    def answer_mask(self) -> np.ndarray:
         """(T,) bool: True at every answer byte of the stream."""
-        import numpy as np
 
         delta = np.zeros(self.tokens.size + 1, dtype=np.int64)
         np.add.at(delta, self.answer_start, 1)
@@ -569,14 +564,13 @@ class ExampleSet:
 
 
 def example_batch(ex: ExampleSet, context: int, batch: int, seed: int, step: int, start: int = 0,
-                  stop: int | None = None, mask: "np.ndarray | None" = None):
+                  stop: int | None = None, mask: np.ndarray | None = None):
     """Rows ``start:stop`` of the global batch of ``step``: windows of ``context + 1`` stream bytes
     that each begin at an example's first byte (examples chosen by ``(seed, step)``, the stream
     wraps around at its end). Returns ``x, y`` int64 (B, context); ``y`` is ``IGNORE_INDEX``
     everywhere but at answer bytes, so the mean cross-entropy is the answer-only loss.
     ``mask``: ``ex.answer_mask()`` precomputed (it is recomputed otherwise).
     """
-    import numpy as np
     import torch
 
     if context < 1 or batch < 1:
