@@ -554,6 +554,16 @@ class ExampleSet:
         with np.load(path) as z:
             return cls(z["tokens"], z["starts"], z["answer_start"], z["answer_end"], _json.loads(str(z["info"])))
 
+    def data_hash(self) -> str:
+        """sha256 of the stream and the example / answer boundaries."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in (self.tokens, self.starts, self.answer_start, self.answer_end):
+            h.update(np.ascontiguousarray(a).view(np.uint8))
+            h.update(b"|")
+        return h.hexdigest()
+
     def answer_mask(self) -> np.ndarray:
         """(T,) bool: True at every answer byte of the stream."""
 

@@ -56,6 +56,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -433,6 +434,9 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
         examples = ExampleSet.load(cfg.data.mix)
         answer_mask = examples.answer_mask()
         data = load_data(dataclasses.replace(cfg.data, mix=None, mix_fraction=0.0))
+        # the examples are part of the data: a resume with other examples is refused (data_hash)
+        mixed = hashlib.sha256(f"{data.data_hash}|examples|{examples.data_hash()}".encode()).hexdigest()
+        data = dataclasses.replace(data, data_hash=mixed)
     else:
         data = load_data(cfg.data)
     if data.vocab_size > cfg.model.vocab_size:
@@ -520,6 +524,7 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
             "data": {**data.describe(),  # what was loaded (hash, token counts)
                      **({"mix": {"source": cfg.data.mix, "fraction": cfg.data.mix_fraction, "format": "examples",
                                  "examples": len(examples), "answer_only_loss": True,
+                                 "examples_hash": examples.data_hash(),
                                  "task": examples.info}} if examples is not None else {})},
             "resumed_from_step": start_step,
             "resumed_with_changes": changes,

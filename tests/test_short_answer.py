@@ -128,7 +128,12 @@ def test_trainer_mix_npz_trains_task_steps(tmp_path):
     assert math.isfinite(last["train_loss"]) and (tmp_path / "run" / "DONE").exists()
     mix = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["mix"]
     assert mix["format"] == "examples" and mix["answer_only_loss"] and mix["examples"] == 64
-    assert mix["task"]["task"] == "needle"
+    assert mix["task"]["task"] == "needle" and mix["examples_hash"] == T.ExampleSet.load(npz).data_hash()
+    # other examples under the same path: the resume is refused (data_hash), not silently mixed
+    T.write_examples(npz, "needle", 64, 64, seed=1001)
+    (tmp_path / "run" / "DONE").unlink()  # an unfinished run being resumed
+    with pytest.raises(Exception, match="data_hash"):
+        train(cfg)
 
 
 # ---------------------------------------------------------------------------------------
