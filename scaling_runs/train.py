@@ -432,6 +432,10 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
         # solved short-answer examples: example-aligned windows with answer-only loss on a
         # share of the steps; the main data is loaded without the mix
         examples = ExampleSet.load(cfg.data.mix)
+        need = int((examples.answer_end - examples.starts).max()) - 1  # x covers prompt + answer - 1 bytes
+        if need > cfg.model.context:
+            raise ValueError(f"context must be >= {need} for the examples in {cfg.data.mix} (prompt + answer "
+                             f"bytes - 1), got {cfg.model.context}: the answers would fall outside the windows")
         answer_mask = examples.answer_mask()
         data = load_data(dataclasses.replace(cfg.data, mix=None, mix_fraction=0.0))
         # the examples are part of the data: a resume with other examples is refused (data_hash)

@@ -3,6 +3,7 @@ windows (and the trainer's --mix PATH.npz path), binomial CIs, budget.json and t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -124,6 +125,10 @@ def test_trainer_mix_npz_trains_task_steps(tmp_path):
                     data=DataConfig(data=str(corpus), val_fraction=0.3, mix=str(npz), mix_fraction=0.5),
                     train=TrainConfig(out_dir=str(tmp_path / "run"), batch_size=4, max_steps=4, eval_every=4,
                                       eval_seqs=2, warmup_steps=1, progress=False, seed=1))
+    short = RunConfig(model=dataclasses.replace(cfg.model, context=32), data=cfg.data,
+                      train=dataclasses.replace(cfg.train, out_dir=str(tmp_path / "short")))
+    with pytest.raises(ValueError, match="context must be >= 64"):
+        train(short)
     last = train(cfg)
     assert math.isfinite(last["train_loss"]) and (tmp_path / "run" / "DONE").exists()
     mix = json.loads((tmp_path / "run" / "config.json").read_text())["data"]["mix"]
