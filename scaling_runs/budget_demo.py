@@ -6,7 +6,7 @@
 ``--preset needle`` (issue 16; ``run_needle_demo``): the one-hop needle task (254 non-digit
 filler bytes, one digit, "?"; answer the digit) -> a MoBA-trained and a full-attention-trained
 tiny model (2 layers, width 64, context 256, block 16, top-3 for MoBA; 400 steps of 32
-windows, 90% of them example-aligned needle windows with answer-only loss) -> both evaluated
+windows; 90% of the steps use example-aligned needle windows with answer-only loss) -> both evaluated
 with MoBA at budgets 16, 32, 48, 64, 128 and full (256) on 256 fresh examples, exact match
 with Wilson 95% CIs -> ``OUT/budget.json`` + ``OUT/performance_vs_budget.png``. Options:
 ``--task`` (needle / multineedle), ``--n_filler``, ``--n_needles``, ``--n_train`` (20000),
