@@ -1,6 +1,19 @@
 """The inference-budget demo (issue 7), CPU preset: task data -> a tiny MoBA model -> budget sweep.
 
     python -m scaling_runs.budget_demo [--out runs/budget-cpu] [--reuse RUN_DIR|auto] [--key value ...]
+    python -m scaling_runs.budget_demo --preset needle [--out runs/budget-needle] [--key value ...]
+
+``--preset needle`` (issue 16; ``run_needle_demo``): the one-hop needle task (254 non-digit
+filler bytes, one digit, "?"; answer the digit) -> a MoBA-trained and a full-attention-trained
+tiny model (2 layers, width 64, context 256, block 16, top-3 for MoBA; 400 steps of 32
+windows; 90% of the steps use example-aligned needle windows with answer-only loss) -> both evaluated
+with MoBA at budgets 16, 32, 48, 64, 128 and full (256) on 256 fresh examples, exact match
+with Wilson 95% CIs -> ``OUT/budget.json`` + ``OUT/performance_vs_budget.png``. Options:
+``--task`` (needle / multineedle), ``--n_filler``, ``--n_needles``, ``--n_train`` (20000),
+``--train_seed``, ``--n_eval`` (256), ``--eval_seed``, ``--budgets``, ``--arms`` (moba,full),
+``--ci`` (wilson / exact), ``--eval_device`` (cpu / cuda / auto), ``--eval_batch`` (64); every other ``--key value`` goes to both training configs.
+
+The default preset (``tasks``):
 
 1. writes a corpus of solved task examples (``scaling_runs.tasks.write_corpus``: passkey,
    multikey, mqar at 128 and 256 bytes) to ``OUT/tasks`` (skipped when ``OUT/tasks.json`` exists);
@@ -141,6 +154,111 @@ def run_demo(out: str | Path = "runs/budget-cpu", reuse: str | Path | None = Non
     return summary
 
 
+# ---------------------------------------------------------------------------------------
+# --preset needle (issue 16): short-answer task -> full- and MoBA-trained tiny models ->
+# accuracy vs budget with binomial CIs -> budget.json + the chart
+
+NEEDLE_TRAIN_DEFAULTS = {
+    "n_layer": "2", "n_head": "2", "n_kv_head": "1", "n_embd": "64", "block_size": "16", "top_k": "3",
+    "batch_size": "32", "max_tokens": "0", "max_steps": "400", "lr": "3e-3", "warmup_steps": "20",
+    "eval_every": "100", "eval_seqs": "8", "threads": "1", "seed": "1337", "mix_fraction": "0.9",
+}
+
+NEEDLE_DEMO_DEFAULTS = {
+    "task": "needle", "n_filler": "254", "n_needles": "4", "n_train": "20000", "train_seed": "1000",
+    "n_eval": "256", "eval_seed": "0", "budgets": "16,32,48,64,128", "arms": "moba,full", "ci": "wilson",
+    "eval_device": "cpu", "eval_batch": "64",
+}
+
+ARM_LABELS = {"moba": "MoBA-trained", "full": "Full-attention-trained"}
+
+
+def run_needle_demo(out: str | Path = "runs/budget-needle", train_overrides: dict[str, str] | None = None,
+                    progress: bool = True, **opts) -> dict:
+    """Short-answer budget chart on CPU: ``OUT/tasks/train.npz`` (``--n_train`` solved
+    examples, seed ``--train_seed``) -> one tiny model per arm (``OUT/<arm>``: attention
+    ``moba`` or ``full``, trained on the examples with answer-only loss for ``mix_fraction``
+    of the steps) -> ``eval_budget.short_answer_sweep`` of every arm on ``--n_eval`` fresh
+    examples (seed ``--eval_seed``), evaluated with MoBA at each budget and full attention at
+    the prompt length -> ``OUT/budget.json``, ``OUT/performance_vs_budget.png``, ``OUT/demo.json``.
+
+    ``demo.json`` also holds each arm's train-vs-eval accuracy gap at full attention (the first
+    ``n_eval`` training examples vs the fresh ones). Finished runs (``DONE``) are not retrained.
+    """
+    t0 = time.time()
+    o = {**NEEDLE_DEMO_DEFAULTS, **{k: str(v) for k, v in opts.items() if v is not None}}
+    unknown = sorted(set(o) - set(NEEDLE_DEMO_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown needle-demo options {unknown}; expected {sorted(NEEDLE_DEMO_DEFAULTS)}")
+    arms = [a.strip() for a in o["arms"].split(",") if a.strip()]
+    if not arms or any(a not in ARM_LABELS for a in arms):
+        raise ValueError(f"arms must be a comma-separated subset of {sorted(ARM_LABELS)}, got {o['arms']!r}")
+    task = o["task"]
+    task_opts = {"n_needles": int(o["n_needles"])} if task == "multineedle" else {}
+    length = T.n_filler_to_length(task, int(o["n_filler"]), int(o["n_needles"]))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    ts = time.time()
+    train_npz = out / "tasks" / "train.npz"
+    if train_npz.exists():
+        tasks_info = T.ExampleSet.load(train_npz).info
+        print(f"[budget_demo] task data: {train_npz} (exists, {tasks_info['examples']} examples)")
+    else:
+        tasks_info = T.write_examples(train_npz, task, int(o["n_train"]), length, int(o["train_seed"]), **task_opts)
+        print(f"[budget_demo] task data: {train_npz} ({tasks_info['examples']} {task} examples, "
+              f"{tasks_info['distinct_prompts']} distinct prompts of {length} bytes)")
+    timings["tasks_s"] = round(time.time() - ts, 2)
+
+    entries, runs = [], {}
+    for arm in arms:
+        ts = time.time()
+        flags = {**NEEDLE_TRAIN_DEFAULTS, "context": str(length), **(train_overrides or {}), "attention": arm,
+                 "mix": str(train_npz), "out_dir": str(out / arm)}
+        cfg = config_from_argv([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+        if not progress:
+            cfg.train.progress = False
+        print(f"[budget_demo] training {cfg.train.out_dir} ({arm} attention, {cfg.train.max_steps} steps, "
+              f"{cfg.data.mix_fraction:.0%} of them on {task} examples)")
+        last = train(cfg)
+        timings[f"train_{arm}_s"] = round(time.time() - ts, 2)
+        ts = time.time()
+        entry = E.short_answer_sweep(cfg.train.out_dir, task, int(o["n_eval"]), _sizes(o["budgets"]), length,
+                                     int(o["eval_seed"]), task_opts, model_name=ARM_LABELS[arm],
+                                     batch=int(o["eval_batch"]), ci_method=o["ci"], device=o["eval_device"],
+                                     progress=progress)
+        entry["label"] = ARM_LABELS[arm]
+        # memorisation check: the same dense evaluation on examples the model trained on
+        seen = E.short_answer_sweep(cfg.train.out_dir, task, min(int(o["n_eval"]), int(o["n_train"])), [length],
+                                    length, int(o["train_seed"]), task_opts, batch=int(o["eval_batch"]),
+                                    device=o["eval_device"], progress=False)
+        entry["train_vs_eval_full"] = {"train_accuracy": seen["accuracy"][-1], "train_n": seen["n"][-1],
+                                       "eval_accuracy": entry["accuracy"][-1], "eval_n": entry["n"][-1],
+                                       "gap": seen["accuracy"][-1] - entry["accuracy"][-1]}
+        timings[f"eval_{arm}_s"] = round(time.time() - ts, 2)
+        entries.append(entry)
+        runs[arm] = {"run_dir": cfg.train.out_dir, "train_final": last}
+
+    budget_json = E.write_budget_json(entries, out / "budget.json")
+    plot = E.plot_budget_chart(entries, out / "performance_vs_budget.png")
+    timings["total_s"] = round(time.time() - t0, 2)
+    summary = {"out": str(out), "task": tasks_info, "options": o, "runs": runs, "budget_json": str(budget_json),
+               "plot": str(plot), "timings": timings}
+    atomic_write_text(out / "demo.json", json.dumps(summary, indent=2))
+    print(f"\n[budget_demo] {task}: exact-match accuracy (%) [95% CI], n = {o['n_eval']} per budget")
+    for e in entries:
+        cells = "  ".join(f"{fmt}:{100 * a:.0f} [{100 * lo:.0f}-{100 * hi:.0f}]" for fmt, a, (lo, hi) in
+                          zip([E._budget_tick(b) for b in e["budgets"][:-1]] + ["full"], e["accuracy"], e["ci95"],
+                              strict=True))
+        gap = e["train_vs_eval_full"]
+        print(f"[budget_demo] {e['model']:>22}: {cells}  (train {100 * gap['train_accuracy']:.0f}% "
+              f"vs eval {100 * gap['eval_accuracy']:.0f}% at full)")
+    print(f"budget.json: {budget_json}\nplot: {plot}\nsummary: {out / 'demo.json'}")
+    print(f"needle demo wall time: {timings['total_s']:.1f} s")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict | None:
     from .config import parse_overrides
 
@@ -149,6 +267,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         print(__doc__)
         return None
     opts = parse_overrides(argv)
+    preset = opts.pop("preset", "tasks")
+    if preset == "needle":
+        out = opts.pop("out", "runs/budget-needle")
+        demo = {k: opts.pop(k) for k in list(opts) if k in NEEDLE_DEMO_DEFAULTS}
+        return run_needle_demo(out, opts, **demo)
+    if preset != "tasks":
+        raise ValueError(f"--preset must be 'tasks' (default) or 'needle', got {preset!r}")
     out = opts.pop("out", "runs/budget-cpu")
     reuse = opts.pop("reuse", None)
     filler_path = opts.pop("filler", None)

@@ -357,6 +357,155 @@ def run_sweep(checkpoint: str | Path, out: str | Path | None = None, budgets: li
 
 
 # ---------------------------------------------------------------------------------------
+# short-answer tasks (issue 16): per-answer exact match with binomial CIs, several models
+
+
+def binomial_ci(correct: int, n: int, level: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """Two-sided confidence interval of a binomial proportion ``correct / n`` (scipy's
+    ``binomtest(...).proportion_ci``: ``"wilson"`` score interval or ``"exact"`` Clopper-Pearson)."""
+    from scipy.stats import binomtest
+
+    if not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not isinstance(correct, (int, np.integer)) or not 0 <= correct <= n:
+        raise ValueError(f"correct must be an integer in [0, n={n}], got {correct!r}")
+    if method not in ("wilson", "exact"):
+        raise ValueError(f"method must be 'wilson' or 'exact', got {method!r}")
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=level, method=method)
+    return float(ci.low), float(ci.high)
+
+
+@torch.no_grad()
+def short_answer_sweep(checkpoint: str | Path, task: str = "needle", n: int = 256, budgets: list[int] | None = None,
+                       context_length: int | None = None, seed: int = 0, task_opts: dict | None = None,
+                       model_name: str | None = None, block_size: int | None = None, batch: int = 64,
+                       ci_method: str = "wilson", device: str = "cpu", progress: bool = True) -> dict:
+    """Exact-match accuracy of ``checkpoint`` on ``n`` fresh ``task`` examples at every budget.
+
+    Budgets (attended keys per query) are ``top_k x block_size`` with the model's block size
+    (or ``block_size``); every layer that is MoBA in the run's config (every layer of a
+    full-attention run) is switched to MoBA at that budget. A budget >= the prompt length is
+    evaluated as dense (full) attention, and the prompt length itself is always the last point
+    ("full"). Each example's answer is decoded greedily and counts when the decoded bytes
+    equal it exactly. Returns ``{"task", "model", "checkpoint", "budgets", "accuracy", "ci95",
+    "n", "correct", "settings", ...}`` (one ``budget.json`` entry; accuracy in [0, 1]).
+    """
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, cfg, run_dir = load_model(checkpoint, device=dev)
+    model.eval()
+    m = model.cfg
+    length = context_length or m.context
+    bs = block_size or m.block_size
+    budgets = sorted(set(budgets or [bs * 2**i for i in range(32) if bs * 2**i < length]))
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"budgets must be positive key counts, got {budgets}")
+    bad = [b for b in budgets if b % bs]
+    if bad:
+        raise ValueError(f"budgets must be multiples of block_size {bs}, got {bad}")
+    budgets = [b for b in budgets if b < length] + [length]
+    examples = T.sample_examples(task, n, length, seed, **(task_opts or {}))
+    prompts = [e.prompt_bytes for e in examples]
+    n_new = max(len(e.answer) for e in examples)
+    setter = BudgetSetter(model)
+    settings, correct = [], []
+    try:
+        for b in budgets:
+            ts = time.time()
+            s = ({"name": "full", "mode": "full", "top_k": None, "block_size": None, "budget": b} if b >= length
+                 else {"name": fmt_size(b), "mode": "moba", "top_k": b // bs, "block_size": bs, "budget": b})
+            setter.apply(s)
+            preds = greedy_decode(model, prompts, n_new, batch, dev)
+            correct.append(sum(p[: len(e.answer)] == e.answer for p, e in zip(preds, examples, strict=True)))
+            settings.append(s)
+            if progress:
+                print(f"[eval_budget] {model_name or run_dir.name} {s['name']:>5}: {correct[-1]}/{n} "
+                      f"({time.time() - ts:.1f}s)", file=sys.stderr)
+    finally:
+        setter.restore()
+    return {
+        "task": task, "model": model_name or run_dir.name, "checkpoint": str(checkpoint),
+        "trained_attention": m.attention, "trained_top_k": m.top_k, "trained_block_size": m.block_size,
+        "eval_attention": "moba", "block_size": bs, "context_length": length, "task_options": dict(task_opts or {}),
+        "seed": seed, "ci_method": ci_method, "budgets": budgets,
+        "accuracy": [c / n for c in correct], "ci95": [list(binomial_ci(c, n, method=ci_method)) for c in correct],
+        "n": [n] * len(budgets), "correct": correct, "settings": settings,
+    }
+
+
+def _check_entries(entries: list[dict]) -> None:
+    if not entries:
+        raise ValueError("empty sweep: no model entries to write or plot")
+    for e in entries:
+        k = len(e.get("budgets", []))
+        if k == 0:
+            raise ValueError(f"empty sweep for model {e.get('model')!r}: no budgets")
+        for key in ("accuracy", "ci95", "n"):
+            if len(e.get(key, [])) != k:
+                raise ValueError(f"model {e.get('model')!r}: {key} has {len(e.get(key, []))} values for {k} budgets")
+
+
+def write_budget_json(entries: list[dict], path: str | Path) -> Path:
+    """``budget.json``: a JSON list, one object per model: ``{"task", "model", "budgets",
+    "accuracy", "ci95": [[lo, hi], ...], "n", ...}`` (accuracy and CIs as fractions in [0, 1]).
+    An empty list, or a model without budgets, is a ``ValueError``."""
+    _check_entries(entries)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(entries, indent=1))
+    return path
+
+
+def _budget_tick(x: float, _pos=None) -> str:
+    x = int(round(x))
+    return f"{x // 1024}K" if x >= 1024 and x % 1024 == 0 else str(x)
+
+
+def plot_budget_chart(entries: list[dict], path: str | Path, title: str = "Inference Compute Scaling") -> Path:
+    """Performance (%) vs compute budget (log-2 x axis, ticks 16, 32, ..., 1K), y clamped to
+    0-100, 95% CI bands and error bars; MoBA-trained models solid, full-attention-trained dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    _check_entries(entries)
+    styles = {"moba": ("-", "o", "tab:blue"), "full": ("--", "s", "tab:orange")}
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ticks = sorted({b for e in entries for b in e["budgets"]})
+    for j, e in enumerate(entries):
+        ls, marker, color = styles.get(e.get("trained_attention"), (":", "^", f"C{j + 2}"))
+        xs = np.asarray(e["budgets"], dtype=float)
+        ys = 100 * np.asarray(e["accuracy"], dtype=float)
+        lo = 100 * np.asarray([c[0] for c in e["ci95"]], dtype=float)
+        hi = 100 * np.asarray([c[1] for c in e["ci95"]], dtype=float)
+        label = e.get("label") or e["model"]
+        ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+        bars = ax.errorbar(xs, ys, yerr=[ys - lo, hi - ys], ls=ls, marker=marker, color=color, mfc="black",
+                           mec="black", ms=5, capsize=3, label=f"{label} (95% CI, n={max(e['n'])})")
+        for artist in bars.lines[0:1] + tuple(bars.lines[1]) + tuple(bars.lines[2]):
+            artist.set_clip_on(False)  # markers at exactly 0% / 100% stay whole on the clamped axis
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(FuncFormatter(_budget_tick))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("Compute Budget (attended keys per query; last point = full attention)")
+    ax.set_ylabel("Performance (%)")
+    task = ", ".join(sorted({e["task"] for e in entries}))
+    ax.set_title(f"{title}\n({task}; every model evaluated with MoBA at each budget)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
 # plots
 
 

@@ -1,6 +1,6 @@
 """Synthetic long-context tasks for byte-level models (issue 7): generated offline, by seed.
 
-Three tasks, each a prompt whose greedy continuation should be a short answer:
+Three long-context tasks, each a prompt whose greedy continuation should be a short answer:
 
 * ``passkey``: "The pass key is 48213. Remember it." hidden in filler text at a relative
   depth, the prompt ends with "What is the pass key? The pass key is" (answer "48213");
@@ -9,6 +9,17 @@ Three tasks, each a prompt whose greedy continuation should be a short answer:
 * ``mqar``: multi-query associative recall: ``key:value`` pairs (3 letters : 3 digits) fill
   the context, then several lookups ``key:value`` (all answered but the last, which shows
   the format); the last lookup's pair sits at the requested depth.
+
+Two short-answer tasks (issue 16) that tiny byte models learn on CPU, answered by one digit:
+
+* ``needle``: ``context_length - 2`` random non-digit filler bytes, one digit inserted at
+  ``depth``, then ``"?"``; the answer is the digit (one hop: find the only digit);
+* ``multineedle``: several ``<upper-case key><digit>`` pairs in the filler, the prompt ends
+  with ``"?<key>"``, the answer is that key's digit (associative recall).
+
+Their training data (``write_examples``, CLI ``--tasks needle``) is an ``.npz`` of solved
+examples for ``scaling_runs.train --mix PATH.npz``: every training window starts at an
+example's first byte and the loss counts the answer bytes only (``example_batch``).
 
 Lengths are in tokens = bytes (the models are byte-level, vocab 256): every prompt is ASCII
 and exactly ``context_length`` bytes long. ``depth`` in [0, 1] is the position of the queried
@@ -34,6 +45,8 @@ import re
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 TASKS = ("passkey", "multikey", "mqar")
 
@@ -388,25 +401,261 @@ def write_corpus(out_dir, n_examples: int, tasks: Iterable[str] = TASKS, lengths
             "filler": fill.name, "files": n_files}
 
 
+# ---------------------------------------------------------------------------------------
+# short-answer tasks (issue 16): one byte to answer, learnable by tiny models on CPU
+
+SHORT_TASKS = ("needle", "multineedle")
+NEEDLE_ALPHABET = "abcdefghijklmnopqrstuvwxyz "  # filler bytes: no digits (and no upper case)
+DIGITS = "0123456789"
+KEY_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def _check_alphabet(alphabet: str) -> None:
+    if not alphabet or not alphabet.isascii():
+        raise ValueError(f"alphabet must be non-empty ASCII, got {alphabet!r}")
+    bad = sorted(set(alphabet) & set(DIGITS + KEY_LETTERS + "?"))
+    if bad:
+        raise ValueError(f"alphabet must not contain digits, upper-case letters or '?', got {''.join(bad)!r}")
+
+
+def needle(context_length: int, depth: float, seed: int = 0, index: int = 0, filler=None,
+           alphabet: str = NEEDLE_ALPHABET) -> Example:
+    """One-hop needle: ``context_length - 2`` filler bytes (from ``alphabet``, no digits), one
+    digit inserted at ``depth``, then ``"?"``; the answer is the digit (prompt = context_length bytes).
+
+    ``filler`` is accepted for a uniform signature and unused (the filler is random letters).
+    """
+    _check(context_length, depth)
+    _check_alphabet(alphabet)
+    n_fill = context_length - 2
+    if n_fill < 1:
+        raise ValueError(f"context_length must be >= 3 for a needle prompt, got {context_length}")
+    rng = _rng(seed, "needle", context_length, depth, index)
+    digit = rng.choice(DIGITS)
+    text = "".join(rng.choice(alphabet) for _ in range(n_fill))
+    pos = round(depth * n_fill)
+    prompt = text[:pos] + digit + text[pos:] + "?"
+    return Example("needle", prompt, digit, context_length, depth, seed, index,
+                   {"needle_offset": pos, "n_filler": n_fill}, prefix="")
+
+
+def multineedle(context_length: int, depth: float, seed: int = 0, index: int = 0, filler=None,
+                n_needles: int = 4, alphabet: str = NEEDLE_ALPHABET) -> Example:
+    """Multi-needle (associative) variant: ``n_needles`` pairs ``<upper-case key><digit>`` in
+    random non-digit filler, distinct keys; the prompt ends with ``"?" + key`` of the queried
+    pair (which sits at ``depth``; the others at random positions) and the answer is its digit.
+
+    Needles never touch each other (one filler byte at least between two), so every key is
+    followed by its own digit. Prompt = ``context_length`` bytes.
+    """
+    _check(context_length, depth)
+    _check_alphabet(alphabet)
+    if not 1 <= n_needles <= len(KEY_LETTERS):
+        raise ValueError(f"n_needles must be in [1, {len(KEY_LETTERS)}], got {n_needles}")
+    n_fill = context_length - 2 - 2 * n_needles
+    if n_fill < n_needles + 1:
+        raise ValueError(f"context_length {context_length} is too short for {n_needles} needles")
+    rng = _rng(seed, "multineedle", context_length, depth, index)
+    keys = rng.sample(KEY_LETTERS, n_needles)
+    digits = [rng.choice(DIGITS) for _ in keys]
+    text = "".join(rng.choice(alphabet) for _ in range(n_fill))
+    # insertion points in the filler: distinct and not adjacent (1..n_fill-1 keeps a filler byte
+    # on both sides of the set); the queried one as close to `depth` as that allows
+    free = list(range(1, n_fill))
+    target = min(free, key=lambda p: abs(p - depth * n_fill))
+    points = [target]
+    candidates = [p for p in free if abs(p - target) > 1]
+    while len(points) < n_needles:
+        p = rng.choice(candidates)
+        points.append(p)
+        candidates = [c for c in candidates if abs(c - p) > 1]
+    hay, starts = _insert(text, [(p, k + d) for p, k, d in zip(points, keys, digits, strict=True)])
+    prompt = hay + "?" + keys[0]
+    return Example("multineedle", prompt, digits[0], context_length, depth, seed, index,
+                   {"needle_offset": starts[0], "n_needles": n_needles, "keys": keys, "query_key": keys[0]},
+                   prefix="")
+
+
+GENERATORS["needle"] = needle
+GENERATORS["multineedle"] = multineedle
+
+
+def n_filler_to_length(task: str, n_filler: int, n_needles: int = 4) -> int:
+    """Prompt length (bytes) of a short-answer task with ``n_filler`` filler bytes."""
+    if task == "needle":
+        return n_filler + 2
+    if task == "multineedle":
+        return n_filler + 2 + 2 * n_needles
+    raise ValueError(f"n_filler applies to {SHORT_TASKS}, not {task!r}")
+
+
+def sample_examples(task: str, n: int, context_length: int, seed: int = 0, **opts) -> list[Example]:
+    """``n`` examples of ``task`` at ``context_length``, depth uniform in [0, 1] per example
+    (drawn from ``random.Random(f"sample|task|length|seed")``); index i is example i."""
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(f"sample|{task}|{context_length}|{seed}")
+    return [generate(task, context_length, round(rng.random(), 6), seed=seed, index=i, **opts) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------
+# solved examples as training data: example-aligned windows, answer-only loss
+
+
+EXAMPLES_FILE = "examples.npz"
+IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+@dataclass
+class ExampleSet:
+    """Solved examples as one byte stream: example i is ``tokens[starts[i]:starts[i+1]]``
+    (prompt then answer), its answer bytes are ``tokens[answer_start[i]:answer_end[i]]``."""
+
+    tokens: np.ndarray  # (T,) uint8
+    starts: np.ndarray  # (N,) int64
+    answer_start: np.ndarray  # (N,) int64
+    answer_end: np.ndarray  # (N,) int64
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    @classmethod
+    def from_examples(cls, examples: Sequence[Example], info: dict | None = None) -> ExampleSet:
+        if not examples:
+            raise ValueError("no examples")
+        parts, starts, a0, a1, pos = [], [], [], [], 0
+        for ex in examples:
+            prompt, target = ex.prompt_bytes, ex.target.encode("ascii")
+            starts.append(pos)
+            a0.append(pos + len(prompt))
+            a1.append(pos + len(prompt) + len(target))
+            parts.append(prompt + target)
+            pos += len(prompt) + len(target)
+        tokens = np.frombuffer(b"".join(parts), dtype=np.uint8).copy()
+        as64 = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+        return cls(tokens, as64(starts), as64(a0), as64(a1), dict(info or {}))
+
+    def save(self, path) -> None:
+        import io
+        import json as _json
+
+        from .checkpoint import atomic_write_bytes
+
+        buf = io.BytesIO()
+        np.savez(buf, tokens=self.tokens, starts=self.starts, answer_start=self.answer_start,
+                 answer_end=self.answer_end, info=np.array(_json.dumps(self.info)))
+        atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path) -> ExampleSet:
+        import json as _json
+
+        with np.load(path) as z:
+            return cls(z["tokens"], z["starts"], z["answer_start"], z["answer_end"], _json.loads(str(z["info"])))
+
+    def data_hash(self) -> str:
+        """sha256 of the stream and the example / answer boundaries."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for a in (self.tokens, self.starts, self.answer_start, self.answer_end):
+            h.update(np.ascontiguousarray(a).view(np.uint8))
+            h.update(b"|")
+        return h.hexdigest()
+
+    def answer_mask(self) -> np.ndarray:
+        """(T,) bool: True at every answer byte of the stream."""
+
+        delta = np.zeros(self.tokens.size + 1, dtype=np.int64)
+        np.add.at(delta, self.answer_start, 1)
+        np.add.at(delta, self.answer_end, -1)
+        return np.cumsum(delta[:-1]) > 0
+
+
+def example_batch(ex: ExampleSet, context: int, batch: int, seed: int, step: int, start: int = 0,
+                  stop: int | None = None, mask: np.ndarray | None = None):
+    """Rows ``start:stop`` of the global batch of ``step``: windows of ``context + 1`` stream bytes
+    that each begin at an example's first byte (examples chosen by ``(seed, step)``, the stream
+    wraps around at its end). Returns ``x, y`` int64 (B, context); ``y`` is ``IGNORE_INDEX``
+    everywhere but at answer bytes, so the mean cross-entropy is the answer-only loss.
+    ``mask``: ``ex.answer_mask()`` precomputed (it is recomputed otherwise).
+    """
+    import torch
+
+    if context < 1 or batch < 1:
+        raise ValueError(f"context and batch must be >= 1, got {context}, {batch}")
+    mask = ex.answer_mask() if mask is None else mask
+    pick = np.random.default_rng([seed, step, 16]).integers(0, len(ex), size=batch)[start:stop]
+    idx = ex.starts[pick, None] + np.arange(context + 1)[None, :]
+    seq = np.take(ex.tokens, idx, mode="wrap").astype(np.int64)
+    keep = np.take(mask, idx, mode="wrap")
+    x = torch.from_numpy(seq[:, :-1].copy())
+    y = torch.from_numpy(np.where(keep[:, 1:], seq[:, 1:], IGNORE_INDEX))
+    return x, y
+
+
+def write_examples(out_path, task: str, n: int, context_length: int, seed: int = 1000, **opts) -> dict:
+    """Write ``n`` solved ``task`` examples (``sample_examples``) to an ``.npz`` for
+    ``scaling_runs.train --mix PATH.npz`` (example-aligned windows, answer-only loss).
+    Use a seed other than the evaluation seed. Returns a summary dict."""
+    from pathlib import Path
+
+    examples = sample_examples(task, n, context_length, seed, **opts)
+    distinct = len({e.prompt for e in examples})
+    info = {"task": task, "examples": n, "distinct_prompts": distinct, "context_length": context_length,
+            "seed": seed, "options": opts}
+    path = Path(out_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ExampleSet.from_examples(examples, info).save(path)
+    return {"out": str(path), **info}
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
     import json
 
-    p = argparse.ArgumentParser(prog="python -m scaling_runs.tasks",
-                                description="Write a training corpus of solved task examples (see write_corpus).")
+    p = argparse.ArgumentParser(
+        prog="python -m scaling_runs.tasks",
+        description="Write training data of solved task examples. Long tasks (passkey, multikey, mqar): "
+                    "text files in OUT (see write_corpus). Short-answer tasks (needle, multineedle): "
+                    "OUT/examples.npz (or OUT itself when it ends in .npz) for `train --mix PATH.npz` "
+                    "(example-aligned windows, answer-only loss; see write_examples).")
     p.add_argument("out_dir")
     p.add_argument("--n", type=int, default=2000, help="examples")
-    p.add_argument("--tasks", default=",".join(TASKS))
-    p.add_argument("--lengths", default="256", help="context lengths in bytes, comma-separated")
+    p.add_argument("--tasks", default=",".join(TASKS),
+                   help=f"comma-separated, from {TASKS + SHORT_TASKS}; a short-answer task goes alone")
+    p.add_argument("--lengths", default="256", help="prompt lengths in bytes, comma-separated (one for short tasks)")
+    p.add_argument("--n_filler", type=int, default=None,
+                   help="short tasks: filler bytes instead of --lengths (needle: prompt = n_filler + 2 bytes)")
+    p.add_argument("--n_needles", type=int, default=4, help="multineedle: key/digit pairs per prompt")
+    p.add_argument("--alphabet", default=NEEDLE_ALPHABET, help="short tasks: filler bytes (no digits / upper case)")
     p.add_argument("--seed", type=int, default=1000)
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--filler", default=None, help="text file for the filler (default: embedded corpus, train split)")
     a = p.parse_args(argv)
     from pathlib import Path
 
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    short = [t for t in tasks if t in SHORT_TASKS]
+    if short:
+        if len(tasks) != 1:
+            p.error(f"a short-answer task ({', '.join(short)}) must be the only --tasks entry")
+        task = tasks[0]
+        opts = {"alphabet": a.alphabet} | ({"n_needles": a.n_needles} if task == "multineedle" else {})
+        if a.n_filler is not None:
+            length = n_filler_to_length(task, a.n_filler, a.n_needles)
+        else:
+            lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
+            if len(lengths) != 1:
+                p.error("short-answer tasks take one --lengths value (or --n_filler)")
+            length = lengths[0]
+        out = Path(a.out_dir)
+        out = out if out.suffix == ".npz" else out / EXAMPLES_FILE
+        print(json.dumps(write_examples(out, task, a.n, length, a.seed, **opts)))
+        return
     filler = Filler(Path(a.filler).read_text(errors="replace"), name=a.filler) if a.filler else None
-    info = write_corpus(a.out_dir, a.n, [t for t in a.tasks.split(",") if t], [int(x) for x in a.lengths.split(",")],
-                        a.seed, filler, a.files)
+    info = write_corpus(a.out_dir, a.n, tasks, [int(x) for x in a.lengths.split(",")], a.seed, filler, a.files)
     print(json.dumps(info))
 
 

@@ -43,6 +43,12 @@ A run stops with an error (exit status 1, no ``DONE``) instead of training on ba
   ``skip_nonfinite_steps``) may change freely;
 * another trainer holds the folder's ``train.lock``: one folder, one writer. The lock is
   released on exit (also on SIGTERM); a lock whose process is gone is taken over.
+Short-answer task data (issue 16): ``--mix PATH.npz --mix_fraction f`` with an ``.npz`` of
+solved examples (``python -m scaling_runs.tasks OUT --tasks needle``) makes a fraction ``f`` of
+the *steps* task steps (chosen by ``(seed, step)``): their windows each start at an example's
+first byte and their loss is the mean over answer bytes only (``tasks.example_batch``); the
+other steps train on ``--data`` as usual. Any other ``--mix`` source keeps the default
+behaviour (its tokens appended to the training stream, ``data.load_data``).
 Under torchrun, a worker asks the kernel for SIGTERM when torchrun dies (no orphans).
 
 Fault injection for tests (``MOBA_SCALING_FAULT=KIND:N``, N = 1-based count of finished
@@ -57,6 +63,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -93,6 +100,7 @@ from .config import RunConfig, apply_overrides, config_differences, dumps, parse
 from .data import eval_offsets, gather, get_batch, load_data
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import GPT, param_counts
+from .tasks import ExampleSet, example_batch
 
 LOCK = "train.lock"
 
@@ -273,6 +281,12 @@ def versions() -> dict:
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
             "moba": getattr(moba, "__version__", None), "platform": platform.platform()}
+
+
+def task_step_at(seed: int, step: int, fraction: float) -> bool:
+    """Whether ``step`` trains on the short-answer examples (a ``fraction`` of the steps, by
+    ``(seed, step)``: the same on every rank and after a resume)."""
+    return float(np.random.default_rng([seed, step, 17]).random()) < fraction
 
 
 def lr_at(step: int, cfg, max_steps: int) -> float:
@@ -479,7 +493,22 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
     if device.type == "cpu" and t.threads > 0:
         torch.set_num_threads(t.threads)
 
-    data = load_data(cfg.data)
+    examples, answer_mask = None, None
+    if cfg.data.mix and str(cfg.data.mix).endswith(".npz") and cfg.data.mix_fraction > 0:
+        # solved short-answer examples: example-aligned windows with answer-only loss on a
+        # share of the steps; the main data is loaded without the mix
+        examples = ExampleSet.load(cfg.data.mix)
+        need = int((examples.answer_end - examples.starts).max()) - 1  # x covers prompt + answer - 1 bytes
+        if need > cfg.model.context:
+            raise ValueError(f"context must be >= {need} for the examples in {cfg.data.mix} (prompt + answer "
+                             f"bytes - 1), got {cfg.model.context}: the answers would fall outside the windows")
+        answer_mask = examples.answer_mask()
+        data = load_data(dataclasses.replace(cfg.data, mix=None, mix_fraction=0.0))
+        # the examples are part of the data: a resume with other examples is refused (data_hash)
+        mixed = hashlib.sha256(f"{data.data_hash}|examples|{examples.data_hash()}".encode()).hexdigest()
+        data = dataclasses.replace(data, data_hash=mixed)
+    else:
+        data = load_data(cfg.data)
     if data.vocab_size > cfg.model.vocab_size:
         cfg = apply_overrides(cfg, {"model.vocab_size": (data.vocab_size + 63) // 64 * 64})
     m = cfg.model
@@ -562,7 +591,11 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
             "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
                        else platform.processor() or platform.machine(), "world_size": world,
                        "threads": torch.get_num_threads()},
-            "data": data.describe(),  # what was loaded (hash, token counts)
+            "data": {**data.describe(),  # what was loaded (hash, token counts)
+                     **({"mix": {"source": cfg.data.mix, "fraction": cfg.data.mix_fraction, "format": "examples",
+                                 "examples": len(examples), "answer_only_loss": True,
+                                 "examples_hash": examples.data_hash(),
+                                 "task": examples.info}} if examples is not None else {})},
             "resumed_from_step": start_step,
             "resumed_with_changes": changes,
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -611,9 +644,14 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
             for g in opt.param_groups:
                 g["lr"] = lr
             step_loss = torch.zeros((), device=device)
+            task_step = examples is not None and task_step_at(t.seed, step, cfg.data.mix_fraction)
             for k in range(t.grad_accum):
                 first = rank * per_rank + k * micro
-                x, y = get_batch(data.train, m.context, t.batch_size, t.seed, step, first, first + micro)
+                if task_step:
+                    x, y = example_batch(examples, m.context, t.batch_size, t.seed, step, first, first + micro,
+                                         answer_mask)
+                else:
+                    x, y = get_batch(data.train, m.context, t.batch_size, t.seed, step, first, first + micro)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = (k == t.grad_accum - 1) or not ddp
                 with (contextlib.nullcontext() if sync else run_model.no_sync()):

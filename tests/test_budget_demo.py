@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from scaling_runs import budget_demo as D
 from tests.test_scaling_data import make_text_corpus
 
@@ -63,3 +65,25 @@ def test_reuse_skips_training(tmp_path):
                      "--depths", "0.5", "--n_per_cell", "1", "--loss_seqs", "1"])
     assert second["reused"] and not (tmp_path / "b" / "moba-mix").exists()
     assert [r["budget"] for r in json.loads(open(second["json"]).read())["results"]] == [16, 128, None]
+
+
+def test_needle_preset_end_to_end(tmp_path, capsys):
+    corpus = make_text_corpus(tmp_path / "corpus", n_files=6, words=300)
+    out = tmp_path / "needle"
+    tiny = {"n_layer": "1", "n_embd": "32", "batch_size": "4", "max_steps": "3", "eval_every": "3",
+            "eval_seqs": "2", "warmup_steps": "1", "data": str(corpus), "val_fraction": "0.3"}
+    summary = D.main(["--preset", "needle", "--out", str(out), "--n_filler", "62", "--n_train", "40",
+                      "--n_eval", "12", "--budgets", "16,32", "--progress", "false",
+                      *[x for k, v in tiny.items() for x in (f"--{k}", v)]])
+    saved = json.loads((out / "budget.json").read_text())
+    assert [e["model"] for e in saved] == ["MoBA-trained", "Full-attention-trained"]
+    assert [e["trained_attention"] for e in saved] == ["moba", "full"]
+    for e in saved:
+        assert e["task"] == "needle" and e["budgets"] == [16, 32, 64] and e["n"] == [12] * 3
+        assert len(e["ci95"]) == 3 and e["train_vs_eval_full"]["train_n"] == 12
+    assert (out / "performance_vs_budget.png").stat().st_size > 0
+    assert json.loads((out / "moba" / "config.json").read_text())["model"]["context"] == 64
+    assert summary["task"]["distinct_prompts"] == 40 and (out / "demo.json").exists()
+    assert "Full-attention-trained" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="arms"):
+        D.run_needle_demo(out, arms="moba,local")
