@@ -268,11 +268,12 @@ def test_gate_huge_block_size_and_top_k_are_clamped():
 def test_gate_wider_than_the_register_selection_falls_back_to_torch():
     """top_k = 33 (sort width 64 > MAX_SORT_WIDTH = 32): the op refuses, the backend's select
     uses the torch gate."""
+    from moba.triton_kernels.gate import MAX_SORT_WIDTH
+
     from moba._layout import build_layout
     from moba.backends import resolve_backend
     from moba.gate import select_packed
     from moba.triton_backend import triton_gate
-    from moba.triton_kernels.gate import MAX_SORT_WIDTH
 
     assert MAX_SORT_WIDTH == 32
     q, k, _ = _make([0, 150], [0, 150], 2, 1, 16, torch.float32, seed=10)
