@@ -23,7 +23,7 @@
   Order and ties: (score descending, block index ascending), so among equal scores the lower
   block wins; a NaN score ranks first (as in ``torch.topk``). Every kept block is distinct.
 
-  Score precision (DESIGN.md step 3: float32), on tensor cores, no fp32 FMA:
+  Score precision (docs/design.md step 3: float32), on tensor cores, no fp32 FMA:
   - float16 / bfloat16 q (the training dtypes): q is exact in TF32 (11 significant bits).
     The float32 means are split m = hi + lo, hi = m with its low 13 mantissa bits cleared
     (exact in TF32), and s = q.hi + q.lo in two TF32 products with float32 accumulation: q.hi
