@@ -12,6 +12,7 @@ Block ``j`` of sequence ``n`` has global id ``block_offset[n] + j``.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,19 @@ class BlockLayout:
         valid = offs[None, :] < self.block_len[:, None]
         index = (self.block_start[:, None] + offs[None, :]).masked_fill(~valid, 0)
         return index, valid
+
+
+def max_blocks(cu_k: list[int], block_size: int):
+    """Blocks of the longest key sequence. SymInt-safe (``torch.sym_max``), so compiled callers
+    with dynamic lengths do not guard on them."""
+    n_blocks = [(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    return functools.reduce(torch.sym_max, n_blocks, 0)
+
+
+def gate_width(n_blocks_max, top_k: int):
+    """Slots of a gate result: ``max(1, min(top_k, n_blocks_max))`` (one slot even with no keys,
+    so the tensor shape never has a zero width). SymInt-safe."""
+    return torch.sym_max(1, torch.sym_min(top_k, n_blocks_max))
 
 
 def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> BlockLayout:

@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 
 from ._checks import PAD_INDEX, check_bool, check_cu_seqlens, check_positive_int, check_qkv
-from ._layout import BlockLayout, build_layout, fixed_cu_seqlens
+from ._layout import BlockLayout, build_layout, fixed_cu_seqlens, gate_width
 
 # Upper bound on the elements of one chunk of gate scores (float32), to bound memory.
 _GATE_CHUNK_ELEMENTS = 1 << 21
@@ -59,7 +59,7 @@ def select_from_means(
     """
     tq, hq, _ = q.shape
     n_seq, nb_max, hkv, _ = padded_means.shape
-    width = max(1, min(top_k, nb_max))
+    width = gate_width(nb_max, top_k)
     result = torch.full((tq, hq, width), PAD_INDEX, dtype=torch.int32, device=q.device)
     if tq == 0:
         return result

@@ -39,7 +39,6 @@ which padding rows point at) reaches no other sequence.
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -47,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import PAD_INDEX
-from ._layout import BlockLayout, build_layout
+from ._custom_ops import register_attention_autograd
+from ._layout import BlockLayout, build_layout, gate_width, max_blocks
 from .gate import select_packed
 
 _MAX_ROWS_PER_TILE = 256
@@ -495,27 +495,7 @@ def _(dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, causal, sc
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale, method = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, block_indices, out, lse)
-    ctx.args = (cu_q, cu_k, block_size, causal, scale, method)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward_op(ctx, dout, _dlse):
-    q, k, v, block_indices, out, lse = ctx.saved_tensors
-    dq, dk, dv = torch_attention_bwd(dout.contiguous(), q, k, v, out, lse, block_indices, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-torch_attention_fwd.register_autograd(_backward_op, setup_context=_setup_context)
-
-
-def _gate_width(cu_k: list[int], block_size: int, top_k: int):
-    """Slots of the gate's result: max(1, min(top_k, blocks of the longest key sequence)).
-    SymInt-safe (torch.sym_max / sym_min), so compiled callers do not guard on lengths."""
-    return torch.sym_max(1, torch.sym_min(top_k, _n_blocks_max(cu_k, block_size)))
+register_attention_autograd(torch_attention_fwd, torch_attention_bwd)
 
 
 @torch.library.custom_op("moba::torch_gate", mutates_args=())
@@ -529,7 +509,7 @@ def torch_gate(
 
 @torch_gate.register_fake
 def _(q, k, cu_q, cu_k, block_size, top_k, causal):
-    return q.new_empty((q.shape[0], q.shape[1], _gate_width(cu_k, block_size, top_k)), dtype=torch.int32)
+    return q.new_empty((q.shape[0], q.shape[1], gate_width(max_blocks(cu_k, block_size), top_k)), dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -579,14 +559,9 @@ def _dense_attention_packed(q, k, v, cu_q, cu_k, causal, scale) -> torch.Tensor:
     return torch.cat(parts, dim=0) if parts else torch.zeros_like(q)
 
 
-def _n_blocks_max(cu_k: list[int], block_size: int):
-    n_blocks = [(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
-    return functools.reduce(torch.sym_max, n_blocks, 0)
-
-
 def gated_path(cu_q: list[int], cu_k: list[int], n_heads: int, block_size: int, top_k: int, device="cpu") -> str:
     """Which formulation ``moba_attention_packed`` runs: "dense", "dense_mask" or "tile"."""
-    if top_k >= _n_blocks_max(cu_k, block_size):
+    if top_k >= max_blocks(cu_k, block_size):
         return "dense"
     length = _uniform_length(cu_q, cu_k)
     if length is not None and torch.device(device).type == "cpu":

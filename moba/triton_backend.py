@@ -30,7 +30,8 @@ import os
 import torch
 import triton
 
-from ._layout import BlockLayout, build_layout
+from ._custom_ops import register_attention_autograd
+from ._layout import BlockLayout, build_layout, gate_width, max_blocks
 from .backends import Backend, register_backend
 from .gate import select_packed
 from .triton_kernels import attention as _attn
@@ -152,26 +153,7 @@ def _(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k, block_size, causal, s
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale, decomposition = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, sorted_indices, out, lse)
-    ctx.args = (cu_q, cu_k, block_size, causal, scale, decomposition)
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, sorted_indices, out, lse = ctx.saved_tensors
-    dq, dk, dv = triton_attention_bwd(dout, q, k, v, out, lse, sorted_indices, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
-
-
-triton_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-def _gate_width(cu_k: list[int], block_size: int, top_k: int) -> int:
-    nb_max = max([(b - a + block_size - 1) // block_size for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)], default=0)
-    return max(1, min(top_k, nb_max))
+register_attention_autograd(triton_attention_fwd, triton_attention_bwd)
 
 
 @torch.library.custom_op("moba::triton_gate", mutates_args=())
@@ -188,7 +170,7 @@ def triton_gate(
 
 @triton_gate.register_fake
 def _(q, k, cu_q, cu_k, block_size, top_k, causal):
-    return q.new_empty((q.shape[0], q.shape[1], _gate_width(cu_k, block_size, top_k)), dtype=torch.int32)
+    return q.new_empty((q.shape[0], q.shape[1], gate_width(max_blocks(cu_k, block_size), top_k)), dtype=torch.int32)
 
 
 # ----------------------------------------------------------------------------------------------
