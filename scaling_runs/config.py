@@ -223,6 +223,16 @@ def config_differences(saved: dict, current: dict, ignore=RESUME_FREE_FIELDS) ->
     return diffs
 
 
+def parse_bool(text: str) -> bool:
+    """A command-line boolean: 1/true/yes/on or 0/false/no/off (any case)."""
+    low = text.lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean, got {text!r}")
+
+
 def _parse_value(text: str, typ):
     """Parse a command-line string into the (annotated) type of a dataclass field."""
     if isinstance(typ, str):  # postponed annotations: "int", "str | None", ...
@@ -233,12 +243,7 @@ def _parse_value(text: str, typ):
             return None
         typ = next(a for a in args if a is not type(None))
     if typ is bool:
-        low = text.lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ValueError(f"expected a boolean, got {text!r}")
+        return parse_bool(text)
     if typ is int:
         return int(float(text)) if ("e" in text.lower() and "x" not in text.lower()) else int(text, 0)
     if typ is float:

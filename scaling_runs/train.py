@@ -96,7 +96,7 @@ from .checkpoint import (  # noqa: F401 - re-exported for older imports
     quarantine,
     save_checkpoint,
 )
-from .config import RunConfig, apply_overrides, config_differences, dumps, parse_overrides
+from .config import RunConfig, apply_overrides, config_differences, dumps, parse_bool, parse_overrides
 from .data import eval_offsets, gather, get_batch, load_data
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import GPT, param_counts
@@ -796,15 +796,6 @@ def config_from_argv(argv: list[str]) -> RunConfig:
     return apply_overrides(base, overrides)
 
 
-def _truthy(text: str) -> bool:
-    low = text.lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise ValueError(f"expected a boolean, got {text!r}")
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):
@@ -825,7 +816,7 @@ def main(argv: list[str] | None = None) -> None:
     # that the run-folder lock is released; the checkpoints are atomic either way
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     opts = parse_overrides(argv)
-    allow = _truthy(opts.pop("allow_config_change", "false"))
+    allow = parse_bool(opts.pop("allow_config_change", "false"))
     argv = [x for k, v in opts.items() for x in (f"--{k}", v)]
     cfg = config_from_argv(argv)
     try:
