@@ -208,8 +208,8 @@ def _check_config(rec: Recorder, c: dict, cfg: dict, dev, dt) -> None:
 
     import moba
     from moba import triton_backend as tb
-    from moba._layout import build_layout
-    from moba.gate import select_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
 
     torch.manual_seed(0)
     s, hq, hkv, d, bs, k = c["s"], c["hq"], c["hkv"], c["d"], c["bs"], c["k"]

@@ -9,7 +9,7 @@ Models, either of:
 
 * ``--target-run DIR --draft-run DIR``: two scaling_runs checkpoints (e.g. the largest and
   the smallest MoBA size of one sweep: ``runs/cpu-tiny/s3-moba`` and ``runs/cpu-tiny/s1-moba``
-  after ``make demo``), decoded with their sparse KV cache (``moba.generate_adapters``). The
+  after ``make demo``), decoded with their sparse KV cache (``moba.generate.adapters``). The
   prompt is a window of the held-out split of the run's corpus, and the staged mode's n-gram
   table is built from the run's training split (``--ngram-corpus train``, the default here):
   real text, so acceptance rates mean something.
@@ -27,7 +27,7 @@ Modes (greedy decoding; speculative output is checked token-for-token against pl
   speculative  ``generate_speculative(target, draft, gamma=--gamma)``
   tree         (checkpoints, greedy) ``generate_tree_speculative(target, draft, depth=--gamma,
                branching=--tree-branching)``: the draft's top candidates at every depth of its
-               chain, verified as one tree (``moba.tree``)
+               chain, verified as one tree (``moba.decode.tree``)
   staged       ``generate_speculative(target, draft, draft_drafter=NGramDraft(corpus))``:
                an n-gram table speculates for the draft model (``--gamma-inner`` guesses per
                draft forward); corpus = the prompt (prompt lookup), the draft model's own
@@ -171,7 +171,7 @@ def noisy_copy(model, noise: float, seed: int):
 
 def checkpoints(args, device, dtype):
     """Target and draft from scaling_runs checkpoints, a held-out prompt, the training tokens."""
-    from moba.generate_adapters import GPTAdapter
+    from moba.generate import GPTAdapter
     from scaling_runs.checkpoint import load_gpt, load_model
     from scaling_runs.config import DataConfig
     from scaling_runs.data import load_data

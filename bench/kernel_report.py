@@ -14,7 +14,7 @@ launch. The launchers then run their host code on small CPU tensors with the tar
 counts, head dims, dtypes, block sizes and top-k (sequence lengths do not change a
 specialisation: they only set grid sizes):
 
-* gate: ``moba.triton_backend.triton_gate`` (block means + top-k kernels);
+* gate: ``moba.ops.triton_impl.triton_gate`` (block means + top-k kernels);
 * attention: ``triton_attention_packed(..., decomposition="union" | "gather")`` forward and
   its autograd backward (dq or dq-gather, and dk/dv), on indices from the torch gate;
 * decode: ``moba.decode.moba_decode(..., backend="triton")`` for one new token (B=1).
@@ -204,8 +204,8 @@ def _run_case(case: Case, rec: _Recorder, phases) -> None:
 
     from moba import decode as moba_decode_mod
     from moba import triton_backend as tb
-    from moba._layout import build_layout
-    from moba.gate import select_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
     n_blocks = case.top_k + 2  # more blocks than top-k: the gate kernel runs (not the dense shortcut)

@@ -8,20 +8,20 @@ scores highest against it (Lu et al., 2025). See docs/design.md section 1 for th
 >>> out = moba.moba_attn_func(q, k, v, block_size=256, top_k=3)
 """
 
-from ._checks import PAD_INDEX
-from .backends import available_backends
+from ._core.checks import PAD_INDEX
 from .config import MoBAConfig
-from .decode import BlockMeanState, KVCache, LayerKVCache, moba_decode
-from .flex import flex_block_mask
-from .full import (
+from .decode.kv_cache import BlockMeanState, KVCache, LayerKVCache, moba_decode
+from .ops.api import moba_attn_func, moba_attn_varlen, moba_attn_varlen_func, moba_attn_varlen_naive
+from .ops.flex import flex_block_mask
+from .ops.full import (
     full_attn_func,
     full_attn_implementation,
     full_attn_varlen_func,
     full_attn_with_kvcache,
     last_full_attn_implementation,
 )
-from .gate import select_blocks, select_blocks_varlen
-from .ops import moba_attn_func, moba_attn_varlen, moba_attn_varlen_func, moba_attn_varlen_naive
+from .ops.gate import select_blocks, select_blocks_varlen
+from .ops.registry import available_backends
 
 __version__ = "0.1.0"
 

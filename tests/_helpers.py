@@ -2,7 +2,7 @@
 brute-force gate.
 
 Everything here is written independently of the library's internals (no import of
-``moba.gate`` / ``moba.torch_impl``), so a test that compares a backend with one of these
+``moba.ops.gate`` / ``moba.ops.torch_impl``), so a test that compares a backend with one of these
 helpers compares two separate implementations. Other test files may import from here; keep
 the functions general and documented.
 """

@@ -228,7 +228,7 @@ def test_gpu_marker_is_skipped_without_cuda():
 
 def test_auto_skips_triton_for_inputs_it_does_not_handle():
     """"auto" must never pick a backend that would reject the input (float64, head dim > 256)."""
-    from moba.backends import _BACKENDS, Backend, resolve_backend
+    from moba.ops.registry import _BACKENDS, Backend, resolve_backend
 
     fake = Backend(
         name="triton",

@@ -29,7 +29,7 @@ from _helpers import (
 
 import moba
 from moba import MoBAConfig
-from moba.backends import _BACKENDS, Backend, register_backend
+from moba.ops.registry import _BACKENDS, Backend, register_backend
 
 # --------------------------------------------------------------------------- MoBAConfig
 

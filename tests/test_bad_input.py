@@ -8,7 +8,7 @@ import torch
 from _helpers import cu_seqlens_of, random_qkv, random_varlen
 
 import moba
-from moba.backends import REFERENCE_MAX_SEQLEN
+from moba.ops.registry import REFERENCE_MAX_SEQLEN
 
 
 def qkv(b=1, s=12, hq=4, hkv=2, d=8, dtype=torch.float32):
@@ -439,8 +439,8 @@ def test_any_block_size_costs_what_dense_costs(backend, block_size):
 @pytest.mark.parametrize("block_size", [2**40, 2**62, 2**64 + 3])
 def test_any_block_size_decode_tree_and_modules(block_size):
     from moba.decode import BlockMeanState
+    from moba.decode.tree import moba_tree_attention
     from moba.nn import MoBAAttention
-    from moba.tree import moba_tree_attention
 
     q, k, v = qkv(b=2, s=16)
     dense = fixed_call(q, k, v, block_size=16, top_k=1)
@@ -673,7 +673,7 @@ def test_full_attn_with_kvcache_bad_query_length():
 
 def test_tree_attention_bad_input():
     from moba.decode import BlockMeanState
-    from moba.tree import moba_tree_attention
+    from moba.decode.tree import moba_tree_attention
 
     q, k, v = torch.randn(3, 4, 8), torch.randn(3, 2, 8), torch.randn(3, 2, 8)
     kc, vc = torch.randn(1, 6, 2, 8), torch.randn(1, 6, 2, 8)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import moba
-from moba._layout import build_layout
+from moba._core.layout import build_layout
 from moba.decode import BlockMeanState, decode_attention_torch, moba_decode
-from moba.gate import block_means, pad_block_means
+from moba.ops.gate import block_means, pad_block_means
 
 ROOT = Path(__file__).resolve().parents[1]
 

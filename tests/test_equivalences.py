@@ -28,9 +28,9 @@ from _helpers import (
 )
 
 import moba
-from moba._layout import build_layout
-from moba.gate import select_packed
-from moba.torch_impl import sparse_attention_packed
+from moba._core.layout import build_layout
+from moba.ops.gate import select_packed
+from moba.ops.torch_impl import sparse_attention_packed
 
 BACKENDS = usable_backends("cpu", exclude=())  # the reference must meet these too
 F64 = torch.float64

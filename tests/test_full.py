@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import moba
-import moba.full as full
+import moba.ops.full as full
 
 
 def _dense(q, k, v, causal=True, scale=None):

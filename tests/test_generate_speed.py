@@ -63,14 +63,13 @@ def test_points_feed_roofline(run_dir):
 
 
 def test_gpt_adapter_drives_generate(tmp_path):
-    """moba.generate_adapters: a scaling_runs GPT checkpoint decoded plain / speculative / staged."""
+    """moba.generate.adapters: a scaling_runs GPT checkpoint decoded plain / speculative / staged."""
     import copy
     import dataclasses
 
     import torch
 
-    from moba.generate import NGramDraft, generate_plain, generate_speculative, roofline_point
-    from moba.generate_adapters import GPTAdapter
+    from moba.generate import GPTAdapter, NGramDraft, generate_plain, generate_speculative, roofline_point
     from scaling_runs.checkpoint import load_gpt
     from scaling_runs.config import ModelConfig
     from scaling_runs.model import GPT

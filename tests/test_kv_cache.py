@@ -61,18 +61,18 @@ def test_decoding_reads_selected_blocks_only():
     with torch.no_grad():
         gpt(ids[:, :63], cache=cache)
     calls = []
-    original = moba.nn.moba_decode
+    original = moba.nn.modules.moba_decode
 
     def spy(q, k, v, state, block_size, top_k, *a, **kw):
         calls.append((q.shape[1], k.shape[1], top_k))
         return original(q, k, v, state, block_size, top_k, *a, **kw)
 
-    moba.nn.moba_decode = spy
+    moba.nn.modules.moba_decode = spy
     try:
         with torch.no_grad():
             gpt(ids[:, 63:], cache=cache)
     finally:
-        moba.nn.moba_decode = original
+        moba.nn.modules.moba_decode = original
     assert calls == [(1, 64, 2)] * 3
     # the block means were folded incrementally: every layer's state covers the cache
     assert all(layer.state.lengths == [64] for layer in cache.layers)
@@ -149,8 +149,7 @@ def test_generate_on_gpt_checkpoint_uses_the_cache(tmp_path):
     and every forward after the prefill feeds only new tokens."""
     import copy
 
-    from moba.generate import generate_plain, generate_speculative
-    from moba.generate_adapters import GPTAdapter
+    from moba.generate import GPTAdapter, generate_plain, generate_speculative
     from scaling_runs.checkpoint import load_gpt
 
     gpt = _gpt(tie_embeddings=False)

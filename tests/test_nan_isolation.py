@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 import moba
 from moba.decode import BlockMeanState, decode_attention_torch, moba_decode
+from moba.decode.tree import moba_tree_attention
 from moba.nn import MoBASelfAttention
-from moba.tree import moba_tree_attention
 
 CPU_BACKENDS = ["torch", "reference"]
 POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import moba
-import moba.full as full
+import moba.ops.full as full
 from moba.nn import HybridSchedule, MoBAAttention, MoBASelfAttention, attention_modules, set_attention_mode
 
 BS, TOP_K = 4, 2
@@ -84,7 +84,7 @@ def test_chosen_layers_run_full_attention(monkeypatch):
     assert HybridSchedule(full_last_n=1).apply(model, step=0) == ["moba", "moba", "full"]
     monkeypatch.setattr(full, "_last_implementation", None)
     assert _observed_attention(model, ids) == ["moba", "moba", "full"]
-    assert moba.last_full_attn_implementation() == "sdpa"  # the full layer went through moba.full
+    assert moba.last_full_attn_implementation() == "sdpa"  # the full layer went through moba.ops.full
     HybridSchedule(full_layers=(0,)).apply(model, step=0)
     assert _observed_attention(model, ids) == ["full", "moba", "moba"]
     # the older one-off helper still works

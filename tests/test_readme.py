@@ -67,7 +67,7 @@ def _tiny_llama(tmp_path: Path) -> dict:
 def _tiny_gpts(tmp_path: Path) -> dict:
     """target, draft: tiny random scaling_runs GPTs (MoBA) as ``GPTAdapter``s, what
     ``scaling_runs.checkpoint.load_gpt(run_dir)`` returns; input_ids (1, L); corpus: token lists."""
-    from moba.generate_adapters import GPTAdapter
+    from moba.generate import GPTAdapter
     from scaling_runs.config import ModelConfig
     from scaling_runs.model import GPT
 

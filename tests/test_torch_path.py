@@ -185,7 +185,7 @@ def test_torch_path_handles_many_tiles():
 def test_tiles_built_over_query_ranges_match_reference(monkeypatch, rows_per_set, causal):
     """Tiles grouped a few (query, head) rows at a time (as long sequences are): ranges that cut
     sequences, blocks and GQA groups in the middle give the same output and gradients."""
-    import moba.torch_impl as impl
+    import moba.ops.torch_impl as impl
 
     monkeypatch.setattr(impl, "_ROWS_PER_TILE_SET", rows_per_set)
     q, k, v, cu, max_s = random_varlen([13, 1, 30, 22], 4, 2, 8, torch.float64)
@@ -251,7 +251,7 @@ def _large_negative_self_score(b, s, hq, hkv, d, seed=0):
 @pytest.fixture(params=["tile", "dense_mask"])
 def gated_path(request, monkeypatch):
     """Force the formulation ``moba_attn_func(..., backend="torch")`` runs without block_indices."""
-    import moba.torch_impl as impl
+    import moba.ops.torch_impl as impl
 
     monkeypatch.setattr(impl, "_DENSE_MASK_MAX_PAIR_RATIO", 0.0 if request.param == "tile" else float("inf"))
     return request.param
@@ -353,7 +353,7 @@ def test_gated_paths_match_reference(gated_path, dtype, causal, b, s, hq, hkv, d
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_dense_mask_half_precision(dtype, monkeypatch):
-    import moba.torch_impl as impl
+    import moba.ops.torch_impl as impl
 
     monkeypatch.setattr(impl, "_DENSE_MASK_MAX_PAIR_RATIO", float("inf"))
     q, k, v = random_qkv(2, 64, 4, 2, 16, dtype)
@@ -406,7 +406,7 @@ def test_top_k_covering_all_blocks_varlen_matches_reference(causal):
 def test_path_choice():
     """Dense when top_k covers every block; the dense mask at short contexts (the cpu-tiny
     preset: context 256, block 32, top-3); the tile path at long contexts and for varlen."""
-    from moba.torch_impl import gated_path
+    from moba.ops.torch_impl import gated_path
 
     assert gated_path([0, 256, 512], [0, 256, 512], 3, 32, 8) == "dense"
     assert gated_path([0, 256, 512], [0, 256, 512], 3, 32, 3) == "dense_mask"
@@ -440,7 +440,7 @@ def _compiled_matches_eager(fn, inputs, dout):
 
 @pytest.mark.parametrize("s,top_k,path", [(50, 3, "dense_mask"), (120, 2, "tile"), (12, 3, "dense")])
 def test_compile_fullgraph_moba_attn_func(s, top_k, path):
-    from moba.torch_impl import gated_path
+    from moba.ops.torch_impl import gated_path
 
     assert gated_path([0, s, 2 * s], [0, s, 2 * s], 4, 8, top_k) == path
     q, k, v = random_qkv(2, s, 4, 2, 8, torch.float32)

@@ -15,8 +15,8 @@ transformers = pytest.importorskip("transformers")
 
 import moba  # noqa: E402
 import moba.decode  # noqa: E402
-import moba.full as full  # noqa: E402
 import moba.integrations.transformers as mt  # noqa: E402
+import moba.ops.full as full  # noqa: E402
 from moba.decode import BlockMeanState  # noqa: E402
 
 BS, TOP_K = 4, 2

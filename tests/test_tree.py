@@ -1,4 +1,4 @@
-"""Tree-shaped drafts: tree attention (``moba.tree``) and greedy tree speculative decoding.
+"""Tree-shaped drafts: tree attention (``moba.decode.tree``) and greedy tree speculative decoding.
 
 Every node of a draft tree must get exactly the output it would get as the last token of
 its own path (cache + ancestors + itself), for MoBA (path-dependent block means where the
@@ -15,14 +15,14 @@ import torch
 
 import moba
 from moba.decode import BlockMeanState
+from moba.decode.tree import ancestor_mask, check_parents, moba_tree_attention, tree_depths
 from moba.generate import (
+    GPTAdapter,
     TreeDraft,
     generate_plain,
     generate_speculative,
     generate_tree_speculative,
 )
-from moba.generate_adapters import GPTAdapter
-from moba.tree import ancestor_mask, check_parents, moba_tree_attention, tree_depths
 from scaling_runs.config import ModelConfig
 from scaling_runs.model import GPT
 

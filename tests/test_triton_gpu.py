@@ -66,10 +66,10 @@ CASES = [
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("cu,hq,hkv,d,block_size,top_k,causal", CASES)
 def test_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype, decomposition):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.reference import reference_attention_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.naive import reference_attention_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     q, k, v = _make(cu, cu, hq, hkv, d, dtype)
     layout = build_layout(cu, cu, block_size, "cuda")
@@ -88,10 +88,10 @@ def test_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype, dec
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("seqlen", [16384, 65536])
 def test_long_sequence(seqlen, dtype, decomposition):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.torch_impl import sparse_attention_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.torch_impl import sparse_attention_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu, block_size, top_k, d = [0, seqlen], 512, 3, 128
     q, k, v = _make(cu, cu, 4, 1, d, dtype)
@@ -111,9 +111,9 @@ def test_long_sequence(seqlen, dtype, decomposition):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("seqlen,block_size,top_k", [(4096, 128, 3), (65536, 512, 3), (65536, 1000, 12)])
 def test_gate_matches_torch_gate(seqlen, block_size, top_k, causal, dtype):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_gate
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_gate
 
     cu = [0, seqlen // 4, seqlen]
     q, k, _ = _make(cu, cu, 4, 2, 64, dtype, seed=1)
@@ -128,9 +128,9 @@ def test_gate_matches_torch_gate(seqlen, block_size, top_k, causal, dtype):
 
 @pytest.mark.parametrize("decomposition", ["union", "gather"])
 def test_backward_is_deterministic(decomposition):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 4096, 8192]
     q, k, v = _make(cu, cu, 8, 2, 64, torch.bfloat16)
@@ -158,9 +158,9 @@ def test_public_api_and_auto_backend():
 
 
 def test_torch_compile_inductor():
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 1024, 2048]
     q, k, v = _make(cu, cu, 4, 2, 64, torch.float16)
@@ -180,10 +180,10 @@ def test_torch_compile_inductor():
 
 
 def test_float32_inputs():
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.reference import reference_attention_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.naive import reference_attention_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 1000]
     q, k, v = _make(cu, cu, 2, 1, 64, torch.float32)

@@ -34,7 +34,7 @@ def test_interpreter_suite():
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="checks the non-interpreter message")
 def test_cpu_without_interpreter_gives_a_clear_reason():
     import moba
-    from moba.triton_backend import unavailable_reason
+    from moba.ops.triton_impl import unavailable_reason
 
     reason = unavailable_reason("cpu")
     assert reason is not None and "TRITON_INTERPRET=1" in reason

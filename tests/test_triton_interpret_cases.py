@@ -35,7 +35,7 @@ def _make(cu_q, cu_k, hq, hkv, d, dtype, seed=0):
 
 
 def _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype):
-    from moba.reference import reference_attention_packed
+    from moba.ops.naive import reference_attention_packed
 
     leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     out = reference_attention_packed(*leaves, layout, idx, causal, scale)
@@ -44,9 +44,9 @@ def _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype):
 
 
 def _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, decomposition, seed=0, idx=None):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     q, k, v = _make(cu_q, cu_k, hq, hkv, d, dtype, seed)
     layout = build_layout(cu_q, cu_k, block_size, "cpu")
@@ -110,10 +110,10 @@ def test_attention_fewer_queries_than_keys(causal, decomposition):
 
 @pytest.mark.parametrize("decomposition", ["union", "gather"])
 def test_lse_matches_torch_path(decomposition):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.torch_impl import sparse_attention_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.torch_impl import sparse_attention_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 60, 150]
     q, k, v = _make(cu, cu, 2, 1, 32, torch.float32)
@@ -127,9 +127,9 @@ def test_lse_matches_torch_path(decomposition):
 
 @pytest.mark.parametrize("decomposition", ["union", "gather"])
 def test_unsorted_indices_give_same_result(decomposition):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 120]
     q, k, v = _make(cu, cu, 2, 2, 32, torch.float32)
@@ -143,9 +143,9 @@ def test_unsorted_indices_give_same_result(decomposition):
 
 @pytest.mark.parametrize("decomposition", ["union", "gather"])
 def test_backward_is_deterministic(decomposition):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 100, 180]
     q, k, v = _make(cu, cu, 4, 2, 32, torch.float16)
@@ -191,9 +191,9 @@ GATE_CASES = [
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("cu_q,cu_k,hq,hkv,d,block_size,top_k,dtype", GATE_CASES)
 def test_gate_matches_torch_gate(cu_q, cu_k, hq, hkv, d, block_size, top_k, dtype, causal):
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_gate
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_gate
 
     q, k, _ = _make(cu_q, cu_k, hq, hkv, d, dtype, seed=3)
     layout = build_layout(cu_q, cu_k, block_size, "cpu")
@@ -215,7 +215,7 @@ def test_gate_ties_go_to_the_lower_block(causal, dtype):
     """Exact ties (integer data: float32 and tf32x3 scores are exact) pick the lower block
     index, in the kernel's one pass as in the brute-force rule; a later chunk never displaces an
     equal earlier pick. 80 blocks of 2 tokens cross several BLOCK_B chunks."""
-    from moba.triton_backend import triton_gate
+    from moba.ops.triton_impl import triton_gate
 
     bs, n_blocks, top_k = 2, 80, 4
     s = bs * n_blocks
@@ -243,7 +243,7 @@ def test_gate_ties_go_to_the_lower_block(causal, dtype):
 def test_gate_scores_keep_float32_bits_beyond_tf32(dtype):
     """Block means 1 + 2**-12 and 1 differ below TF32's 11 bits: a single TF32 product ties
     them (and would pick the lower block); the float32 score picks the higher mean."""
-    from moba.triton_backend import triton_gate
+    from moba.ops.triton_impl import triton_gate
 
     bs = 4
     k = torch.ones(3 * bs, 1, 16)
@@ -255,9 +255,9 @@ def test_gate_scores_keep_float32_bits_beyond_tf32(dtype):
 
 
 def test_gate_huge_block_size_and_top_k_are_clamped():
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_gate
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_gate
 
     q, k, _ = _make([0, 40], [0, 40], 2, 1, 16, torch.float32, seed=9)
     for bs, top_k in ((2**40, 3), (4, 2**40), (2**31, 2**31)):
@@ -270,10 +270,10 @@ def test_gate_wider_than_the_register_selection_falls_back_to_torch():
     uses the torch gate."""
     from moba.triton_kernels.gate import MAX_SORT_WIDTH
 
-    from moba._layout import build_layout
-    from moba.backends import resolve_backend
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_gate
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.registry import resolve_backend
+    from moba.ops.triton_impl import triton_gate
 
     assert MAX_SORT_WIDTH == 32
     q, k, _ = _make([0, 150], [0, 150], 2, 1, 16, torch.float32, seed=10)
@@ -288,7 +288,7 @@ def test_gate_wider_than_the_register_selection_falls_back_to_torch():
 def test_gate_nan_stays_in_its_row_and_sequence(causal):
     """A NaN query row still gets a valid selection (distinct blocks, own block included); a NaN
     key changes its own sequence's selection only."""
-    from moba.triton_backend import triton_gate
+    from moba.ops.triton_impl import triton_gate
 
     cu = [0, 70, 150]
     q, k, _ = _make(cu, cu, 2, 1, 16, torch.float32, seed=11)
@@ -338,9 +338,9 @@ def test_float64_is_rejected_clearly():
 def test_opcheck_custom_ops():
     from moba.triton_kernels.attention import sort_block_indices
 
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_bwd, triton_attention_fwd, triton_gate
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_bwd, triton_attention_fwd, triton_gate
 
     cu = [0, 40, 72]
     q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
@@ -356,9 +356,9 @@ def test_opcheck_custom_ops():
 
 
 def test_torch_compile_traces_the_custom_ops():
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 48, 96]
     q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
@@ -381,9 +381,9 @@ def test_torch_compile_traces_the_custom_ops():
 @pytest.mark.parametrize("decomposition", ["union", "gather"])
 def test_strided_views_match_contiguous_inputs(decomposition):
     """q, k, v as views of a fused qkv projection (token and head strides not packed)."""
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed, triton_gate
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed, triton_gate
 
     cu = [0, 70, 110]
     qkv = torch.randn(110, 3, 2, 32, generator=torch.Generator().manual_seed(9)).half()
@@ -404,7 +404,7 @@ def test_strided_views_match_contiguous_inputs(decomposition):
 
 @pytest.mark.parametrize("decomposition", ["union", "gather"])
 def test_no_tokens(decomposition):
-    from moba.triton_backend import triton_attention_packed, triton_gate
+    from moba.ops.triton_impl import triton_attention_packed, triton_gate
 
     q = torch.zeros(0, 2, 16, requires_grad=True)
     k = torch.zeros(0, 1, 16, requires_grad=True)
@@ -421,7 +421,7 @@ def test_auto_decomposition_follows_the_work():
     """Shared selections -> per-query-tile union; scattered selections -> per-block gather."""
     from moba.triton_kernels.attention import _selection, choose_decomposition, sort_block_indices
 
-    from moba.triton_backend import _kernel_layout
+    from moba.ops.triton_impl import _kernel_layout
 
     s, bs, hq = 1024, 64, 2
     lay = _kernel_layout([0, s], [0, s], bs, "cpu")
@@ -454,9 +454,9 @@ def forced_decomposition(request, monkeypatch):
 def test_nan_in_one_batch_row_stays_there(decomposition, poison):
     """Issue 13 item 2: B=2, S=16, NaN at q[0, 0, 0, 0]. The gather merge weighted padding
     slots (pointing at another row's partial) by 0; 0 * NaN put NaN into out[1]."""
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 16, 32]
     q, k, v = _make(cu, cu, 2, 1, 16, torch.float32, seed=3)
@@ -531,9 +531,9 @@ def test_huge_block_size_and_top_k():
 def test_nan_isolation_fewer_queries_than_keys(decomposition):
     """Chunked prefill / decoding layout (cu_q != cu_k): non-finite q, k, v in sequence 0
     leave sequences 1 and 2 bit for bit as they are, forward and backward."""
-    from moba._layout import build_layout
-    from moba.gate import select_packed
-    from moba.triton_backend import triton_attention_packed
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu_q, cu_k = [0, 3, 6, 8], [0, 13, 30, 37]
     gen = torch.Generator().manual_seed(8)

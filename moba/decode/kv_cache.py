@@ -6,7 +6,7 @@ needs, per sequence, the mean key of every complete past block (the gate's candi
 the own block (always attended). ``BlockMeanState`` keeps per-block running key *sums* and the
 number of tokens folded in, per sequence; each step folds in only the new tokens (O(new
 tokens), never a pass over the whole cache). ``moba_decode`` updates the state, runs the gate
-against the state's means (``moba.gate.select_from_means``) and attends to the selected
+against the state's means (``moba.ops.gate.select_from_means``) and attends to the selected
 blocks only, reading the cache in place:
 
 * on CUDA with Triton: ``moba.triton_kernels.decode`` (flash-decoding style: the key work of
@@ -37,15 +37,15 @@ import numbers
 
 import torch
 
-from ._checks import (
+from .._core.checks import (
     SUPPORTED_DTYPES,
     check_cache_qkv,
     check_nonnegative_int,
     check_positive_int,
     resolve_softmax_scale,
 )
-from ._layout import build_layout, effective_block_size
-from .gate import select_from_means
+from .._core.layout import build_layout, effective_block_size
+from ..ops.gate import select_from_means
 
 # Upper bound on the elements of one chunk of gathered keys in the PyTorch decode path.
 _GATHER_CHUNK_ELEMENTS = 1 << 24
@@ -217,7 +217,7 @@ class BlockMeanState:
     def padded_means(self) -> torch.Tensor:
         """(B, nb_max, Hkv, D) float32 block means, zero past each row's last block.
 
-        The same as ``moba.gate.pad_block_means(moba.gate.block_means(k, layout), layout)``
+        The same as ``moba.ops.gate.pad_block_means(moba.ops.gate.block_means(k, layout), layout)``
         recomputed from the keys (up to float summation order); a tail block is averaged over
         the tokens it has.
         """
@@ -252,7 +252,7 @@ def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, 
     q: (B, Lq, Hq, D); k_cache, v_cache: (B, Lk, Hkv, D) any strides; block_indices:
     (B, Lq, Hq, W) local block ids (-1 = unused); starts, lengths: (B,) int64 first cache
     position and token count of every row; block_size: ``layout.block_size`` of the rows
-    (``moba._layout.effective_block_size``: at most the longest row, which bounds the
+    (``moba._core.layout.effective_block_size``: at most the longest row, which bounds the
     (B, Lq, Hq, W, block_size) gather). Returns (B, Lq, Hq, D) in q's dtype.
     Only the selected blocks are read (gathered), never the whole cache.
     """
@@ -293,7 +293,7 @@ def _use_triton(backend: str, device: torch.device) -> bool:
     if backend not in ("auto", "triton"):
         raise ValueError(f"decode backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     try:
-        from .triton_kernels import decode as _kernels  # noqa: F401
+        from ..triton_kernels import decode as _kernels  # noqa: F401
     except ImportError as err:
         if backend == "triton":
             raise RuntimeError(f"backend='triton' needs triton: {err}") from err
@@ -365,7 +365,7 @@ def moba_decode(
     starts_t = torch.tensor(starts, dtype=torch.int64, device=q.device)
     lengths_t = torch.tensor(lengths, dtype=torch.int64, device=q.device)
     if b > 0 and _use_triton(backend, q.device):  # no rows: nothing to launch
-        from .triton_kernels.decode import moba_decode_triton
+        from ..triton_kernels.decode import moba_decode_triton
 
         out = moba_decode_triton(q, k_cache, v_cache, idx, starts_t, lengths_t, layout.block_size, scale)
     else:

@@ -10,7 +10,7 @@ gives every node exactly the output it would get as the last query of that seque
   complete block *of its path sequence*. Blocks inside the cache are shared by all nodes
   (means from the cache's ``BlockMeanState``); a block the tree reaches into mixes cached
   keys with the node's ancestors, so its mean is per node. The gate is
-  ``moba.gate.select_from_means`` with one "sequence" per node, hence the same selection
+  ``moba.ops.gate.select_from_means`` with one "sequence" per node, hence the same selection
   rule as prefill and ``moba_decode``.
 * Full attention: every block selected (``top_k`` >= the number of blocks).
 
@@ -26,10 +26,10 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_cache_qkv, check_positive_int, check_qkv, resolve_softmax_scale
-from ._layout import build_layout
-from .decode import BlockMeanState
-from .gate import select_from_means
+from .._core.checks import check_cache_qkv, check_positive_int, check_qkv, resolve_softmax_scale
+from .._core.layout import build_layout
+from ..ops.gate import select_from_means
+from .kv_cache import BlockMeanState
 
 __all__ = ["ancestor_mask", "check_parents", "moba_tree_attention", "tree_depths"]
 

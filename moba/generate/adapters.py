@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .decode import KVCache
+from ..decode.kv_cache import KVCache
 
 __all__ = ["GPTAdapter"]
 
@@ -45,7 +45,7 @@ class GPTAdapter(torch.nn.Module):
     def get_output_embeddings(self):
         return self.gpt.lm_head
 
-    supports_tree = True  # ``forward(..., tree=parents)``: draft-tree verification (moba.tree)
+    supports_tree = True  # ``forward(..., tree=parents)``: draft-tree verification (moba.decode.tree)
 
     @torch.no_grad()
     def forward(self, input_ids, cache=None, use_cache=True, logits_to_keep: int = 0,

@@ -141,7 +141,7 @@ class CachedModel:
         self.crops = 0
 
     def _new_cache(self):
-        if hasattr(self.model, "new_cache"):  # e.g. moba.generate_adapters.GPTAdapter
+        if hasattr(self.model, "new_cache"):  # e.g. moba.generate.adapters.GPTAdapter
             return self.model.new_cache()
         from transformers import DynamicCache
 
@@ -554,7 +554,7 @@ class TreeDraft:
     likely tokens at every depth (the first continues the chain, the others are leaves).
 
     ``depth`` draft forwards give ``depth x branching`` nodes; the target checks all of them in
-    one forward (``moba.tree``), so a wrong chain token can still be saved by a sibling.
+    one forward (``moba.decode.tree``), so a wrong chain token can still be saved by a sibling.
     """
 
     def __init__(self, model, branching: int = 2):
@@ -586,7 +586,7 @@ class TreeTarget:
     def __init__(self, model, device):
         if not getattr(model, "supports_tree", False) or not hasattr(model, "new_cache"):
             raise TypeError("tree verification needs a model with moba tree attention, e.g. a scaling_runs "
-                            "checkpoint through scaling_runs.checkpoint.load_gpt / moba.generate_adapters.GPTAdapter")
+                            "checkpoint through scaling_runs.checkpoint.load_gpt / moba.generate.adapters.GPTAdapter")
         self.model, self.device = model, torch.device(device)
         self.cache = model.new_cache()
         self.cached = self.forwards = self.fed = 0
@@ -623,7 +623,7 @@ def generate_tree_speculative(target, draft, input_ids: torch.Tensor, max_new_to
     """Greedy speculative decoding with tree-shaped drafts; output equals ``generate_plain``'s.
 
     Args:
-        target: a model with tree attention (``moba.generate_adapters.GPTAdapter``).
+        target: a model with tree attention (``moba.generate.adapters.GPTAdapter``).
         draft: a causal LM (wrapped in ``TreeDraft``) or a ``TreeDraft``.
         depth: drafted tokens along the chain per round; branching: candidates per depth.
 

@@ -22,7 +22,7 @@ otherwise (as for flash-attention).
 What the attention function does (query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)):
 
 * hybrid: layers in ``full_attention_layers`` (``module.layer_idx``; negative indices count
-  from ``config.num_hidden_layers``) run dense attention through ``moba.full``
+  from ``config.num_hidden_layers``) run dense attention through ``moba.ops.full``
   (flash-attn or SDPA; ``moba.last_full_attn_implementation()`` says which);
 * prefill (``Lq == Lk``): ``moba.moba_attn_varlen_func`` over the real tokens (padding removed,
   sequences packed; packed sequences in one row, detected from ``position_ids`` restarts as
@@ -58,14 +58,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_positive_int
-from .._layout import build_layout
-from ..backends import resolve_backend
+from .._core.checks import check_positive_int
+from .._core.layout import build_layout
 from ..config import MoBAConfig, resolve_config
-from ..decode import BlockMeanState, moba_decode
-from ..full import full_attn_with_kvcache
-from ..gate import select_packed
-from ..ops import moba_attn_func, moba_attn_varlen_func
+from ..decode.kv_cache import BlockMeanState, moba_decode
+from ..nn import hybrid
+from ..ops.api import moba_attn_func, moba_attn_varlen_func
+from ..ops.full import full_attn_with_kvcache
+from ..ops.gate import select_packed
+from ..ops.registry import resolve_backend
 
 #: The transformers releases the test suite runs on (``make test`` pins the newest one in
 #: constraints.txt; ``make test-oldest`` / ``make test-latest`` run the ends of the range).
@@ -293,13 +294,7 @@ def _is_full_layer(module, settings: MoBASettings) -> bool:
         if any(i < 0 for i in settings.full_attention_layers):
             raise ValueError("negative full_attention_layers need config.num_hidden_layers")
         return layer in settings.full_attention_layers
-    bad = [i for i in settings.full_attention_layers if not -n_layers <= i < n_layers]
-    if bad:
-        raise ValueError(
-            f"full_attention_layers {bad} out of range for a model with {n_layers} layers "
-            f"(expected indices in [{-n_layers}, {n_layers - 1}])"
-        )
-    return layer in {i % n_layers for i in settings.full_attention_layers}
+    return layer in hybrid.full_layers(n_layers, settings.full_attention_layers, what="full_attention_layers")
 
 
 # -- the paths ------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._checks import check_bool, check_positive_float, check_positive_int, resolve_softmax_scale
-from .config import MoBAConfig, resolve_config
-from .decode import BlockMeanState, LayerKVCache, moba_decode
-from .full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
-from .ops import moba_attn_func, moba_attn_varlen_func
-from .tree import check_parents, moba_tree_attention, tree_depths
+from .._core.checks import check_bool, check_positive_float, check_positive_int, resolve_softmax_scale
+from ..config import MoBAConfig, resolve_config
+from ..decode.kv_cache import BlockMeanState, LayerKVCache, moba_decode
+from ..decode.tree import check_parents, moba_tree_attention, tree_depths
+from ..ops.api import moba_attn_func, moba_attn_varlen_func
+from ..ops.full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
+from . import hybrid
 
 MODES = ("moba", "full")
 
@@ -139,7 +140,7 @@ class MoBAAttention(nn.Module):
 
     def _forward_tree(self, q, k, v, cache: LayerKVCache | None, tree: list[int], mode: str):
         """The last ``len(tree)`` tokens are a draft tree (``tree`` = their parents, see
-        ``moba.tree``); the tokens before them are ordinary new tokens, appended to the cache
+        ``moba.decode.tree``); the tokens before them are ordinary new tokens, appended to the cache
         first. The tree's keys and values are not cached."""
         if cache is None or q.shape[0] != 1:
             raise ValueError("tree attention needs a KV cache (cache=...) and batch size 1")
@@ -196,7 +197,7 @@ class MoBASelfAttention(nn.Module):
     ``forward(x (T, hidden_size), cu_seqlens=..., max_seqlen=...)``. Decoding:
     ``forward(x (B, S_new, hidden_size), cache=LayerKVCache)``: x holds the tokens after the
     cached ones (rotary positions continue from the cache length). Tree verification (batch
-    1): ``tree=parents`` marks the last ``len(parents)`` tokens as a draft tree (``moba.tree``).
+    1): ``tree=parents`` marks the last ``len(parents)`` tokens as a draft tree (``moba.decode.tree``).
     """
 
     def __init__(
@@ -275,15 +276,10 @@ def set_attention_mode(model: nn.Module, mode: str, layers: Iterable[int] | None
     """
     _check_mode(mode)
     cores = attention_modules(model)
-    chosen = range(len(cores)) if layers is None else [i % len(cores) if -len(cores) <= i < len(cores) else
-                                                       _bad_layer(i, len(cores)) for i in layers]
+    chosen = range(len(cores)) if layers is None else hybrid.full_layers(len(cores), layers, what="layer index")
     for i in chosen:
         cores[i].mode = mode
     return sorted(set(chosen))
-
-
-def _bad_layer(i: int, n: int):
-    raise ValueError(f"layer index {i} out of range for a model with {n} attention layers")
 
 
 @dataclass(frozen=True)
@@ -333,21 +329,14 @@ class HybridSchedule:
             object.__setattr__(self, "switch_to_full_at_step", int(step))
 
     def full_layer_set(self, n_layers: int) -> set[int]:
-        """Layers that run full attention before the switch step."""
-        if self.full_last_n > n_layers:
-            raise ValueError(f"full_last_n={self.full_last_n} but the model has {n_layers} attention layers")
-        chosen = {i if i >= 0 else i + n_layers for i in self.full_layers}
-        bad = [i for i in self.full_layers if not -n_layers <= i < n_layers]
-        if bad:
-            raise ValueError(f"full_layers {bad} out of range for a model with {n_layers} attention layers")
-        return chosen | set(range(n_layers - self.full_last_n, n_layers))
+        """Layers that run full attention before the switch step (``moba.nn.hybrid``'s rule)."""
+        return hybrid.full_layers(n_layers, self.full_layers, self.full_last_n)
 
     def modes(self, n_layers: int, step: int) -> list[str]:
         """The mode of every layer at ``step``."""
         if self.switch_to_full_at_step is not None and step >= self.switch_to_full_at_step:
             return ["full"] * n_layers
-        full = self.full_layer_set(n_layers)
-        return ["full" if i in full else "moba" for i in range(n_layers)]
+        return hybrid.layer_modes(n_layers, self.full_layers, self.full_last_n)
 
     def apply(self, model: nn.Module, step: int) -> list[str]:
         """Set the mode of every attention core of ``model`` for training step ``step``."""

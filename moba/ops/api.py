@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_block_indices, check_cu_seqlens, check_qkv, resolve_softmax_scale
-from ._layout import build_layout
-from .backends import resolve_backend
-from .config import MoBAConfig, resolve_config
+from .._core.checks import check_block_indices, check_cu_seqlens, check_qkv, resolve_softmax_scale
+from .._core.layout import build_layout
+from ..config import MoBAConfig, resolve_config
 from .full import _sdpa
 from .gate import check_index_values
+from .registry import resolve_backend
 
 
 def _settings(fn: str, config, block_indices, **given) -> MoBAConfig:

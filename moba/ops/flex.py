@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import PAD_INDEX, check_block_indices, check_positive_int, check_qkv
-from ._layout import build_layout
-from .backends import resolve_backend
-from .config import MoBAConfig
+from .._core.checks import PAD_INDEX, check_block_indices, check_positive_int, check_qkv
+from .._core.layout import build_layout
+from ..config import MoBAConfig
+from .api import _settings
 from .gate import check_index_values
-from .ops import _settings
+from .registry import resolve_backend
 
 
 def flex_block_mask(

@@ -16,7 +16,7 @@ import importlib.util
 import torch
 import torch.nn.functional as F
 
-from ._checks import (
+from .._core.checks import (
     check_bool,
     check_cache_qkv,
     check_cu_seqlens,

@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from ._checks import PAD_INDEX, check_bool, check_cu_seqlens, check_positive_int, check_qkv
-from ._layout import BlockLayout, build_layout, fixed_cu_seqlens, gate_width
+from .._core.checks import PAD_INDEX, check_bool, check_cu_seqlens, check_positive_int, check_qkv
+from .._core.layout import BlockLayout, build_layout, fixed_cu_seqlens, gate_width
 
 # Upper bound on the elements of one chunk of gate scores (float32), to bound memory.
 _GATE_CHUNK_ELEMENTS = 1 << 21

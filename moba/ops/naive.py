@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import PAD_INDEX
-from ._layout import BlockLayout
+from .._core.checks import PAD_INDEX
+from .._core.layout import BlockLayout
 
 
 def selection_mask(block_indices: torch.Tensor, n_blocks: int) -> torch.Tensor:

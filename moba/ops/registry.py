@@ -4,47 +4,27 @@ A backend turns (packed q, k, v, block layout, block indices) into the MoBA outp
 gate (``select``) is part of a backend too, so a GPU backend can run a fused gate kernel.
 
 * ``"reference"``: dense mask, obviously right, O(S^2) memory: small sizes only.
-* ``"torch"``: the PyTorch path (``moba.torch_impl``), any device, autograd.
+* ``"torch"``: the PyTorch path (``moba.ops.torch_impl``), any device, autograd.
 * ``"triton"``: fused Triton kernels, CUDA tensors (``TRITON_INTERPRET=1`` runs them on CPU).
 * ``"auto"``: ``"triton"`` for CUDA tensors when it is available, else ``"torch"``.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from ._layout import BlockLayout
+from .._core.layout import BlockLayout
+from .backend import Backend
 from .gate import select_packed
-from .reference import reference_attention_packed
+from .naive import reference_attention_packed
 from .torch_impl import moba_attention_packed, sparse_attention_packed
 
 # The dense reference builds (Hq, S, S) per sequence; beyond this it is the wrong tool.
 REFERENCE_MAX_SEQLEN = 16384
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    #: (q, k, v, layout, block_indices, causal, scale) -> output (Tq, Hq, D)
-    attention: Callable[..., torch.Tensor]
-    #: (q, k, layout, top_k, causal) -> block indices (Tq, Hq, n_slots)
-    select: Callable[..., torch.Tensor]
-    #: device -> None when usable there, else the reason it is not
-    unavailable_reason: Callable[[torch.device], str | None]
-    #: q -> None when the backend handles this dtype / head dim, else why not ("auto" skips it)
-    unsupported_input: Callable[[torch.Tensor], str | None] = lambda q: None
-    #: like ``attention`` but -> (output, lse (Tq, Hq) float32/float64); None: no lse
-    attention_lse: Callable[..., tuple[torch.Tensor, torch.Tensor]] | None = None
-    #: device -> None when gradients are bitwise reproducible there, else why not
-    nondeterministic_reason: Callable[[torch.device], str | None] = lambda device: None
-    #: optional gate + attention in one call, (q, k, v, cu_q, cu_k, block_size, top_k, causal,
-    #: scale) -> output, with host lists of boundaries and no BlockLayout built by the caller
-    #: (so torch.compile can trace it with dynamic lengths); used when no block_indices are given
-    gated_attention: Callable[..., torch.Tensor] | None = None
 
 
 def _always(_device) -> None:
@@ -87,22 +67,44 @@ _BACKENDS: dict[str, Backend] = {
 }
 
 
+#: Backends that need an optional package: name -> (package it needs, module whose ``BACKEND``
+#: it is). They are imported on first use, so ``import moba`` never imports Triton.
+OPTIONAL_BACKENDS: dict[str, tuple[str, str]] = {"triton": ("triton", "moba.ops.triton_impl")}
+#: name -> why an optional backend is missing (its package is not installed / not importable)
+_MISSING: dict[str, str] = {}
+
+
 def register_backend(backend: Backend) -> None:
-    """Add or replace a backend (used by the Triton backend when its module loads)."""
+    """Add or replace a backend (tests register stand-ins; see CONTRIBUTING.md for a new one)."""
     _BACKENDS[backend.name] = backend
 
 
 def _load_optional_backends() -> None:
-    if "triton" not in _BACKENDS:
+    """Import the optional backends whose package is installed, once.
+
+    A missing package is recorded as the backend's unavailable reason. An ImportError from
+    anything else (a module of moba itself, say) is a packaging bug and is raised as it is,
+    not reported as "is triton installed?".
+    """
+    for name, (package, module) in OPTIONAL_BACKENDS.items():
+        if name in _BACKENDS or name in _MISSING:
+            continue
+        if importlib.util.find_spec(package) is None:
+            _MISSING[name] = f"{package} is not installed"
+            continue
         try:
-            from . import triton_backend  # noqa: F401  (registers itself)
-        except ImportError:
-            pass
+            backend = importlib.import_module(module).BACKEND
+        except ImportError as err:
+            if err.name is None or not (err.name == package or err.name.startswith(package + ".")):
+                raise
+            _MISSING[name] = f"{package} is installed but could not be imported: {err}"
+            continue
+        register_backend(backend)
 
 
 def known_backend_names() -> tuple[str, ...]:
     """Every name ``backend=`` accepts ("auto" first), whether or not usable here."""
-    return ("auto",) + tuple(sorted(set(_BACKENDS) | {"triton"}))
+    return ("auto",) + tuple(sorted(set(_BACKENDS) | set(OPTIONAL_BACKENDS)))
 
 
 def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
@@ -110,7 +112,8 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
     _load_optional_backends()
     device = torch.device(device)
     status = {name: b.unavailable_reason(device) for name, b in _BACKENDS.items()}
-    status.setdefault("triton", "the Triton backend could not be imported (is triton installed?)")
+    for name in OPTIONAL_BACKENDS:
+        status.setdefault(name, _MISSING.get(name, f"the {name} backend is not registered"))
     return status
 
 
@@ -143,10 +146,13 @@ def resolve_backend(name, device: torch.device, q: torch.Tensor | None = None) -
         ):
             return triton
         return _BACKENDS["torch"]
-    if name not in _BACKENDS and name != "triton":
-        known = ", ".join(sorted(set(_BACKENDS) | {"auto", "triton"}))
+    if name not in _BACKENDS and name not in OPTIONAL_BACKENDS:
+        known = ", ".join(known_backend_names())
         raise ValueError(f"unknown backend {name!r}; expected one of: {known}")
     reason = available_backends(device)[name]
     if reason is not None:
         raise RuntimeError(f"backend {name!r} is not available on {device}: {reason}")
     return _BACKENDS[name]
+
+
+__all__ = ["Backend", "available_backends", "known_backend_names", "register_backend", "resolve_backend"]

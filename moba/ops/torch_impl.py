@@ -45,9 +45,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ._checks import PAD_INDEX
-from ._custom_ops import register_attention_autograd
-from ._layout import BlockLayout, build_layout, gate_width, max_blocks
+from .._core.checks import PAD_INDEX
+from .._core.custom_ops import register_attention_autograd
+from .._core.layout import BlockLayout, build_layout, gate_width, max_blocks
 from .gate import select_packed
 
 _MAX_ROWS_PER_TILE = 256

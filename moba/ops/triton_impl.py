@@ -1,6 +1,6 @@
 """The ``"triton"`` backend: fused Triton kernels for the MoBA gate and attention.
 
-Importing this module registers the backend (``moba.backends`` imports it lazily). The
+``BACKEND`` is the backend; ``moba.ops.registry`` imports this module on first use. The
 kernels live in ``moba.triton_kernels`` (``gate.py``: block means + one-pass top-k;
 ``attention.py``: forward, backward dq, backward dk/dv; see their headers for the work
 decomposition). This module wraps them as ``torch.library`` custom ops so that autograd and
@@ -30,12 +30,12 @@ import os
 import torch
 import triton
 
-from ._custom_ops import register_attention_autograd
-from ._layout import BlockLayout, build_layout, gate_width, max_blocks
-from .backends import Backend, register_backend
+from .._core.custom_ops import register_attention_autograd
+from .._core.layout import BlockLayout, build_layout, gate_width, max_blocks
+from ..triton_kernels import attention as _attn
+from ..triton_kernels import gate as _gate
+from .backend import Backend
 from .gate import select_packed
-from .triton_kernels import attention as _attn
-from .triton_kernels import gate as _gate
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -230,15 +230,14 @@ def _select(q, k, layout: BlockLayout, top_k, causal):
     return triton_gate(q, k, list(layout.cu_q), list(layout.cu_k), layout.block_size, int(top_k), bool(causal))
 
 
-register_backend(
-    Backend(
-        name="triton",
-        attention=_attention,
-        select=_select,
-        unavailable_reason=unavailable_reason,
-        unsupported_input=unsupported_input,
-        attention_lse=_attention_lse,  # every kernel is deterministic (no atomics)
-    )
+#: The ``"triton"`` backend; ``moba.ops.registry`` registers it on first use (no import side effect).
+BACKEND = Backend(
+    name="triton",
+    attention=_attention,
+    select=_select,
+    unavailable_reason=unavailable_reason,
+    unsupported_input=unsupported_input,
+    attention_lse=_attention_lse,  # every kernel is deterministic (no atomics)
 )
 
-__all__ = ["triton_attention_bwd", "triton_attention_fwd", "triton_attention_packed", "triton_gate", "unavailable_reason"]
+__all__ = ["BACKEND", "triton_attention_bwd", "triton_attention_fwd", "triton_attention_packed", "triton_gate", "unavailable_reason"]
