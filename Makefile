@@ -37,13 +37,13 @@ operator-demo: $(STAMP)
 	$(PY) -m moba.demo
 
 bench: $(STAMP)
-	$(PY) bench/torch_path_cpu.py
+	$(PY) -m bench.torch_path_cpu
 
 speed: $(STAMP)
-	$(PY) bench/attn_speed.py $(ARGS)
+	$(PY) -m bench.attn_speed $(ARGS)
 
 roofline: $(STAMP)
-	$(PY) bench/roofline.py $(RESULTS) --out $(or $(OUT),roofline.png)
+	$(PY) -m bench.roofline $(RESULTS) --out $(or $(OUT),roofline.png)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

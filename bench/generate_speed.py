@@ -1,9 +1,9 @@
 """Decoding speed of plain, speculative and staged speculative generation (``moba.generate``).
 
-    python bench/generate_speed.py                              # GPU (or CPU): default sizes
-    python bench/generate_speed.py --draft-noise 0.02 --gamma 4 --new-tokens 256 --prompt-len 2048
-    python bench/generate_speed.py --cpu --out /tmp/gen         # CPU smoke run (< 20 s)
-    python bench/roofline.py /tmp/gen/points.json --out /tmp/gen/roofline.png
+    python -m bench.generate_speed                              # GPU (or CPU): default sizes
+    python -m bench.generate_speed --draft-noise 0.02 --gamma 4 --new-tokens 256 --prompt-len 2048
+    python -m bench.generate_speed --cpu --out /tmp/gen         # CPU smoke run (< 20 s)
+    python -m bench.roofline /tmp/gen/points.json --out /tmp/gen/roofline.png
 
 Models, either of:
 
@@ -51,7 +51,6 @@ import dataclasses
 import datetime as dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,17 +58,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from moba.generate import (  # noqa: E402
+from moba.generate import (
     GenerationStats,
     NGramDraft,
     generate_plain,
     generate_speculative,
     generate_tree_speculative,
-    roofline_point,
 )
+
+from ._common import RESULTS, device_name, git_state, utc_now
 
 CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 decoding is "
             "memory-bound and speculative decoding trades spare FLOPs for fewer weight reads; "
@@ -78,12 +75,39 @@ CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 
 MODES = ("plain", "speculative", "staged", "tree")
 
 
-def _git(*args) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except Exception:  # noqa: BLE001
-        return None
+# ----------------------------------------------------------------------------- roofline points
+def _weights(model) -> tuple[int, int]:
+    """(parameters, bytes) a forward multiplies with: all but the input embedding table
+    (only looked up), unless it is tied to the output head."""
+    skip = set()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        skip = {id(p) for p in emb.parameters()}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dict:
+    """One point for ``bench.roofline``'s points file: the decoding of one generation call
+    (the prompt's prefill is counted apart in ``stats`` and left out).
+
+    A weight-streaming model of batch-1 decoding: every forward reads each weight once from
+    memory (bytes = weight bytes x forwards) and spends 2 FLOPs per weight per token fed
+    (FLOPs = 2 x weights x tokens). KV-cache and activation traffic are left out (small next
+    to the weights for short contexts, and MoBA reads only ``top_k`` blocks). Speculative
+    decoding feeds ``gamma + 1`` tokens per target forward: more FLOPs per byte, which is
+    what moves it right on the roofline.
+
+    Returns ``{"name", "flops", "bytes", "seconds"}``; write ``{"points": [...]}`` as JSON.
+    """
+    n_t, b_t = _weights(target)
+    flops, nbytes = 2.0 * n_t * stats.target_tokens, float(b_t * stats.target_forwards)
+    if draft is not None and hasattr(draft, "parameters"):
+        n_d, b_d = _weights(draft)
+        flops += 2.0 * n_d * stats.draft_tokens
+        nbytes += b_d * stats.draft_forwards
+    return {"name": name, "flops": flops, "bytes": nbytes, "seconds": stats.seconds}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -335,16 +359,15 @@ def run(args) -> dict:
                                      st, target, None if mode == "plain" else draft))
     bar.close()
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    dev_name = device_name(device)
     meta = {
         "device": str(device),
         "device_name": dev_name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": utc_now(),
+        **git_state(),
         "argv": sys.argv[1:],
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {
             "dtype": str(dtype).replace("torch.", ""), "draft_kind": draft_kind, "ngram_corpus": corpus_kind,
@@ -352,7 +375,7 @@ def run(args) -> dict:
             "target_params": _n_params(target), "draft_params": _n_params(draft)},
         "note": CPU_NOTE if device.type == "cpu" else "",
     }
-    out_dir = Path(args.out) if args.out else HERE / "results" / (
+    out_dir = Path(args.out) if args.out else RESULTS / (
         f"generate-{'cpu' if device.type == 'cpu' else dev_name.replace(' ', '_')}-{dt.date.today():%Y%m%d}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"metadata": meta, "modes": results}
@@ -374,7 +397,7 @@ def run(args) -> dict:
     if device.type == "cpu":
         print(f"NOTE: {CPU_NOTE}")
     print(f"wrote {out_dir / 'generate_speed.json'} and {out_dir / 'points.json'} ({time.perf_counter() - t_start:.1f} s)")
-    print(f"roofline: python bench/roofline.py {out_dir / 'points.json'} --no-model --out {out_dir / 'roofline.png'}")
+    print(f"roofline: python -m bench.roofline {out_dir / 'points.json'} --no-model --out {out_dir / 'roofline.png'}")
     report["out_dir"] = str(out_dir)
     return report
 

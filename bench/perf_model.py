@@ -1,8 +1,8 @@
 """Analytic time and memory model of MoBA's Triton kernels against dense flash attention. MODELLED, not measured.
 
-    python bench/perf_model.py                         # H200, Hq=32/Hkv=8, D=128, bf16: both settings, 32K/128K/512K
-    python bench/perf_model.py --gpu H100 --per-kernel --seqlens 128k
-    python bench/perf_model.py --json model.json
+    python -m bench.perf_model                         # H200, Hq=32/Hkv=8, D=128, bf16: both settings, 32K/128K/512K
+    python -m bench.perf_model --gpu H100 --per-kernel --seqlens 128k
+    python -m bench.perf_model --json model.json
 
 Every number printed here comes from the formulas and assumptions below: no GPU ran them. When
 a GPU measures the kernels (bench/device_check.py), calibrate the efficiencies against it.
@@ -36,11 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
-
-from _attn_model import attention_flops, dense_pairs, moba_pairs  # noqa: E402
+from moba._core.accounting import attention_flops, dense_pairs, moba_pairs
 
 # =============================================================================================
 # ASSUMPTIONS (all of them; each is a lead until a GPU measures it)

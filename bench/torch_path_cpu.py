@@ -1,8 +1,8 @@
 """CPU benchmark of the PyTorch MoBA path against dense causal SDPA (forward + backward).
 
-    python bench/torch_path_cpu.py                       # S = 8K and 16K (the README numbers)
-    python bench/torch_path_cpu.py --seqlens 4096 --repeats 1
-    python bench/torch_path_cpu.py --short               # training throughput, cpu-tiny shape
+    python -m bench.torch_path_cpu                       # S = 8K and 16K (the README numbers)
+    python -m bench.torch_path_cpu --seqlens 4096 --repeats 1
+    python -m bench.torch_path_cpu --short               # training throughput, cpu-tiny shape
 
 Long mode reports the speedup over SDPA and its share of the attended-pair limit: the ratio
 of the (query, key) pairs dense causal attention computes to those MoBA computes (own block

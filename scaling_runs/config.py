@@ -14,6 +14,8 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 
+from moba.nn.hybrid import layer_modes  # the one "which layers are full" rule
+
 ATTENTION_KINDS = ("moba", "full", "hybrid")
 
 
@@ -88,10 +90,7 @@ class ModelConfig:
         """Attention mode ("moba" or "full") of every layer, first to last."""
         if self.attention == "full":
             return ["full"] * self.n_layer
-        if self.attention == "moba":
-            return ["moba"] * self.n_layer
-        n_full = self.n_full_layers
-        return ["moba"] * (self.n_layer - n_full) + ["full"] * n_full
+        return layer_modes(self.n_layer, last_n=self.n_full_layers if self.attention == "hybrid" else 0)
 
 
 @dataclass

@@ -41,7 +41,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moba import PAD_INDEX, KVCache, select_blocks
+from moba import KVCache, select_blocks
+from moba._core.accounting import attended_keys_from_indices
 from moba.nn import attention_modules
 
 from . import tasks as T
@@ -152,14 +153,8 @@ def attended_keys(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int)
     A selected past block contributes ``block_size`` keys (the last block may be shorter),
     the own block the keys up to and including the query.
     """
-    s = q.shape[1]
-    idx = select_blocks(q, k, block_size, top_k, causal=True).long()  # (B, S, Hq, n)
-    valid = idx != PAD_INDEX
-    pos = torch.arange(s, device=q.device)[None, :, None, None]
-    start = idx.clamp(min=0) * block_size
-    end = torch.minimum(start + block_size, torch.full_like(start, s))
-    end = torch.minimum(end, pos + 1)  # own block: causal
-    return torch.where(valid, (end - start).clamp(min=0), 0).sum(-1).float()
+    idx = select_blocks(q, k, block_size, top_k, causal=True)  # (B, S, Hq, n)
+    return attended_keys_from_indices(idx, block_size, causal=True).float()
 
 
 @torch.no_grad()

@@ -50,12 +50,14 @@ import threading
 import time
 from pathlib import Path
 
+from moba._core.hardware import find_device
+
 from .config import ATTENTION_KINDS, apply_overrides, parse_overrides
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import analytic_param_counts
 from .presets import SweepPreset, get_preset
 
-H100_PEAK = 989e12
+H100_PEAK = find_device("H100").bf16_flops
 EXIT_FAILED = 1
 EXIT_NOTHING_TO_RUN = 2
 

@@ -80,6 +80,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moba._core.hardware import peak_flops  # dense bf16 peak by device name, for MFU
+
 try:
     import fcntl
 except ImportError:  # not POSIX: the lock relies on its pid check alone
@@ -103,9 +105,6 @@ from .model import GPT, param_counts
 from .tasks import ExampleSet, example_batch
 
 LOCK = "train.lock"
-
-# Dense bf16 peak FLOP/s by device-name substring, for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12}
 
 
 class TrainingError(RuntimeError):
@@ -620,7 +619,7 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
     peak = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+        peak = peak_flops(name)
 
     # a terminal gets a progress bar; a log file (not a TTY) one line per evaluation instead
     bar, eval_lines = None, False

@@ -311,8 +311,8 @@ def test_flex_moba_matches_reference(causal):
 
 # ----------------------------------------------------------------------------- roofline
 def test_roofline_peaks_table():
-    assert roofline.peaks_for("NVIDIA H100 80GB HBM3")[1:3] == (989e12, 3.35e12)
-    assert roofline.peaks_for("NVIDIA H200")[1:3] == (989e12, 4.8e12)
+    assert roofline.peaks_for("NVIDIA H100 80GB HBM3")[1:3] == (989.4e12, 3.35e12)
+    assert roofline.peaks_for("NVIDIA H200")[1:3] == (989.4e12, 4.8e12)
     assert roofline.peaks_for("NVIDIA A100-SXM4-80GB")[1:3] == (312e12, 2.0e12)
     assert roofline.peaks_for("NVIDIA GeForce RTX 4090")[1:3] == (165e12, 1.0e12)
     assert roofline.peaks_for("NVIDIA H100 PCIe")[3]  # warns: table is SXM
@@ -336,7 +336,7 @@ def test_roofline_plot_without_timing_data(tmp_path, capsys):
     res = roofline.main(["--out", str(tmp_path / "model.png")])
     assert (tmp_path / "model.png").read_bytes()[:4] == b"\x89PNG"
     side = json.loads((tmp_path / "model.json").read_text())
-    assert side["peak_flops_per_s"] == 989e12 and all(p["seconds"] is None for p in side["points"])
+    assert side["peak_flops_per_s"] == 989.4e12 and all(p["seconds"] is None for p in side["points"])
     names = {p["name"] for p in res["points"]}
     assert {"decode MoBA n_q=4 (model)", "decode dense n_q=8 (model)", "MoBA bwd (model)"} <= names
 
@@ -358,7 +358,7 @@ def test_roofline_plot_with_timing_data(tmp_path):
     (tmp_path / "decode.json").write_text(json.dumps(ext))
     res = roofline.main([str(tmp_path / "run.json"), str(tmp_path / "decode.json"), "--out", str(tmp_path / "r.png")])
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
-    assert res["peaks"][1:] == (989e12, 3.35e12)
+    assert res["peaks"][1:] == (989.4e12, 3.35e12)
     pts = {p["name"]: p for p in res["points"]}
     assert "reference fwd" not in pts
     m = pts["moba-triton fwd"]

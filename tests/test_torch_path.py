@@ -415,7 +415,7 @@ def test_path_choice():
 
 
 def test_layout_is_cached_per_lengths_and_block_size():
-    from moba import torch_impl as impl
+    from moba.ops import torch_impl as impl
 
     a = impl._static_layout([0, 30, 60], [0, 30, 60], 8, "cpu")
     assert impl._static_layout([0, 30, 60], [0, 30, 60], 8, "cpu") is a

@@ -49,7 +49,6 @@ __all__ = [
     "generate_plain",
     "generate_speculative",
     "generate_tree_speculative",
-    "roofline_point",
     "speculative_accept",
     "speculative_step",
     "verify",
@@ -663,35 +662,3 @@ def generate_tree_speculative(target, draft, input_ids: torch.Tensor, max_new_to
 
 
 # -- roofline feed --------------------------------------------------------------------------
-def _weights(model) -> tuple[int, int]:
-    """(parameters, bytes) a forward multiplies with: all but the input embedding table
-    (only looked up), unless it is tied to the output head."""
-    skip = set()
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if emb is not None and (out is None or out.weight is not emb.weight):
-        skip = {id(p) for p in emb.parameters()}
-    params = [p for p in model.parameters() if id(p) not in skip]
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
-
-
-def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dict:
-    """One point for ``bench/roofline.py``'s points file: the decoding of one generation call
-    (the prompt's prefill is counted apart in ``stats`` and left out).
-
-    A weight-streaming model of batch-1 decoding: every forward reads each weight once from
-    memory (bytes = weight bytes x forwards) and spends 2 FLOPs per weight per token fed
-    (FLOPs = 2 x weights x tokens). KV-cache and activation traffic are left out (small next
-    to the weights for short contexts, and MoBA reads only ``top_k`` blocks). Speculative
-    decoding feeds ``gamma + 1`` tokens per target forward: more FLOPs per byte, which is
-    what moves it right on the roofline.
-
-    Returns ``{"name", "flops", "bytes", "seconds"}``; write ``{"points": [...]}`` as JSON.
-    """
-    n_t, b_t = _weights(target)
-    flops, nbytes = 2.0 * n_t * stats.target_tokens, float(b_t * stats.target_forwards)
-    if draft is not None and hasattr(draft, "parameters"):
-        n_d, b_d = _weights(draft)
-        flops += 2.0 * n_d * stats.draft_tokens
-        nbytes += b_d * stats.draft_forwards
-    return {"name": name, "flops": flops, "bytes": nbytes, "seconds": stats.seconds}

@@ -1,0 +1,111 @@
+"""What every bench tool records and shares: run metadata (git state, device, versions, date),
+the out-of-memory test and the dense SDPA runner.
+
+Only the standard library at import: ``device_check`` imports this before torch is installed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import subprocess
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def utc_stamp() -> str:
+    """The current UTC time as ``YYYYmmdd-HHMMSS`` (folder names)."""
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def git_state(*paths: str) -> dict:
+    """``{"git_commit": HEAD or None, "git_dirty": uncommitted changes to tracked files}``;
+    with ``paths``, dirty means changes under those paths only."""
+    status = ["status", "--porcelain", "--untracked-files=no"] + (["--", *paths] if paths else [])
+    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git(*status))}
+
+
+def package_version(module: str) -> str | None:
+    """``module.__version__`` ("unknown" without one), or None when it does not import."""
+    try:
+        return getattr(__import__(module), "__version__", "unknown")
+    except Exception:  # noqa: BLE001  (a broken optional package is "not there")
+        return None
+
+
+def device_name(device) -> str:
+    """The GPU's name for a CUDA device, else ``"CPU <model name>"``."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    proc = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            proc = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), proc)
+    except OSError:
+        pass
+    return f"CPU {proc}"
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether an exception is an out-of-memory error (CUDA, or the CPU allocator's)."""
+    import torch
+
+    if isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return True
+    text = str(err).lower()
+    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+
+
+#: SDPA backends that refused ``enable_gqa``: K/V are repeated for them instead (costs memory).
+_SDPA_NO_GQA: set[str] = set()
+
+
+def sdpa(q, k, v, causal: bool = True, backend: str | None = None):
+    """torch SDPA in flash-attn layout (B, S, H, D), optionally pinned to one backend
+    (an ``SDPBackend`` name: "FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH").
+
+    GQA uses ``enable_gqa`` (no copy of K/V); a backend that rejects it gets K/V repeated
+    to the query heads (inside the timed call: that is what using it costs).
+    """
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[2] // k.shape[2]
+
+    def run(kk, vv, gqa):
+        return F.scaled_dot_product_attention(
+            q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=causal, enable_gqa=gqa,
+        ).transpose(1, 2)
+
+    if backend is None:
+        return run(k, v, group > 1)
+    with sdpa_kernel(getattr(SDPBackend, backend)):
+        if group > 1 and backend not in _SDPA_NO_GQA:
+            try:
+                return run(k, v, True)
+            except RuntimeError as e:
+                if is_oom(e):
+                    raise
+                _SDPA_NO_GQA.add(backend)
+        if group > 1:
+            return run(k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False)
+        return run(k, v, False)
