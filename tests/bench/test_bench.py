@@ -16,22 +16,16 @@ import os
 import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import moba
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import _attn_model as am  # noqa: E402
-import roofline  # noqa: E402
-from _moba_impls import load_official_moba, paper_reimpl_gate, paper_reimpl_moba  # noqa: E402
-
-from scaling_runs.plotting import format_tick, readable_log_axis  # noqa: E402
-from tests.test_scaling_fit import capture_figures  # noqa: E402
+from bench import _attn_model as am
+from bench import roofline
+from bench._moba_impls import load_official_moba, paper_reimpl_gate, paper_reimpl_moba
+from scaling_runs.plotting import format_tick, readable_log_axis
+from tests._helpers import ROOT, capture_figures
 
 ROW_KEYS = {
     "provider", "seqlen", "mode", "status", "reason", "kind", "median_ms", "p20_ms", "p80_ms",
@@ -50,10 +44,10 @@ META_KEYS = {
 def cpu_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("attn_speed")
     providers = "moba-torch,reference,sdpa,moba-paper-reimpl,flex-moba,moba-triton,sdpa-flash,flash-attn,moba-official"
-    cmd = [sys.executable, str(BENCH / "attn_speed.py"), "--cpu", "--seqlens", "128,256", "--block-size", "4",
+    cmd = [sys.executable, "-m", "bench.attn_speed", "--cpu", "--seqlens", "128,256", "--block-size", "4",
            "--top-k", "3", "--repeats", "2", "--providers", providers, "--out", str(out)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -106,7 +100,7 @@ def test_attn_speed_cpu_rows_are_consistent(cpu_run):
 
 
 def test_attn_speed_arguments(monkeypatch):
-    import attn_speed
+    from bench import attn_speed
 
     assert attn_speed.parse_sizes("8k,32k,1m,512") == [8192, 32768, 1 << 20, 512]
     with pytest.raises(argparse.ArgumentTypeError):
@@ -226,7 +220,7 @@ def test_paper_reimpl_moba_rejects_non_causal():
 
 
 def test_official_package_provider_says_why_it_cannot_run(tmp_path, monkeypatch):
-    import _moba_impls
+    from bench import _moba_impls
 
     monkeypatch.delenv(_moba_impls.OFFICIAL_SRC_ENV, raising=False)
     fn, reason = load_official_moba(None, "cpu")
@@ -294,7 +288,7 @@ def test_flex_moba_block_mask_structure(causal):
 @pytest.mark.parametrize("causal", [True, False])
 def test_flex_moba_matches_reference(causal):
     _flex_or_skip()
-    from _moba_impls import flex_moba
+    from bench._moba_impls import flex_moba
 
     q, k, v = _qkv(1, 40, 4, 2, 8)
     idx = moba.select_blocks(q, k, 8, 2, causal)
@@ -388,11 +382,11 @@ def test_pairs_from_indices_in_slices():
 @pytest.mark.gpu
 def test_attn_speed_gpu_smoke(tmp_path):
     """On a CUDA machine: every GPU provider runs or is skipped/OOM with a reason, never a crash."""
-    cmd = [sys.executable, str(BENCH / "attn_speed.py"), "--device", "cuda", "--seqlens", "1k,4k", "--heads", "4",
+    cmd = [sys.executable, "-m", "bench.attn_speed", "--device", "cuda", "--seqlens", "1k,4k", "--heads", "4",
            "--kv-heads", "2", "--head-dim", "64", "--block-size", "512", "--top-k", "3", "--repeats", "3",
            "--providers", ",".join(p for p in __import__("attn_speed").ALL_PROVIDERS if p not in ("sdpa", "reference")),
            "--out", str(tmp_path), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "attn_speed.json").read_text())
     assert data["metadata"]["device"].startswith("cuda") and data["metadata"]["driver_version"]
@@ -406,9 +400,9 @@ def test_attn_speed_gpu_smoke(tmp_path):
 def test_attn_speed_nothing_measured_exits_nonzero_without_plots(tmp_path):
     """Every provider skipped (flash-attn and sdpa-flash need CUDA): status 1, the reasons on
     stderr, JSON/CSV recording them, and no empty plots."""
-    cmd = [sys.executable, str(BENCH / "attn_speed.py"), "--cpu", "--seqlens", "128", "--providers",
+    cmd = [sys.executable, "-m", "bench.attn_speed", "--cpu", "--seqlens", "128", "--providers",
            "flash-attn,sdpa-flash", "--repeats", "1", "--out", str(tmp_path), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nothing was measured" in proc.stderr and "flash-attn: skipped" in proc.stderr
     rows = json.loads((tmp_path / "attn_speed.json").read_text())["rows"]
@@ -458,7 +452,7 @@ def test_readable_log_axis_labels_sizes_and_losses():
 
 def test_every_plot_uses_the_one_tick_formatter():
     """One formatter (scaling_runs/plotting.py), imported by every plot: no copy, no bare log scale."""
-    root = BENCH.parent
+    root = ROOT
     users = {"bench/attn_speed.py": "from scaling_runs.plotting import", "bench/roofline.py": "from scaling_runs.plotting import",
              "scaling_runs/fit.py": "from .plotting import"}
     for path, imp in users.items():
@@ -471,7 +465,7 @@ def test_every_plot_uses_the_one_tick_formatter():
 
 
 def test_attn_speed_reports_memory_one_way_and_labels_the_cpu_baseline_sdpa(cpu_run, tmp_path, monkeypatch):
-    import attn_speed
+    from bench import attn_speed
 
     out, stdout = cpu_run
     data = json.loads((out / "attn_speed.json").read_text())

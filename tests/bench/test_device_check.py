@@ -8,18 +8,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
-sys.path.insert(0, str(BENCH))
-
-import device_check as dc  # noqa: E402
+from bench import device_check as dc
+from tests._helpers import ROOT
 
 
 def _run(*args, timeout=240):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, str(BENCH / "device_check.py"), *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "bench.device_check", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 

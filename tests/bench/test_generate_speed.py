@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("transformers")
 pytest.importorskip("matplotlib")
 
-BENCH = Path(__file__).resolve().parent.parent / "bench"
-sys.path.insert(0, str(BENCH))
-
-import generate_speed  # noqa: E402
-import roofline  # noqa: E402
+from bench import generate_speed, roofline  # noqa: E402  (after the importorskips)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +63,7 @@ def test_gpt_adapter_drives_generate(tmp_path):
 
     import torch
 
-    from moba.generate import GPTAdapter, NGramDraft, generate_plain, generate_speculative, roofline_point
+    from moba.generate import GPTAdapter, NGramDraft, generate_plain, generate_speculative
     from scaling_runs.checkpoint import load_gpt
     from scaling_runs.config import ModelConfig
     from scaling_runs.model import GPT
@@ -92,7 +86,7 @@ def test_gpt_adapter_drives_generate(tmp_path):
     assert torch.equal(out, plain) and st.acceptance_rate == 1.0 and st.target_forwards < 16
     out, st2 = generate_speculative(target, draft, ids, 16, gamma=3, draft_drafter=NGramDraft([ids[0]]))
     assert torch.equal(out, plain)
-    p = roofline_point("gpt speculative", st, target, draft)
+    p = generate_speed.roofline_point("gpt speculative", st, target, draft)
     assert p["flops"] > 0 and p["bytes"] > 0
 
 

@@ -20,16 +20,14 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench"
-sys.path.insert(0, str(BENCH))
+from bench import kernel_report as kr
+from tests._helpers import ROOT
 
-import kernel_report as kr  # noqa: E402
+BENCH = ROOT / "bench"
 
 QUICK_KERNELS = {
     "_block_mean_kernel", "_gate_topk_kernel", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel",
@@ -55,7 +53,7 @@ def report(tmp_path_factory) -> dict:
         if not path.exists():
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
             proc = subprocess.run(
-                [sys.executable, str(BENCH / "kernel_report.py"), "--quick", "--jobs", "2", "--json", str(path)],
+                [sys.executable, "-m", "bench.kernel_report", "--quick", "--jobs", "2", "--json", str(path)],
                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
             )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
-
-import _attn_model as am  # noqa: E402
-import perf_model as pm  # noqa: E402
+from bench import _attn_model as am
+from bench import perf_model as pm
 
 H200 = pm.GPUS["H200"]
 

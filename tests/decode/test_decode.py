@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,8 +12,7 @@ import moba
 from moba._core.layout import build_layout
 from moba.decode import BlockMeanState, decode_attention_torch, moba_decode
 from moba.ops.gate import block_means, pad_block_means
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests._helpers import ROOT
 
 
 def _means_from_scratch(k_rows):

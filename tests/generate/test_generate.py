@@ -17,7 +17,6 @@ from moba.generate import (  # noqa: E402
     StagedDraft,
     generate_plain,
     generate_speculative,
-    roofline_point,
     speculative_accept,
     speculative_step,
 )
@@ -280,6 +279,8 @@ def test_staged_speculative_sampling_matches_the_target_distribution():
 
 
 def test_roofline_point_speculation_raises_intensity(models, prompt):
+    from bench.generate_speed import roofline_point  # the roofline model lives with its benchmark
+
     target, draft = models
     _, plain_stats = generate_plain(target, prompt, 12, return_stats=True)
     # the prompt (7 tokens) is prefilled apart (all but its last token), then one token per forward

@@ -25,7 +25,7 @@ CASES = Path(__file__).with_name("test_triton_interpret_cases.py")
 def test_interpreter_suite():
     env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
     cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-x", "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=CASES.parent.parent)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=CASES.parents[2])
     assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]

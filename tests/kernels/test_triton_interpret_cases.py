@@ -478,33 +478,33 @@ def test_nan_in_one_batch_row_stays_there(decomposition, poison):
 
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nan_isolation_fixed_batch(forced_decomposition, where):
-    from test_nan_isolation import check_fixed_batch
+    from tests._helpers import check_fixed_batch
 
     check_fixed_batch("triton", where=where, token=0, s=13, block_size=4, top_k=2)
 
 
 def test_nan_isolation_varlen(forced_decomposition):
-    from test_nan_isolation import check_varlen
+    from tests._helpers import check_varlen
 
     check_varlen("triton", poisoned=0)
     check_varlen("triton", poison="inf", poisoned=2)
 
 
 def test_nan_isolation_decode_left_padding():
-    from test_nan_isolation import check_decode_padding
+    from tests._helpers import check_decode_padding
 
     check_decode_padding("triton")
     check_decode_padding("triton", dtype=torch.float16, poison="inf")
 
 
 def test_large_negative_score_stays_finite(forced_decomposition):
-    from test_nan_isolation import check_large_negative_self_score
+    from tests._helpers import check_large_negative_self_score
 
     check_large_negative_self_score("triton")
 
 
 def test_float16_large_inputs_stay_finite(forced_decomposition):
-    from test_nan_isolation import check_float16_large_inputs
+    from tests._helpers import check_float16_large_inputs
 
     check_float16_large_inputs("triton")
 

@@ -7,9 +7,9 @@ import dataclasses
 
 import pytest
 import torch
-from _helpers import cu_seqlens_of, dense_sdpa_causal, random_qkv, random_varlen, usable_backends
 
 import moba
+from tests._helpers import cu_seqlens_of, dense_sdpa_causal, random_qkv, random_varlen, usable_backends
 
 PUBLIC = [
     "PAD_INDEX",

@@ -15,21 +15,21 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from _helpers import (
+
+import moba
+from moba import MoBAConfig
+from moba.ops.registry import _BACKENDS, Backend, register_backend
+from tests._helpers import (
+    ROOT,
     assert_close_by_rule,
     cu_seqlens_of,
     random_qkv,
     random_varlen,
 )
-
-import moba
-from moba import MoBAConfig
-from moba.ops.registry import _BACKENDS, Backend, register_backend
 
 # --------------------------------------------------------------------------- MoBAConfig
 
@@ -437,5 +437,5 @@ def test_triton_backend_fewer_queries_and_lse_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=Path(__file__).parent.parent)
+                          timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]

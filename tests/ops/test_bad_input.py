@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import cu_seqlens_of, random_qkv, random_varlen
 
 import moba
 from moba.ops.registry import REFERENCE_MAX_SEQLEN
+from tests._helpers import cu_seqlens_of, random_qkv, random_varlen
 
 
 def qkv(b=1, s=12, hq=4, hkv=2, d=8, dtype=torch.float32):

@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import (
+
+import moba
+from moba._core.layout import build_layout
+from moba.ops.gate import select_packed
+from moba.ops.torch_impl import sparse_attention_packed
+from tests._helpers import (
     OUT_FACTOR,
     assert_close_by_rule,
     assert_grads_close_by_rule,
@@ -26,11 +31,6 @@ from _helpers import (
     random_qkv,
     usable_backends,
 )
-
-import moba
-from moba._core.layout import build_layout
-from moba.ops.gate import select_packed
-from moba.ops.torch_impl import sparse_attention_packed
 
 BACKENDS = usable_backends("cpu", exclude=())  # the reference must meet these too
 F64 = torch.float64

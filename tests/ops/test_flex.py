@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import assert_close_by_rule, random_qkv
 
 import moba
+from tests._helpers import assert_close_by_rule, random_qkv
 
 flex_mod = pytest.importorskip("torch.nn.attention.flex_attention")
 flex_attention = flex_mod.flex_attention

@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
-from _helpers import assert_gate_matches_brute_force, cu_seqlens_of, random_qkv, random_varlen
 
 import moba
+from tests._helpers import assert_gate_matches_brute_force, cu_seqlens_of, random_qkv, random_varlen
 
 # (B, S, Hq, Hkv, D, block_size, top_k)
 GATE_CASES = [

@@ -6,7 +6,11 @@ from __future__ import annotations
 import math
 
 import torch
-from _helpers import (
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import moba
+from tests._helpers import (
     OUT_FACTOR,
     assert_close_by_rule,
     assert_gate_matches_brute_force,
@@ -16,10 +20,6 @@ from _helpers import (
     random_qkv,
     random_varlen,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
-import moba
 
 # derandomize + no example database: the same examples on every run and every machine, so
 # the suite is reproducible (the float32 tolerance rule is tight: factor 2/3 over a float32

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _helpers import (
+
+import moba
+from tests._helpers import (
     OUT_FACTOR,
     assert_close_by_rule,
     assert_grads_close_by_rule,
@@ -25,8 +27,6 @@ from _helpers import (
     random_varlen,
     usable_backends,
 )
-
-import moba
 
 BACKENDS = usable_backends("cpu")
 

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from scaling_runs import budget_demo as D
-from tests.test_scaling_data import make_text_corpus
+from tests._helpers import make_text_corpus
 
 TINY = {"n_layer": "1", "n_head": "2", "n_kv_head": "1", "n_embd": "32", "context": "128", "block_size": "16",
         "top_k": "2", "batch_size": "4", "max_tokens": "0", "max_steps": "3", "warmup_steps": "1",

@@ -16,7 +16,7 @@ from scaling_runs import tasks as T
 from scaling_runs.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from scaling_runs.model import GPT
 from scaling_runs.train import save_checkpoint
-from tests.test_scaling_data import make_text_corpus
+from tests._helpers import make_text_corpus
 
 
 def test_parse_sizes_pairs_and_settings():

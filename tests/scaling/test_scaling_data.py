@@ -19,17 +19,7 @@ from scaling_runs.data import (
     stdlib_files,
     write_shard,
 )
-
-
-def make_text_corpus(root, n_files=12, words=400, seed=0):
-    import random
-
-    rnd = random.Random(seed)
-    vocab = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
-    root.mkdir(parents=True, exist_ok=True)
-    for i in range(n_files):
-        (root / f"f{i:02d}.txt").write_text(" ".join(rnd.choice(vocab) for _ in range(words)) + "\n")
-    return root
+from tests._helpers import make_text_corpus
 
 
 def test_shard_roundtrip_and_split(tmp_path):

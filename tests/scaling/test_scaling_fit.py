@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from scaling_runs.fit import fit_power_law, fit_sweep, lower_envelope
+from tests._helpers import capture_figures
 
 
 def test_lower_envelope_by_hand():
@@ -82,33 +83,6 @@ def test_fit_sweep_recovers_known_law_on_frontier(tmp_path):
 
 
 # ----------------------------------------------------------------------------- readable plots
-def capture_figures(monkeypatch) -> list[dict]:
-    """Patch ``Figure.savefig`` to record, per saved figure, each axes' labels and the text of its
-    visible tick labels (after a draw, as they appear in the PNG)."""
-    from matplotlib.figure import Figure
-
-    seen: list[dict] = []
-    original = Figure.savefig
-
-    def savefig(fig, *args, **kwargs):
-        fig.canvas.draw()
-        axes = []
-        for ax in fig.axes:
-            ticks = {}
-            for which in ("x", "y"):
-                lo, hi = sorted(getattr(ax, f"get_{which}lim")())
-                axis = ax.xaxis if which == "x" else ax.yaxis
-                for kind, got in ((which, axis.get_major_ticks()), (which + "_minor", axis.get_minor_ticks())):
-                    ticks[kind] = [t.label1.get_text() for t in got
-                                   if lo * (1 - 1e-9) <= t.get_loc() <= hi * (1 + 1e-9) and t.label1.get_text()]
-            axes.append({"xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "ticks": ticks, "ax": ax})
-        seen.append({"path": str(args[0]) if args else "", "axes": axes})
-        return original(fig, *args, **kwargs)
-
-    monkeypatch.setattr(Figure, "savefig", savefig)
-    return seen
-
-
 def test_fit_plots_have_readable_log_ticks(tmp_path, monkeypatch):
     """Loss axes read 2, 3, 4 and compute axes 1e-7 ..., never matplotlib's 10^x / 2x10^0 mathtext."""
     for kind, a in (("moba", 2.6), ("full", 2.5)):

@@ -1,7 +1,7 @@
 from scaling_runs import tasks as T
 from scaling_runs.config import DataConfig
 from scaling_runs.data import load_data
-from tests.test_scaling_data import make_text_corpus
+from tests._helpers import make_text_corpus
 
 
 def test_mixing_adds_the_requested_share_of_task_tokens_to_training_only(tmp_path):

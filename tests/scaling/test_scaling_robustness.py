@@ -26,8 +26,7 @@ from scaling_runs import checkpoint as C
 from scaling_runs import sweep as S
 from scaling_runs import train as T
 from scaling_runs.config import RunConfig, config_differences
-from tests.test_scaling_data import make_text_corpus
-from tests.test_scaling_train import REPO, losses, metrics, tiny_config
+from tests._helpers import ROOT, losses, make_text_corpus, metrics, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -311,7 +310,7 @@ def test_killed_torchrun_sweep_leaves_no_orphans_and_resumes_cleanly(tmp_path):
     env.update(OMP_NUM_THREADS="1", MOBA_SCALING_FAULT="sleep_after_step:3")
     cmd = [sys.executable, "-m", "scaling_runs.sweep", "--preset", "cpu-tiny", "--out", str(sweep_dir),
            "--launcher", "torchrun", *[x for k, v in opts.items() for x in (f"--{k}", v)]]
-    sweep = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sweep = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = sweep_dir / "s1-moba"
     try:
         deadline = time.time() + 240

@@ -14,33 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from scaling_runs.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from tests.test_scaling_data import make_text_corpus
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def tiny_config(tmp_path: Path, out: str, **train) -> RunConfig:
-    corpus = tmp_path / "corpus"
-    if not corpus.exists():
-        make_text_corpus(corpus, n_files=10, words=600)
-    t = dict(out_dir=str(tmp_path / out), batch_size=4, max_steps=10, lr=1e-2, warmup_steps=2, eval_every=3,
-             eval_seqs=4, threads=1, progress=False, seed=7)
-    t.update(train)
-    return RunConfig(
-        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, context=48, block_size=8, top_k=2,
-                          attention="hybrid", n_full_layers=1),
-        data=DataConfig(data=str(corpus), val_fraction=0.2),
-        train=TrainConfig(**t),
-    )
-
-
-def metrics(cfg: RunConfig) -> list[dict]:
-    return [json.loads(x) for x in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(cfg: RunConfig) -> list[tuple]:
-    return [(r["step"], r["tokens"], r["train_loss"], r["val_loss"], r["trailing_loss"]) for r in metrics(cfg)]
+from scaling_runs.config import ModelConfig, RunConfig, TrainConfig
+from tests._helpers import ROOT, losses, make_text_corpus, metrics, tiny_config
 
 
 def launch(cfg: RunConfig, fault: str | None = None, nproc: int = 0) -> subprocess.CompletedProcess:
@@ -54,7 +29,7 @@ def launch(cfg: RunConfig, fault: str | None = None, nproc: int = 0) -> subproce
     head = [sys.executable, "-m"]
     if nproc:
         head += ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
-    return subprocess.run(head + ["scaling_runs.train", "--config", str(path)], cwd=REPO, env=env,
+    return subprocess.run(head + ["scaling_runs.train", "--config", str(path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
