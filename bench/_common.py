@@ -6,6 +6,7 @@ Only the standard library at import: ``device_check`` imports this before torch 
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import platform
 import subprocess
@@ -109,3 +110,24 @@ def sdpa(q, k, v, causal: bool = True, backend: str | None = None):
         if group > 1:
             return run(k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False)
         return run(k, v, False)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The tool's docstring as written, and each option's default after its help text (unless
+    the help already says it, or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (
+            "default" in text
+            or action.default in (None, False, argparse.SUPPRESS)
+            or not action.option_strings
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+def make_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The argparse parser every bench tool uses: options with dashes, help with defaults,
+    no abbreviations (a typo is an error, not another option)."""
+    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)

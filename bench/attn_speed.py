@@ -79,7 +79,7 @@ from ._attn_model import (
     moba_pairs,
     moba_pairs_from_indices,
 )
-from ._common import RESULTS, device_name, git_state, is_oom, package_version, utc_now, utc_stamp
+from ._common import RESULTS, device_name, git_state, is_oom, make_parser, package_version, utc_now, utc_stamp
 from .providers import PROVIDERS, Skip, backward_skip_reason, provider_forward
 
 ALL_PROVIDERS = tuple(PROVIDERS)
@@ -120,18 +120,21 @@ def parse_names(text: str, allowed, what: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--seqlens", type=parse_sizes, default=None, help="comma list, k/m suffixes (default 8k,32k,128k,512k,1m; --cpu: 512,1k,2k)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences per call")
     p.add_argument("--heads", type=int, default=None, help="query heads (default 32; --cpu: 4)")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads, divides --heads (default 8; --cpu: 2)")
     p.add_argument("--head-dim", type=int, default=None, help="default 128; --cpu: 64")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16; --cpu: fp32")
     p.add_argument("--block-size", type=parse_size, default=None, help="MoBA block (default 4096; --cpu: 64)")
     p.add_argument("--top-k", type=int, default=None, help="blocks per query, own included (default 12; --cpu: 3)")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES))
-    p.add_argument("--providers", type=lambda s: parse_names(s, ALL_PROVIDERS, "provider"), default=None)
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
+    p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES),
+                   help=f"comma list of {', '.join(MODES)} (default: all)")
+    p.add_argument("--providers", type=lambda s: parse_names(s, ALL_PROVIDERS, "provider"), default=None,
+                   help="comma list of " + ", ".join(ALL_PROVIDERS) + " (default: " + ",".join(GPU_DEFAULT_PROVIDERS)
+                   + "; --cpu: " + ",".join(CPU_DEFAULT_PROVIDERS) + "); see bench/providers.py")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu (which implies --cpu)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>/)")
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run: S 512,1k,2k, few heads, fp32")
@@ -146,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest sequence the dense-mask reference provider runs (it is O(S^2) and slow)")
     p.add_argument("--official-moba-src", default=None,
                    help="checkout of github.com/MoonshotAI/MoBA for the moba-official provider (default $MOBA_OFFICIAL_SRC)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no table, only the output paths")
     return p
 

@@ -47,7 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ._common import RESULTS, ROOT, is_oom, sdpa, utc_stamp
+from ._common import RESULTS, ROOT, is_oom, make_parser, sdpa, utc_stamp
 
 STEPS = ("install", "correctness", "ceilings", "attention", "profile")
 #: Seconds a step is expected to take on an H200 (Triton's first compiles included); a step
@@ -484,8 +484,8 @@ def default_out() -> Path:
     return RESULTS / f"device-check-{utc_stamp()}"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = make_parser(__doc__)
     p.add_argument("--budget-s", type=float, default=480.0, help="total seconds for every step (default 480)")
     p.add_argument("--out", default=None, help="results folder (default $OUT, else bench/results/device-check-<time>)")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, fake timers")
@@ -493,7 +493,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.step:
         sys.exit(run_step(args.step, args))
 

@@ -66,7 +66,7 @@ from moba.generate import (
     generate_tree_speculative,
 )
 
-from ._common import RESULTS, device_name, git_state, utc_now
+from ._common import RESULTS, device_name, git_state, make_parser, utc_now
 
 CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 decoding is "
             "memory-bound and speculative decoding trades spare FLOPs for fewer weight reads; "
@@ -111,7 +111,7 @@ def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run (< 20 s); overrides sizes")
     p.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -132,21 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "else random); stats are summed over them")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (speculative output checked against plain); > 0: sampling at this temperature")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (after one warm-up)")
     p.add_argument("--block-size", type=int, default=64, help="MoBA block size")
     p.add_argument("--top-k", type=int, default=3, help="MoBA top-k blocks")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--target-layers", type=int, default=12)
-    p.add_argument("--target-hidden", type=int, default=1024)
-    p.add_argument("--draft-layers", type=int, default=2)
-    p.add_argument("--draft-hidden", type=int, default=256)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random models")
+    p.add_argument("--target-layers", type=int, default=12, help="layers of the random target model")
+    p.add_argument("--target-hidden", type=int, default=1024, help="hidden size of the random target model")
+    p.add_argument("--draft-layers", type=int, default=2, help="layers of the random draft model")
+    p.add_argument("--draft-hidden", type=int, default=256, help="hidden size of the random draft model")
+    p.add_argument("--head-dim", type=int, default=64, help="head dim of the random models")
     p.add_argument("--init-std", type=float, default=0.02, help="initializer_range of the random models")
     p.add_argument("--draft-noise", type=float, default=0.0,
                    help="> 0: draft = target + Gaussian noise (this x each tensor's std) instead of a small model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (models, prompts, sampling)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice); fix it to compare runs on a shared machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")

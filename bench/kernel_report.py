@@ -61,7 +61,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ._common import git_state, utc_now
+from ._common import git_state, make_parser, utc_now
 
 # Triton 3.9 warns when this is unset and defaults it to 1; the launchers do not set it, so the
 # kernels that run are built with FP fusion: compile the report the same way, without the warning.
@@ -520,7 +520,7 @@ def markdown_table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
     p.add_argument("--cc", type=lambda s: [int(x) for x in s.split(",")], default=[90, 80],
                    help="comma list of compute capabilities (default 90,80)")

@@ -29,7 +29,6 @@ above the inputs (counted from the code), at its peak.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -37,6 +36,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moba._core.accounting import attention_flops, dense_pairs, moba_pairs
+
+from ._common import make_parser
 
 # =============================================================================================
 # ASSUMPTIONS (all of them; each is a lead until a GPU measures it)
@@ -442,18 +443,22 @@ def _gib(x: float) -> str:
     return f"{x / 2**30:.1f}"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", choices=sorted(GPUS), default="H200")
-    p.add_argument("--seqlens", default="32k,128k,512k")
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("--gpu", choices=sorted(GPUS), default="H200", help="the GPU whose peaks the model uses")
+    p.add_argument("--seqlens", default="32k,128k,512k", help="comma list, k suffix = 1024")
     p.add_argument("--settings", default="512/3,128/8", help="block/top-k pairs")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--designs", default=",".join(DESIGNS))
+    p.add_argument("--heads", type=int, default=32, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim")
+    p.add_argument("--designs", default=",".join(DESIGNS), help="comma list of kernel designs to model")
     p.add_argument("--per-kernel", action="store_true", help="print every kernel's modelled time")
-    p.add_argument("--json", dest="json_path", default=None)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    p.add_argument("--json", dest="json_path", default=None, help="also write the model's numbers to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     gpu = GPUS[args.gpu]
     designs = [d for d in args.designs.split(",") if d]
     bad = [d for d in designs if d not in DESIGNS]

@@ -63,6 +63,7 @@ from ._attn_model import (
     moba_bytes,
     moba_pairs,
 )
+from ._common import make_parser
 
 #: Model configuration used when no attn_speed JSON gives one (the MoBA paper's 1M test).
 DEFAULT_MODEL = dict(batch=1, heads=32, kv_heads=8, head_dim=128, dtype="bf16", block_size=4096, top_k=12,
@@ -295,7 +296,7 @@ def plot(points: list[dict], label: str, peak_flops: float, peak_bw: float, out:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("inputs", nargs="*", help="attn_speed.json and/or points JSON files (none: model only)")
     p.add_argument("--out", default="roofline.png", help="PNG path; a .json with the points is written beside it")
     p.add_argument("--device-name", default=None, help="pick the ceilings from the table by this name")

@@ -23,6 +23,7 @@ import torch
 import moba
 from bench import _attn_model as am
 from bench import roofline
+from bench._common import is_oom
 from bench._moba_impls import load_official_moba, paper_reimpl_gate, paper_reimpl_moba
 from scaling_runs.plotting import format_tick, readable_log_axis
 from tests._helpers import ROOT, capture_figures
@@ -115,9 +116,43 @@ def test_attn_speed_arguments(monkeypatch):
         ["--device", "cuda", "--seqlens", "8k", "--no-causal", "--modes", "fwd", "--heads", "16", "--kv-heads", "4"]))
     assert cfg.seqlens == [8192] and cfg.causal is False and cfg.modes == ["fwd"] and cfg.block_size == 4096
     assert attn_speed.quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.2) == pytest.approx(1.8)
-    assert attn_speed._is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
-    assert attn_speed._is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
-    assert not attn_speed._is_oom(RuntimeError("shape mismatch"))
+    assert is_oom(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert is_oom(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried"))
+    assert not is_oom(RuntimeError("shape mismatch"))
+
+
+def test_providers_registry():
+    """Every provider is one registry entry: what it needs, and a skip reason instead of a crash."""
+    from bench import attn_speed
+    from bench.providers import PROVIDERS, Skip, provider_forward
+
+    assert attn_speed.ALL_PROVIDERS == tuple(PROVIDERS) and set(attn_speed.OURS) <= set(PROVIDERS)
+    assert all(p.kind in ("moba", "dense") and p.requires for p in PROVIDERS.values())
+    cfg = attn_speed.resolve_config(attn_speed.build_parser().parse_args(["--cpu"]))
+    with pytest.raises(Skip, match="CUDA"):
+        provider_forward("flash-attn", cfg)
+    with pytest.raises(Skip, match="unknown provider"):
+        provider_forward("no-such-provider", cfg)
+    q = torch.randn(1, 16, 2, 8)
+    torch.testing.assert_close(provider_forward("moba-torch", cfg)(q, q, q),
+                               moba.moba_attn_func(q, q, q, cfg.block_size, cfg.top_k, backend="torch"))
+
+
+@pytest.mark.parametrize("tool", ["attn_speed", "generate_speed", "kernel_report", "perf_model", "roofline",
+                                  "torch_path_cpu", "device_check"])
+def test_every_bench_option_has_help_and_dashes(tool):
+    """One CLI convention: argparse, dashed options, each with a help text; defaults are shown."""
+    import importlib
+
+    module = importlib.import_module(f"bench.{tool}")
+    parser = module.build_parser()
+    for action in parser._actions:
+        if action.help == argparse.SUPPRESS or not action.option_strings:
+            continue
+        assert action.help, f"{tool}: {action.option_strings} has no help"
+        assert all("_" not in o for o in action.option_strings), f"{tool}: {action.option_strings}"
+    text = parser.format_help()
+    assert "(default:" in text or "default" in text
 
 
 # ----------------------------------------------------------------------------- counting
