@@ -46,6 +46,7 @@ from .._core.checks import (
 )
 from .._core.layout import build_layout, effective_block_size
 from ..ops.gate import select_from_means
+from ..ops.registry import resolve_decode_backend
 
 # Upper bound on the elements of one chunk of gathered keys in the PyTorch decode path.
 _GATHER_CHUNK_ELEMENTS = 1 << 24
@@ -287,22 +288,6 @@ def decode_attention_torch(q, k_cache, v_cache, block_indices, starts, lengths, 
     return out
 
 
-def _use_triton(backend: str, device: torch.device) -> bool:
-    if backend == "torch":
-        return False
-    if backend not in ("auto", "triton"):
-        raise ValueError(f"decode backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    try:
-        from ..triton_kernels import decode as _kernels  # noqa: F401
-    except ImportError as err:
-        if backend == "triton":
-            raise RuntimeError(f"backend='triton' needs triton: {err}") from err
-        return False
-    if backend == "triton":
-        return True
-    return device.type == "cuda"
-
-
 def moba_decode(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -329,7 +314,8 @@ def moba_decode(
         softmax_scale: defaults to ``D ** -0.5``.
         starts: first real cache position of each row (left padding), ints with
             ``0 <= starts[b] <= Lk - Lq``; default all 0. The padding is never read.
-        backend: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton".
+        backend: "auto" (Triton on CUDA, else PyTorch), "torch" or "triton"
+            (``moba.ops.registry.resolve_decode_backend``; "reference" decodes with PyTorch).
 
     Returns:
         (B, Lq, Hq, D) in q's dtype (and the (B, Lq, Hq, W) block indices if asked).
@@ -343,15 +329,13 @@ def moba_decode(
         raise TypeError(f"state must be a moba.BlockMeanState (one per layer), got {type(state).__name__}")
     if state.block_size != block_size:
         raise ValueError(f"state.block_size ({state.block_size}) != block_size ({block_size})")
-    if not isinstance(backend, str):
-        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
     b, lq, hq, d = q.shape
     scale = resolve_softmax_scale(softmax_scale, d)
     starts = _check_starts([0] * b if starts is None else starts, b, k_cache.shape[1])
     if min((k_cache.shape[1] - s for s in starts), default=lq) < lq:
         raise ValueError(f"every row needs at least Lq = {lq} real cache tokens after its start, got starts={starts} "
                          f"for Lk = {k_cache.shape[1]}")
-    _use_triton(backend, q.device)  # an unknown backend fails before the state changes
+    path = resolve_decode_backend(backend, q.device, q)  # an unknown backend fails before the state changes
     lengths = state.update(k_cache, starts, lq)
 
     cu_q = [i * lq for i in range(b + 1)]
@@ -364,7 +348,7 @@ def moba_decode(
     idx = idx.reshape(b, lq, hq, idx.shape[-1])
     starts_t = torch.tensor(starts, dtype=torch.int64, device=q.device)
     lengths_t = torch.tensor(lengths, dtype=torch.int64, device=q.device)
-    if b > 0 and _use_triton(backend, q.device):  # no rows: nothing to launch
+    if b > 0 and path == "triton":  # no rows: nothing to launch
         from ..triton_kernels.decode import moba_decode_triton
 
         out = moba_decode_triton(q, k_cache, v_cache, idx, starts_t, lengths_t, layout.block_size, scale)

@@ -397,8 +397,7 @@ def _decode(module, cache, q, k, v, valid, scale, settings: MoBASettings):
     if starts is None or settings.backend == "reference":
         return _decode_from_scratch(q, k, v, valid, scale, settings)
     state = _state_for(module, cache, settings.block_size) or BlockMeanState(settings.block_size)
-    backend = {"torch": "torch", "triton": "triton"}.get(settings.backend, "auto")
-    return moba_decode(q, k, v, state, settings.block_size, settings.top_k, scale, starts, backend)
+    return moba_decode(q, k, v, state, settings.block_size, settings.top_k, scale, starts, settings.backend)
 
 
 def make_attention_function(settings: MoBASettings):

@@ -128,9 +128,8 @@ class MoBAAttention(nn.Module):
             return self.forward(q, k, v)
         if mode == "full":
             return full_attn_with_kvcache(q, keys, values, True, self.softmax_scale)
-        backend = self.backend if self.backend in ("auto", "triton") else "torch"
         return moba_decode(q, keys, values, self._block_means(cache), self.block_size, self.top_k,
-                           self.softmax_scale, backend=backend)
+                           self.softmax_scale, backend=self.backend)
 
     def _block_means(self, cache: LayerKVCache) -> BlockMeanState:
         """The cache's block-mean state for this layer's block size (rebuilt from the keys when new)."""

@@ -155,4 +155,31 @@ def resolve_backend(name, device: torch.device, q: torch.Tensor | None = None) -
     return _BACKENDS[name]
 
 
-__all__ = ["Backend", "available_backends", "known_backend_names", "register_backend", "resolve_backend"]
+def resolve_decode_backend(name, device: torch.device, q: torch.Tensor | None = None) -> str:
+    """The decode path ("torch" or "triton") that ``backend=name`` means for tensors on ``device``.
+
+    The rule of ``resolve_backend``, used by ``moba_decode``, ``MoBAAttention`` and the
+    transformers integration: "auto" is Triton for CUDA tensors when it is available (and
+    handles ``q``), else PyTorch; "triton" raises ``RuntimeError`` when it is unavailable.
+    Decoding has no dense-mask path: "reference" decodes with the PyTorch path.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, got {type(name).__name__}")
+    if name not in ("auto", "torch", "triton", "reference"):
+        raise ValueError(
+            f"decode backend must be 'auto', 'torch' or 'triton' (or 'reference', which decodes with the "
+            f"PyTorch path), got {name!r}"
+        )
+    if name in ("torch", "reference") or (name == "auto" and device.type != "cuda"):
+        return "torch"
+    return resolve_backend(name, device, q).name
+
+
+__all__ = [
+    "Backend",
+    "available_backends",
+    "known_backend_names",
+    "register_backend",
+    "resolve_backend",
+    "resolve_decode_backend",
+]
