@@ -58,7 +58,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .._core.checks import check_positive_int
 from .._core.layout import build_layout
 from ..config import MoBAConfig, resolve_config
 from ..decode.kv_cache import BlockMeanState, moba_decode
@@ -91,10 +90,23 @@ _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass(frozen=True)
 class MoBASettings:
-    block_size: int
-    top_k: int
+    """What one ``register_moba`` call registered: the ``MoBAConfig`` (the canonical settings,
+    ``moba.config``) plus the integration's own ``full_attention_layers``."""
+
+    config: MoBAConfig
     full_attention_layers: tuple[int, ...]
-    backend: str
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
 
 
 # -- the cache of the current forward --------------------------------------------------------
@@ -540,8 +552,7 @@ def register_moba(
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):
             raise TypeError(f"full_attention_layers must hold ints, got {i!r}")
-    settings = MoBASettings(check_positive_int("block_size", block_size), check_positive_int("top_k", top_k),
-                            layers, backend)
+    settings = MoBASettings(cfg, layers)
     AttentionInterface.register(name, make_attention_function(settings))
     AttentionMaskInterface.register(name, padding_mask_function)
     return name

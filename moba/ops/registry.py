@@ -158,10 +158,12 @@ def resolve_backend(name, device: torch.device, q: torch.Tensor | None = None) -
 def resolve_decode_backend(name, device: torch.device, q: torch.Tensor | None = None) -> str:
     """The decode path ("torch" or "triton") that ``backend=name`` means for tensors on ``device``.
 
-    The rule of ``resolve_backend``, used by ``moba_decode``, ``MoBAAttention`` and the
-    transformers integration: "auto" is Triton for CUDA tensors when it is available (and
-    handles ``q``), else PyTorch; "triton" raises ``RuntimeError`` when it is unavailable.
-    Decoding has no dense-mask path: "reference" decodes with the PyTorch path.
+    Used by ``moba_decode``, ``MoBAAttention`` and the transformers integration. "auto" follows
+    ``resolve_backend``: Triton for CUDA tensors when it is available (and handles ``q``), else
+    PyTorch. "triton" asks for the Triton decode kernel: ``RuntimeError`` when Triton is not
+    installed; the kernel checks the device at launch (``bench.kernel_report`` captures its
+    launches with a fake driver on CPU tensors). Decoding has no dense-mask path: "reference"
+    decodes with the PyTorch path.
     """
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
@@ -172,6 +174,11 @@ def resolve_decode_backend(name, device: torch.device, q: torch.Tensor | None = 
         )
     if name in ("torch", "reference") or (name == "auto" and device.type != "cuda"):
         return "torch"
+    if name == "triton":
+        _load_optional_backends()
+        if "triton" not in _BACKENDS:
+            raise RuntimeError(f"backend='triton' needs triton: {_MISSING.get('triton', 'not registered')}")
+        return "triton"
     return resolve_backend(name, device, q).name
 
 

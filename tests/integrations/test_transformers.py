@@ -140,7 +140,7 @@ def test_decoding_with_holes_in_the_padding_mask():
     """A padding mask that is not a left prefix (e.g. right-padded prompts, then generation) takes
     the from-scratch path: each row equals decoding its real tokens alone."""
     torch.manual_seed(4)
-    attention = mt.make_attention_function(mt.MoBASettings(BS, TOP_K, (), "auto"))
+    attention = mt.make_attention_function(mt.MoBASettings(moba.MoBAConfig(block_size=BS, top_k=TOP_K, backend="auto"), ()))
     module = torch.nn.Module()
     module.layer_idx, module.is_causal = 0, True
     b, hq, hkv, lk, d, lq = 2, 4, 2, 19, 8, 2
@@ -303,7 +303,7 @@ def test_unrecognised_cache_object_is_refused():
 
 
 def test_unknown_attention_arguments_are_named():
-    attention = mt.make_attention_function(mt.MoBASettings(BS, TOP_K, (), "auto"))
+    attention = mt.make_attention_function(mt.MoBASettings(moba.MoBAConfig(block_size=BS, top_k=TOP_K, backend="auto"), ()))
     module = torch.nn.Module()
     module.layer_idx = 0
     q = k = v = torch.randn(1, 2, 8, 4)
@@ -323,7 +323,7 @@ def test_hybrid_layer_indices_out_of_range_raise():
 def test_cu_seq_lens_pack_like_restarting_position_ids():
     """Padding-free batches pass cu_seq_lens_q/k (flash-attention collators): same as separate runs."""
     torch.manual_seed(5)
-    attention = mt.make_attention_function(mt.MoBASettings(BS, TOP_K, (), "auto"))
+    attention = mt.make_attention_function(mt.MoBASettings(moba.MoBAConfig(block_size=BS, top_k=TOP_K, backend="auto"), ()))
     module = torch.nn.Module()
     module.layer_idx, module.is_causal = 0, True
     q, k, v = torch.randn(1, 4, 23, 8), torch.randn(1, 2, 23, 8), torch.randn(1, 2, 23, 8)

@@ -51,6 +51,14 @@ def test_decode_backend_follows_the_op_rule():
         registry.resolve_decode_backend("cuda-magic", cpu)
     with pytest.raises(TypeError, match="backend must be a str"):
         registry.resolve_decode_backend(None, cpu)
-    if moba.available_backends("cpu")["triton"] is not None:  # no interpreter here: a clear reason
-        with pytest.raises(RuntimeError, match="not available on cpu"):
-            registry.resolve_decode_backend("triton", cpu)
+    # "triton" asks for the kernel (its launcher checks the device); without Triton: a clear error
+    assert registry.resolve_decode_backend("triton", cpu) == "triton"
+
+
+def test_decode_without_triton_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(registry.OPTIONAL_BACKENDS, "triton", ("no_such_package_xyz", "moba.ops.triton_impl"))
+    monkeypatch.setattr(registry, "_MISSING", {})
+    monkeypatch.delitem(registry._BACKENDS, "triton", raising=False)
+    with pytest.raises(RuntimeError, match="needs triton: no_such_package_xyz is not installed"):
+        registry.resolve_decode_backend("triton", torch.device("cpu"))
+    assert registry.resolve_decode_backend("auto", torch.device("cpu")) == "torch"
