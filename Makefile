@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_VERSION := 26.3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 # The integration tests that `test-latest` / `test-oldest` run against other transformers releases.
-INTEGRATION_TESTS := tests/test_transformers.py tests/test_generate.py
+INTEGRATION_TESTS := tests/integrations/test_transformers.py tests/generate/test_generate.py
 # The declared lower bounds (pyproject.toml) that `test-oldest` installs.
 OLDEST := "transformers==4.56.0" "einops==0.7.0"
 

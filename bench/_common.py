@@ -10,6 +10,7 @@ import argparse
 import datetime as _dt
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -131,3 +132,20 @@ def make_parser(doc: str | None) -> argparse.ArgumentParser:
     """The argparse parser every bench tool uses: options with dashes, help with defaults,
     no abbreviations (a typo is an error, not another option)."""
     return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+
+
+def time_call_ms(fn, device) -> float:
+    """Milliseconds of one call of ``fn``: CUDA events on a GPU (the call's kernels, measured
+    on the stream), ``time.perf_counter`` elsewhere."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3

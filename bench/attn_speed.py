@@ -79,7 +79,17 @@ from ._attn_model import (
     moba_pairs,
     moba_pairs_from_indices,
 )
-from ._common import RESULTS, device_name, git_state, is_oom, make_parser, package_version, utc_now, utc_stamp
+from ._common import (
+    RESULTS,
+    device_name,
+    git_state,
+    is_oom,
+    make_parser,
+    package_version,
+    time_call_ms,
+    utc_now,
+    utc_stamp,
+)
 from .providers import PROVIDERS, Skip, backward_skip_reason, provider_forward
 
 ALL_PROVIDERS = tuple(PROVIDERS)
@@ -234,17 +244,7 @@ def time_fn(
     at_least = 1 if slow else min(3, repeats)
     times: list[float] = []
     for _ in range(repeats):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            a = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - a) * 1e3)
+        times.append(time_call_ms(fn, dev))
         if len(times) >= at_least and sum(times) > max_seconds * 1e3:
             break
     return times

@@ -31,7 +31,7 @@ timeout keeps what was done; the summary (speedups vs dense flash, gate share, m
 ceilings, correctness) is printed last and written to ``summary.json``.
 
 ``--dry-run`` runs every step on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes, fp16 and
-a fake timer (every call "takes" 1 ms), without installing anything: tests/test_device_check.py
+a fake timer (every call "takes" 1 ms), without installing anything: tests/bench/test_device_check.py
 checks the script itself that way.
 """
 
@@ -47,7 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ._common import RESULTS, ROOT, is_oom, make_parser, sdpa, utc_stamp
+from ._common import RESULTS, ROOT, is_oom, make_parser, sdpa, time_call_ms, utc_stamp
 
 STEPS = ("install", "correctness", "ceilings", "attention", "profile")
 #: Seconds a step is expected to take on an H200 (Triton's first compiles included); a step
@@ -108,12 +108,7 @@ class Clock:
             fn()
         times = []
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(time_call_ms(fn, "cuda"))
             if sum(times) > max_s * 1e3 or self.left() < 2 * times[-1] / 1e3:
                 break
         return dict(median_ms=statistics.median(times), n_timed=len(times), min_ms=min(times), max_ms=max(times))

@@ -84,7 +84,7 @@ HEAD_DIMS = (64, 128)
 SETTINGS = ((512, 3), (128, 8))  # (block size, top-k)
 PHASES = ("gate", "fwd-union", "bwd-union", "fwd-gather", "bwd-gather", "decode")
 
-#: Kernels the static rules apply to (tests/test_kernel_report.py): attention matmuls must
+#: Kernels the static rules apply to (tests/bench/test_kernel_report.py): attention matmuls must
 #: use wgmma on sm_90; these and the gate must neither spill nor touch local memory.
 ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_fwd_gather_kernel", "_bwd_dq_gather_kernel")
 GATE_KERNELS = ("_gate_topk_kernel", "_block_mean_kernel")

@@ -222,7 +222,7 @@ def _select(q, k, layout: BlockLayout, top_k, causal):
     nb_max = layout.max_blocks_per_seq
     # top_k >= the block count selects every block: clamp, so an int64 custom-op argument
     # never overflows (any integer top_k is legal).
-    top_k = max(1, min(top_k, nb_max))
+    top_k = gate_width(nb_max, top_k)
     width = top_k
     if top_k - 1 < nb_max - 1 and triton.next_power_of_2(width) > _gate.MAX_SORT_WIDTH:
         # The kernel sorts the selection in registers; wide (non-dense) selections use the torch gate.

@@ -3,7 +3,7 @@
 Triton decides interpreter mode when a kernel is *decorated* (import time), so setting
 TRITON_INTERPRET=1 from a test is too late once anything imported the kernels, and setting
 it for the whole session would turn the GPU tests into interpreter runs. So this test runs
-``tests/test_triton_interpret_cases.py`` (kernels vs the dense reference, the gate, the
+``tests/kernels/test_triton_interpret_cases.py`` (kernels vs the dense reference, the gate, the
 custom ops, torch.compile) in a subprocess with TRITON_INTERPRET=1. That file skips itself
 in a session without TRITON_INTERPRET=1; a session started with TRITON_INTERPRET=1 runs it
 directly and skips this driver.

@@ -437,7 +437,7 @@ def test_auto_decomposition_follows_the_work():
 
 # ----------------------------------------------------------------------------------------------
 # NaN isolation (issue 13): a non-finite value in one sequence never reaches another. The
-# checks are the ones of tests/test_nan_isolation.py, run here on the Triton kernels.
+# checks are the ones of tests/ops/test_nan_isolation.py (in tests/_helpers.py), run here on the Triton kernels.
 
 
 @pytest.fixture(params=["union", "gather"])
