@@ -86,6 +86,8 @@ from ._common import (
     is_oom,
     make_parser,
     package_version,
+    parse_size,
+    parse_sizes,
     time_call_ms,
     utc_now,
     utc_stamp,
@@ -106,21 +108,6 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 
 # ----------------------------------------------------------------------------- CLI helpers
-def parse_size(text: str) -> int:
-    """'8k' -> 8192, '1m' -> 1048576, '512' -> 512, '1.5k' -> 1536 (k = 1024, m = 1024**2)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512, 8k, 1m)")
-    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive whole number of tokens")
-    return int(value)
-
-
-def parse_sizes(text: str) -> list[int]:
-    return [parse_size(t) for t in text.split(",") if t.strip()]
-
-
 def parse_names(text: str, allowed, what: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in allowed]

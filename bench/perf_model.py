@@ -36,8 +36,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moba._core.accounting import attention_flops, dense_pairs, moba_pairs
+from moba._core.hardware import find_device
 
-from ._common import make_parser
+from ._common import make_parser, parse_sizes
 
 # =============================================================================================
 # ASSUMPTIONS (all of them; each is a lead until a GPU measures it)
@@ -54,10 +55,13 @@ class GPU:
     mem_gib: float
 
 
-GPUS = {
-    "H100": GPU("H100 SXM", 132, 989.4, 66.9, 3.35, 80),
-    "H200": GPU("H200 SXM", 132, 989.4, 66.9, 4.8, 141),
-}
+def _gpu(key: str) -> GPU:
+    """A row of ``moba._core.hardware``'s table (the one peak table) in this model's units."""
+    d = find_device(key)
+    return GPU(d.label, d.sms, d.bf16_flops / 1e12, d.fp32_flops / 1e12, d.hbm_bytes / 1e12, d.mem_gib)
+
+
+GPUS = {key: _gpu(key) for key in ("H100", "H200")}
 #: Achievable fraction of the bf16 peak for a large GEMM. Measured on this workplace's H200:
 #: 788 TFLOP/s on random 8192^3 bf16 (KINDS.md, 2026-10-28) = 0.80 of 989.
 MMA_FRACTION = 0.80  # every efficiency below is a fraction of the datasheet peak, at most this
@@ -433,12 +437,6 @@ def assumptions() -> dict:
 # =============================================================================================
 # CLI
 # =============================================================================================
-def _size(text: str) -> int:
-    text = text.strip().lower()
-    mult = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
-    return int(float(text.rstrip("km")) * mult)
-
-
 def _gib(x: float) -> str:
     return f"{x / 2**30:.1f}"
 
@@ -473,7 +471,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print("-" * len(header))
     for setting in args.settings.split(","):
         bs, k = (int(x) for x in setting.split("/"))
-        for seqlen in (_size(x) for x in args.seqlens.split(",")):
+        for seqlen in parse_sizes(args.seqlens):
             s = Shape(seqlen, args.heads, args.kv_heads, args.head_dim, bs, k)
             for m in compare(s, gpu, designs):
                 rows.append(m)
