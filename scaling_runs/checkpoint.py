@@ -241,7 +241,7 @@ def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict, Path]:
 
 
 def load_gpt(path: str | Path, device="cpu"):
-    """A checkpoint (run dir or ``ckpt.pt``) as a ``moba.generate_adapters.GPTAdapter`` in eval mode,
+    """A checkpoint (run dir or ``ckpt.pt``) as a ``moba.generate.GPTAdapter`` in eval mode,
     ready for ``moba.generate`` (plain, speculative, staged and tree decoding over its KV cache)."""
     from moba.generate import GPTAdapter
 
