@@ -80,7 +80,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moba._core.hardware import peak_flops  # dense bf16 peak by device name, for MFU
+from moba._core.hardware import DEVICES
 
 try:
     import fcntl
@@ -105,6 +105,9 @@ from .model import GPT, param_counts
 from .tasks import ExampleSet, example_batch
 
 LOCK = "train.lock"
+
+# Dense bf16 peak FLOP/s by device-name substring, for MFU.
+PEAK_FLOPS = {d.key: d.bf16_flops for d in DEVICES if d.key != "CPU"}  # moba._core.hardware: the one table
 
 
 class TrainingError(RuntimeError):
@@ -619,7 +622,7 @@ def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_ch
     peak = None
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = peak_flops(name)
+        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
     # a terminal gets a progress bar; a log file (not a TTY) one line per evaluation instead
     bar, eval_lines = None, False
