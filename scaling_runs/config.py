@@ -19,7 +19,7 @@ ATTENTION_KINDS = ("moba", "full", "hybrid")
 SECTIONS = ("model", "data", "train")
 
 
-def opt(default, help: str, choices: tuple | None = None):  # noqa: A002 - argparse's word
+def opt(default, help: str, choices: tuple | None = None):
     """A config field with its command-line help (and allowed values) in the field's metadata."""
     return field(default=default, metadata={"help": help, "choices": choices})
 

@@ -136,7 +136,9 @@ class InjectedFault(Exception):
 
 
 # ---------------------------------------------------------------------------------------
-# the training loop: every step below is a function of its own, in the order it runs
+# the training loop. Reading order: train -> setup (setup_distributed, load_run_data,
+# batch_geometry, build_optimizer, resume, run_record) -> train_step (forward_backward) ->
+# evaluate_and_log (evaluate) -> checkpoint (checkpoint_state) -> finish.
 
 
 def train(cfg: RunConfig, allow_config_change: bool = False) -> dict:
@@ -615,18 +617,6 @@ def _read_done(out: Path) -> dict:
     return json.loads((out / "DONE").read_text() or "{}")
 
 
-def _fault_hooks_after_step(done_steps: int, progress: Progress) -> None:
-    """The ``MOBA_SCALING_FAULT`` test hooks that act once a step is finished."""
-    if _fault("exit_after_step") == done_steps:
-        progress.close()
-        sys.stderr.flush()
-        os._exit(17)
-    if _fault("stop_after_step") == done_steps:  # an in-process interruption
-        raise InjectedFault(f"MOBA_SCALING_FAULT stop_after_step:{done_steps}")
-    if _fault("sleep_after_step") == done_steps:  # a trainer that stays alive
-        time.sleep(600)
-
-
 # ---------------------------------------------------------------------------------------
 # progress and reports
 
@@ -691,6 +681,18 @@ def _fault(kind: str) -> int | None:
     if spec.startswith(kind + ":"):
         return int(spec.split(":", 1)[1])
     return None
+
+
+def _fault_hooks_after_step(done_steps: int, progress: Progress) -> None:
+    """The ``MOBA_SCALING_FAULT`` test hooks that act once a step is finished."""
+    if _fault("exit_after_step") == done_steps:
+        progress.close()
+        sys.stderr.flush()
+        os._exit(17)
+    if _fault("stop_after_step") == done_steps:  # an in-process interruption
+        raise InjectedFault(f"MOBA_SCALING_FAULT stop_after_step:{done_steps}")
+    if _fault("sleep_after_step") == done_steps:  # a trainer that stays alive
+        time.sleep(600)
 
 
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
@@ -818,6 +820,30 @@ class RunLock:
         self.release()
 
 
+@contextlib.contextmanager
+def run_folder_lock(out: Path, rank: int, world: int):
+    """Rank 0 holds ``out/train.lock`` for the block; every rank raises ``RunLockedError`` when
+    another trainer holds it (rank 0 tells the others)."""
+    lock = RunLock(out) if rank == 0 else None
+    err = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            err = str(exc)
+    if world > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise RunLockedError(err)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def git_commit() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -923,30 +949,6 @@ def format_summary(last: dict, out_dir: str | Path, title: str = "finished") -> 
     width = max(len(k) for k, _ in lines)
     return "\n".join([f"[train] {out}: {title}"] + [f"  {k:<{width}}  {v}" for k, v in lines])
 
-
-
-@contextlib.contextmanager
-def run_folder_lock(out: Path, rank: int, world: int):
-    """Rank 0 holds ``out/train.lock`` for the block; every rank raises ``RunLockedError`` when
-    another trainer holds it (rank 0 tells the others)."""
-    lock = RunLock(out) if rank == 0 else None
-    err = None
-    if lock is not None:
-        try:
-            lock.acquire()
-        except RunLockedError as exc:
-            err = str(exc)
-    if world > 1:
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        err = box[0]
-    if err:
-        raise RunLockedError(err)
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 # ---------------------------------------------------------------------------------------
