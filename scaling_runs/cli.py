@@ -60,7 +60,7 @@ class Parser(argparse.ArgumentParser):
         return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
 
     def unrecognized(self, extra: list[str]) -> str:
-        """"unrecognized arguments: --lrr 1 (did you mean --lr?)"."""
+        """The usage error for ``extra``: ``unrecognized arguments: --lrr 1 (--lrr: did you mean --lr?)``."""
         typed = getattr(self, "_typed", {})
         msg = "unrecognized arguments: " + " ".join(typed.get(a, a) for a in extra)
         names = self.option_names()
