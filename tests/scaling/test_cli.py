@@ -15,7 +15,6 @@ import json
 import re
 import shlex
 import signal
-from pathlib import Path
 
 import pytest
 
@@ -23,8 +22,7 @@ import moba.demo
 from scaling_runs import cli, config
 from scaling_runs import train as T
 from scaling_runs.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-
-REPO = Path(__file__).resolve().parent.parent
+from tests._helpers import ROOT
 
 # module -> arguments it needs before options (a positional), and a typo of one of its options
 ENTRY_POINTS = {
@@ -214,7 +212,7 @@ def _doc_commands(text: str, module: str) -> list[list[str]]:
                                     "scaling_runs.budget_demo", "scaling_runs.eval_budget"])
 def test_documented_commands_parse(module):
     """The commands README.md, scaling_runs/README.md and GPU_RECIPE_budget.md tell users to type."""
-    docs = [REPO / "README.md", REPO / "scaling_runs" / "README.md", REPO / "scaling_runs" / "GPU_RECIPE_budget.md"]
+    docs = [ROOT / "README.md", ROOT / "scaling_runs" / "README.md", ROOT / "scaling_runs" / "GPU_RECIPE_budget.md"]
     commands = [c for d in docs for c in _doc_commands(d.read_text(), module)]
     parser = importlib.import_module(module).build_parser()
     for args in commands:
