@@ -350,8 +350,8 @@ def test_opcheck_custom_ops():
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     # every opcheck test: schema, fake tensors, autograd registration, aot_dispatch_dynamic
     torch.library.opcheck(triton_attention_fwd, (*leaves, idx, *args))
-    out, lse = triton_attention_fwd(q, k, v, idx, *args)
-    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, *args))
+    out, lse, selection = triton_attention_fwd(q, k, v, idx, *args)
+    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, selection, *args))
     torch.library.opcheck(triton_gate, (q, k, cu, cu, 16, 2, True))
 
 
@@ -419,7 +419,13 @@ def test_no_tokens(decomposition):
 
 def test_auto_decomposition_follows_the_work():
     """Shared selections -> per-query-tile union; scattered selections -> per-block gather."""
-    from moba.triton_kernels.attention import _selection, choose_decomposition, sort_block_indices
+    from moba.triton_kernels.attention import (
+        build_selection,
+        choose_decomposition,
+        selection_sizes,
+        sort_block_indices,
+        unpack_selection,
+    )
 
     from moba.triton_backend import _kernel_layout
 
@@ -432,7 +438,9 @@ def test_auto_decomposition_follows_the_work():
     scattered = torch.stack([own, torch.where(own > 0, past, none)], -1)  # own + a random past block
     for idx, expected in ((shared, "union"), (scattered, "gather")):
         si = sort_block_indices(idx)
-        assert choose_decomposition(si, lay, _selection(si, lay, 1), 16) == expected
+        sizes = selection_sizes(s, hq, 1, 2, (lay.block_start.numel(), lay.max_blocks), lay.cu_q, True)
+        sel = unpack_selection(build_selection(si, lay, 1, True), sizes)
+        assert choose_decomposition(si, lay, sel, 16) == expected
 
 
 # ----------------------------------------------------------------------------------------------
