@@ -68,9 +68,23 @@ DQ_CONFIGS = {
     128: (64, 64, 8, 2),
     256: (64, 32, 8, 1),
 }
-# The gather kernels (forward, dq) use the union kernels' tables.
-FWD_GATHER_CONFIGS = FWD_CONFIGS
-DQ_GATHER_CONFIGS = DQ_CONFIGS
+# The gather kernels (forward, dq) have their own tables: their segment and chunk loops around
+# the key loop cost registers, and at D = 128 BLOCK_N = 64 or two pipeline stages spill on
+# sm_90 (bench/kernel_report.py). Forward at 4 warps: one warpgroup per 64-row tile.
+FWD_GATHER_CONFIGS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 32, 4, 2),
+    128: (64, 32, 4, 1),
+    256: (64, 32, 8, 1),
+}
+DQ_GATHER_CONFIGS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 32, 4, 2),
+    128: (64, 32, 8, 1),
+    256: (64, 32, 8, 1),
+}
 DKDV_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
@@ -419,8 +433,7 @@ def _fwd_gather_kernel(
                         mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
             m_i = tl.load(LSE + row, mask=r_ok, other=float("-inf"))  # (BLOCK_M,) running max (base 2)
             l_i = tl.load(L_SUM + row, mask=r_ok, other=0.0)  # (BLOCK_M,) running sum
-            acc_ptr = ACC + row[:, None] * d_real + offs_d[None, :]  # (BLOCK_M, HEAD_DIM)
-            acc = tl.load(acc_ptr, mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM) float32
+            acc = tl.load(ACC + row[:, None] * d_real + offs_d[None, :], mask=row_mask, other=0.0)  # float32
             for n0 in range(0, n_end, BLOCK_N):
                 _, k_tok, kv_mask, s_ij, valid = gather_block_scores(
                     q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
@@ -435,9 +448,10 @@ def _fwd_gather_kernel(
                             mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
+            # pointers and masks rebuilt, not kept live across the key loop (registers)
             tl.store(LSE + row, m_i, mask=r_ok)
             tl.store(L_SUM + row, l_i, mask=r_ok)
-            tl.store(acc_ptr, acc, mask=row_mask)
+            tl.store(ACC + row[:, None] * d_real + offs_d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
             tl.debug_barrier()  # a later segment may hold the same rows in other threads
 
     for i0 in range(0, n_rows, BLOCK_M):  # normalise: out = acc / l, lse = m + log l
@@ -496,8 +510,7 @@ def _bwd_dq_gather_kernel(
                          mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
             lse2 = tl.load(LSE + row, mask=r_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
             delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
-            acc_ptr = DQ_ACC + row[:, None] * d_real + offs_d[None, :]  # (BLOCK_M, HEAD_DIM)
-            dq = tl.load(acc_ptr, mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM) float32
+            dq = tl.load(DQ_ACC + row[:, None] * d_real + offs_d[None, :], mask=row_mask, other=0.0)  # float32
             for n0 in range(0, n_end, BLOCK_N):
                 k, k_tok, kv_mask, s_ij, valid = gather_block_scores(
                     q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
@@ -508,7 +521,7 @@ def _bwd_dq_gather_kernel(
                 dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
                 ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
                 dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_M, HEAD_DIM)
-            tl.store(acc_ptr, dq, mask=row_mask)
+            tl.store(DQ_ACC + row[:, None] * d_real + offs_d[None, :], dq, mask=r_ok[:, None] & d_ok[None, :])
             tl.debug_barrier()
 
     for i0 in range(0, n_rows, BLOCK_M):
