@@ -368,7 +368,7 @@ def _owner_segments(s: Shape, uncorrelated: bool = False) -> tuple[float, float,
     group = s.heads // s.kv_heads
     n_pick = max(0, s.n_slots - 1)
     n_tiles = -(-s.seqlen // tile)
-    rows = chunks = 0.0
+    chunks = 0.0
     for i in range(n_tiles):
         t0, t1 = i * tile, min(s.seqlen, (i + 1) * tile)
         r = (t1 - t0) * group

@@ -608,7 +608,8 @@ def test_gather_uncorrelated_selections_match_reference(cu_q, cu_k, hq, hkv, d, 
                                                         gather_tile):
     idx = _random_selection(cu_q, cu_k, hq, block_size, top_k, causal, seed=5)
     _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, "gather", idx=idx)
-    _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, "union", idx=idx)
+    if gather_tile == (16, 16):  # the union path does not depend on the super-tile
+        _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, "union", idx=idx)
 
 
 def test_gather_agrees_with_union(gather_tile):
@@ -699,7 +700,7 @@ def test_launch_path_has_no_host_sync(monkeypatch):
 
 
 @pytest.mark.parametrize("decomposition", ["union", "gather", "auto"])
-def test_torch_compile_fullgraph_each_decomposition(decomposition, gather_tile):
+def test_torch_compile_fullgraph_each_decomposition(decomposition):
     from moba._layout import build_layout
     from moba.gate import select_packed
     from moba.triton_backend import triton_attention_packed
@@ -723,10 +724,14 @@ def test_torch_compile_fullgraph_each_decomposition(decomposition, gather_tile):
 
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf")])
-def test_gather_nan_in_one_sequence_stays_there(poison, gather_tile):
-    """Non-finite q, k, v in sequence 0 leave sequence 1 bit for bit as it is (small super-tiles:
-    sequence 1's first tile starts inside a super-tile-sized stretch after sequence 0)."""
+def test_gather_nan_in_one_sequence_stays_there(poison, monkeypatch):
+    """Non-finite q, k, v in sequence 0 leave sequence 1 bit for bit as it is (16-token
+    super-tiles: sequence 0 ends inside a 16-token stretch; tiles never cross sequences)."""
+    from moba.triton_kernels import attention as _attn
+
     from moba.triton_backend import triton_attention_packed
+
+    monkeypatch.setattr(_attn, "GATHER_TILE_RANGE", (16, 16))
 
     cu = [0, 37, 120]
     q, k, v = _make(cu, cu, 4, 2, 16, torch.float32, seed=7)

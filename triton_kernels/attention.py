@@ -1,6 +1,6 @@
 """MoBA attention kernels (forward, backward dq, backward dk/dv) and their launchers.
 
-Work decomposition (chosen deliberately; two for the forward and dq, picked per call):
+Work decomposition (chosen by bench/perf_model.py; two for the forward and dq, picked per call):
 
 * "union" (per query tile): one program per (tile of ``BLOCK_M`` consecutive queries of one
   sequence, query head) walks the *union* of the key blocks its rows selected, in ascending
@@ -12,17 +12,59 @@ Work decomposition (chosen deliberately; two for the forward and dq, picked per 
   pick the same blocks (they always share the own block), but on uncorrelated selections
   (random inputs: 64 queries x 2 random picks) the union approaches every past block, i.e.
   dense causal attention.
-* "gather" (per key block, as the MoBA reference implementation does with flash-attn
-  varlen): the launcher groups, with a stable sort, the (token, query head) rows that chose
-  each (key block, KV head) pair; one program per chunk of ``BLOCK_M`` of those rows
-  computes a partial softmax over that block only and writes a partial (out, lse) (forward)
-  or a partial dq (backward) per (row, slot); the launcher merges the ``n_slots`` partials of
-  every row in slot order (log-sum-exp weights / a sum): no wasted MMA rows, deterministic,
-  but ``n_slots`` float32 partial rows per query go through global memory.
+* "gather" (per super-tile and key block; FlashMoBA's gather-and-densify, in Triton): one
+  program per (super-tile of ``gather_tile`` consecutive queries of one sequence, KV head)
+  owns every (token, query head of the group) row of the tile and walks its *segments*: for
+  each key block, in ascending order, the rows of the tile that selected it (all query heads
+  of the group together, so K/V tiles are read once per chunk), ``BLOCK_M`` gathered rows at a
+  time. A row's online softmax state (running max, sum, float32 output sum) is ONE per row,
+  not per slot: it lives in global memory (``lse`` holds the max until the end; a (Tq * Hq, D)
+  float32 sum and a (Tq * Hq,) softmax sum), is read, updated over the block and written back
+  per segment; the program's last loop writes out and lse. No per-slot partials, no merge
+  pass, no Python loop over slots, no atomics: a row has exactly one owner, which visits its
+  blocks in ascending order (deterministic). dq the same way with one float32 dq sum per row.
+  MMA rows are the selecting rows rounded up to BLOCK_M per segment; the price is the row
+  state's read-modify-write, 8D + 16 bytes per (row, slot) plus a gathered q row (modelled at
+  512K, block 512, top-3: 52 GB, ~12 ms of the forward kernel's ~80 ms of HBM time; the rest
+  is K/V read once per 64-row chunk, as the per-slot design did; no L2 reuse assumed).
+  The super-tile is the smallest power of two in ``GATHER_TILE_RANGE`` leaving at most
+  ``GATHER_PROGRAMS`` programs (about 8 waves on 132 SMs): a larger tile puts more rows in
+  each segment (fuller chunks on uncorrelated selections), a smaller one balances the SMs.
 * ``choose_decomposition`` ("auto") counts the MMA rows each would compute (union blocks x
-  BLOCK_M vs. selecting rows rounded up to BLOCK_M per pair) and picks union unless it does
-  more than 1.5x the gather work (the margin pays for the merge traffic). Both paths are
-  exact; the choice only moves work.
+  BLOCK_M vs. the gather segments' rows rounded up to BLOCK_M) and picks union unless it does
+  more than ``UNION_MARGIN`` (1.25) x the gather work. Both paths are exact; the choice only
+  moves work. "auto" costs one host sync per direction (the comparison in the forward, the
+  decision read back in the backward); explicit "union" / "gather" have none.
+
+Why this gather design (bench/perf_model.py, MODELLED on an H200, Hq=32/Hkv=8, D=128, bf16,
+causal; forward + dq + selection glue of the attention, today's tile efficiencies; "per-slot"
+is the previous gather path: one float32 (out, lse) / dq partial per (row, slot) and a
+slot-by-slot merge in PyTorch; peak memory fwd+bwd vs dense flash):
+
+  ======================  =========================  =========================  =====================
+  shape                   union (corr. / random)     per-slot gather            this gather
+  ======================  =========================  =========================  =====================
+  128K, block 512, top-3  64.5 / 1324 ms, 0.74x      64.0 ms, 3.23x             56.9 ms, 1.03x
+  512K, block 512, top-3  258 / 6615 ms, 0.74x       254 ms, 3.23x              227 ms, 1.03x
+  512K, block 128, top-8  222 / 5835 ms, 1.06x       349 ms, 5.47x              204-205 ms, 1.09x
+  ======================  =========================  =========================  =====================
+
+The union path alone fails on uncorrelated (random) selections: its tiles' unions approach
+every past block (23-29x the gather time above), so a second path is needed; per-slot
+partials need 3.2-5.5x dense flash's peak memory (13-24x in the forward alone) and their
+merge moves more bytes than the attention kernel itself. One fused merge kernel would keep the partials'
+footprint (n_slots x (4D + 4) bytes per row); an fp32 accumulator per row (this design, as
+FlashMoBA's forward keeps one per row) has the footprint of flash-attn's dq accumulator.
+Not taken: a per-key-block program with atomics (nondeterministic); the selection in the
+gate's layout directly (issue 14, item 1, the gate's owner).
+
+The selection layout (``build_selection``, int32, ``Selection``) is built once, in the
+forward, on device with torch ops and no host sync (no nonzero / unique / item / tolist:
+padding sorts last, counts come from searchsorted, sizes are static bounds from the host
+sequence boundaries), returned by the forward custom op and saved for the backward: rows per
+(key block, KV head) (dk/dv), the gather segments and their per-program ranges, the
+super-tiles, and the forward's decomposition. The block geometry (``kernel_layout``) is sent
+in one pinned, non-blocking copy.
 * dk/dv: always per key tile: one program per (``BLOCK_N`` key tile of one key block, KV
   head) loops over the gathered rows that chose the block (query heads of a GQA group land in
   the same list, so K/V are never repeated) and accumulates dk, dv in registers. Each key
