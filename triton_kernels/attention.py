@@ -807,9 +807,10 @@ def build_selection(sorted_indices: torch.Tensor, lay: KernelLayout, n_heads_kv:
 
 
 #: "auto" takes the union path unless it computes more than this many times the gather path's
-#: MMA rows (bench/perf_model.py: the gather path's extra HBM traffic, a gathered q and a
-#: read-modify-write of one fp32 row state per (row, slot), is hidden under its MMA work at
-#: block 512 and costs up to ~1.6x at block 128; modelled, not measured).
+#: MMA rows. bench/perf_model.py (modelled, not measured) puts the break-even of the two
+#: paths' fwd+bwd time at 1.1-1.3x (union factor 1 / 2 / 4, 32K-512K, block 512/top-3 and
+#: 128/top-8): the gather path pays a gathered q and one fp32 row state read and written per
+#: (row, slot), the union path wasted MMA rows.
 UNION_MARGIN = 1.25
 
 
