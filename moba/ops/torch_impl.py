@@ -502,7 +502,7 @@ register_attention_autograd(torch_attention_fwd, torch_attention_bwd)
 def torch_gate(
     q: torch.Tensor, k: torch.Tensor, cu_q: list[int], cu_k: list[int], block_size: int, top_k: int, causal: bool
 ) -> torch.Tensor:
-    """``moba.gate.select_packed`` as an op: (Tq, Hq, width) int32 local block indices."""
+    """``moba.ops.gate.select_packed`` as an op: (Tq, Hq, width) int32 local block indices."""
     static = _static_layout(cu_q, cu_k, block_size, q.device)
     return select_packed(q, k, static.layout, top_k, causal).to(torch.int32)
 

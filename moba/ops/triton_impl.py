@@ -7,15 +7,18 @@ decomposition). This module wraps them as ``torch.library`` custom ops so that a
 ``torch.compile`` see one opaque op per direction:
 
 * ``moba::triton_attention_fwd(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale,
-  decomposition) -> (out, lse)``
-* ``moba::triton_attention_bwd(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k,
+  decomposition) -> (out, lse, selection)``
+* ``moba::triton_attention_bwd(dout, q, k, v, out, lse, sorted_indices, selection, cu_q, cu_k,
   block_size, causal, scale, decomposition) -> (dq, dk, dv)``
 * ``moba::triton_gate(q, k, cu_q, cu_k, block_size, top_k, causal) -> block_indices``
 
 ``cu_q`` / ``cu_k`` are host lists of ints (sequence boundaries of the packed queries and
 keys; queries aligned to the end of their key sequence, so ``cu_q != cu_k`` - decoding with a
 KV cache - is supported). ``sorted_indices`` is ``moba.triton_kernels.attention.sort_block_indices``
-of the block indices (int32, ascending, padding replaced by a large value).
+of the block indices (int32, ascending, padding replaced by a large value). ``selection`` is
+the selection in the layouts the kernels read (rows per key block, gather segments, the
+forward's decomposition; ``attention.build_selection``), flat int32, built once on device in
+the forward without host syncs and saved for the backward (``moba._core.custom_ops``).
 
 Devices: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1`` was set before Triton and
 this module were imported (the interpreter; it does not support bfloat16 in ``tl.dot``).
@@ -31,7 +34,7 @@ import torch
 import triton
 
 from .._core.custom_ops import register_attention_autograd
-from .._core.layout import BlockLayout, build_layout, gate_width, max_blocks
+from .._core.layout import BlockLayout, build_layout, effective_block_size, gate_width, max_blocks
 from ..triton_kernels import attention as _attn
 from ..triton_kernels import gate as _gate
 from .backend import Backend
@@ -96,12 +99,19 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _kernel_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> _attn.KernelLayout:
-    layout = build_layout(cu_q, cu_k, block_size, device)
-    return _attn.KernelLayout(
-        cu_q=list(cu_q), cu_q_t=_int32(cu_q, device), cu_k_t=_int32(cu_k, device),
-        q_seq=layout.q_seq, q_key_token=layout.q_key_token, block_offset=layout.block_offset,
-        block_start=layout.block_start, block_len=layout.block_len, block_size=layout.block_size,
-    )
+    """The launchers' block geometry (no host sync: ``attention.kernel_layout``)."""
+    longest = max((b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)), default=1)
+    return _attn.kernel_layout(list(cu_q), list(cu_k), effective_block_size(block_size, longest), device)
+
+
+def _selection_numel(q, k, sorted_indices, cu_q, cu_k, block_size, decomposition) -> int:
+    """Length of the flat selection the forward returns (for the fake: static in the inputs)."""
+    longest = max((b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)), default=1)
+    bs = effective_block_size(block_size, longest)
+    nbs = [-(-(b - a) // bs) for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    sizes = _attn.selection_sizes(q.shape[0], q.shape[1], k.shape[1], sorted_indices.shape[-1],
+                                  (sum(nbs), max(nbs, default=0)), list(cu_q), decomposition != "union")
+    return sum(sizes)
 
 
 @torch.library.custom_op("moba::triton_attention_fwd", mutates_args=())
@@ -116,7 +126,7 @@ def triton_attention_fwd(
     causal: bool,
     scale: float,
     decomposition: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     lay = _kernel_layout(cu_q, cu_k, block_size, q.device)
     return _attn.attention_forward(q, k, v, sorted_indices.contiguous(), lay, causal, scale, decomposition)
@@ -124,7 +134,8 @@ def triton_attention_fwd(
 
 @triton_attention_fwd.register_fake
 def _(q, k, v, sorted_indices, cu_q, cu_k, block_size, causal, scale, decomposition="auto"):
-    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+    n = _selection_numel(q, k, sorted_indices, cu_q, cu_k, block_size, decomposition)
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32), q.new_empty((n,), dtype=torch.int32)
 
 
 @torch.library.custom_op("moba::triton_attention_bwd", mutates_args=())
@@ -136,6 +147,7 @@ def triton_attention_bwd(
     out: torch.Tensor,
     lse: torch.Tensor,
     sorted_indices: torch.Tensor,
+    selection: torch.Tensor,
     cu_q: list[int],
     cu_k: list[int],
     block_size: int,
@@ -145,11 +157,12 @@ def triton_attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     lay = _kernel_layout(cu_q, cu_k, block_size, q.device)
-    return _attn.attention_backward(dout, q, k, v, out, lse, sorted_indices.contiguous(), lay, causal, scale, decomposition)
+    return _attn.attention_backward(dout, q, k, v, out, lse, sorted_indices.contiguous(), selection, lay, causal, scale,
+                                    decomposition)
 
 
 @triton_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, sorted_indices, cu_q, cu_k, block_size, causal, scale, decomposition="auto"):
+def _(dout, q, k, v, out, lse, sorted_indices, selection, cu_q, cu_k, block_size, causal, scale, decomposition="auto"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -194,7 +207,7 @@ def triton_attention_packed(
     q: (Tq, Hq, D); k, v: (Tk, Hkv, D), Hq % Hkv == 0; cu_q / cu_k: host lists of the
     (N + 1) sequence boundaries of queries and keys (queries aligned to the end of their keys);
     block_indices: (Tq, Hq, n_slots) local block indices, -1 padded, in any slot order.
-    decomposition: "auto", "union" (per query tile) or "gather" (per key block + merge) for
+    decomposition: "auto", "union" (per query tile) or "gather" (per super-tile and key block) for
     the forward and dq kernels (see ``moba.triton_kernels.attention``); results agree up to
     rounding. Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32 (natural log of the
     softmax denominator of the scaled scores).
@@ -204,9 +217,10 @@ def triton_attention_packed(
     """
     _check_supported(q, k, v)
     sorted_indices = _attn.sort_block_indices(block_indices)
-    return triton_attention_fwd(
+    out, lse, _ = triton_attention_fwd(
         q, k, v, sorted_indices, list(cu_q), list(cu_k), int(block_size), bool(causal), float(softmax_scale), decomposition
     )
+    return out, lse
 
 
 def _attention_lse(q, k, v, layout: BlockLayout, block_indices, causal, scale):

@@ -118,3 +118,63 @@ def test_main_prints_modelled_labels_and_writes_json(tmp_path, capsys):
     assert data["modelled"] is True and data["assumptions"]["mma_fraction"] == pm.MMA_FRACTION
     assert all(r["modelled"] for r in data["rows"])
     assert all(math.isfinite(r["speedup_fwd_bwd_vs_FA2"]) for r in data["rows"])
+
+
+# ----------------------------------------------------------------------------- owner-computes gather (issue 14, item 2)
+def test_expected_distinct_by_hand():
+    assert pm.expected_distinct(1, 5) == pytest.approx(1.0)
+    assert pm.expected_distinct(2, 1) == pytest.approx(1.0)
+    assert pm.expected_distinct(4, 2) == pytest.approx(4 * (1 - (3 / 4) ** 2))  # 1.75
+    assert pm.expected_distinct(0, 3) == 0.0
+
+
+def test_gather_tile_follows_the_launcher_rule():
+    from moba.triton_kernels import attention
+
+    # 1024 tokens, 8 KV heads: 64-token tiles give 16 x 8 = 128 programs <= 1024
+    assert pm.gather_tile(pm.Shape(1024, kv_heads=8)) == 64
+    # 512K tokens: 4096-token tiles give 128 x 8 = 1024 programs
+    assert pm.gather_tile(pm.Shape(512 * 1024, kv_heads=8)) == 4096
+    assert (pm.GATHER_TILE_RANGE, pm.GATHER_PROGRAMS) == (attention.GATHER_TILE_RANGE, attention.GATHER_PROGRAMS)
+    assert pm.UNION_MARGIN == attention.UNION_MARGIN
+    for s in (1000, 70_000, 512 * 1024):
+        assert pm.gather_tile(pm.Shape(s, kv_heads=8)) == attention.gather_tile(s, 8)
+
+
+def test_owner_segments_by_hand():
+    # S=128, 2 query heads / 1 KV head, block 64, top-2, 64-token super-tiles (2 programs):
+    # tile 0: 128 rows, own block only -> 2 chunks; tile 1: own block 2 chunks + 128 rows
+    # picking the one past block -> 1 segment of 128 rows = 2 chunks. 6 chunks, 384 rows.
+    s = pm.Shape(128, heads=2, kv_heads=1, head_dim=64, block_size=64, top_k=2)
+    assert pm._owner_segments(s) == (384.0, 6.0, 2)
+    assert pm._owner_segments(s, uncorrelated=True) == (384.0, 6.0, 2)
+
+
+def test_owner_memory_by_hand():
+    # r = 256 rows, 2 slots (nnz 512), D = 64 bf16; 2 programs x 2 blocks = 4 segments
+    s = pm.Shape(128, heads=2, kv_heads=1, head_dim=64, block_size=64, top_k=2)
+    out_lse, idx, sel = 256 * (128 + 4), 256 * 2 * 8, 512 * 4 + 3 * 4 * 4
+    state = 256 * (4 * 64 + 4)  # fp32 output sum + softmax sum per row: no per-slot term
+    fwd = out_lse + idx + sel + max(512 * 40, state)
+    bwd = out_lse + idx + sel + 256 * 128 + 2 * 128 * 64 * 2 + 256 * 4 + 256 * 64 * 4
+    assert pm.memory_owner(s, "gather") == dict(mem_fwd=fwd, mem_fwd_bwd=max(fwd, bwd))
+
+
+def test_owner_gather_beats_per_slot_partials_at_the_targets():
+    """Modelled: no merge pass and no per-slot partials: faster and within 1.2x dense memory."""
+    for seqlen, bs, k in ((128 * 1024, 512, 3), (512 * 1024, 512, 3), (512 * 1024, 128, 8)):
+        s = pm.Shape(seqlen, block_size=bs, top_k=k)
+        before, after = pm.design(s, H200, "today-gather"), pm.design(s, H200, "owner-gather")
+        assert after["fwd_bwd_s"] < before["fwd_bwd_s"]
+        dense = pm.dense_flash(s, H200, "FA2")["mem_fwd_bwd"]
+        assert after["mem_fwd_bwd"] <= 1.2 * dense < before["mem_fwd_bwd"]
+        assert not any("merge" in kk["name"] or "sum (PyTorch)" in kk["name"] for kk in after["kernels"])
+
+
+def test_owner_auto_picks_union_on_correlated_and_gather_on_random_selections():
+    s = pm.Shape(512 * 1024)
+    assert pm.owner_decomposition(s) == "union"
+    assert pm.owner_decomposition(s, uncorrelated=True) == "gather"
+    # on random selections the union path approaches dense attention; the gather path does not
+    union = pm.design(s, H200, "today-union", uncorrelated=True)["fwd_bwd_s"]
+    assert pm.design(s, H200, "owner-auto", uncorrelated=True)["fwd_bwd_s"] < union / 5

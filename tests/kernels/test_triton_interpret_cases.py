@@ -350,8 +350,8 @@ def test_opcheck_custom_ops():
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     # every opcheck test: schema, fake tensors, autograd registration, aot_dispatch_dynamic
     torch.library.opcheck(triton_attention_fwd, (*leaves, idx, *args))
-    out, lse = triton_attention_fwd(q, k, v, idx, *args)
-    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, *args))
+    out, lse, selection = triton_attention_fwd(q, k, v, idx, *args)
+    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, selection, *args))
     torch.library.opcheck(triton_gate, (q, k, cu, cu, 16, 2, True))
 
 
@@ -419,7 +419,13 @@ def test_no_tokens(decomposition):
 
 def test_auto_decomposition_follows_the_work():
     """Shared selections -> per-query-tile union; scattered selections -> per-block gather."""
-    from moba.triton_kernels.attention import _selection, choose_decomposition, sort_block_indices
+    from moba.triton_kernels.attention import (
+        build_selection,
+        choose_decomposition,
+        selection_sizes,
+        sort_block_indices,
+        unpack_selection,
+    )
 
     from moba.ops.triton_impl import _kernel_layout
 
@@ -432,7 +438,9 @@ def test_auto_decomposition_follows_the_work():
     scattered = torch.stack([own, torch.where(own > 0, past, none)], -1)  # own + a random past block
     for idx, expected in ((shared, "union"), (scattered, "gather")):
         si = sort_block_indices(idx)
-        assert choose_decomposition(si, lay, _selection(si, lay, 1), 16) == expected
+        sizes = selection_sizes(s, hq, 1, 2, (lay.block_start.numel(), lay.max_blocks), lay.cu_q, True)
+        sel = unpack_selection(build_selection(si, lay, 1, True), sizes)
+        assert choose_decomposition(si, lay, sel, 16) == expected
 
 
 # ----------------------------------------------------------------------------------------------
@@ -550,3 +558,193 @@ def test_nan_isolation_fewer_queries_than_keys(decomposition):
         results.append([out.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad])
     for name, first, clean, got in zip(["out", "dq", "dk", "dv"], [3, 3, 13, 13], *results, strict=True):
         assert torch.equal(got[first:], clean[first:]), f"{decomposition}: {name} of sequences 1, 2 changed"
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather path without per-slot partials, selection built once on device (issue 14, items 2, 4)
+
+
+def _random_selection(cu_q, cu_k, hq, block_size, top_k, causal, seed):
+    """Uncorrelated selections: every (token, head) picks its own block (causal) and random
+    distinct other candidate blocks, in random slot order, -1 padded: what a gate on random
+    inputs does, and the union path's worst case."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in range(len(cu_q) - 1):
+        lq, lk = cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
+        nb = -(-lk // block_size)
+        for t in range(lq):
+            own = (lk - lq + t) // block_size
+            for _ in range(hq):
+                cands = list(range(own)) if causal else [b for b in range(nb) if b != own]
+                picks = [cands[i] for i in torch.randperm(len(cands), generator=gen)[: top_k - 1].tolist()]
+                slots = [own, *picks] + [-1] * (top_k - 1 - len(picks))
+                rows.append([slots[i] for i in torch.randperm(top_k, generator=gen).tolist()])
+    return torch.tensor(rows, dtype=torch.int64).reshape(cu_q[-1], hq, top_k)
+
+
+@pytest.fixture(params=[(16, 16), (128, 128)], ids=["tile16", "tile128"])
+def gather_tile(request, monkeypatch):
+    """Small super-tiles (many programs, a row's blocks spread over several programs' segments)
+    and large ones (segments longer than BLOCK_M rows: several chunks per segment)."""
+    from moba.triton_kernels import attention as _attn
+
+    monkeypatch.setattr(_attn, "GATHER_TILE_RANGE", request.param)
+    return request.param
+
+
+RANDOM_CASES = [
+    # cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype
+    pytest.param([0, 150, 150, 263], [0, 150, 150, 263], 4, 2, 32, 8, 3, True, torch.float16, id="ragged-gqa-causal-fp16"),
+    pytest.param([0, 150, 263], [0, 150, 263], 4, 1, 16, 8, 4, False, torch.float32, id="mqa-noncausal-fp32"),
+    pytest.param([0, 37, 200], [0, 37, 200], 2, 2, 32, 16, 1, True, torch.float32, id="top1-fp32"),
+    pytest.param([0, 70, 140], [0, 70, 140], 2, 1, 32, 16, 9, True, torch.float16, id="topk-ge-nblocks-fp16"),
+    pytest.param([0, 20, 45], [0, 130, 290], 4, 2, 32, 16, 3, True, torch.float16, id="fewer-queries-than-keys"),
+]
+
+
+@pytest.mark.parametrize("cu_q,cu_k,hq,hkv,d,block_size,top_k,causal,dtype", RANDOM_CASES)
+def test_gather_uncorrelated_selections_match_reference(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype,
+                                                        gather_tile):
+    idx = _random_selection(cu_q, cu_k, hq, block_size, top_k, causal, seed=5)
+    _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, "gather", idx=idx)
+    if gather_tile == (16, 16):  # the union path does not depend on the super-tile
+        _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, "union", idx=idx)
+
+
+def test_gather_agrees_with_union(gather_tile):
+    """Both decompositions on the same uncorrelated selection agree to float32 rounding."""
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 100, 260]
+    q, k, v = _make(cu, cu, 4, 2, 32, torch.float32, seed=11)
+    idx = _random_selection(cu, cu, 4, 8, 4, True, seed=12)
+    res = []
+    for dec in ("union", "gather"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.2, dec)
+        out.square().sum().backward()
+        res.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], *res, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_selection_layout_by_hand(monkeypatch):
+    """build_selection against a Python construction: rows per (block, KV head) ascending, and
+    every program's segments (ascending blocks) cover each selected (row, block) exactly once."""
+    from moba.triton_kernels import attention as _attn
+
+    from moba.ops.triton_impl import _kernel_layout
+
+    monkeypatch.setattr(_attn, "GATHER_TILE_RANGE", (16, 16))
+    cu, hq, hkv, bs, w = [0, 40, 40, 90], 4, 2, 8, 3
+    lay = _kernel_layout(cu, cu, bs, "cpu")
+    idx = _attn.sort_block_indices(_random_selection(cu, cu, hq, bs, w, True, seed=1))
+    flat = _attn.build_selection(idx, lay, hkv, True)
+    sizes = _attn.selection_sizes(cu[-1], hq, hkv, w, (lay.block_start.numel(), lay.max_blocks), cu, True)
+    assert flat.dtype == torch.int32 and flat.numel() == sum(sizes)
+    sel = _attn.unpack_selection(flat, sizes)
+    group, offsets = hq // hkv, lay.block_offset.tolist()
+    seq_of = lay.q_seq.tolist()
+    want = {}
+    for t in range(cu[-1]):
+        for h in range(hq):
+            for b in idx[t, h].tolist():
+                if b != _attn.BIG_INDEX:
+                    want.setdefault((offsets[seq_of[t]] + b) * hkv + h // group, []).append(t * hq + h)
+    row_ptr, rows = sel.row_ptr.tolist(), sel.rows.tolist()
+    for pair in range(len(row_ptr) - 1):
+        assert rows[row_ptr[pair]:row_ptr[pair + 1]] == want.get(pair, []), pair
+    # segments: tile 16 -> super-tiles [0,16) [16,32) [32,40) [40,56) [56,72) [72,88) [88,90)
+    assert sel.st_start.tolist() == [0, 16, 32, 40, 56, 72, 88] and sel.st_end.tolist() == [16, 32, 40, 56, 72, 88, 90]
+    seen = []
+    prog_ptr = sel.prog_ptr.tolist()
+    for prog in range(len(prog_ptr) - 1):
+        st, kvh = divmod(prog, hkv)
+        blocks = []
+        for s in range(prog_ptr[prog], prog_ptr[prog + 1]):
+            pair, a, b = sel.seg_pair[s].item(), sel.seg_start[s].item(), sel.seg_end[s].item()
+            assert pair % hkv == kvh and a < b
+            blocks.append(pair // hkv)
+            for r in rows[a:b]:
+                assert sel.st_start[st] <= r // hq < sel.st_end[st] and (r % hq) // group == kvh
+                seen.append((pair, r))
+        assert blocks == sorted(set(blocks)), "one segment per block, ascending"
+    assert sorted(seen) == sorted((p, r) for p, rs in want.items() for r in rs)
+
+
+def test_launch_path_has_no_host_sync(monkeypatch):
+    """Forward and backward with an explicit decomposition never read a device value on the
+    host: every .item() / .tolist() / bool() / nonzero / unique in the launch path raises."""
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 70, 150]
+    q, k, v = _make(cu, cu, 4, 2, 16, torch.float32, seed=2)
+    idx = select_packed(q, k, build_layout(cu, cu, 8, "cpu"), 3, True)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host sync in the launch path")
+
+    for dec in ("union", "gather"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "nonzero", "unique"):
+                m.setattr(torch.Tensor, name, boom)
+            m.setattr(torch, "nonzero", boom)
+            m.setattr(torch, "unique", boom)
+            out, _ = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.25, dec)
+            out.sum().backward()
+        assert torch.isfinite(leaves[0].grad).all()
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather", "auto"])
+def test_torch_compile_fullgraph_each_decomposition(decomposition):
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 48, 96]
+    q, k, v = _make(cu, cu, 4, 2, 16, torch.float32)
+    idx = select_packed(q, k, build_layout(cu, cu, 8, "cpu"), 3, True)
+
+    def f(q, k, v):
+        out, lse = triton_attention_packed(q, k, v, cu, cu, 8, idx, True, 0.25, decomposition)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (f, compiled):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_gather_nan_in_one_sequence_stays_there(poison, monkeypatch):
+    """Non-finite q, k, v in sequence 0 leave sequence 1 bit for bit as it is (16-token
+    super-tiles: sequence 0 ends inside a 16-token stretch; tiles never cross sequences)."""
+    from moba.triton_kernels import attention as _attn
+
+    from moba.ops.triton_impl import triton_attention_packed
+
+    monkeypatch.setattr(_attn, "GATHER_TILE_RANGE", (16, 16))
+
+    cu = [0, 37, 120]
+    q, k, v = _make(cu, cu, 4, 2, 16, torch.float32, seed=7)
+    idx = _random_selection(cu, cu, 4, 8, 3, True, seed=8)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][3, 1, 0], leaves[1][0, 0, 2], leaves[2][36, 1, 5] = poison, poison, poison
+        leaves = [t.requires_grad_() for t in leaves]
+        out, lse = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.25, "gather")
+        out.backward(dout)
+        results.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, clean, got in zip(["out", "lse", "dq", "dk", "dv"], *results, strict=True):
+        assert torch.equal(got[37:], clean[37:]), f"{name} of sequence 1 changed"
