@@ -52,29 +52,53 @@ BIG_INDEX = 1 << 30
 
 # Tile configurations, keyed by the padded head dim. The launchers and the ahead-of-time
 # compile tests both read these tables (tests enumerate ``kernel_configs()``).
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); for dk/dv BLOCK_M counts query rows per step and
+# BLOCK_N the keys a program owns.
+#
+# Chosen from the static report (bench/kernel_report.py, triton 3.9.0, bf16 = fp16, no GPU):
+# zero spills and zero LDL/STL on sm_90 *and* sm_80, every matmul a wgmma on sm_90, and a
+# wgmma M side of 64 rows per warpgroup (4 warps per 64 rows: 8 warps on 64 rows made both
+# warpgroups share one 64-row score tile). Registers sm_90 / sm_80 (spill bytes if any):
+#   fwd  D=128: (128, 32, 8, 1) 213 / 218   [(64, 64, 8, 2) 238 / 255, 20 HGMMA: rows shared;
+#               (128, 64, 8, 2) 251 / 255 + 16 B; (128, 64, 8, 1) 233 / 255 + 60 B;
+#               (64, 64, 4, 2) 255 + 344 B]
+#   fwd  D=64:  (64, 64, 4, 2)  214 / 252   [(128, 64, 8, 2) 208 / 255 + 92 B]
+#   dq   D=128: (128, 32, 8, 1) 209 / 255   [(128, 64, 8, 2) 254 / 255 + 136 B; (64, 64, 8, 2) 255 / 255]
+#   dq   D=64:  (64, 32, 4, 2)  168 / 255   [(64, 64, 4, 2) 251 / 255 + 84 B; (64, 64, 8, 2) 200 / 255 + 52 B]
+#   dkdv D=128: (16, 128, 8, 2) 207 / 239   [(32, 128, 8, 2) 243 / 255 + 80 B; (64, 64, 8, 2) 255 + 160 B;
+#               (32, 64, 4, 2) 250 / 254, but twice the q/dO reads per key]
+#   dkdv D=64:  (32, 128, 8, 2) 181 / 213   [(64, 64, 4, 2) 245 / 255; (64, 128, 8, 2) 245 / 255 + 72 B]
+# (the dk/dv kernel computes transposed (keys x rows) tiles, so its 128 keys are the wgmma M
+# side: 64 keys per warpgroup). Occupancy is 1 CTA of 8 warps (or 2 of 4) per SM for all of
+# them: registers, not shared memory, limit it. Other head dims: untuned, compile-tested.
 FWD_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
     64: (64, 64, 4, 2),
-    128: (64, 64, 8, 2),
+    128: (128, 32, 8, 1),
     256: (64, 32, 8, 1),
 }
 DQ_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (64, 64, 4, 2),
-    128: (64, 64, 8, 2),
+    64: (64, 32, 4, 2),
+    128: (128, 32, 8, 1),
     256: (64, 32, 8, 1),
 }
-# The gather kernels (forward, dq) use the union kernels' tables.
-FWD_GATHER_CONFIGS = FWD_CONFIGS
-DQ_GATHER_CONFIGS = DQ_CONFIGS
-DKDV_CONFIGS = {
+# The gather kernels (forward, dq) keep the tables they had (their own tuning).
+FWD_GATHER_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
     64: (64, 64, 4, 2),
     128: (64, 64, 8, 2),
+    256: (64, 32, 8, 1),
+}
+DQ_GATHER_CONFIGS = dict(FWD_GATHER_CONFIGS)
+DKDV_CONFIGS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (32, 128, 8, 2),
+    128: (16, 128, 8, 2),
     256: (32, 64, 8, 1),
 }
 
@@ -420,17 +444,19 @@ def _bwd_dkdv_kernel(
             # int32 query position relative to the tile's first key (the causal compare)
             q_rel = (tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64) - tile_first).to(tl.int32)  # (BLOCK_M,)
             lse2 = tl.load(LSE + row, mask=r_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
-            valid = r_ok[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
-            valid = valid & ((offs_n[None, :] <= q_rel[:, None]) | (causal == 0))
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+            # Transposed tiles (keys x rows): every matmul has the BLOCK_N keys as its M side,
+            # one 64-row wgmma slice per warpgroup, and dk/dv accumulate without a transpose.
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
+            valid = k_ok[:, None] & r_ok[None, :]  # (BLOCK_N, BLOCK_M)
+            valid = valid & ((offs_n[:, None] <= q_rel[None, :]) | (causal == 0))
+            p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
             do = tl.load(DO + (tok * stride_dot + head * stride_doh)[:, None] + offs_d[None, :],
                          mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # (BLOCK_N, HEAD_DIM)
+            dv += tl.dot(p_t.to(do.dtype), do)  # (BLOCK_N, HEAD_DIM)
             delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
-            dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # (BLOCK_N, HEAD_DIM)
+            dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+            ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
+            dk += tl.dot(ds_t.to(q.dtype), q)  # (BLOCK_N, HEAD_DIM)
         part = tl.load(ITEM_PART + item)
         if part < 0:  # the pair's whole list: final dk, dv
             tl.store(DK + tile_first * stride_dkt + kv_head * stride_dkh + (offs_n[:, None] * stride_dkt + offs_d[None, :]),
