@@ -573,8 +573,9 @@ def _sink_indices(q, k, layout, top_k, causal):
     (False, torch.float32, 7),
 ])
 def test_dkdv_split_of_heavy_blocks_matches_reference(monkeypatch, decomposition, causal, dtype, split_rows):
-    from moba._layout import build_layout
     from moba.triton_kernels import attention as attn
+
+    from moba._layout import build_layout
 
     cu = [0, 96, 96, 157]  # varlen, an empty sequence, a ragged tail block
     hq, hkv, d, block_size = 4, 2, 32, 16
@@ -596,9 +597,10 @@ def test_dkdv_split_of_heavy_blocks_matches_reference(monkeypatch, decomposition
 
 
 def test_dkdv_split_is_deterministic_and_close_to_one_pass(monkeypatch):
+    from moba.triton_kernels import attention as attn
+
     from moba._layout import build_layout
     from moba.triton_backend import triton_attention_packed
-    from moba.triton_kernels import attention as attn
 
     cu = [0, 100, 180]
     q, k, v = _make(cu, cu, 4, 2, 32, torch.float16, seed=5)
