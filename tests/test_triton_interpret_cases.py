@@ -635,3 +635,27 @@ def test_dkdv_work_by_hand():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(ValueError, match="dkdv_split_rows"):
             dkdv_work(row_ptr, block_m=64, split_rows=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# K/V through TMA tensor descriptors (the union forward / dq on sm_90; issue 14, item 3)
+
+
+@pytest.mark.parametrize(("cu", "hkv", "d", "block_size", "causal", "dtype"), [
+    ([0, 37, 37, 150, 200], 1, 64, 24, True, torch.float16),  # varlen, empty sequence, ragged tail blocks
+    ([0, 100, 190], 2, 32, 20, False, torch.float32),  # GQA, non-causal
+    ([0, 77, 160], 2, 40, 7, True, torch.float16),  # d_real < HEAD_DIM: descriptor zero-fills the padding
+])
+def test_tma_descriptor_loads_match_reference(monkeypatch, cu, hkv, d, block_size, causal, dtype):
+    from moba.triton_kernels import attention as attn
+
+    monkeypatch.setattr(attn, "TMA_LOADS", True)
+    _check_attention(cu, cu, 4, hkv, d, block_size, 3, causal, dtype, "union", seed=4)
+
+
+def test_tma_is_off_without_a_cuda_sm90_target():
+    from moba.triton_kernels.attention import TMA_HEAD_DIMS, tma_loads
+
+    k = torch.zeros(8, 2, 64, dtype=torch.float16)
+    assert not tma_loads("fwd", 64, k, k)  # the interpreter: plain loads unless TMA_LOADS forces it
+    assert 128 not in TMA_HEAD_DIMS["dq"]

@@ -41,6 +41,7 @@ of their key sequence (``cu_q == cu_k`` for self-attention, fewer queries for de
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -58,19 +59,24 @@ BIG_INDEX = 1 << 30
 # Chosen from the static report (bench/kernel_report.py, triton 3.9.0, bf16 = fp16, no GPU):
 # zero spills and zero LDL/STL on sm_90 *and* sm_80, every matmul a wgmma on sm_90, and a
 # wgmma M side of 64 rows per warpgroup (4 warps per 64 rows: 8 warps on 64 rows made both
-# warpgroups share one 64-row score tile). Registers sm_90 / sm_80 (spill bytes if any):
-#   fwd  D=128: (128, 32, 8, 1) 213 / 218   [(64, 64, 8, 2) 238 / 255, 20 HGMMA: rows shared;
-#               (128, 64, 8, 2) 251 / 255 + 16 B; (128, 64, 8, 1) 233 / 255 + 60 B;
-#               (64, 64, 4, 2) 255 + 344 B]
-#   fwd  D=64:  (64, 64, 4, 2)  214 / 252   [(128, 64, 8, 2) 208 / 255 + 92 B]
-#   dq   D=128: (128, 32, 8, 1) 209 / 255   [(128, 64, 8, 2) 254 / 255 + 136 B; (64, 64, 8, 2) 255 / 255]
-#   dq   D=64:  (64, 32, 4, 2)  168 / 255   [(64, 64, 4, 2) 251 / 255 + 84 B; (64, 64, 8, 2) 200 / 255 + 52 B]
+# warpgroups share one 64-row score tile). Registers sm_90 / sm_80 (+ spill bytes if any),
+# "TMA" = K/V through tensor descriptors (``TMA_HEAD_DIMS``; sm_80 compiles the same
+# specialisation, the launcher never passes it there):
+#   fwd  D=128: (128, 32, 8, 1) TMA 197 / 228, plain 213 / 218   [(64, 64, 8, 2) 238 / 255 with
+#               rows shared by the warpgroups; (128, 64, 8, 2) 251 / 255 + 16 B;
+#               (128, 64, 8, 1) 233 / 255 + 60 B; (64, 64, 4, 2) 255 + 344 B]
+#   fwd  D=64:  (64, 64, 4, 2)  TMA 167 / 255, plain 214 / 252   [(128, 64, 8, 2) 208 / 255 + 92 B]
+#   dq   D=128: (128, 32, 8, 1) plain 209 / 255   [TMA 180 / 255 + 12 B; TMA (128, 16, 8, 1)
+#               166 / 220 but 16-key steps; (128, 64, 8, 2) 254 / 255 + 136 B; (64, 64, 8, 2) 255 / 255]
+#   dq   D=64:  (64, 32, 4, 1)  TMA 155 / 228   [TMA (64, 32, 4, 2) 161 / 255 + 16 B;
+#               plain (64, 64, 4, 2) 251 / 255 + 84 B; (64, 64, 8, 2) 200 / 255 + 52 B]
 #   dkdv D=128: (16, 128, 8, 2) 207 / 239   [(32, 128, 8, 2) 243 / 255 + 80 B; (64, 64, 8, 2) 255 + 160 B;
 #               (32, 64, 4, 2) 250 / 254, but twice the q/dO reads per key]
 #   dkdv D=64:  (32, 128, 8, 2) 181 / 213   [(64, 64, 4, 2) 245 / 255; (64, 128, 8, 2) 245 / 255 + 72 B]
 # (the dk/dv kernel computes transposed (keys x rows) tiles, so its 128 keys are the wgmma M
-# side: 64 keys per warpgroup). Occupancy is 1 CTA of 8 warps (or 2 of 4) per SM for all of
-# them: registers, not shared memory, limit it. Other head dims: untuned, compile-tested.
+# side: 64 keys per warpgroup; its K/V tile is loaded once per program, so no TMA there).
+# Occupancy: 1 CTA of 8 warps or 2 of 4 per SM (3 of 4 for the D=64 TMA forward and dq):
+# registers, not shared memory, limit it. Other head dims: untuned, compile-tested.
 FWD_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
@@ -81,7 +87,7 @@ FWD_CONFIGS = {
 DQ_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (64, 32, 4, 2),
+    64: (64, 32, 4, 1),
     128: (128, 32, 8, 1),
     256: (64, 32, 8, 1),
 }
@@ -101,6 +107,52 @@ DKDV_CONFIGS = {
     128: (16, 128, 8, 2),
     256: (32, 64, 8, 1),
 }
+
+
+#: K/V loads of the union forward and dq through TMA tensor descriptors: None = automatic
+#: (``tma_loads``), True / False force it (tests run the descriptor path in the interpreter).
+TMA_LOADS: bool | None = None
+#: Head dims whose union kernels use TMA K/V loads (from the static report, see the tables):
+#: dq at D=128 would need BLOCK_N = 16 to stay spill-free with them on sm_80's compile.
+TMA_HEAD_DIMS = {"fwd": (64, 128), "dq": (64,)}
+
+
+def _scratch_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_loads(kernel: str, head_dim: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the union ``kernel`` ("fwd" or "dq") loads K/V through device-side TMA
+    descriptors (its ``USE_TMA``) at padded head dim ``head_dim``.
+
+    Triton 3.9 dropped ``tl.make_block_ptr``; ``tl.make_tensor_descriptor`` compiles to TMA
+    (UTMALDG) on sm_90. Used for the (kernel, head dim) pairs in ``TMA_HEAD_DIMS`` when the
+    active Triton target is CUDA sm_90+ and TMA's alignment rules hold for k and v: 16-byte
+    aligned base, token and head strides (so every head's rows start 16-byte aligned). The
+    descriptors live in a per-launch global scratch buffer (128 B each, two per program) that
+    Triton takes from ``triton.set_allocator``: if none is set, a torch one is installed.
+    """
+    if TMA_LOADS is not None:
+        return bool(TMA_LOADS)
+    if head_dim not in TMA_HEAD_DIMS[kernel]:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # noqa: BLE001 - no usable driver: plain loads
+        return False
+    if target.backend != "cuda" or not isinstance(target.arch, int) or target.arch < 90:
+        return False
+    for t in (k, v):
+        es = t.element_size()
+        if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16:
+            return False
+    from triton.runtime import _allocation  # Triton's own allocator slot (no public getter)
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch_allocator)
+    return True
 
 
 #: dk/dv: a (key block, KV head) pair's row list longer than this many rows is split into
@@ -247,6 +299,7 @@ def _fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
@@ -290,14 +343,23 @@ def _fwd_kernel(
         q_rel = (q_pos0 - block_first).to(tl.int32) + offs_mi  # (BLOCK_M,)
         k_blk = K + (k0 + block_first) * stride_kt + kv_head * stride_kh  # scalar: the block's first key
         v_blk = V + (k0 + block_first) * stride_vt + kv_head * stride_vh
+        if USE_TMA:  # sm_90 TMA: descriptors bounded by this block and the real head dim (zero fill
+            # past them: a tail block never reads the next sequence's keys); see tma_loads()
+            k_desc = tl.make_tensor_descriptor(k_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
         for n0 in range(0, n_end, BLOCK_N):
             k_rel = n0 + offs_n  # (BLOCK_N,) key offset inside the block
             k_ok = k_rel < block_len  # (BLOCK_N,)
             kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
             # int64 scalar tile base + int32 in-tile offsets: fewer registers than int64 pointer
             # tiles (BLOCK_N * stride_kt < 2**31 as Hkv <= 65535 and D <= 256)
-            k = tl.load(k_blk + n0 * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :]),
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+            if USE_TMA:
+                k = k_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+            else:
+                k = tl.load(k_blk + n0 * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) float32
             valid = sel[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
             valid = valid & ((k_rel[None, :] <= q_rel[:, None]) | (causal == 0))
@@ -307,8 +369,11 @@ def _fwd_kernel(
             alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
             p = tl.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_blk + n0 * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :]),
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+            if USE_TMA:
+                v = v_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+            else:
+                v = tl.load(v_blk + n0 * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, HEAD_DIM)
             m_i = m_new
         cur, slot, j = next_union_block(idx_row, cur, sel, slot, n_slots, BIG)
@@ -329,6 +394,7 @@ def _bwd_dq_kernel(
     stride_dqt, stride_dqh,
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
@@ -370,15 +436,24 @@ def _bwd_dq_kernel(
         q_rel = (q_pos0 - block_first).to(tl.int32) + offs_mi  # (BLOCK_M,) query position - block's first key
         k_blk = K + (k0 + block_first) * stride_kt + kv_head * stride_kh  # scalar: the block's first key
         v_blk = V + (k0 + block_first) * stride_vt + kv_head * stride_vh
+        if USE_TMA:  # sm_90 TMA: descriptors bounded by this block and the real head dim (zero fill
+            # past them: a tail block never reads the next sequence's keys); see tma_loads()
+            k_desc = tl.make_tensor_descriptor(k_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
         for n0 in range(0, n_end, BLOCK_N):
             k_rel = n0 + offs_n  # (BLOCK_N,) key offset inside the block
             k_ok = k_rel < block_len  # (BLOCK_N,)
             kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
-            # int64 scalar tile base + int32 in-tile offsets (see _fwd_kernel)
-            k = tl.load(k_blk + n0 * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :]),
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
-            v = tl.load(v_blk + n0 * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :]),
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+            if USE_TMA:
+                k = k_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+                v = v_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+            else:  # int64 scalar tile base + int32 in-tile offsets (see _fwd_kernel)
+                k = tl.load(k_blk + n0 * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                v = tl.load(v_blk + n0 * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
             valid = sel[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
             valid = valid & ((k_rel[None, :] <= q_rel[:, None]) | (causal == 0))
@@ -780,7 +855,7 @@ def attention_forward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
-            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("fwd", head_dim, k, v),
             num_warps=warps, num_stages=stages,
         )
         return out, lse
@@ -862,7 +937,7 @@ def attention_backward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
-            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("dq", head_dim, k, v),
             num_warps=warps, num_stages=stages,
         )
     else:
@@ -931,6 +1006,9 @@ def kernel_configs(dtype: str):
         types += _ATTN_SCALARS
         const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"fwd_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        if head_dim in TMA_HEAD_DIMS["fwd"] and dtype != "fp32":
+            const = dict(const, USE_TMA=True)
+            yield f"fwd_tma_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
     for head_dim, (bm, bn, warps, stages) in DQ_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "IDX", "TILE_SEQ", "TILE_START", "CU_Q", "CU_K"]
         types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*i32", "*i32", "*i32", "*i32", "*i32"] + ["i64"] * 10
@@ -940,6 +1018,9 @@ def kernel_configs(dtype: str):
         types += _ATTN_SCALARS
         const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        if head_dim in TMA_HEAD_DIMS["dq"] and dtype != "fp32":
+            const = dict(const, USE_TMA=True)
+            yield f"dq_tma_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
     for head_dim, (bm, bn, warps, stages) in DKDV_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "PART_DK", "PART_DV",
                  "ROWS", "ITEM_PAIR", "ITEM_BEGIN", "ITEM_END", "ITEM_PART", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
@@ -976,7 +1057,7 @@ def kernel_configs(dtype: str):
 
 __all__ = [
     "BIG_INDEX", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS", "FWD_GATHER_CONFIGS",
-    "DkdvWork",
-    "KernelLayout", "attention_backward", "attention_forward", "choose_decomposition", "dkdv_work", "kernel_configs",
+    "TMA_HEAD_DIMS", "TMA_LOADS", "DkdvWork",
+    "KernelLayout", "attention_backward", "attention_forward", "choose_decomposition", "dkdv_work", "kernel_configs", "tma_loads",
     "padded_head_dim", "query_tiles", "selection_rows", "sort_block_indices",
 ]
