@@ -95,7 +95,8 @@ def test_capture_is_the_real_specialisation(report):
     assert gate["constexprs"]["SORT_WIDTH"] == 4 and gate["constexprs"]["causal"] == 1
     fwd = _row(report, "_fwd_kernel", 90)
     # causal == 1 is specialised into a constant by Triton at launch; the config tables do not say so
-    assert fwd["constexprs"] == {"causal": 1, "BIG": 1 << 30, "HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 32}
+    assert fwd["constexprs"] == {"causal": 1, "BIG": 1 << 30, "HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 32,
+                                "USE_TMA": True}
     assert fwd["dtype"] == "bf16" and fwd["num_warps"] == 8 and fwd["num_stages"] == 1
     dkdv = _row(report, "_bwd_dkdv_kernel", 90)
     assert len(dkdv["used_by"]) == 2  # the union and the gather backward launch the same dk/dv kernel

@@ -1004,7 +1004,7 @@ def kernel_configs(dtype: str):
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh"]
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
-        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
+        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False)
         yield f"fwd_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
         if head_dim in TMA_HEAD_DIMS["fwd"] and dtype != "fp32":
             const = dict(const, USE_TMA=True)
@@ -1016,7 +1016,7 @@ def kernel_configs(dtype: str):
                   "stride_dot", "stride_doh", "stride_dqt", "stride_dqh"]
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
-        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
+        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False)
         yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
         if head_dim in TMA_HEAD_DIMS["dq"] and dtype != "fp32":
             const = dict(const, USE_TMA=True)
