@@ -25,8 +25,10 @@ Work decomposition (chosen deliberately; two for the forward and dq, picked per 
   exact; the choice only moves work.
 * dk/dv: always per key tile: one program per (``BLOCK_N`` key tile of one key block, KV
   head) loops over the gathered rows that chose the block (query heads of a GQA group land in
-  the same list, so K/V are never repeated) and accumulates dk, dv in registers. Each key
-  tile has exactly one owner: no atomics, deterministic (stable row order).
+  the same list, so K/V are never repeated) and accumulates dk, dv in registers. A block
+  chosen by many rows (a "sink") has its list split into chunks, one program each, whose
+  float32 partials ``_dkdv_reduce_kernel`` sums in chunk order (``dkdv_work``): no atomics,
+  deterministic (stable row order, fixed chunk order).
 
 Masks: rows past the end of a sequence, keys past the end of a tail block, head-dim
 padding to the next power of two (``HEAD_DIM`` is the padded size, ``d_real`` the real
