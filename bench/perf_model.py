@@ -14,7 +14,8 @@ Designs modelled
   every block (future ones too), host glue (sort, selection grouping, ``torch.unique``) in the
   forward and again in the backward, the union kernel's wasted MMA rows or the gather kernel's
   per-slot float32 partials and their slot-by-slot merge in PyTorch, and dk/dv with one
-  program per key tile walking every row that chose its block. ``auto`` is the launcher's
+  program per key tile walking the rows that chose its block, a heavy ("sink") block's rows
+  split into chunks whose float32 partials a second kernel sums in order (``today_dkdv``). ``auto`` is the launcher's
   rule (union unless it computes > 1.5x the gather MMA rows).
 * ``owner-gather`` / ``owner-auto``: the gather path as it is now (issue 14, item 2) with the
   selection built once on device (item 4), everything else as ``today-*``: one program per
@@ -101,6 +102,11 @@ GATE_TC_EFF = 0.30
 TOPK_OPS_PER_SCORE_SLOT = 2
 #: Tile shapes. Today: BLOCK_M = 64 for every attention kernel, BLOCK_M = 64 gate rows; redesign: 128.
 TODAY_BLOCK_M = 64
+#: dk/dv today (triton_kernels/attention.py DKDV_CONFIGS at D=64/128): keys per program, query
+#: rows per step, and dkdv_work's smallest split of a heavy row list.
+DKDV_KEY_TILE = 128
+DKDV_ROWS_PER_STEP = 32
+DKDV_MIN_SPLIT_ROWS = 4096
 REDESIGN_BLOCK_M = 128
 #: Resident programs per SM (kernel_report, sm_90, D=128: attention 1 block of 8 warps;
 #: the gate 3 blocks of 4 warps).
@@ -328,17 +334,42 @@ def today_attention(s: Shape, decomposition: str, uncorrelated: bool = False) ->
                           mma_eff=TODAY_EFF["bwd"], notes="one float32 dq partial per (row, slot) to HBM"))
         out.append(Kernel("gather dq sum (PyTorch)", "bwd", hbm_bytes=nnz * 24 * d + r * (4 * d + d * e),
                           launches=3 * s.n_slots + 2))
-    # dk/dv: one program per (64-key tile, block, KV head) walks every row that chose the block,
-    # over whole key tiles (the own block's causal half is masked, not skipped).
-    key_tiles = -(-s.block_size // 64) * s.n_blocks * s.kv_heads * s.batch
-    rows_per_block = s.seqlen * group * s.n_slots / s.n_blocks
-    sink_rows = max(SINK_FRACTION * s.seqlen * group, rows_per_block)
+    out.extend(today_dkdv(s, useful_fwd))
+    return out
+
+
+def today_dkdv(s: Shape, useful_fwd: float) -> list[Kernel]:
+    """dk/dv as triton_kernels/attention.py launches it (``dkdv_work``): one program per
+    (``DKDV_KEY_TILE``-key tile, work item); a (block, KV head) pair's row list is one item
+    unless it has more than ``split`` rows = max(``DKDV_MIN_SPLIT_ROWS``, 2 x the mean rows per
+    pair): then ceil(rows / split) chunks write float32 partial dk/dv (written once, read once
+    by ``_dkdv_reduce_kernel``, which sums them in chunk order). The longest program walks
+    min(sink rows, split) rows, not all the sink's rows. The own block's causal half is masked,
+    not skipped (``waste``). Heavy pairs modelled: the sink only (``SINK_FRACTION`` of the rows
+    of every KV head pick one block); the other pairs hold the mean."""
+    d, e = s.head_dim, s.elem_bytes
+    group = s.heads // s.kv_heads
+    tiles_per_block = -(-s.block_size // DKDV_KEY_TILE)
+    rows_per_pair = s.seqlen * group * s.n_slots / s.n_blocks  # mean over (block, KV head) pairs
+    split = max(DKDV_MIN_SPLIT_ROWS, math.ceil(2 * rows_per_pair / DKDV_ROWS_PER_STEP) * DKDV_ROWS_PER_STEP)
+    sink_rows = max(SINK_FRACTION * s.seqlen * group, rows_per_pair)
+    sink_chunks = math.ceil(sink_rows / split) if sink_rows > split else 0  # per sink pair
+    n_parts = sink_chunks * s.kv_heads * s.batch
+    items = s.n_blocks * s.kv_heads * s.batch + max(0, n_parts - s.kv_heads * s.batch)
+    longest = min(sink_rows, split)
     waste = s.n_slots / max(0.5, s.n_slots - 0.5)
-    out.append(Kernel("_bwd_dkdv_kernel", "bwd", flops=2 * useful_fwd * waste, useful_flops=2 * useful_fwd,
-                      hbm_bytes=4 * s.batch * s.seqlen * s.kv_heads * d * e + key_tiles * rows_per_block * (2 * d * e + 12),
-                      programs=key_tiles, mma_eff=TODAY_EFF["bwd"],
-                      serial_flops=math.ceil(sink_rows / 64) * attention_flops(64 * 64, d, "fwd") * 2,
-                      notes=f"longest program: {sink_rows:.0f} rows (sink fraction {SINK_FRACTION})"))
+    row_reads = s.rows * s.n_slots * tiles_per_block * (2 * d * e + 12)  # q, dO, lse, delta, row id per key tile
+    part_bytes = n_parts * s.block_size * d * 4 * 2  # float32 dk and dv partials
+    out = [Kernel("_bwd_dkdv_kernel", "bwd", flops=2 * useful_fwd * waste, useful_flops=2 * useful_fwd,
+                  hbm_bytes=4 * s.batch * s.seqlen * s.kv_heads * d * e + row_reads + part_bytes,
+                  programs=items * tiles_per_block, mma_eff=TODAY_EFF["bwd"],
+                  serial_flops=attention_flops(longest * DKDV_KEY_TILE, d, "fwd") * 2,
+                  notes=f"longest program: {longest:.0f} rows (sink {sink_rows:.0f} rows in {max(1, sink_chunks)} "
+                        f"chunk(s) of <= {split} rows)")]
+    if n_parts:
+        out.append(Kernel("_dkdv_reduce_kernel", "bwd", hbm_bytes=part_bytes + 2 * s.kv_heads * s.batch * s.block_size * d * e,
+                          programs=s.kv_heads * s.batch * tiles_per_block, blocks_per_sm=4,
+                          notes=f"{n_parts} float32 partials summed in chunk order"))
     return out
 
 

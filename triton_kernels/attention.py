@@ -67,8 +67,10 @@ super-tiles, and the forward's decomposition. The block geometry (``kernel_layou
 in one pinned, non-blocking copy.
 * dk/dv: always per key tile: one program per (``BLOCK_N`` key tile of one key block, KV
   head) loops over the gathered rows that chose the block (query heads of a GQA group land in
-  the same list, so K/V are never repeated) and accumulates dk, dv in registers. Each key
-  tile has exactly one owner: no atomics, deterministic (stable row order).
+  the same list, so K/V are never repeated) and accumulates dk, dv in registers. A block
+  chosen by many rows (a "sink") has its list split into chunks, one program each, whose
+  float32 partials ``_dkdv_reduce_kernel`` sums in chunk order (``dkdv_work``): no atomics,
+  deterministic (stable row order, fixed chunk order).
 
 Masks: rows past the end of a sequence, keys past the end of a tail block, head-dim
 padding to the next power of two (``HEAD_DIM`` is the padded size, ``d_real`` the real
@@ -84,6 +86,7 @@ of their key sequence (``cu_q == cu_k`` for self-attention, fewer queries for de
 from __future__ import annotations
 
 import itertools
+import os
 from typing import NamedTuple
 
 import torch
@@ -95,19 +98,42 @@ BIG_INDEX = 1 << 30
 
 # Tile configurations, keyed by the padded head dim. The launchers and the ahead-of-time
 # compile tests both read these tables (tests enumerate ``kernel_configs()``).
-# (BLOCK_M, BLOCK_N, num_warps, num_stages)
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); for dk/dv BLOCK_M counts query rows per step and
+# BLOCK_N the keys a program owns.
+#
+# Chosen from the static report (bench/kernel_report.py, triton 3.9.0, bf16 = fp16, no GPU):
+# zero spills and zero LDL/STL on sm_90 *and* sm_80, every matmul a wgmma on sm_90, and a
+# wgmma M side of 64 rows per warpgroup (4 warps per 64 rows: 8 warps on 64 rows made both
+# warpgroups share one 64-row score tile). Registers sm_90 / sm_80 (+ spill bytes if any),
+# "TMA" = K/V through tensor descriptors (``TMA_HEAD_DIMS``; sm_80 compiles the same
+# specialisation, the launcher never passes it there):
+#   fwd  D=128: (128, 32, 8, 1) TMA 197 / 228, plain 213 / 218   [(64, 64, 8, 2) 238 / 255 with
+#               rows shared by the warpgroups; (128, 64, 8, 2) 251 / 255 + 16 B;
+#               (128, 64, 8, 1) 233 / 255 + 60 B; (64, 64, 4, 2) 255 + 344 B]
+#   fwd  D=64:  (64, 64, 4, 2)  TMA 167 / 255, plain 214 / 252   [(128, 64, 8, 2) 208 / 255 + 92 B]
+#   dq   D=128: (128, 32, 8, 1) plain 209 / 255   [TMA 180 / 255 + 12 B; TMA (128, 16, 8, 1)
+#               166 / 220 but 16-key steps; (128, 64, 8, 2) 254 / 255 + 136 B; (64, 64, 8, 2) 255 / 255]
+#   dq   D=64:  (64, 32, 4, 1)  TMA 155 / 228   [TMA (64, 32, 4, 2) 161 / 255 + 16 B;
+#               plain (64, 64, 4, 2) 251 / 255 + 84 B; (64, 64, 8, 2) 200 / 255 + 52 B]
+#   dkdv D=128: (16, 128, 8, 2) 207 / 239   [(32, 128, 8, 2) 243 / 255 + 80 B; (64, 64, 8, 2) 255 + 160 B;
+#               (32, 64, 4, 2) 250 / 254, but twice the q/dO reads per key]
+#   dkdv D=64:  (32, 128, 8, 2) 181 / 213   [(64, 64, 4, 2) 245 / 255; (64, 128, 8, 2) 245 / 255 + 72 B]
+# (the dk/dv kernel computes transposed (keys x rows) tiles, so its 128 keys are the wgmma M
+# side: 64 keys per warpgroup; its K/V tile is loaded once per program, so no TMA there).
+# Occupancy: 1 CTA of 8 warps or 2 of 4 per SM (3 of 4 for the D=64 TMA forward and dq):
+# registers, not shared memory, limit it. Other head dims: untuned, compile-tested.
 FWD_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
     64: (64, 64, 4, 2),
-    128: (64, 64, 8, 2),
+    128: (128, 32, 8, 1),
     256: (64, 32, 8, 1),
 }
 DQ_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (64, 64, 4, 2),
-    128: (64, 64, 8, 2),
+    64: (64, 32, 4, 1),
+    128: (128, 32, 8, 1),
     256: (64, 32, 8, 1),
 }
 # The gather kernels (forward, dq) have their own tables: their segment and chunk loops around
@@ -132,8 +158,124 @@ DKDV_CONFIGS = {
     32: (64, 64, 4, 2),
     64: (64, 64, 4, 2),
     128: (64, 64, 8, 2),
+    256: (64, 32, 8, 1),
+}
+DQ_GATHER_CONFIGS = dict(FWD_GATHER_CONFIGS)
+DKDV_CONFIGS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (32, 128, 8, 2),
+    128: (16, 128, 8, 2),
     256: (32, 64, 8, 1),
 }
+
+
+#: K/V loads of the union forward and dq through TMA tensor descriptors: None = automatic
+#: (``tma_loads``), True / False force it (tests run the descriptor path in the interpreter).
+TMA_LOADS: bool | None = None
+#: Head dims whose union kernels use TMA K/V loads (from the static report, see the tables):
+#: dq at D=128 would need BLOCK_N = 16 to stay spill-free with them on sm_80's compile.
+TMA_HEAD_DIMS = {"fwd": (64, 128), "dq": (64,)}
+
+
+def _scratch_allocator(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def tma_loads(kernel: str, head_dim: int, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the union ``kernel`` ("fwd" or "dq") loads K/V through device-side TMA
+    descriptors (its ``USE_TMA``) at padded head dim ``head_dim``.
+
+    Triton 3.9 dropped ``tl.make_block_ptr``; ``tl.make_tensor_descriptor`` compiles to TMA
+    (UTMALDG) on sm_90. Used for the (kernel, head dim) pairs in ``TMA_HEAD_DIMS`` when the
+    active Triton target is CUDA sm_90+ and TMA's alignment rules hold for k and v: 16-byte
+    aligned base, token and head strides (so every head's rows start 16-byte aligned). The
+    descriptors live in a per-launch global scratch buffer (128 B each, two per program) that
+    Triton takes from ``triton.set_allocator``: if none is set, a torch one is installed.
+    """
+    if TMA_LOADS is not None:
+        return bool(TMA_LOADS)
+    if head_dim not in TMA_HEAD_DIMS[kernel]:
+        return False
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        return False
+    try:
+        target = triton.runtime.driver.active.get_current_target()
+    except Exception:  # noqa: BLE001 - no usable driver: plain loads
+        return False
+    if target.backend != "cuda" or not isinstance(target.arch, int) or target.arch < 90:
+        return False
+    for t in (k, v):
+        es = t.element_size()
+        if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16:
+            return False
+    from triton.runtime import _allocation  # Triton's own allocator slot (no public getter)
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch_allocator)
+    return True
+
+
+#: dk/dv: a (key block, KV head) pair's row list longer than this many rows is split into
+#: chunks of this many rows, one program each, whose float32 partials a second kernel sums in
+#: chunk order. None: automatic (``dkdv_work``). Tests set it small to run the split path.
+DKDV_SPLIT_ROWS: int | None = None
+#: Smallest automatic split (rows): below it one pass costs less than the partials' traffic.
+DKDV_MIN_SPLIT_ROWS = 4096
+
+
+class DkdvWork(NamedTuple):
+    """The dk/dv grid's work items (one program per item and key tile) and the heavy pairs' reduce."""
+
+    pair: torch.Tensor  # (I,) int32 (global block, KV head) pair of every item
+    begin: torch.Tensor  # (I,) int32 first position in ``rows``
+    end: torch.Tensor  # (I,) int32 one past the last position
+    part: torch.Tensor  # (I,) int32 partial index of a heavy pair's chunk, -1 = the whole list
+    red_pair: torch.Tensor  # (R,) int32 heavy pairs
+    red_first: torch.Tensor  # (R,) int32 first partial of each heavy pair (its chunks are consecutive)
+    red_count: torch.Tensor  # (R,) int32 chunks of each heavy pair
+    n_parts: int  # total partials (sum of red_count)
+
+
+def dkdv_work(row_ptr: torch.Tensor, block_m: int, split_rows: int | None = None) -> DkdvWork:
+    """Split the row lists of heavy (key block, KV head) pairs for the dk/dv kernel (issue 14, item 5).
+
+    A block chosen by every query (a "sink", e.g. block 0) would otherwise keep one program per
+    key tile walking all its rows while the rest of the GPU idles. A pair with more than
+    ``split_rows`` rows becomes ceil(rows / split_rows) chunks; each writes float32 partial
+    dk/dv that ``_dkdv_reduce_kernel`` sums in chunk order (deterministic, no atomics). Other
+    pairs (the common case) stay one pass writing dk/dv directly.
+
+    Automatic ``split_rows`` (None and ``DKDV_SPLIT_ROWS`` None): twice the mean rows per pair,
+    rounded up to ``block_m``, at least ``DKDV_MIN_SPLIT_ROWS``: no program walks more than
+    about twice the mean, and the partials number at most half the pairs, so their memory is
+    at most 4 B x Tk x Hkv x D (twice k's size in 16 bits). row_ptr: (P + 1,) int32.
+    """
+    if split_rows is None:
+        split_rows = DKDV_SPLIT_ROWS
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()  # (P,)
+    n_pairs = counts.numel()
+    if split_rows is None:
+        mean = -(-int(row_ptr[-1]) // max(1, n_pairs))
+        split_rows = max(DKDV_MIN_SPLIT_ROWS, -(-2 * mean // block_m) * block_m)
+    if not isinstance(split_rows, int) or isinstance(split_rows, bool) or split_rows < 1:
+        raise ValueError(f"dkdv_split_rows must be a positive int or None, got {split_rows!r}")
+    dev = row_ptr.device
+    heavy = counts > split_rows  # (P,)
+    n_items = torch.where(heavy, (counts + split_rows - 1) // split_rows, 1)  # (P,)
+    pair = torch.repeat_interleave(torch.arange(n_pairs, device=dev), n_items)  # (I,)
+    first = torch.cumsum(n_items, 0) - n_items  # (P,) first item of every pair
+    local = torch.arange(pair.numel(), device=dev) - first[pair]  # (I,) chunk index inside its pair
+    begin = row_ptr[:-1].long()[pair] + local * split_rows
+    end = torch.minimum(begin + split_rows, row_ptr[1:].long()[pair])
+    is_part = heavy[pair]  # (I,)
+    part = torch.where(is_part, torch.cumsum(is_part.long(), 0) - 1, -1)  # (I,)
+    red_pair = heavy.nonzero().squeeze(1)  # (R,)
+    red_first = part[first[red_pair]]
+    red_count = n_items[red_pair]
+    i32 = dict(dtype=torch.int32)
+    return DkdvWork(pair.to(**i32), begin.to(**i32), end.to(**i32), part.to(**i32), red_pair.to(**i32),
+                    red_first.to(**i32), red_count.to(**i32), int(is_part.sum()))
 
 
 def padded_head_dim(d: int) -> int:
@@ -232,6 +374,7 @@ def _fwd_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
@@ -242,12 +385,14 @@ def _fwd_kernel(
 
     offs_m = q_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) query token
     row_ok = offs_m < q1  # (BLOCK_M,)
-    q_pos = offs_m - q0 + (seq_len_k - (q1 - q0))  # (BLOCK_M,) position inside the key sequence
+    # Positions inside the key sequence: the tile's first query and the tile's last one.
+    q_pos0 = q_start - q0 + (seq_len_k - (q1 - q0))  # scalar
     q_pos_last = tl.minimum(q_start + BLOCK_M, q1) - 1 - q0 + (seq_len_k - (q1 - q0))  # scalar
+    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_mi = tl.arange(0, BLOCK_M)  # (BLOCK_M,) int32 row offset inside the tile
+
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
-    offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-
     q = tl.load(
         Q + offs_m[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :],
         mask=row_ok[:, None] & d_ok[None, :], other=0.0,
@@ -269,23 +414,41 @@ def _fwd_kernel(
         block_len = tl.minimum(seq_len_k - block_first, block_size)
         # Causal: keys after the tile's last query are masked for every row (own block).
         n_end = tl.where(causal != 0, tl.minimum(block_len, q_pos_last - block_first + 1), block_len)
+        # int32 query positions relative to the block's first key (the causal mask's compare)
+        q_rel = (q_pos0 - block_first).to(tl.int32) + offs_mi  # (BLOCK_M,)
+        k_blk = K + (k0 + block_first) * stride_kt + kv_head * stride_kh  # scalar: the block's first key
+        v_blk = V + (k0 + block_first) * stride_vt + kv_head * stride_vh
+        if USE_TMA:  # sm_90 TMA: descriptors bounded by this block and the real head dim (zero fill
+            # past them: a tail block never reads the next sequence's keys); see tma_loads()
+            k_desc = tl.make_tensor_descriptor(k_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
         for n0 in range(0, n_end, BLOCK_N):
-            k_pos = block_first + n0 + offs_n  # (BLOCK_N,) key position inside the sequence
-            k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
+            k_rel = n0 + offs_n  # (BLOCK_N,) key offset inside the block
+            k_ok = k_rel < block_len  # (BLOCK_N,)
             kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
-            k = tl.load(K + (k0 + k_pos)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+            # int64 scalar tile base + int32 in-tile offsets: fewer registers than int64 pointer
+            # tiles (BLOCK_N * stride_kt < 2**31 as Hkv <= 65535 and D <= 256)
+            if USE_TMA:
+                k = k_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+            else:
+                k = tl.load(k_blk + n0 * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N) float32
             valid = sel[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
-            valid = valid & ((k_pos[None, :] <= q_pos[:, None]) | (causal == 0))
+            valid = valid & ((k_rel[None, :] <= q_rel[:, None]) | (causal == 0))
             s = tl.where(valid, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (BLOCK_M,)
             alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
             p = tl.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(V + (k0 + k_pos)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+            if USE_TMA:
+                v = v_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+            else:
+                v = tl.load(v_blk + n0 * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, HEAD_DIM)
             m_i = m_new
         cur, slot, j = next_union_block(idx_row, cur, sel, slot, n_slots, BIG)
@@ -306,6 +469,7 @@ def _bwd_dq_kernel(
     stride_dqt, stride_dqh,
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_TMA: tl.constexpr = False,
 ):
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
@@ -316,11 +480,12 @@ def _bwd_dq_kernel(
 
     offs_m = q_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     row_ok = offs_m < q1  # (BLOCK_M,)
-    q_pos = offs_m - q0 + (seq_len_k - (q1 - q0))  # (BLOCK_M,)
+    q_pos0 = q_start - q0 + (seq_len_k - (q1 - q0))  # scalar: the tile's first query in the key sequence
     q_pos_last = tl.minimum(q_start + BLOCK_M, q1) - 1 - q0 + (seq_len_k - (q1 - q0))  # scalar
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+    offs_mi = tl.arange(0, BLOCK_M)  # (BLOCK_M,) int32 row offset inside the tile
     row_mask = row_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
 
     q = tl.load(Q + offs_m[:, None] * stride_qt + pid_h * stride_qh + offs_d[None, :],
@@ -343,17 +508,30 @@ def _bwd_dq_kernel(
         block_len = tl.minimum(seq_len_k - block_first, block_size)
         # Causal: keys after the tile's last query are masked for every row (own block).
         n_end = tl.where(causal != 0, tl.minimum(block_len, q_pos_last - block_first + 1), block_len)
+        q_rel = (q_pos0 - block_first).to(tl.int32) + offs_mi  # (BLOCK_M,) query position - block's first key
+        k_blk = K + (k0 + block_first) * stride_kt + kv_head * stride_kh  # scalar: the block's first key
+        v_blk = V + (k0 + block_first) * stride_vt + kv_head * stride_vh
+        if USE_TMA:  # sm_90 TMA: descriptors bounded by this block and the real head dim (zero fill
+            # past them: a tail block never reads the next sequence's keys); see tma_loads()
+            k_desc = tl.make_tensor_descriptor(k_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_blk, shape=[block_len.to(tl.int32), d_real], strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, HEAD_DIM])
         for n0 in range(0, n_end, BLOCK_N):
-            k_pos = block_first + n0 + offs_n  # (BLOCK_N,)
-            k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
+            k_rel = n0 + offs_n  # (BLOCK_N,) key offset inside the block
+            k_ok = k_rel < block_len  # (BLOCK_N,)
             kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
-            k = tl.load(K + (k0 + k_pos)[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
-            v = tl.load(V + (k0 + k_pos)[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+            if USE_TMA:
+                k = k_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+                v = v_desc.load([tl.cast(n0, tl.int32), 0])  # (BLOCK_N, HEAD_DIM)
+            else:  # int64 scalar tile base + int32 in-tile offsets (see _fwd_kernel)
+                k = tl.load(k_blk + n0 * stride_kt + (offs_n[:, None] * stride_kt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                v = tl.load(v_blk + n0 * stride_vt + (offs_n[:, None] * stride_vt + offs_d[None, :]),
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
             s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
             valid = sel[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
-            valid = valid & ((k_pos[None, :] <= q_pos[:, None]) | (causal == 0))
+            valid = valid & ((k_rel[None, :] <= q_rel[:, None]) | (causal == 0))
             p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
             dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
             ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
@@ -367,35 +545,39 @@ def _bwd_dq_kernel(
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
-    ROWS, ROW_PTR, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
+    Q, K, V, DO, LSE, DELTA, DK, DV, PART_DK, PART_DV,
+    ROWS, ITEM_PAIR, ITEM_BEGIN, ITEM_END, ITEM_PART, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
-    scale, n_heads_q, n_heads_kv, n_key_tiles, causal, d_real,
+    scale, n_heads_q, n_heads_kv, n_key_tiles, block_size, causal, d_real,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # One program per (work item, key tile): a work item is a (key block, KV head) pair's whole
+    # row list, or one chunk of a heavy pair's list (see dkdv_work); chunks write float32
+    # partials that _dkdv_reduce_kernel sums in chunk order.
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid: no grid dimension limit on long inputs
     pid_n = pid % n_key_tiles  # key tile inside the block
-    pid_g = pid // n_key_tiles  # (global block, KV head) pair
-    block = pid_g // n_heads_kv
-    kv_head = pid_g % n_heads_kv
+    item = pid // n_key_tiles
+    pair = tl.load(ITEM_PAIR + item).to(tl.int64)  # (global block, KV head) pair
+    block = pair // n_heads_kv
+    kv_head = pair % n_heads_kv
     block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
     n0 = pid_n * BLOCK_N
     if n0 < block_len:
-        block_start = tl.load(BLOCK_START + block).to(tl.int64)
+        tile_first = tl.load(BLOCK_START + block).to(tl.int64) + n0  # global token of the tile's first key
         offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
         k_ok = (n0 + offs_n) < block_len  # (BLOCK_N,)
-        k_tok = block_start + n0 + offs_n  # (BLOCK_N,) global key token
         offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
         d_ok = offs_d < d_real  # (HEAD_DIM,)
         kv_mask = k_ok[:, None] & d_ok[None, :]  # (BLOCK_N, HEAD_DIM)
-        r_begin = tl.load(ROW_PTR + pid_g).to(tl.int64)
-        r_end = tl.load(ROW_PTR + pid_g + 1).to(tl.int64)
+        r_begin = tl.load(ITEM_BEGIN + item).to(tl.int64)
+        r_end = tl.load(ITEM_END + item).to(tl.int64)
         live = (offs_n * 0 + (r_end - r_begin)) > 0  # (BLOCK_N,) false when no query chose this block
         load_mask = kv_mask & live[:, None]  # (BLOCK_N, HEAD_DIM): then no K/V traffic
-        k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :],
+        # int64 scalar tile base + int32 in-tile offsets (BLOCK_N * stride < 2**31: Hkv <= 65535, D <= 256)
+        k = tl.load(K + tile_first * stride_kt + kv_head * stride_kh + (offs_n[:, None] * stride_kt + offs_d[None, :]),
                     mask=load_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
-        v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+        v = tl.load(V + tile_first * stride_vt + kv_head * stride_vh + (offs_n[:, None] * stride_vt + offs_d[None, :]),
                     mask=load_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
         dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # (BLOCK_N, HEAD_DIM)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)  # (BLOCK_N, HEAD_DIM)
@@ -407,26 +589,71 @@ def _bwd_dkdv_kernel(
             tok = row // n_heads_q  # (BLOCK_M,)
             head = row % n_heads_q  # (BLOCK_M,)
             row_mask = r_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
-            q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+            q = tl.load(Q + (tok * stride_qt + head * stride_qh)[:, None] + offs_d[None, :],
                         mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
-            do = tl.load(DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
-                         mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+            # int32 query position relative to the tile's first key (the causal compare)
+            q_rel = (tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64) - tile_first).to(tl.int32)  # (BLOCK_M,)
             lse2 = tl.load(LSE + row, mask=r_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
+            # Transposed tiles (keys x rows): every matmul has the BLOCK_N keys as its M side,
+            # one 64-row wgmma slice per warpgroup, and dk/dv accumulate without a transpose.
+            s_t = tl.dot(k, tl.trans(q)) * qk_scale  # (BLOCK_N, BLOCK_M)
+            valid = k_ok[:, None] & r_ok[None, :]  # (BLOCK_N, BLOCK_M)
+            valid = valid & ((offs_n[:, None] <= q_rel[None, :]) | (causal == 0))
+            p_t = tl.where(valid, tl.exp2(s_t - lse2[None, :]), 0.0)  # (BLOCK_N, BLOCK_M)
+            do = tl.load(DO + (tok * stride_dot + head * stride_doh)[:, None] + offs_d[None, :],
+                         mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+            dv += tl.dot(p_t.to(do.dtype), do)  # (BLOCK_N, HEAD_DIM)
             delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
-            q_tok = tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64)  # (BLOCK_M,)
-            s = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N)
-            valid = r_ok[:, None] & k_ok[None, :]  # (BLOCK_M, BLOCK_N)
-            valid = valid & ((k_tok[None, :] <= q_tok[:, None]) | (causal == 0))
-            p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-            dv += tl.dot(tl.trans(p.to(do.dtype)), do)  # (BLOCK_N, HEAD_DIM)
-            dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
-            ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q)  # (BLOCK_N, HEAD_DIM)
-        dk = dk * scale
-        tl.store(DK + k_tok[:, None] * stride_dkt + kv_head * stride_dkh + offs_d[None, :],
-                 dk.to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(DV + k_tok[:, None] * stride_dvt + kv_head * stride_dvh + offs_d[None, :],
-                 dv.to(DV.dtype.element_ty), mask=kv_mask)
+            dp_t = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+            ds_t = p_t * (dp_t - delta[None, :])  # (BLOCK_N, BLOCK_M)
+            dk += tl.dot(ds_t.to(q.dtype), q)  # (BLOCK_N, HEAD_DIM)
+        part = tl.load(ITEM_PART + item)
+        if part < 0:  # the pair's whole list: final dk, dv
+            tl.store(DK + tile_first * stride_dkt + kv_head * stride_dkh + (offs_n[:, None] * stride_dkt + offs_d[None, :]),
+                     (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+            tl.store(DV + tile_first * stride_dvt + kv_head * stride_dvh + (offs_n[:, None] * stride_dvt + offs_d[None, :]),
+                     dv.to(DV.dtype.element_ty), mask=kv_mask)
+        else:  # one chunk of a heavy pair: float32 partials (part, block_size, d_real)
+            p_off = (part.to(tl.int64) * block_size + n0) * d_real
+            tl.store(PART_DK + p_off + (offs_n[:, None] * d_real + offs_d[None, :]), dk, mask=kv_mask)
+            tl.store(PART_DV + p_off + (offs_n[:, None] * d_real + offs_d[None, :]), dv, mask=kv_mask)
+
+
+@triton.jit
+def _dkdv_reduce_kernel(
+    PART_DK, PART_DV, DK, DV, RED_PAIR, RED_FIRST, RED_COUNT, BLOCK_START, BLOCK_LEN,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    scale, n_heads_kv, n_key_tiles, block_size, d_real,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # One program per (heavy pair, key tile): the pair's chunk partials summed in chunk order
+    # (deterministic, no atomics), then dk * scale and dv stored in the inputs' dtype.
+    pid = tl.program_id(0).to(tl.int64)
+    pid_n = pid % n_key_tiles
+    red = pid // n_key_tiles
+    pair = tl.load(RED_PAIR + red).to(tl.int64)
+    block = pair // n_heads_kv
+    kv_head = pair % n_heads_kv
+    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    if n0 < block_len:
+        tile_first = tl.load(BLOCK_START + block).to(tl.int64) + n0
+        first = tl.load(RED_FIRST + red).to(tl.int64)
+        count = tl.load(RED_COUNT + red)
+        offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
+        mask = ((n0 + offs_n) < block_len)[:, None] & (offs_d < d_real)[None, :]  # (BLOCK_N, HEAD_DIM)
+        tile = offs_n[:, None] * d_real + offs_d[None, :]  # (BLOCK_N, HEAD_DIM) int32
+        dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+        for c in range(0, count):
+            p_off = ((first + c) * block_size + n0) * d_real
+            dk += tl.load(PART_DK + p_off + tile, mask=mask, other=0.0)
+            dv += tl.load(PART_DV + p_off + tile, mask=mask, other=0.0)
+        tl.store(DK + tile_first * stride_dkt + kv_head * stride_dkh + (offs_n[:, None] * stride_dkt + offs_d[None, :]),
+                 (dk * scale).to(DK.dtype.element_ty), mask=mask)
+        tl.store(DV + tile_first * stride_dvt + kv_head * stride_dvh + (offs_n[:, None] * stride_dvt + offs_d[None, :]),
+                 dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -885,7 +1112,7 @@ def attention_forward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
-            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("fwd", head_dim, k, v),
             num_warps=warps, num_stages=stages,
         )
         return out, lse, flat
@@ -920,10 +1147,13 @@ def attention_backward(
     causal: bool,
     scale: float,
     decomposition: str = "auto",
+    dkdv_split_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoBA backward from the saved float32 lse and the forward's flat ``selection``. Returns
     dq, dk, dv in the dtypes of q, k, v. dq takes the forward's decomposition (for "auto" read
-    back from ``selection``: one host sync); dk/dv always gather per key tile."""
+    back from ``selection``: one host sync); dk/dv always gather per key tile, splitting the row
+    lists longer than ``dkdv_split_rows`` (None: ``DKDV_SPLIT_ROWS`` or automatic, see
+    ``dkdv_work``)."""
     _check_inputs(q, k, v, sorted_indices.shape[-1])
     decomposition = _resolve(decomposition)
     dout = dout.contiguous()
@@ -956,7 +1186,7 @@ def attention_backward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
-            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("dq", head_dim, k, v),
             num_warps=warps, num_stages=stages,
         )
     else:
@@ -975,15 +1205,26 @@ def attention_backward(
 
     block_m, block_n, warps, stages = DKDV_CONFIGS[head_dim]
     n_key_tiles = triton.cdiv(lay.block_size, block_n)
-    _bwd_dkdv_kernel[(n_key_tiles * n_blocks * hkv,)](
-        q, k, v, dout, lse, delta, dk, dv,
-        sel.rows, sel.row_ptr, block_start, block_len, q_key_token,
+    work = dkdv_work(sel.row_ptr, block_m, dkdv_split_rows)
+    n_parts = work.n_parts  # chunks of heavy pairs (0: every pair in one pass)
+    part_dk = torch.empty((n_parts, lay.block_size, d), dtype=torch.float32, device=q.device)
+    part_dv = torch.empty((n_parts, lay.block_size, d), dtype=torch.float32, device=q.device)
+    _bwd_dkdv_kernel[(n_key_tiles * work.pair.numel(),)](
+        q, k, v, dout, lse, delta, dk, dv, part_dk, part_dv,
+        sel.rows, work.pair, work.begin, work.end, work.part, block_start, block_len, q_key_token,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-        scale, hq, hkv, n_key_tiles, int(causal), d,
+        scale, hq, hkv, n_key_tiles, lay.block_size, int(causal), d,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=warps, num_stages=stages,
     )
+    if n_parts:
+        _dkdv_reduce_kernel[(n_key_tiles * work.red_pair.numel(),)](
+            part_dk, part_dv, dk, dv, work.red_pair, work.red_first, work.red_count, block_start, block_len,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            scale, hkv, n_key_tiles, lay.block_size, d,
+            HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=4,
+        )
     return dq, dk, dv
 
 
@@ -1003,8 +1244,11 @@ def kernel_configs(dtype: str):
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh"]
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
-        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
+        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False)
         yield f"fwd_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        if head_dim in TMA_HEAD_DIMS["fwd"] and dtype != "fp32":
+            const = dict(const, USE_TMA=True)
+            yield f"fwd_tma_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
     for head_dim, (bm, bn, warps, stages) in DQ_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "IDX", "TILE_SEQ", "TILE_START", "CU_Q", "CU_K"]
         types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*i32", "*i32", "*i32", "*i32", "*i32"] + ["i64"] * 10
@@ -1012,19 +1256,28 @@ def kernel_configs(dtype: str):
                   "stride_dot", "stride_doh", "stride_dqt", "stride_dqh"]
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
-        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
+        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False)
         yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        if head_dim in TMA_HEAD_DIMS["dq"] and dtype != "fp32":
+            const = dict(const, USE_TMA=True)
+            yield f"dq_tma_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
     for head_dim, (bm, bn, warps, stages) in DKDV_CONFIGS.items():
-        names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV",
-                 "ROWS", "ROW_PTR", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
-        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, ptr, "*i32", "*i32", "*i32", "*i32", "*i32"]
+        names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "PART_DK", "PART_DV",
+                 "ROWS", "ITEM_PAIR", "ITEM_BEGIN", "ITEM_END", "ITEM_PART", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, ptr, "*fp32", "*fp32"] + ["*i32"] * 8
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                   "stride_dot", "stride_doh", "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh"]
         types += ["i64"] * 12
-        names += ["scale", "n_heads_q", "n_heads_kv", "n_key_tiles", "causal", "d_real"]
-        types += ["fp32", "i32", "i32", "i32", "i32", "i32"]
+        names += ["scale", "n_heads_q", "n_heads_kv", "n_key_tiles", "block_size", "causal", "d_real"]
+        types += ["fp32", "i32", "i32", "i32", "i32", "i32", "i32"]
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"dkdv_d{head_dim}", _bwd_dkdv_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        names = ["PART_DK", "PART_DV", "DK", "DV", "RED_PAIR", "RED_FIRST", "RED_COUNT", "BLOCK_START", "BLOCK_LEN",
+                 "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
+                 "scale", "n_heads_kv", "n_key_tiles", "block_size", "d_real"]
+        types = ["*fp32", "*fp32", ptr, ptr] + ["*i32"] * 5 + ["i64"] * 4 + ["fp32"] + ["i32"] * 4
+        const = dict(HEAD_DIM=head_dim, BLOCK_N=bn)
+        yield f"dkdv_reduce_d{head_dim}", _dkdv_reduce_kernel, dict(zip(names, types, strict=True)), const, 4, 1
     common = ["ROWS", "SEG_START", "SEG_END", "SEG_PAIR", "PROG_PTR", "ST_START", "ST_END", "BLOCK_START", "BLOCK_LEN",
               "Q_KEY_TOKEN"]
     for head_dim, (bm, bn, warps, stages) in FWD_GATHER_CONFIGS.items():
@@ -1045,8 +1298,9 @@ def kernel_configs(dtype: str):
 
 
 __all__ = [
-    "BIG_INDEX", "DKDV_CONFIGS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS", "FWD_GATHER_CONFIGS",
+    "BIG_INDEX", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS", "FWD_GATHER_CONFIGS",
+    "TMA_HEAD_DIMS", "TMA_LOADS", "DkdvWork",
     "KernelLayout", "Selection", "attention_backward", "attention_forward", "build_selection", "choose_decomposition",
-    "gather_tile", "kernel_configs", "kernel_layout", "padded_head_dim", "query_tiles", "selection_sizes",
-    "sort_block_indices", "unpack_selection",
+    "dkdv_work", "gather_tile", "kernel_configs", "kernel_layout", "padded_head_dim", "query_tiles", "selection_sizes",
+    "sort_block_indices", "tma_loads", "unpack_selection",
 ]

@@ -748,3 +748,109 @@ def test_gather_nan_in_one_sequence_stays_there(poison, monkeypatch):
         results.append([out.detach(), lse] + [t.grad for t in leaves])
     for name, clean, got in zip(["out", "lse", "dq", "dk", "dv"], *results, strict=True):
         assert torch.equal(got[37:], clean[37:]), f"{name} of sequence 1 changed"
+
+
+# dk/dv: heavy (key block, KV head) pairs split into chunks (issue 14, item 5)
+
+
+def _sink_indices(q, k, layout, top_k, causal):
+    """The gate's selection with block 0 of every sequence forced into every row (a "sink"
+    block chosen by every query): the last slot becomes 0 where 0 is missing."""
+    from moba.gate import select_packed
+
+    idx = select_packed(q, k, layout, top_k, causal).clone()
+    has0 = (idx == 0).any(-1)
+    idx[..., -1] = torch.where(has0, idx[..., -1], torch.zeros_like(idx[..., -1]))
+    return idx
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+@pytest.mark.parametrize(("causal", "dtype", "split_rows"), [
+    (True, torch.float16, 40),  # chunks of 40 rows: not a multiple of BLOCK_M, a ragged last chunk
+    (False, torch.float32, 7),
+])
+def test_dkdv_split_of_heavy_blocks_matches_reference(monkeypatch, decomposition, causal, dtype, split_rows):
+    from moba._layout import build_layout
+    from moba.triton_kernels import attention as attn
+
+    cu = [0, 96, 96, 157]  # varlen, an empty sequence, a ragged tail block
+    hq, hkv, d, block_size = 4, 2, 32, 16
+    q, k, v = _make(cu, cu, hq, hkv, d, dtype, seed=3)
+    layout = build_layout(cu, cu, block_size, "cpu")
+    idx = _sink_indices(q, k, layout, 3, causal)
+    calls = []
+    original = attn.dkdv_work
+
+    def spy(*args, **kwargs):
+        calls.append(original(*args, **kwargs))
+        return calls[-1]
+
+    monkeypatch.setattr(attn, "DKDV_SPLIT_ROWS", split_rows)
+    monkeypatch.setattr(attn, "dkdv_work", spy)
+    _check_attention(cu, cu, hq, hkv, d, block_size, 3, causal, dtype, decomposition, seed=3, idx=idx)
+    # the sink pairs (block 0 of a sequence, 2 query heads per KV head) were split
+    assert calls and calls[-1].n_parts > 0 and calls[-1].red_pair.numel() >= 2
+
+
+def test_dkdv_split_is_deterministic_and_close_to_one_pass(monkeypatch):
+    from moba._layout import build_layout
+    from moba.triton_backend import triton_attention_packed
+    from moba.triton_kernels import attention as attn
+
+    cu = [0, 100, 180]
+    q, k, v = _make(cu, cu, 4, 2, 32, torch.float16, seed=5)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = _sink_indices(q, k, layout, 3, True)
+    grads = {}
+    for split_rows, runs in ((16, 2), (None, 1)):
+        monkeypatch.setattr(attn, "DKDV_SPLIT_ROWS", split_rows)
+        for run in range(runs):
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2, "union")
+            out.float().square().sum().backward()
+            grads[split_rows, run] = [t.grad for t in leaves]
+    for a, b in zip(grads[16, 0], grads[16, 1], strict=True):
+        assert torch.equal(a, b)  # bitwise: fixed chunk order, no atomics
+    for a, b in zip(grads[16, 0], grads[None, 0], strict=True):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-3, atol=2e-3)  # only the fp32 sum order differs
+
+
+def test_dkdv_work_by_hand():
+    from moba.triton_kernels.attention import dkdv_work
+
+    row_ptr = torch.tensor([0, 3, 3, 13, 14], dtype=torch.int32)  # pairs with 3, 0, 10, 1 rows
+    w = dkdv_work(row_ptr, block_m=64, split_rows=4)
+    # pair 2 (10 rows) -> chunks [3:7], [7:11], [11:13] = partials 0, 1, 2; the others one pass
+    assert w.pair.tolist() == [0, 1, 2, 2, 2, 3]
+    assert w.begin.tolist() == [0, 3, 3, 7, 11, 13] and w.end.tolist() == [3, 3, 7, 11, 13, 14]
+    assert w.part.tolist() == [-1, -1, 0, 1, 2, -1]
+    assert (w.red_pair.tolist(), w.red_first.tolist(), w.red_count.tolist(), w.n_parts) == ([2], [0], [3], 3)
+    one_pass = dkdv_work(row_ptr, block_m=64)  # automatic: at least DKDV_MIN_SPLIT_ROWS rows, no split here
+    assert one_pass.n_parts == 0 and one_pass.part.tolist() == [-1] * 4
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="dkdv_split_rows"):
+            dkdv_work(row_ptr, block_m=64, split_rows=bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# K/V through TMA tensor descriptors (the union forward / dq on sm_90; issue 14, item 3)
+
+
+@pytest.mark.parametrize(("cu", "hkv", "d", "block_size", "causal", "dtype"), [
+    ([0, 37, 37, 150, 200], 1, 64, 24, True, torch.float16),  # varlen, empty sequence, ragged tail blocks
+    ([0, 100, 190], 2, 32, 20, False, torch.float32),  # GQA, non-causal
+    ([0, 77, 160], 2, 40, 7, True, torch.float16),  # d_real < HEAD_DIM: descriptor zero-fills the padding
+])
+def test_tma_descriptor_loads_match_reference(monkeypatch, cu, hkv, d, block_size, causal, dtype):
+    from moba.triton_kernels import attention as attn
+
+    monkeypatch.setattr(attn, "TMA_LOADS", True)
+    _check_attention(cu, cu, 4, hkv, d, block_size, 3, causal, dtype, "union", seed=4)
+
+
+def test_tma_is_off_without_a_cuda_sm90_target():
+    from moba.triton_kernels.attention import TMA_HEAD_DIMS, tma_loads
+
+    k = torch.zeros(8, 2, 64, dtype=torch.float16)
+    assert not tma_loads("fwd", 64, k, k)  # the interpreter: plain loads unless TMA_LOADS forces it
+    assert 128 not in TMA_HEAD_DIMS["dq"]
