@@ -473,14 +473,14 @@ def _flash_forward(q, k, v, static, block_indices, causal, scale):
     out_flat, max_flat, total_flat, q_flat = out.view(-1, d), lse.view(-1), total.view(-1), qc.view(-1, d)
     for rows, start, length, kv_head in _other_groups(static, block_indices, hq, hkv, causal):
         kb, vb = (x[start : start + length, kv_head][None, None] for x in (kc, vc))
-        o, l = _flash_fwd(q_flat[rows][None, None], kb, vb, 0.0, False, scale=scale)
+        o, l = _flash_fwd(q_flat.index_select(0, rows)[None, None], kb, vb, 0.0, False, scale=scale)
         o, l = o[0, 0], l[0, 0]
-        old = max_flat[rows]
+        old = max_flat.index_select(0, rows)
         new = torch.maximum(old, l)
         w_old, w_new = torch.exp(old - new), torch.exp(l - new)
-        out_flat[rows] = out_flat[rows].mul_(w_old[:, None]).add_(o.mul_(w_new[:, None]))
-        total_flat[rows] = total_flat[rows].mul_(w_old).add_(w_new)
-        max_flat[rows] = new
+        out_flat.index_copy_(0, rows, out_flat.index_select(0, rows).mul_(w_old[:, None]).add_(o.mul_(w_new[:, None])))
+        total_flat.index_copy_(0, rows, total_flat.index_select(0, rows).mul_(w_old).add_(w_new))
+        max_flat.index_copy_(0, rows, new)
     out = out.div_(total[..., None]).to(q.dtype)
     return out, lse.add_(total.log_())
 
@@ -509,8 +509,9 @@ def _flash_backward(q, k, v, out, lse, dout, static, block_indices, causal, scal
     dq_flat, q_flat, g_flat, o_flat, l_flat = dq.view(-1, d), qc.view(-1, d), gc.view(-1, d), oc.view(-1, d), lc.view(-1)
     for rows, start, length, kv_head in _other_groups(static, block_indices, hq, hkv, causal):
         kb, vb = (x[start : start + length, kv_head][None, None] for x in (kc, vc))
-        gq, gk, gv = _flash_bwd(g_flat[rows][None, None], q_flat[rows][None, None], kb, vb, o_flat[rows][None, None],
-                                l_flat[rows][None, None], 0.0, False, scale=scale)
+        gq, gk, gv = _flash_bwd(*(x.index_select(0, rows)[None, None] for x in (g_flat, q_flat)), kb, vb,
+                                *(x.index_select(0, rows)[None, None] for x in (o_flat, l_flat)), 0.0, False,
+                                scale=scale)
         dq_flat.index_add_(0, rows, gq[0, 0])
         dk[start : start + length, kv_head] += gk[0, 0]
         dv[start : start + length, kv_head] += gv[0, 0]
