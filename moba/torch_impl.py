@@ -24,7 +24,9 @@ lengths only (``gated_path``):
     dense attention under the selection mask with the CPU flash-attention kernels, one query
     chunk at a time over its causal key prefix (at context 256 the tile path's bookkeeping
     costs more than the pairs it skips);
-  * "tile": the decomposition above.
+  * "tile": the decomposition above; on CPU, from block size 64 and 1024 key tokens on, computed
+    by the CPU flash-attention kernels instead ("flash formulation", below: the same pairs and
+    the same masking contract; bench/torch_path_cpu.py measures it).
 
 torch.compile: the gate (``moba::torch_gate``) and attention (``moba::torch_attention_fwd`` /
 ``_bwd``, autograd registered) are ``torch.library.custom_op``s whose boundaries are host int
