@@ -11,7 +11,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_VERSION := 26.3
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py $(CONSTRAINTS) | cksum | cut -d' ' -f1)
 # The integration tests that `test-latest` / `test-oldest` run against other transformers releases.
-INTEGRATION_TESTS := tests/test_transformers.py tests/test_generate.py
+INTEGRATION_TESTS := tests/integrations/test_transformers.py tests/generate/test_generate.py
 # The declared lower bounds (pyproject.toml) that `test-oldest` installs.
 OLDEST := "transformers==4.56.0" "einops==0.7.0"
 
@@ -37,13 +37,13 @@ operator-demo: $(STAMP)
 	$(PY) -m moba.demo
 
 bench: $(STAMP)
-	$(PY) bench/torch_path_cpu.py
+	$(PY) -m bench.torch_path_cpu
 
 speed: $(STAMP)
-	$(PY) bench/attn_speed.py $(ARGS)
+	$(PY) -m bench.attn_speed $(ARGS)
 
 roofline: $(STAMP)
-	$(PY) bench/roofline.py $(RESULTS) --out $(or $(OUT),roofline.png)
+	$(PY) -m bench.roofline $(RESULTS) --out $(or $(OUT),roofline.png)
 
 lint: $(STAMP)
 	$(PY) -m pip install --quiet ruff

@@ -1,6 +1,7 @@
 """FLOP and HBM-traffic model of attention kernels, shared by ``attn_speed.py`` and ``roofline.py``.
 
-Conventions (the ones flash-attention's benchmarks use):
+Conventions (the ones flash-attention's benchmarks use; the pair counts and FLOPs are
+``moba._core.accounting``'s, re-exported here):
 
 * A *pair* is one (query, key) pair that a query head actually attends to. Attention FLOPs
   count only attended pairs: forward = 2 matmuls (Q K^T and P V) of 2 FLOPs per
@@ -26,77 +27,26 @@ import math
 
 import torch
 
-MODES = ("fwd", "bwd", "fwd+bwd")
-#: FLOPs of a mode relative to the forward.
-MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
+from moba._core.accounting import (  # noqa: F401  (re-exported: the bench tools import them from here)
+    MODE_FLOP_FACTOR,
+    MODES,
+    attended_keys_from_indices,
+    attention_flops,
+    dense_pairs,
+    moba_pairs,
+    moba_query_keys,
+)
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "fp16": 2, "bf16": 2, "fp32": 4}
-
-
-# ----------------------------------------------------------------------------- pair counts
-def dense_pairs(seqlen: int, causal: bool = True) -> int:
-    """Attended (query, key) pairs of one head of dense self-attention over ``seqlen`` tokens."""
-    return seqlen * (seqlen + 1) // 2 if causal else seqlen * seqlen
-
-
-def _moba_query_keys(t: int, seqlen: int, block_size: int, top_k: int, causal: bool) -> int:
-    """Keys attended by the query at position t (analytic; exact when causal)."""
-    c = t // block_size
-    n_blocks = -(-seqlen // block_size)
-    if causal:
-        return (t - c * block_size + 1) + min(top_k - 1, c) * block_size
-    if top_k >= n_blocks:
-        return seqlen
-    own = min(seqlen, (c + 1) * block_size) - c * block_size
-    # Non-causal: assumes the other selected blocks are complete (exact unless the tail is chosen).
-    return own + min(top_k - 1, n_blocks - 1) * block_size
-
-
-def moba_pairs(seqlen: int, block_size: int, top_k: int, causal: bool = True) -> int:
-    """Attended pairs of one head of MoBA self-attention, from the structure alone.
-
-    Exact for ``causal=True`` (candidates are complete past blocks, so only their number
-    matters). Non-causal: exact when ``seqlen % block_size == 0`` or ``top_k >= n_blocks``;
-    otherwise it assumes the selected non-own blocks are complete.
-    Example: seqlen 8, block 4, top_k 1, causal -> 1+2+3+4 + 1+2+3+4 = 20.
-    """
-    if causal:
-        total = 0
-        n_blocks = -(-seqlen // block_size)
-        for c in range(n_blocks):
-            start, end = c * block_size, min(seqlen, (c + 1) * block_size)
-            n = end - start
-            total += n * (n + 1) // 2 + n * min(top_k - 1, c) * block_size
-        return total
-    return sum(_moba_query_keys(t, seqlen, block_size, top_k, causal) for t in range(seqlen))
 
 
 def moba_pairs_from_indices(
     block_indices: torch.Tensor, block_size: int, causal: bool = True, offset: int = 0, seqlen: int | None = None
 ) -> int:
-    """Exact attended pairs, summed over batch and heads, from ``moba.select_blocks`` output.
-
-    block_indices: (B, S, Hq, n_slots) local block indices, ``PAD_INDEX`` (-1) for unused slots.
-    A selected block j contributes its tokens ``[j * bs, min(S, (j + 1) * bs))``; causally
-    only those at positions ``<= t``. To bound memory, pass a slice of queries
-    ``block_indices[:, offset : offset + n]`` with its ``offset`` and the full ``seqlen``.
-    """
-    b, n, h, _ = block_indices.shape
-    s = (offset + n) if seqlen is None else seqlen
-    idx = block_indices.long()
-    valid = idx >= 0
-    start = idx.clamp(min=0) * block_size
-    end = torch.clamp(start + block_size, max=s)
-    if causal:
-        t = torch.arange(offset, offset + n, device=idx.device).view(1, n, 1, 1)
-        end = torch.minimum(end, t + 1)
-    count = (end - start).clamp(min=0) * valid
-    return int(count.sum().item())
-
-
-def attention_flops(pairs: int | float, head_dim: int, mode: str = "fwd") -> float:
-    """FLOPs of attention over ``pairs`` attended pairs (all heads) for a mode."""
-    return 4.0 * head_dim * pairs * MODE_FLOP_FACTOR[mode]
+    """Exact attended pairs, summed over batch and heads, from ``moba.select_blocks`` output
+    (``moba._core.accounting.attended_keys_from_indices``, summed). To bound memory, pass a
+    slice of queries ``block_indices[:, offset : offset + n]`` with its ``offset`` and ``seqlen``."""
+    return int(attended_keys_from_indices(block_indices, block_size, causal, offset, seqlen).sum().item())
 
 
 def gate_flops(batch: int, seqlen: int, heads: int, kv_heads: int, head_dim: int, block_size: int) -> float:
@@ -247,7 +197,7 @@ def decode_flops_bytes(
         pairs = sum(t + 1 for t in positions)
         return 4.0 * d * pairs * heads * batch, float(batch * (2 * L * kv_heads * d * e + qo))
     assert top_k is not None, "MoBA decoding needs top_k"
-    pairs = sum(_moba_query_keys(t, L, block_size, top_k, True) for t in positions)
+    pairs = sum(moba_query_keys(t, L, block_size, top_k, True) for t in positions)
     n_blocks = -(-L // block_size)
     last = L - 1
     first_c = (L - n_query) // block_size

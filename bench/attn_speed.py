@@ -1,9 +1,9 @@
 """How much faster than dense attention is MoBA, at what memory? One run answers it.
 
-    python bench/attn_speed.py                          # GPU: S = 8k ... 1M, every provider
-    python bench/attn_speed.py --seqlens 32k,128k --modes fwd --providers moba-triton,flash-attn
-    python bench/attn_speed.py --block-size 512 --top-k 3 --heads 16 --kv-heads 16 --head-dim 64
-    python bench/attn_speed.py --cpu --out /tmp/bench   # small CPU smoke run (< 30 s)
+    python -m bench.attn_speed                          # GPU: S = 8k ... 1M, every provider
+    python -m bench.attn_speed --seqlens 32k,128k --modes fwd --providers moba-triton,flash-attn
+    python -m bench.attn_speed --block-size 512 --top-k 3 --heads 16 --kv-heads 16 --head-dim 64
+    python -m bench.attn_speed --cpu --out /tmp/bench   # small CPU smoke run (< 30 s)
 
 Defaults follow the MoBA paper's 1M-token speed test: B=1, 32 query heads, 8 KV heads,
 head_dim 128, bf16, block 4096, top-12 (95.31% sparsity at 1M), causal. Dense attention at
@@ -54,7 +54,6 @@ from __future__ import annotations
 import argparse
 import csv
 import ctypes
-import datetime as _dt
 import gc
 import json
 import math
@@ -69,80 +68,46 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for _p in (HERE, HERE.parent):  # bench's helpers; the repo root for scaling_runs.plotting
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+import torch
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from _attn_model import (  # noqa: E402
+import moba
+
+from ._attn_model import (
     MODES,
     attention_flops,
     dense_pairs,
     moba_pairs,
     moba_pairs_from_indices,
 )
-from _moba_impls import (  # noqa: E402
-    flash_attn_usable,
-    flex_attention_status,
-    flex_moba,
-    load_official_moba,
-    official_moba,
-    paper_reimpl_moba,
+from ._common import (
+    RESULTS,
+    device_name,
+    git_state,
+    is_oom,
+    make_parser,
+    package_version,
+    parse_size,
+    parse_sizes,
+    time_call_ms,
+    utc_now,
+    utc_stamp,
 )
+from .providers import PROVIDERS, Skip, backward_skip_reason, provider_forward
 
-import moba  # noqa: E402
-
-ALL_PROVIDERS = (
-    "moba-triton",
-    "moba-torch",
-    "moba-full",
-    "flash-attn",
-    "sdpa-flash",
-    "sdpa-cudnn",
-    "sdpa-efficient",
-    "sdpa",
-    "sdpa-math",
-    "flex-moba",
-    "moba-paper-reimpl",
-    "moba-official",
-    "reference",
-)
+ALL_PROVIDERS = tuple(PROVIDERS)
 OURS = ("moba-triton", "moba-torch")
-MOBA_PROVIDERS = {"moba-triton", "moba-torch", "flex-moba", "moba-paper-reimpl", "moba-official", "reference"}
+MOBA_PROVIDERS = {name for name, p in PROVIDERS.items() if p.kind == "moba"}
 # moba-full duplicates flash-attn / sdpa-flash, sdpa-math is no long-context option: ask for them by name.
 GPU_DEFAULT_PROVIDERS = tuple(p for p in ALL_PROVIDERS if p not in ("sdpa", "reference", "moba-full", "sdpa-math"))
 CPU_DEFAULT_PROVIDERS = ("moba-torch", "reference", "sdpa", "moba-paper-reimpl")
 #: How plots and tables name each dense baseline (the CPU one is SDPA, not flash attention).
-BASELINE_LABELS = {"flash-attn": "flash-attn", "sdpa-flash": "SDPA flash backend", "sdpa-cudnn": "SDPA cuDNN backend",
-                   "sdpa-efficient": "SDPA efficient backend", "moba-full": "moba.full_attn_func", "sdpa": "SDPA",
-                   "sdpa-math": "SDPA math backend"}
+BASELINE_LABELS = {name: p.label for name, p in PROVIDERS.items() if p.label}
 CPU_NOTE = "CPU timings say nothing about GPU kernels: this mode checks that the benchmark runs."
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
 
 
-class Skip(Exception):
-    """A provider cannot run this configuration; the message says why."""
-
-
 # ----------------------------------------------------------------------------- CLI helpers
-def parse_size(text: str) -> int:
-    """'8k' -> 8192, '1m' -> 1048576, '512' -> 512, '1.5k' -> 1536 (k = 1024, m = 1024**2)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512, 8k, 1m)")
-    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive whole number of tokens")
-    return int(value)
-
-
-def parse_sizes(text: str) -> list[int]:
-    return [parse_size(t) for t in text.split(",") if t.strip()]
-
-
 def parse_names(text: str, allowed, what: str) -> list[str]:
     names = [t.strip() for t in text.split(",") if t.strip()]
     bad = [n for n in names if n not in allowed]
@@ -152,18 +117,21 @@ def parse_names(text: str, allowed, what: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--seqlens", type=parse_sizes, default=None, help="comma list, k/m suffixes (default 8k,32k,128k,512k,1m; --cpu: 512,1k,2k)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="sequences per call")
     p.add_argument("--heads", type=int, default=None, help="query heads (default 32; --cpu: 4)")
     p.add_argument("--kv-heads", type=int, default=None, help="KV heads, divides --heads (default 8; --cpu: 2)")
     p.add_argument("--head-dim", type=int, default=None, help="default 128; --cpu: 64")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16; --cpu: fp32")
     p.add_argument("--block-size", type=parse_size, default=None, help="MoBA block (default 4096; --cpu: 64)")
     p.add_argument("--top-k", type=int, default=None, help="blocks per query, own included (default 12; --cpu: 3)")
-    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES))
-    p.add_argument("--providers", type=lambda s: parse_names(s, ALL_PROVIDERS, "provider"), default=None)
+    p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
+    p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES),
+                   help=f"comma list of {', '.join(MODES)} (default: all)")
+    p.add_argument("--providers", type=lambda s: parse_names(s, ALL_PROVIDERS, "provider"), default=None,
+                   help="comma list of " + ", ".join(ALL_PROVIDERS) + " (default: " + ",".join(GPU_DEFAULT_PROVIDERS)
+                   + "; --cpu: " + ",".join(CPU_DEFAULT_PROVIDERS) + "); see bench/providers.py")
     p.add_argument("--device", default=None, help="default cuda when available, else cpu (which implies --cpu)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>/)")
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run: S 512,1k,2k, few heads, fp32")
@@ -178,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest sequence the dense-mask reference provider runs (it is O(S^2) and slow)")
     p.add_argument("--official-moba-src", default=None,
                    help="checkout of github.com/MoonshotAI/MoBA for the moba-official provider (default $MOBA_OFFICIAL_SRC)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no table, only the output paths")
     return p
 
@@ -240,112 +208,6 @@ def resolve_config(args) -> Config:
 
 
 # ----------------------------------------------------------------------------- providers
-def _is_oom(err: BaseException) -> bool:
-    if isinstance(err, torch.OutOfMemoryError | MemoryError):
-        return True
-    text = str(err).lower()
-    return "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
-
-
-#: SDPA backends that refused ``enable_gqa``: K/V are repeated for them instead (costs memory).
-_SDPA_NO_GQA: set[str] = set()
-
-
-def _sdpa_call(q, k, v, causal, backend=None):
-    """torch SDPA in flash-attn layout, optionally pinned to one backend.
-
-    GQA uses ``enable_gqa`` (no copy of K/V); a backend that rejects it gets K/V repeated
-    to the query heads (inside the timed call: that is what using it costs).
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    g = q.shape[2] // k.shape[2]
-
-    def run(kk, vv, gqa):
-        return F.scaled_dot_product_attention(
-            q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2), is_causal=causal, enable_gqa=gqa,
-        ).transpose(1, 2)
-
-    if backend is None:
-        return run(k, v, g > 1)
-    with sdpa_kernel(getattr(SDPBackend, backend)):
-        if g > 1 and backend not in _SDPA_NO_GQA:
-            try:
-                return run(k, v, True)
-            except RuntimeError as e:
-                if _is_oom(e):
-                    raise
-                _SDPA_NO_GQA.add(backend)
-        if g > 1:
-            return run(k.repeat_interleave(g, dim=2), v.repeat_interleave(g, dim=2), False)
-        return run(k, v, False)
-
-
-def provider_forward(name: str, cfg: Config) -> Callable:
-    """A forward (q, k, v) -> out for the provider, or raise Skip(reason)."""
-    dev = torch.device(cfg.device)
-    cuda = dev.type == "cuda"
-    bs, tk, causal = cfg.block_size, cfg.top_k, cfg.causal
-    if name in OURS:
-        backend = name.split("-", 1)[1]
-        reason = moba.available_backends(dev).get(backend, f"moba has no backend {backend!r}")
-        if reason is not None:
-            raise Skip(reason)
-        return lambda q, k, v: moba.moba_attn_func(q, k, v, bs, tk, causal=causal, backend=backend)
-    if name == "reference":
-        if dev.type != "cpu":
-            raise Skip("the dense-mask reference is for CPU small sizes only")
-        return lambda q, k, v: moba.moba_attn_func(q, k, v, bs, tk, causal=causal, backend="reference")
-    if name == "moba-full":
-        if not hasattr(moba, "full_attn_func"):
-            raise Skip("this moba version has no full_attn_func")
-        return lambda q, k, v: moba.full_attn_func(q, k, v, causal=causal)
-    if name == "flash-attn":
-        if not cuda:
-            raise Skip("flash-attn needs CUDA")
-        if not flash_attn_usable(dev):
-            raise Skip("flash_attn is not installed (pip install flash-attn)")
-        from flash_attn import flash_attn_func
-
-        return lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
-    if name.startswith("sdpa-") and name != "sdpa-math":
-        if not cuda:
-            raise Skip(f"{name} is a CUDA SDPA backend")
-        backend = {"sdpa-flash": "FLASH_ATTENTION", "sdpa-cudnn": "CUDNN_ATTENTION",
-                   "sdpa-efficient": "EFFICIENT_ATTENTION"}[name]
-        return lambda q, k, v: _sdpa_call(q, k, v, causal, backend)
-    if name == "sdpa-math":
-        return lambda q, k, v: _sdpa_call(q, k, v, causal, "MATH")
-    if name == "sdpa":
-        return lambda q, k, v: _sdpa_call(q, k, v, causal)
-    if name == "flex-moba":
-        reason = flex_attention_status(dev)
-        if reason:
-            raise Skip(reason)
-        return lambda q, k, v: flex_moba(q, k, v, bs, tk, causal=causal)
-    if name == "moba-paper-reimpl":
-        if not causal:
-            raise Skip("the paper's MoBA algorithm is causal only")
-        return lambda q, k, v: paper_reimpl_moba(q, k, v, bs, tk, causal=causal)
-    if name == "moba-official":
-        if not causal:
-            raise Skip("the official MoBA code is causal only")
-        fn, reason = load_official_moba(cfg.official_moba_src, dev)
-        if fn is None:
-            raise Skip(reason)
-        return lambda q, k, v: official_moba(fn, q, k, v, bs, tk)
-    raise Skip(f"unknown provider {name}")
-
-
-def backward_skip_reason(name: str, cfg: Config) -> str | None:
-    dev = torch.device(cfg.device)
-    if name == "flex-moba" and dev.type == "cpu":
-        return "FlexAttention has no backward on CPU"
-    if name == "moba-paper-reimpl" and flash_attn_usable(dev):
-        return "moba-paper-reimpl: forward only on the flash-attn path (no custom backward re-implemented)"
-    return None
-
-
 # ----------------------------------------------------------------------------- measuring
 def _sync(dev):
     if dev.type == "cuda":
@@ -369,17 +231,7 @@ def time_fn(
     at_least = 1 if slow else min(3, repeats)
     times: list[float] = []
     for _ in range(repeats):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            a = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - a) * 1e3)
+        times.append(time_call_ms(fn, dev))
         if len(times) >= at_least and sum(times) > max_seconds * 1e3:
             break
     return times
@@ -518,7 +370,7 @@ def measure_gate(q, k, cfg: Config, dev) -> tuple[float | None, torch.Tensor | N
         return statistics.median(times), holder["idx"], ""
     except Exception as e:  # noqa: BLE001 - reported, never fatal
         _free(dev, collect=True)
-        return None, None, ("OOM" if _is_oom(e) else f"{type(e).__name__}: {e}")
+        return None, None, ("OOM" if is_oom(e) else f"{type(e).__name__}: {e}")
 
 
 def run_benchmark(cfg: Config, log=print) -> list[Row]:
@@ -544,7 +396,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
         try:
             q, k, v = rand(cfg.heads), rand(cfg.kv_heads), rand(cfg.kv_heads)
         except Exception as e:  # noqa: BLE001
-            if not _is_oom(e):
+            if not is_oom(e):
                 raise
             _free(dev, collect=True)
             for name in cfg.providers:
@@ -603,7 +455,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
                     row.tflops_effective = row.flops_effective / (row.median_ms * 1e-3) / 1e12
                     row.tflops_dense_equiv = row.flops_dense / (row.median_ms * 1e-3) / 1e12
                 except Exception as e:  # noqa: BLE001 - one provider never stops the run
-                    row.status = "oom" if _is_oom(e) else "error"
+                    row.status = "oom" if is_oom(e) else "error"
                     row.reason = "out of memory" if row.status == "oom" else f"{type(e).__name__}: {str(e)[:300]}"
                     log(f"{name} S={s} {mode}: {row.status.upper()} {row.reason}")
                     if row.status == "oom":
@@ -683,54 +535,22 @@ def print_summary(summary: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- metadata + output
-def _version(mod: str) -> str | None:
-    try:
-        m = __import__(mod)
-        return getattr(m, "__version__", "unknown")
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _git(*args) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    proc = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    proc = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"CPU {proc}"
-
-
 def metadata(cfg: Config, argv: list[str]) -> dict:
     dev = torch.device(cfg.device)
     meta = {
         "benchmark": "attn_speed",
         "schema_version": 2,  # 2: one memory column (peak_mem_delta_mib), the absolute peak_mem_mib is gone
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "argv": list(argv),
         "device": str(dev),
         "device_name": device_name(dev),
         "driver_version": None,
         "cuda_version": torch.version.cuda,
         "torch_version": torch.__version__,
-        "triton_version": _version("triton"),
-        "flash_attn_version": _version("flash_attn"),
+        "triton_version": package_version("triton"),
+        "flash_attn_version": package_version("flash_attn"),
         "moba_version": getattr(moba, "__version__", None),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        **git_state(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpu_threads": torch.get_num_threads(),
@@ -760,8 +580,7 @@ def metadata(cfg: Config, argv: list[str]) -> dict:
 
 def default_out_dir(dev: torch.device) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name(dev)).strip("-").lower()[:40]
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return HERE / "results" / f"{slug}-{stamp}"
+    return RESULTS / f"{slug}-{utc_stamp()}"
 
 
 def write_outputs(rows: list[Row], meta: dict, out: Path, plots: bool = True) -> dict[str, Path]:

@@ -1,10 +1,10 @@
 """One prepared GPU check for a lent GPU window (15 minutes in all; this script keeps to 8 by default).
 
-    python3 bench/device_check.py                      # on the GPU machine, from the repository root
-    python3 bench/device_check.py --budget-s 420 --out /tmp/check
-    python bench/device_check.py --dry-run --out /tmp/dry   # CPU, Triton interpreter, tiny shapes, fake timers
+    python3 -m bench.device_check                      # on the GPU machine, from the repository root
+    python3 -m bench.device_check --budget-s 420 --out /tmp/check
+    python -m bench.device_check --dry-run --out /tmp/dry   # CPU, Triton interpreter, tiny shapes, fake timers
 
-With the device tool: ``run(command="python3 bench/device_check.py", timeout_s=600)``; results
+With the device tool: ``run(command="python3 -m bench.device_check", timeout_s=600)``; results
 land in ``$OUT`` (``--out`` defaults to ``$OUT``, else ``bench/results/device-check-<time>``).
 Commit them under ``bench/results/<device>-<date>/``.
 
@@ -31,14 +31,13 @@ timeout keeps what was done; the summary (speedups vs dense flash, gate share, m
 ceilings, correctness) is printed last and written to ``summary.json``.
 
 ``--dry-run`` runs every step on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes, fp16 and
-a fake timer (every call "takes" 1 ms), without installing anything: tests/test_device_check.py
+a fake timer (every call "takes" 1 ms), without installing anything: tests/bench/test_device_check.py
 checks the script itself that way.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import statistics
@@ -48,8 +47,7 @@ import time
 import traceback
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+from ._common import RESULTS, ROOT, is_oom, make_parser, sdpa, time_call_ms, utc_stamp
 
 STEPS = ("install", "correctness", "ceilings", "attention", "profile")
 #: Seconds a step is expected to take on an H200 (Triton's first compiles included); a step
@@ -110,12 +108,7 @@ class Clock:
             fn()
         times = []
         for _ in range(repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
+            times.append(time_call_ms(fn, "cuda"))
             if sum(times) > max_s * 1e3 or self.left() < 2 * times[-1] / 1e3:
                 break
         return dict(median_ms=statistics.median(times), n_timed=len(times), min_ms=min(times), max_ms=max(times))
@@ -207,9 +200,9 @@ def _check_config(rec: Recorder, c: dict, cfg: dict, dev, dt) -> None:
     import torch
 
     import moba
-    from moba import triton_backend as tb
-    from moba._layout import build_layout
-    from moba.gate import select_packed
+    from moba._core.layout import build_layout
+    from moba.ops import triton_impl as tb
+    from moba.ops.gate import select_packed
 
     torch.manual_seed(0)
     s, hq, hkv, d, bs, k = c["s"], c["hq"], c["hkv"], c["d"], c["bs"], c["k"]
@@ -284,36 +277,6 @@ def step_ceilings(rec: Recorder, cfg: dict, dry: bool, clock: Clock) -> None:
     rec("copy", status="ok", mib=cfg["copy_mib"], tbps=2 * bufs[0].numel() / (t["median_ms"] * 1e-3) / 1e12, **t)
 
 
-_SDPA_NO_GQA: set = set()
-
-
-def _sdpa(q, k, v, backend: str | None):
-    """Dense causal SDPA in flash-attn layout (B, S, H, D), optionally pinned to one backend.
-    GQA through ``enable_gqa``; a backend that refuses it gets K/V repeated (that is its cost)."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    group = q.shape[2] // k.shape[2]
-
-    def run(kk, vv, gqa):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                              is_causal=True, enable_gqa=gqa).transpose(1, 2)
-
-    if backend is None:
-        return run(k, v, group > 1)
-    with sdpa_kernel(getattr(SDPBackend, backend)):
-        if group > 1 and backend not in _SDPA_NO_GQA:
-            try:
-                return run(k, v, True)
-            except RuntimeError as e:
-                if "out of memory" in str(e).lower():
-                    raise
-                _SDPA_NO_GQA.add(backend)
-        if group > 1:
-            return run(k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2), False)
-        return run(k, v, False)
-
-
 def _measure(rec, clock, dev, fn, grads, dout, max_s, **label) -> None:
     """fwd (no grad) and, when ``grads`` is given, fwd+bwd: time and peak memory, one record each."""
     import torch
@@ -337,7 +300,7 @@ def _measure(rec, clock, dev, fn, grads, dout, max_s, **label) -> None:
             t = clock.time_ms(step, warmup=1, repeats=5, max_s=max_s)
             rec("attention", mode=mode, status="ok", peak_mib=mem, **t, **label)
         except Exception as e:  # noqa: BLE001
-            oom = "out of memory" in str(e).lower()
+            oom = is_oom(e)
             rec("attention", mode=mode, status="oom" if oom else "error", error=_err(e), **label)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -358,7 +321,7 @@ def _attention_at(rec: Recorder, clock: Clock, cfg: dict, dry: bool, s: int) -> 
     import torch
 
     import moba
-    from moba import triton_backend as tb
+    from moba.ops import triton_impl as tb
 
     dev, dt = torch.device(cfg["device"]), _dtype(cfg["dtype"])
     a = cfg["attn"]
@@ -371,7 +334,7 @@ def _attention_at(rec: Recorder, clock: Clock, cfg: dict, dry: bool, s: int) -> 
     if s in a["dense_seqlens"]:
         for name, backend in (("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION")):
             backend = None if dry else backend  # CPU: torch's default SDPA stands in
-            _measure(rec, clock, dev, lambda b=backend: _sdpa(q, k, v, b), (q, k, v), dout, max_s,
+            _measure(rec, clock, dev, lambda b=backend: sdpa(q, k, v, True, b), (q, k, v), dout, max_s,
                      provider=name, **shape)
     cu = [0, s]
     for bs, top_k in a["settings"]:
@@ -513,12 +476,11 @@ def run_step(name: str, args) -> int:
 def default_out() -> Path:
     if os.environ.get("OUT"):
         return Path(os.environ["OUT"])
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return HERE / "results" / f"device-check-{stamp}"
+    return RESULTS / f"device-check-{utc_stamp()}"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = make_parser(__doc__)
     p.add_argument("--budget-s", type=float, default=480.0, help="total seconds for every step (default 480)")
     p.add_argument("--out", default=None, help="results folder (default $OUT, else bench/results/device-check-<time>)")
     p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, fake timers")
@@ -526,7 +488,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     if args.step:
         sys.exit(run_step(args.step, args))
 
@@ -551,7 +517,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"[{time.time() - t0:6.0f} s] {name}: skipped (budget)", flush=True)
             continue
         print(f"[{time.time() - t0:6.0f} s] {name} ...", flush=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--step", name, "--out", str(out),
+        cmd = [sys.executable, "-m", "bench.device_check", "--step", name, "--out", str(out),
                "--deadline", str(deadline), "--t0", str(t0)] + (["--dry-run"] if args.dry_run else [])
         started = time.time()
         try:

@@ -1,15 +1,15 @@
 """Decoding speed of plain, speculative and staged speculative generation (``moba.generate``).
 
-    python bench/generate_speed.py                              # GPU (or CPU): default sizes
-    python bench/generate_speed.py --draft-noise 0.02 --gamma 4 --new-tokens 256 --prompt-len 2048
-    python bench/generate_speed.py --cpu --out /tmp/gen         # CPU smoke run (< 20 s)
-    python bench/roofline.py /tmp/gen/points.json --out /tmp/gen/roofline.png
+    python -m bench.generate_speed                              # GPU (or CPU): default sizes
+    python -m bench.generate_speed --draft-noise 0.02 --gamma 4 --new-tokens 256 --prompt-len 2048
+    python -m bench.generate_speed --cpu --out /tmp/gen         # CPU smoke run (< 20 s)
+    python -m bench.roofline /tmp/gen/points.json --out /tmp/gen/roofline.png
 
 Models, either of:
 
 * ``--target-run DIR --draft-run DIR``: two scaling_runs checkpoints (e.g. the largest and
   the smallest MoBA size of one sweep: ``runs/cpu-tiny/s3-moba`` and ``runs/cpu-tiny/s1-moba``
-  after ``make demo``), decoded with their sparse KV cache (``moba.generate_adapters``). The
+  after ``make demo``), decoded with their sparse KV cache (``moba.generate.adapters``). The
   prompt is a window of the held-out split of the run's corpus, and the staged mode's n-gram
   table is built from the run's training split (``--ngram-corpus train``, the default here):
   real text, so acceptance rates mean something.
@@ -27,7 +27,7 @@ Modes (greedy decoding; speculative output is checked token-for-token against pl
   speculative  ``generate_speculative(target, draft, gamma=--gamma)``
   tree         (checkpoints, greedy) ``generate_tree_speculative(target, draft, depth=--gamma,
                branching=--tree-branching)``: the draft's top candidates at every depth of its
-               chain, verified as one tree (``moba.tree``)
+               chain, verified as one tree (``moba.decode.tree``)
   staged       ``generate_speculative(target, draft, draft_drafter=NGramDraft(corpus))``:
                an n-gram table speculates for the draft model (``--gamma-inner`` guesses per
                draft forward); corpus = the prompt (prompt lookup), the draft model's own
@@ -51,7 +51,6 @@ import dataclasses
 import datetime as dt
 import json
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,17 +58,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from moba.generate import (  # noqa: E402
+from moba.generate import (
     GenerationStats,
     NGramDraft,
     generate_plain,
     generate_speculative,
     generate_tree_speculative,
-    roofline_point,
 )
+
+from ._common import RESULTS, device_name, git_state, make_parser, utc_now
 
 CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 decoding is "
             "memory-bound and speculative decoding trades spare FLOPs for fewer weight reads; "
@@ -78,16 +75,43 @@ CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 
 MODES = ("plain", "speculative", "staged", "tree")
 
 
-def _git(*args) -> str | None:
-    try:
-        out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() if out.returncode == 0 else None
-    except Exception:  # noqa: BLE001
-        return None
+# ----------------------------------------------------------------------------- roofline points
+def _weights(model) -> tuple[int, int]:
+    """(parameters, bytes) a forward multiplies with: all but the input embedding table
+    (only looked up), unless it is tied to the output head."""
+    skip = set()
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        skip = {id(p) for p in emb.parameters()}
+    params = [p for p in model.parameters() if id(p) not in skip]
+    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+
+
+def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dict:
+    """One point for ``bench.roofline``'s points file: the decoding of one generation call
+    (the prompt's prefill is counted apart in ``stats`` and left out).
+
+    A weight-streaming model of batch-1 decoding: every forward reads each weight once from
+    memory (bytes = weight bytes x forwards) and spends 2 FLOPs per weight per token fed
+    (FLOPs = 2 x weights x tokens). KV-cache and activation traffic are left out (small next
+    to the weights for short contexts, and MoBA reads only ``top_k`` blocks). Speculative
+    decoding feeds ``gamma + 1`` tokens per target forward: more FLOPs per byte, which is
+    what moves it right on the roofline.
+
+    Returns ``{"name", "flops", "bytes", "seconds"}``; write ``{"points": [...]}`` as JSON.
+    """
+    n_t, b_t = _weights(target)
+    flops, nbytes = 2.0 * n_t * stats.target_tokens, float(b_t * stats.target_forwards)
+    if draft is not None and hasattr(draft, "parameters"):
+        n_d, b_d = _weights(draft)
+        flops += 2.0 * n_d * stats.draft_tokens
+        nbytes += b_d * stats.draft_forwards
+    return {"name": name, "flops": flops, "bytes": nbytes, "seconds": stats.seconds}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run (< 20 s); overrides sizes")
     p.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
@@ -108,21 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "else random); stats are summed over them")
     p.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (speculative output checked against plain); > 0: sampling at this temperature")
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--prompt-len", type=int, default=1024)
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
+    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (after one warm-up)")
     p.add_argument("--block-size", type=int, default=64, help="MoBA block size")
     p.add_argument("--top-k", type=int, default=3, help="MoBA top-k blocks")
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--target-layers", type=int, default=12)
-    p.add_argument("--target-hidden", type=int, default=1024)
-    p.add_argument("--draft-layers", type=int, default=2)
-    p.add_argument("--draft-hidden", type=int, default=256)
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random models")
+    p.add_argument("--target-layers", type=int, default=12, help="layers of the random target model")
+    p.add_argument("--target-hidden", type=int, default=1024, help="hidden size of the random target model")
+    p.add_argument("--draft-layers", type=int, default=2, help="layers of the random draft model")
+    p.add_argument("--draft-hidden", type=int, default=256, help="hidden size of the random draft model")
+    p.add_argument("--head-dim", type=int, default=64, help="head dim of the random models")
     p.add_argument("--init-std", type=float, default=0.02, help="initializer_range of the random models")
     p.add_argument("--draft-noise", type=float, default=0.0,
                    help="> 0: draft = target + Gaussian noise (this x each tensor's std) instead of a small model")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (models, prompts, sampling)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: torch's choice); fix it to compare runs on a shared machine")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
@@ -171,7 +195,7 @@ def noisy_copy(model, noise: float, seed: int):
 
 def checkpoints(args, device, dtype):
     """Target and draft from scaling_runs checkpoints, a held-out prompt, the training tokens."""
-    from moba.generate_adapters import GPTAdapter
+    from moba.generate import GPTAdapter
     from scaling_runs.checkpoint import load_gpt, load_model
     from scaling_runs.config import DataConfig
     from scaling_runs.data import load_data
@@ -335,16 +359,15 @@ def run(args) -> dict:
                                      st, target, None if mode == "plain" else draft))
     bar.close()
 
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()})"
+    dev_name = device_name(device)
     meta = {
         "device": str(device),
         "device_name": dev_name,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": utc_now(),
+        **git_state(),
         "argv": sys.argv[1:],
         "config": {k: v for k, v in vars(args).items() if k != "out"} | {
             "dtype": str(dtype).replace("torch.", ""), "draft_kind": draft_kind, "ngram_corpus": corpus_kind,
@@ -352,7 +375,7 @@ def run(args) -> dict:
             "target_params": _n_params(target), "draft_params": _n_params(draft)},
         "note": CPU_NOTE if device.type == "cpu" else "",
     }
-    out_dir = Path(args.out) if args.out else HERE / "results" / (
+    out_dir = Path(args.out) if args.out else RESULTS / (
         f"generate-{'cpu' if device.type == 'cpu' else dev_name.replace(' ', '_')}-{dt.date.today():%Y%m%d}")
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"metadata": meta, "modes": results}
@@ -374,7 +397,7 @@ def run(args) -> dict:
     if device.type == "cpu":
         print(f"NOTE: {CPU_NOTE}")
     print(f"wrote {out_dir / 'generate_speed.json'} and {out_dir / 'points.json'} ({time.perf_counter() - t_start:.1f} s)")
-    print(f"roofline: python bench/roofline.py {out_dir / 'points.json'} --no-model --out {out_dir / 'roofline.png'}")
+    print(f"roofline: python -m bench.roofline {out_dir / 'points.json'} --no-model --out {out_dir / 'roofline.png'}")
     report["out_dir"] = str(out_dir)
     return report
 

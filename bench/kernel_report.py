@@ -1,8 +1,8 @@
 """Static report of every MoBA Triton kernel as the public API launches it, for sm_90 and sm_80, no GPU.
 
-    python bench/kernel_report.py                       # every target shape, sm_90 + sm_80 (a few minutes)
-    python bench/kernel_report.py --quick               # Hq=32/Hkv=8, D=128, bf16, block 512/top-3 only
-    python bench/kernel_report.py --json report.json --cc 90
+    python -m bench.kernel_report                       # every target shape, sm_90 + sm_80 (a few minutes)
+    python -m bench.kernel_report --quick               # Hq=32/Hkv=8, D=128, bf16, block 512/top-3 only
+    python -m bench.kernel_report --json report.json --cc 90
 
 How the real specialisation is captured: Triton specialises a kernel at launch on the
 arguments' types, on integers equal to 1 and on 16-divisibility of integers and pointers
@@ -14,7 +14,7 @@ launch. The launchers then run their host code on small CPU tensors with the tar
 counts, head dims, dtypes, block sizes and top-k (sequence lengths do not change a
 specialisation: they only set grid sizes):
 
-* gate: ``moba.triton_backend.triton_gate`` (block means + top-k kernels);
+* gate: ``moba.ops.triton_impl.triton_gate`` (block means + top-k kernels);
 * attention: ``triton_attention_packed(..., decomposition="union" | "gather")`` forward and
   its autograd backward (dq or dq-gather, and dk/dv), on indices from the torch gate;
 * decode: ``moba.decode.moba_decode(..., backend="triton")`` for one new token (B=1).
@@ -45,7 +45,6 @@ The committed baseline is bench/results/kernel-report-main-2026-12-03.json.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import hashlib
 import itertools
 import json
@@ -62,10 +61,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from ._common import git_state, make_parser, utc_now
 
 # Triton 3.9 warns when this is unset and defaults it to 1; the launchers do not set it, so the
 # kernels that run are built with FP fusion: compile the report the same way, without the warning.
@@ -88,7 +84,7 @@ HEAD_DIMS = (64, 128)
 SETTINGS = ((512, 3), (128, 8))  # (block size, top-k)
 PHASES = ("gate", "fwd-union", "bwd-union", "fwd-gather", "bwd-gather", "decode")
 
-#: Kernels the static rules apply to (tests/test_kernel_report.py): attention matmuls must
+#: Kernels the static rules apply to (tests/bench/test_kernel_report.py): attention matmuls must
 #: use wgmma on sm_90; these and the gate must neither spill nor touch local memory.
 ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_fwd_gather_kernel", "_bwd_dq_gather_kernel")
 GATE_KERNELS = ("_gate_topk_kernel", "_block_mean_kernel")
@@ -203,9 +199,9 @@ def _run_case(case: Case, rec: _Recorder, phases) -> None:
     import torch
 
     from moba import decode as moba_decode_mod
-    from moba import triton_backend as tb
-    from moba._layout import build_layout
-    from moba.gate import select_packed
+    from moba._core.layout import build_layout
+    from moba.ops import triton_impl as tb
+    from moba.ops.gate import select_packed
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[case.dtype]
     n_blocks = case.top_k + 2  # more blocks than top-k: the gate kernel runs (not the dense shortcut)
@@ -423,7 +419,7 @@ def _compile_job(args):
 def build_report(cases: list[Case], ccs=(90, 80), jobs: int = 1, cache_dir: str | None = None, log=print) -> dict:
     """Capture, deduplicate, compile and analyse. Returns {"metadata", "rows"} (one row per spec and target)."""
     t0 = time.perf_counter()
-    git = _git_state()  # before the (long) compile: what was captured
+    git = git_state("triton_kernels", "moba")  # before the (long) compile: what was captured
     specs = capture_specs(cases)
     log(f"captured {len(specs)} unique specialisations from {len(cases)} shape case(s) "
         f"in {time.perf_counter() - t0:.1f} s; compiling for {', '.join(f'sm_{c}' for c in ccs)} with {jobs} job(s)")
@@ -438,18 +434,6 @@ def build_report(cases: list[Case], ccs=(90, 80), jobs: int = 1, cache_dir: str 
     return dict(metadata=_metadata(cases, ccs, time.perf_counter() - t0, git), rows=rows)
 
 
-def _git_state() -> dict:
-    def git(*args):
-        try:
-            out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
-            return out.stdout.strip() if out.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    return {"git_commit": git("rev-parse", "HEAD"),
-            "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", "triton_kernels", "moba"))}
-
-
 def _metadata(cases, ccs, seconds, git: dict) -> dict:
     import torch
     import triton
@@ -457,7 +441,7 @@ def _metadata(cases, ccs, seconds, git: dict) -> dict:
     return {
         "report": "kernel_report",
         "schema_version": 1,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
         **git,
         "triton_version": triton.__version__,
         "torch_version": torch.__version__,
@@ -536,7 +520,7 @@ def markdown_table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
     p.add_argument("--cc", type=lambda s: [int(x) for x in s.split(",")], default=[90, 80],
                    help="comma list of compute capabilities (default 90,80)")

@@ -1,8 +1,8 @@
 """Analytic time and memory model of MoBA's Triton kernels against dense flash attention. MODELLED, not measured.
 
-    python bench/perf_model.py                         # H200, Hq=32/Hkv=8, D=128, bf16: both settings, 32K/128K/512K
-    python bench/perf_model.py --gpu H100 --per-kernel --seqlens 128k
-    python bench/perf_model.py --json model.json
+    python -m bench.perf_model                         # H200, Hq=32/Hkv=8, D=128, bf16: both settings, 32K/128K/512K
+    python -m bench.perf_model --gpu H100 --per-kernel --seqlens 128k
+    python -m bench.perf_model --json model.json
 
 Every number printed here comes from the formulas and assumptions below: no GPU ran them. When
 a GPU measures the kernels (bench/device_check.py), calibrate the efficiencies against it.
@@ -16,6 +16,14 @@ Designs modelled
   per-slot float32 partials and their slot-by-slot merge in PyTorch, and dk/dv with one
   program per key tile walking every row that chose its block. ``auto`` is the launcher's
   rule (union unless it computes > 1.5x the gather MMA rows).
+* ``owner-gather`` / ``owner-auto``: the gather path as it is now (issue 14, item 2) with the
+  selection built once on device (item 4), everything else as ``today-*``: one program per
+  (super-tile of ``gather_tile`` queries, KV head) walks its segments (key block, the rows of
+  the tile that chose it, all query heads of the group) ``BLOCK_M`` rows at a time and keeps
+  ONE float32 running state per row (output sum, max, sum) in global memory, read and written
+  back per segment: no per-slot partials, no merge pass. ``owner-auto``: union unless its MMA
+  rows exceed ``UNION_MARGIN`` x the gather rows. ``--uncorrelated`` models random
+  selections (every row's past picks independent: the union path's worst case).
 * ``redesign``: issue 14's plan, as a target: a one-pass tensor-core gate over past blocks
   only that emits the per-block row lists (no host glue, no syncs); one program per 128-row
   query tile walking the blocks its rows chose (per-row masks, no partials in HBM); dk/dv
@@ -29,18 +37,16 @@ above the inputs (counted from the code), at its peak.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
+from moba._core.accounting import attention_flops, dense_pairs, moba_pairs
+from moba._core.hardware import find_device
 
-from _attn_model import attention_flops, dense_pairs, moba_pairs  # noqa: E402
+from ._common import make_parser, parse_sizes
 
 # =============================================================================================
 # ASSUMPTIONS (all of them; each is a lead until a GPU measures it)
@@ -57,10 +63,13 @@ class GPU:
     mem_gib: float
 
 
-GPUS = {
-    "H100": GPU("H100 SXM", 132, 989.4, 66.9, 3.35, 80),
-    "H200": GPU("H200 SXM", 132, 989.4, 66.9, 4.8, 141),
-}
+def _gpu(key: str) -> GPU:
+    """A row of ``moba._core.hardware``'s table (the one peak table) in this model's units."""
+    d = find_device(key)
+    return GPU(d.label, d.sms, d.bf16_flops / 1e12, d.fp32_flops / 1e12, d.hbm_bytes / 1e12, d.mem_gib)
+
+
+GPUS = {key: _gpu(key) for key in ("H100", "H200")}
 #: Achievable fraction of the bf16 peak for a large GEMM. Measured on this workplace's H200:
 #: 788 TFLOP/s on random 8192^3 bf16 (KINDS.md, 2026-10-28) = 0.80 of 989.
 MMA_FRACTION = 0.80  # every efficiency below is a fraction of the datasheet peak, at most this
@@ -110,6 +119,20 @@ SINK_FRACTION = 1.0
 #: (torch.unique) in the forward, _selection again in the backward.
 GLUE_BYTES_PER_SLOT = 160
 GLUE_SYNCS = 4  # host syncs (nonzero, .item(), unique): each drains the GPU
+#: Selection built once on device (attention.build_selection): two sorts of int64 keys over
+#: every (token, head, slot) plus gathers, cummin, searchsorted: about 12 passes of 16 B.
+#: No sync with an explicit decomposition; "auto" adds one sync in the forward (the
+#: comparison, after a third sort for the union size) and one in the backward (read back).
+OWNER_GLUE_BYTES_PER_SLOT = 192
+OWNER_AUTO_SYNCS = 2
+#: Gather super-tile and program target (triton_kernels/attention.py: GATHER_TILE_RANGE,
+#: GATHER_PROGRAMS) and its UNION_MARGIN.
+GATHER_TILE_RANGE = (64, 16384)
+GATHER_PROGRAMS = 1024
+UNION_MARGIN = 1.25
+#: Gather kernels' programs per SM (kernel_report, sm_90, D=128: forward 4 warps at 254
+#: registers = 2 blocks; dq 8 warps = 1 block).
+OWNER_FWD_BLOCKS_PER_SM = 2
 SYNC_US = 20.0
 LAUNCH_US = 4.0  # per kernel launch (and per PyTorch op in the glue / merge)
 
@@ -239,15 +262,16 @@ def today_gate(s: Shape) -> list[Kernel]:
     return [means, gate]
 
 
-def _union_products(s: Shape) -> float:
+def _union_products(s: Shape, factor: float | None = None) -> float:
     """(64-row query tile, key block) products of the union path, per batch x query head, in
     units of full blocks: the union of past picks (``UNION_FACTOR``) plus the own block up to
     the tile's last row."""
     total = 0.0
     bm, bs = TODAY_BLOCK_M, s.block_size
+    factor = UNION_FACTOR if factor is None else factor
     for i in range(-(-s.seqlen // bm)):
         c = (i * bm) // bs
-        total += min(c, (s.top_k - 1) * UNION_FACTOR) + min(bs, (i * bm) % bs + bm) / bs
+        total += min(c, (s.top_k - 1) * factor) + min(bs, (i * bm) % bs + bm) / bs
     return total
 
 
@@ -259,13 +283,13 @@ def _gather_rows(s: Shape) -> float:
     return math.ceil(rows_per_pair / TODAY_BLOCK_M) * TODAY_BLOCK_M * s.n_blocks * s.kv_heads * s.batch
 
 
-def today_decomposition(s: Shape) -> str:
+def today_decomposition(s: Shape, uncorrelated: bool = False) -> str:
     """The launcher's "auto" rule: union unless its MMA rows exceed 1.5x the gather rows."""
-    union_rows = _union_products(s) * s.heads * s.batch * TODAY_BLOCK_M
+    union_rows = _union_products(s, TODAY_BLOCK_M if uncorrelated else None) * s.heads * s.batch * TODAY_BLOCK_M
     return "union" if union_rows <= 1.5 * _gather_rows(s) else "gather"
 
 
-def today_attention(s: Shape, decomposition: str) -> list[Kernel]:
+def today_attention(s: Shape, decomposition: str, uncorrelated: bool = False) -> list[Kernel]:
     """Forward and backward attention kernels of today's code, plus the gather merges.
 
     Matmuls per kernel: forward 2 (QK^T, PV); dq 3 (QK^T, dO V^T, dS K); dk/dv 4 (QK^T,
@@ -275,11 +299,11 @@ def today_attention(s: Shape, decomposition: str) -> list[Kernel]:
     useful_fwd = attention_flops(useful, d, "fwd")
     group = s.heads // s.kv_heads
     if decomposition == "auto":
-        decomposition = today_decomposition(s)
+        decomposition = today_decomposition(s, uncorrelated)
     out: list[Kernel] = []
     if decomposition == "union":
         tiles = s.batch * -(-s.seqlen // TODAY_BLOCK_M) * s.heads
-        products = _union_products(s) * s.heads * s.batch
+        products = _union_products(s, TODAY_BLOCK_M if uncorrelated else None) * s.heads * s.batch
         fl = products * attention_flops(TODAY_BLOCK_M * s.block_size, d, "fwd")
         kv_reads = products * s.block_size * d * e * 2 / group  # the heads of a GQA group share K/V via L2
         out.append(Kernel("_fwd_kernel (union)", "fwd", flops=fl, useful_flops=useful_fwd,
@@ -316,6 +340,102 @@ def today_attention(s: Shape, decomposition: str) -> list[Kernel]:
                       serial_flops=math.ceil(sink_rows / 64) * attention_flops(64 * 64, d, "fwd") * 2,
                       notes=f"longest program: {sink_rows:.0f} rows (sink fraction {SINK_FRACTION})"))
     return out
+
+
+# ---------------------------------------------------------------------------- owner-computes gather
+def gather_tile(s: Shape) -> int:
+    """Queries per super-tile (attention.gather_tile): the smallest power of two in
+    GATHER_TILE_RANGE that leaves at most GATHER_PROGRAMS (super-tile, KV head) programs."""
+    tile, largest = GATHER_TILE_RANGE
+    while tile < largest and -(-s.batch * s.seqlen // tile) * s.kv_heads > GATHER_PROGRAMS:
+        tile *= 2
+    return tile
+
+
+def expected_distinct(candidates: float, picks: float) -> float:
+    """Expected distinct values among ``picks`` uniform draws from ``candidates`` (balls in bins)."""
+    if candidates <= 0 or picks <= 0:
+        return 0.0
+    return candidates * (1.0 - (1.0 - 1.0 / candidates) ** picks)
+
+
+def _owner_segments(s: Shape, uncorrelated: bool = False) -> tuple[float, float, int]:
+    """(MMA rows, chunks, programs) of the owner-computes gather path: per program (super-tile of
+    ``tile`` tokens x ``group`` heads = R rows), the past picks R x n_pick land on u distinct
+    blocks (uncorrelated: balls in bins over the c complete past blocks; correlated: the
+    union rule, n_pick x UNION_FACTOR), each a segment of R x n_pick / u rows rounded up to
+    BLOCK_M; plus the own-block segments (R rows, rounded up per block the tile touches)."""
+    tile, bm = gather_tile(s), TODAY_BLOCK_M
+    group = s.heads // s.kv_heads
+    n_pick = max(0, s.n_slots - 1)
+    n_tiles = -(-s.seqlen // tile)
+    chunks = 0.0
+    for i in range(n_tiles):
+        t0, t1 = i * tile, min(s.seqlen, (i + 1) * tile)
+        r = (t1 - t0) * group
+        c = t0 // s.block_size  # complete past blocks at the tile's first token (the fewest)
+        own_blocks = (t1 - 1) // s.block_size - t0 // s.block_size + 1
+        chunks += own_blocks * math.ceil(r / own_blocks / bm)
+        if n_pick and c:
+            picks = r * n_pick
+            u = expected_distinct(c, picks) if uncorrelated else min(c, n_pick * UNION_FACTOR * max(1.0, r / bm))
+            u = max(1.0, min(u, picks))
+            chunks += u * math.ceil(picks / u / bm)
+    chunks *= s.kv_heads * s.batch
+    return chunks * bm, chunks, n_tiles * s.kv_heads * s.batch
+
+
+def owner_attention(s: Shape, uncorrelated: bool = False) -> list[Kernel]:
+    """Forward and dq kernels of the owner-computes gather path (MMA on whole key blocks per
+    chunk; the own block's causal half counted whole, as the union path's)."""
+    d, e, r = s.head_dim, s.elem_bytes, s.rows
+    useful_fwd = attention_flops(attended_pairs(s), d, "fwd")
+    nnz = r * s.n_slots
+    mma_rows, chunks, programs = _owner_segments(s, uncorrelated)
+    fl = attention_flops(mma_rows * s.block_size, d, "fwd")
+    kv_reads = chunks * s.block_size * d * e * 2  # the heads of a group share a chunk: K/V once per chunk
+    # per (row, slot): gathered q, and the row state read + written (acc 4D, max 4, sum 4);
+    # per row: state initialised (written), read at the end, out + lse written.
+    state = nnz * (d * e + 2 * (4 * d + 8)) + r * (4 * d + 8) * 2 + r * (d * e + 4)
+    fwd = Kernel("_fwd_gather_kernel (owner)", "fwd", flops=fl, useful_flops=useful_fwd,
+                 hbm_bytes=state + kv_reads, programs=programs, blocks_per_sm=OWNER_FWD_BLOCKS_PER_SM,
+                 mma_eff=TODAY_EFF["fwd"],
+                 notes=f"one fp32 state per row, {nnz * (8 * d + 16) / 2**30:.1f} GiB read+written per pass")
+    dq_state = nnz * (2 * d * e + 8 + 8 * d) + r * 4 * d * 2 + r * d * e
+    dq = Kernel("_bwd_dq_gather_kernel (owner)", "bwd", flops=1.5 * fl, useful_flops=1.5 * useful_fwd,
+                hbm_bytes=dq_state + kv_reads, programs=programs, mma_eff=TODAY_EFF["bwd"],
+                notes="one fp32 dq sum per row")
+    return [fwd, dq]
+
+
+def owner_decomposition(s: Shape, uncorrelated: bool = False) -> str:
+    """``owner-auto``'s rule: union unless its MMA rows exceed UNION_MARGIN x the gather rows."""
+    factor = TODAY_BLOCK_M if uncorrelated else UNION_FACTOR
+    union_rows = _union_products(s, factor) * s.heads * s.batch * TODAY_BLOCK_M
+    return "union" if union_rows <= UNION_MARGIN * _owner_segments(s, uncorrelated)[0] else "gather"
+
+
+def _owner_glue(s: Shape, phase: str, syncs: int) -> Kernel:
+    return Kernel(f"selection build ({phase})", phase, hbm_bytes=OWNER_GLUE_BYTES_PER_SLOT * s.rows * s.n_slots,
+                  launches=30, syncs=syncs, notes="once, on device; saved for the backward")
+
+
+def memory_owner(s: Shape, decomposition: str) -> dict:
+    """Peak bytes above the inputs of the owner-computes path (fwd alone; fwd+bwd)."""
+    d, e, r, w = s.head_dim, s.elem_bytes, s.rows, s.n_slots
+    nnz = r * w
+    kv = s.batch * s.seqlen * s.kv_heads * d * e
+    out_lse = r * d * e + r * 4
+    idx = r * w * 4 * 2  # gate output + sorted copy (kept for the backward)
+    _, _, progs = _owner_segments(s)
+    n_seg = min(nnz, progs * s.n_blocks)
+    sel = nnz * 4 + 3 * n_seg * 4  # rows + segments, int32, kept for the backward
+    build_tmp = nnz * 8 * 5  # pair, sorted pair, order, row, segment keys (int64) at the peak
+    state = r * (4 * d + 4) if decomposition == "gather" else 0  # fp32 output sum + softmax sum
+    fwd = out_lse + idx + sel + max(build_tmp, state)
+    dq_acc = r * d * 4 if decomposition == "gather" else 0
+    bwd = out_lse + idx + sel + r * d * e + 2 * kv + r * 4 + dq_acc
+    return dict(mem_fwd=fwd, mem_fwd_bwd=max(fwd, bwd))
 
 
 # ---------------------------------------------------------------------------- redesign
@@ -375,17 +495,33 @@ def memory_redesign(s: Shape) -> dict:
 
 
 # ---------------------------------------------------------------------------- designs
-DESIGNS = ("today-union", "today-gather", "today-auto", "redesign")
+DESIGNS = ("today-union", "today-gather", "today-auto", "owner-gather", "owner-auto", "redesign")
 
 
-def design(s: Shape, gpu: GPU, name: str) -> dict:
+def owner_design(s: Shape, dec: str, uncorrelated: bool = False) -> tuple[list[Kernel], dict]:
+    """Kernels and memory of ``owner-gather`` / ``owner-auto`` (today's gate and dk/dv)."""
+    syncs = OWNER_AUTO_SYNCS // 2 if dec == "auto" else 0  # per direction
+    if dec == "auto":
+        dec = owner_decomposition(s, uncorrelated)
+    rest = today_attention(s, "union", uncorrelated)
+    dkdv = [k for k in rest if "dkdv" in k.name]
+    attn = [k for k in rest if "dkdv" not in k.name] if dec == "union" else owner_attention(s, uncorrelated)
+    kernels = today_gate(s) + [_owner_glue(s, "fwd", syncs)] + attn + dkdv
+    if syncs:
+        kernels.append(Kernel("decomposition read-back (bwd)", "bwd", launches=0, syncs=syncs))
+    return kernels, memory_owner(s, dec)
+
+
+def design(s: Shape, gpu: GPU, name: str, uncorrelated: bool = False) -> dict:
     """Per-kernel seconds, totals (fwd, fwd+bwd), gate share, effective TFLOP/s and memory of one design."""
     if name == "redesign":
         kernels = redesign_kernels(s)
         mem = memory_redesign(s)
+    elif name.startswith("owner-"):
+        kernels, mem = owner_design(s, name.split("-", 1)[1], uncorrelated)
     else:
         dec = name.split("-", 1)[1]
-        kernels = today_gate(s) + [_glue(s, "fwd", 3)] + today_attention(s, dec) + [_glue(s, "bwd", 1)]
+        kernels = today_gate(s) + [_glue(s, "fwd", 3)] + today_attention(s, dec, uncorrelated) + [_glue(s, "bwd", 1)]
         dec_used = "gather" if any("gather" in k.name for k in kernels) else "union"
         mem = memory_today(s, dec_used)
     for k in kernels:
@@ -404,13 +540,13 @@ def design(s: Shape, gpu: GPU, name: str) -> dict:
     )
 
 
-def compare(s: Shape, gpu: GPU, designs=DESIGNS) -> list[dict]:
+def compare(s: Shape, gpu: GPU, designs=DESIGNS, uncorrelated: bool = False) -> list[dict]:
     """Every design against FA2- and FA3-class dense flash attention at one shape."""
     dense = {cls: dense_flash(s, gpu, cls) for cls in ("FA2", "FA3")}
     rows = []
     for name in designs:
-        m = design(s, gpu, name)
-        m.update(shape=asdict(s), gpu=gpu.name, modelled=True)
+        m = design(s, gpu, name, uncorrelated)
+        m.update(shape=asdict(s), gpu=gpu.name, modelled=True, uncorrelated=uncorrelated)
         for cls, dn in dense.items():
             m[f"speedup_fwd_vs_{cls}"] = dn["fwd_s"] / m["fwd_s"]
             m[f"speedup_fwd_bwd_vs_{cls}"] = dn["fwd_bwd_s"] / m["fwd_bwd_s"]
@@ -429,6 +565,9 @@ def assumptions() -> dict:
         gate_fma_fraction=GATE_FMA_FRACTION, gate_tc_eff=GATE_TC_EFF, topk_ops_per_score_slot=TOPK_OPS_PER_SCORE_SLOT,
         today_block_m=TODAY_BLOCK_M, redesign_block_m=REDESIGN_BLOCK_M, attn_blocks_per_sm=ATTN_BLOCKS_PER_SM,
         gate_blocks_per_sm=GATE_BLOCKS_PER_SM, union_factor=UNION_FACTOR, sink_fraction=SINK_FRACTION,
+        owner_glue_bytes_per_slot=OWNER_GLUE_BYTES_PER_SLOT, owner_auto_syncs=OWNER_AUTO_SYNCS,
+        gather_tile_range=GATHER_TILE_RANGE, gather_programs=GATHER_PROGRAMS, union_margin=UNION_MARGIN,
+        owner_fwd_blocks_per_sm=OWNER_FWD_BLOCKS_PER_SM,
         glue_bytes_per_slot=GLUE_BYTES_PER_SLOT, glue_syncs=GLUE_SYNCS, sync_us=SYNC_US, launch_us=LAUNCH_US,
     )
 
@@ -436,28 +575,28 @@ def assumptions() -> dict:
 # =============================================================================================
 # CLI
 # =============================================================================================
-def _size(text: str) -> int:
-    text = text.strip().lower()
-    mult = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
-    return int(float(text.rstrip("km")) * mult)
-
-
 def _gib(x: float) -> str:
     return f"{x / 2**30:.1f}"
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gpu", choices=sorted(GPUS), default="H200")
-    p.add_argument("--seqlens", default="32k,128k,512k")
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("--gpu", choices=sorted(GPUS), default="H200", help="the GPU whose peaks the model uses")
+    p.add_argument("--seqlens", default="32k,128k,512k", help="comma list, k suffix = 1024")
     p.add_argument("--settings", default="512/3,128/8", help="block/top-k pairs")
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--designs", default=",".join(DESIGNS))
+    p.add_argument("--heads", type=int, default=32, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=8, help="KV heads")
+    p.add_argument("--head-dim", type=int, default=128, help="head dim")
+    p.add_argument("--designs", default=",".join(DESIGNS), help="comma list of kernel designs to model")
     p.add_argument("--per-kernel", action="store_true", help="print every kernel's modelled time")
-    p.add_argument("--json", dest="json_path", default=None)
-    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    p.add_argument("--uncorrelated", action="store_true",
+                   help="random selections (every row's past picks independent) instead of UNION_FACTOR")
+    p.add_argument("--json", dest="json_path", default=None, help="also write the model's numbers to this JSON file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     gpu = GPUS[args.gpu]
     designs = [d for d in args.designs.split(",") if d]
     bad = [d for d in designs if d not in DESIGNS]
@@ -465,16 +604,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise SystemExit(f"--designs: unknown {bad}; expected some of {DESIGNS}")
     rows = []
     print(f"MODELLED (no GPU ran this): {gpu.name}, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16, causal, "
-          f"fwd+bwd unless noted; assumptions at the top of bench/perf_model.py")
+          f"fwd+bwd unless noted; {'uncorrelated (random) selections' if args.uncorrelated else 'correlated selections'}; "
+          f"assumptions at the top of bench/perf_model.py")
     header = (f"{'setting':>9} {'S':>5} {'design':>13} | {'fwd+bwd ms':>10} {'x FA2':>7} {'x FA3':>7} | {'fwd x FA2':>9} "
               f"{'gate/fwd':>8} | {'TFLOP/s eff':>11} {'wasted MMA':>10} | {'peak GiB':>8} {'x dense':>7} {'fwd-only x dense':>16}")
     print(header)
     print("-" * len(header))
     for setting in args.settings.split(","):
         bs, k = (int(x) for x in setting.split("/"))
-        for seqlen in (_size(x) for x in args.seqlens.split(",")):
+        for seqlen in parse_sizes(args.seqlens):
             s = Shape(seqlen, args.heads, args.kv_heads, args.head_dim, bs, k)
-            for m in compare(s, gpu, designs):
+            for m in compare(s, gpu, designs, args.uncorrelated):
                 rows.append(m)
                 print(f"{bs:>5}/k{k:<2} {seqlen // 1024:>4}K {m['design']:>13} | {m['fwd_bwd_s'] * 1e3:>10.2f} "
                       f"{m['speedup_fwd_bwd_vs_FA2']:>6.1f}x {m['speedup_fwd_bwd_vs_FA3']:>6.1f}x | "

@@ -1,9 +1,9 @@
 """Place MoBA and dense attention kernels on a GPU's roofline.
 
-    python bench/roofline.py bench/results/<run>/attn_speed.json --out roofline.png
-    python bench/roofline.py --out roofline.png                      # model only: H100 SXM ceilings
-    python bench/roofline.py RUN.json decode.json --device-name "NVIDIA H200" --out r.png
-    python bench/roofline.py RUN.json --measure --out r.png          # measure the ceilings here
+    python -m bench.roofline bench/results/<run>/attn_speed.json --out roofline.png
+    python -m bench.roofline --out roofline.png                      # model only: H100 SXM ceilings
+    python -m bench.roofline RUN.json decode.json --device-name "NVIDIA H200" --out r.png
+    python -m bench.roofline RUN.json --measure --out r.png          # measure the ceilings here
 
 For every kernel and mode - MoBA forward / backward, dense (flash) attention forward /
 backward, the MoBA gate, and decoding with 1 query token and with several (4, 8: the
@@ -31,7 +31,7 @@ Inputs (any number of JSON files):
 
 Ceilings (peak dense bf16 tensor FLOP/s, HBM bytes/s): ``--peak-tflops`` / ``--peak-bw-tbs``,
 else ``--measure`` (a large matmul and a large copy on this machine's device), else the table
-``DEVICE_PEAKS`` below by device name (``--device-name``, else the JSON's metadata). Results
+``moba._core.hardware.DEVICES`` by device name (``--device-name``, else the JSON's metadata). Results
 from a CPU use the table's fixed CPU row (this project's 2-core Xeon, measured once): CPU
 ceilings measured on each run vary several-fold with the machine's load, so a plot would move
 from one run to the next; pass ``--measure`` to measure this CPU instead.
@@ -46,16 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-for _p in (HERE, HERE.parent):  # bench's helpers; the repo root for scaling_runs.plotting
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
+from moba._core.hardware import caveat, find_device
 
-from _attn_model import (  # noqa: E402
+from ._attn_model import (
     DTYPE_BYTES,
     attention_flops,
     decode_flops_bytes,
@@ -67,23 +63,7 @@ from _attn_model import (  # noqa: E402
     moba_bytes,
     moba_pairs,
 )
-
-#: (substring of the device name, label, peak dense bf16 tensor FLOP/s, HBM bytes/s).
-#: First match wins, so more specific names come first.
-DEVICE_PEAKS = (
-    ("H200", "H200", 989e12, 4.8e12),
-    ("H100", "H100 SXM", 989e12, 3.35e12),
-    ("A100", "A100 80GB", 312e12, 2.0e12),
-    ("4090", "RTX 4090", 165e12, 1.0e12),  # fp16/bf16 with fp32 accumulation ~165
-    # Any CPU: fixed fp32 ceilings, measured once with measure_peaks() on this project's 2-core
-    # Xeon, idle (bench/results/cpu-xeon-2core-2026-11-22/generate-cpu-tiny-greedy/roofline.json:
-    # 344 GFLOP/s, 9.39 GB/s; the T=1 run's measurement gave 293 GFLOP/s, 9.40 GB/s). Not this
-    # machine's: a fixed row keeps CPU plots comparable (--measure measures this CPU).
-    ("CPU", "CPU (fixed: 2-core Xeon fp32, measured 2026-11-22)", 344e9, 9.39e9),
-)
-#: Names that match a row above but have other peaks: a warning says so.
-DEVICE_CAVEATS = {"PCIe": "PCIe boards have lower peaks than the table's SXM figures",
-                  "40GB": "the A100 40GB has 1.555 TB/s, not 2.0"}
+from ._common import make_parser
 
 #: Model configuration used when no attn_speed JSON gives one (the MoBA paper's 1M test).
 DEFAULT_MODEL = dict(batch=1, heads=32, kv_heads=8, head_dim=128, dtype="bf16", block_size=4096, top_k=12,
@@ -94,14 +74,12 @@ DECODE_QUERIES = (1, 4, 8)
 
 # ----------------------------------------------------------------------------- ceilings
 def peaks_for(name: str | None):
-    """(label, FLOP/s, bytes/s, warning or None) for a device name, or None when unknown."""
-    if not name:
+    """(label, FLOP/s, bytes/s, warning or None) for a device name (``moba._core.hardware``'s
+    table), or None when unknown."""
+    device = find_device(name)
+    if device is None:
         return None
-    for key, label, flops, bw in DEVICE_PEAKS:
-        if key.lower() in name.lower():
-            warn = next((w for k, w in DEVICE_CAVEATS.items() if k.lower() in name.lower()), None)
-            return label, flops, bw, warn
-    return None
+    return device.label, device.bf16_flops, device.hbm_bytes, caveat(name)
 
 
 def measure_peaks(device: str | None = None) -> tuple[str, float, float]:
@@ -318,7 +296,7 @@ def plot(points: list[dict], label: str, peak_flops: float, peak_bw: float, out:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("inputs", nargs="*", help="attn_speed.json and/or points JSON files (none: model only)")
     p.add_argument("--out", default="roofline.png", help="PNG path; a .json with the points is written beside it")
     p.add_argument("--device-name", default=None, help="pick the ceilings from the table by this name")

@@ -1,8 +1,8 @@
 """CPU benchmark of the PyTorch MoBA path against dense causal SDPA (forward + backward).
 
-    python bench/torch_path_cpu.py                       # S = 8K and 16K (the README numbers)
-    python bench/torch_path_cpu.py --seqlens 4096 --repeats 1
-    python bench/torch_path_cpu.py --short               # training throughput, cpu-tiny shape
+    python -m bench.torch_path_cpu                       # S = 8K and 16K (the README numbers)
+    python -m bench.torch_path_cpu --seqlens 4096 --repeats 1
+    python -m bench.torch_path_cpu --short               # training throughput, cpu-tiny shape
 
 Long mode reports the speedup over SDPA and its share of the attended-pair limit: the ratio
 of the (query, key) pairs dense causal attention computes to those MoBA computes (own block
@@ -31,6 +31,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from ._common import ROOT, make_parser
 
 
 class _MallInfo2(ctypes.Structure):
@@ -215,19 +217,23 @@ def _short(steps: int, rounds: int) -> dict:
             "moba_tok_s": tok["moba"], "full_tok_s": tok["full"], "ratio": tok["moba"] / tok["full"]}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seqlens", default="8192,16384")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+def build_parser():
+    p = make_parser(__doc__)
+    p.add_argument("--seqlens", default="8192,16384", help="comma list of sequence lengths")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--short", action="store_true", help="training throughput at context 256 (cpu-tiny) instead")
     p.add_argument("--steps", type=int, default=5, help="--short: optimizer steps per timed round")
     p.add_argument("--rounds", type=int, default=5, help="--short: alternating rounds (median reported)")
-    p.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args._child:
-        what, seqlen = args._child[0], int(args._child[1])
+    p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.child:
+        what, seqlen = args.child[0], int(args.child[1])
         row = _timing(seqlen, args.repeats, args.threads) if what == "timing" else _one(what, seqlen, args.threads)
         print(json.dumps(row))
         return
@@ -243,9 +249,9 @@ def main() -> None:
     rows = []
     for seqlen in [int(s) for s in args.seqlens.split(",")]:
         def child(*what):
-            cmd = [sys.executable, __file__, "--_child", *what, "--repeats", str(args.repeats),
+            cmd = [sys.executable, "-m", "bench.torch_path_cpu", "--child", *what, "--repeats", str(args.repeats),
                    "--threads", str(args.threads)]
-            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
 
         load_before = os.getloadavg()
         t = child("timing", str(seqlen))

@@ -23,9 +23,9 @@ import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._checks import check_bool, check_positive_int
+from ._core.checks import check_bool, check_positive_int
 
-#: Backend names a config may hold (``moba.backends`` may register more at run time).
+#: Backend names a config may hold (``moba.ops.registry`` may register more at run time).
 KNOWN_BACKENDS = ("auto", "torch", "triton", "reference")
 
 # The official MoonshotAI/MoBA field names -> ours.
@@ -37,7 +37,7 @@ _UNSET: Any = object()
 def _check_backend(value) -> str:
     if not isinstance(value, str):
         raise TypeError(f"backend must be a str, got {type(value).__name__} {value!r}")
-    from .backends import known_backend_names  # lazy: backends imports the kernels' glue
+    from .ops.registry import known_backend_names  # lazy: backends imports the kernels' glue
 
     known = known_backend_names()
     if value not in known:

@@ -1,7 +1,7 @@
 """The inference-budget demo (issue 7), CPU preset: task data -> a tiny MoBA model -> budget sweep.
 
-    python -m scaling_runs.budget_demo [--out runs/budget-cpu] [--reuse RUN_DIR|auto] [--key value ...]
-    python -m scaling_runs.budget_demo --preset needle [--out runs/budget-needle] [--key value ...]
+    python -m scaling_runs.budget_demo [--out runs/budget-cpu] [--reuse RUN_DIR|auto] [--OPTION VALUE ...]
+    python -m scaling_runs.budget_demo --preset needle [--out runs/budget-needle] [--OPTION VALUE ...]
 
 ``--preset needle`` (issue 16; ``run_needle_demo``): the one-hop needle task (254 non-digit
 filler bytes, one digit, "?"; answer the digit) -> a MoBA-trained and a full-attention-trained
@@ -11,7 +11,7 @@ with MoBA at budgets 16, 32, 48, 64, 128 and full (256) on 256 fresh examples, e
 with Wilson 95% CIs -> ``OUT/budget.json`` + ``OUT/performance_vs_budget.png``. Options:
 ``--task`` (needle / multineedle), ``--n_filler``, ``--n_needles``, ``--n_train`` (20000),
 ``--train_seed``, ``--n_eval`` (256), ``--eval_seed``, ``--budgets``, ``--arms`` (moba,full),
-``--ci`` (wilson / exact), ``--eval_device`` (cpu / cuda / auto), ``--eval_batch`` (64); every other ``--key value`` goes to both training configs.
+``--ci`` (wilson / exact), ``--eval_device`` (cpu / cuda / auto), ``--eval_batch`` (64); every other option (a config field, ``scaling_runs.config``) goes to both training configs.
 
 The default preset (``tasks``):
 
@@ -31,21 +31,24 @@ About 1.5-2.5 minutes on 2 CPU cores (the training; a rerun skips it). Demo opti
 examples written, 4000), ``--task_lengths`` (128,256), ``--mix_fraction`` (0.5), ``--budgets``
 (32,64,128,256), ``--lengths`` (128,256), ``--depths`` (0,0.5,1), ``--n_per_cell`` (2),
 ``--loss_seqs`` (8), ``--filler FILE`` (task filler text; default: the embedded corpus).
-Every other ``--key value`` goes to the training config (``--max_tokens 2e6``, ``--n_layer 3``).
+Every other option (a config field) goes to the training config (``--max_tokens 2e6``, ``--n_layer 3``).
 The GPU version (32K context, budgets 512..8k) is ``scaling_runs/GPU_RECIPE_budget.md``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import eval_budget as E
 from . import tasks as T
-from .config import RunConfig
-from .train import atomic_write_text, config_from_argv, train
+from .checkpoint import atomic_write_text
+from .cli import Parser, add_config_options, checked, config_overrides
+from .config import RunConfig, apply_overrides
+from .train import train
 
 DEFAULT_REUSE = Path("runs/cpu-tiny/s3-moba")
 
@@ -69,11 +72,11 @@ def _sizes(text: str) -> list[int]:
 
 
 def train_config(out: Path, tasks_dir: Path, mix_fraction: float, overrides: dict[str, str] | None = None) -> RunConfig:
-    """The training run's config, through the trainer's own ``--key value`` parser."""
+    """The training run's config: ``TRAIN_DEFAULTS``, the task mix, then ``overrides`` (config
+    fields by name, typed or command-line strings)."""
     flags = {**TRAIN_DEFAULTS, "mix": str(tasks_dir), "mix_fraction": str(mix_fraction),
              "out_dir": str(out / "moba-mix"), **(overrides or {})}
-    argv = [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-    return config_from_argv(argv)
+    return apply_overrides(RunConfig(), flags)
 
 
 def run_demo(out: str | Path = "runs/budget-cpu", reuse: str | Path | None = None,
@@ -216,7 +219,7 @@ def run_needle_demo(out: str | Path = "runs/budget-needle", train_overrides: dic
         ts = time.time()
         flags = {**NEEDLE_TRAIN_DEFAULTS, "context": str(length), **(train_overrides or {}), "attention": arm,
                  "mix": str(train_npz), "out_dir": str(out / arm)}
-        cfg = config_from_argv([x for k, v in flags.items() for x in (f"--{k}", str(v))])
+        cfg = apply_overrides(RunConfig(), flags)
         if not progress:
             cfg.train.progress = False
         print(f"[budget_demo] training {cfg.train.out_dir} ({arm} attention, {cfg.train.max_steps} steps, "
@@ -259,27 +262,103 @@ def run_needle_demo(out: str | Path = "runs/budget-needle", train_overrides: dic
     return summary
 
 
-def main(argv: list[str] | None = None) -> dict | None:
-    from .config import parse_overrides
+# ---------------------------------------------------------------------------------------
+# command line
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return None
-    opts = parse_overrides(argv)
-    preset = opts.pop("preset", "tasks")
-    if preset == "needle":
-        out = opts.pop("out", "runs/budget-needle")
-        demo = {k: opts.pop(k) for k in list(opts) if k in NEEDLE_DEMO_DEFAULTS}
-        return run_needle_demo(out, opts, **demo)
-    if preset != "tasks":
-        raise ValueError(f"--preset must be 'tasks' (default) or 'needle', got {preset!r}")
-    out = opts.pop("out", "runs/budget-cpu")
-    reuse = opts.pop("reuse", None)
-    filler_path = opts.pop("filler", None)
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _arms(text: str) -> list[str]:
+    arms = [a.strip() for a in text.split(",") if a.strip()]
+    if not arms or any(a not in ARM_LABELS for a in arms):
+        raise ValueError(text)
+    return arms
+
+
+SIZES = checked(_sizes, "size list (e.g. 32,64,1k)")
+# the demo options: name -> (argparse type, help); defaults in DEMO_DEFAULTS / NEEDLE_DEMO_DEFAULTS
+DEMO_OPTIONS = {  # --preset tasks
+    "n_tasks": (int, "task examples written"),
+    "task_lengths": (SIZES, "lengths of the written task examples in bytes"),
+    "lengths": (SIZES, "evaluated task context lengths in bytes"),
+    "depths": (checked(_floats, "number list"), "needle depths evaluated (0 = start, 1 = end)"),
+    "n_per_cell": (int, "examples per (task, length, depth) cell"),
+    "loss_seqs": (int, "held-out windows for the loss metrics"),
+    "task_seed": (int, "seed of the written task examples"),
+}
+NEEDLE_OPTIONS = {  # --preset needle
+    "task": (str, "short-answer task: needle or multineedle"),
+    "n_filler": (int, "filler bytes per prompt (the prompt length follows)"),
+    "n_needles": (int, "multineedle: key/digit pairs per prompt"),
+    "n_train": (int, "distinct training examples"),
+    "train_seed": (int, "seed of the training examples"),
+    "n_eval": (int, "fresh evaluation examples per budget"),
+    "eval_seed": (int, "seed of the evaluation examples"),
+    "arms": (checked(_arms, f"arm list (from {','.join(ARM_LABELS)})"), "training attention of each model"),
+    "ci": (str, "binomial confidence interval: wilson or exact"),
+    "eval_device": (str, "evaluation device: cpu, cuda or auto"),
+    "eval_batch": (int, "evaluation sequences per forward"),
+}
+CHOICES = {"task": ("needle", "multineedle"), "ci": ("wilson", "exact"), "eval_device": ("cpu", "cuda", "auto")}
+
+
+def build_parser() -> Parser:
+    p = Parser("python -m scaling_runs.budget_demo", __doc__,
+               usage="%(prog)s [--preset {tasks,needle}] [--out DIR] [--OPTION VALUE ...]")
+    p.add_argument("--preset", default="tasks", choices=("tasks", "needle"),
+                   help="tasks: long-context task mix -> one MoBA model -> eval_budget sweep; "
+                        "needle: short-answer chart of a MoBA- and a full-attention-trained model")
+    p.add_argument("--out", metavar="DIR", default=argparse.SUPPRESS,
+                   help="output folder (default: runs/budget-cpu; needle: runs/budget-needle)")
+    p.add_argument("--budgets", type=SIZES, default=argparse.SUPPRESS,
+                   help=f"attended-key budgets (default: {DEMO_DEFAULTS['budgets']}; "
+                        f"needle: {NEEDLE_DEMO_DEFAULTS['budgets']})")
+    tasks = p.add_argument_group("--preset tasks options")
+    tasks.add_argument("--reuse", metavar="RUN_DIR|auto", default=argparse.SUPPRESS,
+                       help=f"evaluate this run instead of training (auto: {DEFAULT_REUSE} when DONE) "
+                            "(default: train)")
+    tasks.add_argument("--filler", metavar="FILE", default=argparse.SUPPRESS,
+                       help="text file for the task filler (default: the embedded corpus)")
+    for name, (typ, text) in DEMO_OPTIONS.items():
+        tasks.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, metavar="N" if typ is int else "LIST",
+                           help=f"{text} (default: {DEMO_DEFAULTS[name]})")
+    needle = p.add_argument_group("--preset needle options")
+    for name, (typ, text) in NEEDLE_OPTIONS.items():
+        needle.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, choices=CHOICES.get(name),
+                            metavar=None if name in CHOICES else "N" if typ is int else "LIST",
+                            help=f"{text} (default: {NEEDLE_DEMO_DEFAULTS[name]})")
+    add_config_options(p, default_note="the demo's training value (TRAIN_DEFAULTS / NEEDLE_TRAIN_DEFAULTS; "
+                                       "mix_fraction: tasks 0.5, needle 0.9), else RunConfig's")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = build_parser()
+    a = vars(parser.parse_args(argv))
+    train_opts = {k.split(".", 1)[1]: v for k, v in config_overrides(argparse.Namespace(**a)).items()}
+    own = (set(DEMO_OPTIONS) | {"reuse", "filler"}) if a["preset"] == "tasks" else set(NEEDLE_OPTIONS)
+    other = sorted(k for k in (set(DEMO_OPTIONS) | set(NEEDLE_OPTIONS) | {"reuse", "filler"}) - own if k in a)
+    if other:
+        parser.error(f"{', '.join('--' + k for k in other)}: not an option of --preset {a['preset']}")
+    demo = {k: a[k] for k in own | {"budgets"} if k in a}
+    if a["preset"] == "needle":
+        defaults = {**NEEDLE_TRAIN_DEFAULTS, "context": "256"}
+    else:
+        defaults = TRAIN_DEFAULTS
+        if "mix_fraction" in train_opts:  # the tasks preset's own demo option
+            demo["mix_fraction"] = train_opts.pop("mix_fraction")
+    try:  # a training option the config rejects is a usage error, before anything runs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real config warns again, if it must
+            apply_overrides(RunConfig(), {**defaults, **train_opts})
+    except ValueError as exc:
+        parser.error(str(exc))
+    if a["preset"] == "needle":
+        return run_needle_demo(a.get("out", "runs/budget-needle"), train_opts, **demo)
+    reuse, filler_path = demo.pop("reuse", None), demo.pop("filler", None)
     filler = T.Filler(Path(filler_path).read_text(errors="replace"), name=filler_path) if filler_path else None
-    demo = {k: opts.pop(k) for k in list(opts) if k in DEMO_DEFAULTS}
-    return run_demo(out, reuse, opts, filler, **demo)
+    return run_demo(a.get("out", "runs/budget-cpu"), reuse, train_opts, filler, **demo)
 
 
 if __name__ == "__main__":

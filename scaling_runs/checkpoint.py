@@ -27,10 +27,12 @@ import hashlib
 import io
 import json
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
@@ -216,6 +218,23 @@ def load_checkpoint(out: Path, map_location=None) -> dict | None:
     return None if found is None else found.state
 
 
+# -- random-number state (a resumed run draws the same numbers as an uninterrupted one) ---
+def capture_rng(device: torch.device) -> dict:
+    """The torch (and CUDA on a CUDA ``device``), numpy and python RNG states, for ``state["rng"]``."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def restore_rng(rng: dict, device: torch.device) -> None:
+    """Set the generators back to ``capture_rng``'s states."""
+    torch.set_rng_state(rng["torch"].cpu())
+    if device.type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+
+
 # -- models from checkpoints ----------------------------------------------------------------
 def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict, Path]:
     """A scaling_runs checkpoint (run dir or ``ckpt.pt``) -> (model in eval mode, run config dict, run dir)."""
@@ -241,9 +260,9 @@ def load_model(path: str | Path, device="cpu") -> tuple[GPT, dict, Path]:
 
 
 def load_gpt(path: str | Path, device="cpu"):
-    """A checkpoint (run dir or ``ckpt.pt``) as a ``moba.generate_adapters.GPTAdapter`` in eval mode,
+    """A checkpoint (run dir or ``ckpt.pt``) as a ``moba.generate.GPTAdapter`` in eval mode,
     ready for ``moba.generate`` (plain, speculative, staged and tree decoding over its KV cache)."""
-    from moba.generate_adapters import GPTAdapter
+    from moba.generate import GPTAdapter
 
     model, _, _ = load_model(path, device)
     return GPTAdapter(model).eval()

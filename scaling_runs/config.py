@@ -1,11 +1,12 @@
 """Typed configs for the scaling runs: the model, the data and the training loop.
 
-Presets are small dataclasses; every field can be overridden from the command line with
-``--key value`` (``--n_layer 4 --attention moba --lr 1e-3``). Booleans take
-``true/false/1/0``; ``None``-able fields take ``none``.
+Presets are small dataclasses (``RunConfig`` = ``model`` + ``data`` + ``train`` sections).
+Every field is a command-line option of the entry points (``scaling_runs.cli`` derives the
+argparse options from these fields: name, type, default and the ``help`` in the field's
+metadata): ``--n_layer 4 --attention moba --lr 1e-3``, or qualified ``--model.n_layer 4``.
+Booleans take ``true/false/1/0/yes/no/on/off``; ``None``-able fields take ``none``; integers
+also take ``1e9`` (an integral float) and ``0x..``.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import json
@@ -14,7 +15,15 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 
+from moba.nn.hybrid import layer_modes  # the one "which layers are full" rule
+
 ATTENTION_KINDS = ("moba", "full", "hybrid")
+SECTIONS = ("model", "data", "train")
+
+
+def opt(default, help: str, choices: tuple | None = None):
+    """A config field with its command-line help (and allowed values) in the field's metadata."""
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -26,21 +35,22 @@ class ModelConfig:
     Llama-8B-1M model keeps its last 3 layers full).
     """
 
-    n_layer: int = 4
-    n_head: int = 4
-    n_kv_head: int = 4  # GQA when < n_head (must divide n_head)
-    n_embd: int = 128
-    context: int = 256  # training sequence length
-    vocab_size: int = 256  # byte-level default
-    mlp_ratio: float = 4.0
-    attention: str = "moba"
-    block_size: int = 32  # MoBA key-block size
-    top_k: int = 3  # MoBA blocks per query (own block included)
-    n_full_layers: int = 0  # hybrid only: how many of the last layers are full attention
-    norm: str = "rmsnorm"  # "rmsnorm" or "layernorm"
-    tie_embeddings: bool = True  # LM head shares the token-embedding matrix
-    rope_theta: float = 10000.0
-    backend: str = "auto"  # MoBA backend (moba.moba_attn_func backend=)
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "query heads")
+    n_kv_head: int = opt(4, "key/value heads; GQA when < n_head (must divide n_head)")
+    n_embd: int = opt(128, "model width (a multiple of n_head)")
+    context: int = opt(256, "training sequence length in tokens")
+    vocab_size: int = opt(256, "vocabulary size (256 = bytes; raised to the data's vocabulary when smaller)")
+    mlp_ratio: float = opt(4.0, "MLP hidden width / n_embd")
+    attention: str = opt("moba", "attention of the layers: moba, full, or hybrid (the last n_full_layers full)",
+                         choices=ATTENTION_KINDS)
+    block_size: int = opt(32, "MoBA key-block size")
+    top_k: int = opt(3, "MoBA blocks per query (its own block included)")
+    n_full_layers: int = opt(0, "hybrid only: how many of the last layers are full attention")
+    norm: str = opt("rmsnorm", "normalisation layer", choices=("rmsnorm", "layernorm"))
+    tie_embeddings: bool = opt(True, "the LM head shares the token-embedding matrix")
+    rope_theta: float = opt(10000.0, "rotary embedding base")
+    backend: str = opt("auto", "MoBA backend (moba.moba_attn_func backend=)")
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -88,10 +98,7 @@ class ModelConfig:
         """Attention mode ("moba" or "full") of every layer, first to last."""
         if self.attention == "full":
             return ["full"] * self.n_layer
-        if self.attention == "moba":
-            return ["moba"] * self.n_layer
-        n_full = self.n_full_layers
-        return ["moba"] * (self.n_layer - n_full) + ["full"] * n_full
+        return layer_modes(self.n_layer, last_n=self.n_full_layers if self.attention == "hybrid" else 0)
 
 
 @dataclass
@@ -104,12 +111,13 @@ class DataConfig:
     (transformers ``AutoTokenizer``) for text data; bytes (vocab 256) otherwise.
     """
 
-    data: str = "stdlib"
-    tokenizer: str | None = None
-    val_fraction: float = 0.05  # share of files held out (text data), chosen by path hash
-    cache_dir: str | None = None  # default ~/.cache/moba-scaling (env MOBA_SCALING_CACHE)
-    mix: str | None = None  # optional 2nd source (e.g. `python -m scaling_runs.tasks DIR`), training only
-    mix_fraction: float = 0.0  # share of training tokens drawn from `mix` (0 = off)
+    data: str = opt("stdlib", "training text: 'stdlib' (embedded corpus), a text file or folder, or llm.c .bin shards")
+    tokenizer: str | None = opt(None, "local tokenizer path (transformers AutoTokenizer) for text data; none = bytes")
+    val_fraction: float = opt(0.05, "share of files held out for validation (text data), chosen by path hash")
+    cache_dir: str | None = opt(None, "token cache folder; none = ~/.cache/moba-scaling (env MOBA_SCALING_CACHE)")
+    mix: str | None = opt(None, "optional second training source: task text (python -m scaling_runs.tasks DIR) "
+                                "or an .npz of solved examples (answer-only loss)")
+    mix_fraction: float = opt(0.0, "share of training tokens (an .npz mix: of steps) drawn from mix; 0 = off")
 
     def __post_init__(self):
         if not 0.0 <= self.mix_fraction < 1.0:
@@ -120,32 +128,33 @@ class DataConfig:
 class TrainConfig:
     """The training loop (see ``scaling_runs.train``)."""
 
-    out_dir: str = "runs/scratch"
-    seed: int = 1337
-    batch_size: int = 16  # global batch, sequences per optimizer step (all ranks together)
-    grad_accum: int = 1  # micro-steps per optimizer step (per rank)
-    max_tokens: int = 0  # training tokens; when 0, max_steps decides
-    max_steps: int = 100
-    lr: float = 3e-3
-    min_lr_frac: float = 0.1  # cosine decays to lr * min_lr_frac
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int = 25  # steps; the last step is always evaluated
-    eval_seqs: int = 32  # held-out sequences per evaluation (fixed set)
-    trailing_frac: float = 0.25  # trailing loss: last fraction of positions of each sequence
-    n_buckets: int = 4  # loss by position bucket
-    ckpt_every: int = 0  # steps; 0 = at every evaluation
-    device: str = "auto"  # auto / cpu / cuda
-    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA, float32 on CPU) / float32 / bfloat16
-    compile: bool = False  # torch.compile the model (GPU)
-    threads: int = 0  # torch.set_num_threads on CPU when > 0
-    progress: bool = True  # tqdm progress bar on rank 0
-    # Non-finite train loss / grad norm: 0 stops the run with an error at the first one; N > 0
-    # skips up to N such steps (no optimizer update), then stops. A non-finite val loss always stops.
-    skip_nonfinite_steps: int = 0
+    out_dir: str = opt("runs/scratch", "run folder (config.json, metrics.jsonl, checkpoints, DONE)")
+    seed: int = opt(1337, "seed of the weights and of the data order")
+    batch_size: int = opt(16, "global batch: sequences per optimizer step, all ranks together")
+    grad_accum: int = opt(1, "micro-steps per optimizer step (per rank)")
+    max_tokens: int = opt(0, "training tokens (1e9 is accepted); 0 = max_steps decides")
+    max_steps: int = opt(100, "optimizer steps when max_tokens is 0")
+    lr: float = opt(3e-3, "peak learning rate (AdamW)")
+    min_lr_frac: float = opt(0.1, "the cosine schedule decays to lr * min_lr_frac")
+    warmup_steps: int = opt(20, "linear warmup steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay of the matrices (not of norms/biases)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "gradient-norm clipping; 0 = off")
+    eval_every: int = opt(25, "evaluate every N steps (the last step always)")
+    eval_seqs: int = opt(32, "held-out sequences per evaluation (a fixed set)")
+    trailing_frac: float = opt(0.25, "trailing loss: the last fraction of positions of each sequence")
+    n_buckets: int = opt(4, "position buckets of the loss-by-position metric")
+    ckpt_every: int = opt(0, "checkpoint every N steps; 0 = at every evaluation")
+    device: str = opt("auto", "auto / cpu / cuda")
+    dtype: str = opt("auto", "auto = bfloat16 autocast on CUDA, float32 on CPU",
+                     choices=("auto", "float32", "bfloat16"))
+    compile: bool = opt(False, "torch.compile the model (GPU only)")
+    threads: int = opt(0, "torch.set_num_threads on CPU when > 0")
+    progress: bool = opt(True, "progress bar on a terminal, one line per evaluation in a log (rank 0)")
+    # A non-finite val loss always stops the run.
+    skip_nonfinite_steps: int = opt(0, "non-finite train loss / grad norm: skip up to N such steps (no update), "
+                                       "then stop; 0 = stop at the first")
 
 
 @dataclass
@@ -158,11 +167,10 @@ class RunConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> RunConfig:
+    def from_dict(cls, d: dict) -> "RunConfig":
         """From ``to_dict()``'s layout; unknown keys raise a ValueError naming them."""
-        sections = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
         built = {}
-        for sec, typ in sections.items():
+        for sec, typ in SECTION_TYPES.items():
             values = d.get(sec, {})
             if not isinstance(values, dict):
                 raise TypeError(f"config section {sec!r} must be a dict, got {type(values).__name__}")
@@ -174,7 +182,7 @@ class RunConfig:
         return cls(**built)
 
     @classmethod
-    def from_saved(cls, saved: dict, source: str = "config") -> RunConfig:
+    def from_saved(cls, saved: dict, source: str = "config") -> "RunConfig":
         """From a run's saved ``config.json`` (or a sweep's ``launch.json``, or ``to_dict()``).
 
         ``config.json``'s ``data`` section describes the loaded data (hash, token counts); the
@@ -189,6 +197,8 @@ class RunConfig:
                              "(--data PATH ...) with the run's launch.json or a config of your own")
         return cls.from_dict(saved)
 
+
+SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 # Options that change no number of a run: they may differ between a checkpoint and its resume.
 RESUME_FREE_FIELDS = frozenset({
@@ -233,62 +243,82 @@ def parse_bool(text: str) -> bool:
     raise ValueError(f"expected a boolean, got {text!r}")
 
 
-def _parse_value(text: str, typ):
-    """Parse a command-line string into the (annotated) type of a dataclass field."""
-    if isinstance(typ, str):  # postponed annotations: "int", "str | None", ...
-        typ = eval(typ, {"int": int, "float": float, "str": str, "bool": bool, "None": None})  # noqa: S307
+def parse_int(text: str) -> int:
+    """A command-line integer: ``42``, ``0x2a``, ``2_000`` or an integral float such as ``1e9``."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        pass
+    value = float(text)  # ValueError for text that is no number at all
+    if not value.is_integer():
+        raise ValueError(f"expected an integer, got {text!r}")
+    return int(value)
+
+
+def value_parser(typ) -> typing.Callable[[str], object]:
+    """The string -> value converter of a config field's type (bool, int, float, str, or ``X | None``).
+
+    Its ``__name__`` is what argparse prints in "invalid <name> value" usage errors.
+    """
     args = typing.get_args(typ)
     if isinstance(typ, types.UnionType) or typing.get_origin(typ) is typing.Union:
-        if text.lower() in ("none", "null") and type(None) in args:
-            return None
-        typ = next(a for a in args if a is not type(None))
-    if typ is bool:
-        return parse_bool(text)
-    if typ is int:
-        return int(float(text)) if ("e" in text.lower() and "x" not in text.lower()) else int(text, 0)
-    if typ is float:
-        return float(text)
-    return text
+        inner = value_parser(next(a for a in args if a is not type(None)))
+
+        def optional(text: str):
+            return None if text.lower() in ("none", "null") else inner(text)
+
+        optional.__name__ = f"{inner.__name__} (or none)"
+        return optional
+    if typ not in _PARSERS:
+        raise TypeError(f"config fields must be bool, int, float, str or X | None, got {typ!r}")
+    return _PARSERS[typ]
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
-    """Set fields by name (``n_layer``, ``lr``, or qualified ``model.n_layer``) from strings."""
-    sections = {"model": cfg.model, "data": cfg.data, "train": cfg.train}
-    new = {k: dataclasses.asdict(v) for k, v in sections.items()}
-    for key, text in overrides.items():
-        key = key.replace("-", "_")
-        if "." in key:
-            sec, name = key.split(".", 1)
-            targets = [sec] if sec in sections else []
-        else:
-            name = key
-            targets = [s for s, obj in sections.items() if name in {f.name for f in dataclasses.fields(obj)}]
-        if not targets or name not in {f.name for f in dataclasses.fields(sections[targets[0]])}:
-            raise ValueError(f"unknown option --{key}")
-        sec = targets[0]
-        ftype = {f.name: f.type for f in dataclasses.fields(sections[sec])}[name]
-        new[sec][name] = text if not isinstance(text, str) else _parse_value(text, ftype)
-    return RunConfig(ModelConfig(**new["model"]), DataConfig(**new["data"]), TrainConfig(**new["train"]))
+def _named(fn, name: str):
+    def conv(text: str):
+        return fn(text)
+
+    conv.__name__ = name
+    return conv
 
 
-def parse_overrides(argv: list[str]) -> dict[str, str]:
-    """``["--n_layer", "4", "--lr=1e-3"]`` -> ``{"n_layer": "4", "lr": "1e-3"}``."""
-    out: dict[str, str] = {}
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise ValueError(f"expected --key value, got {arg!r}")
-        if "=" in arg:
-            k, v = arg[2:].split("=", 1)
-            i += 1
-        else:
-            if i + 1 >= len(argv):
-                raise ValueError(f"option {arg} needs a value")
-            k, v = arg[2:], argv[i + 1]
-            i += 2
-        out[k] = v
-    return out
+_PARSERS = {bool: _named(parse_bool, "boolean"), int: _named(parse_int, "integer"), float: float, str: str}
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    """``{"model.n_layer": Field, ...}``: every field of every section, in declaration order."""
+    return {f"{sec}.{f.name}": f for sec in SECTIONS for f in dataclasses.fields(SECTION_TYPES[sec])}
+
+
+def qualify(key: str) -> str:
+    """``"n_layer"`` / ``"n-layer"`` / ``"model.n_layer"`` -> ``"model.n_layer"``; ValueError if unknown."""
+    key = key.replace("-", "_")
+    known = config_fields()
+    if key in known:
+        return key
+    matches = [q for q in known if q.split(".", 1)[1] == key]
+    if len(matches) == 1:
+        return matches[0]
+    import difflib
+
+    short = [q.split(".", 1)[1] for q in known]
+    near = difflib.get_close_matches(key, short + list(known), n=3)
+    hint = f" (did you mean {', '.join('--' + n for n in near)}?)" if near else ""
+    raise ValueError(f"unknown option --{key}{hint}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, object]) -> RunConfig:
+    """A copy of ``cfg`` with fields set by name (``n_layer``, ``lr``, or qualified ``model.n_layer``).
+
+    Values are typed (``4``) or command-line strings (``"4"``, parsed by the field's type).
+    """
+    new = {sec: dataclasses.asdict(getattr(cfg, sec)) for sec in SECTIONS}
+    fields = config_fields()
+    for key, value in overrides.items():
+        qual = qualify(key)
+        sec, name = qual.split(".", 1)
+        new[sec][name] = value_parser(fields[qual].type)(value) if isinstance(value, str) else value
+    return RunConfig(**{sec: SECTION_TYPES[sec](**new[sec]) for sec in SECTIONS})
 
 
 def dumps(obj) -> str:

@@ -1,32 +1,37 @@
 """The demo (``make demo``): the cpu-tiny sweep end to end, then the power-law fits.
 
-    python -m scaling_runs.demo [--out runs/cpu-tiny]
+    python -m scaling_runs.demo [--out runs/cpu-tiny] [--OPTION VALUE ...]
 
 Trains 3 sizes x {MoBA, full attention} on the embedded corpus (the Python standard
 library's sources, byte level; no download) on the CPU, fits L = a * C^b on each kind's
 compute frontier (LM loss and trailing loss), writes fit.json and the plots, and prints the
 formulas and plot paths. Resumable: a second run skips finished runs and only refits.
+The config options (every field of ``scaling_runs.config``) override every run's config.
 """
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
-from .config import parse_overrides
+from .cli import Parser, add_config_options, config_overrides
 from .fit import KIND_LABEL, METRICS, fit_sweep, formula
+from .presets import PRESETS
 from .sweep import run_sweep
 
 
+def build_parser() -> Parser:
+    p = Parser("python -m scaling_runs.demo", __doc__, usage="%(prog)s [--out DIR] [--OPTION VALUE ...]")
+    p.add_argument("--out", metavar="DIR", default="runs/cpu-tiny", help="sweep folder (fit.json and plots too)")
+    p.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS), help="the sweep grid")
+    add_config_options(p, default_note="the preset's value; applies to every run")
+    return p
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return
-    opts = parse_overrides(argv)
-    out = Path(opts.pop("out", "runs/cpu-tiny"))
-    preset = opts.pop("preset", "cpu-tiny")
+    a = build_parser().parse_args(argv)
+    out, preset = Path(a.out), a.preset
+    opts = {k.split(".", 1)[1]: v for k, v in config_overrides(a).items()}  # by field name, like the sweep's
     t0 = time.time()
     run_sweep(preset, out, opts)
     fits = fit_sweep(out)

@@ -29,7 +29,6 @@ length x depth, one panel per budget) and ``loss_by_position.png``.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -41,11 +40,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moba import PAD_INDEX, KVCache, select_blocks
+from moba import KVCache, select_blocks
+from moba._core.accounting import attended_keys_from_indices
 from moba.nn import attention_modules
 
 from . import tasks as T
 from .checkpoint import atomic_write_text, load_model
+from .cli import Parser, checked
 from .config import DataConfig
 from .data import eval_offsets, gather, load_data
 from .model import GPT
@@ -152,14 +153,8 @@ def attended_keys(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int)
     A selected past block contributes ``block_size`` keys (the last block may be shorter),
     the own block the keys up to and including the query.
     """
-    s = q.shape[1]
-    idx = select_blocks(q, k, block_size, top_k, causal=True).long()  # (B, S, Hq, n)
-    valid = idx != PAD_INDEX
-    pos = torch.arange(s, device=q.device)[None, :, None, None]
-    start = idx.clamp(min=0) * block_size
-    end = torch.minimum(start + block_size, torch.full_like(start, s))
-    end = torch.minimum(end, pos + 1)  # own block: causal
-    return torch.where(valid, (end - start).clamp(min=0), 0).sum(-1).float()
+    idx = select_blocks(q, k, block_size, top_k, causal=True)  # (B, S, Hq, n)
+    return attended_keys_from_indices(idx, block_size, causal=True).float()
 
 
 @torch.no_grad()
@@ -624,34 +619,56 @@ def _finish_budget_plot(fig, ax, xs, ylabel: str, title: str, path, written: lis
     written.append(path)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m scaling_runs.eval_budget", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def _size_list(text: str) -> list[int]:
+    return [parse_size(s) for s in text.split(",") if s.strip()]
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(d) for d in text.split(",")]
+
+
+def _size_list_or_auto(text: str) -> list[int] | None:
+    return None if text in ("auto", "") else _size_list(text)
+
+
+def build_parser() -> Parser:
+    p = Parser("python -m scaling_runs.eval_budget", __doc__)
     p.add_argument("checkpoint", help="run directory (ckpt.pt inside) or a checkpoint file")
-    p.add_argument("--budgets", default="auto", help="attended-key budgets, e.g. 512,1k,2k,4k,8k (default auto)")
-    p.add_argument("--pairs", default=None, help="explicit TOPKxBLOCK settings, e.g. 3x64,6x64 (overrides --budgets)")
-    p.add_argument("--lengths", default=None, help="task context lengths in bytes (default: context/2, context)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1")
-    p.add_argument("--tasks", default=",".join(T.TASKS))
-    p.add_argument("--n_per_cell", type=int, default=2, help="examples per (task, length, depth)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loss_context", default=None, help="held-out loss window (default: training context)")
-    p.add_argument("--loss_seqs", type=int, default=8)
-    p.add_argument("--data", default=None, help="validation data (default: the run's data config)")
-    p.add_argument("--filler", default=None, help="text file for task filler (default: embedded corpus)")
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--budgets", default="auto", type=checked(_size_list_or_auto, "size list"), metavar="LIST|auto",
+                   help="attended-key budgets, e.g. 512,1k,2k,4k,8k; auto = block_size x 1, 2, 4, ... up to "
+                        "the longest context")
+    p.add_argument("--pairs", default=None, type=checked(parse_pairs, "TOPKxBLOCK list"), metavar="LIST",
+                   help="explicit TOPKxBLOCK settings, e.g. 3x64,6x64 (overrides --budgets)")
+    p.add_argument("--lengths", default=None, type=checked(_size_list, "size list"), metavar="LIST",
+                   help="task context lengths in bytes; none = context/2 and context")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=checked(_float_list, "number list"),
+                   metavar="LIST", help="needle depths (0 = start of the prompt, 1 = end)")
+    p.add_argument("--tasks", default=",".join(T.TASKS), metavar="LIST", help="tasks, comma-separated")
+    p.add_argument("--n_per_cell", type=int, default=2, metavar="N", help="examples per (task, length, depth)")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the task examples")
+    p.add_argument("--loss_context", default=None, type=checked(parse_size, "size"), metavar="SIZE",
+                   help="held-out loss window; none = the training context")
+    p.add_argument("--loss_seqs", type=int, default=8, metavar="N", help="held-out windows for the loss metrics")
+    p.add_argument("--data", default=None, help="validation data; none = the run's data config")
+    p.add_argument("--filler", default=None, metavar="FILE", help="text file for task filler; none = embedded corpus")
+    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch.set_num_threads when > 0")
     p.add_argument("--device", default="auto", help="auto / cpu / cuda")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on CUDA) / float32 / bfloat16")
-    p.add_argument("--batch", type=int, default=16, help="sequences per forward")
-    p.add_argument("--out", default=None, help="output folder (default RUN/budget_sweep)")
-    p.add_argument("--no_plots", action="store_true")
-    a = p.parse_args(argv)
-    budgets = None if a.budgets in ("auto", "") else [parse_size(s) for s in a.budgets.split(",") if s.strip()]
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                   help="auto = bfloat16 autocast on CUDA, float32 on CPU")
+    p.add_argument("--batch", type=int, default=16, metavar="N", help="sequences per forward")
+    p.add_argument("--out", default=None, metavar="DIR", help="output folder; none = RUN/budget_sweep")
+    p.add_argument("--no_plots", action="store_true", help="write budget_sweep.json only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    a = build_parser().parse_args(argv)
+    budgets = _size_list_or_auto(a.budgets)
     pairs = parse_pairs(a.pairs) if a.pairs else None
-    lengths = [parse_size(s) for s in a.lengths.split(",")] if a.lengths else None
+    lengths = _size_list(a.lengths) if a.lengths else None
     filler = T.Filler(Path(a.filler).read_text(errors="replace"), name=a.filler) if a.filler else None
     record = run_sweep(
-        a.checkpoint, a.out, budgets, pairs, lengths, [float(d) for d in a.depths.split(",")],
+        a.checkpoint, a.out, budgets, pairs, lengths, _float_list(a.depths),
         [t.strip() for t in a.tasks.split(",") if t.strip()], a.n_per_cell, a.seed,
         parse_size(a.loss_context) if a.loss_context else None, a.loss_seqs, a.data, filler, a.threads,
         plots=not a.no_plots, device=a.device, dtype=a.dtype, batch=a.batch,

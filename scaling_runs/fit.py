@@ -226,14 +226,21 @@ def print_fits(fits: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .cli import Parser
+
+    parser = Parser("python -m scaling_runs.fit", __doc__)
+    parser.add_argument("sweep_dir", help="a sweep folder (run folders with config.json and metrics.jsonl)")
+    parser.add_argument("--x", default="dense", choices=("dense", "attn_aware"),
+                   help="compute axis: dense 6 N D, or the attention-aware count")
+    parser.add_argument("--skip_frac", type=float, default=0.3, help="share of each run's tokens dropped (warmup)")
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    if not argv:
+        parser.print_help()
         return
-    sweep_dir = Path(argv[0])
-    opts = dict(zip(argv[1::2], argv[2::2], strict=False))
-    x = {"attn_aware": "attn_aware_pflops_days"}.get(opts.get("--x", ""), "pflops_days")
-    fits = fit_sweep(sweep_dir, x, float(opts.get("--skip_frac", 0.3)))
+    a = parser.parse_args(argv)
+    sweep_dir = Path(a.sweep_dir)
+    x = {"attn_aware": "attn_aware_pflops_days"}.get(a.x, "pflops_days")
+    fits = fit_sweep(sweep_dir, x, a.skip_frac)
     print_fits(fits)
     print(f"wrote {sweep_dir / 'fit.json'}")
     for p in fits["plots"]:

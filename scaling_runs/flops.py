@@ -27,6 +27,8 @@ PFLOP/s-days: ``FLOPs / 8.64e19`` (1e15 FLOP/s for 86400 s).
 
 from __future__ import annotations
 
+from moba._core.accounting import dense_pairs, gate_candidates, moba_pairs
+
 from .config import ModelConfig
 
 PFLOPS_DAY = 8.64e19
@@ -37,17 +39,13 @@ def pflops_days(flops: float) -> float:
 
 
 def attention_keys(seqlen: int, mode: str, block_size: int, top_k: int) -> tuple[int, int]:
-    """(sum over queries of keys read, sum over queries of gate candidates) for one sequence."""
+    """(sum over queries of keys read, sum over queries of gate candidates) for one sequence
+    (counted by ``moba._core.accounting``, the count bench/ uses too)."""
     if mode == "full":
-        return seqlen * (seqlen + 1) // 2, 0
+        return dense_pairs(seqlen), 0
     if mode != "moba":
         raise ValueError(f"mode must be 'moba' or 'full', got {mode!r}")
-    keys = cands = 0
-    for t in range(seqlen):
-        c = t // block_size
-        keys += (t - c * block_size + 1) + min(top_k - 1, c) * block_size
-        cands += c
-    return keys, cands
+    return moba_pairs(seqlen, block_size, top_k), gate_candidates(seqlen, block_size)
 
 
 def attention_flops_per_sequence(cfg: ModelConfig, seqlen: int | None = None) -> dict[str, float]:

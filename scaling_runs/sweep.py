@@ -1,7 +1,8 @@
-"""Run a sweep: ``python -m scaling_runs.sweep --preset cpu-tiny --out runs/cpu-tiny [--key value ...]``.
+"""Run a sweep: ``python -m scaling_runs.sweep --preset cpu-tiny --out runs/cpu-tiny [--OPTION VALUE ...]``.
 
-The grid is the preset's sizes x attention kinds x budgets (``scaling_runs.presets``); extra
-``--key value`` flags override every run's config (``--lr 1e-3``, ``--data path``).
+The grid is the preset's sizes x attention kinds x budgets (``scaling_runs.presets``); the
+config options (``--lr 1e-3``, ``--data PATH``: every field of ``scaling_runs.config``, listed
+below) override every run's config.
 
 * On GPUs every run goes through torchrun (``python -m torch.distributed.run --standalone``)
   with ``gpus_per_run`` GPUs; runs go side by side when a run needs fewer GPUs than the
@@ -50,12 +51,16 @@ import threading
 import time
 from pathlib import Path
 
-from .config import ATTENTION_KINDS, apply_overrides, parse_overrides
+from moba._core.hardware import find_device
+
+from .checkpoint import candidates
+from .cli import Parser, add_config_options, config_overrides
+from .config import ATTENTION_KINDS, apply_overrides, value_parser
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import analytic_param_counts
-from .presets import SweepPreset, get_preset
+from .presets import PRESETS, SweepPreset, get_preset
 
-H100_PEAK = 989e12
+H100_PEAK = find_device("H100").bf16_flops
 EXIT_FAILED = 1
 EXIT_NOTHING_TO_RUN = 2
 
@@ -66,7 +71,8 @@ class SweepInterrupted(Exception):
         self.signum = signum
 
 
-def plan(preset: SweepPreset, sweep_dir: Path, overrides: dict[str, str] | None = None) -> list[dict]:
+def plan(preset: SweepPreset, sweep_dir: Path, overrides: dict[str, object] | None = None) -> list[dict]:
+    """Every run of ``preset`` with ``overrides`` (config fields by name, typed or strings)."""
     runs = []
     for name, cfg in preset.runs():
         cfg = apply_overrides(cfg, dict(overrides or {}))
@@ -82,7 +88,7 @@ def plan(preset: SweepPreset, sweep_dir: Path, overrides: dict[str, str] | None 
 def run_status(out_dir: Path) -> str:
     if (out_dir / "DONE").exists():
         return "done"
-    if (out_dir / "ckpt.pt").exists() or (out_dir / "ckpt_prev.pt").exists():
+    if candidates(out_dir):  # a checkpoint to resume from
         return "partial"
     return "new"
 
@@ -399,7 +405,7 @@ def write_launch_scripts(runs: list[dict], sweep_dir: Path, gpus_per_run: int, g
     return paths + [allp]
 
 
-def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, str] | None = None,
+def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, object] | None = None,
               launcher: str = "auto", nproc_per_run: int = 1, gpus_per_run: int | None = None,
               kinds: list[str] | None = None, allow_config_change: bool = False) -> list[dict]:
     """Plan, run what is not DONE, print the summary; returns its rows (``status`` per run)."""
@@ -441,29 +447,50 @@ def exit_status(rows: list[dict]) -> tuple[int, str]:
     return 0, f"all {len(rows)} runs DONE"
 
 
+def build_parser() -> Parser:
+    p = Parser("python -m scaling_runs.sweep", __doc__,
+               usage="%(prog)s [--preset NAME] [--out DIR] [--dry_run BOOL] [--OPTION VALUE ...]")
+    boolean = value_parser(bool)
+    p.add_argument("--preset", default="cpu-tiny", choices=sorted(PRESETS), help="the sweep grid (scaling_runs.presets)")
+    p.add_argument("--out", metavar="DIR", default=None, help="sweep folder, one run folder per run "
+                   "(default: runs/PRESET)")
+    p.add_argument("--launcher", default="auto", choices=("auto", "inline", "torchrun"),
+                   help="auto = torchrun on GPUs, inline (in this process) on CPU")
+    p.add_argument("--nproc_per_run", type=int, default=1, metavar="N", help="CPU torchrun: processes per run")
+    p.add_argument("--gpus_per_run", type=int, default=None, metavar="N", help="GPUs per run (default: the preset's)")
+    p.add_argument("--mfu", type=float, default=0.15, help="--dry_run time estimate: assumed model FLOPs utilisation")
+    p.add_argument("--dry_run", type=boolean, default=False, metavar="BOOL",
+                   help="list the runs with parameters, tokens, FLOPs and a time estimate, and stop")
+    p.add_argument("--run", type=boolean, default=False, metavar="BOOL",
+                   help="a launch-only preset (paper): run it here instead of writing Slurm scripts")
+    p.add_argument("--kinds", default=None, metavar="KIND,...",
+                   help=f"attention kinds, comma-separated, from {','.join(ATTENTION_KINDS)} (default: the preset's)")
+    p.add_argument("--allow_config_change", type=boolean, default=False, metavar="BOOL",
+                   help="resume runs whose checkpoint was trained with other options")
+    add_config_options(p, default_note="the preset's value; applies to every run")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     """The command line; returns the exit status (see the module docstring)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
+    parser = build_parser()
+    if not argv:  # a whole sweep is never started by accident
+        parser.print_help()
         return 0
-    opts = parse_overrides(argv)
-    preset_name = opts.pop("preset", "cpu-tiny")
-    sweep_dir = Path(opts.pop("out", f"runs/{preset_name}"))
-    launcher = opts.pop("launcher", "auto")
-    nproc = int(opts.pop("nproc_per_run", "1"))
-    mfu = float(opts.pop("mfu", "0.15"))
-    dry = opts.pop("dry_run", "false").lower() in ("1", "true", "yes")
-    run_anyway = opts.pop("run", "false").lower() in ("1", "true", "yes")
-    kinds = opts.pop("kinds", None)
-    allow = opts.pop("allow_config_change", "false").lower() in ("1", "true", "yes")
+    a = parser.parse_args(argv)
+    # the typed config options, by field name (as sweep.json records them)
+    opts = {k.split(".", 1)[1]: v for k, v in config_overrides(a).items()}
+    preset_name = a.preset
+    sweep_dir = Path(a.out or f"runs/{preset_name}")
     preset = get_preset(preset_name)
-    gpus = int(opts.pop("gpus_per_run", str(preset.gpus_per_run)))
-    if dry or (preset.launch_only and not run_anyway):
+    gpus = a.gpus_per_run if a.gpus_per_run is not None else preset.gpus_per_run
+    kinds = a.kinds
+    if a.dry_run or (preset.launch_only and not a.run):
         if kinds is not None:
             preset.kinds = _check_kinds(kinds.split(","))
         runs = plan(preset, sweep_dir, opts)
-        dry_run(runs, mfu, gpus_per_run=gpus)
+        dry_run(runs, a.mfu, gpus_per_run=gpus)
         if preset.launch_only:
             paths = write_launch_scripts(runs, sweep_dir, gpus)
             print(f"\n{preset.note}\nwrote {len(paths) - 1} Slurm scripts; submit them all with: "
@@ -472,8 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     # inline runs: SIGTERM unwinds the stack so that the run folder's lock is released
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        rows = run_sweep(preset_name, sweep_dir, opts, launcher, nproc, gpus,
-                         kinds.split(",") if kinds is not None else None, allow)
+        rows = run_sweep(preset_name, sweep_dir, opts, a.launcher, a.nproc_per_run, gpus,
+                         kinds.split(",") if kinds is not None else None, a.allow_config_change)
     except SweepInterrupted as exc:
         return 128 + exc.signum
     code, verdict = exit_status(rows)

@@ -5,8 +5,9 @@ Single process, or DDP through torchrun (``torchrun --nproc_per_node=8 -m scalin
 ``batch_size`` is the global batch in sequences: rank r reads sequences
 ``[r * B/world, (r+1) * B/world)`` of every step's global batch, split further into
 ``grad_accum`` micro-batches, so any (world size, grad_accum) gives the same losses up to
-float rounding. Every option of ``scaling_runs.config`` is a ``--key value`` flag;
-``--config run/config.json`` starts from a saved run config.
+float rounding. Every field of ``scaling_runs.config`` is an option (``--n_layer 4`` or
+``--model.n_layer 4``; see below); ``--config RUN/config.json`` starts from a saved run config
+and the options given override it.
 
 Run directory (``out_dir``):
 * ``config.json``: the full config (``model``, ``train``, and the data options as
@@ -60,6 +61,7 @@ step's train / validation loss NaN.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import dataclasses
@@ -74,30 +76,36 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from moba._core.hardware import DEVICES
+
 try:
     import fcntl
 except ImportError:  # not POSIX: the lock relies on its pid check alone
     fcntl = None
 
-from .checkpoint import (  # noqa: F401 - re-exported for older imports
+from .checkpoint import (  # noqa: F401 - CKPT_PREV, atomic_write_bytes, load_checkpoint: re-exported
     CKPT,
     CKPT_PREV,
     CheckpointError,
     atomic_write_bytes,
     atomic_write_text,
+    capture_rng,
     load_checkpoint,
     load_latest,
     quarantine,
+    restore_rng,
     save_checkpoint,
 )
-from .config import RunConfig, apply_overrides, config_differences, dumps, parse_bool, parse_overrides
-from .data import eval_offsets, gather, get_batch, load_data
+from .cli import Parser, add_config_options, config_overrides
+from .config import RunConfig, apply_overrides, config_differences, dumps, value_parser
+from .data import TokenData, eval_offsets, gather, get_batch, load_data
 from .flops import PFLOPS_DAY, flops_per_token
 from .model import GPT, param_counts
 from .tasks import ExampleSet, example_batch
@@ -105,7 +113,7 @@ from .tasks import ExampleSet, example_batch
 LOCK = "train.lock"
 
 # Dense bf16 peak FLOP/s by device-name substring, for MFU.
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "4090": 165e12}
+PEAK_FLOPS = {d.key: d.bf16_flops for d in DEVICES if d.key != "CPU"}  # moba._core.hardware: the one table
 
 
 class TrainingError(RuntimeError):
@@ -128,8 +136,546 @@ class InjectedFault(Exception):
     """Raised by the ``stop_after_step`` test hook: an interruption that leaves the process alive."""
 
 
+
 # ---------------------------------------------------------------------------------------
-# helpers
+# the training loop. Reading order: train -> setup (setup_distributed, load_run_data,
+# batch_geometry, build_optimizer, resume, run_record) -> train_step (forward_backward) ->
+# evaluate_and_log (evaluate) -> checkpoint (checkpoint_state) -> finish.
+
+
+def train(cfg: RunConfig, allow_config_change: bool = False) -> dict:
+    """Train (or resume, or skip when DONE) the run ``cfg`` describes; returns the last metrics.
+
+    Raises ``TrainingError`` (no DONE is written) on a non-finite loss, on a checkpoint whose
+    config or data differ from ``cfg`` (unless ``allow_config_change``), or when another trainer
+    holds the run folder; ``CheckpointError`` when checkpoints exist but none is valid.
+    """
+    world, rank, device = setup_distributed(cfg)
+    out = Path(cfg.train.out_dir)
+    if (out / "DONE").exists():
+        if rank == 0:
+            print(f"[train] {out}: already DONE, skipping")
+        return _read_done(out)
+    with run_folder_lock(out, rank, world):
+        if (out / "DONE").exists():  # finished by the trainer that held the lock a moment ago
+            return _read_done(out)
+        run, state = setup(cfg, world, rank, device, allow_config_change)
+        progress = Progress(run, state.step)
+        last: dict = {}
+        try:
+            for step in range(state.step, run.max_steps):
+                loss, lr = train_step(run, state, step)
+                progress.stepped(loss)
+                done_steps = state.step
+                if done_steps % run.cfg.train.eval_every == 0 or done_steps == run.max_steps:
+                    last = evaluate_and_log(run, state, lr)
+                    progress.evaluated(last)
+                ckpt_every = run.cfg.train.ckpt_every or run.cfg.train.eval_every
+                if done_steps % ckpt_every == 0 or done_steps == run.max_steps:
+                    checkpoint(run, state)
+                _fault_hooks_after_step(done_steps, progress)
+        finally:
+            progress.close()
+        return finish(run, last)
+
+
+# ---------------------------------------------------------------------------------------
+# setup: device and process group, data, model, optimizer, resume, run record
+
+
+@dataclass
+class Run:
+    """What ``setup`` builds and the loop only reads."""
+
+    cfg: RunConfig
+    out: Path
+    world: int
+    rank: int
+    device: torch.device
+    data: TokenData
+    examples: ExampleSet | None  # short-answer examples of an .npz mix (answer-only loss), or None
+    answer_mask: np.ndarray | None
+    model: torch.nn.Module  # the module whose state is checkpointed
+    run_model: torch.nn.Module  # what runs the batches: ``model``, compiled and/or DDP-wrapped
+    opt: torch.optim.Optimizer
+    use_bf16: bool
+    per_rank: int  # sequences per step on this rank
+    micro: int  # sequences per micro-batch
+    tokens_per_step: int  # all ranks together
+    max_steps: int
+    fpt: dict  # FLOPs per token: dense and attention-aware
+    peak_flops: float | None  # of this GPU (MFU), None when unknown
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world > 1
+
+    def log(self, msg: str) -> None:
+        if self.master:
+            print(msg, file=sys.stderr, flush=True)
+
+    def amp(self):
+        """The autocast context of a forward pass (bfloat16 on CUDA by default)."""
+        if self.use_bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+@dataclass
+class TrainState:
+    """What changes from step to step and goes into the checkpoint with the model and optimizer."""
+
+    step: int = 0  # optimizer steps done
+    loss_sum: float = 0.0  # train losses since the last evaluation (their mean is the row's train_loss)
+    loss_count: int = 0
+    skipped: int = 0  # non-finite steps skipped (--skip_nonfinite_steps)
+    elapsed_before: float = 0.0  # seconds of the earlier sessions of this run
+    session_start: float = field(default_factory=time.time)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.session_start
+
+
+def setup(cfg: RunConfig, world: int, rank: int, device: torch.device,
+          allow_config_change: bool = False) -> tuple[Run, TrainState]:
+    """Everything before the first step: data, batch geometry, model, optimizer, resume from
+    the newest valid checkpoint, the run record (``config.json``), compile / DDP wrapping."""
+    t = cfg.train
+    if device.type == "cpu" and t.threads > 0:
+        torch.set_num_threads(t.threads)
+    cfg, data, examples, answer_mask = load_run_data(cfg)
+    per_rank, micro, tokens_per_step, max_steps = batch_geometry(cfg, world)
+
+    torch.manual_seed(t.seed)
+    random.seed(t.seed)
+    np.random.seed(t.seed % 2**32)
+    model = GPT(cfg.model).to(device)
+    counts = param_counts(model)
+    fpt = flops_per_token(cfg.model, counts["non_embedding"])
+    opt = build_optimizer(model, t, device)
+    run = Run(cfg=cfg, out=Path(t.out_dir), world=world, rank=rank, device=device, data=data, examples=examples,
+              answer_mask=answer_mask, model=model, run_model=model, opt=opt,
+              use_bf16=t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda"),
+              per_rank=per_rank, micro=micro, tokens_per_step=tokens_per_step, max_steps=max_steps, fpt=fpt,
+              peak_flops=_peak_flops(device))
+
+    state, changes = resume(run, allow_config_change)
+    if run.master:
+        _keep_metrics_up_to(run.out / "metrics.jsonl", state.step)
+        atomic_write_text(run.out / "config.json", dumps(run_record(run, counts, state.step, changes)))
+
+    if t.compile and device.type == "cuda":
+        run.run_model = torch.compile(model)
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        run.run_model = DDP(run.run_model, device_ids=[device.index] if device.type == "cuda" else None)
+    state.session_start = time.time()  # this session's clock starts with its first step
+    return run, state
+
+
+def setup_distributed(cfg: RunConfig) -> tuple[int, int, torch.device]:
+    """(world size, rank, device) from torchrun's environment; initialises the process group
+    (nccl on CUDA, gloo on CPU) when there is more than one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = cfg.train.device
+    use_cuda = torch.cuda.is_available() if want == "auto" else want.startswith("cuda")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return world, rank, device
+
+
+def load_run_data(cfg: RunConfig):
+    """(cfg, data, examples, answer_mask): the tokens, plus the short-answer examples of an
+    ``.npz`` mix; ``cfg``'s vocabulary is raised to the data's when it is smaller."""
+    examples, answer_mask = None, None
+    if cfg.data.mix and str(cfg.data.mix).endswith(".npz") and cfg.data.mix_fraction > 0:
+        # solved short-answer examples: example-aligned windows with answer-only loss on a
+        # share of the steps; the main data is loaded without the mix
+        examples = ExampleSet.load(cfg.data.mix)
+        need = int((examples.answer_end - examples.starts).max()) - 1  # x covers prompt + answer - 1 bytes
+        if need > cfg.model.context:
+            raise ValueError(f"context must be >= {need} for the examples in {cfg.data.mix} (prompt + answer "
+                             f"bytes - 1), got {cfg.model.context}: the answers would fall outside the windows")
+        answer_mask = examples.answer_mask()
+        data = load_data(dataclasses.replace(cfg.data, mix=None, mix_fraction=0.0))
+        # the examples are part of the data: a resume with other examples is refused (data_hash)
+        mixed = hashlib.sha256(f"{data.data_hash}|examples|{examples.data_hash()}".encode()).hexdigest()
+        data = dataclasses.replace(data, data_hash=mixed)
+    else:
+        data = load_data(cfg.data)
+    if data.vocab_size > cfg.model.vocab_size:
+        cfg = apply_overrides(cfg, {"model.vocab_size": (data.vocab_size + 63) // 64 * 64})
+    return cfg, data, examples, answer_mask
+
+
+def batch_geometry(cfg: RunConfig, world: int) -> tuple[int, int, int, int]:
+    """(sequences per rank per step, sequences per micro-batch, tokens per step, steps)."""
+    t = cfg.train
+    if world > 1 and t.batch_size % world:
+        raise ValueError(f"batch_size ({t.batch_size}) must be a multiple of the world size ({world})")
+    per_rank = t.batch_size // world
+    if per_rank % t.grad_accum:
+        raise ValueError(f"per-rank batch ({per_rank}) must be a multiple of grad_accum ({t.grad_accum})")
+    tokens_per_step = t.batch_size * cfg.model.context
+    max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens > 0 else t.max_steps
+    return per_rank, per_rank // t.grad_accum, tokens_per_step, max_steps
+
+
+def build_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; weight decay on the matrices only (not on norms and biases)."""
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
+        **({"fused": True} if device.type == "cuda" else {}),
+    )
+
+
+def resume(run: Run, allow_config_change: bool) -> tuple[TrainState, list[str]]:
+    """The state of the newest checkpoint that verifies (model, optimizer, RNGs restored in
+    place), or a fresh state; and the config fields that changed since that checkpoint."""
+    # every rank reads the checkpoint; only rank 0 reports what it rejected
+    found = load_latest(run.out, map_location=run.device, log=run.log if run.master else (lambda msg: None))
+    if found is None:
+        return TrainState(), []
+    ckpt = found.state
+    changes = _check_resume(ckpt, run.cfg, run.data.data_hash, allow_config_change, run.log)
+    run.model.load_state_dict(ckpt["model"])
+    run.opt.load_state_dict(ckpt["optimizer"])
+    restore_rng(ckpt["rng"], run.device)
+    state = TrainState(step=ckpt["step"], loss_sum=ckpt["train_loss_sum"], loss_count=ckpt["train_loss_count"],
+                       skipped=ckpt.get("skipped_steps", 0), elapsed_before=ckpt["elapsed_s"])
+    run.log(f"[train] {run.out}: resuming from step {state.step} ({found.path.name})")
+    if found.rejected and run.ddp:
+        dist.barrier()  # every rank has read its checkpoint before rank 0 renames the bad ones
+    if found.rejected and run.master:
+        moved = quarantine([p for p, _ in found.rejected])
+        run.log(f"[train] moved the rejected checkpoint(s) aside: {', '.join(str(p) for p in moved)}")
+    return state, changes
+
+
+def _check_resume(ckpt: dict, cfg: RunConfig, data_hash: str, allow_change: bool, log) -> list[str]:
+    """The fields where the checkpoint's config or data differ from this run's; raises unless allowed."""
+    diffs = []
+    saved = ckpt.get("config")
+    if saved is None:
+        log("[train] warning: the checkpoint holds no config (older version): resuming without checking it")
+    else:
+        diffs += config_differences(saved, cfg.to_dict())
+    saved_hash = ckpt.get("data_hash")
+    if saved_hash is not None and saved_hash != data_hash:
+        diffs.append(f"data_hash (checkpoint {saved_hash[:16]}..., now {data_hash[:16]}...)")
+    if diffs and not allow_change:
+        raise ConfigMismatchError(
+            f"{cfg.train.out_dir}: the checkpoint (step {ckpt.get('step')}) was trained with another config or "
+            f"data; refusing to resume. Differences: {'; '.join(diffs)}. Pass --allow_config_change true to "
+            "resume anyway, or use another out_dir.")
+    if diffs:
+        log(f"[train] warning: resuming with changes (--allow_config_change): {'; '.join(diffs)}")
+    return diffs
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    """Keep only the evaluations the checkpoint covers (a kill may have left more), in increasing
+    step order, so a resumed run never repeats a row."""
+    rows, last_step = [], 0
+    for r in _read_metrics(path):
+        if last_step < r.get("step", 0) <= step:
+            rows.append(r)
+            last_step = r["step"]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_record(run: Run, counts: dict, start_step: int, changes: list[str]) -> dict:
+    """``config.json``: the config, sizes, FLOPs, plan, git commit, versions, device and data."""
+    cfg, m, examples = run.cfg, run.cfg.model, run.examples
+    mix = {}
+    if examples is not None:
+        mix = {"mix": {"source": cfg.data.mix, "fraction": cfg.data.mix_fraction, "format": "examples",
+                       "examples": len(examples), "answer_only_loss": True, "examples_hash": examples.data_hash(),
+                       "task": examples.info}}
+    return {
+        **cfg.to_dict(),
+        "data_config": dataclasses.asdict(cfg.data),  # the options: `--config` reads these
+        "attention_kind": m.attention,
+        "layer_modes": m.layer_modes(),
+        "params": counts,
+        "flops_per_token": run.fpt,
+        "max_steps": run.max_steps,
+        "tokens_per_step": run.tokens_per_step,
+        "planned_tokens": run.max_steps * run.tokens_per_step,
+        "planned_flops": run.fpt["dense"] * run.max_steps * run.tokens_per_step,
+        "planned_attn_aware_flops": run.fpt["attn_aware"] * run.max_steps * run.tokens_per_step,
+        "git": git_commit(),
+        "versions": versions(),
+        "device": {"type": run.device.type,
+                   "name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
+                   else platform.processor() or platform.machine(), "world_size": run.world,
+                   "threads": torch.get_num_threads()},
+        "data": {**run.data.describe(), **mix},  # what was loaded (hash, token counts)
+        "resumed_from_step": start_step,
+        "resumed_with_changes": changes,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def _peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+# ---------------------------------------------------------------------------------------
+# one optimizer step
+
+
+def train_step(run: Run, state: TrainState, step: int) -> tuple[float, float]:
+    """Step ``step`` (0-based): learning rate, forward/backward over the micro-batches, the
+    loss averaged over ranks, gradient clipping, and the update, unless the loss or gradient
+    norm is non-finite (then the step is skipped, or the run stops). Returns (loss, lr)."""
+    t = run.cfg.train
+    lr = lr_at(step, run.cfg, run.max_steps)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    step_loss = forward_backward(run, step)
+    done_steps = step + 1
+    if _fault("nan_loss_at_step") == done_steps:  # test hook
+        step_loss = torch.full_like(step_loss, float("nan"))
+    if run.ddp:  # before the update, so that every rank takes the same decision below
+        dist.all_reduce(step_loss)
+        step_loss /= run.world
+    loss = float(step_loss)
+    # a finite loss can still have non-finite gradients: never let them reach the weights
+    params = run.model.parameters()
+    if t.grad_clip > 0:
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, t.grad_clip))
+    else:
+        grad_norm = float(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        run.opt.step()
+        state.loss_sum += loss
+        state.loss_count += 1
+    else:
+        what = f"train loss {loss} at step {done_steps} (grad norm {grad_norm})"
+        if state.skipped >= t.skip_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{run.out}: non-finite {what}; stopping without DONE (the last checkpoint is intact; "
+                f"--skip_nonfinite_steps N skips up to N such steps; {state.skipped} skipped so far)")
+        state.skipped += 1
+        run.log(f"[train] warning: non-finite {what}: step skipped, no update "
+                f"({state.skipped}/{t.skip_nonfinite_steps} allowed)")
+    run.opt.zero_grad(set_to_none=True)
+    state.step = done_steps
+    return loss, lr
+
+
+def forward_backward(run: Run, step: int) -> torch.Tensor:
+    """This rank's share of step ``step``'s global batch, in ``grad_accum`` micro-batches;
+    gradients accumulate in the parameters (DDP syncs them on the last micro-batch only).
+    Returns this rank's mean loss (a 0-dim tensor)."""
+    t, m = run.cfg.train, run.cfg.model
+    step_loss = torch.zeros((), device=run.device)
+    task_step = run.examples is not None and task_step_at(t.seed, step, run.cfg.data.mix_fraction)
+    for k in range(t.grad_accum):
+        first = run.rank * run.per_rank + k * run.micro
+        if task_step:
+            x, y = example_batch(run.examples, m.context, t.batch_size, t.seed, step, first, first + run.micro,
+                                 run.answer_mask)
+        else:
+            x, y = get_batch(run.data.train, m.context, t.batch_size, t.seed, step, first, first + run.micro)
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        sync = (k == t.grad_accum - 1) or not run.ddp
+        with (contextlib.nullcontext() if sync else run.run_model.no_sync()):
+            with run.amp():
+                loss = run.run_model(x, y)
+            (loss / t.grad_accum).backward()
+        step_loss += loss.detach().float() / t.grad_accum
+    return step_loss
+
+
+# ---------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def evaluate(model, tokens: np.ndarray, cfg: RunConfig, device, amp, rank: int, world: int, micro: int) -> dict:
+    """Held-out loss: mean over positions, trailing positions, and position buckets."""
+    ctx = cfg.model.context
+    offsets = eval_offsets(tokens.size, ctx, cfg.train.eval_seqs)[rank::world]
+    pos_sum = torch.zeros(ctx, dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    for i in range(0, len(offsets), max(1, micro)):
+        x, y = gather(tokens, offsets[i : i + micro], ctx)
+        x, y = x.to(device), y.to(device)
+        with amp():
+            loss = model(x, y, reduction="none")
+        pos_sum += loss.double().sum(0)
+        count += x.shape[0]
+    if world > 1:
+        dist.all_reduce(pos_sum)
+        dist.all_reduce(count)
+    model.train(was_training)
+    per_pos = (pos_sum / count).cpu()
+    n_trail = max(1, int(round(ctx * cfg.train.trailing_frac)))
+    buckets = [float(b.mean()) for b in torch.tensor_split(per_pos, cfg.train.n_buckets)]
+    return {"val_loss": float(per_pos.mean()), "trailing_loss": float(per_pos[-n_trail:].mean()),
+            "loss_by_bucket": buckets}
+
+
+def evaluate_and_log(run: Run, state: TrainState, lr: float) -> dict:
+    """Evaluate after step ``state.step``, append the metrics row to ``metrics.jsonl`` (rank 0)
+    and start a new train-loss mean; returns the row. A non-finite val loss stops the run."""
+    ev = evaluate(run.run_model, run.data.val, run.cfg, run.device, run.amp, run.rank, run.world, run.micro)
+    if _fault("nan_val_at_step") == state.step:  # test hook
+        ev["val_loss"] = float("nan")
+    bad = [k for k in ("val_loss", "trailing_loss") if not math.isfinite(ev[k])]
+    if bad:
+        raise NonFiniteLossError(
+            f"{run.out}: non-finite {', '.join(f'{k} {ev[k]}' for k in bad)} at step {state.step}; "
+            "stopping without DONE (no metrics row or checkpoint written for this step)")
+    tokens = state.step * run.tokens_per_step
+    elapsed = state.elapsed()
+    row = {
+        "step": state.step,
+        "tokens": tokens,
+        "flops": run.fpt["dense"] * tokens,
+        "pflops_days": run.fpt["dense"] * tokens / PFLOPS_DAY,
+        "attn_aware_flops": run.fpt["attn_aware"] * tokens,
+        "attn_aware_pflops_days": run.fpt["attn_aware"] * tokens / PFLOPS_DAY,
+        "train_loss": state.loss_sum / max(1, state.loss_count),
+        **ev,
+        "lr": lr,
+        "elapsed_s": round(elapsed, 3),
+        "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
+    }
+    if state.skipped:
+        row["skipped_steps"] = state.skipped
+    state.loss_sum, state.loss_count = 0.0, 0
+    if run.master:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    return row
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoint and finish (the file format and atomic writes: scaling_runs.checkpoint)
+
+
+def checkpoint(run: Run, state: TrainState) -> None:
+    """Rank 0 writes ``ckpt.pt`` (atomically, the previous one kept); every rank waits for it."""
+    if run.master:
+        save_checkpoint(run.out, checkpoint_state(run, state), torn_write=_fault("die_in_ckpt") == state.step)
+    if run.ddp:
+        dist.barrier()
+
+
+def checkpoint_state(run: Run, state: TrainState) -> dict:
+    """What a resume needs: weights, optimizer, the ``TrainState``, RNGs, config and data hash."""
+    return {
+        "model": run.model.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "step": state.step,
+        "train_loss_sum": state.loss_sum,
+        "train_loss_count": state.loss_count,
+        "skipped_steps": state.skipped,
+        "elapsed_s": state.elapsed(),
+        "rng": capture_rng(run.device),
+        "config": run.cfg.to_dict(),
+        "data_hash": run.data.data_hash,
+    }
+
+
+def finish(run: Run, last: dict) -> dict:
+    """Write ``DONE`` (rank 0) with the final metrics row; returns it."""
+    if run.master:
+        if not last:  # nothing evaluated in this session: the last row of an earlier one
+            rows = _read_metrics(run.out / "metrics.jsonl")
+            last = rows[-1] if rows else {}
+        atomic_write_text(run.out / "DONE", json.dumps(last))
+    if run.ddp:
+        dist.barrier()
+    return last
+
+
+def _read_done(out: Path) -> dict:
+    return json.loads((out / "DONE").read_text() or "{}")
+
+
+# ---------------------------------------------------------------------------------------
+# progress and reports
+
+
+class Progress:
+    """Rank 0's progress on stderr: a tqdm bar on a terminal (train loss, latest val loss,
+    tokens/s, MFU on known GPUs), one line per evaluation otherwise (a log file)."""
+
+    def __init__(self, run: Run, start_step: int):
+        self.run, self.start_step = run, start_step
+        self.bar, self.lines = None, False
+        if run.master and run.cfg.train.progress and start_step < run.max_steps:
+            if sys.stderr.isatty():
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=run.max_steps, initial=start_step, desc=run.out.name, unit="step",
+                                dynamic_ncols=True, leave=True, file=sys.stderr)
+            else:
+                self.lines = True
+        self.t0 = time.time()
+        self.tokens = 0  # trained in this session
+        self.post: dict = {}
+        self.latest_val: float | None = None
+
+    def stepped(self, loss: float) -> None:
+        self.tokens += self.run.tokens_per_step
+        if self.bar is None:
+            return
+        dt = time.time() - self.t0
+        tps = self.tokens / dt if dt > 0 else 0.0
+        self.post = {"loss": f"{loss:.3f}"}
+        if self.latest_val is not None:
+            self.post["val"] = f"{self.latest_val:.3f}"
+        self.post["tok/s"] = f"{tps:,.0f}"
+        if self.run.peak_flops:
+            self.post["mfu"] = f"{100 * tps * self.run.fpt['attn_aware'] / self.run.peak_flops / self.run.world:.1f}%"
+        self.bar.set_postfix(self.post, refresh=False)
+        self.bar.update(1)
+
+    def evaluated(self, row: dict) -> None:
+        self.latest_val = row["val_loss"]
+        if self.bar is not None:  # show this evaluation now, not at the next step
+            self.post["val"] = f"{self.latest_val:.3f}"
+            self.bar.set_postfix(self.post)
+        if self.lines:
+            session_s = time.time() - self.t0
+            eta = session_s / (row["step"] - self.start_step) * (self.run.max_steps - row["step"])
+            self.run.log(eval_line(row, self.run.max_steps, self.tokens / session_s if session_s > 0 else None, eta))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+# ---------------------------------------------------------------------------------------
+# helpers: fault hooks, the run-folder lock, run metadata, schedule, formatting
 
 
 def _fault(kind: str) -> int | None:
@@ -137,6 +683,18 @@ def _fault(kind: str) -> int | None:
     if spec.startswith(kind + ":"):
         return int(spec.split(":", 1)[1])
     return None
+
+
+def _fault_hooks_after_step(done_steps: int, progress: Progress) -> None:
+    """The ``MOBA_SCALING_FAULT`` test hooks that act once a step is finished."""
+    if _fault("exit_after_step") == done_steps:
+        progress.close()
+        sys.stderr.flush()
+        os._exit(17)
+    if _fault("stop_after_step") == done_steps:  # an in-process interruption
+        raise InjectedFault(f"MOBA_SCALING_FAULT stop_after_step:{done_steps}")
+    if _fault("sleep_after_step") == done_steps:  # a trainer that stays alive
+        time.sleep(600)
 
 
 def set_parent_death_signal(sig: int = signal.SIGTERM) -> bool:
@@ -264,6 +822,30 @@ class RunLock:
         self.release()
 
 
+@contextlib.contextmanager
+def run_folder_lock(out: Path, rank: int, world: int):
+    """Rank 0 holds ``out/train.lock`` for the block; every rank raises ``RunLockedError`` when
+    another trainer holds it (rank 0 tells the others)."""
+    lock = RunLock(out) if rank == 0 else None
+    err = None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            err = str(exc)
+    if world > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise RunLockedError(err)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
 def git_commit() -> dict:
     root = Path(__file__).resolve().parent.parent
     try:
@@ -370,442 +952,46 @@ def format_summary(last: dict, out_dir: str | Path, title: str = "finished") -> 
     return "\n".join([f"[train] {out}: {title}"] + [f"  {k:<{width}}  {v}" for k, v in lines])
 
 
-# ---------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def evaluate(model, tokens: np.ndarray, cfg: RunConfig, device, amp, rank: int, world: int, micro: int) -> dict:
-    """Held-out loss: mean over positions, trailing positions, and position buckets."""
-    ctx = cfg.model.context
-    offsets = eval_offsets(tokens.size, ctx, cfg.train.eval_seqs)[rank::world]
-    pos_sum = torch.zeros(ctx, dtype=torch.float64, device=device)
-    count = torch.zeros((), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    for i in range(0, len(offsets), max(1, micro)):
-        x, y = gather(tokens, offsets[i : i + micro], ctx)
-        x, y = x.to(device), y.to(device)
-        with amp():
-            loss = model(x, y, reduction="none")
-        pos_sum += loss.double().sum(0)
-        count += x.shape[0]
-    if world > 1:
-        dist.all_reduce(pos_sum)
-        dist.all_reduce(count)
-    model.train(was_training)
-    per_pos = (pos_sum / count).cpu()
-    n_trail = max(1, int(round(ctx * cfg.train.trailing_frac)))
-    buckets = [float(b.mean()) for b in torch.tensor_split(per_pos, cfg.train.n_buckets)]
-    return {"val_loss": float(per_pos.mean()), "trailing_loss": float(per_pos[-n_trail:].mean()),
-            "loss_by_bucket": buckets}
-
 
 # ---------------------------------------------------------------------------------------
-# training
+# command line
 
 
-def _setup_distributed(cfg: RunConfig):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    want = cfg.train.device
-    use_cuda = torch.cuda.is_available() if want == "auto" else want.startswith("cuda")
-    if use_cuda:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return world, rank, local_rank, device
+def build_parser() -> Parser:
+    """``python -m scaling_runs.train``'s options: ``--config``, ``--allow_config_change`` and
+    one option per config field (``scaling_runs.cli``)."""
+    p = Parser("python -m scaling_runs.train", __doc__,
+               usage="%(prog)s [--config JSON] [--allow_config_change BOOL] [--OPTION VALUE ...]")
+    p.add_argument("--config", metavar="JSON", default=None,
+                   help="start from a saved config: a run's config.json, a sweep's launch.json or "
+                        "RunConfig.to_dict() JSON; the options below override its values")
+    p.add_argument("--allow_config_change", type=value_parser(bool), default=False, metavar="BOOL",
+                   help="resume a checkpoint whose config or data differ (the changes are recorded)")
+    add_config_options(p, default_note=None)
+    return p
 
 
-def _check_resume(ckpt: dict, cfg: RunConfig, data_hash: str, allow_change: bool, log) -> list[str]:
-    """The fields where the checkpoint's config or data differ from this run's; raises unless allowed."""
-    diffs = []
-    saved = ckpt.get("config")
-    if saved is None:
-        log("[train] warning: the checkpoint holds no config (older version): resuming without checking it")
-    else:
-        diffs += config_differences(saved, cfg.to_dict())
-    saved_hash = ckpt.get("data_hash")
-    if saved_hash is not None and saved_hash != data_hash:
-        diffs.append(f"data_hash (checkpoint {saved_hash[:16]}..., now {data_hash[:16]}...)")
-    if diffs and not allow_change:
-        raise ConfigMismatchError(
-            f"{cfg.train.out_dir}: the checkpoint (step {ckpt.get('step')}) was trained with another config or "
-            f"data; refusing to resume. Differences: {'; '.join(diffs)}. Pass --allow_config_change true to "
-            "resume anyway, or use another out_dir.")
-    if diffs:
-        log(f"[train] warning: resuming with changes (--allow_config_change): {'; '.join(diffs)}")
-    return diffs
-
-
-def train(cfg: RunConfig, allow_config_change: bool = False) -> dict:
-    """Train (or resume, or skip when DONE) the run ``cfg`` describes; returns the last metrics.
-
-    Raises ``TrainingError`` (no DONE is written) on a non-finite loss, on a checkpoint whose
-    config or data differ from ``cfg`` (unless ``allow_config_change``), or when another trainer
-    holds the run folder; ``CheckpointError`` when checkpoints exist but none is valid.
-    """
-    world, rank, _local_rank, device = _setup_distributed(cfg)
-    t = cfg.train
-    out = Path(t.out_dir)
-    master = rank == 0
-    done_path = out / "DONE"
-    if done_path.exists():
-        if master:
-            print(f"[train] {out}: already DONE, skipping")
-        return json.loads(done_path.read_text() or "{}")
-    lock = RunLock(out) if master else None
-    err = None
-    if master:
-        try:
-            lock.acquire()
-        except RunLockedError as exc:
-            err = str(exc)
-    if world > 1:
-        box = [err]
-        dist.broadcast_object_list(box, src=0)
-        err = box[0]
-    if err:
-        raise RunLockedError(err)
-    try:
-        if done_path.exists():  # finished by the trainer that held the lock a moment ago
-            return json.loads(done_path.read_text() or "{}")
-        return _train_locked(cfg, world, rank, device, allow_config_change)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _train_locked(cfg: RunConfig, world: int, rank: int, device, allow_config_change: bool) -> dict:
-    t = cfg.train
-    out = Path(t.out_dir)
-    master = rank == 0
-    done_path = out / "DONE"
-
-    def log(msg: str) -> None:
-        if master:
-            print(msg, file=sys.stderr, flush=True)
-
-    if device.type == "cpu" and t.threads > 0:
-        torch.set_num_threads(t.threads)
-
-    examples, answer_mask = None, None
-    if cfg.data.mix and str(cfg.data.mix).endswith(".npz") and cfg.data.mix_fraction > 0:
-        # solved short-answer examples: example-aligned windows with answer-only loss on a
-        # share of the steps; the main data is loaded without the mix
-        examples = ExampleSet.load(cfg.data.mix)
-        need = int((examples.answer_end - examples.starts).max()) - 1  # x covers prompt + answer - 1 bytes
-        if need > cfg.model.context:
-            raise ValueError(f"context must be >= {need} for the examples in {cfg.data.mix} (prompt + answer "
-                             f"bytes - 1), got {cfg.model.context}: the answers would fall outside the windows")
-        answer_mask = examples.answer_mask()
-        data = load_data(dataclasses.replace(cfg.data, mix=None, mix_fraction=0.0))
-        # the examples are part of the data: a resume with other examples is refused (data_hash)
-        mixed = hashlib.sha256(f"{data.data_hash}|examples|{examples.data_hash()}".encode()).hexdigest()
-        data = dataclasses.replace(data, data_hash=mixed)
-    else:
-        data = load_data(cfg.data)
-    if data.vocab_size > cfg.model.vocab_size:
-        cfg = apply_overrides(cfg, {"model.vocab_size": (data.vocab_size + 63) // 64 * 64})
-    m = cfg.model
-
-    if world > 1 and t.batch_size % world:
-        raise ValueError(f"batch_size ({t.batch_size}) must be a multiple of the world size ({world})")
-    per_rank = t.batch_size // world
-    if per_rank % t.grad_accum:
-        raise ValueError(f"per-rank batch ({per_rank}) must be a multiple of grad_accum ({t.grad_accum})")
-    micro = per_rank // t.grad_accum
-    tokens_per_step = t.batch_size * m.context
-    max_steps = math.ceil(t.max_tokens / tokens_per_step) if t.max_tokens > 0 else t.max_steps
-
-    torch.manual_seed(t.seed)
-    random.seed(t.seed)
-    np.random.seed(t.seed % 2**32)
-    model = GPT(m).to(device)
-    counts = param_counts(model)
-    fpt = flops_per_token(m, counts["non_embedding"])
-
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=t.lr, betas=(t.beta1, t.beta2), eps=1e-8,
-        **({"fused": True} if device.type == "cuda" else {}),
-    )
-
-    start_step, loss_sum, loss_count, elapsed_before, skipped = 0, 0.0, 0, 0.0, 0
-    changes: list[str] = []
-    # every rank reads the checkpoint; only rank 0 reports what it rejected
-    found = load_latest(out, map_location=device, log=log if master else (lambda msg: None))
-    if found is not None:
-        ckpt = found.state
-        changes = _check_resume(ckpt, cfg, data.data_hash, allow_config_change, log)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
-        loss_sum, loss_count = ckpt["train_loss_sum"], ckpt["train_loss_count"]
-        elapsed_before = ckpt["elapsed_s"]
-        skipped = ckpt.get("skipped_steps", 0)
-        rng = ckpt["rng"]
-        torch.set_rng_state(rng["torch"].cpu())
-        if device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
-        del ckpt
-        log(f"[train] {out}: resuming from step {start_step} ({found.path.name})")
-        if found.rejected and world > 1:
-            dist.barrier()  # every rank has read its checkpoint before rank 0 renames the bad ones
-        if found.rejected and master:
-            moved = quarantine([p for p, _ in found.rejected])
-            log(f"[train] moved the rejected checkpoint(s) aside: {', '.join(str(p) for p in moved)}")
-
-    metrics_path = out / "metrics.jsonl"
-    if master:
-        # keep only the evaluations the checkpoint already covers (a kill may have left more),
-        # in increasing step order, so a resumed run never repeats a row
-        rows, last_step = [], 0
-        for r in _read_metrics(metrics_path):
-            if last_step < r.get("step", 0) <= start_step:
-                rows.append(r)
-                last_step = r["step"]
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
-        record = {
-            **cfg.to_dict(),
-            "data_config": dataclasses.asdict(cfg.data),  # the options: `--config` reads these
-            "attention_kind": m.attention,
-            "layer_modes": m.layer_modes(),
-            "params": counts,
-            "flops_per_token": fpt,
-            "max_steps": max_steps,
-            "tokens_per_step": tokens_per_step,
-            "planned_tokens": max_steps * tokens_per_step,
-            "planned_flops": fpt["dense"] * max_steps * tokens_per_step,
-            "planned_attn_aware_flops": fpt["attn_aware"] * max_steps * tokens_per_step,
-            "git": git_commit(),
-            "versions": versions(),
-            "device": {"type": device.type, "name": torch.cuda.get_device_name(device) if device.type == "cuda"
-                       else platform.processor() or platform.machine(), "world_size": world,
-                       "threads": torch.get_num_threads()},
-            "data": {**data.describe(),  # what was loaded (hash, token counts)
-                     **({"mix": {"source": cfg.data.mix, "fraction": cfg.data.mix_fraction, "format": "examples",
-                                 "examples": len(examples), "answer_only_loss": True,
-                                 "examples_hash": examples.data_hash(),
-                                 "task": examples.info}} if examples is not None else {})},
-            "resumed_from_step": start_step,
-            "resumed_with_changes": changes,
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        }
-        atomic_write_text(out / "config.json", dumps(record))
-
-    run_model = model
-    if t.compile and device.type == "cuda":
-        run_model = torch.compile(model)
-    ddp = world > 1
-    if ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        run_model = DDP(run_model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_bf16 = t.dtype == "bfloat16" or (t.dtype == "auto" and device.type == "cuda")
-
-    def amp():
-        if use_bf16:
-            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    peak = None
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-
-    # a terminal gets a progress bar; a log file (not a TTY) one line per evaluation instead
-    bar, eval_lines = None, False
-    if master and t.progress and start_step < max_steps:
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            bar = tqdm(total=max_steps, initial=start_step, desc=out.name, unit="step", dynamic_ncols=True,
-                       leave=True, file=sys.stderr)
-        else:
-            eval_lines = True
-
-    last = {}
-    latest_val = None
-    t0 = time.time()
-    window_t, window_tok = time.time(), 0
-    model.train()
-    try:
-        for step in range(start_step, max_steps):
-            lr = lr_at(step, cfg, max_steps)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            step_loss = torch.zeros((), device=device)
-            task_step = examples is not None and task_step_at(t.seed, step, cfg.data.mix_fraction)
-            for k in range(t.grad_accum):
-                first = rank * per_rank + k * micro
-                if task_step:
-                    x, y = example_batch(examples, m.context, t.batch_size, t.seed, step, first, first + micro,
-                                         answer_mask)
-                else:
-                    x, y = get_batch(data.train, m.context, t.batch_size, t.seed, step, first, first + micro)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                sync = (k == t.grad_accum - 1) or not ddp
-                with (contextlib.nullcontext() if sync else run_model.no_sync()):
-                    with amp():
-                        loss = run_model(x, y)
-                    (loss / t.grad_accum).backward()
-                step_loss += loss.detach().float() / t.grad_accum
-            done_steps = step + 1
-            if _fault("nan_loss_at_step") == done_steps:  # test hook
-                step_loss = torch.full_like(step_loss, float("nan"))
-            if ddp:  # before the update, so that every rank takes the same decision below
-                dist.all_reduce(step_loss)
-                step_loss /= world
-            loss_val = float(step_loss)
-            # a finite loss can still have non-finite gradients: never let them reach the weights
-            if t.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip))
-            else:
-                grad_norm = float(torch.nn.utils.get_total_norm(
-                    [p.grad for p in model.parameters() if p.grad is not None]))
-            bad = not (math.isfinite(loss_val) and math.isfinite(grad_norm))
-            if bad:
-                what = f"train loss {loss_val} at step {done_steps} (grad norm {grad_norm})"
-                if skipped >= t.skip_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{out}: non-finite {what}; stopping without DONE (the last checkpoint is intact; "
-                        f"--skip_nonfinite_steps N skips up to N such steps; {skipped} skipped so far)")
-                skipped += 1
-                log(f"[train] warning: non-finite {what}: step skipped, no update "
-                    f"({skipped}/{t.skip_nonfinite_steps} allowed)")
-                opt.zero_grad(set_to_none=True)
-            else:
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                loss_sum += loss_val
-                loss_count += 1
-            window_tok += tokens_per_step
-
-            if bar is not None:
-                dt = time.time() - window_t
-                tps = window_tok / dt if dt > 0 else 0.0
-                post = {"loss": f"{loss_val:.3f}"}
-                if latest_val is not None:
-                    post["val"] = f"{latest_val:.3f}"
-                post["tok/s"] = f"{tps:,.0f}"
-                if peak:
-                    post["mfu"] = f"{100 * tps * fpt['attn_aware'] / peak / world:.1f}%"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-
-            is_eval = done_steps % t.eval_every == 0 or done_steps == max_steps
-            ckpt_every = t.ckpt_every or t.eval_every
-            is_ckpt = done_steps % ckpt_every == 0 or done_steps == max_steps
-            if is_eval:
-                ev = evaluate(run_model, data.val, cfg, device, amp, rank, world, micro)
-                if _fault("nan_val_at_step") == done_steps:  # test hook
-                    ev["val_loss"] = float("nan")
-                bad_ev = [k for k in ("val_loss", "trailing_loss") if not math.isfinite(ev[k])]
-                if bad_ev:
-                    raise NonFiniteLossError(
-                        f"{out}: non-finite {', '.join(f'{k} {ev[k]}' for k in bad_ev)} at step {done_steps}; "
-                        "stopping without DONE (no metrics row or checkpoint written for this step)")
-                tokens = done_steps * tokens_per_step
-                elapsed = elapsed_before + time.time() - t0
-                last = {
-                    "step": done_steps,
-                    "tokens": tokens,
-                    "flops": fpt["dense"] * tokens,
-                    "pflops_days": fpt["dense"] * tokens / PFLOPS_DAY,
-                    "attn_aware_flops": fpt["attn_aware"] * tokens,
-                    "attn_aware_pflops_days": fpt["attn_aware"] * tokens / PFLOPS_DAY,
-                    "train_loss": loss_sum / max(1, loss_count),
-                    **ev,
-                    "lr": lr,
-                    "elapsed_s": round(elapsed, 3),
-                    "tokens_per_s": tokens / elapsed if elapsed > 0 else None,
-                }
-                if skipped:
-                    last["skipped_steps"] = skipped
-                loss_sum, loss_count = 0.0, 0
-                latest_val = ev["val_loss"]
-                if bar is not None:  # show this evaluation now, not at the next step
-                    post["val"] = f"{latest_val:.3f}"
-                    bar.set_postfix(post)
-                if eval_lines:
-                    session_s = time.time() - t0
-                    eta = session_s / (done_steps - start_step) * (max_steps - done_steps)
-                    log(eval_line(last, max_steps, window_tok / session_s if session_s > 0 else None, eta))
-                if master:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(last) + "\n")
-                        f.flush()
-                        os.fsync(f.fileno())
-            if is_ckpt and master:
-                state = {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": done_steps,
-                    "train_loss_sum": loss_sum,
-                    "train_loss_count": loss_count,
-                    "skipped_steps": skipped,
-                    "elapsed_s": elapsed_before + time.time() - t0,
-                    "rng": {"torch": torch.get_rng_state(),
-                            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                            "numpy": np.random.get_state(), "python": random.getstate()},
-                    "config": cfg.to_dict(),
-                    "data_hash": data.data_hash,
-                }
-                save_checkpoint(out, state, done_steps, torn_write=_fault("die_in_ckpt") == done_steps)
-            if is_ckpt and ddp:
-                dist.barrier()
-            if _fault("exit_after_step") == done_steps:
-                if bar is not None:
-                    bar.close()
-                sys.stderr.flush()
-                os._exit(17)
-            if _fault("stop_after_step") == done_steps:  # test hook: an in-process interruption
-                raise InjectedFault(f"MOBA_SCALING_FAULT stop_after_step:{done_steps}")
-            if _fault("sleep_after_step") == done_steps:  # test hook: a trainer that stays alive
-                time.sleep(600)
-    finally:
-        if bar is not None:
-            bar.close()
-    if master:
-        if not last:
-            rows = _read_metrics(metrics_path)
-            last = rows[-1] if rows else {}
-        atomic_write_text(done_path, json.dumps(last))
-    if ddp:
-        dist.barrier()
-    return last
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """The run config of parsed options: ``--config``'s file (or the defaults), then the options."""
+    base = RunConfig()
+    if ns.config:
+        saved = json.loads(Path(ns.config).read_text())
+        base = RunConfig.from_saved(saved, source=str(ns.config))
+    return apply_overrides(base, config_overrides(ns))
 
 
 def config_from_argv(argv: list[str]) -> RunConfig:
     """``--config PATH`` (a run's config.json, a sweep's launch.json or ``to_dict()`` JSON) then overrides."""
-    overrides = parse_overrides(argv)
-    base = RunConfig()
-    cfg_path = overrides.pop("config", None)
-    if cfg_path:
-        saved = json.loads(Path(cfg_path).read_text())
-        base = RunConfig.from_saved(saved, source=str(cfg_path))
-    return apply_overrides(base, overrides)
+    return config_from_args(build_parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print("options (defaults):")
-        for sec, obj in RunConfig().to_dict().items():
-            for k, v in obj.items():
-                print(f"  --{k} {v!r}  [{sec}]")
-        print("  --allow_config_change false  [this invocation: resume a checkpoint whose config/data differ]")
-        return
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(ns)
+    except (OSError, ValueError, TypeError) as exc:  # an unreadable --config, a value the config rejects
+        parser.error(str(exc))
     if os.environ.get("TORCHELASTIC_RUN_ID") is not None:
         # a torchrun worker: die with the agent (its own session keeps it out of the agent's
         # process group, so nothing else would stop it if the agent is SIGKILLed)
@@ -815,12 +1001,8 @@ def main(argv: list[str] | None = None) -> None:
     # SIGTERM (from the launcher, a scheduler or the parent-death signal) unwinds the stack so
     # that the run-folder lock is released; the checkpoints are atomic either way
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    opts = parse_overrides(argv)
-    allow = parse_bool(opts.pop("allow_config_change", "false"))
-    argv = [x for k, v in opts.items() for x in (f"--{k}", v)]
-    cfg = config_from_argv(argv)
     try:
-        last = train(cfg, allow_config_change=allow)
+        last = train(cfg, allow_config_change=ns.allow_config_change)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_summary(last, cfg.train.out_dir), flush=True)
     except (TrainingError, CheckpointError) as exc:

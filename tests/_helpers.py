@@ -1,20 +1,29 @@
 """Shared test helpers: the tolerance rule, random inputs, independent dense attention, a
-brute-force gate.
+brute-force gate, the NaN-isolation checks (run on every backend, the Triton interpreter's
+too), and the scaling runs' tiny corpus / config / plot capture.
 
 Everything here is written independently of the library's internals (no import of
-``moba.gate`` / ``moba.torch_impl``), so a test that compares a backend with one of these
-helpers compares two separate implementations. Other test files may import from here; keep
-the functions general and documented.
+``moba.ops.gate`` / ``moba.ops.torch_impl``), so a test that compares a backend with one of these
+helpers compares two separate implementations. Every test file imports shared code from here
+(``from tests._helpers import ...``), never from another test file; keep the functions general
+and documented.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 import moba
+from moba.decode import BlockMeanState, moba_decode
+
+#: The repository root.
+ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------
 # Tolerance rule (docs/design.md section 3, from flash-attention's tests)
@@ -364,3 +373,216 @@ def assert_gate_matches_brute_force(
                     f"t={t} h={h}: gate chose {valid}, brute force {expected}; "
                     f"scores {[round(x, 6) for x in scores]}"
                 )
+
+
+# ---------------------------------------------------------------------------------------
+# NaN isolation (tests/ops/test_nan_isolation.py; the Triton interpreter cases run them too):
+# a NaN / Inf in one sequence must never reach another.
+# ---------------------------------------------------------------------------------------
+
+#: Values a poisoned token gets.
+POISONS = {"nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+
+
+def backend_param(backend: str):
+    return pytest.param(backend, id=backend)
+
+
+def grad_leaves(*tensors):
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
+def run_with_grads(fn, q, k, v, dout):
+    """Output and the gradients of q, k, v of ``fn(q, k, v)`` for the output gradient ``dout``."""
+    q, k, v = grad_leaves(q, k, v)
+    out = fn(q, k, v)
+    out.backward(dout)
+    return [out.detach(), q.grad, k.grad, v.grad]
+
+
+def assert_same(got, clean, what):
+    """Bitwise equal (the other sequences' computation is the same), and finite."""
+    assert torch.isfinite(got).all(), f"{what}: non-finite values leaked in"
+    torch.testing.assert_close(got, clean, rtol=0, atol=0, msg=lambda m: f"{what}: {m}")
+
+
+def check_fixed_batch(backend, dtype=torch.float32, poison="nan", where="q", token=0, backward=True,
+                      b=3, s=16, hq=4, hkv=2, d=16, block_size=4, top_k=2):
+    """Poison ``where``[0, token] of batch row 0: rows 1.. keep their outputs and gradients."""
+    q, k, v = (torch.randn(b, s, h, d).to(dtype) for h in (hq, hkv, hkv))
+    dout = torch.randn(b, s, hq, d).to(dtype)
+    bad = dict(q=q.clone(), k=k.clone(), v=v.clone())
+    bad[where][0, token] = POISONS[poison]
+
+    def fn(q_, k_, v_):
+        return moba.moba_attn_func(q_, k_, v_, block_size, top_k, backend=backend)
+
+    if not backward:
+        clean, got = fn(q, k, v), fn(bad["q"], bad["k"], bad["v"])
+        assert_same(got[1:], clean[1:], "out")
+        return
+    clean = run_with_grads(fn, q, k, v, dout)
+    got = run_with_grads(fn, bad["q"], bad["k"], bad["v"], dout)
+    for name, g, c in zip(["out", "dq", "dk", "dv"], got, clean, strict=True):
+        assert_same(g[1:], c[1:], f"{backend} {poison} in {where}[0, {token}]: {name} of rows 1..")
+
+
+def check_varlen(backend, dtype=torch.float32, poison="nan", backward=True, lengths=(7, 0, 9, 5), poisoned=2,
+                 hq=2, hkv=1, d=16, block_size=4, top_k=2):
+    """Poison q, k and v of the first token of packed sequence ``poisoned``: the others keep
+    their outputs and gradients (empty sequences included)."""
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    total = cu[-1]
+    q, k, v = (torch.randn(total, h, d).to(dtype) for h in (hq, hkv, hkv))
+    dout = torch.randn(total, hq, d).to(dtype)
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    a, e = cu[poisoned], cu[poisoned + 1]
+    bad = [t.clone() for t in (q, k, v)]
+    for t in bad:
+        t[a] = POISONS[poison]
+    others = torch.ones(total, dtype=torch.bool)
+    others[a:e] = False
+
+    def fn(q_, k_, v_):
+        return moba.moba_attn_varlen_func(q_, k_, v_, cu_t, max(lengths), block_size, top_k, backend=backend)
+
+    if not backward:
+        assert_same(fn(*bad)[others], fn(q, k, v)[others], "out")
+        return
+    clean = run_with_grads(fn, q, k, v, dout)
+    got = run_with_grads(fn, *bad, dout)
+    for name, g, c in zip(["out", "dq", "dk", "dv"], got, clean, strict=True):
+        assert_same(g[others], c[others], f"{backend} varlen {poison}: {name} of the other sequences")
+
+
+def check_decode_padding(backend, dtype=torch.float32, poison="nan"):
+    """Left-padded decode: garbage in row 0's padding, and in every token of row 2, changes
+    nothing of row 0's and row 1's outputs (they equal an unpadded decode of their own)."""
+    b, lk, hq, hkv, d, bs, top_k = 3, 24, 4, 2, 16, 4, 2
+    starts = [5, 0, 3]
+    kc, vc = (torch.randn(b, lk, hkv, d).to(dtype) for _ in range(2))
+    q = torch.randn(b, 2, hq, d).to(dtype)  # two newest tokens per row (a chunk)
+    kc_bad, vc_bad = kc.clone(), vc.clone()
+    kc_bad[0, : starts[0]] = POISONS[poison]
+    vc_bad[0, : starts[0]] = POISONS[poison]
+    kc_bad[2], vc_bad[2] = POISONS[poison], POISONS[poison]
+    out = moba_decode(q, kc_bad, vc_bad, BlockMeanState(bs), bs, top_k, starts=starts, backend=backend)
+    for row in (0, 1):
+        s0 = starts[row]
+        alone = moba_decode(q[row : row + 1], kc[row : row + 1, s0:], vc[row : row + 1, s0:], BlockMeanState(bs),
+                            bs, top_k, backend=backend)
+        assert torch.isfinite(out[row]).all(), f"{backend} decode: row {row} got non-finite values"
+        torch.testing.assert_close(out[row], alone[0], rtol=1e-5, atol=1e-5)
+
+
+def sdpa_dense(q, k, v):
+    g = q.shape[2] // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2),
+        is_causal=True,
+    )
+    return out.transpose(1, 2)
+
+
+def check_large_negative_self_score(backend, dtype=torch.float32):
+    """Token 0 sees only itself; its scaled score is -200 (exp underflows to 0 in float32),
+    a large but finite input. Dense top_k: MoBA must match SDPA in float64, and be finite."""
+    b, s, hq, d = 2, 13, 2, 16  # uneven selections: tiles / chunks with padding rows
+    q, k, v = (torch.randn(b, s, hq, d, dtype=torch.float64) for _ in range(3))
+    k0 = k[0, 0, 0]
+    q[0, 0, 0] = -200.0 * d**0.5 * k0 / k0.dot(k0)  # scale * q.k = -200
+    dout = torch.randn(b, s, hq, d, dtype=torch.float64)
+    truth = run_with_grads(sdpa_dense, q, k, v, dout)
+    fn = lambda q_, k_, v_: moba.moba_attn_func(q_, k_, v_, 4, s, backend=backend)  # noqa: E731
+    got = run_with_grads(fn, q.to(dtype), k.to(dtype), v.to(dtype), dout.to(dtype))
+    for name, g, t in zip(["out", "dq", "dk", "dv"], got, truth, strict=True):
+        assert torch.isfinite(t).all()
+        assert torch.isfinite(g).all(), f"{backend}: {name} is not finite where SDPA's is"
+        torch.testing.assert_close(g.double(), t, rtol=1e-3, atol=1e-3, msg=lambda m, name=name: f"{backend} {name}: {m}")
+
+
+def check_float16_large_inputs(backend):
+    """float16 q, k with entries ~30 (scores of several thousand): finite wherever SDPA (which
+    computes in float32 on CPU) is finite."""
+    b, s, h, d = 2, 13, 2, 16
+    q, k, v = (torch.randn(b, s, h, d) for _ in range(3))
+    q, k = (30 * t.clamp(-1, 1) for t in (q, k))
+    q[:, 0] = -k[:, 0]  # token 0 sees only itself: score -|k|^2 / 4, thousands below 0
+    q, k, v = (t.half() for t in (q, k, v))
+    dout = torch.randn(b, s, h, d).half()
+    ref = run_with_grads(lambda *t: sdpa_dense(*(x.float() for x in t)).half(), q, k, v, dout)
+    got = run_with_grads(lambda *t: moba.moba_attn_func(*t, 4, 2, backend=backend), q, k, v, dout)
+    for name, g, r in zip(["out", "dq", "dk", "dv"], got, ref, strict=True):
+        if torch.isfinite(r).all():
+            assert torch.isfinite(g).all(), f"{backend}: {name} is not finite where SDPA's is"
+
+
+# ---------------------------------------------------------------------------------------
+# Scaling runs: a tiny text corpus, a tiny run config, its metrics, plot capture
+# ---------------------------------------------------------------------------------------
+
+
+def make_text_corpus(root, n_files=12, words=400, seed=0):
+    import random
+
+    rnd = random.Random(seed)
+    vocab = ["def", "return", "self", "import", "class", "for", "in", "if", "else", "x", "y", "(", ")", ":"]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        (root / f"f{i:02d}.txt").write_text(" ".join(rnd.choice(vocab) for _ in range(words)) + "\n")
+    return root
+
+
+def tiny_config(tmp_path: Path, out: str, **train):
+    """A 2-layer hybrid ``RunConfig`` over a tiny text corpus in ``tmp_path`` (10 steps)."""
+    from scaling_runs.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+
+    corpus = tmp_path / "corpus"
+    if not corpus.exists():
+        make_text_corpus(corpus, n_files=10, words=600)
+    t = dict(out_dir=str(tmp_path / out), batch_size=4, max_steps=10, lr=1e-2, warmup_steps=2, eval_every=3,
+             eval_seqs=4, threads=1, progress=False, seed=7)
+    t.update(train)
+    return RunConfig(
+        model=ModelConfig(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, context=48, block_size=8, top_k=2,
+                          attention="hybrid", n_full_layers=1),
+        data=DataConfig(data=str(corpus), val_fraction=0.2),
+        train=TrainConfig(**t),
+    )
+
+
+def metrics(cfg) -> list[dict]:
+    return [json.loads(x) for x in (Path(cfg.train.out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(cfg) -> list[tuple]:
+    return [(r["step"], r["tokens"], r["train_loss"], r["val_loss"], r["trailing_loss"]) for r in metrics(cfg)]
+
+
+def capture_figures(monkeypatch) -> list[dict]:
+    """Patch ``Figure.savefig`` to record, per saved figure, each axes' labels and the text of its
+    visible tick labels (after a draw, as they appear in the PNG)."""
+    from matplotlib.figure import Figure
+
+    seen: list[dict] = []
+    original = Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        fig.canvas.draw()
+        axes = []
+        for ax in fig.axes:
+            ticks = {}
+            for which in ("x", "y"):
+                lo, hi = sorted(getattr(ax, f"get_{which}lim")())
+                axis = ax.xaxis if which == "x" else ax.yaxis
+                for kind, got in ((which, axis.get_major_ticks()), (which + "_minor", axis.get_minor_ticks())):
+                    ticks[kind] = [t.label1.get_text() for t in got
+                                   if lo * (1 - 1e-9) <= t.get_loc() <= hi * (1 + 1e-9) and t.label1.get_text()]
+            axes.append({"xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "ticks": ticks, "ax": ax})
+        seen.append({"path": str(args[0]) if args else "", "axes": axes})
+        return original(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return seen

@@ -43,3 +43,28 @@ def test_the_check_sees_function_level_imports(tmp_path):
     source = tmp_path / "x.py"
     source.write_text("def f():\n    from scaling_runs.checkpoint import load_gpt\n    import bench.roofline\n")
     assert _imported_roots(source) == {"scaling_runs", "bench"}
+
+
+def test_tests_import_shared_code_from_helpers_only():
+    """No test module imports another test module, and one import style: shared code comes from
+    ``tests._helpers`` (``from tests._helpers import ...``)."""
+    offenders = {}
+    for path in sorted((ROOT / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            names = []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""] if node.level == 0 else [f"relative {node.module}"]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            bad = [n for n in names if n.startswith(("tests.test_", "test_", "relative", "_helpers")) or
+                   (n.startswith("tests.") and n != "tests._helpers")]
+            if bad:
+                offenders[str(path.relative_to(ROOT))] = bad
+    assert not offenders, offenders
+
+
+def test_bench_tools_are_modules_without_sys_path_edits():
+    """bench/ is a package run as ``python -m bench.<tool>``: no script reaches another through sys.path."""
+    edits = [p.name for p in sorted((ROOT / "bench").glob("*.py")) if "sys.path" in p.read_text()]
+    assert not edits, edits
+    assert (ROOT / "bench" / "__init__.py").exists()

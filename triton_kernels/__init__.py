@@ -4,7 +4,7 @@
 * ``attention``: forward (out + float32 log-sum-exp), backward dq, backward dk/dv.
 * ``decode``: split/merge decoding kernels for one query token per sequence with a KV cache.
 
-Kernels and launchers only (no autograd, no nn): ``moba.triton_backend`` wraps them as
+Kernels and launchers only (no autograd, no nn): ``moba.ops.triton_impl`` wraps them as
 ``torch.library`` custom ops and registers the ``"triton"`` backend. Import them only as
 ``moba.triton_kernels.<module>``: a top-level ``triton_kernels`` would shadow Triton's own.
 """

@@ -1,6 +1,6 @@
 """MoBA attention kernels (forward, backward dq, backward dk/dv) and their launchers.
 
-Work decomposition (chosen deliberately; two for the forward and dq, picked per call):
+Work decomposition (chosen by bench/perf_model.py; two for the forward and dq, picked per call):
 
 * "union" (per query tile): one program per (tile of ``BLOCK_M`` consecutive queries of one
   sequence, query head) walks the *union* of the key blocks its rows selected, in ascending
@@ -12,17 +12,59 @@ Work decomposition (chosen deliberately; two for the forward and dq, picked per 
   pick the same blocks (they always share the own block), but on uncorrelated selections
   (random inputs: 64 queries x 2 random picks) the union approaches every past block, i.e.
   dense causal attention.
-* "gather" (per key block, as the MoBA reference implementation does with flash-attn
-  varlen): the launcher groups, with a stable sort, the (token, query head) rows that chose
-  each (key block, KV head) pair; one program per chunk of ``BLOCK_M`` of those rows
-  computes a partial softmax over that block only and writes a partial (out, lse) (forward)
-  or a partial dq (backward) per (row, slot); the launcher merges the ``n_slots`` partials of
-  every row in slot order (log-sum-exp weights / a sum): no wasted MMA rows, deterministic,
-  but ``n_slots`` float32 partial rows per query go through global memory.
+* "gather" (per super-tile and key block; FlashMoBA's gather-and-densify, in Triton): one
+  program per (super-tile of ``gather_tile`` consecutive queries of one sequence, KV head)
+  owns every (token, query head of the group) row of the tile and walks its *segments*: for
+  each key block, in ascending order, the rows of the tile that selected it (all query heads
+  of the group together, so K/V tiles are read once per chunk), ``BLOCK_M`` gathered rows at a
+  time. A row's online softmax state (running max, sum, float32 output sum) is ONE per row,
+  not per slot: it lives in global memory (``lse`` holds the max until the end; a (Tq * Hq, D)
+  float32 sum and a (Tq * Hq,) softmax sum), is read, updated over the block and written back
+  per segment; the program's last loop writes out and lse. No per-slot partials, no merge
+  pass, no Python loop over slots, no atomics: a row has exactly one owner, which visits its
+  blocks in ascending order (deterministic). dq the same way with one float32 dq sum per row.
+  MMA rows are the selecting rows rounded up to BLOCK_M per segment; the price is the row
+  state's read-modify-write, 8D + 16 bytes per (row, slot) plus a gathered q row (modelled at
+  512K, block 512, top-3: 52 GB, ~12 ms of the forward kernel's ~80 ms of HBM time; the rest
+  is K/V read once per 64-row chunk, as the per-slot design did; no L2 reuse assumed).
+  The super-tile is the smallest power of two in ``GATHER_TILE_RANGE`` leaving at most
+  ``GATHER_PROGRAMS`` programs (about 8 waves on 132 SMs): a larger tile puts more rows in
+  each segment (fuller chunks on uncorrelated selections), a smaller one balances the SMs.
 * ``choose_decomposition`` ("auto") counts the MMA rows each would compute (union blocks x
-  BLOCK_M vs. selecting rows rounded up to BLOCK_M per pair) and picks union unless it does
-  more than 1.5x the gather work (the margin pays for the merge traffic). Both paths are
-  exact; the choice only moves work.
+  BLOCK_M vs. the gather segments' rows rounded up to BLOCK_M) and picks union unless it does
+  more than ``UNION_MARGIN`` (1.25) x the gather work. Both paths are exact; the choice only
+  moves work. "auto" costs one host sync per direction (the comparison in the forward, the
+  decision read back in the backward); explicit "union" / "gather" have none.
+
+Why this gather design (bench/perf_model.py, MODELLED on an H200, Hq=32/Hkv=8, D=128, bf16,
+causal; forward + dq + selection glue of the attention, today's tile efficiencies; "per-slot"
+is the previous gather path: one float32 (out, lse) / dq partial per (row, slot) and a
+slot-by-slot merge in PyTorch; peak memory fwd+bwd vs dense flash):
+
+  ======================  =========================  =========================  =====================
+  shape                   union (corr. / random)     per-slot gather            this gather
+  ======================  =========================  =========================  =====================
+  128K, block 512, top-3  64.5 / 1324 ms, 0.74x      64.0 ms, 3.23x             56.9 ms, 1.03x
+  512K, block 512, top-3  258 / 6615 ms, 0.74x       254 ms, 3.23x              227 ms, 1.03x
+  512K, block 128, top-8  222 / 5835 ms, 1.06x       349 ms, 5.47x              204-205 ms, 1.09x
+  ======================  =========================  =========================  =====================
+
+The union path alone fails on uncorrelated (random) selections: its tiles' unions approach
+every past block (23-29x the gather time above), so a second path is needed; per-slot
+partials need 3.2-5.5x dense flash's peak memory (13-24x in the forward alone) and their
+merge moves more bytes than the attention kernel itself. One fused merge kernel would keep the partials'
+footprint (n_slots x (4D + 4) bytes per row); an fp32 accumulator per row (this design, as
+FlashMoBA's forward keeps one per row) has the footprint of flash-attn's dq accumulator.
+Not taken: a per-key-block program with atomics (nondeterministic); the selection in the
+gate's layout directly (issue 14, item 1, the gate's owner).
+
+The selection layout (``build_selection``, int32, ``Selection``) is built once, in the
+forward, on device with torch ops and no host sync (no nonzero / unique / item / tolist:
+padding sorts last, counts come from searchsorted, sizes are static bounds from the host
+sequence boundaries), returned by the forward custom op and saved for the backward: rows per
+(key block, KV head) (dk/dv), the gather segments and their per-program ranges, the
+super-tiles, and the forward's decomposition. The block geometry (``kernel_layout``) is sent
+in one pinned, non-blocking copy.
 * dk/dv: always per key tile: one program per (``BLOCK_N`` key tile of one key block, KV
   head) loops over the gathered rows that chose the block (query heads of a GQA group land in
   the same list, so K/V are never repeated) and accumulates dk, dv in registers. Each key
@@ -41,6 +83,7 @@ of their key sequence (``cu_q == cu_k`` for self-attention, fewer queries for de
 
 from __future__ import annotations
 
+import itertools
 from typing import NamedTuple
 
 import torch
@@ -67,9 +110,23 @@ DQ_CONFIGS = {
     128: (64, 64, 8, 2),
     256: (64, 32, 8, 1),
 }
-# The gather kernels (forward, dq) use the union kernels' tables.
-FWD_GATHER_CONFIGS = FWD_CONFIGS
-DQ_GATHER_CONFIGS = DQ_CONFIGS
+# The gather kernels (forward, dq) have their own tables: their segment and chunk loops around
+# the key loop cost registers, and at D = 128 BLOCK_N = 64 or two pipeline stages spill on
+# sm_90 (bench/kernel_report.py). Forward at 4 warps: one warpgroup per 64-row tile.
+FWD_GATHER_CONFIGS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 32, 4, 2),
+    128: (64, 32, 4, 1),
+    256: (64, 32, 8, 1),
+}
+DQ_GATHER_CONFIGS = {
+    16: (64, 64, 4, 2),
+    32: (64, 64, 4, 2),
+    64: (64, 32, 4, 2),
+    128: (64, 32, 8, 1),
+    256: (64, 32, 8, 1),
+}
 DKDV_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
@@ -113,37 +170,51 @@ def next_union_block(idx_row, cur, sel, slot, n_slots, BIG: tl.constexpr):
 
 
 @triton.jit
-def gather_chunk(pid, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, ROWS, Q_KEY_TOKEN,
-                 n_heads_q, n_heads_kv, causal, BLOCK_M: tl.constexpr):
-    """1-D program id of a "gather" kernel -> its chunk of BLOCK_M rows that selected one (key
-    block, KV head) pair: positions in ROWS (BLOCK_M,) and their mask, the rows' token / query
-    head / key-token position (BLOCK_M,), the KV head, the block's first key token and length,
-    and how many of its keys any row of the chunk may see (n_end; causal cuts the tail)."""
-    pair = tl.load(CHUNK_PAIR + pid).to(tl.int64)
-    r0 = tl.load(CHUNK_START + pid).to(tl.int64)
-    r_end = tl.load(ROW_PTR + pair + 1).to(tl.int64)
-    block = pair // n_heads_kv
-    kv_head = pair % n_heads_kv
+def gather_segment(s, SEG_START, SEG_END, SEG_PAIR, BLOCK_START, BLOCK_LEN, n_heads_kv):
+    """Segment ``s`` of a "gather" program: the rows ``ROWS[r_begin:r_end]`` (one super-tile, one
+    KV head) that selected one key block; returns r_begin, r_end and the block's first key token
+    and length (int64 scalars)."""
+    r_begin = tl.load(SEG_START + s).to(tl.int64)
+    r_end = tl.load(SEG_END + s).to(tl.int64)
+    block = tl.load(SEG_PAIR + s).to(tl.int64) // n_heads_kv
     block_start = tl.load(BLOCK_START + block).to(tl.int64)
     block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
+    return r_begin, r_end, block_start, block_len
+
+
+@triton.jit
+def gather_rows(r0, r_end, ROWS, Q_KEY_TOKEN, n_heads_q, causal, block_start, block_len, BLOCK_M: tl.constexpr):
+    """Rows ``ROWS[r0:r0+BLOCK_M]`` of a segment (masked past r_end): their mask, row id
+    ``token * Hq + head``, token, query head, key-token position (BLOCK_M,), and how many keys of
+    the block any of them may see (n_end; causal cuts the tail after the last row's position)."""
     offs_r = r0 + tl.arange(0, BLOCK_M)
     r_ok = offs_r < r_end
     row = tl.load(ROWS + offs_r, mask=r_ok, other=0).to(tl.int64)  # token * Hq + head
     tok = row // n_heads_q
     head = row % n_heads_q
     q_tok = tl.load(Q_KEY_TOKEN + tok, mask=r_ok, other=0).to(tl.int64)
-    # Causal: keys after the chunk's last query are masked for every row.
     q_tok_last = tl.max(tl.where(r_ok, q_tok, -1), 0)
     n_end = tl.where(causal != 0, tl.minimum(block_len, q_tok_last - block_start + 1), block_len)
-    return offs_r, r_ok, row, tok, head, q_tok, kv_head, block_start, block_len, n_end
+    return r_ok, row, tok, head, q_tok, n_end
+
+
+@triton.jit
+def owned_rows(i0, t0, n_rows, group, kv_head, n_heads_q, BLOCK_M: tl.constexpr):
+    """Rows i0:i0+BLOCK_M of the (token, query head) rows a gather program owns: the tokens of
+    its super-tile (from t0, n_rows = tokens x group in all) x the query heads of its KV head."""
+    i = i0 + tl.arange(0, BLOCK_M)
+    ok = i < n_rows
+    tok = t0 + i // group
+    head = kv_head * group + i % group
+    return ok, tok, head, tok * n_heads_q + head
 
 
 @triton.jit
 def gather_block_scores(q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
                         r_ok, q_tok, qk_scale, causal):
-    """Keys n0:n0+BLOCK_N of a gather chunk's block: the key tile (BLOCK_N, HEAD_DIM), its
-    global key tokens and load mask, and the rows' scaled scores (BLOCK_M, BLOCK_N, log2
-    units) with the mask of the (row, key) pairs that count."""
+    """Keys n0:n0+BLOCK_N of a segment's block: the key tile (BLOCK_N, HEAD_DIM), its global key
+    tokens and load mask, and the rows' scaled scores (BLOCK_M, BLOCK_N, log2 units) with the
+    mask of the (row, key) pairs that count."""
     k_ok = (n0 + offs_n) < block_len
     k_tok = block_start + n0 + offs_n  # global key token
     kv_mask = k_ok[:, None] & d_ok[None, :]
@@ -360,88 +431,147 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _fwd_gather_kernel(
-    Q, K, V, PART_O, PART_LSE,
-    ROWS, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    Q, K, V, O, LSE, ACC, L_SUM,
+    ROWS, SEG_START, SEG_END, SEG_PAIR, PROG_PTR, ST_START, ST_END, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     scale, n_heads_q, n_heads_kv, causal, d_real,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program per chunk of BLOCK_M rows (token, query head) that selected one
-    # (key block, KV head) pair: a partial softmax over that block only, written to
-    # PART_O / PART_LSE at the rows' positions in ROWS (merged by the launcher).
+    # One program per (super-tile of one sequence's queries, KV head). It owns every row
+    # (token of the tile, query head of the group) and walks its segments (key block, the rows
+    # that chose it) in ascending block order, BLOCK_M gathered rows at a time. A row's running
+    # softmax (max m in LSE, sum in L_SUM, fp32 output sum in ACC: one of each per row, not per
+    # slot) is read, updated over the block and written back; only this program touches these
+    # rows, so there are no atomics and no merge pass. The last loop writes out and lse.
     pid = tl.program_id(0).to(tl.int64)
-    offs_r, r_ok, row, tok, head, q_tok, kv_head, block_start, block_len, n_end = gather_chunk(
-        pid, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, ROWS, Q_KEY_TOKEN,
-        n_heads_q, n_heads_kv, causal, BLOCK_M)
+    st = pid // n_heads_kv
+    kv_head = pid % n_heads_kv
+    group = n_heads_q // n_heads_kv
+    t0 = tl.load(ST_START + st).to(tl.int64)
+    n_rows = (tl.load(ST_END + st).to(tl.int64) - t0) * group
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    row_mask = r_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
-    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
-
     qk_scale = scale * 1.4426950408889634
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # (BLOCK_M,)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)  # (BLOCK_M,)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # (BLOCK_M, HEAD_DIM)
-    for n0 in range(0, n_end, BLOCK_N):
-        _, k_tok, kv_mask, s, valid = gather_block_scores(
-            q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
-            r_ok, q_tok, qk_scale, causal)  # s, valid: (BLOCK_M, BLOCK_N)
-        s = tl.where(valid, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # (BLOCK_M,)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (BLOCK_M,)
-        alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
-        p = tl.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)  # (BLOCK_M, HEAD_DIM)
-        m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # (BLOCK_M,)
-    tl.store(PART_O + offs_r[:, None] * d_real + offs_d[None, :], acc / l_safe[:, None], mask=row_mask)
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)  # (BLOCK_M,)
-    tl.store(PART_LSE + offs_r, lse, mask=r_ok)
+
+    for i0 in range(0, n_rows, BLOCK_M):  # empty running state of the owned rows
+        ok, tok, head, row = owned_rows(i0, t0, n_rows, group, kv_head, n_heads_q, BLOCK_M)
+        tl.store(LSE + row, tl.full([BLOCK_M], float("-inf"), dtype=tl.float32), mask=ok)
+        tl.store(L_SUM + row, tl.zeros([BLOCK_M], dtype=tl.float32), mask=ok)
+        tl.store(ACC + row[:, None] * d_real + offs_d[None, :], tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32),
+                 mask=ok[:, None] & d_ok[None, :])
+    tl.debug_barrier()  # other threads of this program read these rows next
+
+    seg_begin = tl.load(PROG_PTR + pid).to(tl.int64)
+    seg_stop = tl.load(PROG_PTR + pid + 1).to(tl.int64)
+    for s in range(seg_begin, seg_stop):
+        r_begin, r_end, block_start, block_len = gather_segment(s, SEG_START, SEG_END, SEG_PAIR, BLOCK_START,
+                                                                BLOCK_LEN, n_heads_kv)
+        for r0 in range(r_begin, r_end, BLOCK_M):
+            r_ok, row, tok, head, q_tok, n_end = gather_rows(r0, r_end, ROWS, Q_KEY_TOKEN, n_heads_q, causal,
+                                                             block_start, block_len, BLOCK_M)
+            row_mask = r_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
+            q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+            m_i = tl.load(LSE + row, mask=r_ok, other=float("-inf"))  # (BLOCK_M,) running max (base 2)
+            l_i = tl.load(L_SUM + row, mask=r_ok, other=0.0)  # (BLOCK_M,) running sum
+            acc = tl.load(ACC + row[:, None] * d_real + offs_d[None, :], mask=row_mask, other=0.0)  # float32
+            for n0 in range(0, n_end, BLOCK_N):
+                _, k_tok, kv_mask, s_ij, valid = gather_block_scores(
+                    q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
+                    r_ok, q_tok, qk_scale, causal)  # s_ij, valid: (BLOCK_M, BLOCK_N)
+                s_ij = tl.where(valid, s_ij, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s_ij, 1))  # (BLOCK_M,)
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (BLOCK_M,)
+                alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
+                p = tl.exp2(s_ij - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            # pointers and masks rebuilt, not kept live across the key loop (registers)
+            tl.store(LSE + row, m_i, mask=r_ok)
+            tl.store(L_SUM + row, l_i, mask=r_ok)
+            tl.store(ACC + row[:, None] * d_real + offs_d[None, :], acc, mask=r_ok[:, None] & d_ok[None, :])
+            tl.debug_barrier()  # a later segment may hold the same rows in other threads
+
+    for i0 in range(0, n_rows, BLOCK_M):  # normalise: out = acc / l, lse = m + log l
+        ok, tok, head, row = owned_rows(i0, t0, n_rows, group, kv_head, n_heads_q, BLOCK_M)
+        mask = ok[:, None] & d_ok[None, :]
+        m_i = tl.load(LSE + row, mask=ok, other=float("-inf"))
+        l_i = tl.load(L_SUM + row, mask=ok, other=0.0)
+        acc = tl.load(ACC + row[:, None] * d_real + offs_d[None, :], mask=mask, other=0.0)
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # a row that saw no key: out 0, lse -inf
+        tl.store(O + tok[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+                 (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=mask)
+        tl.store(LSE + row, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=ok)
 
 
 @triton.jit
 def _bwd_dq_gather_kernel(
-    Q, K, V, DO, LSE, DELTA, PART_DQ,
-    ROWS, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
+    Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC,
+    ROWS, SEG_START, SEG_END, SEG_PAIR, PROG_PTR, ST_START, ST_END, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
     scale, n_heads_q, n_heads_kv, causal, d_real,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Same chunks as _fwd_gather_kernel; writes the rows' dq contribution of this block to
-    # PART_DQ at their positions in ROWS (summed per row by the launcher, deterministically).
+    # The forward gather's programs and segments; every row's float32 dq sum (DQ_ACC, one per
+    # row) is read, increased by the block's contribution and written back, in ascending block
+    # order: deterministic, no atomics. The last loop scales it and writes dq.
     pid = tl.program_id(0).to(tl.int64)
-    offs_r, r_ok, row, tok, head, q_tok, kv_head, block_start, block_len, n_end = gather_chunk(
-        pid, CHUNK_PAIR, CHUNK_START, ROW_PTR, BLOCK_START, BLOCK_LEN, ROWS, Q_KEY_TOKEN,
-        n_heads_q, n_heads_kv, causal, BLOCK_M)
+    st = pid // n_heads_kv
+    kv_head = pid % n_heads_kv
+    group = n_heads_q // n_heads_kv
+    t0 = tl.load(ST_START + st).to(tl.int64)
+    n_rows = (tl.load(ST_END + st).to(tl.int64) - t0) * group
     offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
     d_ok = offs_d < d_real  # (HEAD_DIM,)
     offs_n = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    row_mask = r_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
-    q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-                mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
-    do = tl.load(DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
-                 mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
-    lse2 = tl.load(LSE + row, mask=r_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
-    delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
-
     qk_scale = scale * 1.4426950408889634
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)  # (BLOCK_M, HEAD_DIM)
-    for n0 in range(0, n_end, BLOCK_N):
-        k, k_tok, kv_mask, s, valid = gather_block_scores(
-            q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
-            r_ok, q_tok, qk_scale, causal)  # k: (BLOCK_N, HEAD_DIM); s, valid: (BLOCK_M, BLOCK_N)
-        v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                    mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
-        dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
-        ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
-        dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_M, HEAD_DIM)
-    tl.store(PART_DQ + offs_r[:, None] * d_real + offs_d[None, :], dq * scale, mask=row_mask)
+
+    for i0 in range(0, n_rows, BLOCK_M):
+        ok, tok, head, row = owned_rows(i0, t0, n_rows, group, kv_head, n_heads_q, BLOCK_M)
+        tl.store(DQ_ACC + row[:, None] * d_real + offs_d[None, :], tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32),
+                 mask=ok[:, None] & d_ok[None, :])
+    tl.debug_barrier()
+
+    seg_begin = tl.load(PROG_PTR + pid).to(tl.int64)
+    seg_stop = tl.load(PROG_PTR + pid + 1).to(tl.int64)
+    for s in range(seg_begin, seg_stop):
+        r_begin, r_end, block_start, block_len = gather_segment(s, SEG_START, SEG_END, SEG_PAIR, BLOCK_START,
+                                                                BLOCK_LEN, n_heads_kv)
+        for r0 in range(r_begin, r_end, BLOCK_M):
+            r_ok, row, tok, head, q_tok, n_end = gather_rows(r0, r_end, ROWS, Q_KEY_TOKEN, n_heads_q, causal,
+                                                             block_start, block_len, BLOCK_M)
+            row_mask = r_ok[:, None] & d_ok[None, :]  # (BLOCK_M, HEAD_DIM)
+            q = tl.load(Q + tok[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+                        mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+            do = tl.load(DO + tok[:, None] * stride_dot + head[:, None] * stride_doh + offs_d[None, :],
+                         mask=row_mask, other=0.0)  # (BLOCK_M, HEAD_DIM)
+            lse2 = tl.load(LSE + row, mask=r_ok, other=0.0) * 1.4426950408889634  # (BLOCK_M,)
+            delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
+            dq = tl.load(DQ_ACC + row[:, None] * d_real + offs_d[None, :], mask=row_mask, other=0.0)  # float32
+            for n0 in range(0, n_end, BLOCK_N):
+                k, k_tok, kv_mask, s_ij, valid = gather_block_scores(
+                    q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
+                    r_ok, q_tok, qk_scale, causal)  # k: (BLOCK_N, HEAD_DIM); s_ij, valid: (BLOCK_M, BLOCK_N)
+                v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                p = tl.where(valid, tl.exp2(s_ij - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
+                dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
+                ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
+                dq += tl.dot(ds.to(k.dtype), k)  # (BLOCK_M, HEAD_DIM)
+            tl.store(DQ_ACC + row[:, None] * d_real + offs_d[None, :], dq, mask=r_ok[:, None] & d_ok[None, :])
+            tl.debug_barrier()
+
+    for i0 in range(0, n_rows, BLOCK_M):
+        ok, tok, head, row = owned_rows(i0, t0, n_rows, group, kv_head, n_heads_q, BLOCK_M)
+        mask = ok[:, None] & d_ok[None, :]
+        dq = tl.load(DQ_ACC + row[:, None] * d_real + offs_d[None, :], mask=mask, other=0.0) * scale
+        tl.store(DQ + tok[:, None] * stride_dqt + head[:, None] * stride_dqh + offs_d[None, :],
+                 dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,18 +586,38 @@ def sort_block_indices(block_indices: torch.Tensor) -> torch.Tensor:
     return idx.sort(dim=-1).values.contiguous()
 
 
-def query_tiles(cu_q: list[int], block_m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _tiles(cu_q_t: torch.Tensor, tile: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tiles of ``tile`` consecutive queries that never cross a sequence boundary, on device
+    without a host sync (``n_tiles``, the count, comes from the host boundaries).
+
+    Returns int32 (n_tiles,) sequence, first token and end token of every tile, and int64 (N,)
+    the first tile of every sequence."""
+    cu = cu_q_t.long()
+    per_seq = (cu[1:] - cu[:-1] + tile - 1) // tile  # (N,)
+    ends = torch.cumsum(per_seq, 0)
+    first = ends - per_seq
+    i = torch.arange(n_tiles, device=cu.device)
+    seq = torch.searchsorted(ends, i, right=True)
+    start = cu[seq] + (i - first[seq]) * tile
+    end = torch.minimum(start + tile, cu[seq + 1])
+    return seq.to(torch.int32), start.to(torch.int32), end.to(torch.int32), first
+
+
+def n_query_tiles(cu_q: list[int], tile: int) -> int:
+    """How many ``tile``-query tiles ``_tiles`` makes of the host boundaries ``cu_q``."""
+    return sum(-(-(b - a) // tile) for a, b in zip(cu_q[:-1], cu_q[1:], strict=True))
+
+
+def query_tiles(cu_q: list[int], block_m: int, device, cu_q_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Tiles of ``block_m`` consecutive queries that never cross a sequence boundary.
 
-    Returns (tile_seq, tile_start), int32 (n_tiles,): sequence id and first query token.
+    Returns (tile_seq, tile_start), int32 (n_tiles,): sequence id and first query token. Built
+    on device from ``cu_q_t`` (int32 (N + 1,), copied from ``cu_q`` when not given).
     """
-    seqs, starts = [], []
-    for n, (a, b) in enumerate(zip(cu_q[:-1], cu_q[1:], strict=True)):
-        for s in range(a, b, block_m):
-            seqs.append(n)
-            starts.append(s)
-    kw = dict(dtype=torch.int32, device=device)
-    return torch.tensor(seqs, **kw), torch.tensor(starts, **kw)
+    if cu_q_t is None:
+        cu_q_t = torch.tensor(cu_q, dtype=torch.int32, device=device)
+    seq, start, _, _ = _tiles(cu_q_t, block_m, n_query_tiles(cu_q, block_m))
+    return seq, start
 
 
 #: Largest value an int32 index tensor (or a CUDA grid's x dimension) holds.
@@ -507,94 +657,190 @@ def _check_inputs(q, k, v, n_slots: int = 1):
 
 
 class KernelLayout(NamedTuple):
-    """What the launchers need of ``moba._layout.BlockLayout``, on q's device."""
+    """Block geometry the launchers need, on q's device (``kernel_layout``); int32 tensors."""
 
     cu_q: list[int]  # host list (N + 1,)
-    cu_q_t: torch.Tensor  # (N + 1,) int32
-    cu_k_t: torch.Tensor  # (N + 1,) int32
+    cu_k: list[int]  # host list (N + 1,)
+    cu_q_t: torch.Tensor  # (N + 1,)
+    cu_k_t: torch.Tensor  # (N + 1,)
     q_seq: torch.Tensor  # (Tq,) sequence of every query token
     q_key_token: torch.Tensor  # (Tq,) global key-token index of every query's position
     block_offset: torch.Tensor  # (N,) global id of every sequence's first block
     block_start: torch.Tensor  # (G,) first key token of every block
     block_len: torch.Tensor  # (G,) tokens of every block
     block_size: int
+    max_blocks: int  # most blocks of one sequence (host)
 
 
-class _Selection(NamedTuple):
-    """The selection grouped by (global block, KV head) pair ("gather" view)."""
+def kernel_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> KernelLayout:
+    """The geometry of ``block_size`` key blocks (the effective size, already clamped) from the
+    host boundaries: per-block values computed on the host (O(blocks)) and sent in one copy
+    (pinned, non-blocking on CUDA: no host sync); per-token values computed on device."""
+    n_seq = len(cu_q) - 1
+    lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True)]
+    lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
+    for n, (a, b) in enumerate(zip(lq, lk, strict=True)):
+        if a > b:
+            raise ValueError(f"sequence {n} has more queries ({a}) than keys ({b})")
+    n_blocks = [-(-length // block_size) for length in lk]
+    offsets = [0, *itertools.accumulate(n_blocks)]
+    starts, lens = [], []
+    for k0, length, nb in zip(cu_k[:-1], lk, n_blocks, strict=True):
+        starts += range(k0, k0 + nb * block_size, block_size)
+        lens += [min(block_size, length - j * block_size) for j in range(nb)]
+    host = torch.tensor(list(cu_q) + list(cu_k) + offsets[:n_seq] + starts + lens, dtype=torch.int32)
+    device = torch.device(device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    flat = host.to(device, non_blocking=True)
+    cu_q_t, cu_k_t, block_offset, block_start, block_len = flat.split([n_seq + 1, n_seq + 1, n_seq, len(starts), len(starts)])
+    tq = cu_q[-1]
+    tok = torch.arange(tq, device=device)
+    q_seq = torch.searchsorted(cu_q_t[1:].long(), tok, right=True)
+    shift = (cu_k_t[1:] - cu_k_t[:-1]) - (cu_q_t[1:] - cu_q_t[:-1])  # queries end-aligned to their keys
+    q_key_token = (cu_k_t[q_seq] + (tok - cu_q_t[q_seq]) + shift[q_seq]).to(torch.int32)
+    return KernelLayout(list(cu_q), list(cu_k), cu_q_t, cu_k_t, q_seq.to(torch.int32), q_key_token, block_offset,
+                        block_start, block_len, block_size, max(n_blocks, default=0))
 
-    rows: torch.Tensor  # (nnz,) int32 row = token * Hq + head, grouped by pair, stable order
-    row_ptr: torch.Tensor  # (P + 1,) int32, P = G * Hkv
-    slot_pos: torch.Tensor  # (Tq * Hq, n_slots) int64 position in ``rows`` of every slot, -1 = padding
+
+#: The gather path's super-tile (queries of one sequence per program) is the smallest power of
+#: two in this range that leaves at most ``GATHER_PROGRAMS`` programs (about 8 waves of 132
+#: SMs): larger tiles put more rows in every (tile, block) segment, i.e. fuller BLOCK_M chunks
+#: on uncorrelated selections; more programs balance the SMs.
+GATHER_TILE_RANGE = (64, 16384)
+GATHER_PROGRAMS = 1024
 
 
-def _selection(sorted_indices: torch.Tensor, lay: KernelLayout, n_heads_kv: int) -> _Selection:
-    tq, hq, n_slots = sorted_indices.shape
-    n_pairs = lay.block_start.numel() * n_heads_kv
+def gather_tile(total_q: int, n_heads_kv: int) -> int:
+    """Queries per gather super-tile for ``total_q`` packed queries and ``n_heads_kv`` KV heads."""
+    tile, largest = GATHER_TILE_RANGE
+    while tile < largest and -(-total_q // tile) * n_heads_kv > GATHER_PROGRAMS:
+        tile *= 2
+    return tile
+
+
+class Selection(NamedTuple):
+    """The selection in the layouts the kernels read, built once in the forward on device
+    (``build_selection``, int32, no host sync) and saved for the backward as one flat tensor.
+
+    E = Tq * Hq * n_slots (every slot, padding included), P = G * Hkv (key block, KV head) pairs,
+    S = segment bound (0 without the gather path), n_st super-tiles, n_prog = n_st * Hkv.
+    """
+
+    rows: torch.Tensor  # (E,) row = token * Hq + head, grouped by pair, ascending inside a pair; padding last
+    row_ptr: torch.Tensor  # (P + 1,) rows of pair p: rows[row_ptr[p]:row_ptr[p + 1]]
+    seg_start: torch.Tensor  # (S,) segment = the rows of one super-tile and pair, a range of ``rows``
+    seg_end: torch.Tensor  # (S,)
+    seg_pair: torch.Tensor  # (S,)
+    prog_ptr: torch.Tensor  # (n_prog + 1,) segments of program (super-tile, KV head), ascending block
+    st_start: torch.Tensor  # (n_st,) first token of every super-tile
+    st_end: torch.Tensor  # (n_st,) end token of every super-tile
+    choice: torch.Tensor  # (1,) 0 = union, 1 = gather (the forward's decomposition)
+
+
+def selection_sizes(tq, hq: int, n_heads_kv: int, n_slots, lay_or_blocks, cu_q: list[int], with_segments: bool):
+    """Sizes of the ``Selection`` fields, in field order (SymInt-safe in tq / n_slots: the custom
+    op's fake uses it). ``lay_or_blocks``: (total blocks G, most blocks of one sequence)."""
+    n_blocks, max_blocks = lay_or_blocks
+    n_rows = tq * hq * n_slots
+    tile = gather_tile(cu_q[-1], n_heads_kv)
+    n_st = n_query_tiles(cu_q, tile) if with_segments else 0
+    n_seg = torch.sym_min(n_rows, n_st * n_heads_kv * max_blocks) if with_segments else 0
+    n_prog = n_st * n_heads_kv
+    return [n_rows, n_blocks * n_heads_kv + 1, n_seg, n_seg, n_seg, n_prog + 1 if with_segments else 0, n_st, n_st, 1]
+
+
+def unpack_selection(flat: torch.Tensor, sizes) -> Selection:
+    return Selection(*flat.split(list(sizes)))
+
+
+def build_selection(sorted_indices: torch.Tensor, lay: KernelLayout, n_heads_kv: int, with_segments: bool) -> torch.Tensor:
+    """The flat int32 ``Selection`` of ``sorted_indices`` (Tq, Hq, n_slots): torch ops only, no
+    host sync (no nonzero / unique / item; padding sorts last; counts by searchsorted; the sizes
+    are static bounds from the host boundaries). ``choice`` is left 1 (gather)."""
+    tq, hq, w = sorted_indices.shape
+    dev = sorted_indices.device
+    sizes = selection_sizes(tq, hq, n_heads_kv, w, (lay.block_start.numel(), lay.max_blocks), lay.cu_q, with_segments)
+    n_pairs = sizes[1] - 1
+    out = torch.empty(sum(sizes), dtype=torch.int32, device=dev)
+    sel = unpack_selection(out, sizes)
+    sel.choice.fill_(1)
+    n = tq * hq * w
     flat = sorted_indices.reshape(-1)
-    valid = (flat != BIG_INDEX).nonzero().squeeze(1)  # positions (token * Hq + head) * n_slots + slot
-    row = valid // n_slots
-    token = row // hq
-    head = row % hq
-    block = lay.block_offset[lay.q_seq[token]] + flat[valid].long()
-    pair = block * n_heads_kv + head // (hq // n_heads_kv)
-    order = torch.argsort(pair, stable=True)
-    rows = row[order].to(torch.int32).contiguous()
-    counts = torch.bincount(pair, minlength=n_pairs)
-    row_ptr = torch.zeros(n_pairs + 1, dtype=torch.int32, device=flat.device)
-    row_ptr[1:] = torch.cumsum(counts, 0).to(torch.int32)
-    slot_pos = torch.full((flat.numel(),), -1, dtype=torch.int64, device=flat.device)
-    slot_pos[valid[order]] = torch.arange(valid.numel(), device=flat.device)
-    return _Selection(rows, row_ptr, slot_pos.view(tq * hq, n_slots))
+    e = torch.arange(n, device=dev)
+    row = e // w
+    tok = row // hq
+    valid = flat != BIG_INDEX
+    block = lay.block_offset.long()[lay.q_seq.long()[tok]] + torch.where(valid, flat, 0).long()
+    pair = torch.where(valid, block * n_heads_kv + (row % hq) // (hq // n_heads_kv), n_pairs)
+    pair_sorted, order = torch.sort(pair, stable=True)  # rows ascending inside a pair
+    rows = row[order]
+    sel.rows.copy_(rows)
+    sel.row_ptr.copy_(torch.searchsorted(pair_sorted, torch.arange(n_pairs + 1, device=dev)))
+    if not with_segments:
+        return out
+    tile = gather_tile(lay.cu_q[-1], n_heads_kv)
+    n_st = sizes[6]
+    n_prog = n_st * n_heads_kv
+    _, st_start, st_end, st_first = _tiles(lay.cu_q_t, tile, n_st)
+    sel.st_start.copy_(st_start)
+    sel.st_end.copy_(st_end)
+    # super-tile of every entry (rows ascending inside a pair, so each (pair, super-tile) is a run)
+    tok_s = rows // hq
+    seq_s = lay.q_seq.long()[tok_s]
+    st = st_first[seq_s] + (tok_s - lay.cu_q_t.long()[seq_s]) // tile
+    key = pair_sorted * max(n_st, 1) + st
+    n_valid = sel.row_ptr[-1:].long()  # (1,) on device
+    is_start = (e < n_valid) & torch.cat([torch.ones(1, dtype=torch.bool, device=dev), key[1:] != key[:-1]])
+    marker = torch.where(is_start, e, n)
+    nxt = torch.cat([marker[1:], marker.new_full((1,), n)]).flip(0).cummin(0).values.flip(0)
+    seg_end = torch.minimum(nxt, n_valid)  # next run's start, or the last valid entry's end
+    prog = st * n_heads_kv + pair_sorted % n_heads_kv
+    skey, _ = torch.sort(torch.where(is_start, prog * n + e, n_prog * n))  # program-major, ascending block
+    skey = skey[: sizes[2]]
+    pos = skey % max(n, 1)
+    sel.seg_start.copy_(pos)
+    sel.seg_end.copy_(seg_end[pos])
+    sel.seg_pair.copy_(pair_sorted[pos])
+    sel.prog_ptr.copy_(torch.searchsorted(skey // max(n, 1), torch.arange(n_prog + 1, device=dev)))
+    return out
 
 
-def selection_rows(sorted_indices: torch.Tensor, lay: KernelLayout, n_heads_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every (global block, KV head) pair, the rows ``token * Hq + head`` that selected it:
-    (rows int32 (nnz,), row_ptr int32 (G * Hkv + 1,)), ascending rows inside a pair."""
-    sel = _selection(sorted_indices, lay, n_heads_kv)
-    return sel.rows, sel.row_ptr
+#: "auto" takes the union path unless it computes more than this many times the gather path's
+#: MMA rows. bench/perf_model.py (modelled, not measured) puts the break-even of the two
+#: paths' fwd+bwd time at 1.1-1.3x (union factor 1 / 2 / 4, 32K-512K, block 512/top-3 and
+#: 128/top-8): the gather path pays a gathered q and one fp32 row state read and written per
+#: (row, slot), the union path wasted MMA rows.
+UNION_MARGIN = 1.25
 
 
-def _chunks(sel: _Selection, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunks of ``block_m`` rows of one pair: (chunk_pair, chunk_start) int32, start = position in rows."""
-    counts = (sel.row_ptr[1:] - sel.row_ptr[:-1]).long()
-    n_chunks = (counts + block_m - 1) // block_m
-    pair = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), n_chunks)
-    first = torch.cumsum(n_chunks, 0) - n_chunks
-    local = torch.arange(pair.numel(), device=counts.device) - first[pair]
-    start = sel.row_ptr[:-1].long()[pair] + local * block_m
-    return pair.to(torch.int32), start.to(torch.int32)
-
-
-def choose_decomposition(sorted_indices: torch.Tensor, lay: KernelLayout, sel: _Selection, head_dim: int) -> str:
+def choose_decomposition(sorted_indices: torch.Tensor, lay: KernelLayout, sel: Selection, head_dim: int) -> str:
     """"union" or "gather" for the forward and dq, from the MMA rows each would compute.
 
     union: every (query tile, head) computes BLOCK_M rows for every block of its union;
-    gather: every (block, KV head) pair computes its selecting rows, rounded up to BLOCK_M.
-    The gather path also writes and merges n_slots partial results per row, hence the
-    margin. (An untuned heuristic: no GPU measured it.)
+    gather: every segment (super-tile, block, KV head) computes its rows rounded up to BLOCK_M.
+    One host sync (the comparison); explicit decompositions have none.
     """
-    tq, hq, n_slots = sorted_indices.shape
+    tq, hq, w = sorted_indices.shape
     bm_union = FWD_CONFIGS[head_dim][0]
     bm_gather = FWD_GATHER_CONFIGS[head_dim][0]
-    cu = lay.cu_q_t.long()
-    index_in_seq = torch.arange(tq, device=cu.device) - cu[lay.q_seq]
-    tiles_per_seq = (cu[1:] - cu[:-1] + bm_union - 1) // bm_union
-    tile = (torch.cumsum(tiles_per_seq, 0) - tiles_per_seq)[lay.q_seq] + index_in_seq // bm_union  # (Tq,)
-    n_blocks = max(1, lay.block_start.numel())
-    local = sorted_indices.long()  # (Tq, Hq, n_slots)
-    key = (tile[:, None, None] * hq + torch.arange(hq, device=cu.device)[None, :, None]) * (n_blocks + 1)
-    key = key + torch.where(local == BIG_INDEX, n_blocks, local)
-    union_blocks = torch.unique(key[local != BIG_INDEX]).numel()
-    counts = (sel.row_ptr[1:] - sel.row_ptr[:-1]).long()
-    gather_rows = int(((counts + bm_gather - 1) // bm_gather).sum()) * bm_gather
-    return "union" if union_blocks * bm_union <= 1.5 * gather_rows else "gather"
+    _, _, _, first = _tiles(lay.cu_q_t, bm_union, 0)
+    tok = torch.arange(tq, device=sorted_indices.device)
+    seq = lay.q_seq.long()
+    tile = first[seq] + (tok - lay.cu_q_t.long()[seq]) // bm_union  # (Tq,)
+    local = sorted_indices.long()
+    key = (tile[:, None, None] * hq + torch.arange(hq, device=tok.device)[None, :, None]) * (lay.max_blocks + 1) + local
+    key = torch.where(local == BIG_INDEX, -1, key).reshape(-1).sort().values
+    union_blocks = ((key[1:] != key[:-1]) & (key[1:] >= 0)).sum() + (key[:1] >= 0).sum()
+    seg_rows = (sel.seg_end - sel.seg_start).long()
+    n_seg = sel.prog_ptr[-1:].long()
+    live = torch.arange(seg_rows.numel(), device=tok.device) < n_seg
+    gather_rows = torch.where(live, (seg_rows + bm_gather - 1) // bm_gather, 0).sum() * bm_gather
+    return "union" if bool(union_blocks * bm_union <= UNION_MARGIN * gather_rows) else "gather"
 
 
-def _resolve(decomposition: str, sorted_indices, lay, sel, head_dim) -> str:
-    if decomposition == "auto":
-        return choose_decomposition(sorted_indices, lay, sel, head_dim)
-    if decomposition not in ("union", "gather"):
+def _resolve(decomposition: str) -> str:
+    if decomposition not in ("auto", "union", "gather"):
         raise ValueError(f"decomposition must be 'auto', 'union' or 'gather', got {decomposition!r}")
     return decomposition
 
@@ -608,24 +854,31 @@ def attention_forward(
     causal: bool,
     scale: float,
     decomposition: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoBA forward. q (Tq, Hq, D), k/v (Tk, Hkv, D) with unit last stride; sorted_indices
     (Tq, Hq, n_slots) int32 from ``sort_block_indices``. ``decomposition``: "union" (per query
-    tile), "gather" (per key block, then a merge) or "auto" (``choose_decomposition``).
-    Returns out (Tq, Hq, D) in q.dtype and lse (Tq, Hq) float32."""
+    tile), "gather" (per super-tile and key block) or "auto" (``choose_decomposition``).
+    Returns out (Tq, Hq, D) in q.dtype, lse (Tq, Hq) float32 and the flat int32 selection
+    (``build_selection``, choice filled in) that ``attention_backward`` reuses."""
     _check_inputs(q, k, v, sorted_indices.shape[-1])
+    decomposition = _resolve(decomposition)
     tq, hq, d = q.shape
     hkv = k.shape[1]
+    n_slots = sorted_indices.shape[-1]
     out = torch.empty_like(q)
     lse = torch.empty((tq, hq), dtype=torch.float32, device=q.device)
+    flat = build_selection(sorted_indices, lay, hkv, decomposition != "union")
+    sel = unpack_selection(flat, selection_sizes(tq, hq, hkv, n_slots, (lay.block_start.numel(), lay.max_blocks),
+                                                 lay.cu_q, decomposition != "union"))
     if tq == 0:
-        return out, lse
+        return out, lse, flat
     head_dim = padded_head_dim(d)
-    n_slots = sorted_indices.shape[-1]
-    sel = _selection(sorted_indices, lay, hkv) if decomposition != "union" else None
-    if _resolve(decomposition, sorted_indices, lay, sel, head_dim) == "union":
+    if decomposition == "auto":
+        decomposition = choose_decomposition(sorted_indices, lay, sel, head_dim)
+    if decomposition == "union":
+        sel.choice.fill_(0)
         block_m, block_n, warps, stages = FWD_CONFIGS[head_dim]
-        tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device)
+        tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device, lay.cu_q_t)
         _fwd_kernel[(tile_seq.numel() * hq,)](
             q, k, v, out, lse, sorted_indices,
             tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t,
@@ -635,37 +888,23 @@ def attention_forward(
             BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
             num_warps=warps, num_stages=stages,
         )
-        return out, lse
+        return out, lse, flat
 
     block_m, block_n, warps, stages = FWD_GATHER_CONFIGS[head_dim]
-    chunk_pair, chunk_start = _chunks(sel, block_m)
-    nnz = sel.rows.numel()
-    part_o = torch.empty((nnz, d), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((nnz,), dtype=torch.float32, device=q.device)
-    if chunk_pair.numel():
-        _fwd_gather_kernel[(chunk_pair.numel(),)](
-            q, k, v, part_o, part_lse,
-            sel.rows, chunk_pair, chunk_start, sel.row_ptr,
-            lay.block_start.to(torch.int32), lay.block_len.to(torch.int32), lay.q_key_token.to(torch.int32),
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            scale, hq, hkv, int(causal), d,
-            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages,
-        )
-    # Merge the n_slots partial results of every row (log-sum-exp weights), deterministic.
-    present = sel.slot_pos >= 0  # (Tq * Hq, n_slots)
-    pos = sel.slot_pos.clamp(min=0)
-    slot_lse = torch.where(present, part_lse[pos], float("-inf"))  # (Tq * Hq, n_slots)
-    row_lse = torch.logsumexp(slot_lse, dim=-1)  # (Tq * Hq,)
-    weight = torch.where(present, torch.exp(slot_lse - row_lse[:, None]), 0.0)  # (Tq * Hq, n_slots)
-    merged = torch.zeros((tq * hq, d), dtype=torch.float32, device=q.device)
-    for s in range(n_slots):
-        # where(), not weight 0 times the partial: a padding slot reads rows[0]'s partial, which
-        # belongs to another row (often another sequence) and may be NaN; 0 * NaN is NaN.
-        merged += torch.where(present[:, s, None], weight[:, s, None] * part_o[pos[:, s]], 0.0)
-    out.copy_(merged.view(tq, hq, d))
-    lse.copy_(row_lse.view(tq, hq))
-    return out, lse
+    # One float32 running state per row (not per slot): the output sum (Tq * Hq, D) and the
+    # softmax sum (Tq * Hq,); the running max lives in ``lse`` until the kernel's last loop.
+    acc = torch.empty((tq * hq, d), dtype=torch.float32, device=q.device)
+    l_sum = torch.empty((tq * hq,), dtype=torch.float32, device=q.device)
+    _fwd_gather_kernel[(sel.st_start.numel() * hkv,)](
+        q, k, v, out, lse, acc, l_sum,
+        sel.rows, sel.seg_start, sel.seg_end, sel.seg_pair, sel.prog_ptr, sel.st_start, sel.st_end,
+        lay.block_start, lay.block_len, lay.q_key_token,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        scale, hq, hkv, int(causal), d,
+        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=warps, num_stages=stages,
+    )
+    return out, lse, flat
 
 
 def attention_backward(
@@ -676,14 +915,17 @@ def attention_backward(
     out: torch.Tensor,
     lse: torch.Tensor,
     sorted_indices: torch.Tensor,
+    selection: torch.Tensor,
     lay: KernelLayout,
     causal: bool,
     scale: float,
     decomposition: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MoBA backward from the saved float32 lse. Returns dq, dk, dv in the dtypes of q, k, v.
-    dq uses ``decomposition`` as the forward does; dk/dv always gather per key tile."""
+    """MoBA backward from the saved float32 lse and the forward's flat ``selection``. Returns
+    dq, dk, dv in the dtypes of q, k, v. dq takes the forward's decomposition (for "auto" read
+    back from ``selection``: one host sync); dk/dv always gather per key tile."""
     _check_inputs(q, k, v, sorted_indices.shape[-1])
+    decomposition = _resolve(decomposition)
     dout = dout.contiguous()
     tq, hq, d = q.shape
     hkv = k.shape[1]
@@ -697,14 +939,17 @@ def attention_backward(
     n_slots = sorted_indices.shape[-1]
     delta = (dout.float() * out.float()).sum(-1).contiguous()  # (Tq, Hq) rowsum(dO * O)
     lse = lse.contiguous()
-    sel = _selection(sorted_indices, lay, hkv)
-    block_start = lay.block_start.to(torch.int32)
-    block_len = lay.block_len.to(torch.int32)
-    q_key_token = lay.q_key_token.to(torch.int32)
+    sel = unpack_selection(selection, selection_sizes(tq, hq, hkv, n_slots, (n_blocks, lay.max_blocks), lay.cu_q,
+                                                      decomposition != "union"))
+    block_start = lay.block_start
+    block_len = lay.block_len
+    q_key_token = lay.q_key_token
+    if decomposition == "auto":
+        decomposition = "union" if int(sel.choice.item()) == 0 else "gather"
 
-    if _resolve(decomposition, sorted_indices, lay, sel, head_dim) == "union":
+    if decomposition == "union":
         block_m, block_n, warps, stages = DQ_CONFIGS[head_dim]
-        tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device)
+        tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device, lay.cu_q_t)
         _bwd_dq_kernel[(tile_seq.numel() * hq,)](
             q, k, v, dout, lse, delta, dq, sorted_indices,
             tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t,
@@ -716,26 +961,17 @@ def attention_backward(
         )
     else:
         block_m, block_n, warps, stages = DQ_GATHER_CONFIGS[head_dim]
-        chunk_pair, chunk_start = _chunks(sel, block_m)
-        part_dq = torch.empty((sel.rows.numel(), d), dtype=torch.float32, device=q.device)
-        if chunk_pair.numel():
-            _bwd_dq_gather_kernel[(chunk_pair.numel(),)](
-                q, k, v, dout, lse, delta, part_dq,
-                sel.rows, chunk_pair, chunk_start, sel.row_ptr, block_start, block_len, q_key_token,
-                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-                dout.stride(0), dout.stride(1),
-                scale, hq, hkv, int(causal), d,
-                HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                num_warps=warps, num_stages=stages,
-            )
-        # Sum the per-slot contributions of every row in slot order: deterministic, no atomics.
-        present = sel.slot_pos >= 0
-        pos = sel.slot_pos.clamp(min=0)
-        total = torch.zeros((tq * hq, d), dtype=torch.float32, device=q.device)
-        for s in range(n_slots):
-            # where(), not a product with the mask: see the forward merge (0 * NaN is NaN).
-            total += torch.where(present[:, s, None], part_dq[pos[:, s]], 0.0)
-        dq.copy_(total.view(tq, hq, d))
+        dq_acc = torch.empty((tq * hq, d), dtype=torch.float32, device=q.device)  # one fp32 dq sum per row
+        _bwd_dq_gather_kernel[(sel.st_start.numel() * hkv,)](
+            q, k, v, dout, lse, delta, dq, dq_acc,
+            sel.rows, sel.seg_start, sel.seg_end, sel.seg_pair, sel.prog_ptr, sel.st_start, sel.st_end,
+            block_start, block_len, q_key_token,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
+            scale, hq, hkv, int(causal), d,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            num_warps=warps, num_stages=stages,
+        )
 
     block_m, block_n, warps, stages = DKDV_CONFIGS[head_dim]
     n_key_tiles = triton.cdiv(lay.block_size, block_n)
@@ -789,25 +1025,28 @@ def kernel_configs(dtype: str):
         types += ["fp32", "i32", "i32", "i32", "i32", "i32"]
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"dkdv_d{head_dim}", _bwd_dkdv_kernel, dict(zip(names, types, strict=True)), const, warps, stages
-    common = ["ROWS", "CHUNK_PAIR", "CHUNK_START", "ROW_PTR", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
+    common = ["ROWS", "SEG_START", "SEG_END", "SEG_PAIR", "PROG_PTR", "ST_START", "ST_END", "BLOCK_START", "BLOCK_LEN",
+              "Q_KEY_TOKEN"]
     for head_dim, (bm, bn, warps, stages) in FWD_GATHER_CONFIGS.items():
-        names = ["Q", "K", "V", "PART_O", "PART_LSE"] + common
-        names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh"]
+        names = ["Q", "K", "V", "O", "LSE", "ACC", "L_SUM"] + common
+        names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh"]
         names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
-        types = [ptr, ptr, ptr, "*fp32", "*fp32"] + ["*i32"] * 7 + ["i64"] * 6 + ["fp32"] + ["i32"] * 4
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", "*fp32"] + ["*i32"] * 10 + ["i64"] * 8 + ["fp32"] + ["i32"] * 4
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"fwd_gather_d{head_dim}", _fwd_gather_kernel, dict(zip(names, types, strict=True)), const, warps, stages
     for head_dim, (bm, bn, warps, stages) in DQ_GATHER_CONFIGS.items():
-        names = ["Q", "K", "V", "DO", "LSE", "DELTA", "PART_DQ"] + common
-        names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh"]
+        names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DQ_ACC"] + common
+        names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh",
+                  "stride_dqt", "stride_dqh"]
         names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
-        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", "*fp32"] + ["*i32"] * 7 + ["i64"] * 8 + ["fp32"] + ["i32"] * 4
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*fp32"] + ["*i32"] * 10 + ["i64"] * 10 + ["fp32"] + ["i32"] * 4
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
         yield f"dq_gather_d{head_dim}", _bwd_dq_gather_kernel, dict(zip(names, types, strict=True)), const, warps, stages
 
 
 __all__ = [
     "BIG_INDEX", "DKDV_CONFIGS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS", "FWD_GATHER_CONFIGS",
-    "KernelLayout", "attention_backward", "attention_forward", "choose_decomposition", "kernel_configs",
-    "padded_head_dim", "query_tiles", "selection_rows", "sort_block_indices",
+    "KernelLayout", "Selection", "attention_backward", "attention_forward", "build_selection", "choose_decomposition",
+    "gather_tile", "kernel_configs", "kernel_layout", "padded_head_dim", "query_tiles", "selection_sizes",
+    "sort_block_indices", "unpack_selection",
 ]

@@ -41,8 +41,8 @@
   test it on CPU.
 
   Limits: the selection tile is SORT_WIDTH = next_power_of_2(top_k) wide; above
-  ``MAX_SORT_WIDTH`` (32, i.e. top_k <= 32) the launcher (``moba.triton_backend._select``) falls back to the
-  torch gate (``moba.gate.select_packed``). When ``top_k - 1`` covers every candidate the
+  ``MAX_SORT_WIDTH`` (32, i.e. top_k <= 32) the launcher (``moba.ops.triton_impl._select``) falls back to the
+  torch gate (``moba.ops.gate.select_packed``). When ``top_k - 1`` covers every candidate the
   launcher skips the kernel and writes the dense selection directly; ``top_k = 1`` writes the
   own block.
 """
@@ -238,8 +238,8 @@ def gate_select(
     causal: bool,
 ) -> torch.Tensor:
     """MoBA gate for packed q (Tq, Hq, D), k (Tk, Hkv, D) with the layout tensors of
-    ``moba._layout.BlockLayout``. Returns (Tq, Hq, min(top_k, nb_max)) int32 local block
-    indices, ascending, -1-padded (the semantics of ``moba.gate.select_from_means``)."""
+    ``moba._core.layout.BlockLayout``. Returns (Tq, Hq, min(top_k, nb_max)) int32 local block
+    indices, ascending, -1-padded (the semantics of ``moba.ops.gate.select_from_means``)."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     nb_max = int(seq_n_blocks.max()) if seq_n_blocks.numel() else 0

@@ -22,7 +22,7 @@ otherwise (as for flash-attention).
 What the attention function does (query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)):
 
 * hybrid: layers in ``full_attention_layers`` (``module.layer_idx``; negative indices count
-  from ``config.num_hidden_layers``) run dense attention through ``moba.full``
+  from ``config.num_hidden_layers``) run dense attention through ``moba.ops.full``
   (flash-attn or SDPA; ``moba.last_full_attn_implementation()`` says which);
 * prefill (``Lq == Lk``): ``moba.moba_attn_varlen_func`` over the real tokens (padding removed,
   sequences packed; packed sequences in one row, detected from ``position_ids`` restarts as
@@ -58,14 +58,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .._checks import check_positive_int
-from .._layout import build_layout
-from ..backends import resolve_backend
+from .._core.layout import build_layout
 from ..config import MoBAConfig, resolve_config
-from ..decode import BlockMeanState, moba_decode
-from ..full import full_attn_with_kvcache
-from ..gate import select_packed
-from ..ops import moba_attn_func, moba_attn_varlen_func
+from ..decode.kv_cache import BlockMeanState, moba_decode
+from ..nn import hybrid
+from ..ops.api import moba_attn_func, moba_attn_varlen_func
+from ..ops.full import full_attn_with_kvcache
+from ..ops.gate import select_packed
+from ..ops.registry import resolve_backend
 
 #: The transformers releases the test suite runs on (``make test`` pins the newest one in
 #: constraints.txt; ``make test-oldest`` / ``make test-latest`` run the ends of the range).
@@ -90,10 +90,23 @@ _STATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 @dataclass(frozen=True)
 class MoBASettings:
-    block_size: int
-    top_k: int
+    """What one ``register_moba`` call registered: the ``MoBAConfig`` (the canonical settings,
+    ``moba.config``) plus the integration's own ``full_attention_layers``."""
+
+    config: MoBAConfig
     full_attention_layers: tuple[int, ...]
-    backend: str
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def top_k(self) -> int:
+        return self.config.top_k
+
+    @property
+    def backend(self) -> str:
+        return self.config.backend
 
 
 # -- the cache of the current forward --------------------------------------------------------
@@ -293,13 +306,7 @@ def _is_full_layer(module, settings: MoBASettings) -> bool:
         if any(i < 0 for i in settings.full_attention_layers):
             raise ValueError("negative full_attention_layers need config.num_hidden_layers")
         return layer in settings.full_attention_layers
-    bad = [i for i in settings.full_attention_layers if not -n_layers <= i < n_layers]
-    if bad:
-        raise ValueError(
-            f"full_attention_layers {bad} out of range for a model with {n_layers} layers "
-            f"(expected indices in [{-n_layers}, {n_layers - 1}])"
-        )
-    return layer in {i % n_layers for i in settings.full_attention_layers}
+    return layer in hybrid.full_layers(n_layers, settings.full_attention_layers, what="full_attention_layers")
 
 
 # -- the paths ------------------------------------------------------------------------------
@@ -402,8 +409,7 @@ def _decode(module, cache, q, k, v, valid, scale, settings: MoBASettings):
     if starts is None or settings.backend == "reference":
         return _decode_from_scratch(q, k, v, valid, scale, settings)
     state = _state_for(module, cache, settings.block_size) or BlockMeanState(settings.block_size)
-    backend = {"torch": "torch", "triton": "triton"}.get(settings.backend, "auto")
-    return moba_decode(q, k, v, state, settings.block_size, settings.top_k, scale, starts, backend)
+    return moba_decode(q, k, v, state, settings.block_size, settings.top_k, scale, starts, settings.backend)
 
 
 def make_attention_function(settings: MoBASettings):
@@ -546,8 +552,7 @@ def register_moba(
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):
             raise TypeError(f"full_attention_layers must hold ints, got {i!r}")
-    settings = MoBASettings(check_positive_int("block_size", block_size), check_positive_int("top_k", top_k),
-                            layers, backend)
+    settings = MoBASettings(cfg, layers)
     AttentionInterface.register(name, make_attention_function(settings))
     AttentionMaskInterface.register(name, padding_mask_function)
     return name

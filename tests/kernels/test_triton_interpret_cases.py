@@ -1,0 +1,750 @@
+"""Triton kernels on CPU in the Triton interpreter, against the dense reference.
+
+Runs only with TRITON_INTERPRET=1 set before Triton is imported: ``test_triton_interpret.py``
+starts it in such a subprocess (see there why); in any other session it skips itself.
+
+Tolerance rule (docs/design.md): truth = float64 reference; the kernel's max error must be at
+most 2x (outputs) / 3x (gradients) the error of the same reference run in the test's
+precision, plus a tiny absolute floor. The same block indices are fed to both sides.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if os.environ.get("TRITON_INTERPRET", "0") != "1":
+    pytest.skip("needs TRITON_INTERPRET=1 at import; run through test_triton_interpret.py", allow_module_level=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers (used in the subprocess)
+
+# Absolute floors added to the tolerance (the rule's "tiny absolute floor").
+_FLOOR = {torch.float16: 1e-4, torch.float32: 1e-6}
+
+
+def _make(cu_q, cu_k, hq, hkv, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(cu_q[-1], hq, d, generator=gen).to(dtype)
+    k = torch.randn(cu_k[-1], hkv, d, generator=gen).to(dtype)
+    v = torch.randn(cu_k[-1], hkv, d, generator=gen).to(dtype)
+    return q, k, v
+
+
+def _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype):
+    from moba.ops.naive import reference_attention_packed
+
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = reference_attention_packed(*leaves, layout, idx, causal, scale)
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, decomposition, seed=0, idx=None):
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    q, k, v = _make(cu_q, cu_k, hq, hkv, d, dtype, seed)
+    layout = build_layout(cu_q, cu_k, block_size, "cpu")
+    if idx is None:
+        idx = select_packed(q, k, layout, top_k, causal)
+    scale = d**-0.5
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
+
+    truth = _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, torch.float64)
+    low = _reference_with_grads(q, k, v, dout, layout, idx, causal, scale, dtype)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = triton_attention_packed(*leaves, cu_q, cu_k, block_size, idx, causal, scale, decomposition)
+    out.backward(dout)
+    got = [out.detach()] + [t.grad for t in leaves]
+
+    names = ["out", "dq", "dk", "dv"]
+    for i, (name, g, lo, tr) in enumerate(zip(names, got, low, truth, strict=True)):
+        assert g.dtype == dtype and g.shape == tr.shape, name
+        err = (g.double() - tr).abs().max().item() if g.numel() else 0.0
+        ref_err = (lo.double() - tr).abs().max().item() if g.numel() else 0.0
+        factor = 2.0 if i == 0 else 3.0
+        assert err <= factor * ref_err + _FLOOR[dtype], f"{name}: kernel error {err:.3g} > {factor} x reference error {ref_err:.3g}"
+    return out, lse, idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention forward + backward
+
+ATTENTION_CASES = [
+    # cu_q = cu_k, hq, hkv, d, block_size, top_k, causal, dtype
+    pytest.param([0, 128, 256], 4, 2, 32, 16, 3, True, torch.float16, id="fixed-gqa-causal-fp16"),
+    pytest.param([0, 128, 256], 4, 2, 32, 16, 3, False, torch.float16, id="fixed-gqa-noncausal-fp16"),
+    pytest.param([0, 37, 37, 150, 200], 2, 1, 64, 24, 3, True, torch.float16, id="varlen-empty-mqa-bs24-fp16"),
+    pytest.param([0, 37, 37, 150, 200], 2, 1, 16, 24, 2, False, torch.float32, id="varlen-empty-noncausal-fp32"),
+    pytest.param([0, 100, 190], 4, 2, 32, 20, 1, True, torch.float16, id="topk1-causal-fp16"),
+    pytest.param([0, 100, 190], 2, 2, 32, 20, 1, False, torch.float32, id="topk1-noncausal-fp32"),
+    pytest.param([0, 90, 170], 2, 1, 32, 13, 100, True, torch.float16, id="dense-causal-bs13-fp16"),
+    pytest.param([0, 90, 170], 2, 1, 32, 13, 100, False, torch.float32, id="dense-noncausal-fp32"),
+    pytest.param([0, 77, 160], 3, 3, 48, 7, 4, True, torch.float32, id="hd48-bs7-fp32"),
+    pytest.param([0, 40, 70], 2, 2, 16, 1, 3, True, torch.float32, id="bs1-fp32"),
+    pytest.param([0, 50, 130], 2, 1, 32, 200, 3, True, torch.float16, id="one-block-longer-than-seq-fp16"),
+    pytest.param([0, 130], 2, 2, 96, 32, 2, True, torch.float16, id="hd96-fp16"),
+]
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+@pytest.mark.parametrize("cu,hq,hkv,d,block_size,top_k,causal,dtype", ATTENTION_CASES)
+def test_attention_matches_reference(cu, hq, hkv, d, block_size, top_k, causal, dtype, decomposition):
+    _check_attention(cu, cu, hq, hkv, d, block_size, top_k, causal, dtype, decomposition)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_fewer_queries_than_keys(causal, decomposition):
+    """cu_q != cu_k (decoding-style: queries aligned to the end of their key sequence)."""
+    cu_k = [0, 70, 70, 150]
+    cu_q = [0, 5, 5, 6]
+    _check_attention(cu_q, cu_k, 4, 2, 32, 16, 3, causal, torch.float16, decomposition)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_lse_matches_torch_path(decomposition):
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.torch_impl import sparse_attention_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 60, 150]
+    q, k, v = _make(cu, cu, 2, 1, 32, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    _, lse = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.3, decomposition)
+    _, lse_ref = sparse_attention_packed(q.double(), k.double(), v.double(), layout, idx.long(), True, 0.3)
+    assert lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), lse_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_unsorted_indices_give_same_result(decomposition):
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 120]
+    q, k, v = _make(cu, cu, 2, 2, 32, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    shuffled = idx.flip(-1)  # PAD first, descending
+    a, _ = triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.2, decomposition)
+    b, _ = triton_attention_packed(q, k, v, cu, cu, 16, shuffled, True, 0.2, decomposition)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_backward_is_deterministic(decomposition):
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 100, 180]
+    q, k, v = _make(cu, cu, 4, 2, 32, torch.float16)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    grads = []
+    for _ in range(2):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2, decomposition)
+        out.float().square().sum().backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Gate
+
+
+GATE_CASES = [
+    # cu_q, cu_k, hq, hkv, d, block_size, top_k, dtype
+    pytest.param([0, 100, 100, 177], [0, 100, 100, 177], 4, 2, 32, 24, 3, torch.float16, id="varlen-gqa"),
+    pytest.param([0, 150], [0, 150], 4, 1, 16, 10, 5, torch.float32, id="mqa-top5"),
+    pytest.param([0, 150], [0, 150], 2, 2, 64, 7, 100, torch.float16, id="dense-shortcut"),
+    pytest.param([0, 90, 200], [0, 90, 200], 2, 1, 48, 16, 2, torch.float32, id="hd48"),
+    pytest.param([0, 130], [0, 130], 2, 2, 32, 16, 1, torch.float16, id="top1"),
+    pytest.param([0, 3, 3, 5], [0, 70, 70, 150], 4, 2, 32, 16, 3, torch.float16, id="decode"),
+    pytest.param([0, 200], [0, 200], 2, 2, 16, 5, 12, torch.float32, id="top12-bs5"),
+    # one-pass gate (issue 14, item 1): ragged tails, chunked prefill, wide selections, D = 128
+    pytest.param([0, 37, 37, 100, 101, 230], [0, 37, 37, 100, 101, 230], 8, 2, 16, 8, 3, torch.float16,
+                 id="ragged-varlen-gqa4"),
+    pytest.param([0, 20, 90], [0, 70, 220], 4, 2, 32, 6, 4, torch.float32, id="chunked-prefill"),
+    pytest.param([0, 150], [0, 150], 2, 1, 16, 2, 16, torch.float32, id="top16-bs2"),
+    pytest.param([0, 150], [0, 150], 2, 1, 16, 2, 32, torch.float16, id="top32-bs2"),
+    pytest.param([0, 150], [0, 150], 2, 1, 16, 3, 9, torch.float16, id="top9-bs3"),
+    pytest.param([0, 48], [0, 48], 2, 2, 16, 8, 5, torch.float32, id="top-k-nblocks-minus-1"),
+    pytest.param([0, 48], [0, 48], 2, 2, 16, 8, 6, torch.float32, id="top-k-nblocks"),
+    pytest.param([0, 140], [0, 140], 2, 1, 128, 4, 8, torch.float16, id="hd128-top8"),
+    pytest.param([0, 100], [0, 100], 2, 2, 64, 3, 3, torch.float32, id="hd64-many-chunks"),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("cu_q,cu_k,hq,hkv,d,block_size,top_k,dtype", GATE_CASES)
+def test_gate_matches_torch_gate(cu_q, cu_k, hq, hkv, d, block_size, top_k, dtype, causal):
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_gate
+
+    q, k, _ = _make(cu_q, cu_k, hq, hkv, d, dtype, seed=3)
+    layout = build_layout(cu_q, cu_k, block_size, "cpu")
+    expected = select_packed(q, k, layout, top_k, causal)
+    got = triton_gate(q, k, cu_q, cu_k, block_size, top_k, causal)
+    assert got.dtype == torch.int32 and got.shape == expected.shape
+    assert torch.equal(got, expected)
+
+
+def _gate_by_rule(scores, own, cands, n_pick):
+    """Own block + the n_pick best candidates by (score descending, block ascending), sorted."""
+    best = sorted(cands, key=lambda j: (-scores[j], j))[:n_pick]
+    return sorted(best + [own])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gate_ties_go_to_the_lower_block(causal, dtype):
+    """Exact ties (integer data: float32 and tf32x3 scores are exact) pick the lower block
+    index, in the kernel's one pass as in the brute-force rule; a later chunk never displaces an
+    equal earlier pick. 80 blocks of 2 tokens cross several BLOCK_B chunks."""
+    from moba.ops.triton_impl import triton_gate
+
+    bs, n_blocks, top_k = 2, 80, 4
+    s = bs * n_blocks
+    q = torch.zeros(s, 2, 16)
+    q[:, 0, 0] = 1.0
+    q[:, 1, 1] = 1.0
+    # block means along dims 0 and 1: few distinct values, so most scores tie
+    level = torch.tensor([(j * 7) % 3 for j in range(n_blocks)], dtype=torch.float32)
+    k = torch.zeros(s, 1, 16)
+    k[:, 0, 0] = level.repeat_interleave(bs)
+    k[:, 0, 1] = torch.tensor([j % 2 for j in range(n_blocks)], dtype=torch.float32).repeat_interleave(bs)
+    got = triton_gate(q.to(dtype), k.to(dtype), [0, s], [0, s], bs, top_k, causal)
+    means = k.reshape(n_blocks, bs, 16).mean(1)  # (n_blocks, 16)
+    for t in range(0, s, 3):
+        own = t // bs
+        cands = list(range(own)) if causal else [j for j in range(n_blocks) if j != own]
+        for h in range(2):
+            scores = [float(means[j, h]) for j in range(n_blocks)]
+            row = _gate_by_rule(scores, own, cands, top_k - 1)
+            row += [-1] * (top_k - len(row))
+            assert got[t, h].tolist() == row, (t, h)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gate_scores_keep_float32_bits_beyond_tf32(dtype):
+    """Block means 1 + 2**-12 and 1 differ below TF32's 11 bits: a single TF32 product ties
+    them (and would pick the lower block); the float32 score picks the higher mean."""
+    from moba.ops.triton_impl import triton_gate
+
+    bs = 4
+    k = torch.ones(3 * bs, 1, 16)
+    k[bs + 3, 0, 0] = 1 + 2**-10  # block 1: mean 1 + 2**-12 along dim 0; block 0: mean 1
+    q = torch.zeros(3 * bs, 1, 16)
+    q[:, 0, 0] = 1.0
+    got = triton_gate(q.to(dtype), k.to(dtype), [0, 3 * bs], [0, 3 * bs], bs, 2, True)
+    assert got[-1, 0].tolist() == [1, 2]
+
+
+def test_gate_huge_block_size_and_top_k_are_clamped():
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_gate
+
+    q, k, _ = _make([0, 40], [0, 40], 2, 1, 16, torch.float32, seed=9)
+    for bs, top_k in ((2**40, 3), (4, 2**40), (2**31, 2**31)):
+        expected = select_packed(q, k, build_layout([0, 40], [0, 40], bs, "cpu"), min(top_k, 64), True)
+        assert torch.equal(triton_gate(q, k, [0, 40], [0, 40], bs, top_k, True), expected)
+
+
+def test_gate_wider_than_the_register_selection_falls_back_to_torch():
+    """top_k = 33 (sort width 64 > MAX_SORT_WIDTH = 32): the op refuses, the backend's select
+    uses the torch gate."""
+    from moba.triton_kernels.gate import MAX_SORT_WIDTH
+
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.registry import resolve_backend
+    from moba.ops.triton_impl import triton_gate
+
+    assert MAX_SORT_WIDTH == 32
+    q, k, _ = _make([0, 150], [0, 150], 2, 1, 16, torch.float32, seed=10)
+    with pytest.raises(NotImplementedError, match="top_k=33"):
+        triton_gate(q, k, [0, 150], [0, 150], 2, 33, True)
+    layout = build_layout([0, 150], [0, 150], 2, "cpu")
+    got = resolve_backend("triton", torch.device("cpu")).select(q, k, layout, 33, True)
+    assert torch.equal(got, select_packed(q, k, layout, 33, True))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gate_nan_stays_in_its_row_and_sequence(causal):
+    """A NaN query row still gets a valid selection (distinct blocks, own block included); a NaN
+    key changes its own sequence's selection only."""
+    from moba.ops.triton_impl import triton_gate
+
+    cu = [0, 70, 150]
+    q, k, _ = _make(cu, cu, 2, 1, 16, torch.float32, seed=11)
+    clean = triton_gate(q, k, cu, cu, 4, 4, causal)
+    q2, k2 = q.clone(), k.clone()
+    q2[60, 0, 3] = float("nan")
+    k2[5, 0, 0] = float("nan")
+    dirty = triton_gate(q2, k2, cu, cu, 4, 4, causal)
+    assert torch.equal(dirty[70:], clean[70:])
+    row = dirty[60, 0].tolist()
+    valid = [j for j in row if j != -1]
+    assert len(set(valid)) == len(valid) == 4 and 60 // 4 in valid and valid == sorted(valid)
+    assert (dirty[:70] < 18).all() and (dirty[:70] >= -1).all()
+
+
+def test_public_api_backend_triton():
+    import moba
+
+    assert moba.available_backends("cpu")["triton"] is None
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 96, 4, 32, generator=gen).half()
+    k = torch.randn(2, 96, 2, 32, generator=gen).half()
+    v = torch.randn(2, 96, 2, 32, generator=gen).half()
+    idx = moba.select_blocks(q, k, 16, 3)
+    out = moba.moba_attn_func(q, k, v, 16, 3, backend="triton")  # triton gate + kernels
+    ref = moba.moba_attn_func(q.float(), k.float(), v.float(), 16, 3, backend="reference", block_indices=idx)
+    torch.testing.assert_close(out.float(), ref, atol=3e-3, rtol=0)
+    cu = torch.tensor([0, 50, 192], dtype=torch.int32)
+    flat = [t.reshape(192, *t.shape[2:]) for t in (q, k, v)]
+    out_v = moba.moba_attn_varlen_func(*flat, cu, 142, 16, 3, backend="triton")
+    ref_v = moba.moba_attn_varlen_func(*flat, cu, 142, 16, 3, backend="torch")
+    torch.testing.assert_close(out_v.float(), ref_v.float(), atol=3e-3, rtol=0)
+
+
+def test_float64_is_rejected_clearly():
+    import moba
+
+    q = torch.randn(1, 32, 2, 16, dtype=torch.float64)
+    with pytest.raises(NotImplementedError, match="float16, bfloat16 and float32"):
+        moba.moba_attn_func(q, q, q, 8, 2, backend="triton")
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library / torch.compile
+
+
+def test_opcheck_custom_ops():
+    from moba.triton_kernels.attention import sort_block_indices
+
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_bwd, triton_attention_fwd, triton_gate
+
+    cu = [0, 40, 72]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = sort_block_indices(select_packed(q, k, layout, 2, True))
+    args = (cu, cu, 16, True, 0.25, "gather")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    # every opcheck test: schema, fake tensors, autograd registration, aot_dispatch_dynamic
+    torch.library.opcheck(triton_attention_fwd, (*leaves, idx, *args))
+    out, lse, selection = triton_attention_fwd(q, k, v, idx, *args)
+    torch.library.opcheck(triton_attention_bwd, (torch.randn_like(out), q, k, v, out, lse, idx, selection, *args))
+    torch.library.opcheck(triton_gate, (q, k, cu, cu, 16, 2, True))
+
+
+def test_torch_compile_traces_the_custom_ops():
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 48, 96]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32)
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 2, True)
+
+    def f(q, k, v):
+        return triton_attention_packed(q, k, v, cu, cu, 16, idx, True, 0.25)[0].square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (f, compiled):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_strided_views_match_contiguous_inputs(decomposition):
+    """q, k, v as views of a fused qkv projection (token and head strides not packed)."""
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed, triton_gate
+
+    cu = [0, 70, 110]
+    qkv = torch.randn(110, 3, 2, 32, generator=torch.Generator().manual_seed(9)).half()
+    q, k, v = qkv.unbind(1)  # (T, H, D) views, token stride 3 * H * D
+    layout = build_layout(cu, cu, 16, "cpu")
+    idx = select_packed(q, k, layout, 3, True)
+    assert torch.equal(triton_gate(q, k, cu, cu, 16, 3, True), idx)
+    grads = []
+    for inputs in ((q, k, v), (q.contiguous(), k.contiguous(), v.contiguous())):
+        leaves = [t.detach().clone() if t.is_contiguous() else t.detach() for t in inputs]
+        leaves = [t.requires_grad_() for t in leaves]
+        out, _ = triton_attention_packed(*leaves, cu, cu, 16, idx, True, 0.2, decomposition)
+        out.float().sum().backward()
+        grads.append([out.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_no_tokens(decomposition):
+    from moba.ops.triton_impl import triton_attention_packed, triton_gate
+
+    q = torch.zeros(0, 2, 16, requires_grad=True)
+    k = torch.zeros(0, 1, 16, requires_grad=True)
+    v = torch.zeros(0, 1, 16, requires_grad=True)
+    idx = triton_gate(q, k, [0, 0], [0, 0], 8, 3, True)
+    assert idx.shape == (0, 2, 1) and idx.dtype == torch.int32
+    out, lse = triton_attention_packed(q, k, v, [0, 0], [0, 0], 8, idx, True, 0.25, decomposition)
+    assert out.shape == (0, 2, 16) and lse.shape == (0, 2)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_auto_decomposition_follows_the_work():
+    """Shared selections -> per-query-tile union; scattered selections -> per-block gather."""
+    from moba.triton_kernels.attention import (
+        build_selection,
+        choose_decomposition,
+        selection_sizes,
+        sort_block_indices,
+        unpack_selection,
+    )
+
+    from moba.ops.triton_impl import _kernel_layout
+
+    s, bs, hq = 1024, 64, 2
+    lay = _kernel_layout([0, s], [0, s], bs, "cpu")
+    own = (torch.arange(s) // bs)[:, None].expand(s, hq)
+    none = torch.full_like(own, -1)
+    shared = torch.stack([own, torch.where(own > 0, 0, none)], -1)  # own block + block 0
+    past = (torch.rand(s, hq, generator=torch.Generator().manual_seed(0)) * own).long()
+    scattered = torch.stack([own, torch.where(own > 0, past, none)], -1)  # own + a random past block
+    for idx, expected in ((shared, "union"), (scattered, "gather")):
+        si = sort_block_indices(idx)
+        sizes = selection_sizes(s, hq, 1, 2, (lay.block_start.numel(), lay.max_blocks), lay.cu_q, True)
+        sel = unpack_selection(build_selection(si, lay, 1, True), sizes)
+        assert choose_decomposition(si, lay, sel, 16) == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN isolation (issue 13): a non-finite value in one sequence never reaches another. The
+# checks are the ones of tests/ops/test_nan_isolation.py (in tests/_helpers.py), run here on the Triton kernels.
+
+
+@pytest.fixture(params=["union", "gather"])
+def forced_decomposition(request, monkeypatch):
+    """Make "auto" pick one decomposition, so the public API runs both paths."""
+    from moba.triton_kernels import attention as _attn
+
+    monkeypatch.setattr(_attn, "choose_decomposition", lambda *args, **kwargs: request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_nan_in_one_batch_row_stays_there(decomposition, poison):
+    """Issue 13 item 2: B=2, S=16, NaN at q[0, 0, 0, 0]. The gather merge weighted padding
+    slots (pointing at another row's partial) by 0; 0 * NaN put NaN into out[1]."""
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 16, 32]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32, seed=3)
+    idx = select_packed(q, k, build_layout(cu, cu, 4, "cpu"), 2, True)  # 1 or 2 slots per row
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(4))
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][0, 0, 0] = poison
+        leaves = [t.requires_grad_() for t in leaves]
+        out, lse = triton_attention_packed(*leaves, cu, cu, 4, idx, True, 0.25, decomposition)
+        out.backward(dout)
+        results.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, clean, got in zip(["out", "lse", "dq", "dk", "dv"], *results, strict=True):
+        assert torch.isfinite(got[16:]).all(), f"{decomposition}: non-finite {name} in row 1"
+        assert torch.equal(got[16:], clean[16:]), f"{decomposition}: {name} of row 1 changed"
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_isolation_fixed_batch(forced_decomposition, where):
+    from tests._helpers import check_fixed_batch
+
+    check_fixed_batch("triton", where=where, token=0, s=13, block_size=4, top_k=2)
+
+
+def test_nan_isolation_varlen(forced_decomposition):
+    from tests._helpers import check_varlen
+
+    check_varlen("triton", poisoned=0)
+    check_varlen("triton", poison="inf", poisoned=2)
+
+
+def test_nan_isolation_decode_left_padding():
+    from tests._helpers import check_decode_padding
+
+    check_decode_padding("triton")
+    check_decode_padding("triton", dtype=torch.float16, poison="inf")
+
+
+def test_large_negative_score_stays_finite(forced_decomposition):
+    from tests._helpers import check_large_negative_self_score
+
+    check_large_negative_self_score("triton")
+
+
+def test_float16_large_inputs_stay_finite(forced_decomposition):
+    from tests._helpers import check_float16_large_inputs
+
+    check_float16_large_inputs("triton")
+
+
+def test_huge_block_size_and_top_k():
+    """Issue 13 item 4: any block size is legal and costs what block_size = seqlen costs
+    (the kernels get int32 block sizes and launch cdiv(block_size, BLOCK_N) key tiles); any
+    top_k >= the block count is dense (the gate op takes an int64 top_k)."""
+    import moba
+    from moba.decode import BlockMeanState
+
+    q, k, v = _make([0, 32], [0, 32], 2, 1, 16, torch.float32, seed=6)
+    q, k, v = (t.reshape(2, 16, *t.shape[1:]) for t in (q, k, v))
+    dense = moba.moba_attn_func(q, k, v, 16, 1, backend="triton")
+    for big in (2**31, 2**62, 2**70):
+        torch.testing.assert_close(moba.moba_attn_func(q, k, v, big, 3, backend="triton"), dense, rtol=0, atol=0)
+        torch.testing.assert_close(moba.moba_attn_func(q, k, v, 4, big, backend="triton"),
+                                   moba.moba_attn_func(q, k, v, 4, 4, backend="triton"), rtol=0, atol=0)
+        out = moba.moba_decode(q[:, -2:], k, v, BlockMeanState(big), big, 3, backend="triton")
+        torch.testing.assert_close(out, dense[:, -2:], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_nan_isolation_fewer_queries_than_keys(decomposition):
+    """Chunked prefill / decoding layout (cu_q != cu_k): non-finite q, k, v in sequence 0
+    leave sequences 1 and 2 bit for bit as they are, forward and backward."""
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu_q, cu_k = [0, 3, 6, 8], [0, 13, 30, 37]
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = torch.randn(8, 2, 16, generator=gen), torch.randn(37, 1, 16, generator=gen), torch.randn(37, 1, 16, generator=gen)
+    idx = select_packed(q, k, build_layout(cu_q, cu_k, 4, "cpu"), 3, True)
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][0], leaves[1][0], leaves[2][5] = float("nan"), float("nan"), float("inf")
+        leaves = [t.requires_grad_() for t in leaves]
+        out, _ = triton_attention_packed(*leaves, cu_q, cu_k, 4, idx, True, 0.25, decomposition)
+        out.sum().backward()
+        results.append([out.detach(), leaves[0].grad, leaves[1].grad, leaves[2].grad])
+    for name, first, clean, got in zip(["out", "dq", "dk", "dv"], [3, 3, 13, 13], *results, strict=True):
+        assert torch.equal(got[first:], clean[first:]), f"{decomposition}: {name} of sequences 1, 2 changed"
+
+
+# ----------------------------------------------------------------------------------------------
+# Gather path without per-slot partials, selection built once on device (issue 14, items 2, 4)
+
+
+def _random_selection(cu_q, cu_k, hq, block_size, top_k, causal, seed):
+    """Uncorrelated selections: every (token, head) picks its own block (causal) and random
+    distinct other candidate blocks, in random slot order, -1 padded: what a gate on random
+    inputs does, and the union path's worst case."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in range(len(cu_q) - 1):
+        lq, lk = cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
+        nb = -(-lk // block_size)
+        for t in range(lq):
+            own = (lk - lq + t) // block_size
+            for _ in range(hq):
+                cands = list(range(own)) if causal else [b for b in range(nb) if b != own]
+                picks = [cands[i] for i in torch.randperm(len(cands), generator=gen)[: top_k - 1].tolist()]
+                slots = [own, *picks] + [-1] * (top_k - 1 - len(picks))
+                rows.append([slots[i] for i in torch.randperm(top_k, generator=gen).tolist()])
+    return torch.tensor(rows, dtype=torch.int64).reshape(cu_q[-1], hq, top_k)
+
+
+@pytest.fixture(params=[(16, 16), (128, 128)], ids=["tile16", "tile128"])
+def gather_tile(request, monkeypatch):
+    """Small super-tiles (many programs, a row's blocks spread over several programs' segments)
+    and large ones (segments longer than BLOCK_M rows: several chunks per segment)."""
+    from moba.triton_kernels import attention as _attn
+
+    monkeypatch.setattr(_attn, "GATHER_TILE_RANGE", request.param)
+    return request.param
+
+
+RANDOM_CASES = [
+    # cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype
+    pytest.param([0, 150, 150, 263], [0, 150, 150, 263], 4, 2, 32, 8, 3, True, torch.float16, id="ragged-gqa-causal-fp16"),
+    pytest.param([0, 150, 263], [0, 150, 263], 4, 1, 16, 8, 4, False, torch.float32, id="mqa-noncausal-fp32"),
+    pytest.param([0, 37, 200], [0, 37, 200], 2, 2, 32, 16, 1, True, torch.float32, id="top1-fp32"),
+    pytest.param([0, 70, 140], [0, 70, 140], 2, 1, 32, 16, 9, True, torch.float16, id="topk-ge-nblocks-fp16"),
+    pytest.param([0, 20, 45], [0, 130, 290], 4, 2, 32, 16, 3, True, torch.float16, id="fewer-queries-than-keys"),
+]
+
+
+@pytest.mark.parametrize("cu_q,cu_k,hq,hkv,d,block_size,top_k,causal,dtype", RANDOM_CASES)
+def test_gather_uncorrelated_selections_match_reference(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype,
+                                                        gather_tile):
+    idx = _random_selection(cu_q, cu_k, hq, block_size, top_k, causal, seed=5)
+    _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, "gather", idx=idx)
+    if gather_tile == (16, 16):  # the union path does not depend on the super-tile
+        _check_attention(cu_q, cu_k, hq, hkv, d, block_size, top_k, causal, dtype, "union", idx=idx)
+
+
+def test_gather_agrees_with_union(gather_tile):
+    """Both decompositions on the same uncorrelated selection agree to float32 rounding."""
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 100, 260]
+    q, k, v = _make(cu, cu, 4, 2, 32, torch.float32, seed=11)
+    idx = _random_selection(cu, cu, 4, 8, 4, True, seed=12)
+    res = []
+    for dec in ("union", "gather"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.2, dec)
+        out.square().sum().backward()
+        res.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], *res, strict=True):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5, msg=name)
+
+
+def test_selection_layout_by_hand(monkeypatch):
+    """build_selection against a Python construction: rows per (block, KV head) ascending, and
+    every program's segments (ascending blocks) cover each selected (row, block) exactly once."""
+    from moba.triton_kernels import attention as _attn
+
+    from moba.ops.triton_impl import _kernel_layout
+
+    monkeypatch.setattr(_attn, "GATHER_TILE_RANGE", (16, 16))
+    cu, hq, hkv, bs, w = [0, 40, 40, 90], 4, 2, 8, 3
+    lay = _kernel_layout(cu, cu, bs, "cpu")
+    idx = _attn.sort_block_indices(_random_selection(cu, cu, hq, bs, w, True, seed=1))
+    flat = _attn.build_selection(idx, lay, hkv, True)
+    sizes = _attn.selection_sizes(cu[-1], hq, hkv, w, (lay.block_start.numel(), lay.max_blocks), cu, True)
+    assert flat.dtype == torch.int32 and flat.numel() == sum(sizes)
+    sel = _attn.unpack_selection(flat, sizes)
+    group, offsets = hq // hkv, lay.block_offset.tolist()
+    seq_of = lay.q_seq.tolist()
+    want = {}
+    for t in range(cu[-1]):
+        for h in range(hq):
+            for b in idx[t, h].tolist():
+                if b != _attn.BIG_INDEX:
+                    want.setdefault((offsets[seq_of[t]] + b) * hkv + h // group, []).append(t * hq + h)
+    row_ptr, rows = sel.row_ptr.tolist(), sel.rows.tolist()
+    for pair in range(len(row_ptr) - 1):
+        assert rows[row_ptr[pair]:row_ptr[pair + 1]] == want.get(pair, []), pair
+    # segments: tile 16 -> super-tiles [0,16) [16,32) [32,40) [40,56) [56,72) [72,88) [88,90)
+    assert sel.st_start.tolist() == [0, 16, 32, 40, 56, 72, 88] and sel.st_end.tolist() == [16, 32, 40, 56, 72, 88, 90]
+    seen = []
+    prog_ptr = sel.prog_ptr.tolist()
+    for prog in range(len(prog_ptr) - 1):
+        st, kvh = divmod(prog, hkv)
+        blocks = []
+        for s in range(prog_ptr[prog], prog_ptr[prog + 1]):
+            pair, a, b = sel.seg_pair[s].item(), sel.seg_start[s].item(), sel.seg_end[s].item()
+            assert pair % hkv == kvh and a < b
+            blocks.append(pair // hkv)
+            for r in rows[a:b]:
+                assert sel.st_start[st] <= r // hq < sel.st_end[st] and (r % hq) // group == kvh
+                seen.append((pair, r))
+        assert blocks == sorted(set(blocks)), "one segment per block, ascending"
+    assert sorted(seen) == sorted((p, r) for p, rs in want.items() for r in rs)
+
+
+def test_launch_path_has_no_host_sync(monkeypatch):
+    """Forward and backward with an explicit decomposition never read a device value on the
+    host: every .item() / .tolist() / bool() / nonzero / unique in the launch path raises."""
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 70, 150]
+    q, k, v = _make(cu, cu, 4, 2, 16, torch.float32, seed=2)
+    idx = select_packed(q, k, build_layout(cu, cu, 8, "cpu"), 3, True)
+
+    def boom(*args, **kwargs):
+        raise AssertionError("host sync in the launch path")
+
+    for dec in ("union", "gather"):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with monkeypatch.context() as m:
+            for name in ("item", "tolist", "__bool__", "nonzero", "unique"):
+                m.setattr(torch.Tensor, name, boom)
+            m.setattr(torch, "nonzero", boom)
+            m.setattr(torch, "unique", boom)
+            out, _ = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.25, dec)
+            out.sum().backward()
+        assert torch.isfinite(leaves[0].grad).all()
+
+
+@pytest.mark.parametrize("decomposition", ["union", "gather", "auto"])
+def test_torch_compile_fullgraph_each_decomposition(decomposition):
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import triton_attention_packed
+
+    cu = [0, 48, 96]
+    q, k, v = _make(cu, cu, 4, 2, 16, torch.float32)
+    idx = select_packed(q, k, build_layout(cu, cu, 8, "cpu"), 3, True)
+
+    def f(q, k, v):
+        out, lse = triton_attention_packed(q, k, v, cu, cu, 8, idx, True, 0.25, decomposition)
+        return out.square().sum() + lse.sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    grads = []
+    for fn in (f, compiled):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        fn(*leaves).backward()
+        grads.append([t.grad for t in leaves])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_gather_nan_in_one_sequence_stays_there(poison, monkeypatch):
+    """Non-finite q, k, v in sequence 0 leave sequence 1 bit for bit as it is (16-token
+    super-tiles: sequence 0 ends inside a 16-token stretch; tiles never cross sequences)."""
+    from moba.triton_kernels import attention as _attn
+
+    from moba.ops.triton_impl import triton_attention_packed
+
+    monkeypatch.setattr(_attn, "GATHER_TILE_RANGE", (16, 16))
+
+    cu = [0, 37, 120]
+    q, k, v = _make(cu, cu, 4, 2, 16, torch.float32, seed=7)
+    idx = _random_selection(cu, cu, 4, 8, 3, True, seed=8)
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(9))
+    results = []
+    for poisoned in (False, True):
+        leaves = [t.clone() for t in (q, k, v)]
+        if poisoned:
+            leaves[0][3, 1, 0], leaves[1][0, 0, 2], leaves[2][36, 1, 5] = poison, poison, poison
+        leaves = [t.requires_grad_() for t in leaves]
+        out, lse = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.25, "gather")
+        out.backward(dout)
+        results.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, clean, got in zip(["out", "lse", "dq", "dk", "dv"], *results, strict=True):
+        assert torch.equal(got[37:], clean[37:]), f"{name} of sequence 1 changed"

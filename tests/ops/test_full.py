@@ -1,0 +1,76 @@
+"""Full-attention fallback: equals SDPA, reports what ran, override and errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import moba
+import moba.ops.full as full
+
+
+def _dense(q, k, v, causal=True, scale=None):
+    """Plain SDPA reference in (B, S, H, D) layout, GQA by repeating K/V."""
+    g = q.shape[2] // k.shape[2]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.repeat_interleave(g, 2).transpose(1, 2), v.repeat_interleave(g, 2).transpose(1, 2),
+        is_causal=causal, scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+@pytest.fixture
+def qkv():
+    torch.manual_seed(0)
+    return torch.randn(2, 17, 4, 8), torch.randn(2, 17, 2, 8), torch.randn(2, 17, 2, 8)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_full_attn_func_equals_sdpa_and_reports(qkv, monkeypatch, causal):
+    monkeypatch.setattr(full, "_last_implementation", None)
+    assert moba.last_full_attn_implementation() is None
+    q, k, v = qkv
+    out = moba.full_attn_func(q, k, v, causal=causal, softmax_scale=0.3)
+    torch.testing.assert_close(out, _dense(q, k, v, causal, 0.3))
+    assert moba.last_full_attn_implementation() == "sdpa"
+    assert moba.full_attn_implementation(q) == "sdpa"  # CPU: flash-attn never applies
+
+
+def test_full_attn_varlen_equals_per_sequence(qkv):
+    q, k, v = (x.reshape(34, *x.shape[2:]) for x in qkv)
+    cu = torch.tensor([0, 5, 5, 34], dtype=torch.int32)
+    out = moba.full_attn_varlen_func(q, k, v, cu, 29, implementation="sdpa")
+    for a, b in [(0, 5), (5, 34)]:
+        ref = _dense(q[None, a:b], k[None, a:b], v[None, a:b])[0]
+        torch.testing.assert_close(out[a:b], ref)
+    assert moba.last_full_attn_implementation() == "sdpa"
+
+
+def test_implementation_override_and_errors(qkv):
+    q, k, v = qkv
+    torch.testing.assert_close(moba.full_attn_func(q, k, v, implementation="sdpa"), _dense(q, k, v))
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        moba.full_attn_func(q, k, v, implementation="flash")
+    with pytest.raises(ValueError, match="implementation must be one of"):
+        moba.full_attn_implementation(q, "xformers")
+    # flash-attn needs the package and CUDA fp16/bf16 tensors: a clear error instead of a silent fallback
+    with pytest.raises(RuntimeError, match="flash-attn package and CUDA"):
+        moba.full_attn_func(q, k, v, implementation="flash_attn")
+
+
+def test_full_with_kvcache_queries_at_the_end_and_padding(qkv):
+    q, k, v = qkv
+    ref = _dense(q, k, v)
+    out = full.full_attn_with_kvcache(q[:, -3:], k, v)  # 3 newest queries over the whole cache
+    torch.testing.assert_close(out, ref[:, -3:])
+    assert moba.last_full_attn_implementation() == "sdpa"
+    # left padding: row 1 has 5 pad tokens; its real outputs equal the unpadded run, pads give 0
+    mask = torch.ones(2, 17, dtype=torch.bool)
+    mask[1, :5] = False
+    out = full.full_attn_with_kvcache(q, k, v, key_padding_mask=mask)
+    torch.testing.assert_close(out[0], ref[0])
+    torch.testing.assert_close(out[1, 5:], _dense(q[1:, 5:], k[1:, 5:], v[1:, 5:])[0])
+    assert (out[1, :5] == 0).all()
+    with pytest.raises(ValueError, match="Lq <= Lk"):
+        full.full_attn_with_kvcache(q, k[:, :3], v[:, :3])
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        full.full_attn_with_kvcache(q[:, -1:], k, v, key_padding_mask=mask, implementation="flash_attn")
