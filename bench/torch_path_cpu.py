@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -252,7 +253,9 @@ def main() -> None:
                    "--threads", str(args.threads)]
             return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT).stdout)
 
+        load_before = os.getloadavg()
         t = child("timing", str(seqlen))
+        t["load_average_1_5_15min"] = {"before": load_before, "after_timing": os.getloadavg()}
         mem = {provider: child(provider, str(seqlen)) for provider in ("sdpa-dense", "moba-torch")}
         limit = t["dense_pairs"] / t["moba_pairs"]
         t.update(pair_limit=limit, share_of_limit=t["speedup"] / limit, memory=mem,

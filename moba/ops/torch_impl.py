@@ -24,7 +24,9 @@ lengths only (``gated_path``):
     dense attention under the selection mask with the CPU flash-attention kernels, one query
     chunk at a time over its causal key prefix (at context 256 the tile path's bookkeeping
     costs more than the pairs it skips);
-  * "tile": the decomposition above.
+  * "tile": the decomposition above; on CPU, from block size 64 and 1024 key tokens on, computed
+    by the CPU flash-attention kernels instead ("flash formulation", below: the same pairs and
+    the same masking contract; bench/torch_path_cpu.py measures it).
 
 torch.compile: the gate (``moba::torch_gate``) and attention (``moba::torch_attention_fwd`` /
 ``_bwd``, autograd registered) are ``torch.library.custom_op``s whose boundaries are host int
@@ -341,6 +343,184 @@ def _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale):
     return dq.reshape(q.shape).to(q.dtype), dk, dv
 
 # ----------------------------------------------------------------------------------------------
+# Flash formulation of the tile path (CPU): the same pairs, computed by the CPU flash-attention
+# kernels, which return the log-sum-exp and take it back in the backward.
+#   * own blocks (causal): one batched causal call, the sequence cut into (n_blocks, block_size)
+#     (each sequence's full blocks are one contiguous run; a tail block is its own call);
+#   * every other selected key block: one non-causal call over the query rows that chose it,
+#     grouped per (key block, KV head) with the query heads of that KV head stacked as rows
+#     (K/V are read in place, never repeated), at most ``_FLASH_ROWS`` rows per call;
+#   * partials are merged by log-sum-exp into the output (the merge weights exp(lse_i - lse)
+#     are within ~|lse| * eps of exact, far inside the float32 tolerance).
+# Backward: each call's backward, given the FINAL output and log-sum-exp, returns that call's
+# exact dQ / dK / dV contributions (P = exp(S - lse), delta = rowsum(dO * O)), so no partial
+# output is saved. Used on CPU for self-attention layouts (causal) or any layout (non-causal)
+# when every query row selects its own block in causal mode (the gate always does); other
+# cases (chunked prefill / decoding, user indices without the own block, CUDA) run the tiles
+# above. A group only ever holds rows of the key block's own sequence, so a NaN in one
+# sequence cannot reach another.
+
+_FLASH_ROWS = 8192  # query rows per non-own call (bounds the gathered temporaries)
+# Used from these sizes on, where it is the faster formulation. Below them the tiles are as fast,
+# and more accurate: the CPU flash kernels' float32 gradients sit near the contract's 3x bound
+# (docs/design.md section 1) and, on some tiny inputs, above it (dense SDPA itself, on the
+# 40-token mqa-bs12-kall-noncausal case of tests/test_torch_path.py: 1.15x of the bound).
+_FLASH_MIN_BLOCK = 64
+_FLASH_MIN_KEYS = 1024
+_FLASH_OWN_BLOCKS = 8  # own blocks per call when the result is copied (not a view of the output)
+_flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _flash_applicable(q: torch.Tensor, static: _StaticLayout, block_indices: torch.Tensor, causal: bool) -> bool:
+    layout = static.layout
+    if q.device.type != "cpu" or layout.block_size < _FLASH_MIN_BLOCK or layout.cu_k[-1] < _FLASH_MIN_KEYS:
+        return False
+    if not causal:
+        return True
+    if layout.cu_q != layout.cu_k:
+        return False
+    own = (layout.q_pos // layout.block_size).to(block_indices.dtype)  # (Tq,) local own block
+    return bool((block_indices == own[:, None, None]).any(dim=-1).all())
+
+
+def _own_runs(static: _StaticLayout) -> list[tuple[int, int, int]]:
+    """(first token, blocks, block length) of the own-block calls: consecutive sequences' full
+    blocks form one run while no tail block interrupts them; each tail block is its own run."""
+    layout, bs = static.layout, static.layout.block_size
+    runs: list[list[int]] = []
+    for a, b in zip(layout.cu_k[:-1], layout.cu_k[1:], strict=True):
+        full, tail = (b - a) // bs, (b - a) % bs
+        if full:
+            if runs and runs[-1][2] == bs and runs[-1][0] + runs[-1][1] * bs == a:
+                runs[-1][1] += full
+            else:
+                runs.append([a, full, bs])
+        if tail:
+            runs.append([a + full * bs, 1, tail])
+    return [tuple(r) for r in runs]
+
+
+def _own_chunks(static: _StaticLayout, total: int):
+    """Own-block calls (token range start, blocks, block length); one call when a single run
+    covers every token (its result is then a view of the output, no copy)."""
+    for start, n, length in _own_runs(static):
+        if start == 0 and n * length == total:
+            yield start, n, length
+            continue
+        for b in range(0, n, _FLASH_OWN_BLOCKS):
+            yield start + b * length, min(_FLASH_OWN_BLOCKS, n - b), length
+
+
+def _blocked(x: torch.Tensor, start: int, n: int, length: int) -> torch.Tensor:
+    """Tokens start : start + n * length of x (T, H, D) as (n, H, length, D) (a view)."""
+    return x[start : start + n * length].view(n, length, *x.shape[1:]).transpose(1, 2)
+
+
+def _other_groups(static: _StaticLayout, block_indices: torch.Tensor, hq: int, hkv: int, causal: bool):
+    """Yield (rows, first key token, key length, KV head): the flat (token * Hq + head) query rows
+    that selected a key block other than their own, per (key block, KV head), in chunks."""
+    layout = static.layout
+    idx = block_indices.long()
+    keep = idx != PAD_INDEX
+    if causal:
+        keep &= idx != (layout.q_pos // layout.block_size)[:, None, None]
+    token, head, slot = keep.nonzero(as_tuple=True)
+    if token.numel() == 0:
+        return
+    block = layout.block_offset[layout.q_seq[token]] + idx[token, head, slot]
+    group = block * hkv + head // (hq // hkv)
+    del slot, keep, idx
+    group, order = torch.sort(group, stable=True)
+    rows = (token * hq + head)[order]
+    del token, head, order
+    groups, counts = torch.unique_consecutive(group, return_counts=True)
+    del group
+    starts, lengths = static.layout.block_start.tolist(), static.layout.block_len.tolist()
+    first = 0
+    for g, c in zip(groups.tolist(), counts.tolist(), strict=True):
+        blk, kv_head = divmod(g, hkv)
+        for a in range(first, first + c, _FLASH_ROWS):
+            yield rows[a : min(a + _FLASH_ROWS, first + c)], starts[blk], lengths[blk], kv_head
+        first += c
+
+
+def _flash_inputs(q, k, v):
+    dtype = _compute_dtype(q.dtype)  # fp16 / bf16 run in float32, as the tiles do
+    return dtype, q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _flash_forward(q, k, v, static, block_indices, causal, scale):
+    dtype, qc, kc, vc = _flash_inputs(q, k, v)
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    out = lse = None
+    if causal:
+        for start, n, length in _own_chunks(static, t):
+            o, l = _flash_fwd(*(_blocked(x, start, n, length) for x in (qc, kc, vc)), 0.0, True, scale=scale)
+            o, l = o.transpose(1, 2).reshape(n * length, hq, d), l.transpose(1, 2).reshape(n * length, hq)
+            if n * length == t:  # views of the kernel's (n, length, Hq) results: no copy
+                out, lse = o, l
+                continue
+            if out is None:
+                out, lse = qc.new_empty(t, hq, d), qc.new_empty(t, hq)
+            out[start : start + n * length], lse[start : start + n * length] = o, l
+    else:
+        out, lse = qc.new_zeros(t, hq, d), qc.new_full((t, hq), float("-inf"))
+    # Merge as flash attention does: out holds sum_i w_i * o_i with w_i = exp(lse_i - lse) relative
+    # to a running maximum ``lse`` and their sum in ``total``; normalised at the end. (Merging
+    # normalised partials by logaddexp would round the lse once per merge, and the backward's
+    # P = exp(S - lse) is sensitive to exactly that.)
+    total = qc.new_ones(t, hq) if causal else qc.new_zeros(t, hq)
+    out_flat, max_flat, total_flat, q_flat = out.view(-1, d), lse.view(-1), total.view(-1), qc.view(-1, d)
+    for rows, start, length, kv_head in _other_groups(static, block_indices, hq, hkv, causal):
+        kb, vb = (x[start : start + length, kv_head][None, None] for x in (kc, vc))
+        o, l = _flash_fwd(q_flat.index_select(0, rows)[None, None], kb, vb, 0.0, False, scale=scale)
+        o, l = o[0, 0], l[0, 0]
+        old = max_flat.index_select(0, rows)
+        new = torch.maximum(old, l)
+        w_old, w_new = torch.exp(old - new), torch.exp(l - new)
+        out_flat.index_copy_(0, rows, out_flat.index_select(0, rows).mul_(w_old[:, None]).add_(o.mul_(w_new[:, None])))
+        total_flat.index_copy_(0, rows, total_flat.index_select(0, rows).mul_(w_old).add_(w_new))
+        max_flat.index_copy_(0, rows, new)
+    out = out.div_(total[..., None]).to(q.dtype)
+    return out, lse.add_(total.log_())
+
+
+def _flash_backward(q, k, v, out, lse, dout, static, block_indices, causal, scale):
+    dtype, qc, kc, vc = _flash_inputs(q, k, v)
+    oc, gc, lc = out.to(dtype), dout.to(dtype).contiguous(), lse.to(dtype).contiguous()
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    dq = dk = dv = None
+    if causal:
+        for start, n, length in _own_chunks(static, t):
+            blocked = [_blocked(x, start, n, length) for x in (gc, qc, kc, vc, oc)]
+            lse_b = lc[start : start + n * length].view(n, length, hq).transpose(1, 2)
+            gq, gk, gv = _flash_bwd(*blocked, lse_b, 0.0, True, scale=scale)
+            gq = gq.transpose(1, 2).reshape(n * length, hq, d)
+            gk, gv = (x.transpose(1, 2).reshape(n * length, hkv, d) for x in (gk, gv))
+            if n * length == t:
+                dq, dk, dv = gq, gk, gv
+                continue
+            if dq is None:
+                dq, dk, dv = qc.new_empty(t, hq, d), kc.new_zeros(k.shape), vc.new_zeros(v.shape)
+            dq[start : start + n * length], dk[start : start + n * length], dv[start : start + n * length] = gq, gk, gv
+    if dq is None:
+        dq, dk, dv = qc.new_zeros(q.shape), kc.new_zeros(k.shape), vc.new_zeros(v.shape)
+    dq_flat, q_flat, g_flat, o_flat, l_flat = dq.view(-1, d), qc.view(-1, d), gc.view(-1, d), oc.view(-1, d), lc.view(-1)
+    for rows, start, length, kv_head in _other_groups(static, block_indices, hq, hkv, causal):
+        kb, vb = (x[start : start + length, kv_head][None, None] for x in (kc, vc))
+        gq, gk, gv = _flash_bwd(*(x.index_select(0, rows)[None, None] for x in (g_flat, q_flat)), kb, vb,
+                                *(x.index_select(0, rows)[None, None] for x in (o_flat, l_flat)), 0.0, False,
+                                scale=scale)
+        dq_flat.index_add_(0, rows, gq[0, 0])
+        dk[start : start + length, kv_head] += gk[0, 0]
+        dv[start : start + length, kv_head] += gv[0, 0]
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
 # Dense-mask formulation for short sequences of one length (CPU): dense attention under the
 # selection mask, through the CPU flash-attention kernels (native GQA, returns the lse), one
 # query chunk at a time over its causal key prefix.
@@ -457,6 +637,8 @@ def torch_attention_fwd(
     if method == "dense_mask":
         return _dense_mask_forward(q, k, v, block_indices, cu_q, block_size, causal, scale)
     static = _static_layout(cu_q, cu_k, block_size, q.device)
+    if _flash_applicable(q, static, block_indices, causal):
+        return _flash_forward(q, k, v, static, block_indices, causal, scale)
     return _forward(q, k, v, static, block_indices, causal, scale)
 
 
@@ -487,6 +669,8 @@ def torch_attention_bwd(
     if method == "dense_mask":
         return _dense_mask_backward(dout, q, k, v, out, lse, block_indices, cu_q, block_size, causal, scale)
     static = _static_layout(cu_q, cu_k, block_size, q.device)
+    if _flash_applicable(q, static, block_indices, causal):
+        return _flash_backward(q, k, v, out, lse, dout, static, block_indices, causal, scale)
     return _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale)
 
 

@@ -474,3 +474,138 @@ def test_compile_dynamic_lengths_do_not_recompile(s1, s2):
         out.sum().backward()
     eager = moba.moba_attn_func(q, k, v, 8, 3, backend="torch")
     torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# The flash formulation of the tile path (CPU flash kernels; used from block size 64 and
+# 1024 key tokens on): own blocks as one batched causal call, other blocks per row group.
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def flash_calls(monkeypatch):
+    """Counts the flash formulation's forward / backward calls; lets it run from 256 keys on
+    (the tests' references stay cheap)."""
+    from moba.ops import torch_impl as impl
+
+    monkeypatch.setattr(impl, "_FLASH_MIN_KEYS", 256)
+    calls = {"fwd": 0, "bwd": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(impl, "_flash_forward", counted("fwd", impl._flash_forward))
+    monkeypatch.setattr(impl, "_flash_backward", counted("bwd", impl._flash_backward))
+    return calls
+
+
+def _check_varlen_by_rule(lengths, hq, hkv, d, bs, causal, dtype, idx=None, top_k=3):
+    q, k, v, cu, max_s = random_varlen(lengths, hq, hkv, d, dtype)
+    if idx is None:
+        idx = moba.select_blocks_varlen(q, k, cu, max_s, bs, top_k, causal)
+    dout = torch.randn(q.shape, dtype=torch.float64)
+
+    def run(be):
+        return lambda q_, k_, v_: moba.moba_attn_varlen_func(q_, k_, v_, cu, max_s, bs, top_k, causal, backend=be,
+                                                             block_indices=idx)
+
+    out, grads = forward_backward(run("torch"), detached_copies(q, k, v), dout)
+    out_lo, grads_lo = forward_backward(run("reference"), detached_copies(q, k, v), dout)
+    out_t, grads_t = forward_backward(run("reference"), detached_copies(q, k, v, dtype=torch.float64), dout)
+    assert out.dtype == dtype
+    assert_close_by_rule(out, out_lo, out_t, OUT_FACTOR, name="out")
+    assert_grads_close_by_rule(grads, grads_lo, grads_t)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("lengths", [[300], [150, 0, 1, 90, 64]], ids=["tail", "varlen-empty"])
+def test_flash_formulation_matches_reference(flash_calls, lengths, causal, dtype):
+    """Ragged tail block (300 = 4 * 64 + 44), varlen with an empty and a one-token sequence,
+    GQA, float64 / bfloat16 (run in float64 / float32)."""
+    _check_varlen_by_rule(lengths, 4, 2, 16, 64, causal, dtype)
+    assert flash_calls == {"fwd": 1, "bwd": 1}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_flash_formulation_block_chosen_by_every_row_and_unchosen_blocks(flash_calls, causal):
+    """Every query selects block 0 (plus its own block when causal): one group holds every row
+    (cut into several calls), and the other blocks' groups are empty."""
+    from moba.ops import torch_impl as impl
+
+    lengths, bs = [400], 64
+    pos = torch.arange(lengths[0])
+    own = (pos // bs)[:, None].expand(-1, 2)
+    zero = torch.zeros_like(own)
+    if causal:  # own block first; block 0 again for its own rows would be a duplicate: pad it
+        idx = torch.stack([own, torch.where(own == 0, -1, zero)], dim=-1)
+    else:
+        idx = torch.stack([zero, torch.full_like(own, 5)], dim=-1)
+    rows = impl._FLASH_ROWS
+    impl._FLASH_ROWS = 150
+    try:
+        _check_varlen_by_rule(lengths, 2, 1, 16, bs, causal, torch.float32, idx=idx.to(torch.int32), top_k=2)
+    finally:
+        impl._FLASH_ROWS = rows
+    assert flash_calls == {"fwd": 1, "bwd": 1}
+
+
+def test_flash_formulation_without_own_block_uses_tiles(flash_calls):
+    """User indices in which a causal row skips its own block: the tiles run (the flash
+    formulation assumes the own block), and agree with the reference."""
+    lengths, bs = [300], 64
+    pos = torch.arange(lengths[0])
+    own = (pos // bs)[:, None].expand(-1, 2)
+    idx = torch.where(own > 0, own - 1, own)[..., None]  # the previous block only (block 0: own)
+    _check_varlen_by_rule(lengths, 2, 2, 16, bs, True, torch.float32, idx=idx.to(torch.int32), top_k=1)
+    assert flash_calls == {"fwd": 0, "bwd": 0}
+
+
+def test_flash_formulation_chunking_is_exact(flash_calls, monkeypatch):
+    """Own blocks cut into several calls (two sequences, a tail between them) and small row
+    chunks give the same result as the default chunking."""
+    from moba.ops import torch_impl as impl
+
+    q, k, v, cu, max_s = random_varlen([200, 190], 4, 2, 16, torch.float64)
+    dout = torch.randn(q.shape, dtype=torch.float64)
+
+    def run():
+        fn = lambda *x: moba.moba_attn_varlen_func(*x, cu, max_s, 64, 3, backend="torch")  # noqa: E731
+        return forward_backward(fn, detached_copies(q, k, v), dout)
+
+    out, grads = run()
+    monkeypatch.setattr(impl, "_FLASH_ROWS", 37)
+    monkeypatch.setattr(impl, "_FLASH_OWN_BLOCKS", 3)
+    out_c, grads_c = run()
+    torch.testing.assert_close(out_c, out, rtol=0, atol=1e-12)
+    for g_c, g in zip(grads_c, grads, strict=True):
+        torch.testing.assert_close(g_c, g, rtol=0, atol=1e-12)
+    assert flash_calls == {"fwd": 2, "bwd": 2}
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+def test_flash_formulation_nan_stays_in_its_sequence(flash_calls, causal):
+    """A NaN in the queries, keys and values of sequence 0 reaches no value or gradient of
+    sequence 1, which equals a run of sequence 1 alone."""
+    lengths, bs = [200, 190], 64
+    q, k, v, cu, max_s = random_varlen(lengths, 4, 2, 16, torch.float32)
+    dout = torch.randn(q.shape)
+    for x in (q, k, v):
+        x.data[5, 0, 3] = float("nan")
+    out, grads = forward_backward(
+        lambda *x: moba.moba_attn_varlen_func(*x, cu, max_s, bs, 3, causal, backend="torch"), detached_copies(q, k, v),
+        dout)
+    a = lengths[0]
+    cu1 = torch.tensor([0, lengths[1]], dtype=torch.int32)
+    out1, grads1 = forward_backward(
+        lambda *x: moba.moba_attn_varlen_func(*x, cu1, lengths[1], bs, 3, causal, backend="torch"),
+        detached_copies(q[a:], k[a:], v[a:]), dout[a:])
+    assert torch.isnan(out[:a]).any()
+    torch.testing.assert_close(out[a:], out1, rtol=0, atol=1e-6)
+    for g, g1 in zip(grads, grads1, strict=True):
+        assert torch.isfinite(g[a:]).all()
+        torch.testing.assert_close(g[a:], g1, rtol=0, atol=1e-5)
+    assert flash_calls["fwd"] == 1  # sequence 1 alone is below the size limit: the tiles
