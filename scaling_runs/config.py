@@ -41,6 +41,8 @@ class ModelConfig:
     tie_embeddings: bool = True  # LM head shares the token-embedding matrix
     rope_theta: float = 10000.0
     backend: str = "auto"  # MoBA backend (moba.moba_attn_func backend=)
+    # MoBA layers: "gate" (MoBA) or "random" (own block + top_k - 1 random past blocks, a control arm)
+    block_selection: str = "gate"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -53,6 +55,8 @@ class ModelConfig:
             raise ValueError("head_dim (n_embd // n_head) must be even for rotary embeddings")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if self.block_selection not in ("gate", "random"):
+            raise ValueError(f"block_selection must be 'gate' or 'random', got {self.block_selection!r}")
         if self.attention == "hybrid" and not 0 <= self.n_full_layers <= self.n_layer:
             raise ValueError(f"n_full_layers must be in [0, n_layer], got {self.n_full_layers}")
         self._warn_if_dense()
