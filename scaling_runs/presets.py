@@ -219,12 +219,13 @@ def _cpu_study() -> StudyPreset:
     base = RunConfig(
         model=ModelConfig(n_layer=2, n_head=2, n_kv_head=2, n_embd=64, context=512, block_size=32, top_k=3),
         data=DataConfig(data="recall"),
-        train=TrainConfig(batch_size=8, lr=3e-3, warmup_steps=10, eval_every=40, eval_seqs=64,
-                          trailing_frac=1 / 16, n_buckets=16, threads=1, ckpt_every=40),
+        train=TrainConfig(batch_size=4, lr=3e-3, warmup_steps=10, eval_every=60, eval_seqs=64,
+                          trailing_frac=1 / 16, n_buckets=16, threads=1),
     )
-    sizes = [Size("s1", 1, 32), Size("s2", 2, 32), Size("s3", 3, 32), Size("s4", 2, 48, n_head=3),
-             Size("s5", 2, 64)]
-    return StudyPreset("cpu-study", base, sizes, note="5 sizes (12K-90K non-embedding params) x {full, moba, "
+    sizes = [Size("s1", 1, 24, n_head=2), Size("s2", 1, 32), Size("s3", 2, 32), Size("s4", 3, 32), Size("s5", 4, 32)]
+    spec = {"doc_len": 512, "member_span": 96, "query_span": 96, "n_groups": 0, "filler": "topic",
+            "topic_size": 4, "plain_fraction": 0.25}
+    return StudyPreset("cpu-study", base, sizes, recall_spec=spec, note="5 sizes (12K-90K non-embedding params) x {full, moba, "
                        "local, random} x 3 seeds, 20 tokens/param, context 512, block 32, top-3, recall corpus")
 
 

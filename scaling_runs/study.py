@@ -18,7 +18,7 @@ then summarises the final point of every run:
 
 Resumable: a run with DONE is skipped, a partial run resumes from its checkpoint, so the same
 command finishes what is missing and re-summarises. Runs go ``--jobs`` at a time (one process
-each, longest first); progress is a tqdm bar over runs. Exit status: 0 when every run is
+each, seed by seed, longest first within a seed); progress is a tqdm bar over runs. Exit status: 0 when every run is
 DONE and the summary is written, 1 when a run failed (its ``train.log`` says why), 2 when the
 plan is empty.
 """
@@ -35,6 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from .config import apply_overrides
 from .fit import plot_study, study_summary
 from .flops import PFLOPS_DAY, causal_sparsity, flops_per_token
 from .model import analytic_param_counts
@@ -55,10 +56,12 @@ def prepare_data(preset: StudyPreset, out: Path) -> tuple[str, dict]:
     return str(folder), info
 
 
-def plan(preset: StudyPreset, out: Path, data: str) -> list[dict]:
-    """Every run of the study with its config (out_dir under ``out/runs``), size, FLOPs."""
+def plan(preset: StudyPreset, out: Path, data: str, overrides: dict[str, str] | None = None) -> list[dict]:
+    """Every run of the study with its config (out_dir under ``out/runs``), size, FLOPs;
+    ``overrides`` ({"batch_size": "4", ...}) change every run's config (``config.apply_overrides``)."""
     runs = []
     for name, meta, cfg in preset.runs(data):
+        cfg = apply_overrides(cfg, dict(overrides or {}))
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, out_dir=str(out / "runs" / name)))
         n = analytic_param_counts(cfg.model)["non_embedding"]
         fpt = flops_per_token(cfg.model, n)
@@ -93,10 +96,11 @@ def run_one(run: dict, keep_checkpoints: bool = False) -> str:
 
 
 def execute(runs: list[dict], jobs: int = 2, keep_checkpoints: bool = False, progress: bool = True) -> dict:
-    """Run what is not DONE, ``jobs`` at a time, largest FLOPs first; {name: status}."""
+    """Run what is not DONE, ``jobs`` at a time, seed by seed and largest FLOPs first within a
+    seed (a study stopped early has whole seeds of every size and arm); {name: status}."""
     from tqdm import tqdm
 
-    order = sorted(runs, key=lambda r: -r["attn_aware_flops"])
+    order = sorted(runs, key=lambda r: (r["seed"], -r["attn_aware_flops"]))
     results = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool, \
             tqdm(total=len(order), desc="study runs", unit="run", disable=not progress) as bar:
@@ -180,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {list(ARMS)} (default: the preset's)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
     p.add_argument("--tpp", type=float, default=None, help="tokens per non-embedding parameter (default: the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change every run's config (repeatable), e.g. --set lr=1e-2; tokens stay the preset's")
     p.add_argument("--n_boot", type=int, default=2000, help="bootstrap replicates of the power-law fits")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep ckpt*.pt of finished runs")
     p.add_argument("--summarize_only", action="store_true", help="train nothing; summarise the finished runs")
@@ -215,7 +221,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out or f"runs/{preset.name}")
     out.mkdir(parents=True, exist_ok=True)
     data, data_info = prepare_data(preset, out)
-    runs = plan(preset, out, data)
+    overrides = dict(kv.split("=", 1) for kv in a.set if "=" in kv)
+    if len(overrides) != len(a.set):
+        raise SystemExit(f"--set takes KEY=VALUE, got {a.set}")
+    runs = plan(preset, out, data, overrides)
     if not runs:
         print("[study] the plan is empty (no size, arm or seed left)", file=sys.stderr)
         return EXIT_EMPTY

@@ -683,11 +683,16 @@ class RecallSpec:
     attending from the cue back to the member (one hop, content-based, ``query_span`` to
     ``doc_len`` bytes away): without it, the best guess costs ``ln(group_size)`` nats.
 
-    ``filler``: "stdlib" (the embedded corpus's text) or "random" (bytes drawn uniformly from
+    ``filler``: "stdlib" (the embedded corpus's text), "random" (bytes drawn uniformly from
     ``NEEDLE_ALPHABET``: nothing to learn in them beyond their frequencies, so the recall is
-    the only structure left, as in the needle task). ``plain_fraction``: share of documents
-    that are plain stdlib text of the same length, without recall structure (a mix of natural
-    text and the synthetic long-range component).
+    the only structure left, as in the needle task) or "topic" (every document draws its bytes
+    uniformly from its own random subset of ``topic_size`` lower-case letters: the bytes seen
+    anywhere earlier in the document tell which letters come next, ``ln(topic_size)`` nats per
+    byte for a model that knows the subset against ``ln(26)`` for one that does not; a window
+    that crosses into the next document must stop using the previous one's bytes).
+    ``n_groups = 0``: no recall pairs. ``plain_fraction``: share of documents that are plain
+    stdlib text of the same length, without synthetic structure (a mix of natural text and the
+    synthetic long-range component).
     """
 
     doc_len: int = 448
@@ -697,10 +702,11 @@ class RecallSpec:
     group_size: int = 8
     filler: str = "stdlib"
     plain_fraction: float = 0.0
+    topic_size: int = 8
 
     def __post_init__(self):
-        if self.n_groups < 1 or self.group_size < 1:
-            raise ValueError(f"n_groups and group_size must be >= 1, got {self.n_groups}, {self.group_size}")
+        if self.n_groups < 0 or self.group_size < 1:
+            raise ValueError(f"n_groups must be >= 0 and group_size >= 1, got {self.n_groups}, {self.group_size}")
         if RECALL_MEMBER_BASE + self.n_groups * self.group_size > RECALL_CUE_BASE:
             raise ValueError(f"n_groups * group_size must be <= {RECALL_CUE_BASE - RECALL_MEMBER_BASE}, "
                              f"got {self.n_groups * self.group_size}")
@@ -708,10 +714,12 @@ class RecallSpec:
             raise ValueError(f"n_groups must be <= {256 - RECALL_CUE_BASE}, got {self.n_groups}")
         if self.member_span < self.n_groups:
             raise ValueError(f"member_span ({self.member_span}) must be >= n_groups ({self.n_groups})")
-        if self.query_span < 2 * self.n_groups + 1:
+        if self.n_groups and self.query_span < 2 * self.n_groups + 1:
             raise ValueError(f"query_span ({self.query_span}) must be >= 2 * n_groups + 1")
-        if self.filler not in ("stdlib", "random"):
-            raise ValueError(f"filler must be 'stdlib' or 'random', got {self.filler!r}")
+        if self.filler not in ("stdlib", "random", "topic"):
+            raise ValueError(f"filler must be 'stdlib', 'random' or 'topic', got {self.filler!r}")
+        if self.filler == "topic" and not 1 <= self.topic_size <= 26:
+            raise ValueError(f"topic_size must be in [1, 26], got {self.topic_size}")
         if not 0.0 <= self.plain_fraction < 1.0:
             raise ValueError(f"plain_fraction must be in [0, 1), got {self.plain_fraction}")
         if self.member_span + self.query_span > self.doc_len:
@@ -735,6 +743,7 @@ def recall_documents(n_docs: int, spec: RecallSpec, filler: Filler, seed: int) -
     groups = np.arange(spec.n_groups)
     q_slots = np.arange(spec.doc_len - spec.query_span, spec.doc_len - 1, 2)  # pairs never overlap
     alphabet = np.frombuffer(NEEDLE_ALPHABET.encode("ascii"), dtype=np.uint8)
+    letters = np.arange(ord("a"), ord("z") + 1, dtype=np.uint8)
     plain = rng.random(n_docs) < spec.plain_fraction
     for i in range(n_docs):
         doc = out[i]
@@ -743,6 +752,11 @@ def recall_documents(n_docs: int, spec: RecallSpec, filler: Filler, seed: int) -
             continue
         if spec.filler == "random":
             doc[: spec.doc_len] = alphabet[rng.integers(0, alphabet.size, spec.doc_len)]
+        elif spec.filler == "topic":
+            topic = rng.choice(letters, spec.topic_size, replace=False)
+            doc[: spec.doc_len] = topic[rng.integers(0, spec.topic_size, spec.doc_len)]
+        if not spec.n_groups:
+            continue
         members = RECALL_MEMBER_BASE + groups * spec.group_size + rng.integers(0, spec.group_size, spec.n_groups)
         doc[rng.choice(spec.member_span, spec.n_groups, replace=False)] = members
         order = rng.permutation(spec.n_groups)
