@@ -222,7 +222,8 @@ def _cpu_study() -> StudyPreset:
         train=TrainConfig(batch_size=4, lr=3e-3, warmup_steps=10, eval_every=60, eval_seqs=64,
                           trailing_frac=1 / 16, n_buckets=16, threads=1),
     )
-    sizes = [Size("s1", 1, 24, n_head=2), Size("s2", 1, 32), Size("s3", 2, 32), Size("s4", 3, 32), Size("s5", 4, 32)]
+    sizes = [Size("s1", 1, 16, n_head=1), Size("s2", 1, 24, n_head=2), Size("s3", 1, 32, n_head=2),
+             Size("s4", 1, 48, n_head=3), Size("s5", 1, 64, n_head=4)]
     spec = {"doc_len": 512, "member_span": 96, "query_span": 96, "n_groups": 0, "filler": "topic",
             "topic_size": 4, "plain_fraction": 0.25}
     return StudyPreset("cpu-study", base, sizes, recall_spec=spec, note="5 sizes (12K-90K non-embedding params) x {full, moba, "
