@@ -135,8 +135,17 @@ def final_points(runs: list[dict]) -> list[dict]:
     return points
 
 
+def headline_size(points: list[dict], order: list[str]) -> str:
+    """The largest size (in ``order``) among those with the most seeds in every arm."""
+    arms = {p["arm"] for p in points}
+    seeds = {s: min(len({p["seed"] for p in points if p["size"] == s and p["arm"] == a}) for a in arms)
+             for s in {p["size"] for p in points}}
+    best = max(seeds.values())
+    return max((s for s, n in seeds.items() if n == best), key=order.index)
+
+
 def summarize(preset: StudyPreset, runs: list[dict], out: Path, data_info: dict, n_boot: int = 2000,
-              extra: dict | None = None) -> dict:
+              extra: dict | None = None, headline: str | None = None) -> dict:
     """Write summary.json, study.json and the plots from the finished runs; returns the summary."""
     points = final_points(runs)
     if not points:
@@ -144,7 +153,7 @@ def summarize(preset: StudyPreset, runs: list[dict], out: Path, data_info: dict,
     m = preset.base.model
     sparsity = {arm: causal_sparsity(m.context, "full" if ARMS[arm].get("attention") == "full" else "moba",
                                      m.block_size, ARMS[arm].get("top_k", m.top_k)) for arm in preset.arms}
-    headline = preset.sizes[-1].name
+    headline = headline or headline_size(points, [s.name for s in preset.sizes])
     summary, details = study_summary(points, headline, sparsity, n_boot)
     trailing = max(1, int(round(m.context * preset.base.train.trailing_frac)))
     plots = plot_study(points, details, out, m.context, trailing)
@@ -186,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tpp", type=float, default=None, help="tokens per non-embedding parameter (default: the preset's)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="change every run's config (repeatable), e.g. --set lr=1e-2; tokens stay the preset's")
+    p.add_argument("--headline", default=None,
+                   help="size whose per-arm losses summary.json reports (default: the largest size among "
+                        "those with the most seeds in every arm)")
     p.add_argument("--n_boot", type=int, default=2000, help="bootstrap replicates of the power-law fits")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep ckpt*.pt of finished runs")
     p.add_argument("--summarize_only", action="store_true", help="train nothing; summarise the finished runs")
@@ -245,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = summarize(preset, runs, out, data_info, a.n_boot,
                             {"wall_time_s_last_invocation": round(wall, 1), "jobs": a.jobs,
-                             "command": "python -m scaling_runs.study " + " ".join(argv or sys.argv[1:])})
+                             "command": "python -m scaling_runs.study " + " ".join(argv or sys.argv[1:])},
+                            a.headline)
     except ValueError as exc:
         print(f"[study] error: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -223,3 +223,30 @@ def test_cli_help_and_dry_run(tmp_path, capsys):
     runs = study.plan(preset, cfg_dir, "stdlib")
     assert len({r["name"] for r in runs}) == len(runs)
     assert all(str(r["config"].train.out_dir).startswith(str(cfg_dir / "runs")) for r in runs)
+
+
+def test_headline_is_the_largest_size_with_every_seed():
+    pts = [{"size": s, "arm": a, "seed": k} for s in ("s1", "s2", "s3") for a in ("full", "moba") for k in range(3)]
+    assert study.headline_size(pts, ["s1", "s2", "s3"]) == "s3"
+    pts = [p for p in pts if not (p["size"] == "s3" and p["seed"] > 0)]
+    assert study.headline_size(pts, ["s1", "s2", "s3"]) == "s2"
+
+
+def test_committed_study_summary_has_the_schema():
+    """The committed cpu-study results (issue 16, item 6): summary.json's schema, >= 3 seeds at the
+    headline size, >= 5 sizes in every fit, and the plots next to it."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "scaling_runs" / "results" / "cpu-study-2026-12-03"
+    summary = json.loads((folder / "summary.json").read_text())
+    details = json.loads((folder / "study.json").read_text())
+    assert set(summary) == {"arms", "fits", "ratios"} and set(summary["arms"]) == set(ARMS)
+    for arm, s in summary["arms"].items():
+        assert set(s) == {"final_val_loss", "final_trailing_loss", "sparsity"}
+        assert s["final_val_loss"]["n_seeds"] >= 3 and len(s["final_val_loss"]["ci95"]) == 2
+        assert set(summary["fits"][arm]) == {"lm", "trailing"}
+        assert all(set(f) == {"a", "b", "a_ci95", "b_ci95"} for f in summary["fits"][arm].values())
+        assert len({p["size"] for p in details["points"] if p["arm"] == arm}) >= 5
+    assert set(summary["ratios"]) == {"moba/full", "local/full", "random/full"}
+    assert summary["arms"]["moba"]["sparsity"] == pytest.approx(0.7096, abs=1e-4)
+    assert all((folder / p).exists() for p in ("scaling.png", "ratios.png"))
