@@ -51,6 +51,8 @@ class ModelConfig:
     tie_embeddings: bool = opt(True, "the LM head shares the token-embedding matrix")
     rope_theta: float = opt(10000.0, "rotary embedding base")
     backend: str = opt("auto", "MoBA backend (moba.moba_attn_func backend=)")
+    block_selection: str = opt("gate", "MoBA layers' block selection: gate (MoBA) or random (own block + top_k - 1 "
+                               "random past blocks, a control arm)", choices=("gate", "random"))
 
     def __post_init__(self):
         if self.attention not in ATTENTION_KINDS:
@@ -63,6 +65,8 @@ class ModelConfig:
             raise ValueError("head_dim (n_embd // n_head) must be even for rotary embeddings")
         if self.norm not in ("rmsnorm", "layernorm"):
             raise ValueError(f"norm must be 'rmsnorm' or 'layernorm', got {self.norm!r}")
+        if self.block_selection not in ("gate", "random"):
+            raise ValueError(f"block_selection must be 'gate' or 'random', got {self.block_selection!r}")
         if self.attention == "hybrid" and not 0 <= self.n_full_layers <= self.n_layer:
             raise ValueError(f"n_full_layers must be in [0, n_layer], got {self.n_full_layers}")
         self._warn_if_dense()

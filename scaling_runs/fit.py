@@ -249,3 +249,218 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------
+# studies (``scaling_runs.study``): final point per run, bootstrap CIs, paired ratios
+
+#: Arm -> (label, color, line style, marker) of the study plots; the paper's labels for MoBA / full.
+ARM_STYLE = {
+    "full": ("Full Attention", "tab:red", "-", "o"),
+    "moba": ("MoBA", "tab:blue", "-", "s"),
+    "local": ("Local (top-1, own block)", "tab:gray", ":", "v"),
+    "random": ("Random blocks (MoBA budget)", "tab:green", "-.", "^"),
+}
+#: Compute axes: final-row key -> axis label.
+AXES = {"pflops_days": "PFLOP/s-days (6ND)", "attn_aware_pflops_days": "PFLOP/s-days (attention-aware)"}
+STUDY_METRICS = {"lm": "val_loss", "trailing": "trailing_loss"}
+
+
+def power_law_ci(points: dict, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """L = a * C^b on final points with a bootstrap over seeds.
+
+    points: {group (a size): [(C, L), ...] (one per seed)}; at least two groups. The point
+    estimate fits every point (least squares in log-log); each bootstrap replicate resamples,
+    within every group, its points with replacement (runs of one size share C; the seeds
+    carry the noise) and refits. Returns {"a", "b", "a_ci95", "b_ci95", "n_points", "n_boot"}
+    with percentile intervals at ``level``.
+    """
+    groups = [np.asarray(v, dtype=float).reshape(-1, 2) for _, v in sorted(points.items())]
+    groups = [g for g in groups if len(g)]
+    if len({float(x) for g in groups for x in g[:, 0]}) < 2:
+        raise ValueError("need final points at two compute values or more to fit a power law")
+    allp = np.concatenate(groups)
+    point = fit_power_law(allp[:, 0], allp[:, 1])
+    rng = np.random.default_rng(seed)
+    a_s, b_s = np.empty(n_boot), np.empty(n_boot)
+    for i in range(n_boot):
+        rep = np.concatenate([g[rng.integers(0, len(g), len(g))] for g in groups])
+        lx, ly = np.log(rep[:, 0]), np.log(rep[:, 1])
+        b, log_a = np.polyfit(lx, ly, 1)
+        a_s[i], b_s[i] = np.exp(log_a), b
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+    return {"a": point["a"], "b": point["b"], "a_ci95": [float(v) for v in np.percentile(a_s, q)],
+            "b_ci95": [float(v) for v in np.percentile(b_s, q)], "n_points": int(len(allp)), "n_boot": n_boot}
+
+
+def mean_ci(values, level: float = 0.95) -> dict:
+    """{"mean", "ci95" (Student t interval; null for one value), "n_seeds"} of per-seed values."""
+    from scipy import stats
+
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        raise ValueError("mean_ci needs at least one value")
+    m = float(v.mean())
+    if v.size < 2:
+        return {"mean": m, "ci95": None, "n_seeds": 1}
+    half = float(stats.t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / np.sqrt(v.size))
+    return {"mean": m, "ci95": [m - half, m + half], "n_seeds": int(v.size)}
+
+
+def paired_ratio(arm: dict, ref: dict, n_boot: int = 9999, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of ``arm[key] / ref[key]`` over the keys both have (pairs: (size, seed)), with a
+    bootstrap CI over pairs (scipy.stats.bootstrap, BCa; percentile when BCa is degenerate).
+
+    Returns {"mean", "ci95", "n_pairs"}; ValueError when no key is shared.
+    """
+    from scipy import stats
+
+    keys = sorted(set(arm) & set(ref))
+    if not keys:
+        raise ValueError("no (size, seed) pair is shared by the two arms")
+    r = np.array([arm[k] / ref[k] for k in keys], dtype=float)
+    if r.size < 2 or np.ptp(r) == 0:
+        return {"mean": float(r.mean()), "ci95": [float(r.mean())] * 2, "n_pairs": int(r.size)}
+    ci = None
+    for method in ("BCa", "percentile"):
+        res = stats.bootstrap((r,), np.mean, confidence_level=level, n_resamples=n_boot, method=method,
+                              random_state=np.random.default_rng(seed))
+        lo, hi = float(res.confidence_interval.low), float(res.confidence_interval.high)
+        if np.isfinite(lo) and np.isfinite(hi):
+            ci = [lo, hi]
+            break
+    return {"mean": float(r.mean()), "ci95": ci, "n_pairs": int(r.size)}
+
+
+def study_summary(points: list[dict], headline: str, sparsity: dict, n_boot: int = 2000) -> tuple[dict, dict]:
+    """(summary, details) of a study's final points.
+
+    points: one dict per finished run: size, arm, seed, val_loss, trailing_loss, pflops_days,
+    attn_aware_pflops_days. ``summary`` has issue 16's schema: per arm the final losses at the
+    ``headline`` size (mean, t-interval over seeds) and the sparsity; per arm the fits on the
+    6ND axis (lm, trailing); paired final-val-loss ratios to full over every (size, seed).
+    ``details`` adds the attention-aware fits, trailing-loss ratios, per-size tables and ratios.
+    An empty list raises ValueError (no plot or summary of nothing).
+    """
+    if not points:
+        raise ValueError("the study has no finished runs: nothing to summarise")
+    arms = [a for a in ARM_STYLE if any(p["arm"] == a for p in points)]
+    summary: dict = {"arms": {}, "fits": {}, "ratios": {}}
+    details: dict = {"headline_size": headline, "fits": {}, "ratios": {}, "per_size": {}}
+    for arm in arms:
+        mine = [p for p in points if p["arm"] == arm]
+        head = [p for p in mine if p["size"] == headline]
+        summary["arms"][arm] = {
+            "final_val_loss": mean_ci([p["val_loss"] for p in head]) if head else None,
+            "final_trailing_loss": mean_ci([p["trailing_loss"] for p in head]) if head else None,
+            "sparsity": sparsity[arm]}
+        sizes = sorted({p["size"] for p in mine})
+        details["per_size"][arm] = {s: {m: mean_ci([p[key] for p in mine if p["size"] == s])
+                                        for m, key in STUDY_METRICS.items()} for s in sizes}
+        for axis in AXES:
+            fits = {}
+            for m, key in STUDY_METRICS.items():
+                groups: dict = {}
+                for p in mine:
+                    groups.setdefault(p["size"], []).append((p[axis], p[key]))
+                fits[m] = power_law_ci(groups, n_boot) if len(groups) >= 2 else None
+            details["fits"].setdefault(axis, {})[arm] = fits
+        summary["fits"][arm] = {m: (None if f is None else {k: f[k] for k in ("a", "b", "a_ci95", "b_ci95")})
+                                for m, f in details["fits"]["pflops_days"][arm].items()}
+    if "full" in arms:
+        for arm in arms:
+            if arm == "full":
+                continue
+            for m, key in STUDY_METRICS.items():
+                def by_pair(a, key=key):
+                    return {(p["size"], p["seed"]): p[key] for p in points if p["arm"] == a}
+                r = paired_ratio(by_pair(arm), by_pair("full"))
+                details["ratios"].setdefault(m, {})[f"{arm}/full"] = r
+                details["ratios"].setdefault(f"{m}_by_size", {})[f"{arm}/full"] = {
+                    s: paired_ratio({k: v for k, v in by_pair(arm).items() if k[0] == s}, by_pair("full"))
+                    for s in sorted({p["size"] for p in points if p["arm"] == arm})}
+            summary["ratios"][f"{arm}/full"] = {k: details["ratios"]["lm"][f"{arm}/full"][k] for k in ("mean", "ci95")}
+    return summary, details
+
+
+def plot_study(points: list[dict], details: dict, out_dir: Path, context: int, trailing: int) -> list[Path]:
+    """Loss vs PFLOP/s-days per arm (both metrics x both compute axes) and the paired ratios.
+
+    Per arm: the final point of every run (markers), the mean over seeds per size joined by a
+    line in the arm's style with a band from the seeds' 95% interval, and the fitted power law
+    as a dashed projection one decade beyond the largest compute. Raises ValueError when there
+    is nothing to plot.
+    """
+    if not points:
+        raise ValueError("no finished runs to plot")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plotting import readable_log_axis
+
+    out_dir = Path(out_dir)
+    arms = [a for a in ARM_STYLE if any(p["arm"] == a for p in points)]
+    ylabels = {"lm": f"LM loss (seqlen={context})", "trailing": f"Trailing LM loss (seqlen={context}, last {trailing})"}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    for col, axis in enumerate(AXES):
+        for row, (m, key) in enumerate(STUDY_METRICS.items()):
+            ax = axes[row, col]
+            for arm in arms:
+                label, color, ls, marker = ARM_STYLE[arm]
+                mine = [p for p in points if p["arm"] == arm]
+                sizes = sorted({p["size"] for p in mine}, key=lambda s: np.mean([p[axis] for p in mine if p["size"] == s]))
+                xs = np.array([np.mean([p[axis] for p in mine if p["size"] == s]) for s in sizes])
+                stats_ = [mean_ci([p[key] for p in mine if p["size"] == s]) for s in sizes]
+                ys = np.array([s_["mean"] for s_ in stats_])
+                lo = np.array([s_["ci95"][0] if s_["ci95"] else s_["mean"] for s_ in stats_])
+                hi = np.array([s_["ci95"][1] if s_["ci95"] else s_["mean"] for s_ in stats_])
+                ax.scatter([p[axis] for p in mine], [p[key] for p in mine], color=color, marker=marker, s=12,
+                           alpha=0.45, linewidths=0)
+                ax.plot(xs, ys, ls=ls, color=color, lw=1.6, marker=marker, ms=4, label=label)
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
+                f = details["fits"][axis][arm][m]
+                if f is not None and len(xs) >= 2:
+                    grid = np.logspace(np.log10(xs.min()), np.log10(xs.max()) + 1, 60)
+                    ax.plot(grid, f["a"] * grid ** f["b"], "--", color=color, lw=1.1, alpha=0.9,
+                            label=f"{label} Projection: {f['a']:.3g} C^{f['b']:.4f} "
+                                  f"(b 95% CI [{f['b_ci95'][0]:.3f}, {f['b_ci95'][1]:.3f}])")
+            readable_log_axis(ax, "x")
+            readable_log_axis(ax, "y")
+            ax.set_xlabel(AXES[axis])
+            ax.set_ylabel(ylabels[m])
+            ax.grid(True, which="both", alpha=0.25)
+            ax.legend(fontsize=6, loc="upper right")
+    fig.suptitle("cpu-study: final point per run (markers), mean over seeds with 95% band (lines), "
+                 "power-law fits (dashed)", fontsize=9)
+    fig.tight_layout()
+    paths = [out_dir / "scaling.png"]
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+
+    ratios = details["ratios"]
+    if ratios:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, m in zip(axes, STUDY_METRICS, strict=True):
+            by_size = ratios.get(f"{m}_by_size", {})
+            for j, (name, per) in enumerate(by_size.items()):
+                arm = name.split("/")[0]
+                label, color, ls, marker = ARM_STYLE[arm]
+                sizes = list(per)
+                x = np.arange(len(sizes)) + (j - 1) * 0.15
+                mean = np.array([per[s]["mean"] for s in sizes])
+                err = np.array([[per[s]["mean"] - per[s]["ci95"][0], per[s]["ci95"][1] - per[s]["mean"]]
+                                if per[s]["ci95"] else [0, 0] for s in sizes]).T
+                ax.errorbar(x, mean, yerr=err, fmt=marker, ls=ls, color=color, capsize=3, label=f"{label} / Full")
+                ax.set_xticks(np.arange(len(sizes)), sizes)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_ylabel(f"final {'LM' if m == 'lm' else 'trailing'} loss / full attention's")
+            ax.set_xlabel("size (same seed paired; bars: bootstrap 95% CI over seeds)")
+            ax.grid(True, alpha=0.25)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(out_dir / "ratios.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths

@@ -10,6 +10,10 @@
   optional), MLP ``Linear(d, 4d) -> GELU -> Linear(4d, d)`` without bias;
 * KV-cache decoding: ``forward(idx, cache=moba.KVCache())`` prefills the cache, later calls
   feed only the new tokens; MoBA layers then read only their selected blocks (``moba_decode``);
+* ``block_selection="random"`` (a control arm of the cpu-study preset): MoBA layers attend
+  to their own block plus ``top_k - 1`` past blocks drawn uniformly at random per query and
+  head (``random_block_indices``), at MoBA's budget, through ``moba.moba_attn_func(...,
+  block_indices=...)``; the gate is not run;
 * LM head tied to the token embedding by default (``tie_embeddings``); untied is an option.
   Parameter counts (``param_counts``): "embedding" is the token embedding plus an untied LM
   head; "non_embedding" is everything else (the N of C = 6 N D, as in Kaplan et al.).
@@ -23,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moba import PAD_INDEX, moba_attn_func
 from moba.decode import KVCache, LayerKVCache
-from moba.nn import MoBASelfAttention, set_attention_mode
+from moba.nn import MoBAAttention, MoBASelfAttention, set_attention_mode
 
 from .config import ModelConfig
 
@@ -43,6 +48,44 @@ class MLP(nn.Module):
         return self.proj(F.gelu(self.fc(x)))
 
 
+def random_block_indices(batch: int, seqlen: int, n_heads: int, block_size: int, top_k: int,
+                         device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random causal block selection at MoBA's budget, in ``moba.select_blocks``' layout.
+
+    Every query (and head) gets its own block plus ``min(top_k - 1, c)`` distinct blocks drawn
+    uniformly from its ``c`` complete past blocks (``c = t // block_size``), never a future one.
+    Returns (batch, seqlen, n_heads, min(top_k, n_blocks)) int64 local block indices, ascending,
+    unused slots ``PAD_INDEX`` at the end. Draws from ``generator`` (default: torch's global RNG,
+    which the trainer's checkpoints save, so a resumed run draws the same blocks).
+    """
+    n_blocks = -(-seqlen // block_size)
+    width = min(top_k, n_blocks)
+    own = (torch.arange(seqlen, device=device) // block_size)[:, None, None]  # (S, 1, 1)
+    blocks = torch.arange(n_blocks, device=device)
+    scores = torch.rand(batch, seqlen, n_heads, n_blocks, device=device, generator=generator)
+    # own block first (2 > any draw), past blocks by their draw in [0, 1), future blocks never (-1)
+    scores = torch.where(blocks == own, 2.0, torch.where(blocks < own, scores, -1.0))
+    top, idx = scores.topk(width, dim=-1)
+    idx = torch.where(top >= 0, idx, n_blocks)  # a slot without a past block left: padding
+    idx = idx.sort(dim=-1).values
+    return torch.where(idx == n_blocks, PAD_INDEX, idx)
+
+
+class RandomBlockAttention(MoBAAttention):
+    """``MoBAAttention`` whose MoBA mode attends to random blocks (``random_block_indices``)
+    instead of the gate's; full mode is unchanged. (B, S, Hq, D) inputs only: no cache, no
+    packed sequences (training and evaluation of the control arm need neither)."""
+
+    def forward(self, q, k, v, cu_seqlens=None, max_seqlen=None, cache=None, tree=None):
+        if self.mode == "full":
+            return super().forward(q, k, v, cu_seqlens, max_seqlen, cache, tree)
+        if cu_seqlens is not None or cache is not None or tree is not None:
+            raise ValueError("random block selection takes (B, S, H, D) inputs only (no cu_seqlens, cache or tree)")
+        idx = random_block_indices(q.shape[0], q.shape[1], q.shape[2], self.block_size, self.top_k, q.device)
+        return moba_attn_func(q, k, v, self.block_size, self.top_k, self.causal, self.softmax_scale, self.backend,
+                              block_indices=idx, deterministic=self.deterministic)
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,6 +102,10 @@ class Block(nn.Module):
             rotary=True,
             rope_theta=cfg.rope_theta,
         )
+        if cfg.block_selection == "random":
+            a = self.attn.attn
+            self.attn.attn = RandomBlockAttention(a.block_size, a.top_k, a.causal, a.mode, a.backend,
+                                                  a.softmax_scale, deterministic=a.deterministic)
         self.norm2 = _norm(cfg)
         self.mlp = MLP(cfg)
 

@@ -40,6 +40,7 @@ trailing ``.,;`` removed, against the answer; overall, per task and per (length,
 from __future__ import annotations
 
 import functools
+import math
 import random
 import re
 from collections import defaultdict
@@ -661,3 +662,139 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+# ---------------------------------------------------------------------------------------
+# a language-modelling corpus with long-range structure (issue 16, the cpu-study preset)
+
+RECALL_MEMBER_BASE = 0x80  # member bytes: RECALL_MEMBER_BASE + group * group_size + member
+RECALL_CUE_BASE = 0xE0  # cue bytes: RECALL_CUE_BASE + group (never in the ASCII filler)
+
+
+@dataclass(frozen=True)
+class RecallSpec:
+    """Shape of a recall document (``recall_documents``).
+
+    A document is ``doc_len`` bytes of ASCII filler text. In its first ``member_span`` bytes one
+    *member* byte of each of ``n_groups`` groups (``group_size`` members per group, bytes
+    ``0x80 + g * group_size + m``) replaces a filler byte at a random position; in its last
+    ``query_span`` bytes every group is queried once, in random order: a *cue* byte ``0xE0 + g``
+    followed by that document's member of group g. The answer byte is predictable only by
+    attending from the cue back to the member (one hop, content-based, ``query_span`` to
+    ``doc_len`` bytes away): without it, the best guess costs ``ln(group_size)`` nats.
+
+    ``filler``: "stdlib" (the embedded corpus's text), "random" (bytes drawn uniformly from
+    ``NEEDLE_ALPHABET``: nothing to learn in them beyond their frequencies, so the recall is
+    the only structure left, as in the needle task) or "topic" (every document draws its bytes
+    uniformly from its own random subset of ``topic_size`` lower-case letters: the bytes seen
+    anywhere earlier in the document tell which letters come next, ``ln(topic_size)`` nats per
+    byte for a model that knows the subset against ``ln(26)`` for one that does not; a window
+    that crosses into the next document must stop using the previous one's bytes).
+    ``n_groups = 0``: no recall pairs. ``plain_fraction``: share of documents that are plain
+    stdlib text of the same length, without synthetic structure (a mix of natural text and the
+    synthetic long-range component).
+    """
+
+    doc_len: int = 448
+    member_span: int = 192
+    query_span: int = 128
+    n_groups: int = 8
+    group_size: int = 8
+    filler: str = "stdlib"
+    plain_fraction: float = 0.0
+    topic_size: int = 8
+
+    def __post_init__(self):
+        if self.n_groups < 0 or self.group_size < 1:
+            raise ValueError(f"n_groups must be >= 0 and group_size >= 1, got {self.n_groups}, {self.group_size}")
+        if RECALL_MEMBER_BASE + self.n_groups * self.group_size > RECALL_CUE_BASE:
+            raise ValueError(f"n_groups * group_size must be <= {RECALL_CUE_BASE - RECALL_MEMBER_BASE}, "
+                             f"got {self.n_groups * self.group_size}")
+        if RECALL_CUE_BASE + self.n_groups > 256:
+            raise ValueError(f"n_groups must be <= {256 - RECALL_CUE_BASE}, got {self.n_groups}")
+        if self.member_span < self.n_groups:
+            raise ValueError(f"member_span ({self.member_span}) must be >= n_groups ({self.n_groups})")
+        if self.n_groups and self.query_span < 2 * self.n_groups + 1:
+            raise ValueError(f"query_span ({self.query_span}) must be >= 2 * n_groups + 1")
+        if self.filler not in ("stdlib", "random", "topic"):
+            raise ValueError(f"filler must be 'stdlib', 'random' or 'topic', got {self.filler!r}")
+        if self.filler == "topic" and not 1 <= self.topic_size <= 26:
+            raise ValueError(f"topic_size must be in [1, 26], got {self.topic_size}")
+        if not 0.0 <= self.plain_fraction < 1.0:
+            raise ValueError(f"plain_fraction must be in [0, 1), got {self.plain_fraction}")
+        if self.member_span + self.query_span > self.doc_len:
+            raise ValueError(f"member_span + query_span ({self.member_span + self.query_span}) must be "
+                             f"<= doc_len ({self.doc_len})")
+
+
+def recall_documents(n_docs: int, spec: RecallSpec, filler: Filler, seed: int) -> np.ndarray:
+    """``n_docs`` recall documents (``RecallSpec``), each followed by a 0 byte: (n_docs * (doc_len + 1),) uint8.
+
+    Deterministic in (n_docs, spec, filler text, seed).
+    """
+    if n_docs < 0:
+        raise ValueError(f"n_docs must be >= 0, got {n_docs}")
+    rng = np.random.default_rng([seed, spec.doc_len, spec.n_groups, spec.group_size])
+    text = np.frombuffer(filler.text.encode("ascii"), dtype=np.uint8)
+    reps = -(-(spec.doc_len + 1) // text.size) + 1
+    text = np.tile(text, reps) if reps > 1 else text
+    out = np.zeros((n_docs, spec.doc_len + 1), dtype=np.uint8)  # last column: the 0 separator
+    starts = rng.integers(0, text.size - spec.doc_len, size=n_docs)
+    groups = np.arange(spec.n_groups)
+    q_slots = np.arange(spec.doc_len - spec.query_span, spec.doc_len - 1, 2)  # pairs never overlap
+    alphabet = np.frombuffer(NEEDLE_ALPHABET.encode("ascii"), dtype=np.uint8)
+    letters = np.arange(ord("a"), ord("z") + 1, dtype=np.uint8)
+    plain = rng.random(n_docs) < spec.plain_fraction
+    for i in range(n_docs):
+        doc = out[i]
+        doc[: spec.doc_len] = text[starts[i] : starts[i] + spec.doc_len]
+        if plain[i]:
+            continue
+        if spec.filler == "random":
+            doc[: spec.doc_len] = alphabet[rng.integers(0, alphabet.size, spec.doc_len)]
+        elif spec.filler == "topic":
+            topic = rng.choice(letters, spec.topic_size, replace=False)
+            doc[: spec.doc_len] = topic[rng.integers(0, spec.topic_size, spec.doc_len)]
+        if not spec.n_groups:
+            continue
+        members = RECALL_MEMBER_BASE + groups * spec.group_size + rng.integers(0, spec.group_size, spec.n_groups)
+        doc[rng.choice(spec.member_span, spec.n_groups, replace=False)] = members
+        order = rng.permutation(spec.n_groups)
+        at = np.sort(rng.choice(q_slots, spec.n_groups, replace=False))
+        doc[at] = RECALL_CUE_BASE + order
+        doc[at + 1] = members[order]
+    return out.reshape(-1)
+
+
+def write_recall_corpus(out_dir, train_tokens: int, val_tokens: int, spec: RecallSpec | None = None,
+                        seed: int = 0) -> dict:
+    """llm.c shards ``OUT/train.bin`` and ``OUT/val.bin`` of recall documents for ``--data OUT``.
+
+    Filler: the embedded corpus's train split for train.bin, its validation split for val.bin
+    (so validation text is unseen). Returns a description (also written to ``OUT/recall.json``).
+    An existing corpus with the same description is kept (the shards are deterministic).
+    """
+    import json
+    from pathlib import Path
+
+    from .data import write_shard
+
+    spec = spec or RecallSpec()
+    out = Path(out_dir)
+    info = {"format": "recall documents (scaling_runs.tasks.recall_documents)", "spec": spec.__dict__,
+            "seed": seed, "train_tokens": 0, "val_tokens": 0}
+    per_doc = spec.doc_len + 1
+    n_train, n_val = -(-train_tokens // per_doc), -(-val_tokens // per_doc)
+    info.update(train_tokens=n_train * per_doc, val_tokens=n_val * per_doc)
+    meta = out / "recall.json"
+    if meta.exists() and json.loads(meta.read_text()).get("request") == info and (out / "train.bin").exists():
+        return json.loads(meta.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    train_fill, val_fill = default_filler(4_000_000, "train"), default_filler(2_000_000, "val")
+    write_shard(out / "train.bin", recall_documents(n_train, spec, train_fill, seed))
+    write_shard(out / "val.bin", recall_documents(n_val, spec, val_fill, seed + 1))
+    full = {"request": info, **info, "filler": {"train": train_fill.name, "val": val_fill.name},
+            "answer_bytes_per_doc": spec.n_groups, "doc_bytes": per_doc,
+            "nats_per_answer_without_recall": math.log(spec.group_size)}
+    meta.write_text(json.dumps(full, indent=2))
+    return full
