@@ -17,6 +17,7 @@ from scaling_runs.flops import causal_sparsity, flops_per_token
 from scaling_runs.model import GPT, RandomBlockAttention, random_block_indices
 from scaling_runs.presets import ARMS, get_study
 from scaling_runs.tasks import RECALL_CUE_BASE, RECALL_MEMBER_BASE, Filler, RecallSpec, recall_documents
+from tests._helpers import ROOT
 
 
 @pytest.mark.parametrize("seqlen,block,top_k", [(200, 32, 3), (512, 32, 3), (64, 16, 1), (40, 8, 6)])
@@ -235,9 +236,8 @@ def test_headline_is_the_largest_size_with_every_seed():
 def test_committed_study_summary_has_the_schema():
     """The committed cpu-study results (issue 16, item 6): summary.json's schema, >= 3 seeds at the
     headline size, >= 5 sizes in every fit, and the plots next to it."""
-    from pathlib import Path
 
-    folder = Path(__file__).resolve().parent.parent / "scaling_runs" / "results" / "cpu-study-2026-12-03"
+    folder = ROOT / "scaling_runs" / "results" / "cpu-study-2026-12-03"
     summary = json.loads((folder / "summary.json").read_text())
     details = json.loads((folder / "study.json").read_text())
     assert set(summary) == {"arms", "fits", "ratios"} and set(summary["arms"]) == set(ARMS)
