@@ -225,19 +225,23 @@ DKDV_MIN_SPLIT_ROWS = 4096
 
 
 class DkdvWork(NamedTuple):
-    """The dk/dv grid's work items (one program per item and key tile) and the heavy pairs' reduce."""
+    """The dk/dv grid's work items (one program per item and key tile) and the heavy pairs' reduce.
 
-    pair: torch.Tensor  # (I,) int32 (global block, KV head) pair of every item
+    Sizes are static upper bounds computed from the shapes alone (no host sync): unused items
+    have ``pair = -1`` and unused reduce entries ``red_pair = -1``; their programs exit at once."""
+
+    pair: torch.Tensor  # (I,) int32 (global block, KV head) pair of every item, -1 = unused
     begin: torch.Tensor  # (I,) int32 first position in ``rows``
     end: torch.Tensor  # (I,) int32 one past the last position
     part: torch.Tensor  # (I,) int32 partial index of a heavy pair's chunk, -1 = the whole list
-    red_pair: torch.Tensor  # (R,) int32 heavy pairs
+    red_pair: torch.Tensor  # (R,) int32 heavy pairs, -1 = unused
     red_first: torch.Tensor  # (R,) int32 first partial of each heavy pair (its chunks are consecutive)
     red_count: torch.Tensor  # (R,) int32 chunks of each heavy pair
-    n_parts: int  # total partials (sum of red_count)
+    n_parts: int  # partial buffers to allocate (an upper bound on the chunks of heavy pairs)
 
 
-def dkdv_work(row_ptr: torch.Tensor, block_m: int, split_rows: int | None = None) -> DkdvWork:
+def dkdv_work(row_ptr: torch.Tensor, block_m: int, split_rows: int | None = None,
+              max_rows: int | None = None) -> DkdvWork:
     """Split the row lists of heavy (key block, KV head) pairs for the dk/dv kernel (issue 14, item 5).
 
     A block chosen by every query (a "sink", e.g. block 0) would otherwise keep one program per
@@ -246,36 +250,56 @@ def dkdv_work(row_ptr: torch.Tensor, block_m: int, split_rows: int | None = None
     dk/dv that ``_dkdv_reduce_kernel`` sums in chunk order (deterministic, no atomics). Other
     pairs (the common case) stay one pass writing dk/dv directly.
 
-    Automatic ``split_rows`` (None and ``DKDV_SPLIT_ROWS`` None): twice the mean rows per pair,
-    rounded up to ``block_m``, at least ``DKDV_MIN_SPLIT_ROWS``: no program walks more than
-    about twice the mean, and the partials number at most half the pairs, so their memory is
-    at most 4 B x Tk x Hkv x D (twice k's size in 16 bits). row_ptr: (P + 1,) int32.
+    Built on device without reading a device value on the host: ``max_rows`` (a host int, at
+    least ``row_ptr[-1]``; the caller passes Tq * Hq * n_slots; None reads ``row_ptr[-1]``, for
+    tests) bounds every size. With R rows at most, at most R // split_rows pairs are heavy and
+    they have at most 2 * R // split_rows chunks, so I <= P + R // split_rows items.
+
+    Automatic ``split_rows`` (None and ``DKDV_SPLIT_ROWS`` None): twice ``max_rows`` / P (the
+    mean when every slot is used), rounded up to ``block_m``, at least ``DKDV_MIN_SPLIT_ROWS``:
+    no program walks more than about twice the mean, and the partials number at most the pairs,
+    so their memory is at most 2 x 4 B x Tk x Hkv x D. row_ptr: (P + 1,) int32.
     """
     if split_rows is None:
         split_rows = DKDV_SPLIT_ROWS
-    counts = (row_ptr[1:] - row_ptr[:-1]).long()  # (P,)
-    n_pairs = counts.numel()
+    n_pairs = row_ptr.numel() - 1
+    if max_rows is None:
+        max_rows = int(row_ptr[-1])
     if split_rows is None:
-        mean = -(-int(row_ptr[-1]) // max(1, n_pairs))
+        mean = -(-max_rows // max(1, n_pairs))
         split_rows = max(DKDV_MIN_SPLIT_ROWS, -(-2 * mean // block_m) * block_m)
     if not isinstance(split_rows, int) or isinstance(split_rows, bool) or split_rows < 1:
         raise ValueError(f"dkdv_split_rows must be a positive int or None, got {split_rows!r}")
     dev = row_ptr.device
+    n_heavy_max = min(n_pairs, max_rows // split_rows)  # pairs with more than split_rows rows
+    n_items_max = n_pairs + max_rows // split_rows
+    n_parts_max = min(n_items_max, 2 * (max_rows // split_rows))
+    counts = (row_ptr[1:] - row_ptr[:-1]).long()  # (P,)
     heavy = counts > split_rows  # (P,)
     n_items = torch.where(heavy, (counts + split_rows - 1) // split_rows, 1)  # (P,)
-    pair = torch.repeat_interleave(torch.arange(n_pairs, device=dev), n_items)  # (I,)
-    first = torch.cumsum(n_items, 0) - n_items  # (P,) first item of every pair
-    local = torch.arange(pair.numel(), device=dev) - first[pair]  # (I,) chunk index inside its pair
-    begin = row_ptr[:-1].long()[pair] + local * split_rows
-    end = torch.minimum(begin + split_rows, row_ptr[1:].long()[pair])
-    is_part = heavy[pair]  # (I,)
+    item_end = torch.cumsum(n_items, 0)  # (P,) one past the last item of every pair
+    first = item_end - n_items  # (P,) first item of every pair
+    item = torch.arange(n_items_max, device=dev)  # (I,)
+    pair = torch.searchsorted(item_end, item, right=True)  # (I,) == P past the last used item
+    used = pair < n_pairs  # (I,)
+    pair_c = pair.clamp(max=max(0, n_pairs - 1))
+    local = item - first[pair_c]  # (I,) chunk index inside its pair
+    begin = row_ptr[:-1].long()[pair_c] + local * split_rows
+    end = torch.minimum(begin + split_rows, row_ptr[1:].long()[pair_c])
+    is_part = used & heavy[pair_c]  # (I,)
     part = torch.where(is_part, torch.cumsum(is_part.long(), 0) - 1, -1)  # (I,)
-    red_pair = heavy.nonzero().squeeze(1)  # (R,)
-    red_first = part[first[red_pair]]
-    red_count = n_items[red_pair]
+    # Heavy pairs in ascending order: heavy pair p goes to entry (heavy pairs before p); the
+    # others are written to a dump entry past the end, then cut off.
+    rank = torch.where(heavy, torch.cumsum(heavy.long(), 0) - 1, n_heavy_max)  # (P,)
+    red_pair = torch.full((n_heavy_max + 1,), -1, dtype=torch.long, device=dev)
+    red_pair.scatter_(0, rank, torch.arange(n_pairs, device=dev))
+    red_pair = red_pair[:n_heavy_max]  # (R,)
+    red_c = red_pair.clamp(min=0, max=max(0, n_pairs - 1))
+    red_first = torch.where(red_pair >= 0, part[first[red_c].clamp(max=max(0, n_items_max - 1))], 0)
+    red_count = torch.where(red_pair >= 0, n_items[red_c], 0)
     i32 = dict(dtype=torch.int32)
-    return DkdvWork(pair.to(**i32), begin.to(**i32), end.to(**i32), part.to(**i32), red_pair.to(**i32),
-                    red_first.to(**i32), red_count.to(**i32), int(is_part.sum()))
+    return DkdvWork(torch.where(used, pair, -1).to(**i32), begin.to(**i32), end.to(**i32), part.to(**i32),
+                    red_pair.to(**i32), red_first.to(**i32), red_count.to(**i32), n_parts_max)
 
 
 def padded_head_dim(d: int) -> int:
@@ -558,10 +582,10 @@ def _bwd_dkdv_kernel(
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid: no grid dimension limit on long inputs
     pid_n = pid % n_key_tiles  # key tile inside the block
     item = pid // n_key_tiles
-    pair = tl.load(ITEM_PAIR + item).to(tl.int64)  # (global block, KV head) pair
+    pair = tl.load(ITEM_PAIR + item).to(tl.int64)  # (global block, KV head) pair, -1 = unused item
     block = pair // n_heads_kv
     kv_head = pair % n_heads_kv
-    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
+    block_len = tl.load(BLOCK_LEN + block, mask=pair >= 0, other=0).to(tl.int64)  # 0: the program exits
     n0 = pid_n * BLOCK_N
     if n0 < block_len:
         tile_first = tl.load(BLOCK_START + block).to(tl.int64) + n0  # global token of the tile's first key
@@ -631,10 +655,10 @@ def _dkdv_reduce_kernel(
     pid = tl.program_id(0).to(tl.int64)
     pid_n = pid % n_key_tiles
     red = pid // n_key_tiles
-    pair = tl.load(RED_PAIR + red).to(tl.int64)
+    pair = tl.load(RED_PAIR + red).to(tl.int64)  # -1 = unused entry
     block = pair // n_heads_kv
     kv_head = pair % n_heads_kv
-    block_len = tl.load(BLOCK_LEN + block).to(tl.int64)
+    block_len = tl.load(BLOCK_LEN + block, mask=pair >= 0, other=0).to(tl.int64)  # 0: the program exits
     n0 = pid_n * BLOCK_N
     if n0 < block_len:
         tile_first = tl.load(BLOCK_START + block).to(tl.int64) + n0
@@ -1205,7 +1229,7 @@ def attention_backward(
 
     block_m, block_n, warps, stages = DKDV_CONFIGS[head_dim]
     n_key_tiles = triton.cdiv(lay.block_size, block_n)
-    work = dkdv_work(sel.row_ptr, block_m, dkdv_split_rows)
+    work = dkdv_work(sel.row_ptr, block_m, dkdv_split_rows, max_rows=tq * hq * n_slots)
     n_parts = work.n_parts  # chunks of heavy pairs (0: every pair in one pass)
     part_dk = torch.empty((n_parts, lay.block_size, d), dtype=torch.float32, device=q.device)
     part_dv = torch.empty((n_parts, lay.block_size, d), dtype=torch.float32, device=q.device)

@@ -756,7 +756,7 @@ def test_gather_nan_in_one_sequence_stays_there(poison, monkeypatch):
 def _sink_indices(q, k, layout, top_k, causal):
     """The gate's selection with block 0 of every sequence forced into every row (a "sink"
     block chosen by every query): the last slot becomes 0 where 0 is missing."""
-    from moba.gate import select_packed
+    from moba.ops.gate import select_packed
 
     idx = select_packed(q, k, layout, top_k, causal).clone()
     has0 = (idx == 0).any(-1)
@@ -770,8 +770,9 @@ def _sink_indices(q, k, layout, top_k, causal):
     (False, torch.float32, 7),
 ])
 def test_dkdv_split_of_heavy_blocks_matches_reference(monkeypatch, decomposition, causal, dtype, split_rows):
-    from moba._layout import build_layout
     from moba.triton_kernels import attention as attn
+
+    from moba._core.layout import build_layout
 
     cu = [0, 96, 96, 157]  # varlen, an empty sequence, a ragged tail block
     hq, hkv, d, block_size = 4, 2, 32, 16
@@ -793,9 +794,10 @@ def test_dkdv_split_of_heavy_blocks_matches_reference(monkeypatch, decomposition
 
 
 def test_dkdv_split_is_deterministic_and_close_to_one_pass(monkeypatch):
-    from moba._layout import build_layout
-    from moba.triton_backend import triton_attention_packed
     from moba.triton_kernels import attention as attn
+
+    from moba._core.layout import build_layout
+    from moba.ops.triton_impl import triton_attention_packed
 
     cu = [0, 100, 180]
     q, k, v = _make(cu, cu, 4, 2, 32, torch.float16, seed=5)
@@ -821,10 +823,17 @@ def test_dkdv_work_by_hand():
     row_ptr = torch.tensor([0, 3, 3, 13, 14], dtype=torch.int32)  # pairs with 3, 0, 10, 1 rows
     w = dkdv_work(row_ptr, block_m=64, split_rows=4)
     # pair 2 (10 rows) -> chunks [3:7], [7:11], [11:13] = partials 0, 1, 2; the others one pass
-    assert w.pair.tolist() == [0, 1, 2, 2, 2, 3]
-    assert w.begin.tolist() == [0, 3, 3, 7, 11, 13] and w.end.tolist() == [3, 3, 7, 11, 13, 14]
-    assert w.part.tolist() == [-1, -1, 0, 1, 2, -1]
-    assert (w.red_pair.tolist(), w.red_first.tolist(), w.red_count.tolist(), w.n_parts) == ([2], [0], [3], 3)
+    # Static sizes (no host sync): 14 rows / 4 -> at most 4 + 3 items, 3 heavy pairs, 6 partials;
+    # the unused item and reduce entries carry pair -1.
+    assert w.pair.tolist() == [0, 1, 2, 2, 2, 3, -1]
+    assert w.begin.tolist()[:6] == [0, 3, 3, 7, 11, 13] and w.end.tolist()[:6] == [3, 3, 7, 11, 13, 14]
+    assert w.part.tolist() == [-1, -1, 0, 1, 2, -1, -1]
+    assert (w.red_pair.tolist(), w.red_first.tolist()[:1], w.red_count.tolist(), w.n_parts) == ([2, -1, -1], [0],
+                                                                                                [3, 0, 0], 6)
+    # The bound from the shapes (Tq * Hq * n_slots) may exceed the rows: more unused entries only.
+    wide = dkdv_work(row_ptr, block_m=64, split_rows=4, max_rows=40)
+    assert wide.pair.tolist()[:6] == [0, 1, 2, 2, 2, 3] and set(wide.pair.tolist()[6:]) == {-1}
+    assert wide.red_pair.tolist()[0] == 2 and set(wide.red_pair.tolist()[1:]) == {-1}
     one_pass = dkdv_work(row_ptr, block_m=64)  # automatic: at least DKDV_MIN_SPLIT_ROWS rows, no split here
     assert one_pass.n_parts == 0 and one_pass.part.tolist() == [-1] * 4
     for bad in (0, -3, 2.5, True):
