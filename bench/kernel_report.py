@@ -87,6 +87,8 @@ PHASES = ("gate", "fwd-union", "bwd-union", "fwd-gather", "bwd-gather", "decode"
 #: Kernels the static rules apply to (tests/bench/test_kernel_report.py): attention matmuls must
 #: use wgmma on sm_90; these and the gate must neither spill nor touch local memory.
 ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_fwd_gather_kernel", "_bwd_dq_gather_kernel")
+#: Attention helpers without a matmul (the spill and local-memory rules only).
+ATTENTION_HELPER_KERNELS = ("_dkdv_reduce_kernel",)
 GATE_KERNELS = ("_gate_topk_kernel", "_block_mean_kernel")
 
 SASS_OPS = ("HGMMA", "HMMA", "FFMA", "LDL", "STL", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "LDSM", "STSM")

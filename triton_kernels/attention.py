@@ -138,7 +138,10 @@ DQ_CONFIGS = {
 }
 # The gather kernels (forward, dq) have their own tables: their segment and chunk loops around
 # the key loop cost registers, and at D = 128 BLOCK_N = 64 or two pipeline stages spill on
-# sm_90 (bench/kernel_report.py). Forward at 4 warps: one warpgroup per 64-row tile.
+# sm_90 (bench/kernel_report.py). Forward at 4 warps: one warpgroup per 64-row tile. At D=128
+# that forward spills 184 B on sm_80 (255 registers); (64, 32, 8, 1) does not spill on either
+# target but makes both warpgroups compute the same 64-row scores on sm_90 (18 HGMMA instead of
+# 10), and (128, 32, 8, 1) spills 48 B on sm_80: sm_90 (H100/H200) decides.
 FWD_GATHER_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
@@ -214,6 +217,13 @@ def tma_loads(kernel: str, head_dim: int, k: torch.Tensor, v: torch.Tensor) -> b
 DKDV_SPLIT_ROWS: int | None = None
 #: Smallest automatic split (rows): below it one pass costs less than the partials' traffic.
 DKDV_MIN_SPLIT_ROWS = 4096
+#: Automatic split = this many times the largest possible mean rows per pair. The partial
+#: buffers are sized from the shapes (no host sync), so the factor bounds their memory: at most
+#: P * 2 / DKDV_SPLIT_FACTOR chunks of (block_size, D) float32 for dk and for dv, i.e. with 4
+#: together 4 B x Tk x Hkv x D (twice k's size in 16 bits), whether or not any pair is heavy.
+DKDV_SPLIT_FACTOR = 4
+#: Keys per program of the dk/dv reduce: two (keys, D) float32 sums in 4 warps stay in registers.
+DKDV_REDUCE_BLOCK_N = 32
 
 
 class DkdvWork(NamedTuple):
@@ -247,10 +257,10 @@ def dkdv_work(row_ptr: torch.Tensor, block_m: int, split_rows: int | None = None
     tests) bounds every size. With R rows at most, at most R // split_rows pairs are heavy and
     they have at most 2 * R // split_rows chunks, so I <= P + R // split_rows items.
 
-    Automatic ``split_rows`` (None and ``DKDV_SPLIT_ROWS`` None): twice ``max_rows`` / P (the
-    mean when every slot is used), rounded up to ``block_m``, at least ``DKDV_MIN_SPLIT_ROWS``:
-    no program walks more than about twice the mean, and the partials number at most the pairs,
-    so their memory is at most 2 x 4 B x Tk x Hkv x D. row_ptr: (P + 1,) int32.
+    Automatic ``split_rows`` (None and ``DKDV_SPLIT_ROWS`` None): ``DKDV_SPLIT_FACTOR`` times
+    ``max_rows`` / P (the mean when every slot is used), rounded up to ``block_m``, at least
+    ``DKDV_MIN_SPLIT_ROWS``: no program walks more than a few times the mean, and the partials
+    number at most 2 P / ``DKDV_SPLIT_FACTOR`` (see there for their memory). row_ptr: (P + 1,) int32.
     """
     if split_rows is None:
         split_rows = DKDV_SPLIT_ROWS
@@ -259,7 +269,7 @@ def dkdv_work(row_ptr: torch.Tensor, block_m: int, split_rows: int | None = None
         max_rows = int(row_ptr[-1])
     if split_rows is None:
         mean = -(-max_rows // max(1, n_pairs))
-        split_rows = max(DKDV_MIN_SPLIT_ROWS, -(-2 * mean // block_m) * block_m)
+        split_rows = max(DKDV_MIN_SPLIT_ROWS, -(-DKDV_SPLIT_FACTOR * mean // block_m) * block_m)
     if not isinstance(split_rows, int) or isinstance(split_rows, bool) or split_rows < 1:
         raise ValueError(f"dkdv_split_rows must be a positive int or None, got {split_rows!r}")
     dev = row_ptr.device
@@ -1235,11 +1245,12 @@ def attention_backward(
         num_warps=warps, num_stages=stages,
     )
     if n_parts:
-        _dkdv_reduce_kernel[(n_key_tiles * work.red_pair.numel(),)](
+        red_tiles = triton.cdiv(lay.block_size, DKDV_REDUCE_BLOCK_N)
+        _dkdv_reduce_kernel[(red_tiles * work.red_pair.numel(),)](
             part_dk, part_dv, dk, dv, work.red_pair, work.red_first, work.red_count, block_start, block_len,
             dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            scale, hkv, n_key_tiles, lay.block_size, d,
-            HEAD_DIM=head_dim, BLOCK_N=block_n, num_warps=4,
+            scale, hkv, red_tiles, lay.block_size, d,
+            HEAD_DIM=head_dim, BLOCK_N=DKDV_REDUCE_BLOCK_N, num_warps=4,
         )
     return dq, dk, dv
 
@@ -1292,7 +1303,7 @@ def kernel_configs(dtype: str):
                  "stride_dkt", "stride_dkh", "stride_dvt", "stride_dvh",
                  "scale", "n_heads_kv", "n_key_tiles", "block_size", "d_real"]
         types = ["*fp32", "*fp32", ptr, ptr] + ["*i32"] * 5 + ["i64"] * 4 + ["fp32"] + ["i32"] * 4
-        const = dict(HEAD_DIM=head_dim, BLOCK_N=bn)
+        const = dict(HEAD_DIM=head_dim, BLOCK_N=DKDV_REDUCE_BLOCK_N)
         yield f"dkdv_reduce_d{head_dim}", _dkdv_reduce_kernel, dict(zip(names, types, strict=True)), const, 4, 1
     common = ["ROWS", "SEG_START", "SEG_END", "SEG_PAIR", "PROG_PTR", "ST_START", "ST_END", "BLOCK_START", "BLOCK_LEN",
               "Q_KEY_TOKEN"]

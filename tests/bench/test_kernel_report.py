@@ -32,7 +32,8 @@ BENCH = ROOT / "bench"
 
 QUICK_KERNELS = {
     "_block_mean_kernel", "_gate_topk_kernel", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel",
-    "_fwd_gather_kernel", "_bwd_dq_gather_kernel", "_moba_decode_split_kernel", "_moba_decode_merge_kernel",
+    "_fwd_gather_kernel", "_bwd_dq_gather_kernel", "_dkdv_reduce_kernel", "_moba_decode_split_kernel",
+    "_moba_decode_merge_kernel",
 }
 COMMITTED = BENCH / "results" / "kernel-report-main-2026-12-03.json"
 
@@ -113,7 +114,7 @@ KNOWN_FAILING: dict[tuple[str, str], str] = {}
 
 def _rule_params():
     params = []
-    for kernel in kr.GATE_KERNELS + kr.ATTENTION_KERNELS:
+    for kernel in kr.GATE_KERNELS + kr.ATTENTION_KERNELS + kr.ATTENTION_HELPER_KERNELS:
         rules = [_SPILLS, _LOCAL] + ([_WGMMA] if kernel in kr.ATTENTION_KERNELS else [])
         for rule in rules:
             reason = KNOWN_FAILING.get((kernel, rule))
@@ -144,7 +145,7 @@ def test_attention_tiles_do_not_spill_on_sm80(report, kernel):
 
 
 def test_known_failures_name_real_kernels():
-    kernels = set(kr.GATE_KERNELS + kr.ATTENTION_KERNELS)
+    kernels = set(kr.GATE_KERNELS + kr.ATTENTION_KERNELS + kr.ATTENTION_HELPER_KERNELS)
     assert {k for k, _ in KNOWN_FAILING} <= kernels
 
 
