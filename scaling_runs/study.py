@@ -216,8 +216,9 @@ def _subset(given: str | None, allowed: list, what: str, cast=str) -> list | Non
     return items
 
 
-def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+def selected_preset(a: argparse.Namespace) -> StudyPreset:
+    """The study preset ``a.preset`` narrowed to the ``--sizes`` / ``--arms`` / ``--seeds`` /
+    ``--tpp`` of the parsed command line ``a``."""
     preset = get_study(a.preset)
     sizes = _subset(a.sizes, [s.name for s in preset.sizes], "sizes")
     if sizes is not None:
@@ -230,6 +231,12 @@ def main(argv: list[str] | None = None) -> int:
         preset.seeds = seeds
     if a.tpp is not None:
         preset.tpp = a.tpp
+    return preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    preset = selected_preset(a)
     out = Path(a.out or f"runs/{preset.name}")
     out.mkdir(parents=True, exist_ok=True)
     data, data_info = prepare_data(preset, out)
