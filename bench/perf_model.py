@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"MODELLED (no GPU ran this): {gpu.name}, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16, causal, "
           f"fwd+bwd unless noted; {'uncorrelated (random) selections' if args.uncorrelated else 'correlated selections'}; "
           f"assumptions at the top of bench/perf_model.py")
-    header = (f"{'setting':>9} {'S':>5} {'design':>11} | {'fwd+bwd ms':>10} {'x FA2':>7} {'x FA3':>7} | {'fwd x FA2':>9} "
+    header = (f"{'setting':>9} {'S':>5} {'design':>11} {'runs':>6} | {'fwd+bwd ms':>10} {'x FA2':>7} {'x FA3':>7} | {'fwd x FA2':>9} "
               f"{'gate/fwd':>8} | {'TFLOP/s eff':>11} {'wasted MMA':>10} | {'peak GiB':>8} {'x dense':>7} {'fwd-only x dense':>16}")
     print(header)
     print("-" * len(header))
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             s = Shape(seqlen, args.heads, args.kv_heads, args.head_dim, bs, k)
             for m in compare(s, gpu, designs, args.uncorrelated):
                 rows.append(m)
-                print(f"{bs:>5}/k{k:<2} {seqlen // 1024:>4}K {m['design']:>11} | {m['fwd_bwd_s'] * 1e3:>10.2f} "
+                print(f"{bs:>5}/k{k:<2} {seqlen // 1024:>4}K {m['design']:>11} {m['decomposition']:>6} | {m['fwd_bwd_s'] * 1e3:>10.2f} "
                       f"{m['speedup_fwd_bwd_vs_FA2']:>6.1f}x {m['speedup_fwd_bwd_vs_FA3']:>6.1f}x | "
                       f"{m['speedup_fwd_vs_FA2']:>8.1f}x {m['gate_share_fwd']:>8.0%} | {m['tflops_eff_fwd_bwd']:>11.0f} "
                       f"{m['wasted_mma_fraction']:>10.0%} | {_gib(m['mem_fwd_bwd']):>8} {m['mem_vs_dense_fwd_bwd']:>6.2f}x {m['mem_vs_dense_fwd']:>15.2f}x")
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         if kk["programs"]:
                             tail = tail_efficiency(kk["programs"], gpu.sms, kk["blocks_per_sm"])
                             grid = f"{kk['programs']:>10} programs ({tail:.0%} of the last wave's SM slots busy)"
-                        print(f"{'':>28} {kk['phase']:>3} {kk['name']:<36} {kk['seconds'] * 1e3:9.3f} ms {grid} {kk['notes']}")
+                        print(f"{'':>35} {kk['phase']:>3} {kk['name']:<36} {kk['seconds'] * 1e3:9.3f} ms {grid} {kk['notes']}")
             dn = dense_flash(s, gpu, "FA2")
             print(f"{'':>17} dense flash fwd+bwd: FA2-class {dn['fwd_bwd_s'] * 1e3:.1f} ms, FA3-class "
                   f"{dense_flash(s, gpu, 'FA3')['fwd_bwd_s'] * 1e3:.1f} ms, peak {_gib(dn['mem_fwd_bwd'])} GiB (modelled)")
