@@ -9,31 +9,43 @@ a GPU measures the kernels (bench/device_check.py), calibrate the efficiencies a
 
 Designs modelled
 ----------------
-* ``today-union`` / ``today-gather`` / ``today-auto``: the kernels as they are
-  (triton_kernels/*.py at the time of writing): the gate's ``top_k - 1`` fp32-FMA passes over
-  every block (future ones too), host glue (sort, selection grouping, ``torch.unique``) in the
-  forward and again in the backward, the union kernel's wasted MMA rows or the gather kernel's
-  per-slot float32 partials and their slot-by-slot merge in PyTorch, and dk/dv with one
-  program per key tile walking the rows that chose its block, a heavy ("sink") block's rows
-  split into chunks whose float32 partials a second kernel sums in order (``today_dkdv``). ``auto`` is the launcher's
-  rule (union unless it computes > 1.5x the gather MMA rows).
-* ``owner-gather`` / ``owner-auto``: the gather path as it is now (issue 14, item 2) with the
-  selection built once on device (item 4), everything else as ``today-*``: one program per
-  (super-tile of ``gather_tile`` queries, KV head) walks its segments (key block, the rows of
-  the tile that chose it, all query heads of the group) ``BLOCK_M`` rows at a time and keeps
-  ONE float32 running state per row (output sum, max, sum) in global memory, read and written
-  back per segment: no per-slot partials, no merge pass. ``owner-auto``: union unless its MMA
-  rows exceed ``UNION_MARGIN`` x the gather rows. ``--uncorrelated`` models random
-  selections (every row's past picks independent: the union path's worst case).
-* ``redesign``: issue 14's plan, as a target: a one-pass tensor-core gate over past blocks
-  only that emits the per-block row lists (no host glue, no syncs); one program per 128-row
-  query tile walking the blocks its rows chose (per-row masks, no partials in HBM); dk/dv
-  with heavy ("sink") blocks split across SMs and reduced deterministically.
+* ``main-union`` / ``main-gather`` / ``main-auto``: the kernels on main (triton_kernels/*.py,
+  issue 14's kernel work merged; tile shapes and occupancy from the static report
+  bench/results/kernel-report-tiles-2026-12-03.json, the gather rows from ``python -m
+  bench.kernel_report --quick --cc 90`` at bd8e068):
+  - gate: block means, then ONE pass per (64-row query tile, query head) over the tile's past
+    blocks only (``BLOCK_B`` at a time, padded), running top-k in registers. For bf16/fp16
+    inputs the scores are TWO TF32 tensor-core products (q . m_hi + q . m_lo); the TF32
+    tensor-core peak is half the bf16 peak (H100/H200 datasheets: 495 vs 989 TFLOP/s dense),
+    so one gate product costs twice the time of a bf16 one of the same shape (``TF32_PEAK_RATIO``).
+  - the selection: ``sort_block_indices`` + ``build_selection`` on device, once (saved for
+    the backward); explicit "union"/"gather" have no host sync, "auto" two (the forward's
+    comparison in ``choose_decomposition``, the backward's read-back of the choice).
+  - union: one program per (``UNION_BLOCK_M``-row tile, query head) walking the union of its
+    rows' blocks (128 rows / 8 warps at D=128, 64 rows / 4 warps at D=64); gather: the
+    owner-computes path (one program per (super-tile, KV head), 64-row chunks per segment,
+    one float32 row state per row in HBM, no per-slot partials); "auto" = the launcher's rule
+    (union unless its MMA rows exceed ``UNION_MARGIN`` x the gather rows).
+  - backward: delta = rowsum(dO * O) in eager PyTorch (two float32 casts and their product:
+    3 x Tq*Hq*D*4 bytes live at once, the backward's memory peak), dq (union or gather),
+    dk/dv per 128-key tile with heavy row lists split (``dkdv_work``: static bounds, float32
+    partials allocated at their bound, summed in order by ``_dkdv_reduce_kernel``).
+* ``target``: what remains of issue 14's plan, in these stated ways only (everything else as
+  ``main-auto``): (1) the gate's scores in ONE bf16 product plus an exact float32 re-check of
+  near ties (``TARGET_GATE_RECHECK`` extra work), i.e. a quarter of the two TF32 products'
+  tensor time; (2) "auto" decided on device (no host syncs); (3) delta fused into a kernel
+  (no float32 temporaries); (4) attention tiles at FA2-class efficiency (``TARGET_EFF``:
+  pipelined K/V, wider key steps), which the spill-free tiles on main do not yet support.
+
+``--uncorrelated`` models random selections (every row's past picks independent: the union
+path's worst case).
 
 Per kernel: FLOPs (2 per multiply-add; the MMA work actually issued, so wasted rows count),
 HBM bytes, programs vs SMs (waves and the tail of the last wave), and time =
-max(MMA time / tail efficiency, HBM time) + launch; peak memory = what the launchers allocate
-above the inputs (counted from the code), at its peak.
+max(MMA time / tail efficiency, FMA time, HBM time, longest program) + launches + syncs;
+peak memory = what the launchers allocate above the inputs (counted from the code), at its peak.
+Not modelled: L2 bandwidth (the gate's block means, 4 MiB at 512K, are re-read from L2 by
+every tile), clock throttling, overlap between kernels.
 """
 
 from __future__ import annotations
@@ -87,60 +99,92 @@ DENSE_EFF = {
     ("FA2", 64): {"fwd": 0.28, "bwd": 0.22},
     ("FA3", 64): {"fwd": 0.52, "bwd": 0.40},
 }
-#: Our Triton attention kernels today (64-row tiles, 8 warps, 255 registers, 1 block per SM,
-#: no TMA; bench/kernel_report.py), fraction of the bf16 peak inside their inner loop. A guess.
-TODAY_EFF = {"fwd": 0.25, "bwd": 0.18}
-#: The redesigned attention (128-row tiles, TMA/block pointers, no spills): FA2-class. A target.
-REDESIGN_EFF = {"fwd": 0.35, "bwd": 0.28}
-#: Today's gate: fp32 FMA dot (input_precision="ieee"), 4 warps, heavy spills (kernel_report:
-#: ~14 KB spill traffic, ~3,200 LDL/STL on sm_90): fraction of the fp32 peak. A guess.
-GATE_FMA_FRACTION = 0.35
-#: Redesigned gate: bf16 tensor-core scores, fraction of the bf16 peak (small N = D tiles). A guess.
+#: Our attention kernels on main at D=128, fraction of the bf16 peak inside their inner loop. A GUESS.
+#: The previous tiles (64 rows / 8 warps, 255 registers, spills in dq and dk/dv, both
+#: warpgroups computing one score tile) were guessed at 0.25 fwd / 0.18 bwd. The static report
+#: supports raising them, but not to FA2-class (0.35 / 0.28): every tile is now spill-free
+#: with a 64-row wgmma M side per warpgroup and the D=128 forward loads K/V by TMA (the gain,
+#: fwd to 0.30, dq to 0.22); but the D=128 forward and dq step 32 keys at a time with
+#: num_stages = 1 (no software pipelining; wider or deeper spills) at 1 CTA per SM, dk/dv steps
+#: only 16 query rows (its wgmma N side), the gather forward has no TMA and gathers q rows
+#: (0.25), and the gather dq runs 8 warps on 64 rows (0.18, the old duplicated-tile case).
+MAIN_EFF = {"fwd": 0.30, "dq": 0.22, "dkdv": 0.18, "fwd_gather": 0.25, "dq_gather": 0.18}
+#: The remaining target: FA2-class tiles (pipelined K/V, 64-key steps). A target, not a guess of main.
+TARGET_EFF = {"fwd": 0.35, "dq": 0.28, "dkdv": 0.28, "fwd_gather": 0.35, "dq_gather": 0.28}
+#: Our kernels at D=64 relative to D=128 (the dense ratio above). A guess.
+D64_FACTOR = 0.8
+#: TF32 tensor-core peak / bf16 peak (H100/H200 SXM datasheets: 494.7 / 989.4 dense).
+TF32_PEAK_RATIO = 0.5
+#: The gate's tensor-core scores, fraction of the (TF32 or bf16) peak: small tiles (64 query
+#: rows x BLOCK_B = 16 blocks at D=128, so wgmma N = 16), 3 CTAs per SM. A guess.
 GATE_TC_EFF = 0.30
-#: Redesigned gate's running top-k: compare/select operations per score and top-k slot, on
-#: the fp32 pipes at GATE_FMA_FRACTION.
-TOPK_OPS_PER_SCORE_SLOT = 2
-#: Tile shapes. Today: BLOCK_M = 64 for every attention kernel, BLOCK_M = 64 gate rows; redesign: 128.
-TODAY_BLOCK_M = 64
-#: dk/dv today (triton_kernels/attention.py DKDV_CONFIGS at D=64/128): keys per program, query
-#: rows per step, and dkdv_work's smallest split of a heavy row list.
+#: Score products per chunk: main = 2 TF32 (q exact in TF32, the float32 means split hi/lo;
+#: float32 inputs take tf32x3 = 3, not modelled: the targets are bf16); target = 1 bf16.
+MAIN_GATE_PRODUCTS = 2
+#: Target gate: the near-tie re-check (exact float32 scores for rows whose cut falls inside
+#: the bf16 error bound) as a fraction of the bf16 product's work. A guess.
+TARGET_GATE_RECHECK = 0.10
+#: Running top-k: ALU operations per score (chunk max with the (score, block) tie-break, the
+#: candidate mask, the compare with the worst kept pair; one round per chunk once the
+#: selection is good), at fp32-pipe rate x GATE_FMA_FRACTION (one op per lane = 2 FLOPs). A guess.
+TOPK_OPS_PER_SCORE = 8
+GATE_FMA_FRACTION = 0.35
+#: Gate tiles (triton_kernels/gate.py GATE_CONFIGS): padded head dim -> (BLOCK_M, BLOCK_B).
+GATE_TILES = {16: (64, 32), 32: (64, 32), 64: (64, 32), 128: (64, 16), 256: (32, 16)}
+#: Union tile rows (FWD_CONFIGS / DQ_CONFIGS BLOCK_M) and gather chunk rows (FWD_GATHER_CONFIGS).
+UNION_BLOCK_M = {64: 64, 128: 128}
+GATHER_BLOCK_M = 64
+#: Resident programs per SM, sm_90, from the static reports (theoretical occupancy: registers
+#: limit every one): D=128 / D=64.
+BLOCKS_PER_SM = {
+    128: {"gate": 3, "mean": 6, "fwd": 1, "dq": 1, "dkdv": 1, "fwd_gather": 2, "dq_gather": 1, "reduce": 9},
+    64: {"gate": 4, "mean": 9, "fwd": 3, "dq": 3, "dkdv": 1, "fwd_gather": 2, "dq_gather": 2, "reduce": 9},
+}
+#: dk/dv (DKDV_CONFIGS): keys per program, query rows per step (D=128: 16, D=64: 32), and
+#: dkdv_work's smallest split of a heavy row list.
 DKDV_KEY_TILE = 128
-DKDV_ROWS_PER_STEP = 32
+DKDV_ROWS_PER_STEP = {64: 32, 128: 16}
 DKDV_MIN_SPLIT_ROWS = 4096
-REDESIGN_BLOCK_M = 128
-#: Resident programs per SM (kernel_report, sm_90, D=128: attention 1 block of 8 warps;
-#: the gate 3 blocks of 4 warps).
-ATTN_BLOCKS_PER_SM = 1
-GATE_BLOCKS_PER_SM = 3
 #: Distinct past blocks a query tile's rows select together, as a multiple of one row's
-#: (top_k - 1) (union path). 1 = neighbouring queries pick the same blocks; 64 = unrelated.
-#: Trained models' neighbouring queries mostly agree: 2 is a guess to calibrate.
+#: (top_k - 1) (union path), for 64- and 128-row tiles alike. 1 = neighbouring queries pick
+#: the same blocks. Trained models' neighbouring queries mostly agree: 2 is a guess to calibrate.
 UNION_FACTOR = 2.0
 #: Fraction of all query rows that pick the most popular past block (an attention "sink"; in
-#: trained LLMs block 0 is chosen by nearly every query). Sets dk/dv's longest program today.
+#: trained LLMs block 0 is chosen by nearly every query). Sets dk/dv's longest program.
 SINK_FRACTION = 1.0
-#: Host glue per (token, head, slot) of the selection, HBM bytes per pass (radix sorts of
-#: int64 keys with int64 values, nonzero, bincount, cumsum, gathers: about 10 passes of 16 B),
-#: and the number of such passes: sort_block_indices + _selection + choose_decomposition
-#: (torch.unique) in the forward, _selection again in the backward.
-GLUE_BYTES_PER_SLOT = 160
-GLUE_SYNCS = 4  # host syncs (nonzero, .item(), unique): each drains the GPU
-#: Selection built once on device (attention.build_selection): two sorts of int64 keys over
-#: every (token, head, slot) plus gathers, cummin, searchsorted: about 12 passes of 16 B.
-#: No sync with an explicit decomposition; "auto" adds one sync in the forward (the
-#: comparison, after a third sort for the union size) and one in the backward (read back).
-OWNER_GLUE_BYTES_PER_SLOT = 192
-OWNER_AUTO_SYNCS = 2
+#: Selection glue on device, HBM bytes per (token, head, slot), guesses from the torch ops:
+#: sort_block_indices (where + sort of int32 with int64 indices: ~32 B); build_selection
+#: without segments (union: one stable sort of int64 pair keys with int64 order, gathers,
+#: searchsorted: ~96 B) or with them (gather / auto: a second sort over (program, entry) keys,
+#: cummin, more gathers: ~192 B); choose_decomposition (auto: int64 keys built and sorted: ~48 B).
+SORT_BYTES_PER_SLOT = 32
+SELECTION_BYTES_PER_SLOT = {"union": 96, "gather": 192}
+CHOOSE_BYTES_PER_SLOT = 48
+#: Host syncs of "auto" on main (choose_decomposition's comparison, the backward's read-back).
+AUTO_SYNCS = 2
 #: Gather super-tile and program target (triton_kernels/attention.py: GATHER_TILE_RANGE,
 #: GATHER_PROGRAMS) and its UNION_MARGIN.
 GATHER_TILE_RANGE = (64, 16384)
 GATHER_PROGRAMS = 1024
 UNION_MARGIN = 1.25
-#: Gather kernels' programs per SM (kernel_report, sm_90, D=128: forward 4 warps at 254
-#: registers = 2 blocks; dq 8 warps = 1 block).
-OWNER_FWD_BLOCKS_PER_SM = 2
-SYNC_US = 20.0
-LAUNCH_US = 4.0  # per kernel launch (and per PyTorch op in the glue / merge)
+SYNC_US = 20.0  # each host sync drains the GPU
+LAUNCH_US = 4.0  # per kernel launch (and per PyTorch op in the glue)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What differs between main and the remaining target (see the module docstring)."""
+
+    name: str
+    eff: dict
+    gate_products: float  # bf16-peak-equivalent score products per chunk
+    gate_peak_ratio: float  # the products' peak / the bf16 peak
+    auto_syncs: int
+    fused_delta: bool
+
+
+MAIN = Variant("main", MAIN_EFF, MAIN_GATE_PRODUCTS, TF32_PEAK_RATIO, AUTO_SYNCS, False)
+TARGET = Variant("target", TARGET_EFF, 1 + TARGET_GATE_RECHECK, 1.0, 0, True)
 
 
 # =============================================================================================
@@ -172,6 +216,11 @@ class Shape:
     def n_slots(self) -> int:
         return min(self.top_k, self.n_blocks)
 
+    @property
+    def dim_key(self) -> int:
+        """128 or 64: which row of the per-head-dim tables applies."""
+        return 128 if self.head_dim > 64 else 64
+
 
 @dataclass
 class Kernel:
@@ -184,8 +233,8 @@ class Kernel:
     fma_flops: float = 0.0  # non-tensor FLOPs / ops
     hbm_bytes: float = 0.0
     programs: int = 0
-    blocks_per_sm: int = ATTN_BLOCKS_PER_SM
-    mma_eff: float = 1.0
+    blocks_per_sm: int = 1
+    mma_eff: float = 1.0  # fraction of the bf16 peak
     serial_flops: float = 0.0  # MMA FLOPs of the longest single program (it runs on one SM)
     launches: int = 1
     syncs: int = 0
@@ -217,22 +266,19 @@ def attended_pairs(s: Shape) -> float:
     return float(moba_pairs(s.seqlen, s.block_size, s.top_k, True) * s.heads * s.batch)
 
 
-def _mean_past_blocks(s: Shape) -> float:
-    """Mean over queries of the complete past blocks (gate candidates): about n_blocks / 2."""
-    nb, bs = s.n_blocks, s.block_size
-    return sum(min(c, nb) * min(bs, s.seqlen - c * bs) for c in range(nb)) / s.seqlen
+def _eff(v: Variant, s: Shape, kernel: str) -> float:
+    return v.eff[kernel] * (1.0 if s.dim_key == 128 else D64_FACTOR)
 
 
-def _per_block_flops(s: Shape, rows: float, mode: str) -> float:
-    """MMA FLOPs of ``rows`` query rows against one full key block."""
-    return attention_flops(rows * s.block_size, s.head_dim, mode)
+def _bps(s: Shape, kernel: str) -> int:
+    return BLOCKS_PER_SM[s.dim_key][kernel]
 
 
 # ---------------------------------------------------------------------------- dense flash
 def dense_flash(s: Shape, gpu: GPU, cls: str) -> dict:
     """Dense causal flash attention (FA2- or FA3-class): seconds and peak bytes above the inputs."""
     pairs = dense_pairs(s.seqlen, True) * s.heads * s.batch
-    eff = DENSE_EFF[(cls, 128 if s.head_dim >= 128 else 64)]
+    eff = DENSE_EFF[(cls, s.dim_key)]
     peak = gpu.bf16_tflops * 1e12
     fwd = attention_flops(pairs, s.head_dim, "fwd") / (peak * eff["fwd"])
     bwd = attention_flops(pairs, s.head_dim, "bwd") / (peak * eff["bwd"])
@@ -245,35 +291,64 @@ def dense_flash(s: Shape, gpu: GPU, cls: str) -> dict:
                 flops_fwd=attention_flops(pairs, s.head_dim, "fwd"))
 
 
-# ---------------------------------------------------------------------------- today's kernels
-def _glue(s: Shape, phase: str, passes: int) -> Kernel:
-    slots = s.rows * s.n_slots
-    return Kernel(f"host glue ({phase})", phase, hbm_bytes=passes * GLUE_BYTES_PER_SLOT * slots,
-                  launches=25 * passes, syncs=GLUE_SYNCS if phase == "fwd" else GLUE_SYNCS - 1,
-                  notes="sort / selection grouping / unique in PyTorch")
+# ---------------------------------------------------------------------------- gate
+def gate_chunks(s: Shape) -> tuple[int, int]:
+    """(gate programs, padded candidate blocks summed over them): one program per (BLOCK_M-row
+    query tile, query head); a tile's candidates are the blocks before the own block of its
+    last row (causal), walked BLOCK_B at a time (the last chunk padded)."""
+    bm, bb = GATE_TILES[max(16, 1 << (s.head_dim - 1).bit_length())]
+    n_tiles = -(-s.seqlen // bm)
+    padded = 0
+    for i in range(n_tiles):
+        c = (min(s.seqlen, (i + 1) * bm) - 1) // s.block_size
+        padded += -(-c // bb) * bb
+    return n_tiles * s.heads * s.batch, padded * s.heads * s.batch
 
 
-def today_gate(s: Shape) -> list[Kernel]:
-    """Block means + the fp32 top-k kernel: n_pick passes over every block (BLOCK_B = 32)."""
+def gate_kernels(s: Shape, v: Variant = MAIN) -> list[Kernel]:
+    """Block means + the one-pass top-k kernel. Score MMA FLOPs per chunk: 2 x BLOCK_M x
+    BLOCK_B x D per product (main: two TF32 products at half the bf16 peak)."""
     d, e = s.head_dim, s.elem_bytes
+    bm = GATE_TILES[max(16, 1 << (d - 1).bit_length())][0]
     means = Kernel("_block_mean_kernel", "fwd", hbm_bytes=s.batch * s.seqlen * s.kv_heads * d * e
-                   + s.batch * s.n_blocks * s.kv_heads * d * 4, programs=s.batch * s.n_blocks * s.kv_heads)
+                   + s.batch * s.n_blocks * s.kv_heads * d * 4, programs=s.batch * s.n_blocks * s.kv_heads,
+                   blocks_per_sm=_bps(s, "mean"))
+    programs, padded = gate_chunks(s)
+    scores = 2.0 * bm * padded * d  # one product
     n_pick = min(s.top_k - 1, s.n_blocks)
-    tiles = s.batch * -(-s.seqlen // TODAY_BLOCK_M) * s.heads
-    padded_blocks = -(-s.n_blocks // 32) * 32
-    fma = 2.0 * tiles * TODAY_BLOCK_M * padded_blocks * d * n_pick
-    gate = Kernel("_gate_topk_kernel", "fwd", fma_flops=fma, programs=tiles, blocks_per_sm=GATE_BLOCKS_PER_SM,
-                  hbm_bytes=s.rows * d * e + s.rows * s.n_slots * 4,
-                  notes=f"{n_pick} fp32 passes over all {s.n_blocks} blocks")
+    gate = Kernel("_gate_topk_kernel", "fwd", flops=scores * v.gate_products,
+                  fma_flops=2.0 * bm * padded * TOPK_OPS_PER_SCORE if n_pick else 0.0,
+                  hbm_bytes=s.rows * d * e + s.rows * s.n_slots * 4, programs=programs,
+                  blocks_per_sm=_bps(s, "gate"), mma_eff=GATE_TC_EFF * v.gate_peak_ratio,
+                  notes=f"one pass, {v.gate_products:g} product(s) at {v.gate_peak_ratio:g} x the bf16 peak")
     return [means, gate]
 
 
-def _union_products(s: Shape, factor: float | None = None) -> float:
-    """(64-row query tile, key block) products of the union path, per batch x query head, in
-    units of full blocks: the union of past picks (``UNION_FACTOR``) plus the own block up to
-    the tile's last row."""
+# ---------------------------------------------------------------------------- selection glue
+def selection_glue(s: Shape, dec: str, v: Variant = MAIN) -> list[Kernel]:
+    """sort_block_indices + build_selection (+ choose_decomposition for "auto"), once, in the
+    forward; "auto" on main reads its decision back in the backward (one more sync)."""
+    nnz = s.rows * s.n_slots
+    per_slot = SORT_BYTES_PER_SLOT + SELECTION_BYTES_PER_SLOT["union" if dec == "union" else "gather"]
+    syncs = 0
+    if dec == "auto":
+        per_slot += CHOOSE_BYTES_PER_SLOT
+        syncs = v.auto_syncs
+    out = [Kernel(f"selection build ({dec})", "fwd", hbm_bytes=per_slot * nnz, launches=30,
+                  syncs=math.ceil(syncs / 2), notes="once, on device; saved for the backward")]
+    if syncs > 1:
+        out.append(Kernel("decomposition read-back", "bwd", launches=0, syncs=syncs - math.ceil(syncs / 2)))
+    return out
+
+
+# ---------------------------------------------------------------------------- attention
+def _union_products(s: Shape, factor: float | None = None, block_m: int | None = None) -> float:
+    """(query tile, key block) products of the union path, per batch x query head, in units of
+    full blocks: the union of past picks (``UNION_FACTOR`` x (top_k - 1), at most the past
+    blocks) plus the own block up to the tile's last row."""
     total = 0.0
-    bm, bs = TODAY_BLOCK_M, s.block_size
+    bm = UNION_BLOCK_M[s.dim_key] if block_m is None else block_m
+    bs = s.block_size
     factor = UNION_FACTOR if factor is None else factor
     for i in range(-(-s.seqlen // bm)):
         c = (i * bm) // bs
@@ -281,99 +356,6 @@ def _union_products(s: Shape, factor: float | None = None) -> float:
     return total
 
 
-def _gather_rows(s: Shape) -> float:
-    """MMA rows of the gather path: the rows selecting each (block, KV head) pair, rounded up
-    to BLOCK_M (selections spread evenly over the blocks)."""
-    group = s.heads // s.kv_heads
-    rows_per_pair = s.seqlen * group * s.n_slots / s.n_blocks
-    return math.ceil(rows_per_pair / TODAY_BLOCK_M) * TODAY_BLOCK_M * s.n_blocks * s.kv_heads * s.batch
-
-
-def today_decomposition(s: Shape, uncorrelated: bool = False) -> str:
-    """The launcher's "auto" rule: union unless its MMA rows exceed 1.5x the gather rows."""
-    union_rows = _union_products(s, TODAY_BLOCK_M if uncorrelated else None) * s.heads * s.batch * TODAY_BLOCK_M
-    return "union" if union_rows <= 1.5 * _gather_rows(s) else "gather"
-
-
-def today_attention(s: Shape, decomposition: str, uncorrelated: bool = False) -> list[Kernel]:
-    """Forward and backward attention kernels of today's code, plus the gather merges.
-
-    Matmuls per kernel: forward 2 (QK^T, PV); dq 3 (QK^T, dO V^T, dS K); dk/dv 4 (QK^T,
-    P^T dO, dO V^T, dS^T Q), each 2 * rows * keys * D FLOPs."""
-    d, e, r = s.head_dim, s.elem_bytes, s.rows
-    useful = attended_pairs(s)
-    useful_fwd = attention_flops(useful, d, "fwd")
-    group = s.heads // s.kv_heads
-    if decomposition == "auto":
-        decomposition = today_decomposition(s, uncorrelated)
-    out: list[Kernel] = []
-    if decomposition == "union":
-        tiles = s.batch * -(-s.seqlen // TODAY_BLOCK_M) * s.heads
-        products = _union_products(s, TODAY_BLOCK_M if uncorrelated else None) * s.heads * s.batch
-        fl = products * attention_flops(TODAY_BLOCK_M * s.block_size, d, "fwd")
-        kv_reads = products * s.block_size * d * e * 2 / group  # the heads of a GQA group share K/V via L2
-        out.append(Kernel("_fwd_kernel (union)", "fwd", flops=fl, useful_flops=useful_fwd,
-                          hbm_bytes=2 * r * d * e + r * 4 + kv_reads, programs=tiles, mma_eff=TODAY_EFF["fwd"]))
-        out.append(Kernel("_bwd_dq_kernel (union)", "bwd", flops=1.5 * fl, useful_flops=1.5 * useful_fwd,
-                          hbm_bytes=3 * r * d * e + 8 * r + kv_reads, programs=tiles, mma_eff=TODAY_EFF["bwd"]))
-    else:
-        nnz = r * s.n_slots
-        rows = _gather_rows(s)
-        chunks = int(rows // TODAY_BLOCK_M)
-        fl = attention_flops(rows * s.block_size, d, "fwd")  # every chunk row against the whole block
-        kv_reads = chunks * s.block_size * d * e * 2
-        out.append(Kernel("_fwd_gather_kernel", "fwd", flops=fl, useful_flops=useful_fwd,
-                          hbm_bytes=nnz * d * e + kv_reads + nnz * (4 * d + 4), programs=chunks, mma_eff=TODAY_EFF["fwd"],
-                          notes="one float32 (out, lse) partial per (row, slot) to HBM"))
-        # merge: slot-lse gather, logsumexp, weights; then per slot: gather a partial (read 4D,
-        # write 4D), scale it (read 4D, write 4D), add to the running sum (read 8D, write 4D).
-        out.append(Kernel("gather merge (PyTorch)", "fwd", hbm_bytes=nnz * (24 * d + 40) + r * (4 * d + d * e),
-                          launches=10 + 4 * s.n_slots))
-        out.append(Kernel("_bwd_dq_gather_kernel", "bwd", flops=1.5 * fl, useful_flops=1.5 * useful_fwd,
-                          hbm_bytes=2 * nnz * d * e + nnz * 8 + kv_reads + nnz * 4 * d, programs=chunks,
-                          mma_eff=TODAY_EFF["bwd"], notes="one float32 dq partial per (row, slot) to HBM"))
-        out.append(Kernel("gather dq sum (PyTorch)", "bwd", hbm_bytes=nnz * 24 * d + r * (4 * d + d * e),
-                          launches=3 * s.n_slots + 2))
-    out.extend(today_dkdv(s, useful_fwd))
-    return out
-
-
-def today_dkdv(s: Shape, useful_fwd: float) -> list[Kernel]:
-    """dk/dv as triton_kernels/attention.py launches it (``dkdv_work``): one program per
-    (``DKDV_KEY_TILE``-key tile, work item); a (block, KV head) pair's row list is one item
-    unless it has more than ``split`` rows = max(``DKDV_MIN_SPLIT_ROWS``, 2 x the mean rows per
-    pair): then ceil(rows / split) chunks write float32 partial dk/dv (written once, read once
-    by ``_dkdv_reduce_kernel``, which sums them in chunk order). The longest program walks
-    min(sink rows, split) rows, not all the sink's rows. The own block's causal half is masked,
-    not skipped (``waste``). Heavy pairs modelled: the sink only (``SINK_FRACTION`` of the rows
-    of every KV head pick one block); the other pairs hold the mean."""
-    d, e = s.head_dim, s.elem_bytes
-    group = s.heads // s.kv_heads
-    tiles_per_block = -(-s.block_size // DKDV_KEY_TILE)
-    rows_per_pair = s.seqlen * group * s.n_slots / s.n_blocks  # mean over (block, KV head) pairs
-    split = max(DKDV_MIN_SPLIT_ROWS, math.ceil(2 * rows_per_pair / DKDV_ROWS_PER_STEP) * DKDV_ROWS_PER_STEP)
-    sink_rows = max(SINK_FRACTION * s.seqlen * group, rows_per_pair)
-    sink_chunks = math.ceil(sink_rows / split) if sink_rows > split else 0  # per sink pair
-    n_parts = sink_chunks * s.kv_heads * s.batch
-    items = s.n_blocks * s.kv_heads * s.batch + max(0, n_parts - s.kv_heads * s.batch)
-    longest = min(sink_rows, split)
-    waste = s.n_slots / max(0.5, s.n_slots - 0.5)
-    row_reads = s.rows * s.n_slots * tiles_per_block * (2 * d * e + 12)  # q, dO, lse, delta, row id per key tile
-    part_bytes = n_parts * s.block_size * d * 4 * 2  # float32 dk and dv partials
-    out = [Kernel("_bwd_dkdv_kernel", "bwd", flops=2 * useful_fwd * waste, useful_flops=2 * useful_fwd,
-                  hbm_bytes=4 * s.batch * s.seqlen * s.kv_heads * d * e + row_reads + part_bytes,
-                  programs=items * tiles_per_block, mma_eff=TODAY_EFF["bwd"],
-                  serial_flops=attention_flops(longest * DKDV_KEY_TILE, d, "fwd") * 2,
-                  notes=f"longest program: {longest:.0f} rows (sink {sink_rows:.0f} rows in {max(1, sink_chunks)} "
-                        f"chunk(s) of <= {split} rows)")]
-    if n_parts:
-        out.append(Kernel("_dkdv_reduce_kernel", "bwd", hbm_bytes=part_bytes + 2 * s.kv_heads * s.batch * s.block_size * d * e,
-                          programs=s.kv_heads * s.batch * tiles_per_block, blocks_per_sm=4,
-                          notes=f"{n_parts} float32 partials summed in chunk order"))
-    return out
-
-
-# ---------------------------------------------------------------------------- owner-computes gather
 def gather_tile(s: Shape) -> int:
     """Queries per super-tile (attention.gather_tile): the smallest power of two in
     GATHER_TILE_RANGE that leaves at most GATHER_PROGRAMS (super-tile, KV head) programs."""
@@ -390,13 +372,13 @@ def expected_distinct(candidates: float, picks: float) -> float:
     return candidates * (1.0 - (1.0 - 1.0 / candidates) ** picks)
 
 
-def _owner_segments(s: Shape, uncorrelated: bool = False) -> tuple[float, float, int]:
-    """(MMA rows, chunks, programs) of the owner-computes gather path: per program (super-tile of
-    ``tile`` tokens x ``group`` heads = R rows), the past picks R x n_pick land on u distinct
-    blocks (uncorrelated: balls in bins over the c complete past blocks; correlated: the
-    union rule, n_pick x UNION_FACTOR), each a segment of R x n_pick / u rows rounded up to
-    BLOCK_M; plus the own-block segments (R rows, rounded up per block the tile touches)."""
-    tile, bm = gather_tile(s), TODAY_BLOCK_M
+def gather_segments(s: Shape, uncorrelated: bool = False) -> tuple[float, float, int]:
+    """(MMA rows, chunks, programs) of the gather path: per program (super-tile of ``tile``
+    tokens x ``group`` heads = R rows), the past picks R x n_pick land on u distinct blocks
+    (uncorrelated: balls in bins over the c complete past blocks; correlated: the union rule,
+    n_pick x UNION_FACTOR per 64 rows), each a segment of R x n_pick / u rows rounded up to
+    GATHER_BLOCK_M; plus the own-block segments (R rows, rounded up per block the tile touches)."""
+    tile, bm = gather_tile(s), GATHER_BLOCK_M
     group = s.heads // s.kv_heads
     n_pick = max(0, s.n_slots - 1)
     n_tiles = -(-s.seqlen // tile)
@@ -416,145 +398,159 @@ def _owner_segments(s: Shape, uncorrelated: bool = False) -> tuple[float, float,
     return chunks * bm, chunks, n_tiles * s.kv_heads * s.batch
 
 
-def owner_attention(s: Shape, uncorrelated: bool = False) -> list[Kernel]:
-    """Forward and dq kernels of the owner-computes gather path (MMA on whole key blocks per
-    chunk; the own block's causal half counted whole, as the union path's)."""
+def decomposition(s: Shape, uncorrelated: bool = False) -> str:
+    """"auto"'s rule (attention.choose_decomposition): union unless its MMA rows (union blocks x
+    the union BLOCK_M) exceed UNION_MARGIN x the gather segments' rows."""
+    factor = GATHER_BLOCK_M if uncorrelated else UNION_FACTOR
+    union_rows = _union_products(s, factor) * s.heads * s.batch * UNION_BLOCK_M[s.dim_key]
+    return "union" if union_rows <= UNION_MARGIN * gather_segments(s, uncorrelated)[0] else "gather"
+
+
+def union_attention(s: Shape, v: Variant = MAIN, uncorrelated: bool = False) -> list[Kernel]:
+    """Union forward and dq. Matmuls: forward 2 (QK^T, PV), dq 3 (QK^T, dO V^T, dS K), each
+    2 * rows * keys * D FLOPs; the whole tile computes every block of its union."""
+    d, e, r = s.head_dim, s.elem_bytes, s.rows
+    bm = UNION_BLOCK_M[s.dim_key]
+    useful_fwd = attention_flops(attended_pairs(s), d, "fwd")
+    group = s.heads // s.kv_heads
+    tiles = s.batch * -(-s.seqlen // bm) * s.heads
+    # uncorrelated: a tile's rows x 2 random picks cover about every past block (factor = rows)
+    products = _union_products(s, bm if uncorrelated else None) * s.heads * s.batch
+    fl = products * attention_flops(bm * s.block_size, d, "fwd")
+    kv_reads = products * s.block_size * d * e * 2 / group  # the heads of a GQA group share K/V via L2
+    return [
+        Kernel("_fwd_kernel (union)", "fwd", flops=fl, useful_flops=useful_fwd, hbm_bytes=2 * r * d * e + r * 4 + kv_reads,
+               programs=tiles, blocks_per_sm=_bps(s, "fwd"), mma_eff=_eff(v, s, "fwd")),
+        Kernel("_bwd_dq_kernel (union)", "bwd", flops=1.5 * fl, useful_flops=1.5 * useful_fwd,
+               hbm_bytes=3 * r * d * e + 8 * r + kv_reads, programs=tiles, blocks_per_sm=_bps(s, "dq"),
+               mma_eff=_eff(v, s, "dq")),
+    ]
+
+
+def gather_attention(s: Shape, v: Variant = MAIN, uncorrelated: bool = False) -> list[Kernel]:
+    """Gather forward and dq (MMA on whole key blocks per 64-row chunk; the own block's causal
+    half counted whole, as the union path's)."""
     d, e, r = s.head_dim, s.elem_bytes, s.rows
     useful_fwd = attention_flops(attended_pairs(s), d, "fwd")
     nnz = r * s.n_slots
-    mma_rows, chunks, programs = _owner_segments(s, uncorrelated)
+    mma_rows, chunks, programs = gather_segments(s, uncorrelated)
     fl = attention_flops(mma_rows * s.block_size, d, "fwd")
     kv_reads = chunks * s.block_size * d * e * 2  # the heads of a group share a chunk: K/V once per chunk
     # per (row, slot): gathered q, and the row state read + written (acc 4D, max 4, sum 4);
     # per row: state initialised (written), read at the end, out + lse written.
     state = nnz * (d * e + 2 * (4 * d + 8)) + r * (4 * d + 8) * 2 + r * (d * e + 4)
-    fwd = Kernel("_fwd_gather_kernel (owner)", "fwd", flops=fl, useful_flops=useful_fwd,
-                 hbm_bytes=state + kv_reads, programs=programs, blocks_per_sm=OWNER_FWD_BLOCKS_PER_SM,
-                 mma_eff=TODAY_EFF["fwd"],
-                 notes=f"one fp32 state per row, {nnz * (8 * d + 16) / 2**30:.1f} GiB read+written per pass")
+    fwd = Kernel("_fwd_gather_kernel", "fwd", flops=fl, useful_flops=useful_fwd, hbm_bytes=state + kv_reads,
+                 programs=programs, blocks_per_sm=_bps(s, "fwd_gather"), mma_eff=_eff(v, s, "fwd_gather"),
+                 notes="one fp32 state per row")
     dq_state = nnz * (2 * d * e + 8 + 8 * d) + r * 4 * d * 2 + r * d * e
-    dq = Kernel("_bwd_dq_gather_kernel (owner)", "bwd", flops=1.5 * fl, useful_flops=1.5 * useful_fwd,
-                hbm_bytes=dq_state + kv_reads, programs=programs, mma_eff=TODAY_EFF["bwd"],
-                notes="one fp32 dq sum per row")
+    dq = Kernel("_bwd_dq_gather_kernel", "bwd", flops=1.5 * fl, useful_flops=1.5 * useful_fwd,
+                hbm_bytes=dq_state + kv_reads, programs=programs, blocks_per_sm=_bps(s, "dq_gather"),
+                mma_eff=_eff(v, s, "dq_gather"), notes="one fp32 dq sum per row")
     return [fwd, dq]
 
 
-def owner_decomposition(s: Shape, uncorrelated: bool = False) -> str:
-    """``owner-auto``'s rule: union unless its MMA rows exceed UNION_MARGIN x the gather rows."""
-    factor = TODAY_BLOCK_M if uncorrelated else UNION_FACTOR
-    union_rows = _union_products(s, factor) * s.heads * s.batch * TODAY_BLOCK_M
-    return "union" if union_rows <= UNION_MARGIN * _owner_segments(s, uncorrelated)[0] else "gather"
+def delta_kernel(s: Shape, v: Variant = MAIN) -> Kernel:
+    """delta = rowsum(dO * O). Main: eager PyTorch (dO.float(), O.float(), their product, its
+    sum: 2 x D x e read, 3 x 4D written, 4 x 4D read per row). Target: one fused kernel."""
+    r, d, e = s.rows, s.head_dim, s.elem_bytes
+    if v.fused_delta:
+        return Kernel("delta (fused)", "bwd", hbm_bytes=r * (2 * d * e + 4), programs=0)
+    return Kernel("delta (PyTorch, fp32 temporaries)", "bwd", hbm_bytes=r * (2 * d * e + 28 * d + 4), launches=4)
 
 
-def _owner_glue(s: Shape, phase: str, syncs: int) -> Kernel:
-    return Kernel(f"selection build ({phase})", phase, hbm_bytes=OWNER_GLUE_BYTES_PER_SLOT * s.rows * s.n_slots,
-                  launches=30, syncs=syncs, notes="once, on device; saved for the backward")
+def dkdv_split(s: Shape) -> tuple[int, float, int]:
+    """(split rows, sink rows, sink chunks) as ``dkdv_work`` chooses them: a (block, KV head)
+    pair's list is split when longer than max(DKDV_MIN_SPLIT_ROWS, 2 x the mean rows per pair
+    rounded up to the rows per step); heavy pairs modelled: the sink only (SINK_FRACTION of the
+    rows of every KV head pick one block); sink chunks 0 = not split."""
+    group = s.heads // s.kv_heads
+    step = DKDV_ROWS_PER_STEP[s.dim_key]
+    mean = -(-s.seqlen * s.batch * s.heads * s.n_slots // (s.n_blocks * s.kv_heads * s.batch))
+    split = max(DKDV_MIN_SPLIT_ROWS, -(-2 * mean // step) * step)
+    rows_per_pair = s.seqlen * group * s.n_slots / s.n_blocks
+    sink_rows = max(SINK_FRACTION * s.seqlen * group, rows_per_pair)
+    return split, sink_rows, (math.ceil(sink_rows / split) if sink_rows > split else 0)
 
 
-def memory_owner(s: Shape, decomposition: str) -> dict:
-    """Peak bytes above the inputs of the owner-computes path (fwd alone; fwd+bwd)."""
-    d, e, r, w = s.head_dim, s.elem_bytes, s.rows, s.n_slots
-    nnz = r * w
-    kv = s.batch * s.seqlen * s.kv_heads * d * e
-    out_lse = r * d * e + r * 4
-    idx = r * w * 4 * 2  # gate output + sorted copy (kept for the backward)
-    _, _, progs = _owner_segments(s)
-    n_seg = min(nnz, progs * s.n_blocks)
-    sel = nnz * 4 + 3 * n_seg * 4  # rows + segments, int32, kept for the backward
-    build_tmp = nnz * 8 * 5  # pair, sorted pair, order, row, segment keys (int64) at the peak
-    state = r * (4 * d + 4) if decomposition == "gather" else 0  # fp32 output sum + softmax sum
-    fwd = out_lse + idx + sel + max(build_tmp, state)
-    dq_acc = r * d * 4 if decomposition == "gather" else 0
-    bwd = out_lse + idx + sel + r * d * e + 2 * kv + r * 4 + dq_acc
-    return dict(mem_fwd=fwd, mem_fwd_bwd=max(fwd, bwd))
+def dkdv_parts_bound(s: Shape) -> int:
+    """Float32 partial buffers ``dkdv_work`` allocates (its static bound, used or not)."""
+    split = dkdv_split(s)[0]
+    max_rows = s.rows * s.n_slots
+    n_pairs = s.batch * s.n_blocks * s.kv_heads
+    return min(n_pairs + max_rows // split, 2 * (max_rows // split))
 
 
-# ---------------------------------------------------------------------------- redesign
-def redesign_kernels(s: Shape) -> list[Kernel]:
-    d, e, r = s.head_dim, s.elem_bytes, s.rows
-    useful = attended_pairs(s)
-    past = _mean_past_blocks(s)
-    n_pick = max(0, min(s.top_k - 1, s.n_blocks))
-    tiles = s.batch * -(-s.seqlen // REDESIGN_BLOCK_M) * s.heads
-    gate = Kernel("gate (one pass, tensor cores)", "fwd", flops=2.0 * r * past * d,
-                  fma_flops=r * past * n_pick * TOPK_OPS_PER_SCORE_SLOT,
-                  hbm_bytes=s.batch * s.seqlen * s.kv_heads * d * e + r * d * e + r * s.n_slots * 4 * 2,
-                  programs=tiles, mma_eff=GATE_TC_EFF, launches=2, notes="past blocks only, running top-k")
-    # per query tile: own block (half, causal) + the union of its rows' picks, 128-row tiles
-    union = min(past, (s.top_k - 1) * UNION_FACTOR) + 0.5
-    fl = tiles * union * _per_block_flops(s, REDESIGN_BLOCK_M, "fwd")
-    kv = tiles * union * s.block_size * d * e * 2 / max(1, s.heads // s.kv_heads)
-    fwd = Kernel("attention fwd (tile walk)", "fwd", flops=fl, useful_flops=attention_flops(useful, d, "fwd"),
-                 hbm_bytes=2 * r * d * e + r * 4 + kv, programs=tiles, mma_eff=REDESIGN_EFF["fwd"])
-    dq = Kernel("attention dq (tile walk)", "bwd", flops=fl * 1.5, useful_flops=attention_flops(useful, d, "bwd") * 0.6,
-                hbm_bytes=3 * r * d * e + 8 * r + kv, programs=tiles, mma_eff=REDESIGN_EFF["bwd"])
-    dkdv = Kernel("attention dk/dv (split heavy blocks)", "bwd", flops=attention_flops(useful, d, "bwd") * 0.8 * 1.15,
-                  useful_flops=attention_flops(useful, d, "bwd") * 0.8,
-                  hbm_bytes=4 * s.batch * s.seqlen * s.kv_heads * d * e + r * s.n_slots * (2 * d * e + 12),
-                  programs=max(1, int(useful / (REDESIGN_BLOCK_M * s.block_size))), mma_eff=REDESIGN_EFF["bwd"])
-    return [gate, fwd, dq, dkdv]
+def dkdv_kernels(s: Shape, v: Variant = MAIN) -> list[Kernel]:
+    """dk/dv: one program per (DKDV_KEY_TILE-key tile, work item); the longest program walks
+    min(sink rows, split) rows; heavy chunks write float32 partial dk/dv read once by
+    ``_dkdv_reduce_kernel``. The own block's causal half is masked, not skipped (``waste``)."""
+    d, e = s.head_dim, s.elem_bytes
+    useful_fwd = attention_flops(attended_pairs(s), d, "fwd")
+    tiles_per_block = -(-s.block_size // DKDV_KEY_TILE)
+    split, sink_rows, sink_chunks = dkdv_split(s)
+    n_parts = sink_chunks * s.kv_heads * s.batch
+    items = s.n_blocks * s.kv_heads * s.batch + max(0, n_parts - s.kv_heads * s.batch)
+    longest = min(sink_rows, split)
+    waste = s.n_slots / max(0.5, s.n_slots - 0.5)
+    row_reads = s.rows * s.n_slots * tiles_per_block * (2 * d * e + 12)  # q, dO, lse, delta, row id per key tile
+    part_bytes = n_parts * s.block_size * d * 4 * 2  # float32 dk and dv partials
+    out = [Kernel("_bwd_dkdv_kernel", "bwd", flops=2 * useful_fwd * waste, useful_flops=2 * useful_fwd,
+                  hbm_bytes=4 * s.batch * s.seqlen * s.kv_heads * d * e + row_reads + part_bytes,
+                  programs=items * tiles_per_block, blocks_per_sm=_bps(s, "dkdv"), mma_eff=_eff(v, s, "dkdv"),
+                  serial_flops=attention_flops(longest * DKDV_KEY_TILE, d, "fwd") * 2,
+                  notes=f"longest program: {longest:.0f} rows (sink {sink_rows:.0f} rows in {max(1, sink_chunks)} "
+                        f"chunk(s) of <= {split} rows)")]
+    if n_parts:
+        out.append(Kernel("_dkdv_reduce_kernel", "bwd",
+                          hbm_bytes=part_bytes + 2 * s.kv_heads * s.batch * s.block_size * d * e,
+                          programs=s.kv_heads * s.batch * tiles_per_block, blocks_per_sm=_bps(s, "reduce"),
+                          notes=f"{n_parts} float32 partials summed in chunk order"))
+    return out
 
 
 # ---------------------------------------------------------------------------- memory
-def memory_today(s: Shape, decomposition: str) -> dict:
-    """Peak bytes above the inputs (fwd alone; fwd+bwd, the forward's saved tensors included)."""
+def memory(s: Shape, dec: str, v: Variant = MAIN, auto: bool = False) -> dict:
+    """Peak bytes above the inputs (fwd alone; fwd+bwd, the forward's saved tensors included).
+    ``dec``: the decomposition that runs; ``auto``: the selection has segments either way."""
     d, e, r, w = s.head_dim, s.elem_bytes, s.rows, s.n_slots
     nnz = r * w
     kv = s.batch * s.seqlen * s.kv_heads * d * e
     out_lse = r * d * e + r * 4
     idx = r * w * 4 * 2  # gate output + sorted copy (kept for the backward)
-    sort_tmp = r * w * (4 + 8)  # torch.sort values + int64 indices
-    selection_tmp = nnz * 8 * 7 + r * w * 8  # nonzero, row/token/head/block/pair, order (int64) + slot_pos
-    if decomposition == "gather":
-        merge = nnz * (4 * d + 4) + r * w * 8 + r * d * 4 * 3  # partials, weights, merged + 2 temporaries
-        fwd = out_lse + idx + max(sort_tmp, selection_tmp, merge + r * w * 8)
-        bwd_extra = nnz * 4 * d + r * d * 4 * 3  # dq partials, sum + 2 temporaries
-    else:
-        fwd = out_lse + idx + sort_tmp + r * w * 8 * 2  # choose_decomposition's unique keys
-        bwd_extra = 0
-    bwd = out_lse + idx + r * d * e + 2 * kv + r * 4 + max(selection_tmp, bwd_extra)
-    return dict(mem_fwd=fwd, mem_fwd_bwd=max(fwd, bwd))
-
-
-def memory_redesign(s: Shape) -> dict:
-    d, e, r, w = s.head_dim, s.elem_bytes, s.rows, s.n_slots
-    kv = s.batch * s.seqlen * s.kv_heads * d * e
-    sel = r * w * 4 * 2  # selection + per-block row lists, int32, kept for the backward
-    fwd = r * d * e + r * 4 + sel
-    bwd = fwd + r * d * e + 2 * kv + r * 4 + 2 * kv * 2 * 0.05  # split heavy blocks: fp32 partial dk/dv, ~5% of blocks
+    segs = dec == "gather" or auto
+    n_seg = min(nnz, gather_segments(s)[2] * s.n_blocks) if segs else 0
+    sel = nnz * 4 + (s.batch * s.n_blocks * s.kv_heads + 1) * 4 + 3 * n_seg * 4  # int32, kept for the backward
+    build_tmp = nnz * 8 * (5 if segs else 3)  # int64 pair / sorted pair / order / row (/ segment keys) at the peak
+    choose_tmp = nnz * 8 * 2 if auto else 0  # choose_decomposition's int64 keys and their sorted copy
+    state = r * (4 * d + 4) if dec == "gather" else 0  # fp32 output sum + softmax sum
+    fwd = out_lse + idx + sel + max(build_tmp, choose_tmp, state)
+    base = out_lse + idx + sel + r * d * e + 2 * kv + r * 4  # + dq, dk, dv, delta
+    delta_tmp = 0 if v.fused_delta else 3 * r * d * 4  # dO.float(), O.float() and their product
+    dq_acc = r * d * 4 if dec == "gather" else 0  # alive until the backward returns
+    parts = dkdv_parts_bound(s) * s.block_size * d * 4 * 2  # allocated at the bound, used or not
+    bwd = base + max(delta_tmp, dq_acc + parts)
     return dict(mem_fwd=fwd, mem_fwd_bwd=max(fwd, bwd))
 
 
 # ---------------------------------------------------------------------------- designs
-DESIGNS = ("today-union", "today-gather", "today-auto", "owner-gather", "owner-auto", "redesign")
+DESIGNS = ("main-union", "main-gather", "main-auto", "target")
 
 
-def owner_design(s: Shape, dec: str, uncorrelated: bool = False) -> tuple[list[Kernel], dict]:
-    """Kernels and memory of ``owner-gather`` / ``owner-auto`` (today's gate and dk/dv)."""
-    syncs = OWNER_AUTO_SYNCS // 2 if dec == "auto" else 0  # per direction
-    if dec == "auto":
-        dec = owner_decomposition(s, uncorrelated)
-    rest = today_attention(s, "union", uncorrelated)
-    dkdv = [k for k in rest if "dkdv" in k.name]
-    attn = [k for k in rest if "dkdv" not in k.name] if dec == "union" else owner_attention(s, uncorrelated)
-    kernels = today_gate(s) + [_owner_glue(s, "fwd", syncs)] + attn + dkdv
-    if syncs:
-        kernels.append(Kernel("decomposition read-back (bwd)", "bwd", launches=0, syncs=syncs))
-    return kernels, memory_owner(s, dec)
+def design_kernels(s: Shape, name: str, uncorrelated: bool = False) -> tuple[list[Kernel], dict, str]:
+    """Kernels, memory and the decomposition that runs, of one design."""
+    if name not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
+    v = TARGET if name == "target" else MAIN
+    requested = "auto" if name == "target" else name.split("-", 1)[1]
+    dec = decomposition(s, uncorrelated) if requested == "auto" else requested
+    attn = union_attention(s, v, uncorrelated) if dec == "union" else gather_attention(s, v, uncorrelated)
+    kernels = gate_kernels(s, v) + selection_glue(s, requested, v) + attn + [delta_kernel(s, v)] + dkdv_kernels(s, v)
+    return kernels, memory(s, dec, v, auto=requested == "auto"), dec
 
 
 def design(s: Shape, gpu: GPU, name: str, uncorrelated: bool = False) -> dict:
     """Per-kernel seconds, totals (fwd, fwd+bwd), gate share, effective TFLOP/s and memory of one design."""
-    if name == "redesign":
-        kernels = redesign_kernels(s)
-        mem = memory_redesign(s)
-    elif name.startswith("owner-"):
-        kernels, mem = owner_design(s, name.split("-", 1)[1], uncorrelated)
-    else:
-        dec = name.split("-", 1)[1]
-        kernels = today_gate(s) + [_glue(s, "fwd", 3)] + today_attention(s, dec, uncorrelated) + [_glue(s, "bwd", 1)]
-        dec_used = "gather" if any("gather" in k.name for k in kernels) else "union"
-        mem = memory_today(s, dec_used)
+    kernels, mem, dec = design_kernels(s, name, uncorrelated)
     for k in kernels:
         k.seconds = kernel_seconds(k, gpu)
     fwd = sum(k.seconds for k in kernels if k.phase == "fwd")
@@ -562,11 +558,12 @@ def design(s: Shape, gpu: GPU, name: str, uncorrelated: bool = False) -> dict:
     gate = sum(k.seconds for k in kernels if "gate" in k.name or "mean" in k.name)
     useful = attended_pairs(s)
     return dict(
-        design=name, kernels=[asdict(k) for k in kernels], fwd_s=fwd, fwd_bwd_s=fwd + bwd, gate_s=gate,
-        gate_share_fwd=gate / fwd if fwd else 0.0,
+        design=name, decomposition=dec, kernels=[asdict(k) for k in kernels], fwd_s=fwd, fwd_bwd_s=fwd + bwd,
+        gate_s=gate, gate_share_fwd=gate / fwd if fwd else 0.0,
         tflops_eff_fwd=attention_flops(useful, s.head_dim, "fwd") / fwd / 1e12,
         tflops_eff_fwd_bwd=attention_flops(useful, s.head_dim, "fwd+bwd") / (fwd + bwd) / 1e12,
-        wasted_mma_fraction=1 - sum(k.useful_flops for k in kernels) / max(1.0, sum(k.flops for k in kernels)),
+        # attention kernels only (the gate's scores are not attention pairs)
+        wasted_mma_fraction=1 - sum(k.useful_flops for k in kernels) / max(1.0, sum(k.flops for k in kernels if k.useful_flops)),
         **mem,
     )
 
@@ -592,14 +589,17 @@ def assumptions() -> dict:
     """Every assumption, for the JSON record."""
     return dict(
         gpus={k: asdict(v) for k, v in GPUS.items()}, mma_fraction=MMA_FRACTION, hbm_fraction=HBM_FRACTION,
-        dense_eff={f"{k[0]}-d{k[1]}": v for k, v in DENSE_EFF.items()}, today_eff=TODAY_EFF, redesign_eff=REDESIGN_EFF,
-        gate_fma_fraction=GATE_FMA_FRACTION, gate_tc_eff=GATE_TC_EFF, topk_ops_per_score_slot=TOPK_OPS_PER_SCORE_SLOT,
-        today_block_m=TODAY_BLOCK_M, redesign_block_m=REDESIGN_BLOCK_M, attn_blocks_per_sm=ATTN_BLOCKS_PER_SM,
-        gate_blocks_per_sm=GATE_BLOCKS_PER_SM, union_factor=UNION_FACTOR, sink_fraction=SINK_FRACTION,
-        owner_glue_bytes_per_slot=OWNER_GLUE_BYTES_PER_SLOT, owner_auto_syncs=OWNER_AUTO_SYNCS,
-        gather_tile_range=GATHER_TILE_RANGE, gather_programs=GATHER_PROGRAMS, union_margin=UNION_MARGIN,
-        owner_fwd_blocks_per_sm=OWNER_FWD_BLOCKS_PER_SM,
-        glue_bytes_per_slot=GLUE_BYTES_PER_SLOT, glue_syncs=GLUE_SYNCS, sync_us=SYNC_US, launch_us=LAUNCH_US,
+        dense_eff={f"{k[0]}-d{k[1]}": v for k, v in DENSE_EFF.items()}, main_eff=MAIN_EFF, target_eff=TARGET_EFF,
+        d64_factor=D64_FACTOR, tf32_peak_ratio=TF32_PEAK_RATIO, gate_tc_eff=GATE_TC_EFF,
+        main_gate_products=MAIN_GATE_PRODUCTS, target_gate_recheck=TARGET_GATE_RECHECK,
+        topk_ops_per_score=TOPK_OPS_PER_SCORE, gate_fma_fraction=GATE_FMA_FRACTION,
+        gate_tiles={str(k): v for k, v in GATE_TILES.items()}, union_block_m={str(k): v for k, v in UNION_BLOCK_M.items()},
+        gather_block_m=GATHER_BLOCK_M, blocks_per_sm={str(k): v for k, v in BLOCKS_PER_SM.items()},
+        dkdv_key_tile=DKDV_KEY_TILE, dkdv_rows_per_step={str(k): v for k, v in DKDV_ROWS_PER_STEP.items()},
+        dkdv_min_split_rows=DKDV_MIN_SPLIT_ROWS, union_factor=UNION_FACTOR, sink_fraction=SINK_FRACTION,
+        sort_bytes_per_slot=SORT_BYTES_PER_SLOT, selection_bytes_per_slot=SELECTION_BYTES_PER_SLOT,
+        choose_bytes_per_slot=CHOOSE_BYTES_PER_SLOT, auto_syncs=AUTO_SYNCS, gather_tile_range=GATHER_TILE_RANGE,
+        gather_programs=GATHER_PROGRAMS, union_margin=UNION_MARGIN, sync_us=SYNC_US, launch_us=LAUNCH_US,
     )
 
 
@@ -637,7 +637,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"MODELLED (no GPU ran this): {gpu.name}, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16, causal, "
           f"fwd+bwd unless noted; {'uncorrelated (random) selections' if args.uncorrelated else 'correlated selections'}; "
           f"assumptions at the top of bench/perf_model.py")
-    header = (f"{'setting':>9} {'S':>5} {'design':>13} | {'fwd+bwd ms':>10} {'x FA2':>7} {'x FA3':>7} | {'fwd x FA2':>9} "
+    header = (f"{'setting':>9} {'S':>5} {'design':>11} {'runs':>6} | {'fwd+bwd ms':>10} {'x FA2':>7} {'x FA3':>7} | {'fwd x FA2':>9} "
               f"{'gate/fwd':>8} | {'TFLOP/s eff':>11} {'wasted MMA':>10} | {'peak GiB':>8} {'x dense':>7} {'fwd-only x dense':>16}")
     print(header)
     print("-" * len(header))
@@ -647,7 +647,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             s = Shape(seqlen, args.heads, args.kv_heads, args.head_dim, bs, k)
             for m in compare(s, gpu, designs, args.uncorrelated):
                 rows.append(m)
-                print(f"{bs:>5}/k{k:<2} {seqlen // 1024:>4}K {m['design']:>13} | {m['fwd_bwd_s'] * 1e3:>10.2f} "
+                print(f"{bs:>5}/k{k:<2} {seqlen // 1024:>4}K {m['design']:>11} {m['decomposition']:>6} | {m['fwd_bwd_s'] * 1e3:>10.2f} "
                       f"{m['speedup_fwd_bwd_vs_FA2']:>6.1f}x {m['speedup_fwd_bwd_vs_FA3']:>6.1f}x | "
                       f"{m['speedup_fwd_vs_FA2']:>8.1f}x {m['gate_share_fwd']:>8.0%} | {m['tflops_eff_fwd_bwd']:>11.0f} "
                       f"{m['wasted_mma_fraction']:>10.0%} | {_gib(m['mem_fwd_bwd']):>8} {m['mem_vs_dense_fwd_bwd']:>6.2f}x {m['mem_vs_dense_fwd']:>15.2f}x")
@@ -657,7 +657,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         if kk["programs"]:
                             tail = tail_efficiency(kk["programs"], gpu.sms, kk["blocks_per_sm"])
                             grid = f"{kk['programs']:>10} programs ({tail:.0%} of the last wave's SM slots busy)"
-                        print(f"{'':>30} {kk['phase']:>3} {kk['name']:<36} {kk['seconds'] * 1e3:9.3f} ms {grid} {kk['notes']}")
+                        print(f"{'':>35} {kk['phase']:>3} {kk['name']:<36} {kk['seconds'] * 1e3:9.3f} ms {grid} {kk['notes']}")
             dn = dense_flash(s, gpu, "FA2")
             print(f"{'':>17} dense flash fwd+bwd: FA2-class {dn['fwd_bwd_s'] * 1e3:.1f} ms, FA3-class "
                   f"{dense_flash(s, gpu, 'FA3')['fwd_bwd_s'] * 1e3:.1f} ms, peak {_gib(dn['mem_fwd_bwd'])} GiB (modelled)")

@@ -54,15 +54,6 @@ def test_attended_pairs_reuse_attn_model():
     assert pm.attended_pairs(s) == am.moba_pairs(4096, 512, 3, True) * 4 * 2
 
 
-def test_gather_rows_round_up_per_pair():
-    # 4096 tokens x 4 heads x 3 slots over 8 blocks = 6144 rows per (block, KV head), a multiple of 64
-    s = pm.Shape(4096, heads=4, kv_heads=1, head_dim=64, block_size=512, top_k=3)
-    assert pm._gather_rows(s) == 6144 * 8
-    # 100 tokens x 1 head x 1 slot over 1 block: 100 rows -> 128
-    s = pm.Shape(100, heads=1, kv_heads=1, head_dim=64, block_size=512, top_k=1)
-    assert pm._gather_rows(s) == 128
-
-
 def test_union_products_by_hand(monkeypatch):
     monkeypatch.setattr(pm, "UNION_FACTOR", 2.0)
     # S=128, block 64, top-2, 64-row tiles: tile 0 sees its own block (1); tile 1 one past block
@@ -72,35 +63,24 @@ def test_union_products_by_hand(monkeypatch):
     # block 256: tiles at offsets 0, 64, 128, 192 of block 0 see 1/4, 2/4, 3/4, 4/4 of it
     s = pm.Shape(256, heads=1, kv_heads=1, head_dim=64, block_size=256, top_k=3)
     assert pm._union_products(s) == pytest.approx(0.25 + 0.5 + 0.75 + 1.0)
-
-
-def test_today_gate_fma_passes_over_every_block():
-    # S=128, block 16 -> 8 blocks padded to 32; top-3 -> 2 passes; 2 tiles of 64 rows, 1 head, D=16
-    s = pm.Shape(128, heads=1, kv_heads=1, head_dim=16, block_size=16, top_k=3)
-    means, gate = pm.today_gate(s)
-    assert gate.fma_flops == 2 * 2 * 64 * 32 * 16 * 2
-    assert gate.programs == 2
-    assert means.hbm_bytes == 128 * 16 * 2 + 8 * 16 * 4
-
-
-def test_gather_memory_holds_the_partials():
-    s = pm.Shape(8192, heads=4, kv_heads=4, head_dim=64, block_size=512, top_k=3)
-    nnz = 8192 * 4 * 3
-    gather = pm.memory_today(s, "gather")["mem_fwd"]
-    union = pm.memory_today(s, "union")["mem_fwd"]
-    assert gather - union >= nnz * (4 * 64 + 4)  # one float32 (out, lse) partial per (row, slot)
-    assert pm.memory_redesign(s)["mem_fwd"] < union
+    # D=128: 128-row tiles. S=256, block 64, top-2: tile 0 covers blocks 0-1 (own block, whole:
+    # min(64, 0 + 128) / 64 = 1); tile 1 (rows 128-255): min(2 past blocks, 1 x 2) + 1.
+    s = pm.Shape(256, heads=1, kv_heads=1, head_dim=128, block_size=64, top_k=2)
+    assert pm._union_products(s) == 4.0
+    assert pm.union_attention(s)[0].programs == 2  # ceil(256 / 128) tiles x 1 head
 
 
 def test_efficiencies_stay_under_the_gemm_ceiling():
-    effs = [*pm.TODAY_EFF.values(), *pm.REDESIGN_EFF.values(), pm.GATE_TC_EFF]
+    effs = [*pm.MAIN_EFF.values(), *pm.TARGET_EFF.values(), pm.GATE_TC_EFF]
     effs += [v for d in pm.DENSE_EFF.values() for v in d.values()]
     assert all(0 < e <= pm.MMA_FRACTION for e in effs)
+    # main's spill-free tiles are guessed at or below FA2-class; the target is FA2-class
+    assert all(pm.MAIN_EFF[k] <= pm.TARGET_EFF[k] <= pm.DENSE_EFF[("FA2", 128)]["fwd"] for k in pm.MAIN_EFF)
 
 
 def test_sparser_is_faster_and_dense_limit_is_consistent():
-    a = pm.design(pm.Shape(32768, block_size=512, top_k=3), H200, "redesign")
-    b = pm.design(pm.Shape(131072, block_size=512, top_k=3), H200, "redesign")
+    a = pm.design(pm.Shape(32768, block_size=512, top_k=3), H200, "target")
+    b = pm.design(pm.Shape(131072, block_size=512, top_k=3), H200, "target")
     ratio = b["fwd_bwd_s"] / a["fwd_bwd_s"]
     assert 2 < ratio < 8  # roughly linear in S at fixed block / top-k (quadratic gate term is small)
     for name in pm.DESIGNS:
@@ -120,7 +100,7 @@ def test_main_prints_modelled_labels_and_writes_json(tmp_path, capsys):
     assert all(math.isfinite(r["speedup_fwd_bwd_vs_FA2"]) for r in data["rows"])
 
 
-# ----------------------------------------------------------------------------- owner-computes gather (issue 14, item 2)
+# ----------------------------------------------------------------------------- gather path (owner computes)
 def test_expected_distinct_by_hand():
     assert pm.expected_distinct(1, 5) == pytest.approx(1.0)
     assert pm.expected_distinct(2, 1) == pytest.approx(1.0)
@@ -141,40 +121,90 @@ def test_gather_tile_follows_the_launcher_rule():
         assert pm.gather_tile(pm.Shape(s, kv_heads=8)) == attention.gather_tile(s, 8)
 
 
-def test_owner_segments_by_hand():
+def test_gather_segments_by_hand():
     # S=128, 2 query heads / 1 KV head, block 64, top-2, 64-token super-tiles (2 programs):
     # tile 0: 128 rows, own block only -> 2 chunks; tile 1: own block 2 chunks + 128 rows
     # picking the one past block -> 1 segment of 128 rows = 2 chunks. 6 chunks, 384 rows.
     s = pm.Shape(128, heads=2, kv_heads=1, head_dim=64, block_size=64, top_k=2)
-    assert pm._owner_segments(s) == (384.0, 6.0, 2)
-    assert pm._owner_segments(s, uncorrelated=True) == (384.0, 6.0, 2)
+    assert pm.gather_segments(s) == (384.0, 6.0, 2)
+    assert pm.gather_segments(s, uncorrelated=True) == (384.0, 6.0, 2)
 
 
-def test_owner_memory_by_hand():
-    # r = 256 rows, 2 slots (nnz 512), D = 64 bf16; 2 programs x 2 blocks = 4 segments
-    s = pm.Shape(128, heads=2, kv_heads=1, head_dim=64, block_size=64, top_k=2)
-    out_lse, idx, sel = 256 * (128 + 4), 256 * 2 * 8, 512 * 4 + 3 * 4 * 4
-    state = 256 * (4 * 64 + 4)  # fp32 output sum + softmax sum per row: no per-slot term
-    fwd = out_lse + idx + sel + max(512 * 40, state)
-    bwd = out_lse + idx + sel + 256 * 128 + 2 * 128 * 64 * 2 + 256 * 4 + 256 * 64 * 4
-    assert pm.memory_owner(s, "gather") == dict(mem_fwd=fwd, mem_fwd_bwd=max(fwd, bwd))
 
 
-def test_owner_gather_beats_per_slot_partials_at_the_targets():
-    """Modelled: no merge pass and no per-slot partials: faster and within 1.2x dense memory."""
-    for seqlen, bs, k in ((128 * 1024, 512, 3), (512 * 1024, 512, 3), (512 * 1024, 128, 8)):
-        s = pm.Shape(seqlen, block_size=bs, top_k=k)
-        before, after = pm.design(s, H200, "today-gather"), pm.design(s, H200, "owner-gather")
-        assert after["fwd_bwd_s"] < before["fwd_bwd_s"]
-        dense = pm.dense_flash(s, H200, "FA2")["mem_fwd_bwd"]
-        assert after["mem_fwd_bwd"] <= 1.2 * dense < before["mem_fwd_bwd"]
-        assert not any("merge" in kk["name"] or "sum (PyTorch)" in kk["name"] for kk in after["kernels"])
+# ----------------------------------------------------------------------------- main's gate, glue, dk/dv, memory
+def test_gate_counts_past_blocks_in_padded_chunks_and_two_tf32_products():
+    # S=128, block 16 (8 blocks), 1 head, D=16: GATE_TILES[16] = (64 rows, 32 blocks per chunk).
+    # Tile 0 (rows 0-63): last row 63 is in block 3 -> 3 candidates -> one chunk of 32;
+    # tile 1: last row 127 in block 7 -> 7 candidates -> one chunk of 32.
+    s = pm.Shape(128, heads=1, kv_heads=1, head_dim=16, block_size=16, top_k=3)
+    assert pm.gate_chunks(s) == (2, 64)
+    means, gate = pm.gate_kernels(s)
+    one_product = 2 * 64 * 64 * 16  # 2 x BLOCK_M x padded blocks x D
+    assert gate.flops == 2 * one_product  # q . m_hi + q . m_lo
+    assert gate.mma_eff == pytest.approx(pm.GATE_TC_EFF * 0.5)  # TF32 peak = half the bf16 peak
+    assert gate.fma_flops == 2 * 64 * 64 * pm.TOPK_OPS_PER_SCORE
+    assert means.hbm_bytes == 128 * 16 * 2 + 8 * 16 * 4
+    # D=128 walks 16 blocks per chunk: 3 -> 16, 7 -> 16
+    assert pm.gate_chunks(pm.Shape(128, heads=2, kv_heads=1, head_dim=128, block_size=16, top_k=3)) == (4, 64)
+    # the target's one bf16 product (+ re-check) at the full bf16 peak: a quarter of main's time, x 1.1
+    target = pm.gate_kernels(s, pm.TARGET)[1]
+    assert target.flops / target.mma_eff == pytest.approx(gate.flops / gate.mma_eff * (1 + pm.TARGET_GATE_RECHECK) / 4)
 
 
-def test_owner_auto_picks_union_on_correlated_and_gather_on_random_selections():
+def test_selection_syncs_only_for_auto_on_main():
+    s = pm.Shape(32768)
+    syncs = {name: sum(k.syncs for k in pm.design_kernels(s, name)[0]) for name in pm.DESIGNS}
+    assert syncs == {"main-union": 0, "main-gather": 0, "main-auto": 2, "target": 0}
+    with pytest.raises(ValueError, match="design"):
+        pm.design_kernels(s, "today-union")
+
+
+def test_dkdv_split_longest_program_by_hand():
+    # 512K, Hq=32/Hkv=8, block 512, top-3: mean = 512K x 32 x 3 / (1024 x 8) = 6144 rows per pair;
+    # split = max(4096, 2 x 6144 rounded up to 16 rows per step) = 12288; the sink (every query
+    # of a KV head: 512K x 4 rows) splits into ceil(2097152 / 12288) = 171 chunks.
     s = pm.Shape(512 * 1024)
-    assert pm.owner_decomposition(s) == "union"
-    assert pm.owner_decomposition(s, uncorrelated=True) == "gather"
+    assert pm.dkdv_split(s) == (12288, 2097152, 171)
+    dkdv, reduce = pm.dkdv_kernels(s)
+    assert dkdv.serial_flops == 4 * 2 * 12288 * 128 * 128  # 4 matmuls over 12288 rows x 128 keys x D
+    assert dkdv.programs == (1024 * 8 + 171 * 8 - 8) * 4  # (pairs + extra chunks) x 4 key tiles
+    assert reduce.programs == 8 * 4
+    # partial buffers at dkdv_work's static bound: min(P + R // split, 2 x (R // split))
+    assert pm.dkdv_parts_bound(s) == min(8192 + 4096, 2 * 4096)
+
+
+def test_memory_delta_temporaries_by_hand():
+    # r = 4096 x 4 = 16384 rows, D=64: eager delta holds dO.float(), O.float() and their product
+    s = pm.Shape(4096, heads=4, kv_heads=1, head_dim=64, block_size=512, top_k=3)
+    r, d = 16384, 64
+    assert pm.dkdv_split(s)[0] == 12288 and pm.dkdv_parts_bound(s) == 8  # min(8 + 4, 2 x 4)
+    parts = 8 * 512 * 64 * 4 * 2
+    main, target = pm.memory(s, "union", pm.MAIN), pm.memory(s, "union", pm.TARGET)
+    assert main["mem_fwd_bwd"] - target["mem_fwd_bwd"] == 3 * r * d * 4 - parts
+    assert pm.delta_kernel(s).hbm_bytes == r * (2 * d * 2 + 28 * d + 4)
+    # forward: the gather path's fp32 row state (4D + 4 bytes per row, no per-slot term) is its
+    # peak (> 5 int64 build temporaries per slot); the union path's, 3 int64 temporaries per
+    # slot; the gather selection adds 3 int32 per segment (64 programs x 8 blocks).
+    nnz = r * 3
+    assert pm.memory(s, "gather")["mem_fwd"] - pm.memory(s, "union")["mem_fwd"] == r * (4 * d + 4) - nnz * 24 + 3 * 512 * 4
+
+
+def test_auto_rule_uses_the_union_tile_rows():
+    s = pm.Shape(512 * 1024)
+    union_rows = pm._union_products(s) * 32 * 128
+    gather_rows = pm.gather_segments(s)[0]
+    assert pm.decomposition(s) == ("union" if union_rows <= pm.UNION_MARGIN * gather_rows else "gather")
+    assert pm.decomposition(s, uncorrelated=True) == "gather"
     # on random selections the union path approaches dense attention; the gather path does not
-    union = pm.design(s, H200, "today-union", uncorrelated=True)["fwd_bwd_s"]
-    assert pm.design(s, H200, "owner-auto", uncorrelated=True)["fwd_bwd_s"] < union / 5
+    union = pm.design(s, H200, "main-union", uncorrelated=True)["fwd_bwd_s"]
+    assert pm.design(s, H200, "main-auto", uncorrelated=True)["fwd_bwd_s"] < union / 5
+
+
+def test_target_is_faster_and_smaller_than_main_at_the_issue_shapes():
+    for seqlen, bs, k in ((128 * 1024, 512, 3), (512 * 1024, 128, 8)):
+        s = pm.Shape(seqlen, block_size=bs, top_k=k)
+        main, target = pm.design(s, H200, "main-auto"), pm.design(s, H200, "target")
+        assert target["fwd_bwd_s"] < main["fwd_bwd_s"] and target["gate_s"] < main["gate_s"]
+        assert target["mem_fwd_bwd"] < main["mem_fwd_bwd"]
+        assert not any("merge" in kk["name"] for kk in main["kernels"])
