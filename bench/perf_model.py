@@ -26,8 +26,8 @@ Designs modelled
     owner-computes path (one program per (super-tile, KV head), 64-row chunks per segment,
     one float32 row state per row in HBM, no per-slot partials); "auto" = the launcher's rule
     (union unless its MMA rows exceed ``UNION_MARGIN`` x the gather rows).
-  - backward: delta = rowsum(dO * O) in eager PyTorch (two float32 casts and their product:
-    3 x Tq*Hq*D*4 bytes live at once, the backward's memory peak), dq (union or gather),
+  - backward: delta = rowsum(dO * O) in eager PyTorch, ``DELTA_CHUNK_ELEMENTS`` at a time (two
+    float32 casts and their product live per chunk), dq (union or gather),
     dk/dv per 128-key tile with heavy row lists split (``dkdv_work``: static bounds, float32
     partials allocated at their bound, summed in order by ``_dkdv_reduce_kernel``).
 * ``target``: what remains of issue 14's plan, in these stated ways only (everything else as
@@ -145,6 +145,10 @@ BLOCKS_PER_SM = {
 DKDV_KEY_TILE = 128
 DKDV_ROWS_PER_STEP = {64: 32, 128: 16}
 DKDV_MIN_SPLIT_ROWS = 4096
+#: dkdv_work's automatic split: this many times the mean rows per pair (``DKDV_SPLIT_FACTOR``).
+DKDV_SPLIT_FACTOR = 4
+#: The backward's delta casts this many elements of dO and O to float32 at once (``DELTA_CHUNK_ELEMENTS``).
+DELTA_CHUNK_ELEMENTS = 1 << 24
 #: Distinct past blocks a query tile's rows select together, as a multiple of one row's
 #: (top_k - 1) (union path), for 64- and 128-row tiles alike. 1 = neighbouring queries pick
 #: the same blocks. Trained models' neighbouring queries mostly agree: 2 is a guess to calibrate.
@@ -455,18 +459,19 @@ def delta_kernel(s: Shape, v: Variant = MAIN) -> Kernel:
     r, d, e = s.rows, s.head_dim, s.elem_bytes
     if v.fused_delta:
         return Kernel("delta (fused)", "bwd", hbm_bytes=r * (2 * d * e + 4), programs=0)
-    return Kernel("delta (PyTorch, fp32 temporaries)", "bwd", hbm_bytes=r * (2 * d * e + 28 * d + 4), launches=4)
+    chunks = max(1, -(-r * d // DELTA_CHUNK_ELEMENTS))
+    return Kernel("delta (PyTorch, fp32 temporaries)", "bwd", hbm_bytes=r * (2 * d * e + 28 * d + 4), launches=4 * chunks)
 
 
 def dkdv_split(s: Shape) -> tuple[int, float, int]:
     """(split rows, sink rows, sink chunks) as ``dkdv_work`` chooses them: a (block, KV head)
-    pair's list is split when longer than max(DKDV_MIN_SPLIT_ROWS, 2 x the mean rows per pair
+    pair's list is split when longer than max(DKDV_MIN_SPLIT_ROWS, DKDV_SPLIT_FACTOR x the mean rows per pair
     rounded up to the rows per step); heavy pairs modelled: the sink only (SINK_FRACTION of the
     rows of every KV head pick one block); sink chunks 0 = not split."""
     group = s.heads // s.kv_heads
     step = DKDV_ROWS_PER_STEP[s.dim_key]
     mean = -(-s.seqlen * s.batch * s.heads * s.n_slots // (s.n_blocks * s.kv_heads * s.batch))
-    split = max(DKDV_MIN_SPLIT_ROWS, -(-2 * mean // step) * step)
+    split = max(DKDV_MIN_SPLIT_ROWS, -(-DKDV_SPLIT_FACTOR * mean // step) * step)
     rows_per_pair = s.seqlen * group * s.n_slots / s.n_blocks
     sink_rows = max(SINK_FRACTION * s.seqlen * group, rows_per_pair)
     return split, sink_rows, (math.ceil(sink_rows / split) if sink_rows > split else 0)
@@ -525,7 +530,8 @@ def memory(s: Shape, dec: str, v: Variant = MAIN, auto: bool = False) -> dict:
     state = r * (4 * d + 4) if dec == "gather" else 0  # fp32 output sum + softmax sum
     fwd = out_lse + idx + sel + max(build_tmp, choose_tmp, state)
     base = out_lse + idx + sel + r * d * e + 2 * kv + r * 4  # + dq, dk, dv, delta
-    delta_tmp = 0 if v.fused_delta else 3 * r * d * 4  # dO.float(), O.float() and their product
+    # dO.float(), O.float() and their product, DELTA_CHUNK_ELEMENTS at a time
+    delta_tmp = 0 if v.fused_delta else 3 * min(r * d, DELTA_CHUNK_ELEMENTS) * 4
     dq_acc = r * d * 4 if dec == "gather" else 0  # alive until the backward returns
     parts = dkdv_parts_bound(s) * s.block_size * d * 4 * 2  # allocated at the bound, used or not
     bwd = base + max(delta_tmp, dq_acc + parts)

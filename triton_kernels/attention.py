@@ -222,6 +222,8 @@ DKDV_MIN_SPLIT_ROWS = 4096
 #: P * 2 / DKDV_SPLIT_FACTOR chunks of (block_size, D) float32 for dk and for dv, i.e. with 4
 #: together 4 B x Tk x Hkv x D (twice k's size in 16 bits), whether or not any pair is heavy.
 DKDV_SPLIT_FACTOR = 4
+#: Elements of dO (and O) cast to float32 at once for the backward's delta (64 MB each).
+DELTA_CHUNK_ELEMENTS = 1 << 24
 #: Keys per program of the dk/dv reduce: two (keys, D) float32 sums in 4 warps stay in registers.
 DKDV_REDUCE_BLOCK_N = 32
 
@@ -1193,7 +1195,13 @@ def attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim = padded_head_dim(d)
     n_slots = sorted_indices.shape[-1]
-    delta = (dout.float() * out.float()).sum(-1).contiguous()  # (Tq, Hq) rowsum(dO * O)
+    # (Tq, Hq) rowsum(dO * O) in float32, a bounded number of tokens at a time: the float32
+    # copies of dO and O and their product would otherwise be 3 x Tq x Hq x D x 4 bytes (about
+    # 26 GB at 512K tokens, 32 heads, D=128: the backward's memory peak).
+    delta = torch.empty((tq, hq), dtype=torch.float32, device=q.device)
+    step = max(1, DELTA_CHUNK_ELEMENTS // max(1, hq * d))
+    for t0 in range(0, tq, step):
+        delta[t0:t0 + step] = (dout[t0:t0 + step].float() * out[t0:t0 + step].float()).sum(-1)
     lse = lse.contiguous()
     sel = unpack_selection(selection, selection_sizes(tq, hq, hkv, n_slots, (n_blocks, lay.max_blocks), lay.cu_q,
                                                       decomposition != "union"))

@@ -162,24 +162,25 @@ def test_selection_syncs_only_for_auto_on_main():
 
 def test_dkdv_split_longest_program_by_hand():
     # 512K, Hq=32/Hkv=8, block 512, top-3: mean = 512K x 32 x 3 / (1024 x 8) = 6144 rows per pair;
-    # split = max(4096, 2 x 6144 rounded up to 16 rows per step) = 12288; the sink (every query
-    # of a KV head: 512K x 4 rows) splits into ceil(2097152 / 12288) = 171 chunks.
+    # split = max(4096, 4 x 6144 rounded up to 16 rows per step) = 24576; the sink (every query
+    # of a KV head: 512K x 4 rows) splits into ceil(2097152 / 24576) = 86 chunks.
     s = pm.Shape(512 * 1024)
-    assert pm.dkdv_split(s) == (12288, 2097152, 171)
+    assert pm.dkdv_split(s) == (24576, 2097152, 86)
     dkdv, reduce = pm.dkdv_kernels(s)
-    assert dkdv.serial_flops == 4 * 2 * 12288 * 128 * 128  # 4 matmuls over 12288 rows x 128 keys x D
-    assert dkdv.programs == (1024 * 8 + 171 * 8 - 8) * 4  # (pairs + extra chunks) x 4 key tiles
+    assert dkdv.serial_flops == 4 * 2 * 24576 * 128 * 128  # 4 matmuls over 12288 rows x 128 keys x D
+    assert dkdv.programs == (1024 * 8 + 86 * 8 - 8) * 4  # (pairs + extra chunks) x 4 key tiles
     assert reduce.programs == 8 * 4
     # partial buffers at dkdv_work's static bound: min(P + R // split, 2 x (R // split))
-    assert pm.dkdv_parts_bound(s) == min(8192 + 4096, 2 * 4096)
+    # R = 512K x 32 x 3 = 50331648 rows, R // split = 2048
+    assert pm.dkdv_parts_bound(s) == min(8192 + 2048, 2 * 2048)
 
 
 def test_memory_delta_temporaries_by_hand():
     # r = 4096 x 4 = 16384 rows, D=64: eager delta holds dO.float(), O.float() and their product
     s = pm.Shape(4096, heads=4, kv_heads=1, head_dim=64, block_size=512, top_k=3)
     r, d = 16384, 64
-    assert pm.dkdv_split(s)[0] == 12288 and pm.dkdv_parts_bound(s) == 8  # min(8 + 4, 2 x 4)
-    parts = 8 * 512 * 64 * 4 * 2
+    assert pm.dkdv_split(s)[0] == 24576 and pm.dkdv_parts_bound(s) == 4  # min(8 + 2, 2 x 2)
+    parts = 4 * 512 * 64 * 4 * 2
     main, target = pm.memory(s, "union", pm.MAIN), pm.memory(s, "union", pm.TARGET)
     assert main["mem_fwd_bwd"] - target["mem_fwd_bwd"] == 3 * r * d * 4 - parts
     assert pm.delta_kernel(s).hbm_bytes == r * (2 * d * 2 + 28 * d + 4)
@@ -206,5 +207,5 @@ def test_target_is_faster_and_smaller_than_main_at_the_issue_shapes():
         s = pm.Shape(seqlen, block_size=bs, top_k=k)
         main, target = pm.design(s, H200, "main-auto"), pm.design(s, H200, "target")
         assert target["fwd_bwd_s"] < main["fwd_bwd_s"] and target["gate_s"] < main["gate_s"]
-        assert target["mem_fwd_bwd"] < main["mem_fwd_bwd"]
+        assert target["mem_fwd_bwd"] <= main["mem_fwd_bwd"]  # equal once delta is chunked
         assert not any("merge" in kk["name"] for kk in main["kernels"])
