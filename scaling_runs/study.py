@@ -35,6 +35,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from .cli import Parser
 from .config import apply_overrides
 from .fit import plot_study, study_summary
 from .flops import PFLOPS_DAY, causal_sparsity, flops_per_token
@@ -183,9 +184,8 @@ def print_summary(summary: dict) -> None:
                   f"[{f['lm']['b_ci95'][0]:.4f}, {f['lm']['b_ci95'][1]:.4f}]")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m scaling_runs.study", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser() -> Parser:
+    p = Parser("python -m scaling_runs.study", __doc__.split("\n\n")[0])
     p.add_argument("--preset", default="cpu-study", help="study preset (scaling_runs.presets.STUDIES)")
     p.add_argument("--out", default=None, help="study folder (default: runs/<preset>)")
     p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one process each)")

@@ -613,16 +613,17 @@ def write_examples(out_path, task: str, n: int, context_length: int, seed: int =
 
 
 def main(argv: list[str] | None = None) -> None:
-    import argparse
     import json
 
-    p = argparse.ArgumentParser(
-        prog="python -m scaling_runs.tasks",
-        description="Write training data of solved task examples. Long tasks (passkey, multikey, mqar): "
+    from .cli import Parser
+
+    p = Parser(
+        "python -m scaling_runs.tasks",
+        "Write training data of solved task examples. Long tasks (passkey, multikey, mqar): "
                     "text files in OUT (see write_corpus). Short-answer tasks (needle, multineedle): "
                     "OUT/examples.npz (or OUT itself when it ends in .npz) for `train --mix PATH.npz` "
                     "(example-aligned windows, answer-only loss; see write_examples).")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="output folder (or an .npz path for short-answer tasks)")
     p.add_argument("--n", type=int, default=2000, help="examples")
     p.add_argument("--tasks", default=",".join(TASKS),
                    help=f"comma-separated, from {TASKS + SHORT_TASKS}; a short-answer task goes alone")
@@ -631,8 +632,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="short tasks: filler bytes instead of --lengths (needle: prompt = n_filler + 2 bytes)")
     p.add_argument("--n_needles", type=int, default=4, help="multineedle: key/digit pairs per prompt")
     p.add_argument("--alphabet", default=NEEDLE_ALPHABET, help="short tasks: filler bytes (no digits / upper case)")
-    p.add_argument("--seed", type=int, default=1000)
-    p.add_argument("--files", type=int, default=8)
+    p.add_argument("--seed", type=int, default=1000, help="random seed of the generated examples")
+    p.add_argument("--files", type=int, default=8, help="long tasks: text files the examples are spread over")
     p.add_argument("--filler", default=None, help="text file for the filler (default: embedded corpus, train split)")
     a = p.parse_args(argv)
     from pathlib import Path

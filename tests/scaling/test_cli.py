@@ -32,6 +32,8 @@ ENTRY_POINTS = {
     "scaling_runs.budget_demo": ([], "--n_evall", "--n_eval"),
     "scaling_runs.eval_budget": (["RUN"], "--budget", "--budgets"),
     "scaling_runs.fit": (["SWEEP"], "--skip_fraction", "--skip_frac"),
+    "scaling_runs.study": ([], "--jbs", "--jobs"),
+    "scaling_runs.tasks": (["OUT"], "--sead", "--seed"),
     "moba.demo": ([], "--seq_length", "--seq_len"),
 }
 
