@@ -250,3 +250,15 @@ def test_committed_study_summary_has_the_schema():
     assert set(summary["ratios"]) == {"moba/full", "local/full", "random/full"}
     assert summary["arms"]["moba"]["sparsity"] == pytest.approx(0.7096, abs=1e-4)
     assert all((folder / p).exists() for p in ("scaling.png", "ratios.png"))
+
+
+def test_trailing_study_is_a_longer_context_run_at_paper_sparsity():
+    """cpu-study-trailing: the cpu-study's s5 at 4x the context, documents as long as the
+    context, scored on the last 1/16 of positions; causal sparsity ~ the paper's 92%."""
+    base, trailing = get_study("cpu-study"), get_study("cpu-study-trailing")
+    m = trailing.base.model
+    assert m.context == 4 * base.base.model.context and m.block_size == base.base.model.block_size
+    assert trailing.recall_spec["doc_len"] == m.context
+    assert trailing.base.train.trailing_frac == 1 / 16
+    assert [s.name for s in trailing.sizes] == ["s5"] and set(trailing.arms) == {"full", "moba", "local"}
+    assert causal_sparsity(m.context, "moba", m.block_size, m.top_k) == pytest.approx(0.9229, abs=1e-4)
