@@ -273,7 +273,8 @@ def power_law_ci(points: dict, n_boot: int = 2000, seed: int = 0, level: float =
     estimate fits every point (least squares in log-log); each bootstrap replicate resamples,
     within every group, its points with replacement (runs of one size share C; the seeds
     carry the noise) and refits. Returns {"a", "b", "a_ci95", "b_ci95", "n_points", "n_boot"}
-    with percentile intervals at ``level``.
+    with percentile intervals at ``level``; the intervals are None when every size has a single
+    point (nothing to resample).
     """
     groups = [np.asarray(v, dtype=float).reshape(-1, 2) for _, v in sorted(points.items())]
     groups = [g for g in groups if len(g)]
@@ -281,6 +282,11 @@ def power_law_ci(points: dict, n_boot: int = 2000, seed: int = 0, level: float =
         raise ValueError("need final points at two compute values or more to fit a power law")
     allp = np.concatenate(groups)
     point = fit_power_law(allp[:, 0], allp[:, 1])
+    if all(len(g) < 2 for g in groups):
+        # One seed per size: resampling within sizes reproduces the data, so a bootstrap
+        # interval would have zero width and claim a certainty the runs do not give.
+        return {"a": point["a"], "b": point["b"], "a_ci95": None, "b_ci95": None,
+                "n_points": int(len(allp)), "n_boot": 0}
     rng = np.random.default_rng(seed)
     a_s, b_s = np.empty(n_boot), np.empty(n_boot)
     for i in range(n_boot):
@@ -424,8 +430,9 @@ def plot_study(points: list[dict], details: dict, out_dir: Path, context: int, t
                 if f is not None and len(xs) >= 2:
                     grid = np.logspace(np.log10(xs.min()), np.log10(xs.max()) + 1, 60)
                     ax.plot(grid, f["a"] * grid ** f["b"], "--", color=color, lw=1.1, alpha=0.9,
-                            label=f"{label} Projection: {f['a']:.3g} C^{f['b']:.4f} "
-                                  f"(b 95% CI [{f['b_ci95'][0]:.3f}, {f['b_ci95'][1]:.3f}])")
+                            label=f"{label} Projection: {f['a']:.3g} C^{f['b']:.4f} " + (
+                                f"(b 95% CI [{f['b_ci95'][0]:.3f}, {f['b_ci95'][1]:.3f}])" if f["b_ci95"]
+                                else "(one seed per size: no CI)"))
             readable_log_axis(ax, "x")
             readable_log_axis(ax, "y")
             ax.set_xlabel(AXES[axis])

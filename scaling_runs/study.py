@@ -180,8 +180,9 @@ def print_summary(summary: dict) -> None:
         print(f"  {name:<12} final val loss ratio {r['mean']:.4f}  95% CI [{lo:.4f}, {hi:.4f}]")
     for arm, f in summary["fits"].items():
         if f.get("lm"):
+            ci = f["lm"]["b_ci95"]
             print(f"  {arm:<7} L = {f['lm']['a']:.4g} C^{f['lm']['b']:.4f}  b 95% CI "
-                  f"[{f['lm']['b_ci95'][0]:.4f}, {f['lm']['b_ci95'][1]:.4f}]")
+                  + (f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "none (one seed per size)"))
 
 
 def build_parser() -> Parser:

@@ -116,6 +116,9 @@ def test_bootstrap_ci_contains_the_estimate_and_shrinks_with_data():
     assert width(many) < 0.6 * width(few)
     with pytest.raises(ValueError, match="two compute values"):
         power_law_ci({"s1": [(1e-8, 2.0), (1e-8, 2.1)]})
+    # one seed per size: nothing to resample, so no interval (not a zero-width one)
+    single = power_law_ci(_power_law_points(1, rng), n_boot=200)
+    assert single["b_ci95"] is None and single["a_ci95"] is None and single["b"] == pytest.approx(-0.1, abs=0.05)
 
 
 def test_mean_ci_and_paired_ratio():
