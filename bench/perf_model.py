@@ -15,9 +15,12 @@ Designs modelled
   bench.kernel_report --quick --cc 90`` at bd8e068):
   - gate: block means, then ONE pass per (64-row query tile, query head) over the tile's past
     blocks only (``BLOCK_B`` at a time, padded), running top-k in registers. For bf16/fp16
-    inputs the scores are TWO TF32 tensor-core products (q . m_hi + q . m_lo); the TF32
-    tensor-core peak is half the bf16 peak (H100/H200 datasheets: 495 vs 989 TFLOP/s dense),
-    so one gate product costs twice the time of a bf16 one of the same shape (``TF32_PEAK_RATIO``).
+    inputs the first pass is ONE tensor-core product in the input dtype (centred means) at the
+    bf16 peak, then an exact float32 re-check of the ``SORT_WIDTH - 1`` kept pairs per row on
+    the FMA units; a tile whose cut is a near tie (a fraction ``GATE_FALLBACK_TILES`` of the
+    programs, a guess) runs the pass again as TWO TF32 products (q . m_hi + q . m_lo) at the
+    TF32 tensor-core peak, half the bf16 peak (H100/H200 datasheets: 495 vs 989 TFLOP/s dense,
+    ``TF32_PEAK_RATIO``).
   - the selection: ``sort_block_indices`` + ``build_selection`` on device, once (saved for
     the backward); explicit "union"/"gather" have no host sync, "auto" two (the forward's
     comparison in ``choose_decomposition``, the backward's read-back of the choice).
@@ -31,10 +34,8 @@ Designs modelled
     dk/dv per 128-key tile with heavy row lists split (``dkdv_work``: static bounds, float32
     partials allocated at their bound, summed in order by ``_dkdv_reduce_kernel``).
 * ``target``: what remains of issue 14's plan, in these stated ways only (everything else as
-  ``main-auto``): (1) the gate's scores in ONE bf16 product plus an exact float32 re-check of
-  near ties (``TARGET_GATE_RECHECK`` extra work), i.e. a quarter of the two TF32 products'
-  tensor time; (2) "auto" decided on device (no host syncs); (3) delta fused into a kernel
-  (no float32 temporaries); (4) attention tiles at FA2-class efficiency (``TARGET_EFF``:
+  ``main-auto``): (1) "auto" decided on device (no host syncs); (2) delta fused into a kernel
+  (no float32 temporaries); (3) attention tiles at FA2-class efficiency (``TARGET_EFF``:
   pipelined K/V, wider key steps), which the spill-free tiles on main do not yet support.
 
 ``--uncorrelated`` models random selections (every row's past picks independent: the union
@@ -118,16 +119,22 @@ TF32_PEAK_RATIO = 0.5
 #: The gate's tensor-core scores, fraction of the (TF32 or bf16) peak: small tiles (64 query
 #: rows x BLOCK_B = 16 blocks at D=128, so wgmma N = 16), 3 CTAs per SM. A guess.
 GATE_TC_EFF = 0.30
-#: Score products per chunk: main = 2 TF32 (q exact in TF32, the float32 means split hi/lo;
-#: float32 inputs take tf32x3 = 3, not modelled: the targets are bf16); target = 1 bf16.
-MAIN_GATE_PRODUCTS = 2
-#: Target gate: the near-tie re-check (exact float32 scores for rows whose cut falls inside
-#: the bf16 error bound) as a fraction of the bf16 product's work. A guess.
-TARGET_GATE_RECHECK = 0.10
+#: Near-tie fallback: the fraction of gate programs (query tile x head) whose cut is a near tie
+#: and that re-score every candidate in float32 (two TF32 products). A guess: on random data
+#: the interpreter tests see none at 64-row tiles; trained models' near ties are unmeasured
+#: until a GPU runs ``bench/device_check.py`` (it reports the count).
+GATE_FALLBACK_TILES = 0.05
+#: Score work per chunk in bf16-peak-equivalent products: one half-precision product, plus the
+#: fallback's two TF32 products (each at half the bf16 peak) in that fraction of the tiles.
+GATE_PRODUCTS = 1 + GATE_FALLBACK_TILES * 2 / TF32_PEAK_RATIO
+#: Kept pairs re-checked in float32 per row (gate.py ``gate_sort_width``: next_power_of_2(
+#: top_k + 4) - 1), plus q . m0 (the centre), FMA dot products of length D.
+GATE_MIN_EXTRA_KEPT = 4
 #: Running top-k: ALU operations per score (chunk max with the (score, block) tie-break, the
 #: candidate mask, the compare with the worst kept pair; one round per chunk once the
-#: selection is good), at fp32-pipe rate x GATE_FMA_FRACTION (one op per lane = 2 FLOPs). A guess.
-TOPK_OPS_PER_SCORE = 8
+#: selection is good, more while the wider kept set fills), at fp32-pipe rate x
+#: GATE_FMA_FRACTION (one op per lane = 2 FLOPs). A guess.
+TOPK_OPS_PER_SCORE = 10
 GATE_FMA_FRACTION = 0.35
 #: Gate tiles (triton_kernels/gate.py GATE_CONFIGS): padded head dim -> (BLOCK_M, BLOCK_B).
 GATE_TILES = {16: (64, 32), 32: (64, 32), 64: (64, 32), 128: (64, 16), 256: (32, 16)}
@@ -181,14 +188,12 @@ class Variant:
 
     name: str
     eff: dict
-    gate_products: float  # bf16-peak-equivalent score products per chunk
-    gate_peak_ratio: float  # the products' peak / the bf16 peak
     auto_syncs: int
     fused_delta: bool
 
 
-MAIN = Variant("main", MAIN_EFF, MAIN_GATE_PRODUCTS, TF32_PEAK_RATIO, AUTO_SYNCS, False)
-TARGET = Variant("target", TARGET_EFF, 1 + TARGET_GATE_RECHECK, 1.0, 0, True)
+MAIN = Variant("main", MAIN_EFF, AUTO_SYNCS, False)
+TARGET = Variant("target", TARGET_EFF, 0, True)
 
 
 # =============================================================================================
@@ -309,9 +314,17 @@ def gate_chunks(s: Shape) -> tuple[int, int]:
     return n_tiles * s.heads * s.batch, padded * s.heads * s.batch
 
 
+def gate_kept(top_k: int) -> int:
+    """Pairs the first pass keeps per row and re-checks in float32 (gate.py ``gate_sort_width``)."""
+    n_pick = top_k - 1
+    return min(32, 1 << (n_pick + GATE_MIN_EXTRA_KEPT).bit_length()) - 1
+
+
 def gate_kernels(s: Shape, v: Variant = MAIN) -> list[Kernel]:
-    """Block means + the one-pass top-k kernel. Score MMA FLOPs per chunk: 2 x BLOCK_M x
-    BLOCK_B x D per product (main: two TF32 products at half the bf16 peak)."""
+    """Block means + the top-k kernel (the same on main and the target). MMA: 2 x BLOCK_M x
+    BLOCK_B x D per product and chunk, ``GATE_PRODUCTS`` bf16-equivalent products (the flops
+    below are bf16-peak-equivalent). FMA: the running top-k per score, and per program the
+    float32 re-check, 2 x BLOCK_M x (kept + 1) x D."""
     d, e = s.head_dim, s.elem_bytes
     bm = GATE_TILES[max(16, 1 << (d - 1).bit_length())][0]
     means = Kernel("_block_mean_kernel", "fwd", hbm_bytes=s.batch * s.seqlen * s.kv_heads * d * e
@@ -320,12 +333,21 @@ def gate_kernels(s: Shape, v: Variant = MAIN) -> list[Kernel]:
     programs, padded = gate_chunks(s)
     scores = 2.0 * bm * padded * d  # one product
     n_pick = min(s.top_k - 1, s.n_blocks)
-    gate = Kernel("_gate_topk_kernel", "fwd", flops=scores * v.gate_products,
-                  fma_flops=2.0 * bm * padded * TOPK_OPS_PER_SCORE if n_pick else 0.0,
+    recheck = 2.0 * bm * (gate_kept(s.top_k) + 1) * d * programs
+    gate = Kernel("_gate_topk_kernel", "fwd", flops=scores * GATE_PRODUCTS,
+                  fma_flops=(2.0 * bm * padded * TOPK_OPS_PER_SCORE + recheck) if n_pick else 0.0,
                   hbm_bytes=s.rows * d * e + s.rows * s.n_slots * 4, programs=programs,
-                  blocks_per_sm=_bps(s, "gate"), mma_eff=GATE_TC_EFF * v.gate_peak_ratio,
-                  notes=f"one pass, {v.gate_products:g} product(s) at {v.gate_peak_ratio:g} x the bf16 peak")
+                  blocks_per_sm=_gate_bps(s), mma_eff=GATE_TC_EFF,
+                  notes=f"one half product + float32 re-check of {gate_kept(s.top_k)} kept pairs; "
+                        f"{GATE_FALLBACK_TILES:.0%} of tiles re-scored in float32")
     return [means, gate]
+
+
+def _gate_bps(s: Shape) -> int:
+    """Resident gate programs per SM: the static report's, one fewer at D=128 with a 16-wide
+    selection (top_k 5-12: 223 registers on sm_90)."""
+    bps = _bps(s, "gate")
+    return bps - 1 if s.dim_key == 128 and gate_kept(s.top_k) + 1 == 16 else bps
 
 
 # ---------------------------------------------------------------------------- selection glue
@@ -597,7 +619,7 @@ def assumptions() -> dict:
         gpus={k: asdict(v) for k, v in GPUS.items()}, mma_fraction=MMA_FRACTION, hbm_fraction=HBM_FRACTION,
         dense_eff={f"{k[0]}-d{k[1]}": v for k, v in DENSE_EFF.items()}, main_eff=MAIN_EFF, target_eff=TARGET_EFF,
         d64_factor=D64_FACTOR, tf32_peak_ratio=TF32_PEAK_RATIO, gate_tc_eff=GATE_TC_EFF,
-        main_gate_products=MAIN_GATE_PRODUCTS, target_gate_recheck=TARGET_GATE_RECHECK,
+        gate_products=GATE_PRODUCTS, gate_fallback_tiles=GATE_FALLBACK_TILES, gate_min_extra_kept=GATE_MIN_EXTRA_KEPT,
         topk_ops_per_score=TOPK_OPS_PER_SCORE, gate_fma_fraction=GATE_FMA_FRACTION,
         gate_tiles={str(k): v for k, v in GATE_TILES.items()}, union_block_m={str(k): v for k, v in UNION_BLOCK_M.items()},
         gather_block_m=GATHER_BLOCK_M, blocks_per_sm={str(k): v for k, v in BLOCKS_PER_SM.items()},

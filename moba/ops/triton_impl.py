@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from .._core.custom_ops import register_attention_autograd
 from .._core.layout import BlockLayout, build_layout, effective_block_size, gate_width, max_blocks
@@ -237,8 +236,7 @@ def _select(q, k, layout: BlockLayout, top_k, causal):
     # top_k >= the block count selects every block: clamp, so an int64 custom-op argument
     # never overflows (any integer top_k is legal).
     top_k = gate_width(nb_max, top_k)
-    width = top_k
-    if top_k - 1 < nb_max - 1 and triton.next_power_of_2(width) > _gate.MAX_SORT_WIDTH:
+    if top_k - 1 < nb_max - 1 and _gate.gate_sort_width(top_k - 1) is None:
         # The kernel sorts the selection in registers; wide (non-dense) selections use the torch gate.
         return select_packed(q, k, layout, top_k, causal)
     return triton_gate(q, k, list(layout.cu_q), list(layout.cu_k), layout.block_size, int(top_k), bool(causal))

@@ -89,9 +89,9 @@ def test_shared_memory_within_limits(report, cc):
 
 def test_capture_is_the_real_specialisation(report):
     """What the launchers pass, not the config tables: Triton's own specialisation (integers
-    equal to 1 become constants) and the launch-time choices (top-3 -> a sort width of 4)."""
+    equal to 1 become constants) and the launch-time choices (top-3 -> a sort width of 8: 2 picks, the own block, 5 more kept by the first pass)."""
     gate = _row(report, "_gate_topk_kernel", 90)
-    assert gate["constexprs"]["SORT_WIDTH"] == 4 and gate["constexprs"]["causal"] == 1
+    assert gate["constexprs"]["SORT_WIDTH"] == 8 and gate["constexprs"]["causal"] == 1
     fwd = _row(report, "_fwd_kernel", 90)
     # causal == 1 is specialised into a constant by Triton at launch; the config tables do not say so
     assert fwd["constexprs"] == {"causal": 1, "BIG": 1 << 30, "HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 32,

@@ -254,6 +254,80 @@ def test_gate_scores_keep_float32_bits_beyond_tf32(dtype):
     assert got[-1, 0].tolist() == [1, 2]
 
 
+def _gate_with_fallbacks(q, k, cu, block_size, top_k, causal):
+    """The Triton gate and its count of (query tile, head) programs re-scored in float32."""
+    from moba.triton_kernels.gate import gate_select
+
+    from moba._core.layout import build_layout
+
+    layout = build_layout(cu, cu, block_size, "cpu")
+    cu_t = torch.tensor(cu, dtype=torch.int32)
+    fallbacks = torch.zeros(1, dtype=torch.int32)
+    got = gate_select(q, k, cu, cu_t, cu_t, layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset,
+                      layout.block_start, layout.block_len, layout.block_size, top_k, causal, fallbacks)
+    return got, int(fallbacks)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0.0, 30.0])
+def test_gate_first_pass_is_certified_on_separated_scores(dtype, offset):
+    """Half inputs: the one-product first pass plus the exact re-check of the kept pairs gives
+    the float32 selection without re-scoring any tile when the cut is not a near tie, also when
+    every key shares a large component (``offset``: the block means are centred on the first
+    block's mean, so the bound scales with their spread, not with their size)."""
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+
+    cu = [0, 256, 448]
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(448, 4, 64, generator=gen).to(dtype)
+    k = (torch.randn(448, 2, 64, generator=gen) * 4 + offset).to(dtype)  # block means spread ~1
+    got, fallbacks = _gate_with_fallbacks(q, k, cu, 8, 3, True)
+    assert torch.equal(got, select_packed(q, k, build_layout(cu, cu, 8, "cpu"), 3, True))
+    # near ties among 32-55 candidates happen; most programs must still be certified
+    n_programs = (4 + 3) * 4  # 64-row query tiles x heads
+    assert fallbacks <= n_programs // 4, fallbacks
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_near_ties_fall_back_to_float32_scores(dtype):
+    """Block means 1 (blocks 1-38) and 1 + delta (block 25), delta below half an ulp of q's
+    dtype: the first pass ties them all, keeps the lowest blocks, and its bound cannot exclude
+    the rest, so the tile re-scores in float32 and picks block 25."""
+    bs, n_blocks = 4, 40
+    key_delta = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]  # mean delta: a quarter
+    k = torch.zeros(n_blocks * bs, 1, 16)
+    k[bs:, 0, 0] = 1.0  # block 0 (the centre) has mean 0
+    k[25 * bs + 3, 0, 0] = 1.0 + key_delta
+    q = torch.zeros(n_blocks * bs, 1, 16)
+    q[:, 0, 0] = 1.0
+    got, fallbacks = _gate_with_fallbacks(q.to(dtype), k.to(dtype), [0, n_blocks * bs], bs, 2, True)
+    assert got[-1, 0].tolist() == [25, n_blocks - 1]
+    assert got[26 * bs:, 0, 0].eq(25).all()
+    assert fallbacks >= 1
+
+
+@pytest.mark.parametrize("bad", ["nan-key", "inf-query"])
+def test_gate_non_finite_input_falls_back_and_stays_in_its_sequence(bad):
+    """inf/NaN reach the first pass's bound: the tile re-scores in float32 (where NaN ranks
+    first, as in torch.topk); the other sequence's selection is unchanged and certified."""
+    cu = [0, 64, 128]
+    gen = torch.Generator().manual_seed(22)
+    q = torch.randn(128, 1, 16, generator=gen).half()
+    k = torch.randn(128, 1, 16, generator=gen).half()
+    clean, clean_fb = _gate_with_fallbacks(q, k, cu, 4, 3, True)
+    q2, k2 = q.clone(), k.clone()
+    if bad == "nan-key":
+        k2[9, 0, 2] = float("nan")  # block 2 of sequence 0
+    else:
+        q2[40, 0, 1] = float("inf")
+    dirty, dirty_fb = _gate_with_fallbacks(q2, k2, cu, 4, 3, True)
+    assert torch.equal(dirty[64:], clean[64:])
+    assert dirty_fb == clean_fb + 1
+    if bad == "nan-key":  # NaN scores rank first: every row past block 2 picks it
+        assert (dirty[12:64, 0] == 2).any(-1).all()
+
+
 def test_gate_huge_block_size_and_top_k_are_clamped():
     from moba._core.layout import build_layout
     from moba.ops.gate import select_packed
