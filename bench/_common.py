@@ -29,19 +29,20 @@ def utc_stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, cwd: Path = HERE) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=10)
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
         return out.stdout.strip() if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def git_state(*paths: str) -> dict:
+def git_state(*paths: str, cwd: Path = HERE) -> dict:
     """``{"git_commit": HEAD or None, "git_dirty": uncommitted changes to tracked files}``;
-    with ``paths``, dirty means changes under those paths only."""
-    status = ["status", "--porcelain", "--untracked-files=no"] + (["--", *paths] if paths else [])
-    return {"git_commit": _git("rev-parse", "HEAD"), "git_dirty": bool(_git(*status))}
+    with ``paths`` (relative to the repository root), dirty means changes under those paths only."""
+    # ":/" anchors a pathspec at the repository root (git runs in bench/)
+    status = ["status", "--porcelain", "--untracked-files=no"] + (["--", *(f":/{p}" for p in paths)] if paths else [])
+    return {"git_commit": _git("rev-parse", "HEAD", cwd=cwd), "git_dirty": bool(_git(*status, cwd=cwd))}
 
 
 def package_version(module: str) -> str | None:

@@ -567,3 +567,24 @@ def test_roofline_legend_is_grouped(tmp_path, monkeypatch):
     assert {"moba-torch", "sdpa", "MoBA (model)"} <= {t.get_text() for t in kernel.get_texts()}
     assert {"fwd", "bwd", "n_q=4", "filled: measured"} <= {t.get_text() for t in mode.get_texts()}
     assert figures[-1]["axes"][0]["ticks"]["y"] and not [t for t in figures[-1]["axes"][0]["ticks"]["y"] if "$" in t]
+
+
+def test_git_state_paths_are_relative_to_the_repository_root(tmp_path):
+    """git runs in bench/; a path such as "triton_kernels" must still mean <root>/triton_kernels
+    (it used to match nothing, so kernel reports never recorded uncommitted kernel edits)."""
+    from bench._common import git_state
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "kernels").mkdir()
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "kernels" / "a.py").write_text("x = 1\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    assert git_state("kernels", cwd=tmp_path / "bench")["git_dirty"] is False
+    (tmp_path / "kernels" / "a.py").write_text("x = 2\n")
+    assert git_state("kernels", cwd=tmp_path / "bench")["git_dirty"] is True
+    assert git_state("bench", cwd=tmp_path / "bench")["git_dirty"] is False
+    assert git_state(cwd=tmp_path / "bench")["git_dirty"] is True
