@@ -31,6 +31,8 @@ def test_dry_run_runs_every_step(tmp_path):
     # every kernel family was checked against the torch path
     checked = {r["kernel"] for r in records if r["kind"] == "correctness"}
     assert checked == {"gate", "attention-union", "attention-gather", "decode"}
+    gate = [r for r in records if r["kind"] == "correctness" and r["kernel"] == "gate"]
+    assert all(r["fallback_tiles"] is None or 0 <= r["fallback_tiles"] <= 1 for r in gate)
     modes = {(r["provider"], r["mode"]) for r in records if r["kind"] == "attention"}
     assert {("moba-triton", "gate"), ("moba-triton", "fwd"), ("moba-triton", "fwd+bwd"),
             ("sdpa-flash", "fwd"), ("sdpa-cudnn", "fwd+bwd")} <= modes
