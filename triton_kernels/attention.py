@@ -33,8 +33,13 @@ Work decomposition (chosen by bench/perf_model.py; two for the forward and dq, p
 * ``choose_decomposition`` ("auto") counts the MMA rows each would compute (union blocks x
   BLOCK_M vs. the gather segments' rows rounded up to BLOCK_M) and picks union unless it does
   more than ``UNION_MARGIN`` (1.25) x the gather work. Both paths are exact; the choice only
-  moves work. "auto" costs one host sync per direction (the comparison in the forward, the
-  decision read back in the backward); explicit "union" / "gather" have none.
+  moves work. No host sync: the choice is a device flag (``Selection.choice``, saved for the
+  backward), "auto" launches BOTH sides' forward (and dq) grids, sized from host-known shapes,
+  with ``AUTO=True``, and every program of the side not chosen reads the flag and returns at
+  once. That costs one more launch of empty programs per direction; a host read of the flag
+  would drain the GPU before either launch. The price is memory: the gather side's float32
+  row state (forward) and dq sum (backward) are allocated whichever side runs. Explicit
+  "union" / "gather" launch one side with ``AUTO=False`` (no flag read compiled in).
 
 Why this gather design (bench/perf_model.py, MODELLED on an H200, Hq=32/Hkv=8, D=128, bf16,
 causal; forward + dq + selection glue of the attention, today's tile efficiencies; "per-slot"
