@@ -37,7 +37,7 @@ Occupancy (theoretical, per SM, no GPU needed): warps per SM limited by 64 warps
 
 The table goes to the terminal (rich), ``--json PATH`` writes everything. Run it without
 TRITON_INTERPRET (interpreted kernels cannot be compiled; the script says so and stops).
-Cost: the full run compiles about 100 specialisations x 2 targets, about 5 CPU-minutes with cold
+Cost: the full run compiles 144 specialisations x 2 targets, about 5 CPU-minutes with cold
 caches (2 compile processes: under 3 minutes on an idle 2-core machine); ``--quick`` compiles
 14 x 2 in under a minute; with warm caches either takes about a minute (mostly the capture).
 The committed baseline is bench/results/kernel-report-main-2026-12-03.json.

@@ -717,10 +717,11 @@ def test_selection_layout_by_hand(monkeypatch):
 def test_launch_path_has_no_host_sync(monkeypatch):
     """Forward and backward never read a device value on the host, "auto" included (its choice
     stays on device): every .item() / .tolist() / bool() / int() / float() / nonzero / unique
-    in the launch path raises."""
+    in the launch path raises, the layout and the Triton gate included. (Python-level reads
+    only: a C++ op that syncs on CUDA is caught by the GPU test's sync debug mode.)"""
     from moba._core.layout import build_layout
     from moba.ops.gate import select_packed
-    from moba.ops.triton_impl import triton_attention_packed
+    from moba.ops.triton_impl import BACKEND, triton_attention_packed
 
     cu = [0, 70, 150]
     q, k, v = _make(cu, cu, 4, 2, 16, torch.float32, seed=2)
@@ -736,6 +737,8 @@ def test_launch_path_has_no_host_sync(monkeypatch):
                 m.setattr(torch.Tensor, name, boom)
             m.setattr(torch, "nonzero", boom)
             m.setattr(torch, "unique", boom)
+            layout = build_layout(cu, cu, 8, "cpu")
+            assert torch.equal(BACKEND.select(q, k, layout, 3, True), idx)  # the Triton gate kernel
             out, _ = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.25, dec)
             out.sum().backward()
         assert torch.isfinite(leaves[0].grad).all()
