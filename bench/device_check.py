@@ -206,7 +206,7 @@ def _gate_fallback_share(q, k, layout, cu, cu_t, top_k) -> float | None:
         return None
     fallbacks = torch.zeros(1, dtype=torch.int32, device=q.device)
     tg.gate_select(q, k, cu, cu_t, cu_t, layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset,
-                   layout.block_start, layout.block_len, layout.block_size, top_k, True, fallbacks)
+                   layout.block_start, layout.block_len, layout.block_size, top_k, True, fallbacks=fallbacks)
     block_m = tg.GATE_CONFIGS[tg.padded_head_dim(q.shape[-1])][0]
     return int(fallbacks) / max(1, n_query_tiles(cu, block_m) * q.shape[1])
 

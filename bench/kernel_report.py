@@ -15,8 +15,9 @@ counts, head dims, dtypes, block sizes and top-k (sequence lengths do not change
 specialisation: they only set grid sizes):
 
 * gate: ``moba.ops.triton_impl.triton_gate`` (block means + top-k kernels);
-* attention: ``triton_attention_packed(..., decomposition="union" | "gather")`` forward and
-  its autograd backward (dq or dq-gather, and dk/dv), on indices from the torch gate;
+* attention: ``triton_attention_packed(..., decomposition="union" | "gather" | "auto")`` forward
+  and its autograd backward (dq or dq-gather, and dk/dv), on indices from the torch gate; "auto"
+  launches both sides' kernels in their ``AUTO=True`` specialisation (device flag read, early exit);
 * decode: ``moba.decode.moba_decode(..., backend="triton")`` for one new token (B=1).
 
 Identical specialisations are compiled once (``used_by`` lists every case that launches
@@ -36,9 +37,9 @@ Occupancy (theoretical, per SM, no GPU needed): warps per SM limited by 64 warps
 
 The table goes to the terminal (rich), ``--json PATH`` writes everything. Run it without
 TRITON_INTERPRET (interpreted kernels cannot be compiled; the script says so and stops).
-Cost: the full run compiles 88 specialisations x 2 targets, about 5 CPU-minutes with cold
+Cost: the full run compiles 144 specialisations x 2 targets, about 5 CPU-minutes with cold
 caches (2 compile processes: under 3 minutes on an idle 2-core machine); ``--quick`` compiles
-9 x 2 in under a minute; with warm caches either takes about a minute (mostly the capture).
+14 x 2 in under a minute; with warm caches either takes about a minute (mostly the capture).
 The committed baseline is bench/results/kernel-report-main-2026-12-03.json.
 """
 
@@ -82,7 +83,7 @@ DTYPES = ("bf16", "fp16")
 HEADS = ((16, 16), (32, 8))  # (Hq, Hkv)
 HEAD_DIMS = (64, 128)
 SETTINGS = ((512, 3), (128, 8))  # (block size, top-k)
-PHASES = ("gate", "fwd-union", "bwd-union", "fwd-gather", "bwd-gather", "decode")
+PHASES = ("gate", "fwd-union", "bwd-union", "fwd-gather", "bwd-gather", "fwd-auto", "bwd-auto", "decode")
 
 #: Kernels the static rules apply to (tests/bench/test_kernel_report.py): attention matmuls must
 #: use wgmma on sm_90; these and the gate must neither spill nor touch local memory.
@@ -219,7 +220,7 @@ def _run_case(case: Case, rec: _Recorder, phases) -> None:
         tb.triton_gate(q, k, cu, cu, case.block_size, case.top_k, True)
     layout = build_layout(cu, cu, case.block_size, q.device)
     idx = select_packed(q.float(), k.float(), layout, case.top_k, True)  # valid indices (the kernel gate is skipped)
-    for dec in ("union", "gather"):
+    for dec in ("union", "gather", "auto"):  # "auto" launches both sides with AUTO=True (flag read + exit)
         if f"fwd-{dec}" not in phases and f"bwd-{dec}" not in phases:
             continue
         qq, kk, vv = (x.detach().requires_grad_() for x in (q, k, v))

@@ -22,8 +22,11 @@ Designs modelled
     TF32 tensor-core peak, half the bf16 peak (H100/H200 datasheets: 495 vs 989 TFLOP/s dense,
     ``TF32_PEAK_RATIO``).
   - the selection: ``sort_block_indices`` + ``build_selection`` on device, once (saved for
-    the backward); explicit "union"/"gather" have no host sync, "auto" two (the forward's
-    comparison in ``choose_decomposition``, the backward's read-back of the choice).
+    the backward); no host sync, "auto" included: ``choose_decomposition`` writes its choice to a
+    device flag, and "auto" launches BOTH decompositions' forward and dq grids; every program
+    of the grid not chosen reads the flag and exits (modelled: one more launch per direction
+    plus ``EMPTY_WAVE_US`` per wave of empty programs), and the gather side's float32 row
+    state / dq sum are allocated whichever side runs (sizes must be host-known).
   - union: one program per (``UNION_BLOCK_M``-row tile, query head) walking the union of its
     rows' blocks (128 rows / 8 warps at D=128, 64 rows / 4 warps at D=64); gather: the
     owner-computes path (one program per (super-tile, KV head), 64-row chunks per segment,
@@ -34,16 +37,17 @@ Designs modelled
     dk/dv per 128-key tile with heavy row lists split (``dkdv_work``: static bounds, float32
     partials allocated at their bound, summed in order by ``_dkdv_reduce_kernel``).
 * ``target``: what remains of issue 14's plan, in these stated ways only (everything else as
-  ``main-auto``): (1) "auto" decided on device (no host syncs); (2) delta fused into a kernel
-  (no float32 temporaries); (3) attention tiles at FA2-class efficiency (``TARGET_EFF``:
-  pipelined K/V, wider key steps), which the spill-free tiles on main do not yet support.
+  ``main-auto``): (1) delta fused into a kernel (no float32 temporaries); (2) attention tiles
+  at FA2-class efficiency (``TARGET_EFF``: pipelined K/V, wider key steps), which the
+  spill-free tiles on main do not yet support.
 
 ``--uncorrelated`` models random selections (every row's past picks independent: the union
 path's worst case).
 
 Per kernel: FLOPs (2 per multiply-add; the MMA work actually issued, so wasted rows count),
 HBM bytes, programs vs SMs (waves and the tail of the last wave), and time =
-max(MMA time / tail efficiency, FMA time, HBM time, longest program) + launches + syncs;
+max(MMA time / tail efficiency, FMA time, HBM time, longest program) + launches + syncs
++ waves of empty programs;
 peak memory = what the launchers allocate above the inputs (counted from the code), at its peak.
 Not modelled: L2 bandwidth (the gate's block means, 4 MiB at 512K, are re-read from L2 by
 every tile), clock throttling, overlap between kernels.
@@ -171,8 +175,9 @@ SINK_FRACTION = 1.0
 SORT_BYTES_PER_SLOT = 32
 SELECTION_BYTES_PER_SLOT = {"union": 96, "gather": 192}
 CHOOSE_BYTES_PER_SLOT = 48
-#: Host syncs of "auto" on main (choose_decomposition's comparison, the backward's read-back).
-AUTO_SYNCS = 2
+#: Host syncs of "auto" on main: none since the choice stays on device (it was 2: choose_decomposition's
+#: comparison and the backward's read-back); the cost moved to the unchosen grid's empty programs.
+AUTO_SYNCS = 0
 #: Gather super-tile and program target (triton_kernels/attention.py: GATHER_TILE_RANGE,
 #: GATHER_PROGRAMS) and its UNION_MARGIN.
 GATHER_TILE_RANGE = (64, 16384)
@@ -180,6 +185,9 @@ GATHER_PROGRAMS = 1024
 UNION_MARGIN = 1.25
 SYNC_US = 20.0  # each host sync drains the GPU
 LAUNCH_US = 4.0  # per kernel launch (and per PyTorch op in the glue)
+#: A wave of programs that read one flag and exit (the unchosen side of "auto"): a guess, one
+#: dependent global load plus the block launch; not measured.
+EMPTY_WAVE_US = 1.0
 
 
 @dataclass(frozen=True)
@@ -247,6 +255,7 @@ class Kernel:
     serial_flops: float = 0.0  # MMA FLOPs of the longest single program (it runs on one SM)
     launches: int = 1
     syncs: int = 0
+    empty_programs: int = 0  # programs that only read the "auto" flag and exit (waves x EMPTY_WAVE_US)
     seconds: float = 0.0
     notes: str = ""
 
@@ -261,13 +270,15 @@ def tail_efficiency(programs: int, sms: int, blocks_per_sm: int = 1) -> float:
 
 
 def kernel_seconds(k: Kernel, gpu: GPU) -> float:
-    """max(MMA time / tail efficiency, FMA time, HBM time, longest program) + launches + syncs."""
+    """max(MMA time / tail efficiency, FMA time, HBM time, longest program) + launches + syncs
+    + waves of empty programs."""
     serial = k.serial_flops / (gpu.bf16_tflops * 1e12 / gpu.sms * k.mma_eff) if k.serial_flops else 0.0
     tail = tail_efficiency(k.programs, gpu.sms, k.blocks_per_sm) if k.programs else 1.0
     mma = k.flops / (gpu.bf16_tflops * 1e12 * k.mma_eff) / tail if k.flops else 0.0
     fma = k.fma_flops / (gpu.fp32_tflops * 1e12 * GATE_FMA_FRACTION) / tail if k.fma_flops else 0.0
     hbm = k.hbm_bytes / (gpu.hbm_tbps * 1e12 * HBM_FRACTION)
-    return max(mma, fma, hbm, serial) + k.launches * LAUNCH_US * 1e-6 + k.syncs * SYNC_US * 1e-6
+    empty = math.ceil(k.empty_programs / (gpu.sms * k.blocks_per_sm)) * EMPTY_WAVE_US * 1e-6
+    return max(mma, fma, hbm, serial) + k.launches * LAUNCH_US * 1e-6 + k.syncs * SYNC_US * 1e-6 + empty
 
 
 def attended_pairs(s: Shape) -> float:
@@ -353,7 +364,8 @@ def _gate_bps(s: Shape) -> int:
 # ---------------------------------------------------------------------------- selection glue
 def selection_glue(s: Shape, dec: str, v: Variant = MAIN) -> list[Kernel]:
     """sort_block_indices + build_selection (+ choose_decomposition for "auto"), once, in the
-    forward; "auto" on main reads its decision back in the backward (one more sync)."""
+    forward; ``v.auto_syncs`` host syncs for "auto" (0 on main and in the target: the choice
+    stays on device), split between the forward's compare and the backward's read-back."""
     nnz = s.rows * s.n_slots
     per_slot = SORT_BYTES_PER_SLOT + SELECTION_BYTES_PER_SLOT["union" if dec == "union" else "gather"]
     syncs = 0
@@ -475,6 +487,20 @@ def gather_attention(s: Shape, v: Variant = MAIN, uncorrelated: bool = False) ->
     return [fwd, dq]
 
 
+def unchosen_attention(s: Shape, dec: str) -> list[Kernel]:
+    """"auto"'s other side (``dec`` is the side that runs): its forward and dq grids launched
+    with the device flag; every program reads it and exits (no FLOPs, 4 bytes each)."""
+    if dec == "union":  # the gather grids: one program per (super-tile, KV head)
+        programs = gather_segments(s)[2]
+        kinds, names = ("fwd_gather", "dq_gather"), ("_fwd_gather_kernel", "_bwd_dq_gather_kernel")
+    else:  # the union grids: one program per (query tile, query head)
+        programs = s.batch * -(-s.seqlen // UNION_BLOCK_M[s.dim_key]) * s.heads
+        kinds, names = ("fwd", "dq"), ("_fwd_kernel", "_bwd_dq_kernel")
+    return [Kernel(f"{name} (not chosen: flag read, exit)", phase, hbm_bytes=4 * programs, programs=programs,
+                   blocks_per_sm=_bps(s, kind), empty_programs=programs, notes="\"auto\": no host sync")
+            for name, kind, phase in zip(names, kinds, ("fwd", "bwd"), strict=True)]
+
+
 def delta_kernel(s: Shape, v: Variant = MAIN) -> Kernel:
     """delta = rowsum(dO * O). Main: eager PyTorch (dO.float(), O.float(), their product, its
     sum: 2 x D x e read, 3 x 4D written, 4 x 4D read per row). Target: one fused kernel."""
@@ -549,12 +575,13 @@ def memory(s: Shape, dec: str, v: Variant = MAIN, auto: bool = False) -> dict:
     sel = nnz * 4 + (s.batch * s.n_blocks * s.kv_heads + 1) * 4 + 3 * n_seg * 4  # int32, kept for the backward
     build_tmp = nnz * 8 * (5 if segs else 3)  # int64 pair / sorted pair / order / row (/ segment keys) at the peak
     choose_tmp = nnz * 8 * 2 if auto else 0  # choose_decomposition's int64 keys and their sorted copy
-    state = r * (4 * d + 4) if dec == "gather" else 0  # fp32 output sum + softmax sum
+    # fp32 output sum + softmax sum; "auto" allocates them whichever side runs (host-known sizes)
+    state = r * (4 * d + 4) if dec == "gather" or auto else 0
     fwd = out_lse + idx + sel + max(build_tmp, choose_tmp, state)
     base = out_lse + idx + sel + r * d * e + 2 * kv + r * 4  # + dq, dk, dv, delta
     # dO.float(), O.float() and their product, DELTA_CHUNK_ELEMENTS at a time
     delta_tmp = 0 if v.fused_delta else 3 * min(r * d, DELTA_CHUNK_ELEMENTS) * 4
-    dq_acc = r * d * 4 if dec == "gather" else 0  # alive until the backward returns
+    dq_acc = r * d * 4 if dec == "gather" or auto else 0  # alive until the backward returns (auto: always)
     parts = dkdv_parts_bound(s) * s.block_size * d * 4 * 2  # allocated at the bound, used or not
     bwd = base + max(delta_tmp, dq_acc + parts)
     return dict(mem_fwd=fwd, mem_fwd_bwd=max(fwd, bwd))
@@ -572,6 +599,8 @@ def design_kernels(s: Shape, name: str, uncorrelated: bool = False) -> tuple[lis
     requested = "auto" if name == "target" else name.split("-", 1)[1]
     dec = decomposition(s, uncorrelated) if requested == "auto" else requested
     attn = union_attention(s, v, uncorrelated) if dec == "union" else gather_attention(s, v, uncorrelated)
+    if requested == "auto":  # both sides launched, the other one exits at once
+        attn = attn + unchosen_attention(s, dec)
     kernels = gate_kernels(s, v) + selection_glue(s, requested, v) + attn + [delta_kernel(s, v)] + dkdv_kernels(s, v)
     return kernels, memory(s, dec, v, auto=requested == "auto"), dec
 
@@ -628,6 +657,7 @@ def assumptions() -> dict:
         sort_bytes_per_slot=SORT_BYTES_PER_SLOT, selection_bytes_per_slot=SELECTION_BYTES_PER_SLOT,
         choose_bytes_per_slot=CHOOSE_BYTES_PER_SLOT, auto_syncs=AUTO_SYNCS, gather_tile_range=GATHER_TILE_RANGE,
         gather_programs=GATHER_PROGRAMS, union_margin=UNION_MARGIN, sync_us=SYNC_US, launch_us=LAUNCH_US,
+        empty_wave_us=EMPTY_WAVE_US,
     )
 
 

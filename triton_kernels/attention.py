@@ -33,8 +33,13 @@ Work decomposition (chosen by bench/perf_model.py; two for the forward and dq, p
 * ``choose_decomposition`` ("auto") counts the MMA rows each would compute (union blocks x
   BLOCK_M vs. the gather segments' rows rounded up to BLOCK_M) and picks union unless it does
   more than ``UNION_MARGIN`` (1.25) x the gather work. Both paths are exact; the choice only
-  moves work. "auto" costs one host sync per direction (the comparison in the forward, the
-  decision read back in the backward); explicit "union" / "gather" have none.
+  moves work. No host sync: the choice is a device flag (``Selection.choice``, saved for the
+  backward), "auto" launches BOTH sides' forward (and dq) grids, sized from host-known shapes,
+  with ``AUTO=True``, and every program of the side not chosen reads the flag and returns at
+  once. That costs one more launch of empty programs per direction; a host read of the flag
+  would drain the GPU before either launch. The price is memory: the gather side's float32
+  row state (forward) and dq sum (backward) are allocated whichever side runs. Explicit
+  "union" / "gather" launch one side with ``AUTO=False`` (no flag read compiled in).
 
 Why this gather design (bench/perf_model.py, MODELLED on an H200, Hq=32/Hkv=8, D=128, bf16,
 causal; forward + dq + selection glue of the attention, today's tile efficiencies; "per-slot"
@@ -85,6 +90,7 @@ of their key sequence (``cu_q == cu_k`` for self-attention, fewer queries for de
 
 from __future__ import annotations
 
+import fractions
 import itertools
 import os
 from typing import NamedTuple
@@ -398,12 +404,15 @@ def gather_block_scores(q, K, stride_kt, stride_kh, kv_head, block_start, block_
 @triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, IDX,
-    TILE_SEQ, TILE_START, CU_Q, CU_K,
+    TILE_SEQ, TILE_START, CU_Q, CU_K, CHOICE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, AUTO: tl.constexpr = False,
 ):
+    if AUTO:  # "auto": both decompositions are launched; run only if the device flag chose union
+        if tl.load(CHOICE) != 0:
+            return
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
     pid = tl.program_id(0).to(tl.int64)
@@ -492,13 +501,16 @@ def _fwd_kernel(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, IDX,
-    TILE_SEQ, TILE_START, CU_Q, CU_K,
+    TILE_SEQ, TILE_START, CU_Q, CU_K, CHOICE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     scale, n_heads_q, group, n_slots, block_size, causal, d_real,
     BIG: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_TMA: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False, AUTO: tl.constexpr = False,
 ):
+    if AUTO:  # "auto": run only if the forward's device flag chose union (see _fwd_kernel)
+        if tl.load(CHOICE) != 0:
+            return
     # 1-D grid, query heads fastest: the heads of a GQA group run side by side and share
     # their K/V tiles through L2; no grid dimension limit (65535) on long inputs.
     pid = tl.program_id(0).to(tl.int64)
@@ -687,11 +699,15 @@ def _dkdv_reduce_kernel(
 @triton.jit
 def _fwd_gather_kernel(
     Q, K, V, O, LSE, ACC, L_SUM,
-    ROWS, SEG_START, SEG_END, SEG_PAIR, PROG_PTR, ST_START, ST_END, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
+    ROWS, SEG_START, SEG_END, SEG_PAIR, PROG_PTR, ST_START, ST_END, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN, CHOICE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     scale, n_heads_q, n_heads_kv, causal, d_real,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO: tl.constexpr = False,
 ):
+    if AUTO:  # "auto": run only if the device flag chose gather; then ACC, L_SUM, O, LSE are
+        # untouched here and the union kernel alone writes O and LSE (see _fwd_kernel)
+        if tl.load(CHOICE) != 1:
+            return
     # One program per (super-tile of one sequence's queries, KV head). It owns every row
     # (token of the tile, query head of the group) and walks its segments (key block, the rows
     # that chose it) in ascending block order, BLOCK_M gathered rows at a time. A row's running
@@ -766,12 +782,15 @@ def _fwd_gather_kernel(
 @triton.jit
 def _bwd_dq_gather_kernel(
     Q, K, V, DO, LSE, DELTA, DQ, DQ_ACC,
-    ROWS, SEG_START, SEG_END, SEG_PAIR, PROG_PTR, ST_START, ST_END, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN,
+    ROWS, SEG_START, SEG_END, SEG_PAIR, PROG_PTR, ST_START, ST_END, BLOCK_START, BLOCK_LEN, Q_KEY_TOKEN, CHOICE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     scale, n_heads_q, n_heads_kv, causal, d_real,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO: tl.constexpr = False,
 ):
+    if AUTO:  # "auto": run only if the forward's device flag chose gather (DQ_ACC, DQ untouched otherwise)
+        if tl.load(CHOICE) != 1:
+            return
     # The forward gather's programs and segments; every row's float32 dq sum (DQ_ACC, one per
     # row) is read, increased by the block's contribution and written back, in ascending block
     # order: deterministic, no atomics. The last loop scales it and writes dq.
@@ -1069,12 +1088,15 @@ def build_selection(sorted_indices: torch.Tensor, lay: KernelLayout, n_heads_kv:
 UNION_MARGIN = 1.25
 
 
-def choose_decomposition(sorted_indices: torch.Tensor, lay: KernelLayout, sel: Selection, head_dim: int) -> str:
-    """"union" or "gather" for the forward and dq, from the MMA rows each would compute.
+def choose_decomposition(sorted_indices: torch.Tensor, lay: KernelLayout, sel: Selection, head_dim: int) -> torch.Tensor:
+    """Union or gather for the forward and dq, from the MMA rows each would compute, decided on
+    device: writes and returns ``sel.choice`` ((1,) int32, 0 = union, 1 = gather).
 
     union: every (query tile, head) computes BLOCK_M rows for every block of its union;
     gather: every segment (super-tile, block, KV head) computes its rows rounded up to BLOCK_M.
-    One host sync (the comparison); explicit decompositions have none.
+    Gather when union rows > ``UNION_MARGIN`` x gather rows (integer compare: margin as a ratio).
+    No host sync: the launchers start both decompositions' kernels and the one not chosen
+    reads the flag and exits (see ``attention_forward``).
     """
     tq, hq, w = sorted_indices.shape
     bm_union = FWD_CONFIGS[head_dim][0]
@@ -1091,7 +1113,8 @@ def choose_decomposition(sorted_indices: torch.Tensor, lay: KernelLayout, sel: S
     n_seg = sel.prog_ptr[-1:].long()
     live = torch.arange(seg_rows.numel(), device=tok.device) < n_seg
     gather_rows = torch.where(live, (seg_rows + bm_gather - 1) // bm_gather, 0).sum() * bm_gather
-    return "union" if bool(union_blocks * bm_union <= UNION_MARGIN * gather_rows) else "gather"
+    num, den = fractions.Fraction(UNION_MARGIN).limit_denominator(1024).as_integer_ratio()  # int64 compare
+    return sel.choice.copy_(union_blocks * (bm_union * den) > gather_rows * num)
 
 
 def _resolve(decomposition: str) -> str:
@@ -1128,37 +1151,44 @@ def attention_forward(
     if tq == 0:
         return out, lse, flat
     head_dim = padded_head_dim(d)
-    if decomposition == "auto":
-        decomposition = choose_decomposition(sorted_indices, lay, sel, head_dim)
-    if decomposition == "union":
+    # "auto" decides on device (sel.choice) and launches BOTH decompositions; every program of
+    # the one not chosen reads the flag and returns at once. That costs one extra launch of
+    # empty programs (a few microseconds); reading the flag on the host would drain the GPU
+    # (a host sync) before either launch. Explicit decompositions compile without the flag read.
+    auto = decomposition == "auto"
+    if auto:
+        choose_decomposition(sorted_indices, lay, sel, head_dim)
+    elif decomposition == "union":
         sel.choice.fill_(0)
+    if decomposition in ("union", "auto"):
         block_m, block_n, warps, stages = FWD_CONFIGS[head_dim]
         tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device, lay.cu_q_t)
         _fwd_kernel[(tile_seq.numel() * hq,)](
             q, k, v, out, lse, sorted_indices,
-            tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t,
+            tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t, sel.choice,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
             BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("fwd", head_dim, k, v),
+            AUTO=auto, num_warps=warps, num_stages=stages,
+        )
+    if decomposition in ("gather", "auto"):
+        block_m, block_n, warps, stages = FWD_GATHER_CONFIGS[head_dim]
+        # One float32 running state per row (not per slot): the output sum (Tq * Hq, D) and the
+        # softmax sum (Tq * Hq,); the running max lives in ``lse`` until the kernel's last loop.
+        # Under "auto" they are allocated whatever the flag (sizes are host-known) and only
+        # written when gather was chosen.
+        acc = torch.empty((tq * hq, d), dtype=torch.float32, device=q.device)
+        l_sum = torch.empty((tq * hq,), dtype=torch.float32, device=q.device)
+        _fwd_gather_kernel[(sel.st_start.numel() * hkv,)](
+            q, k, v, out, lse, acc, l_sum,
+            sel.rows, sel.seg_start, sel.seg_end, sel.seg_pair, sel.prog_ptr, sel.st_start, sel.st_end,
+            lay.block_start, lay.block_len, lay.q_key_token, sel.choice,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+            scale, hq, hkv, int(causal), d,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, AUTO=auto,
             num_warps=warps, num_stages=stages,
         )
-        return out, lse, flat
-
-    block_m, block_n, warps, stages = FWD_GATHER_CONFIGS[head_dim]
-    # One float32 running state per row (not per slot): the output sum (Tq * Hq, D) and the
-    # softmax sum (Tq * Hq,); the running max lives in ``lse`` until the kernel's last loop.
-    acc = torch.empty((tq * hq, d), dtype=torch.float32, device=q.device)
-    l_sum = torch.empty((tq * hq,), dtype=torch.float32, device=q.device)
-    _fwd_gather_kernel[(sel.st_start.numel() * hkv,)](
-        q, k, v, out, lse, acc, l_sum,
-        sel.rows, sel.seg_start, sel.seg_end, sel.seg_pair, sel.prog_ptr, sel.st_start, sel.st_end,
-        lay.block_start, lay.block_len, lay.q_key_token,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        scale, hq, hkv, int(causal), d,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages,
-    )
     return out, lse, flat
 
 
@@ -1178,8 +1208,9 @@ def attention_backward(
     dkdv_split_rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MoBA backward from the saved float32 lse and the forward's flat ``selection``. Returns
-    dq, dk, dv in the dtypes of q, k, v. dq takes the forward's decomposition (for "auto" read
-    back from ``selection``: one host sync); dk/dv always gather per key tile, splitting the row
+    dq, dk, dv in the dtypes of q, k, v. dq takes the forward's decomposition (for "auto" both dq
+    kernels are launched and the one not chosen by ``selection``'s device flag exits at once:
+    no host sync); dk/dv always gather per key tile, splitting the row
     lists longer than ``dkdv_split_rows`` (None: ``DKDV_SPLIT_ROWS`` or automatic, see
     ``dkdv_work``)."""
     _check_inputs(q, k, v, sorted_indices.shape[-1])
@@ -1208,32 +1239,31 @@ def attention_backward(
     block_start = lay.block_start
     block_len = lay.block_len
     q_key_token = lay.q_key_token
-    if decomposition == "auto":
-        decomposition = "union" if int(sel.choice.item()) == 0 else "gather"
-
-    if decomposition == "union":
+    # "auto": both dq kernels, each gated on the forward's device flag (see attention_forward).
+    auto = decomposition == "auto"
+    if decomposition in ("union", "auto"):
         block_m, block_n, warps, stages = DQ_CONFIGS[head_dim]
         tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device, lay.cu_q_t)
         _bwd_dq_kernel[(tile_seq.numel() * hq,)](
             q, k, v, dout, lse, delta, dq, sorted_indices,
-            tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t,
+            tile_seq, tile_start, lay.cu_q_t, lay.cu_k_t, sel.choice,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
             BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("dq", head_dim, k, v),
-            num_warps=warps, num_stages=stages,
+            AUTO=auto, num_warps=warps, num_stages=stages,
         )
-    else:
+    if decomposition in ("gather", "auto"):
         block_m, block_n, warps, stages = DQ_GATHER_CONFIGS[head_dim]
         dq_acc = torch.empty((tq * hq, d), dtype=torch.float32, device=q.device)  # one fp32 dq sum per row
         _bwd_dq_gather_kernel[(sel.st_start.numel() * hkv,)](
             q, k, v, dout, lse, delta, dq, dq_acc,
             sel.rows, sel.seg_start, sel.seg_end, sel.seg_pair, sel.prog_ptr, sel.st_start, sel.st_end,
-            block_start, block_len, q_key_token,
+            block_start, block_len, q_key_token, sel.choice,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             scale, hq, hkv, int(causal), d,
-            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
+            HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, AUTO=auto,
             num_warps=warps, num_stages=stages,
         )
 
@@ -1267,6 +1297,9 @@ def attention_backward(
 # Ahead-of-time compile enumeration (used by tests/test_triton_compile.py)
 
 _ATTN_SCALARS = ["fp32", "i32", "i32", "i32", "i32", "i32", "i32"]
+#: Head dims whose "auto" specialisations (AUTO=True: the flag read and early exit in front of
+#: the same body) are compile-tested too; the body is the explicit one, so one tuned dim suffices.
+AUTO_COMPILE_HEAD_DIMS = (128,)
 
 
 def kernel_configs(dtype: str):
@@ -1274,28 +1307,32 @@ def kernel_configs(dtype: str):
     launch for inputs of ``dtype`` ("fp16", "bf16", "fp32"), from the config tables above."""
     ptr = "*" + dtype
     for head_dim, (bm, bn, warps, stages) in FWD_CONFIGS.items():
-        names = ["Q", "K", "V", "O", "LSE", "IDX", "TILE_SEQ", "TILE_START", "CU_Q", "CU_K"]
-        types = [ptr, ptr, ptr, ptr, "*fp32", "*i32", "*i32", "*i32", "*i32", "*i32"] + ["i64"] * 8
+        names = ["Q", "K", "V", "O", "LSE", "IDX", "TILE_SEQ", "TILE_START", "CU_Q", "CU_K", "CHOICE"]
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*i32", "*i32", "*i32", "*i32", "*i32", "*i32"] + ["i64"] * 8
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh"]
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
-        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False)
+        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False, AUTO=False)
         yield f"fwd_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
         if head_dim in TMA_HEAD_DIMS["fwd"] and dtype != "fp32":
             const = dict(const, USE_TMA=True)
             yield f"fwd_tma_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        if head_dim in AUTO_COMPILE_HEAD_DIMS:
+            yield f"fwd_auto_d{head_dim}", _fwd_kernel, dict(zip(names, types, strict=True)), dict(const, AUTO=True), warps, stages
     for head_dim, (bm, bn, warps, stages) in DQ_CONFIGS.items():
-        names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "IDX", "TILE_SEQ", "TILE_START", "CU_Q", "CU_K"]
-        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*i32", "*i32", "*i32", "*i32", "*i32"] + ["i64"] * 10
+        names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "IDX", "TILE_SEQ", "TILE_START", "CU_Q", "CU_K", "CHOICE"]
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*i32", "*i32", "*i32", "*i32", "*i32", "*i32"] + ["i64"] * 10
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                   "stride_dot", "stride_doh", "stride_dqt", "stride_dqh"]
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
-        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False)
+        const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False, AUTO=False)
         yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
         if head_dim in TMA_HEAD_DIMS["dq"] and dtype != "fp32":
             const = dict(const, USE_TMA=True)
             yield f"dq_tma_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        if head_dim in AUTO_COMPILE_HEAD_DIMS:
+            yield f"dq_auto_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), dict(const, AUTO=True), warps, stages
     for head_dim, (bm, bn, warps, stages) in DKDV_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "PART_DK", "PART_DV",
                  "ROWS", "ITEM_PAIR", "ITEM_BEGIN", "ITEM_END", "ITEM_PART", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
@@ -1314,22 +1351,28 @@ def kernel_configs(dtype: str):
         const = dict(HEAD_DIM=head_dim, BLOCK_N=DKDV_REDUCE_BLOCK_N)
         yield f"dkdv_reduce_d{head_dim}", _dkdv_reduce_kernel, dict(zip(names, types, strict=True)), const, 4, 1
     common = ["ROWS", "SEG_START", "SEG_END", "SEG_PAIR", "PROG_PTR", "ST_START", "ST_END", "BLOCK_START", "BLOCK_LEN",
-              "Q_KEY_TOKEN"]
+              "Q_KEY_TOKEN", "CHOICE"]
     for head_dim, (bm, bn, warps, stages) in FWD_GATHER_CONFIGS.items():
         names = ["Q", "K", "V", "O", "LSE", "ACC", "L_SUM"] + common
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh"]
         names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
-        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", "*fp32"] + ["*i32"] * 10 + ["i64"] * 8 + ["fp32"] + ["i32"] * 4
-        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
-        yield f"fwd_gather_d{head_dim}", _fwd_gather_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", "*fp32"] + ["*i32"] * 11 + ["i64"] * 8 + ["fp32"] + ["i32"] * 4
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False)
+        sig = dict(zip(names, types, strict=True))
+        yield f"fwd_gather_d{head_dim}", _fwd_gather_kernel, sig, const, warps, stages
+        if head_dim in AUTO_COMPILE_HEAD_DIMS:
+            yield f"fwd_gather_auto_d{head_dim}", _fwd_gather_kernel, sig, dict(const, AUTO=True), warps, stages
     for head_dim, (bm, bn, warps, stages) in DQ_GATHER_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DQ", "DQ_ACC"] + common
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_dot", "stride_doh",
                   "stride_dqt", "stride_dqh"]
         names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
-        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*fp32"] + ["*i32"] * 10 + ["i64"] * 10 + ["fp32"] + ["i32"] * 4
-        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn)
-        yield f"dq_gather_d{head_dim}", _bwd_dq_gather_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*fp32"] + ["*i32"] * 11 + ["i64"] * 10 + ["fp32"] + ["i32"] * 4
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False)
+        sig = dict(zip(names, types, strict=True))
+        yield f"dq_gather_d{head_dim}", _bwd_dq_gather_kernel, sig, const, warps, stages
+        if head_dim in AUTO_COMPILE_HEAD_DIMS:
+            yield f"dq_gather_auto_d{head_dim}", _bwd_dq_gather_kernel, sig, dict(const, AUTO=True), warps, stages
 
 
 __all__ = [

@@ -392,16 +392,20 @@ def gate_select(
     block_size: int,
     top_k: int,
     causal: bool,
+    nb_max: int | None = None,
     fallbacks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """MoBA gate for packed q (Tq, Hq, D), k (Tk, Hkv, D) with the layout tensors of
     ``moba._core.layout.BlockLayout``. Returns (Tq, Hq, min(top_k, nb_max)) int32 local block
     indices, ascending, -1-padded (the semantics of ``moba.ops.gate.select_from_means``).
-    ``fallbacks``: an optional int32 (1,) counter to which the kernel adds the number of
-    (query tile, head) programs that re-scored their candidates in float32 (half inputs)."""
+    ``nb_max``: blocks of the longest sequence, a host int (``BlockLayout.max_blocks_per_seq``);
+    None reads it from ``seq_n_blocks`` (a host sync). ``fallbacks``: an optional int32 (1,)
+    counter to which the kernel adds the number of (query tile, head) programs that re-scored
+    their candidates in float32 (half inputs)."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
-    nb_max = int(seq_n_blocks.max()) if seq_n_blocks.numel() else 0
+    if nb_max is None:
+        nb_max = int(seq_n_blocks.max()) if seq_n_blocks.numel() else 0
     width = max(1, min(top_k, nb_max))
     if tq == 0:
         return torch.full((0, hq, width), -1, dtype=torch.int32, device=q.device)
@@ -421,7 +425,7 @@ def gate_select(
     means = block_means(k, block_start, block_len)
     head_dim = padded_head_dim(d)
     block_m, block_b, warps, stages = GATE_CONFIGS[head_dim]
-    tile_seq, tile_start = query_tiles(cu_q, block_m, q.device)
+    tile_seq, tile_start = query_tiles(cu_q, block_m, q.device, cu_q_t)
     out = torch.empty((tq, hq, width), dtype=torch.int32, device=q.device)
     if fallbacks is None:
         fallbacks = torch.zeros(1, dtype=torch.int32, device=q.device)

@@ -59,7 +59,8 @@ class BlockLayout:
 
     @property
     def max_blocks_per_seq(self) -> int:
-        return int(self.seq_n_blocks.max().item()) if self.seq_n_blocks.numel() else 0
+        """Blocks of the longest key sequence, from the host boundaries (no device read)."""
+        return max_blocks(self.cu_k, self.block_size)
 
     def block_token_index(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(G, block_size) key-token index of every slot of every block, and its validity mask."""
@@ -97,20 +98,23 @@ def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> B
     n_blocks = [(length + block_size - 1) // block_size for length in lk]
 
     long = dict(dtype=torch.int64, device=device)
-    seq_len_q = torch.tensor(lq, **long)
-    seq_len_k = torch.tensor(lk, **long)
-    seq_n_blocks = torch.tensor(n_blocks, **long)
-    block_offset = torch.cumsum(seq_n_blocks, 0) - seq_n_blocks
     n_seq = len(lq)
+    # The per-sequence values in one host-to-device copy (pinned and non-blocking on CUDA: a
+    # pageable copy waits for the stream); sizes from the host lists, so no op reads a device
+    # value back (repeat_interleave gets its output size).
+    host = torch.tensor(lq + lk + n_blocks + list(cu_q[:-1]) + list(cu_k[:-1]), dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        host = host.pin_memory()
+    seq_len_q, seq_len_k, seq_n_blocks, q_start, k_start = host.to(device, non_blocking=True).split([n_seq] * 5)
+    block_offset = torch.cumsum(seq_n_blocks, 0) - seq_n_blocks
 
-    q_seq = torch.repeat_interleave(torch.arange(n_seq, **long), seq_len_q)
-    q_start = torch.tensor(cu_q[:-1], **long)
+    q_seq = torch.repeat_interleave(torch.arange(n_seq, **long), seq_len_q, output_size=cu_q[-1])
     q_pos = torch.arange(cu_q[-1], **long) - q_start[q_seq] + (seq_len_k - seq_len_q)[q_seq]
-    q_key_token = torch.tensor(cu_k[:-1], **long)[q_seq] + q_pos
+    q_key_token = k_start[q_seq] + q_pos
 
-    block_seq = torch.repeat_interleave(torch.arange(n_seq, **long), seq_n_blocks)
-    block_local = torch.arange(int(seq_n_blocks.sum()), **long) - block_offset[block_seq]
-    block_start = torch.tensor(cu_k[:-1], **long)[block_seq] + block_local * block_size
+    block_seq = torch.repeat_interleave(torch.arange(n_seq, **long), seq_n_blocks, output_size=sum(n_blocks))
+    block_local = torch.arange(sum(n_blocks), **long) - block_offset[block_seq]
+    block_start = k_start[block_seq] + block_local * block_size
     block_len = torch.clamp(seq_len_k[block_seq] - block_local * block_size, max=block_size)
     return BlockLayout(
         block_size=block_size,

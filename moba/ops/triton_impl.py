@@ -68,7 +68,13 @@ def unavailable_reason(device) -> str | None:
 
 
 def _int32(values: list[int], device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int32, device=device)
+    """Host ints as an int32 tensor on ``device``: on CUDA through pinned memory, non-blocking
+    (a pageable copy would make the host wait for the stream)."""
+    host = torch.tensor(values, dtype=torch.int32)
+    device = torch.device(device)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def unsupported_input(q: torch.Tensor) -> str | None:
@@ -176,7 +182,7 @@ def triton_gate(
     return _gate.gate_select(
         _last_dim_contiguous(q), _last_dim_contiguous(k), cu_q, _int32(cu_q, q.device), _int32(cu_k, q.device),
         layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset, layout.block_start, layout.block_len,
-        layout.block_size, top_k, causal,
+        layout.block_size, top_k, causal, nb_max=layout.max_blocks_per_seq,
     )
 
 

@@ -62,10 +62,16 @@ def report(tmp_path_factory) -> dict:
     return json.loads(path.read_text())
 
 
-def _row(report: dict, kernel: str, cc: int) -> dict:
+def _rows(report: dict, kernel: str, cc: int) -> list[dict]:
+    """Every specialisation of ``kernel`` on sm_``cc`` (e.g. the explicit and the "auto" one)."""
     rows = [r for r in report["rows"] if r["kernel"] == kernel and r["cc"] == cc]
     assert rows, f"{kernel} not in the report for sm_{cc}"
-    return rows[0]
+    return rows
+
+
+def _row(report: dict, kernel: str, cc: int) -> dict:
+    """The explicit-decomposition specialisation (AUTO false or absent)."""
+    return next(r for r in _rows(report, kernel, cc) if not r["constexprs"].get("AUTO"))
 
 
 # ----------------------------------------------------------------------------- compile + limits
@@ -95,10 +101,14 @@ def test_capture_is_the_real_specialisation(report):
     fwd = _row(report, "_fwd_kernel", 90)
     # causal == 1 is specialised into a constant by Triton at launch; the config tables do not say so
     assert fwd["constexprs"] == {"causal": 1, "BIG": 1 << 30, "HEAD_DIM": 128, "BLOCK_M": 128, "BLOCK_N": 32,
-                                "USE_TMA": True}
+                                "USE_TMA": True, "AUTO": False}
     assert fwd["dtype"] == "bf16" and fwd["num_warps"] == 8 and fwd["num_stages"] == 1
     dkdv = _row(report, "_bwd_dkdv_kernel", 90)
-    assert len(dkdv["used_by"]) == 2  # the union and the gather backward launch the same dk/dv kernel
+    assert len(dkdv["used_by"]) == 3  # the union, gather and auto backward launch the same dk/dv kernel
+    # "auto" launches both sides' forward and dq kernels in their AUTO=True specialisation
+    for kernel in ("_fwd_kernel", "_bwd_dq_kernel", "_fwd_gather_kernel", "_bwd_dq_gather_kernel"):
+        autos = [r for r in _rows(report, kernel, 90) if r["constexprs"].get("AUTO")]
+        assert len(autos) == 1 and all(u.endswith("-auto") for u in autos[0]["used_by"]), kernel
     assert all(len(r["used_by"]) >= 1 for r in report["rows"])
 
 
@@ -125,23 +135,23 @@ def _rule_params():
 
 @pytest.mark.parametrize(("kernel", "rule"), _rule_params())
 def test_static_rule_sm90(report, kernel, rule):
-    r = _row(report, kernel, 90)
-    assert "error" not in r, r.get("error")
-    if rule == _SPILLS:
-        assert r["spill_bytes"] == 0, f"{kernel}: {r['spill_store_bytes']} B spill stores, {r['spill_load_bytes']} B loads"
-    elif rule == _LOCAL:
-        assert r["local_mem_instr"] == 0, f"{kernel}: {r['LDL']} LDL + {r['STL']} STL"
-    else:
-        assert r["dots"] > 0 and r["wgmma_dots"] == r["dots"], f"{kernel}: {r['wgmma_dots']}/{r['dots']} matmuls on wgmma"
-        assert r["HGMMA"] > 0
+    for r in _rows(report, kernel, 90):  # explicit and "auto" specialisations alike
+        assert "error" not in r, r.get("error")
+        if rule == _SPILLS:
+            assert r["spill_bytes"] == 0, f"{kernel}: {r['spill_store_bytes']} B spill stores, {r['spill_load_bytes']} B loads"
+        elif rule == _LOCAL:
+            assert r["local_mem_instr"] == 0, f"{kernel}: {r['LDL']} LDL + {r['STL']} STL"
+        else:
+            assert r["dots"] > 0 and r["wgmma_dots"] == r["dots"], f"{kernel}: {r['wgmma_dots']}/{r['dots']} matmuls on wgmma"
+            assert r["HGMMA"] > 0
 
 
 @pytest.mark.parametrize("kernel", ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"])
 def test_attention_tiles_do_not_spill_on_sm80(report, kernel):
     """The union and dk/dv tiles are chosen to fit sm_80 (A100) too: no spills, no LDL/STL."""
-    r = _row(report, kernel, 80)
-    assert r["spill_bytes"] == 0 and r["local_mem_instr"] == 0, (
-        f"{kernel} on sm_80: {r['spill_bytes']} B spills, {r['local_mem_instr']} LDL/STL at {r['regs']} registers")
+    for r in _rows(report, kernel, 80):
+        assert r["spill_bytes"] == 0 and r["local_mem_instr"] == 0, (
+            f"{kernel} on sm_80: {r['spill_bytes']} B spills, {r['local_mem_instr']} LDL/STL at {r['regs']} registers")
 
 
 def test_known_failures_name_real_kernels():

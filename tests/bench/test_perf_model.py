@@ -156,10 +156,20 @@ def test_gate_counts_past_blocks_in_padded_chunks_one_half_product_and_the_reche
     assert pm.gate_kernels(s, pm.TARGET)[1].flops == gate.flops  # the target's gate is main's
 
 
-def test_selection_syncs_only_for_auto_on_main():
+def test_no_design_syncs_auto_launches_both_sides():
     s = pm.Shape(32768)
     syncs = {name: sum(k.syncs for k in pm.design_kernels(s, name)[0]) for name in pm.DESIGNS}
-    assert syncs == {"main-union": 0, "main-gather": 0, "main-auto": 2, "target": 0}
+    assert syncs == {"main-union": 0, "main-gather": 0, "main-auto": 0, "target": 0}
+    # "auto": the unchosen side's forward and dq grids run empty programs (one launch each)
+    for uncorrelated in (False, True):
+        kernels, _, dec = pm.design_kernels(s, "main-auto", uncorrelated)
+        empty = [k for k in kernels if k.empty_programs]
+        assert len(empty) == 2 and all(k.flops == 0 and k.launches == 1 for k in empty)
+        assert all(("gather" in k.name) == (dec == "union") for k in empty)
+        assert not any(k.empty_programs for k in pm.design_kernels(s, f"main-{dec}", uncorrelated)[0])
+    # their time: a launch + one EMPTY_WAVE_US per wave of empty programs
+    k = pm.Kernel("x", "fwd", programs=1000, blocks_per_sm=2, empty_programs=1000, hbm_bytes=0)
+    assert pm.kernel_seconds(k, H200) == pytest.approx((pm.LAUNCH_US + 4 * pm.EMPTY_WAVE_US) * 1e-6)  # 132 SMs x 2
     with pytest.raises(ValueError, match="design"):
         pm.design_kernels(s, "today-union")
 

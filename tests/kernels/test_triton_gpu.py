@@ -143,6 +143,37 @@ def test_backward_is_deterministic(decomposition):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("decomposition", ["union", "gather", "auto"])
+def test_no_host_sync_under_sync_debug_mode(decomposition):
+    """Layout, Triton gate, forward and backward raise under torch's sync debug mode "error"
+    on any synchronizing CUDA call (item, nonzero, pageable copies, size-dependent ops), "auto"
+    included (its choice stays a device flag). A warm-up call compiles the kernels first."""
+    from moba._core.layout import build_layout
+    from moba.ops.triton_impl import BACKEND, triton_attention_packed
+
+    cu = [0, 1024, 3072]
+    q, k, v = _make(cu, cu, 8, 2, 64, torch.bfloat16, seed=3)
+    dout = torch.randn_like(q)
+
+    def step():
+        layout = build_layout(cu, cu, 128, "cuda")
+        idx = BACKEND.select(q, k, layout, 3, True)
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out, _ = triton_attention_packed(*leaves, cu, cu, 128, idx, True, 0.125, decomposition)
+        out.backward(dout)
+        return [out.detach()] + [t.grad for t in leaves]
+
+    expected = step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_public_api_and_auto_backend():
     import moba
 

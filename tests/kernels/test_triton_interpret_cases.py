@@ -264,7 +264,7 @@ def _gate_with_fallbacks(q, k, cu, block_size, top_k, causal):
     cu_t = torch.tensor(cu, dtype=torch.int32)
     fallbacks = torch.zeros(1, dtype=torch.int32)
     got = gate_select(q, k, cu, cu_t, cu_t, layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset,
-                      layout.block_start, layout.block_len, layout.block_size, top_k, causal, fallbacks)
+                      layout.block_start, layout.block_len, layout.block_size, top_k, causal, fallbacks=fallbacks)
     return got, int(fallbacks)
 
 
@@ -514,7 +514,48 @@ def test_auto_decomposition_follows_the_work():
         si = sort_block_indices(idx)
         sizes = selection_sizes(s, hq, 1, 2, (lay.block_start.numel(), lay.max_blocks), lay.cu_q, True)
         sel = unpack_selection(build_selection(si, lay, 1, True), sizes)
-        assert choose_decomposition(si, lay, sel, 16) == expected
+        choice = choose_decomposition(si, lay, sel, 16)
+        assert choice.dtype == torch.int32 and choice.data_ptr() == sel.choice.data_ptr()  # written in place
+        assert ("union", "gather")[int(choice)] == expected
+
+
+def _auto_case_selection(kind: str, s: int, bs: int, hq: int) -> torch.Tensor:
+    """(s, hq, 2) block indices: own block + block 0 for every row ("shared": the rows of a
+    query tile pick the same blocks) or own block + an uncorrelated past block ("scattered")."""
+    own = (torch.arange(s) // bs)[:, None].expand(s, hq)
+    none = torch.full_like(own, -1)
+    if kind == "shared":
+        other = torch.where(own > 0, 0, none)
+    else:
+        past = (torch.rand(s, hq, generator=torch.Generator().manual_seed(3)) * own).long()
+        other = torch.where(own > 0, past, none)
+    return torch.stack([own, other], -1)
+
+
+@pytest.mark.parametrize("kind,expected", [("shared", "union"), ("scattered", "gather")])
+def test_auto_runs_the_chosen_side_only(kind, expected):
+    """"auto" launches both decompositions gated on the device flag: it picks ``expected`` for
+    the crafted selection (flag saved in the selection), and out, lse, dq, dk, dv are bitwise
+    those of the explicit decomposition (the other side's programs exit without a write)."""
+    from moba.triton_kernels.attention import sort_block_indices
+
+    from moba.ops.triton_impl import triton_attention_fwd, triton_attention_packed
+
+    s, bs, hq, hkv = 512, 64, 2, 1  # 64-query tiles = one block: shared picks cost union no waste
+    cu = [0, s]
+    idx = _auto_case_selection(kind, s, bs, hq)
+    q, k, v = _make(cu, cu, hq, hkv, 16, torch.float32, seed=4)
+    _, _, flat = triton_attention_fwd(q, k, v, sort_block_indices(idx), cu, cu, bs, True, 0.25, "auto")
+    assert ("union", "gather")[int(flat[-1])] == expected  # Selection.choice is the last field
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    res = []
+    for dec in ("auto", expected):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, lse = triton_attention_packed(*leaves, cu, cu, bs, idx, True, 0.25, dec)
+        out.backward(dout)
+        res.append([out.detach(), lse] + [t.grad for t in leaves])
+    for name, a, b in zip(["out", "lse", "dq", "dk", "dv"], *res, strict=True):
+        assert torch.equal(a, b), f"auto vs {expected}: {name}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +568,8 @@ def forced_decomposition(request, monkeypatch):
     """Make "auto" pick one decomposition, so the public API runs both paths."""
     from moba.triton_kernels import attention as _attn
 
-    monkeypatch.setattr(_attn, "choose_decomposition", lambda *args, **kwargs: request.param)
+    flag = {"union": 0, "gather": 1}[request.param]
+    monkeypatch.setattr(_attn, "choose_decomposition", lambda si, lay, sel, head_dim: sel.choice.fill_(flag))
     return request.param
 
 
@@ -748,11 +790,13 @@ def test_selection_layout_by_hand(monkeypatch):
 
 
 def test_launch_path_has_no_host_sync(monkeypatch):
-    """Forward and backward with an explicit decomposition never read a device value on the
-    host: every .item() / .tolist() / bool() / nonzero / unique in the launch path raises."""
+    """Forward and backward never read a device value on the host, "auto" included (its choice
+    stays on device): every .item() / .tolist() / bool() / int() / float() / nonzero / unique
+    in the launch path raises, the layout and the Triton gate included. (Python-level reads
+    only: a C++ op that syncs on CUDA is caught by the GPU test's sync debug mode.)"""
     from moba._core.layout import build_layout
     from moba.ops.gate import select_packed
-    from moba.ops.triton_impl import triton_attention_packed
+    from moba.ops.triton_impl import BACKEND, triton_attention_packed
 
     cu = [0, 70, 150]
     q, k, v = _make(cu, cu, 4, 2, 16, torch.float32, seed=2)
@@ -761,13 +805,15 @@ def test_launch_path_has_no_host_sync(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("host sync in the launch path")
 
-    for dec in ("union", "gather"):
+    for dec in ("union", "gather", "auto"):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         with monkeypatch.context() as m:
-            for name in ("item", "tolist", "__bool__", "nonzero", "unique"):
+            for name in ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "nonzero", "unique"):
                 m.setattr(torch.Tensor, name, boom)
             m.setattr(torch, "nonzero", boom)
             m.setattr(torch, "unique", boom)
+            layout = build_layout(cu, cu, 8, "cpu")
+            assert torch.equal(BACKEND.select(q, k, layout, 3, True), idx)  # the Triton gate kernel
             out, _ = triton_attention_packed(*leaves, cu, cu, 8, idx, True, 0.25, dec)
             out.sum().backward()
         assert torch.isfinite(leaves[0].grad).all()
