@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import platform
-import re
 import subprocess
 import time
 from pathlib import Path
+
+from moba._core.sizes import parse_size as _parse_size
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -154,14 +155,11 @@ def time_call_ms(fn, device) -> float:
 
 
 def parse_size(text: str) -> int:
-    """'8k' -> 8192, '1m' -> 1048576, '512' -> 512, '1.5k' -> 1536 (k = 1024, m = 1024**2)."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512, 8k, 1m)")
-    value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2}[m.group(2).lower()]
-    if value != int(value) or value < 1:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not a positive whole number of tokens")
-    return int(value)
+    """``moba._core.sizes.parse_size`` for argparse: '8k' -> 8192, '1m' -> 1048576, '1.5k' -> 1536."""
+    try:
+        return _parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_sizes(text: str) -> list[int]:

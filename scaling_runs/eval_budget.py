@@ -42,6 +42,7 @@ import torch
 
 from moba import KVCache, select_blocks
 from moba._core.accounting import attended_keys_from_indices
+from moba._core.sizes import parse_size
 from moba.nn import attention_modules
 
 from . import tasks as T
@@ -53,18 +54,6 @@ from .model import GPT
 
 # ---------------------------------------------------------------------------------------
 # parsing
-
-
-def parse_size(text: str) -> int:
-    """``"512"`` -> 512, ``"1k"`` -> 1024, ``"2K"`` -> 2048, ``"1m"`` -> 1048576."""
-    t = text.strip().lower()
-    mult = {"k": 1024, "m": 1024**2}.get(t[-1:], 1)
-    if mult > 1:
-        t = t[:-1]
-    value = float(t) * mult
-    if value <= 0 or value != int(value):
-        raise ValueError(f"bad size {text!r}")
-    return int(value)
 
 
 def fmt_size(n: int) -> str:

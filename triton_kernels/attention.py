@@ -42,7 +42,8 @@ Work decomposition (chosen by bench/perf_model.py; two for the forward and dq, p
   "union" / "gather" launch one side with ``AUTO=False`` (no flag read compiled in).
 
 Why this gather design (bench/perf_model.py, MODELLED on an H200, Hq=32/Hkv=8, D=128, bf16,
-causal; forward + dq + selection glue of the attention, today's tile efficiencies; "per-slot"
+causal; forward + dq + selection glue of the attention, the tile efficiencies when this design
+was chosen (commit 515a7c8; ``python -m bench.perf_model`` prints today's numbers); "per-slot"
 is the previous gather path: one float32 (out, lse) / dq partial per (row, slot) and a
 slot-by-slot merge in PyTorch; peak memory fwd+bwd vs dense flash):
 

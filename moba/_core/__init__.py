@@ -5,6 +5,7 @@
 * ``accounting``: attended (query, key) pairs, attention FLOPs and the GPU peak table that
   ``bench/`` and ``scaling_runs/`` import instead of re-deriving.
 * ``custom_ops``: the autograd wiring shared by the torch and Triton custom ops.
+* ``sizes``: token counts written as text (``8k``, ``1m``) for every command line.
 
 Nothing here imports another ``moba`` layer.
 """
