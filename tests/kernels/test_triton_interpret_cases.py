@@ -1011,10 +1011,11 @@ def test_backward_delta_rejects_mismatched_shapes():
 
 def test_backward_with_non_contiguous_out_matches_contiguous():
     """attention_backward reads ``out`` through its strides: a heads-first copy gives the same grads."""
+    from moba.triton_kernels import attention as attn
+
     from moba._core.layout import build_layout
     from moba.ops.gate import select_packed
     from moba.ops.triton_impl import _kernel_layout
-    from moba.triton_kernels import attention as attn
 
     cu = [0, 45, 100]
     hq, hkv, d, bs = 4, 2, 48, 16
