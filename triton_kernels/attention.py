@@ -77,6 +77,9 @@ in one pinned, non-blocking copy.
   chosen by many rows (a "sink") has its list split into chunks, one program each, whose
   float32 partials ``_dkdv_reduce_kernel`` sums in chunk order (``dkdv_work``): no atomics,
   deterministic (stable row order, fixed chunk order).
+* delta = rowsum(dO * O), (Tq, Hq) float32, which dq and dk/dv read: ``_bwd_delta_kernel``,
+  ``BLOCK_T`` (token, query head) rows per program, dO and O read once in their dtype and
+  multiplied in float32 (the eager PyTorch it replaced cast both to float32 in memory).
 
 Masks: rows past the end of a sequence, keys past the end of a tail block, head-dim
 padding to the next power of two (``HEAD_DIM`` is the padded size, ``d_real`` the real
