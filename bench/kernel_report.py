@@ -89,7 +89,7 @@ PHASES = ("gate", "fwd-union", "bwd-union", "fwd-gather", "bwd-gather", "fwd-aut
 #: use wgmma on sm_90; these and the gate must neither spill nor touch local memory.
 ATTENTION_KERNELS = ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel", "_fwd_gather_kernel", "_bwd_dq_gather_kernel")
 #: Attention helpers without a matmul (the spill and local-memory rules only).
-ATTENTION_HELPER_KERNELS = ("_dkdv_reduce_kernel",)
+ATTENTION_HELPER_KERNELS = ("_dkdv_reduce_kernel", "_bwd_delta_kernel")
 GATE_KERNELS = ("_gate_topk_kernel", "_block_mean_kernel")
 
 SASS_OPS = ("HGMMA", "HMMA", "FFMA", "LDL", "STL", "UTMALDG", "UTMASTG", "UBLKCP", "LDGSTS", "LDSM", "STSM")

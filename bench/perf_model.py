@@ -32,14 +32,15 @@ Designs modelled
     owner-computes path (one program per (super-tile, KV head), 64-row chunks per segment,
     one float32 row state per row in HBM, no per-slot partials); "auto" = the launcher's rule
     (union unless its MMA rows exceed ``UNION_MARGIN`` x the gather rows).
-  - backward: delta = rowsum(dO * O) in eager PyTorch, ``DELTA_CHUNK_ELEMENTS`` at a time (two
-    float32 casts and their product live per chunk), dq (union or gather),
+  - backward: delta = rowsum(dO * O) in one kernel (``_bwd_delta_kernel``: dO and O read once
+    in their dtype, delta written in float32, no float32 temporaries), dq (union or gather),
     dk/dv per 128-key tile with heavy row lists split (``dkdv_work``: static bounds, float32
     partials allocated at their bound, summed in order by ``_dkdv_reduce_kernel``).
-* ``target``: what remains of issue 14's plan, in these stated ways only (everything else as
-  ``main-auto``): (1) delta fused into a kernel (no float32 temporaries); (2) attention tiles
-  at FA2-class efficiency (``TARGET_EFF``: pipelined K/V, wider key steps), which the
-  spill-free tiles on main do not yet support.
+* ``target``: what remains of issue 14's plan, in this stated way only (everything else as
+  ``main-auto``): attention tiles at FA2-class efficiency (``TARGET_EFF``: pipelined K/V, wider
+  key steps), which the spill-free tiles on main do not yet support. (The fused delta, once a
+  target item, is on main; ``Variant.fused_delta = False`` still models the eager delta it
+  replaced, for comparisons.)
 
 ``--uncorrelated`` models random selections (every row's past picks independent: the union
 path's worst case).
@@ -146,10 +147,12 @@ GATE_TILES = {16: (64, 32), 32: (64, 32), 64: (64, 32), 128: (64, 16), 256: (32,
 UNION_BLOCK_M = {64: 64, 128: 128}
 GATHER_BLOCK_M = 64
 #: Resident programs per SM, sm_90, from the static reports (theoretical occupancy: registers
-#: limit every one): D=128 / D=64.
+#: limit every one but the delta, 32 registers at D=128 and D=64: the 16-block limit): D=128 / D=64.
 BLOCKS_PER_SM = {
-    128: {"gate": 3, "mean": 6, "fwd": 1, "dq": 1, "dkdv": 1, "fwd_gather": 2, "dq_gather": 1, "reduce": 9},
-    64: {"gate": 4, "mean": 9, "fwd": 3, "dq": 3, "dkdv": 1, "fwd_gather": 2, "dq_gather": 2, "reduce": 9},
+    128: {"gate": 3, "mean": 6, "fwd": 1, "dq": 1, "dkdv": 1, "fwd_gather": 2, "dq_gather": 1, "reduce": 9,
+          "delta": 16},
+    64: {"gate": 4, "mean": 9, "fwd": 3, "dq": 3, "dkdv": 1, "fwd_gather": 2, "dq_gather": 2, "reduce": 9,
+         "delta": 16},
 }
 #: dk/dv (DKDV_CONFIGS): keys per program, query rows per step (D=128: 16, D=64: 32), and
 #: dkdv_work's smallest split of a heavy row list.
@@ -158,8 +161,11 @@ DKDV_ROWS_PER_STEP = {64: 32, 128: 16}
 DKDV_MIN_SPLIT_ROWS = 4096
 #: dkdv_work's automatic split: this many times the mean rows per pair (``DKDV_SPLIT_FACTOR``).
 DKDV_SPLIT_FACTOR = 4
-#: The backward's delta casts this many elements of dO and O to float32 at once (``DELTA_CHUNK_ELEMENTS``).
+#: The eager delta that ``_bwd_delta_kernel`` replaced (``fused_delta=False`` only) cast this
+#: many elements of dO and O to float32 at once (its ``DELTA_CHUNK_ELEMENTS``).
 DELTA_CHUNK_ELEMENTS = 1 << 24
+#: ``_bwd_delta_kernel`` rows per program (DELTA_CONFIGS: 2048 elements of dO / O per program).
+DELTA_ROWS = {64: 32, 128: 16}
 #: Distinct past blocks a query tile's rows select together, as a multiple of one row's
 #: (top_k - 1) (union path), for 64- and 128-row tiles alike. 1 = neighbouring queries pick
 #: the same blocks. Trained models' neighbouring queries mostly agree: 2 is a guess to calibrate.
@@ -192,7 +198,8 @@ EMPTY_WAVE_US = 1.0
 
 @dataclass(frozen=True)
 class Variant:
-    """What differs between main and the remaining target (see the module docstring)."""
+    """What differs between main and the remaining target (see the module docstring): today the
+    tiles' efficiency only; ``fused_delta=False`` models the eager delta main had before."""
 
     name: str
     eff: dict
@@ -200,7 +207,7 @@ class Variant:
     fused_delta: bool
 
 
-MAIN = Variant("main", MAIN_EFF, AUTO_SYNCS, False)
+MAIN = Variant("main", MAIN_EFF, AUTO_SYNCS, True)
 TARGET = Variant("target", TARGET_EFF, 0, True)
 
 
@@ -502,11 +509,14 @@ def unchosen_attention(s: Shape, dec: str) -> list[Kernel]:
 
 
 def delta_kernel(s: Shape, v: Variant = MAIN) -> Kernel:
-    """delta = rowsum(dO * O). Main: eager PyTorch (dO.float(), O.float(), their product, its
-    sum: 2 x D x e read, 3 x 4D written, 4 x 4D read per row). Target: one fused kernel."""
+    """delta = rowsum(dO * O). Main and target: ``_bwd_delta_kernel`` (dO and O read once,
+    2 x D x e bytes, 4 bytes of delta written per row, ``DELTA_ROWS`` rows per program).
+    ``fused_delta=False``: the eager PyTorch it replaced (dO.float(), O.float(), their product,
+    its sum: 2 x D x e read, 3 x 4D written, 4 x 4D read per row; 4 ops per chunk)."""
     r, d, e = s.rows, s.head_dim, s.elem_bytes
     if v.fused_delta:
-        return Kernel("delta (fused)", "bwd", hbm_bytes=r * (2 * d * e + 4), programs=0)
+        return Kernel("_bwd_delta_kernel", "bwd", hbm_bytes=r * (2 * d * e + 4),
+                      programs=-(-r // DELTA_ROWS[s.dim_key]), blocks_per_sm=_bps(s, "delta"))
     chunks = max(1, -(-r * d // DELTA_CHUNK_ELEMENTS))
     return Kernel("delta (PyTorch, fp32 temporaries)", "bwd", hbm_bytes=r * (2 * d * e + 28 * d + 4), launches=4 * chunks)
 
@@ -579,7 +589,7 @@ def memory(s: Shape, dec: str, v: Variant = MAIN, auto: bool = False) -> dict:
     state = r * (4 * d + 4) if dec == "gather" or auto else 0
     fwd = out_lse + idx + sel + max(build_tmp, choose_tmp, state)
     base = out_lse + idx + sel + r * d * e + 2 * kv + r * 4  # + dq, dk, dv, delta
-    # dO.float(), O.float() and their product, DELTA_CHUNK_ELEMENTS at a time
+    # fused: none; eager (fused_delta=False): dO.float(), O.float() and their product, DELTA_CHUNK_ELEMENTS at a time
     delta_tmp = 0 if v.fused_delta else 3 * min(r * d, DELTA_CHUNK_ELEMENTS) * 4
     dq_acc = r * d * 4 if dec == "gather" or auto else 0  # alive until the backward returns (auto: always)
     parts = dkdv_parts_bound(s) * s.block_size * d * 4 * 2  # allocated at the bound, used or not

@@ -77,6 +77,9 @@ in one pinned, non-blocking copy.
   chosen by many rows (a "sink") has its list split into chunks, one program each, whose
   float32 partials ``_dkdv_reduce_kernel`` sums in chunk order (``dkdv_work``): no atomics,
   deterministic (stable row order, fixed chunk order).
+* delta = rowsum(dO * O), (Tq, Hq) float32, which dq and dk/dv read: ``_bwd_delta_kernel``,
+  ``BLOCK_T`` (token, query head) rows per program, dO and O read once in their dtype and
+  multiplied in float32 (the eager PyTorch it replaced cast both to float32 in memory).
 
 Masks: rows past the end of a sequence, keys past the end of a tail block, head-dim
 padding to the next power of two (``HEAD_DIM`` is the padded size, ``d_real`` the real
@@ -170,6 +173,19 @@ DKDV_CONFIGS = {
     128: (16, 128, 8, 2),
     256: (32, 64, 8, 1),
 }
+# The backward's delta = rowsum(dO * O) (``_bwd_delta_kernel``): (BLOCK_T rows, num_warps) per
+# padded head dim, BLOCK_T x HEAD_DIM = 2048 elements of dO and of O per 4-warp program (16 per
+# thread). Static report (triton 3.9.0, bf16, no GPU), registers sm_90 / sm_80, no spills: with the
+# 16-aligned strides the launchers pass 32-40 / 36-40 (vector loads, 12+ CTAs per SM); with
+# unaligned strides (scalar loads, one 64-bit address per element) 40-128 / 46-128. 4096
+# elements (D=128: 32 rows) need 248 / 250 there, 8192 (64 rows) spill 1.4 KB.
+DELTA_CONFIGS = {
+    16: (128, 4),
+    32: (64, 4),
+    64: (32, 4),
+    128: (16, 4),
+    256: (8, 4),
+}
 
 
 #: K/V loads of the union forward and dq through TMA tensor descriptors: None = automatic
@@ -229,8 +245,6 @@ DKDV_MIN_SPLIT_ROWS = 4096
 #: P * 2 / DKDV_SPLIT_FACTOR chunks of (block_size, D) float32 for dk and for dv, i.e. with 4
 #: together 4 B x Tk x Hkv x D (twice k's size in 16 bits), whether or not any pair is heavy.
 DKDV_SPLIT_FACTOR = 4
-#: Elements of dO (and O) cast to float32 at once for the backward's delta (64 MB each).
-DELTA_CHUNK_ELEMENTS = 1 << 24
 #: Keys per program of the dk/dv reduce: two (keys, D) float32 sums in 4 warps stay in registers.
 DKDV_REDUCE_BLOCK_N = 32
 
@@ -695,6 +709,27 @@ def _dkdv_reduce_kernel(
                  (dk * scale).to(DK.dtype.element_ty), mask=mask)
         tl.store(DV + tile_first * stride_dvt + kv_head * stride_dvh + (offs_n[:, None] * stride_dvt + offs_d[None, :]),
                  dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_delta_kernel(
+    DO, O, DELTA,
+    stride_dot, stride_doh, stride_ot, stride_oh,
+    n_rows, n_heads_q, d_real,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    # One program per BLOCK_T rows of the flattened (token, query head) rows: delta = rowsum(dO * O)
+    # in float32 from the inputs' dtype, no float32 copies in memory. Row offsets in int64:
+    # Tq * Hq * D passes 2**31 at 512K tokens x 32 heads x 128.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) int64
+    token = rows // n_heads_q
+    head = rows % n_heads_q
+    offs_d = tl.arange(0, HEAD_DIM)  # (HEAD_DIM,)
+    mask = (rows < n_rows)[:, None] & (offs_d < d_real)[None, :]  # (BLOCK_T, HEAD_DIM)
+    do = tl.load(DO + (token * stride_dot + head * stride_doh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(O + (token * stride_ot + head * stride_oh)[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), axis=1)  # (BLOCK_T,)
+    tl.store(DELTA + rows, delta, mask=rows < n_rows)
 
 
 @triton.jit
@@ -1193,6 +1228,33 @@ def attention_forward(
     return out, lse, flat
 
 
+def backward_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """delta = rowsum(dO * O) for the backward: (Tq, Hq) float32 from dout and out (Tq, Hq, D),
+    summed in float32 by ``_bwd_delta_kernel`` (one launch, no float32 copies of dO or O; the
+    eager ``(dout.float() * out.float()).sum(-1)`` held three Tq x Hq x D x 4-byte temporaries,
+    26 GB at 512K tokens, 32 heads, D = 128). Any token / head strides; a last dim that is not
+    contiguous is copied first."""
+    if dout.dim() != 3 or out.shape != dout.shape:
+        raise ValueError(f"dout and out must both be (Tq, Hq, D), got dout {tuple(dout.shape)}, out {tuple(out.shape)}")
+    if out.device != dout.device:
+        raise ValueError(f"out is on {out.device}, dout on {dout.device}")
+    dout, out = (t if t.stride(-1) == 1 else t.contiguous() for t in (dout, out))
+    tq, hq, d = dout.shape
+    delta = torch.empty((tq, hq), dtype=torch.float32, device=dout.device)
+    n_rows = tq * hq
+    if n_rows == 0 or d == 0:
+        return delta.zero_()
+    head_dim = padded_head_dim(d)
+    block_t, warps = DELTA_CONFIGS[head_dim]
+    _bwd_delta_kernel[(triton.cdiv(n_rows, block_t),)](
+        dout, out, delta,
+        dout.stride(0), dout.stride(1), out.stride(0), out.stride(1),
+        n_rows, hq, d,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, num_warps=warps,
+    )
+    return delta
+
+
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -1227,13 +1289,7 @@ def attention_backward(
         return dq.zero_(), dk.zero_(), dv.zero_()
     head_dim = padded_head_dim(d)
     n_slots = sorted_indices.shape[-1]
-    # (Tq, Hq) rowsum(dO * O) in float32, a bounded number of tokens at a time: the float32
-    # copies of dO and O and their product would otherwise be 3 x Tq x Hq x D x 4 bytes (about
-    # 26 GB at 512K tokens, 32 heads, D=128: the backward's memory peak).
-    delta = torch.empty((tq, hq), dtype=torch.float32, device=q.device)
-    step = max(1, DELTA_CHUNK_ELEMENTS // max(1, hq * d))
-    for t0 in range(0, tq, step):
-        delta[t0:t0 + step] = (dout[t0:t0 + step].float() * out[t0:t0 + step].float()).sum(-1)
+    delta = backward_delta(dout, out)  # (Tq, Hq) float32
     lse = lse.contiguous()
     sel = unpack_selection(selection, selection_sizes(tq, hq, hkv, n_slots, (n_blocks, lay.max_blocks), lay.cu_q,
                                                       decomposition != "union"))
@@ -1351,6 +1407,11 @@ def kernel_configs(dtype: str):
         types = ["*fp32", "*fp32", ptr, ptr] + ["*i32"] * 5 + ["i64"] * 4 + ["fp32"] + ["i32"] * 4
         const = dict(HEAD_DIM=head_dim, BLOCK_N=DKDV_REDUCE_BLOCK_N)
         yield f"dkdv_reduce_d{head_dim}", _dkdv_reduce_kernel, dict(zip(names, types, strict=True)), const, 4, 1
+    for head_dim, (block_t, warps) in DELTA_CONFIGS.items():
+        names = ["DO", "O", "DELTA", "stride_dot", "stride_doh", "stride_ot", "stride_oh", "n_rows", "n_heads_q", "d_real"]
+        types = [ptr, ptr, "*fp32"] + ["i64"] * 4 + ["i32"] * 3
+        const = dict(HEAD_DIM=head_dim, BLOCK_T=block_t)
+        yield f"delta_d{head_dim}", _bwd_delta_kernel, dict(zip(names, types, strict=True)), const, warps, 1
     common = ["ROWS", "SEG_START", "SEG_END", "SEG_PAIR", "PROG_PTR", "ST_START", "ST_END", "BLOCK_START", "BLOCK_LEN",
               "Q_KEY_TOKEN", "CHOICE"]
     for head_dim, (bm, bn, warps, stages) in FWD_GATHER_CONFIGS.items():
@@ -1377,9 +1438,9 @@ def kernel_configs(dtype: str):
 
 
 __all__ = [
-    "BIG_INDEX", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS", "FWD_GATHER_CONFIGS",
-    "TMA_HEAD_DIMS", "TMA_LOADS", "DkdvWork",
-    "KernelLayout", "Selection", "attention_backward", "attention_forward", "build_selection", "choose_decomposition",
-    "dkdv_work", "gather_tile", "kernel_configs", "kernel_layout", "padded_head_dim", "query_tiles", "selection_sizes",
-    "sort_block_indices", "tma_loads", "unpack_selection",
+    "BIG_INDEX", "DELTA_CONFIGS", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS",
+    "FWD_GATHER_CONFIGS", "TMA_HEAD_DIMS", "TMA_LOADS", "DkdvWork",
+    "KernelLayout", "Selection", "attention_backward", "attention_forward", "backward_delta", "build_selection",
+    "choose_decomposition", "dkdv_work", "gather_tile", "kernel_configs", "kernel_layout", "padded_head_dim",
+    "query_tiles", "selection_sizes", "sort_block_indices", "tma_loads", "unpack_selection",
 ]

@@ -32,8 +32,8 @@ BENCH = ROOT / "bench"
 
 QUICK_KERNELS = {
     "_block_mean_kernel", "_gate_topk_kernel", "_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel",
-    "_fwd_gather_kernel", "_bwd_dq_gather_kernel", "_dkdv_reduce_kernel", "_moba_decode_split_kernel",
-    "_moba_decode_merge_kernel",
+    "_fwd_gather_kernel", "_bwd_dq_gather_kernel", "_dkdv_reduce_kernel", "_bwd_delta_kernel",
+    "_moba_decode_split_kernel", "_moba_decode_merge_kernel",
 }
 COMMITTED = BENCH / "results" / "kernel-report-main-2026-12-03.json"
 

@@ -961,6 +961,77 @@ def test_dkdv_work_by_hand():
             dkdv_work(row_ptr, block_m=64, split_rows=bad)
 
 
+# The backward's delta = rowsum(dO * O) in one kernel (issue 14)
+
+
+def _delta_operand(shape, dtype, layout, seed):
+    """A (Tq, Hq, D) tensor of ``dtype`` in a given memory layout: "contiguous", "heads-first"
+    (a transposed (Hq, Tq, D) buffer) or "sliced" (every other token of a wider, padded buffer)."""
+    tq, hq, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    if layout == "contiguous":
+        return torch.randn(shape, generator=gen).to(dtype)
+    if layout == "heads-first":
+        return torch.randn(hq, tq, d, generator=gen).to(dtype).transpose(0, 1)
+    return torch.randn(2 * tq, hq + 1, d + 8, generator=gen).to(dtype)[::2, 1:, 3:3 + d]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize(("tq", "hq", "d", "layout"), [
+    (37, 3, 48, "heads-first"),  # D not a power of two; 111 rows: not a multiple of BLOCK_T
+    (70, 2, 64, "sliced"),  # token and head strides of a slice
+    (5, 4, 128, "contiguous"),  # 20 rows: a ragged second program
+    (3, 2, 256, "heads-first"),  # fewer rows than one program
+    (130, 1, 16, "contiguous"),  # the smallest padded head dim, 2 programs, a ragged last one
+    (0, 4, 64, "contiguous"),  # no tokens: no launch
+])
+def test_backward_delta_matches_eager_formula(dtype, tq, hq, d, layout):
+    from moba.triton_kernels.attention import DELTA_CONFIGS, backward_delta, padded_head_dim
+
+    dout = _delta_operand((tq, hq, d), dtype, "contiguous", seed=1)
+    out = _delta_operand((tq, hq, d), dtype, layout, seed=2)
+    assert out.shape == (tq, hq, d) and out.is_contiguous() == (layout == "contiguous")
+    got = backward_delta(dout, out)
+    assert got.dtype == torch.float32 and got.shape == (tq, hq)
+    eager = (dout.float() * out.float()).sum(-1)  # the formula the kernel replaced
+    # float32 products and sums in both; only the order of the sum differs
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5 * d**0.5)
+    if layout == "heads-first":
+        assert (tq * hq) % DELTA_CONFIGS[padded_head_dim(d)][0]  # a ragged last program is exercised
+
+
+def test_backward_delta_rejects_mismatched_shapes():
+    from moba.triton_kernels.attention import backward_delta
+
+    with pytest.raises(ValueError, match="dout and out"):
+        backward_delta(torch.zeros(4, 2, 8), torch.zeros(4, 2, 16))
+    with pytest.raises(ValueError, match="dout and out"):
+        backward_delta(torch.zeros(4, 16), torch.zeros(4, 16))
+
+
+def test_backward_with_non_contiguous_out_matches_contiguous():
+    """attention_backward reads ``out`` through its strides: a heads-first copy gives the same grads."""
+    from moba.triton_kernels import attention as attn
+
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+    from moba.ops.triton_impl import _kernel_layout
+
+    cu = [0, 45, 100]
+    hq, hkv, d, bs = 4, 2, 48, 16
+    q, k, v = _make(cu, cu, hq, hkv, d, torch.float16, seed=6)
+    idx = attn.sort_block_indices(select_packed(q, k, build_layout(cu, cu, bs, "cpu"), 3, True).contiguous())
+    lay = _kernel_layout(cu, cu, bs, q.device)
+    out, lse, flat = attn.attention_forward(q, k, v, idx, lay, True, d**-0.5, "gather")
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(q.dtype)
+    strided = out.transpose(0, 1).contiguous().transpose(0, 1)  # same values, (Hq, Tq, D) memory
+    assert not strided.is_contiguous()
+    grads = [attn.attention_backward(dout, q, k, v, o, lse, idx, flat, lay, True, d**-0.5, "gather")
+             for o in (out, strided)]
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
 # ----------------------------------------------------------------------------------------------
 # K/V through TMA tensor descriptors (the union forward / dq on sm_90; issue 14, item 3)
 
