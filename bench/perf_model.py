@@ -149,9 +149,9 @@ GATHER_BLOCK_M = 64
 #: Resident programs per SM, sm_90, from the static reports (theoretical occupancy: registers
 #: limit every one but the delta, 32 registers at D=128 and D=64: the 16-block limit): D=128 / D=64.
 BLOCKS_PER_SM = {
-    128: {"gate": 3, "mean": 6, "fwd": 1, "dq": 1, "dkdv": 1, "fwd_gather": 2, "dq_gather": 1, "reduce": 9,
+    128: {"gate": 3, "mean": 6, "fwd": 1, "dq": 1, "dkdv": 1, "fwd_gather": 2, "dq_gather": 1, "reduce": 4,
           "delta": 16},
-    64: {"gate": 4, "mean": 9, "fwd": 3, "dq": 3, "dkdv": 1, "fwd_gather": 2, "dq_gather": 2, "reduce": 9,
+    64: {"gate": 4, "mean": 9, "fwd": 3, "dq": 3, "dkdv": 1, "fwd_gather": 2, "dq_gather": 2, "reduce": 7,
          "delta": 16},
 }
 #: dk/dv (DKDV_CONFIGS): keys per program, query rows per step (D=128: 16, D=64: 32), and
