@@ -224,7 +224,9 @@ def _scan_blocks(
                 top_e = tl.where(slot, e_row[:, None], top_e)
             top_s = tl.where(slot, c_s[:, None], top_s)
             top_i = tl.where(slot, c_i[:, None], top_i)
-            taken = idx == c_i[:, None]  # (BLOCK_M, BLOCK_B)
+            # only inserting rows lose the pair: a finished row's best remaining pair must stay
+            # in its chunk scores, it is the one its bound (rej_ub) has to cover
+            taken = (idx == c_i[:, None]) & ins[:, None]  # (BLOCK_M, BLOCK_B)
             s = tl.where(taken, float("-inf"), s)
             idx = tl.where(taken, NOT_CAND, idx)
             thr_s, thr_i = _worst(top_s, top_i)

@@ -307,6 +307,34 @@ def test_gate_near_ties_fall_back_to_float32_scores(dtype):
     assert fallbacks >= 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gate_bound_keeps_a_tied_candidate_while_other_rows_insert(dtype):
+    """Row A keeps blocks 1-7 (first-pass score 1) and sees block 35 in the next chunk, tied with
+    them after rounding but higher in float32; row B of the same tile inserts a block of that
+    chunk, so the chunk's insertion rounds run. A's left-out block 35 must stay in its bound (the
+    rounds must not drop it from A's chunk scores), so the tile falls back and A picks block 35."""
+    bs, n_blocks, d = 64, 40, 16
+    key_bump = {torch.float16: 2.0**-6, torch.bfloat16: 2.0**-3}[dtype]  # mean + bump / 64: below half an ulp
+    k = torch.zeros(n_blocks * bs, 1, d)
+    k[bs:8 * bs, 0, 0] = 1.0  # blocks 1-7: mean 1 along dim 0
+    k[35 * bs:36 * bs, 0, 0] = 1.0
+    k[35 * bs, 0, 0] = 1.0 + key_bump  # block 35: mean 1 + bump / 64
+    k[36 * bs:37 * bs, 0, 1] = 0.5  # block 36: row B's favourite
+    # every other row ranks the blocks by index along dim 2 (no near ties: those rows certify)
+    k[:, 0, 2] = (torch.arange(n_blocks * bs) // bs).float() / 64
+    q = torch.zeros(n_blocks * bs, 1, d)
+    q[:, 0, 2] = 1.0
+    q[-1, 0] = 0.0
+    q[-1, 0, 0] = 1.0  # row A
+    q[-2, 0] = 0.0
+    q[-2, 0, 1] = 1.0  # row B
+    cu = [0, n_blocks * bs]
+    got, fallbacks = _gate_with_fallbacks(q.to(dtype), k.to(dtype), cu, bs, 2, False)
+    assert got[-1, 0].tolist() == [35, 39]
+    assert got[-2, 0].tolist() == [36, 39]
+    assert fallbacks >= 1
+
+
 @pytest.mark.parametrize("bad", ["nan-key", "inf-query"])
 def test_gate_non_finite_input_falls_back_and_stays_in_its_sequence(bad):
     """inf/NaN reach the first pass's bound: the tile re-scores in float32 (where NaN ranks
