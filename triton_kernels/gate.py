@@ -35,9 +35,11 @@
     n_pick needed) and ``rej_ub``, the highest score + error bound among the pairs it left out.
     Bound, per row and chunk: |first-pass score - (float32 score - q . m0)| <=
     |q| (err_rel max|mean - m0| + err_abs) with err_rel = 2 (u + 2**-23 + 3 gamma), err_abs =
-    2 (3 gamma |m0| + 2**-90), u the unit roundoff of q's dtype (``UNIT_ROUNDOFF``), gamma =
+    2 (3 gamma |m0| + HEAD_DIM eta + 2**-90), u the unit roundoff of q's dtype
+    (``UNIT_ROUNDOFF``), eta its subnormals' absolute rounding (``SUBNORMAL_ROUNDOFF``), gamma =
     HEAD_DIM 2**-24 for float32 accumulation (Cauchy-Schwarz for sum |q_i||dev_i|; the factor 2
-    covers the rounding of the bound's own arithmetic).
+    covers the rounding of the bound's own arithmetic). A deviation that overflows q's dtype
+    (float16: |mean - m0| > 65504) marks its rows uncertified.
   - Re-check: the kept pairs get float32 scores on the FMA units (q . mean, ``_exact_score``)
     and the n_pick best of them by (score, block) are the picks. The row is certified when its
     lowest pick minus q . m0 (less its rounding) exceeds ``rej_ub``: then no pair left out can
@@ -102,6 +104,9 @@ MIN_EXTRA_KEPT = 4
 #: Unit roundoff of the first pass's product dtype (2**-p, p significant bits): q is exact in
 #: its own dtype, the centred means are rounded to it.
 UNIT_ROUNDOFF = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
+#: Absolute rounding error of a subnormal in that dtype (half its smallest subnormal), which the
+#: relative bound above does not cover: float16 deviations below 2**-14 lose relative precision.
+SUBNORMAL_ROUNDOFF = {torch.float16: 2.0**-25, torch.bfloat16: 2.0**-134}
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
@@ -190,6 +195,9 @@ def _scan_blocks(
         else:
             dev = tl.where(b_ok[:, None], means - m0[None, :], 0.0)  # (BLOCK_B, HEAD_DIM) centred
             dev_lp = dev.to(q.dtype)
+            # a deviation beyond q's dtype range (float16: |mean - m0| > 65504) rounds to inf
+            lp_inf = ~(tl.abs(dev_lp.to(tl.float32)) < float("inf"))  # (BLOCK_B, HEAD_DIM)
+            chunk_overflow = tl.max(tl.max(lp_inf.to(tl.int32), 1), 0) > 0
             if MODE == 2:
                 s = tl.dot(q, tl.trans(dev_lp))  # one tensor-core product, float32 accumulation
             else:
@@ -200,7 +208,7 @@ def _scan_blocks(
             chunk_bad = tl.max((~(sq < float("inf"))).to(tl.int32), 0) > 0  # inf/NaN in a mean
             chunk_norm = tl.sqrt(tl.max(tl.where(sq < float("inf"), sq, 0.0), 0))  # scalar
             e_row = q_norm * (chunk_norm * err_rel + err_abs)  # (BLOCK_M,)
-            bad = bad | chunk_bad | ~(e_row < float("inf"))
+            bad = bad | chunk_bad | chunk_overflow | ~(e_row < float("inf"))
         if MODE < 2:
             s = tl.where(s != s, float("inf"), s)  # NaN ranks first, as in torch.topk
         cand_causal = blk[None, :] < own[:, None]  # (BLOCK_M, BLOCK_B)
@@ -262,7 +270,7 @@ def _gate_topk_kernel(
     stride_qt, stride_qh,
     n_heads_q, n_heads_kv, group, block_size, n_pick, width, causal, d_real,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr, SORT_WIDTH: tl.constexpr,
-    BIG: tl.constexpr, UNIT_ROUNDOFF: tl.constexpr, LP_DOT: tl.constexpr,
+    BIG: tl.constexpr, UNIT_ROUNDOFF: tl.constexpr, SUBNORMAL_ROUNDOFF: tl.constexpr, LP_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # 1-D grid, query heads fastest
     pid_h, seq, q_start, q0, q1, k0, k1 = query_tile(pid, TILE_SEQ, TILE_START, CU_Q, CU_K, n_heads_q)
@@ -302,7 +310,8 @@ def _gate_topk_kernel(
         # measured from q . m0 (see the module docstring): |q| (|dev| err_rel + err_abs)
         gamma = HEAD_DIM * 2.0**-24  # float32 accumulation over HEAD_DIM terms
         err_rel = 2.0 * (UNIT_ROUNDOFF + 2.0**-23 + 3.0 * gamma)
-        err_abs = 2.0 * (3.0 * gamma * m0_norm + 2.0**-90)
+        # + the absolute rounding of subnormal deviations: sum_i |q_i| eta <= sqrt(D) |q| eta <= D |q| eta
+        err_abs = 2.0 * (3.0 * gamma * m0_norm + HEAD_DIM * SUBNORMAL_ROUNDOFF + 2.0**-90)
         n_keep = SORT_WIDTH - 1
         keep_s, keep_i, keep_e, rej_ub, bad = _scan_blocks(
             q, q_norm, m0, MEANS, first_block, kv_head, n_heads_kv, d_real, hi, own, row_ok, n_keep, causal,
@@ -436,7 +445,8 @@ def gate_select(
         q.stride(0), q.stride(1),
         hq, hkv, hq // hkv, block_size, n_pick, width, int(causal), d,
         HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_B=block_b, SORT_WIDTH=sort_width, BIG=_BIG,
-        UNIT_ROUNDOFF=UNIT_ROUNDOFF.get(q.dtype, 0.0), LP_DOT=_lp_dot(q.dtype),
+        UNIT_ROUNDOFF=UNIT_ROUNDOFF.get(q.dtype, 0.0), SUBNORMAL_ROUNDOFF=SUBNORMAL_ROUNDOFF.get(q.dtype, 0.0),
+        LP_DOT=_lp_dot(q.dtype),
         num_warps=warps, num_stages=stages,
     )
     return out
@@ -474,5 +484,6 @@ def kernel_configs(dtype: str):
                        n_heads_q="i32", n_heads_kv="i32", group="i32", block_size="i32", n_pick="i32",
                        width="i32", causal="i32", d_real="i32")
             const = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_B=block_b, SORT_WIDTH=sort_width, BIG=_BIG,
-                         UNIT_ROUNDOFF=UNIT_ROUNDOFF.get(_DTYPES[dtype], 0.0), LP_DOT=2)
+                         UNIT_ROUNDOFF=UNIT_ROUNDOFF.get(_DTYPES[dtype], 0.0),
+                         SUBNORMAL_ROUNDOFF=SUBNORMAL_ROUNDOFF.get(_DTYPES[dtype], 0.0), LP_DOT=2)
             yield f"gate_d{head_dim}_w{sort_width}", _gate_topk_kernel, sig, const, warps, stages
