@@ -1261,19 +1261,19 @@ def test_gate_non_finite_key_keeps_valid_selection_elsewhere(bad):
     varlen with GQA."""
     from moba._core.layout import build_layout
 
-    cu = [0, 100, 196]
+    cu = [0, 64, 128]
     gen = torch.Generator().manual_seed(32)
-    q = torch.randn(196, 4, 16, generator=gen).half()
-    k = torch.randn(196, 2, 16, generator=gen).half()
+    q = torch.randn(128, 4, 16, generator=gen).half()
+    k = torch.randn(128, 2, 16, generator=gen).half()
     clean, _ = _check_gate_oracle(q, k, cu, cu, 4, 3, True)
     k[41, 1, 3] = {"nan-key": float("nan"), "inf-key": float("inf"), "-inf-key": float("-inf")}[bad]
     got, fallbacks, layout, means = _gate_run(q, k, cu, cu, 4, 3, True)
-    assert torch.equal(got[100:], clean[100:])
+    assert torch.equal(got[64:], clean[64:])
     assert fallbacks >= 1
     # sequence 1 against the oracle; sequence 0: validity only (the oracle's scores are not finite)
-    assert not _oracle_violations(q[100:], k[100:], [0, 96], [0, 96], 3, True, got[100:],
-                                  build_layout([0, 96], [0, 96], 4, "cpu"), means[25:])
-    for t in range(100):
+    assert not _oracle_violations(q[64:], k[64:], [0, 64], [0, 64], 3, True, got[64:],
+                                  build_layout([0, 64], [0, 64], 4, "cpu"), means[16:])
+    for t in range(64):
         own = t // 4
         for h in range(4):
             row = got[t, h].tolist()
@@ -1287,17 +1287,17 @@ def test_gate_well_separated_random_keys_never_fall_back(dtype):
     """D = 64, block means well apart for every query (distinct levels along the query's
     direction, spacing far above the first pass's bound): every program is certified."""
     gen = torch.Generator().manual_seed(33)
-    cu = [0, 256, 448]
+    cu = [0, 128, 256]
     d, bs = 64, 4
-    q = torch.randn(448, 2, d, generator=gen)
+    q = torch.randn(256, 2, d, generator=gen)
     nb = 64
     level = torch.randperm(nb, generator=gen).float()  # distinct levels per block
-    noise = torch.randn(448, 2, d, generator=gen) * 0.01
+    noise = torch.randn(256, 2, d, generator=gen) * 0.01
     # keys along q's mean direction of each head (per sequence): score ~ level * |qbar|^2
     direction = torch.randn(2, d, generator=gen)
     q = direction[None] + 0.1 * q
-    k = torch.empty(448, 2, d)
-    for a, b in ((0, 256), (256, 448)):
+    k = torch.empty(256, 2, d)
+    for a, b in ((0, 128), (128, 256)):
         blocks = (torch.arange(b - a) // bs)
         k[a:b] = level[blocks][:, None, None] * direction[None] / 8 + noise[a:b]
     q, k = q.to(dtype), k.to(dtype)
