@@ -151,7 +151,7 @@ GATHER_BLOCK_M = 64
 BLOCKS_PER_SM = {
     128: {"gate": 3, "mean": 6, "fwd": 1, "dq": 1, "dkdv": 1, "fwd_gather": 2, "dq_gather": 1, "reduce": 4,
           "delta": 16},
-    64: {"gate": 4, "mean": 9, "fwd": 3, "dq": 3, "dkdv": 1, "fwd_gather": 2, "dq_gather": 2, "reduce": 7,
+    64: {"gate": 3, "mean": 9, "fwd": 3, "dq": 3, "dkdv": 1, "fwd_gather": 2, "dq_gather": 2, "reduce": 7,
          "delta": 16},
 }
 #: dk/dv (DKDV_CONFIGS): keys per program, query rows per step (D=128: 16, D=64: 32), and
@@ -362,10 +362,10 @@ def gate_kernels(s: Shape, v: Variant = MAIN) -> list[Kernel]:
 
 
 def _gate_bps(s: Shape) -> int:
-    """Resident gate programs per SM: the static report's, one fewer at D=128 with a 16-wide
-    selection (top_k 5-12: 223 registers on sm_90)."""
+    """Resident gate programs per SM: the static report's for an 8-wide selection (top_k 2-4),
+    2 with a 16-wide one (top_k 5-12: 171-227 registers on sm_90 at D=64 and 128)."""
     bps = _bps(s, "gate")
-    return bps - 1 if s.dim_key == 128 and gate_kept(s.top_k) + 1 == 16 else bps
+    return min(bps, 2) if gate_kept(s.top_k) + 1 >= 16 else bps
 
 
 # ---------------------------------------------------------------------------- selection glue
