@@ -195,20 +195,18 @@ def step_correctness(rec: Recorder, cfg: dict, dry: bool, clock: Clock) -> None:
         _check_config(rec, c, cfg, dev, dt)
 
 
-def _gate_fallback_share(q, k, layout, cu, cu_t, top_k) -> float | None:
+def _gate_fallback_share(q, k, block_size, top_k) -> float | None:
     """Share of the gate's (query tile, head) programs that re-scored their candidates in
     float32 (near ties at the cut; half inputs only), from the kernel's own counter."""
     import torch
-    from moba.triton_kernels import gate as tg
-    from moba.triton_kernels.attention import n_query_tiles
+
+    from .gate_fallback import gate_with_fallbacks
 
     if q.dtype == torch.float32:
         return None
-    fallbacks = torch.zeros(1, dtype=torch.int32, device=q.device)
-    tg.gate_select(q, k, cu, cu_t, cu_t, layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset,
-                   layout.block_start, layout.block_len, layout.block_size, top_k, True, fallbacks=fallbacks)
-    block_m = tg.GATE_CONFIGS[tg.padded_head_dim(q.shape[-1])][0]
-    return int(fallbacks) / max(1, n_query_tiles(cu, block_m) * q.shape[1])
+    _, n_fallbacks, programs = gate_with_fallbacks(q, k, block_size, top_k)
+    return n_fallbacks / max(1, programs)
+
 
 def _check_config(rec: Recorder, c: dict, cfg: dict, dev, dt) -> None:
     """Every kernel family at one shape against the torch path (same block indices)."""
@@ -235,7 +233,7 @@ def _check_config(rec: Recorder, c: dict, cfg: dict, dev, dt) -> None:
         idx = tb.triton_gate(q, kk, cu, cu, bs, k, True)
         same = float((idx.sort(-1).values == ref_idx.sort(-1).values).all(-1).float().mean())
         rec("correctness", kernel="gate", status="ok" if same >= 0.999 else "fail", rows_identical=same,
-            fallback_tiles=_gate_fallback_share(q, kk, layout, cu, cu_t, k), **label)
+            fallback_tiles=_gate_fallback_share(q, kk, bs, k), **label)
     except Exception as e:  # noqa: BLE001 - record and go on
         rec("correctness", kernel="gate", status="error", error=_err(e), **label)
         ref_idx = select_packed(q.float(), kk.float(), build_layout(cu, cu, bs, dev), k, True)

@@ -47,25 +47,36 @@ def make_keys(kind: str, seqlen: int, kv_heads: int, head_dim: int, gen):
     raise ValueError(f"keys must be one of {KEY_KINDS}, got {kind!r}")
 
 
-def measure(q, k, block_size: int, top_k: int) -> dict:
-    """Fallback share and agreement with the torch gate for one packed sequence q (S, Hq, D), k (S, Hkv, D)."""
+def gate_with_fallbacks(q, k, block_size: int, top_k: int):
+    """The Triton gate on one causal sequence q (S, Hq, D), k (S, Hkv, D): (indices, the
+    programs that re-scored in float32 (the kernel's counter), all (query tile, head) programs)."""
     import torch
     from moba.triton_kernels.attention import n_query_tiles
     from moba.triton_kernels.gate import GATE_CONFIGS, gate_select, padded_head_dim
 
     from moba._core.layout import build_layout
-    from moba.ops.gate import select_packed
 
     s, hq, d = q.shape
     cu = [0, s]
     layout = build_layout(cu, cu, block_size, q.device)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
     fallbacks = torch.zeros(1, dtype=torch.int32, device=q.device)
-    ours = gate_select(q, k, cu, cu_t, cu_t, layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset,
-                       layout.block_start, layout.block_len, layout.block_size, top_k, True,
-                       nb_max=layout.max_blocks_per_seq, fallbacks=fallbacks)
-    ref = select_packed(q, k, layout, top_k, True)
-    programs = n_query_tiles(cu, GATE_CONFIGS[padded_head_dim(d)][0]) * hq
+    indices = gate_select(q, k, cu, cu_t, cu_t, layout.q_pos, layout.q_seq, layout.seq_n_blocks, layout.block_offset,
+                          layout.block_start, layout.block_len, layout.block_size, top_k, True,
+                          nb_max=layout.max_blocks_per_seq, fallbacks=fallbacks)
+    return indices, int(fallbacks), n_query_tiles(cu, GATE_CONFIGS[padded_head_dim(d)][0]) * hq
+
+
+def measure(q, k, block_size: int, top_k: int) -> dict:
+    """Fallback share and agreement with the torch gate for one packed sequence q (S, Hq, D), k (S, Hkv, D)."""
+    import torch
+
+    from moba._core.layout import build_layout
+    from moba.ops.gate import select_packed
+
+    s, hq, d = q.shape
+    ours, n_fallbacks, programs = gate_with_fallbacks(q, k, block_size, top_k)
+    ref = select_packed(q, k, build_layout([0, s], [0, s], block_size, q.device), top_k, True)
     differ = (ours != ref).any(-1).nonzero().tolist()  # [(token, head)]
     n_blocks = -(-s // block_size)
     means = torch.zeros(n_blocks * block_size, k.shape[1], d, dtype=torch.float64, device=k.device)
@@ -81,7 +92,7 @@ def measure(q, k, block_size: int, top_k: int) -> dict:
         scores = {b: float(qd @ means[b, kv]) for b in picks}
         scale = max(float(qd.abs() @ means[b, kv].abs()) for b in picks)
         gap = max(gap, (max(scores.values()) - min(scores.values())) / max(scale, 1e-30))
-    return dict(fallback_programs=int(fallbacks), programs=programs, fallback_share=int(fallbacks) / max(1, programs),
+    return dict(fallback_programs=n_fallbacks, programs=programs, fallback_share=n_fallbacks / max(1, programs),
                 rows=s * hq, rows_differing=len(differ), max_tie_gap=gap, float32_tie_bound=d * 2.0**-24,
                 differ_only_at_float32_ties=gap <= d * 2.0**-24)
 
