@@ -11,8 +11,7 @@ Designs modelled
 ----------------
 * ``main-union`` / ``main-gather`` / ``main-auto``: the kernels on main (triton_kernels/*.py,
   issue 14's kernel work merged; tile shapes and occupancy from the static report
-  bench/results/kernel-report-tiles-2026-12-03.json, the gather rows from ``python -m
-  bench.kernel_report --quick --cc 90`` at bd8e068):
+  bench/results/kernel-report-final2-2026-12-03.json, which every kernel on main is in):
   - gate: block means, then ONE pass per (64-row query tile, query head) over the tile's past
     blocks only (``BLOCK_B`` at a time, padded), running top-k in registers. For bf16/fp16
     inputs the first pass is ONE tensor-core product in the input dtype (centred means) at the
