@@ -15,7 +15,7 @@ INTEGRATION_TESTS := tests/integrations/test_transformers.py tests/generate/test
 # The declared lower bounds (pyproject.toml) that `test-oldest` installs.
 OLDEST := "transformers==4.56.0" "einops==0.7.0"
 
-.PHONY: test demo operator-demo bench speed roofline lint clean lock test-latest test-oldest
+.PHONY: venv test demo operator-demo bench speed roofline lint clean lock test-latest test-oldest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ $(STAMP): $(PY) pyproject.toml setup.py $(CONSTRAINTS)
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) setuptools wheel
 	$(PY) -m pip install --quiet --no-build-isolation -c $(CONSTRAINTS) -e ".[test,bench,scaling,hf]"
 	rm -f $(VENV)/.installed-* && touch $@
+
+# The environment alone (what `make test` / `make demo` create first).
+venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --timeout=900
