@@ -31,7 +31,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(CONSTRAINTS)
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --timeout=900
+	$(PY) -m pytest -q -n 2
 
 demo: $(STAMP)
 	$(PY) -m scaling_runs.demo
@@ -58,7 +58,7 @@ test-latest:
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip "$(TORCH_SPEC)"
 	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[test,bench,scaling,hf]"
 	.venv-latest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	.venv-latest/bin/python -m pytest -q -n 2 --timeout=900 $(INTEGRATION_TESTS)
+	.venv-latest/bin/python -m pytest -q -n 2 $(INTEGRATION_TESTS)
 
 # The declared lower bounds (transformers 4.56, einops 0.7; torch stays pinned): integration tests.
 test-oldest:
@@ -66,7 +66,7 @@ test-oldest:
 	.venv-oldest/bin/python -m pip install --quiet --upgrade pip "$(TORCH_SPEC)"
 	.venv-oldest/bin/python -m pip install --quiet -e ".[test,bench,scaling,hf]" $(OLDEST)
 	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
-	.venv-oldest/bin/python -m pytest -q -n 2 --timeout=900 $(INTEGRATION_TESTS)
+	.venv-oldest/bin/python -m pytest -q -n 2 $(INTEGRATION_TESTS)
 
 # Re-resolve the newest releases and freeze them into constraints.txt (then run `make test`).
 lock:

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests._subprocess import run_child
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 MARKER = re.compile(r"^<!-- cpu-test(?: setup=(?P<setup>[\w-]+)(?::[^>]*)?)? -->$")
 
@@ -150,21 +152,17 @@ def test_readme_commands_are_found():
 @pytest.mark.parametrize("entry", ENTRY_POINTS, ids=" ".join)
 def test_every_readme_command_exists_and_has_help(entry):
     """Each script or module the README tells users to run starts and prints its usage."""
-    import subprocess
     import sys
 
-    result = subprocess.run([sys.executable, *entry, "--help"], cwd=README.parent, capture_output=True, text=True,
-                            timeout=300)
+    result = run_child([sys.executable, *entry, "--help"], cwd=README.parent)
     assert result.returncode == 0, f"{' '.join(entry)} --help failed:\n{result.stderr[-2000:]}"
     assert len(result.stdout) > 100, result.stdout  # its help text, not an empty run
 
 
 def test_readme_sweep_dry_run_command_runs():
     """The README's dry-run command, as written (it only plans: runs, FLOPs, time)."""
-    import subprocess
     import sys
 
     command = next(c for c in readme_commands(README.read_text()) if "--dry_run true" in c)
-    result = subprocess.run([sys.executable, *command.split()[1:]], cwd=README.parent, capture_output=True,
-                            text=True, timeout=300)
+    result = run_child([sys.executable, *command.split()[1:]], cwd=README.parent)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -27,6 +27,7 @@ from bench._common import is_oom
 from bench._moba_impls import load_official_moba, paper_reimpl_gate, paper_reimpl_moba
 from scaling_runs.plotting import format_tick, readable_log_axis
 from tests._helpers import ROOT, capture_figures
+from tests._subprocess import run_child
 
 ROW_KEYS = {
     "provider", "seqlen", "mode", "status", "reason", "kind", "median_ms", "p20_ms", "p80_ms",
@@ -48,7 +49,7 @@ def cpu_run(tmp_path_factory):
     cmd = [sys.executable, "-m", "bench.attn_speed", "--cpu", "--seqlens", "128,256", "--block-size", "4",
            "--top-k", "3", "--repeats", "2", "--providers", providers, "--out", str(out)]
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    proc = run_child(cmd, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 
@@ -421,7 +422,7 @@ def test_attn_speed_gpu_smoke(tmp_path):
            "--kv-heads", "2", "--head-dim", "64", "--block-size", "512", "--top-k", "3", "--repeats", "3",
            "--providers", ",".join(p for p in __import__("attn_speed").ALL_PROVIDERS if p not in ("sdpa", "reference")),
            "--out", str(tmp_path), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = run_child(cmd, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads((tmp_path / "attn_speed.json").read_text())
     assert data["metadata"]["device"].startswith("cuda") and data["metadata"]["driver_version"]
@@ -437,7 +438,7 @@ def test_attn_speed_nothing_measured_exits_nonzero_without_plots(tmp_path):
     stderr, JSON/CSV recording them, and no empty plots."""
     cmd = [sys.executable, "-m", "bench.attn_speed", "--cpu", "--seqlens", "128", "--providers",
            "flash-attn,sdpa-flash", "--repeats", "1", "--out", str(tmp_path), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    proc = run_child(cmd, cwd=ROOT)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "nothing was measured" in proc.stderr and "flash-attn: skipped" in proc.stderr
     rows = json.loads((tmp_path / "attn_speed.json").read_text())["rows"]

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from tests._helpers import ROOT
+from tests._subprocess import run_child
 
 
-def _run(*args, interpret=True, timeout=300):
+def _run(*args, interpret=True):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
-    return subprocess.run([sys.executable, "-m", "bench.gate_fallback", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_child([sys.executable, "-m", "bench.gate_fallback", *args], cwd=ROOT, env=env)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU path (interpreter) only")

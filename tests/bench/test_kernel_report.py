@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -27,6 +26,7 @@ import torch
 
 from bench import kernel_report as kr
 from tests._helpers import ROOT
+from tests._subprocess import run_child
 
 BENCH = ROOT / "bench"
 
@@ -54,9 +54,9 @@ def report(tmp_path_factory) -> dict:
     with FileLock(str(path) + ".lock"):
         if not path.exists():
             env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            proc = subprocess.run(
+            proc = run_child(
                 [sys.executable, "-m", "bench.kernel_report", "--quick", "--jobs", "2", "--json", str(path)],
-                cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+                cwd=ROOT, env=env,
             )
             assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(path.read_text())

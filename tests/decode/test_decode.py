@@ -1,7 +1,6 @@
 """KV-cache sparse decoding: incremental block means, decode == prefill, crop, Triton decode kernel."""
 
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -13,6 +12,7 @@ from moba._core.layout import build_layout
 from moba.decode import BlockMeanState, decode_attention_torch, moba_decode
 from moba.ops.gate import block_means, pad_block_means
 from tests._helpers import ROOT
+from tests._subprocess import run_child
 
 
 def _means_from_scratch(k_rows):
@@ -159,8 +159,7 @@ _INTERPRETER_SCRIPT = textwrap.dedent(
 def _run(script: str, **env) -> str:
     full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     full_env.update(env, PYTHONPATH=str(ROOT), TRITON_DEFAULT_FP_FUSION="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full_env,
-                          cwd=ROOT, timeout=300)
+    proc = run_child([sys.executable, "-c", script], env=full_env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stdout
 

@@ -8,18 +8,21 @@ use wgmma, and so does the gate's tf32x3 score dot in the 64-row tiles (D <= 128
 
 Compiles run in a subprocess with TRITON_INTERPRET unset: Triton decides interpreter mode at
 decoration time, so this works in any session (also one started with TRITON_INTERPRET=1).
-Two worker processes share the compiles; Triton's on-disk cache makes reruns fast.
+Two worker processes share the compiles; Triton's on-disk cache makes reruns fast. No time
+limit: the child is killed only if it stalls (``tests._subprocess.run_child``), and its process
+pool goes with it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
+
+from tests._subprocess import run_child
 
 SHARED_LIMIT = {90: 232448, 80: 166912}
 
@@ -51,6 +54,7 @@ _WORKER = textwrap.dedent(
             except Exception as exc:  # reported by the test
                 entry.update(error=f"{type(exc).__name__}: {exc}"[:3000])
             results.append(entry)
+            print(f"compiled sm_{cc} {dtype} {name}", flush=True)  # progress for the stall watchdog
         return results
 
     if __name__ == "__main__":
@@ -68,9 +72,7 @@ def _compile(cc: int, dtype: str, tmp_path) -> list[dict]:
     script.write_text(_WORKER)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run(
-        [sys.executable, str(script), str(cc), dtype], env=env, capture_output=True, text=True, timeout=600
-    )
+    proc = run_child([sys.executable, str(script), str(cc), dtype], env=env)
     assert proc.returncode == 0, proc.stderr[-5000:]
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULTS "))
     return json.loads(line[len("RESULTS ") :])

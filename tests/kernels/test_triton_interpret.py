@@ -12,20 +12,27 @@ directly and skips this driver.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests._subprocess import run_child
+
 CASES = Path(__file__).with_name("test_triton_interpret_cases.py")
 
 
+#: The cases are split into this many shards, each its own test, so that pytest-xdist spreads the
+#: interpreter work over every worker (shard ``i`` runs the cases whose index is ``i`` mod N).
+SHARDS = 4
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET", "0") == "1", reason="already running in the interpreter")
-def test_interpreter_suite():
-    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1")
+@pytest.mark.parametrize("shard", range(SHARDS))
+def test_interpreter_suite(shard):
+    env = dict(os.environ, TRITON_INTERPRET="1", TRITON_DEFAULT_FP_FUSION="1", MOBA_TEST_SHARD=f"{shard}/{SHARDS}")
     cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-x", "-p", "no:cacheprovider"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=CASES.parents[2])
+    proc = run_child(cmd, env=env, cwd=CASES.parents[2])
     assert proc.returncode == 0, f"interpreter tests failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -30,6 +29,7 @@ from tests._helpers import (
     random_qkv,
     random_varlen,
 )
+from tests._subprocess import run_child
 
 # --------------------------------------------------------------------------- MoBAConfig
 
@@ -436,6 +436,5 @@ print("TRITON-OK")
 def test_triton_backend_fewer_queries_and_lse_in_interpreter():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=ROOT)
+    proc = run_child([sys.executable, "-c", _TRITON_SCRIPT], env=env, cwd=ROOT)
     assert proc.returncode == 0 and "TRITON-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-5000:]

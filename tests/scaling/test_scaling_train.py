@@ -16,6 +16,7 @@ import pytest
 
 from scaling_runs.config import ModelConfig, RunConfig, TrainConfig
 from tests._helpers import ROOT, losses, make_text_corpus, metrics, tiny_config
+from tests._subprocess import run_child
 
 
 def launch(cfg: RunConfig, fault: str | None = None, nproc: int = 0) -> subprocess.CompletedProcess:
@@ -29,8 +30,7 @@ def launch(cfg: RunConfig, fault: str | None = None, nproc: int = 0) -> subproce
     head = [sys.executable, "-m"]
     if nproc:
         head += ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
-    return subprocess.run(head + ["scaling_runs.train", "--config", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return run_child(head + ["scaling_runs.train", "--config", str(path)], cwd=ROOT, env=env)
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
