@@ -2,7 +2,7 @@
 whether its selection equals the torch gate's.
 
     python -m bench.gate_fallback                      # GPU: S=32K, Hq=32/Hkv=8, D=128
-    TRITON_INTERPRET=1 python -m bench.gate_fallback --seqlen 2048 --heads 4 --kv-heads 2 --head-dim 64
+    TRITON_INTERPRET=1 python -m bench.gate_fallback --seqlen 2048 --heads 4 --kv_heads 2 --head_dim 64
     python -m bench.gate_fallback --json gate_fallback.json
 
 The gate (``triton_kernels/gate.py``) scores blocks with one product in q's dtype, re-checks the
@@ -23,6 +23,13 @@ until this runs on them or ``bench/device_check.py`` runs on a GPU.
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python bench/gate_fallback.py, from anywhere): import it as bench.gate_fallback
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
 
 import json
 import os
@@ -98,11 +105,11 @@ def measure(q, k, block_size: int, top_k: int) -> dict:
 
 
 def build_parser():
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.gate_fallback")
     p.add_argument("--seqlen", type=parse_size, default=32768, help="tokens of the one sequence (8k, 32k, ...)")
     p.add_argument("--heads", type=int, default=32, help="query heads")
-    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    p.add_argument("--kv_heads", type=int, default=8, help="key/value heads (GQA)")
+    p.add_argument("--head_dim", type=int, default=128, help="head dimension")
     p.add_argument("--settings", default="512x3,128x8",
                    help="comma-separated BLOCKxTOP_K gate settings")
     p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated input dtypes (bf16, fp16)")
@@ -134,7 +141,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not kinds or any(kind not in KEY_KINDS for kind in kinds):
         raise SystemExit(f"gate_fallback: --keys takes {', '.join(KEY_KINDS)}, got {a.keys!r}")
     if a.heads % a.kv_heads:
-        raise SystemExit(f"gate_fallback: --heads ({a.heads}) must be a multiple of --kv-heads ({a.kv_heads})")
+        raise SystemExit(f"gate_fallback: --heads ({a.heads}) must be a multiple of --kv_heads ({a.kv_heads})")
     settings = _settings(a.settings)
     if torch.cuda.is_available():
         device = torch.device("cuda")
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         device = torch.device("cpu")
     else:
         raise SystemExit("gate_fallback: needs a CUDA device, or TRITON_INTERPRET=1 to run the kernel on CPU "
-                         "(small shapes: --seqlen 2048 --heads 4 --kv-heads 2 --head-dim 64)")
+                         "(small shapes: --seqlen 2048 --heads 4 --kv_heads 2 --head_dim 64)")
     rows = []
     print(f"{'keys':>7} {'dtype':>5} {'setting':>8} | {'fallback':>8} {'programs':>8} | {'rows differing':>14} {'max gap':>9} ties only")
     for kind in kinds:
@@ -165,4 +172,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.gate_fallback"))

@@ -45,6 +45,13 @@ The committed baseline is bench/results/kernel-report-main-2026-12-03.json.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/kernel_report.py, from anywhere): import it as bench.kernel_report
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
 import argparse
 import hashlib
 import itertools
@@ -523,7 +530,7 @@ def markdown_table(report: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.kernel_report")
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
     p.add_argument("--cc", type=lambda s: [int(x) for x in s.split(",")], default=[90, 80],
                    help="comma list of compute capabilities (default 90,80)")
@@ -559,4 +566,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.kernel_report"))

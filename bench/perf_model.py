@@ -1,7 +1,7 @@
 """Analytic time and memory model of MoBA's Triton kernels against dense flash attention. MODELLED, not measured.
 
     python -m bench.perf_model                         # H200, Hq=32/Hkv=8, D=128, bf16: both settings, 32K/128K/512K
-    python -m bench.perf_model --gpu H100 --per-kernel --seqlens 128k
+    python -m bench.perf_model --gpu H100 --per_kernel --seqlens 128k
     python -m bench.perf_model --json model.json
 
 Every number printed here comes from the formulas and assumptions below: no GPU ran them. When
@@ -54,6 +54,13 @@ every tile), clock throttling, overlap between kernels.
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python bench/perf_model.py, from anywhere): import it as bench.perf_model
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
 
 import json
 import math
@@ -678,15 +685,15 @@ def _gib(x: float) -> str:
 
 
 def build_parser():
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.perf_model")
     p.add_argument("--gpu", choices=sorted(GPUS), default="H200", help="the GPU whose peaks the model uses")
     p.add_argument("--seqlens", default="32k,128k,512k", help="comma list, k suffix = 1024")
     p.add_argument("--settings", default="512/3,128/8", help="block/top-k pairs")
     p.add_argument("--heads", type=int, default=32, help="query heads")
-    p.add_argument("--kv-heads", type=int, default=8, help="KV heads")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim")
+    p.add_argument("--kv_heads", type=int, default=8, help="KV heads")
+    p.add_argument("--head_dim", type=int, default=128, help="head dim")
     p.add_argument("--designs", default=",".join(DESIGNS), help="comma list of kernel designs to model")
-    p.add_argument("--per-kernel", action="store_true", help="print every kernel's modelled time")
+    p.add_argument("--per_kernel", action="store_true", help="print every kernel's modelled time")
     p.add_argument("--uncorrelated", action="store_true",
                    help="random selections (every row's past picks independent) instead of UNION_FACTOR")
     p.add_argument("--json", dest="json_path", default=None, help="also write the model's numbers to this JSON file")
@@ -735,4 +742,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.perf_model"))

@@ -85,4 +85,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.demo"))

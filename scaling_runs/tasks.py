@@ -662,7 +662,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.tasks"))
 
 
 # ---------------------------------------------------------------------------------------
