@@ -54,6 +54,8 @@ import time
 import traceback
 from pathlib import Path
 
+from moba._core import cli
+
 from ._common import RESULTS, ROOT, is_oom, make_parser, sdpa, time_call_ms, utc_stamp
 
 STEPS = ("install", "correctness", "ceilings", "attention", "profile")
@@ -502,10 +504,11 @@ def default_out() -> Path:
 
 def build_parser():
     p = make_parser(__doc__, "bench.device_check")
-    p.add_argument("--budget_s", type=float, default=480.0, help="total seconds for every step (default 480)")
+    p.add_argument("--budget_s", type=cli.positive_float, default=480.0, help="total seconds for every step")
     p.add_argument("--out", default=None, help="results folder (default $OUT, else bench/results/device-check-<time>)")
     p.add_argument("--dry_run", action="store_true", help="CPU, Triton interpreter, tiny shapes, fake timers")
-    p.add_argument("--steps", default=",".join(STEPS), help=f"comma list, in this order: {','.join(STEPS)}")
+    p.add_argument("--steps", type=cli.names(STEPS, "step"), default=list(STEPS),
+                   help=f"comma list, run in this order: {','.join(STEPS)}")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
@@ -521,10 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "device_check.jsonl"
-    steps = [s for s in args.steps.split(",") if s]
-    bad = [s for s in steps if s not in STEPS]
-    if bad:
-        raise SystemExit(f"--steps: unknown {bad}; expected some of {STEPS}")
+    steps = args.steps
     deadline = t0 + args.budget_s
     estimate = DRY_ESTIMATE_S if args.dry_run else STEP_ESTIMATE_S
     rec = Recorder(jsonl, "driver", t0)

@@ -31,10 +31,13 @@ if not __package__:  # run as a file (python bench/gate_fallback.py, from anywhe
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
     __package__ = "bench"
 
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
+
+from moba._core import cli
 
 from ._common import make_parser, parse_size
 
@@ -107,25 +110,26 @@ def measure(q, k, block_size: int, top_k: int) -> dict:
 def build_parser():
     p = make_parser(__doc__, "bench.gate_fallback")
     p.add_argument("--seqlen", type=parse_size, default=32768, help="tokens of the one sequence (8k, 32k, ...)")
-    p.add_argument("--heads", type=int, default=32, help="query heads")
-    p.add_argument("--kv_heads", type=int, default=8, help="key/value heads (GQA)")
-    p.add_argument("--head_dim", type=int, default=128, help="head dimension")
-    p.add_argument("--settings", default="512x3,128x8",
-                   help="comma-separated BLOCKxTOP_K gate settings")
-    p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated input dtypes (bf16, fp16)")
-    p.add_argument("--keys", default=",".join(KEY_KINDS), help=f"comma-separated key distributions ({', '.join(KEY_KINDS)})")
+    p.add_argument("--heads", type=cli.positive_int, default=32, help="query heads")
+    p.add_argument("--kv_heads", type=cli.positive_int, default=8, help="key/value heads (GQA)")
+    p.add_argument("--head_dim", type=cli.positive_int, default=128, help="head dimension")
+    p.add_argument("--settings", type=_settings, default=[(512, 3), (128, 8)],
+                   help="comma-separated BLOCK/TOP_K gate settings, top-k >= 2 (default: 512/3,128/8)")
+    p.add_argument("--dtypes", type=cli.names(("bf16", "fp16"), "dtype"), default=["bf16", "fp16"],
+                   help="comma-separated input dtypes (bf16, fp16)")
+    p.add_argument("--keys", type=cli.names(KEY_KINDS, "key distribution"), default=list(KEY_KINDS),
+                   help=f"comma-separated key distributions ({', '.join(KEY_KINDS)})")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="also write the rows as JSON here")
     return p
 
 
 def _settings(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        bs, sep, k = part.strip().lower().partition("x")
-        if not sep or not bs.isdigit() or not k.isdigit() or int(bs) < 1 or int(k) < 2:
-            raise SystemExit(f"gate_fallback: --settings takes BLOCKxTOP_K pairs with top_k >= 2, got {part!r}")
-        out.append((int(bs), int(k)))
+    """``--settings``: BLOCK/TOP_K settings (``moba._core.sizes``), top-k >= 2 (the gate picks)."""
+    out = cli.block_topk_list(text)
+    for bs, k in out:
+        if k < 2:
+            raise argparse.ArgumentTypeError(f"{bs}/{k}: top-k must be >= 2 here (top-k 1 runs no gate)")
     return out
 
 
@@ -134,15 +138,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    names = [t.strip() for t in a.dtypes.split(",") if t.strip()]
-    if not names or any(n not in dtypes for n in names):
-        raise SystemExit(f"gate_fallback: --dtypes takes bf16 and/or fp16, got {a.dtypes!r}")
-    kinds = [t.strip() for t in a.keys.split(",") if t.strip()]
-    if not kinds or any(kind not in KEY_KINDS for kind in kinds):
-        raise SystemExit(f"gate_fallback: --keys takes {', '.join(KEY_KINDS)}, got {a.keys!r}")
+    names, kinds, settings = a.dtypes, a.keys, a.settings
     if a.heads % a.kv_heads:
         raise SystemExit(f"gate_fallback: --heads ({a.heads}) must be a multiple of --kv_heads ({a.kv_heads})")
-    settings = _settings(a.settings)
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif os.environ.get("TRITON_INTERPRET", "0") == "1":

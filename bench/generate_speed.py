@@ -73,6 +73,8 @@ from moba.generate import (
     generate_tree_speculative,
 )
 
+from moba._core import cli
+
 from ._common import RESULTS, device_name, git_state, make_parser, utc_now
 
 CPU_NOTE = ("CPU timings say nothing about GPU decoding speed: on a GPU batch-1 decoding is "
@@ -120,41 +122,41 @@ def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dic
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, "bench.generate_speed")
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run (< 20 s); overrides sizes")
-    p.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda if available)")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda / cpu / cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per target verify forward")
-    p.add_argument("--gamma_inner", type=int, default=2, help="staged: n-gram guesses per draft forward")
-    p.add_argument("--tree_branching", type=int, default=2,
+    p.add_argument("--gamma", type=cli.positive_int, default=4, help="tokens drafted per target verify forward")
+    p.add_argument("--gamma_inner", type=cli.positive_int, default=2, help="staged: n-gram guesses per draft forward")
+    p.add_argument("--tree_branching", type=cli.nonnegative_int, default=2,
                    help="tree mode (checkpoints, greedy): candidates per depth of the draft tree (< 2: off)")
-    p.add_argument("--ngram_n", type=int, default=3, help="staged: n of the n-gram table")
+    p.add_argument("--ngram_n", type=cli.positive_int, default=3, help="staged: n of the n-gram table")
     p.add_argument("--ngram_corpus", default=None, choices=["prompt", "draft", "train"],
                    help="staged: n-gram table from the prompt, the draft's greedy continuation, or (with "
                         "--target_run) the training split (default: train with checkpoints, else prompt)")
-    p.add_argument("--target_run", default=None, help="a scaling_runs run dir / ckpt.pt as the target")
-    p.add_argument("--draft_run", default=None, help="a scaling_runs run dir / ckpt.pt as the draft (with --target_run)")
-    p.add_argument("--prompt_offset", type=int, default=0, help="with checkpoints: where the prompts start in the held-out split")
-    p.add_argument("--prompts", type=int, default=1,
+    p.add_argument("--target_run", type=cli.existing_path, default=None, help="a scaling_runs run dir / ckpt.pt as the target")
+    p.add_argument("--draft_run", type=cli.existing_path, default=None, help="a scaling_runs run dir / ckpt.pt as the draft (with --target_run)")
+    p.add_argument("--prompt_offset", type=cli.nonnegative_int, default=0, help="with checkpoints: where the prompts start in the held-out split")
+    p.add_argument("--prompts", type=cli.positive_int, default=1,
                    help="prompts per timed run (checkpoints: windows spread evenly over the held-out split; "
                         "else random); stats are summed over them")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=cli.float_in(0), default=0.0,
                    help="0: greedy (speculative output checked against plain); > 0: sampling at this temperature")
-    p.add_argument("--new_tokens", type=int, default=128, help="tokens generated per prompt")
-    p.add_argument("--prompt_len", type=int, default=1024, help="prompt tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (after one warm-up)")
-    p.add_argument("--block_size", type=int, default=64, help="MoBA block size")
-    p.add_argument("--top_k", type=int, default=3, help="MoBA top-k blocks")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random models")
-    p.add_argument("--target_layers", type=int, default=12, help="layers of the random target model")
-    p.add_argument("--target_hidden", type=int, default=1024, help="hidden size of the random target model")
-    p.add_argument("--draft_layers", type=int, default=2, help="layers of the random draft model")
-    p.add_argument("--draft_hidden", type=int, default=256, help="hidden size of the random draft model")
-    p.add_argument("--head_dim", type=int, default=64, help="head dim of the random models")
-    p.add_argument("--init_std", type=float, default=0.02, help="initializer_range of the random models")
-    p.add_argument("--draft_noise", type=float, default=0.0,
+    p.add_argument("--new_tokens", type=cli.positive_int, default=128, help="tokens generated per prompt")
+    p.add_argument("--prompt_len", type=cli.positive_int, default=1024, help="prompt tokens")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per mode (after one warm-up)")
+    p.add_argument("--block_size", type=cli.size, default=64, help="MoBA block size")
+    p.add_argument("--top_k", type=cli.positive_int, default=3, help="MoBA top-k blocks")
+    p.add_argument("--vocab", type=cli.int_at_least(2), default=32000, help="vocabulary of the random models")
+    p.add_argument("--target_layers", type=cli.positive_int, default=12, help="layers of the random target model")
+    p.add_argument("--target_hidden", type=cli.positive_int, default=1024, help="hidden size of the random target model")
+    p.add_argument("--draft_layers", type=cli.positive_int, default=2, help="layers of the random draft model")
+    p.add_argument("--draft_hidden", type=cli.positive_int, default=256, help="hidden size of the random draft model")
+    p.add_argument("--head_dim", type=cli.positive_int, default=64, help="head dim of the random models")
+    p.add_argument("--init_std", type=cli.positive_float, default=0.02, help="initializer_range of the random models")
+    p.add_argument("--draft_noise", type=cli.float_in(0), default=0.0,
                    help="> 0: draft = target + Gaussian noise (this x each tensor's std) instead of a small model")
     p.add_argument("--seed", type=int, default=0, help="random seed (models, prompts, sampling)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice); fix it to compare runs on a shared machine")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (e.g. in logs)")
     p.add_argument("--out", default=None, help="output folder (default bench/results/generate-<device>-<date>)")
@@ -282,8 +284,6 @@ def run(args) -> dict:
     if args.cpu:
         apply_cpu(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))

@@ -69,6 +69,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from moba._core import cli
+
 from ._common import git_state, make_parser, utc_now
 
 # Triton 3.9 warns when this is unset and defaults it to 1; the launchers do not set it, so the
@@ -529,12 +531,19 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _cc(text: str) -> int:
+    """``--cc`` entry: a compute capability of ``SM_RESOURCES`` (``90``, ``80``)."""
+    if not text.isdigit() or int(text) not in SM_RESOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {sorted(SM_RESOURCES)}{cli.did_you_mean(text, map(str, SM_RESOURCES))}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, "bench.kernel_report")
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
-    p.add_argument("--cc", type=lambda s: [int(x) for x in s.split(",")], default=[90, 80],
-                   help="comma list of compute capabilities (default 90,80)")
-    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--cc", type=cli.list_of(_cc, "compute capabilities"), default=[90, 80],
+                   help=f"comma list of compute capabilities, from {','.join(map(str, sorted(SM_RESOURCES)))} (default 90,80)")
+    p.add_argument("--jobs", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="compile processes (default: the CPU count, at most 8)")
     p.add_argument("--json", dest="json_path", default=None, help="write the full report as JSON")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of the rich table")

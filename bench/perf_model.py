@@ -71,6 +71,8 @@ from pathlib import Path
 from moba._core.accounting import attention_flops, dense_pairs, moba_pairs
 from moba._core.hardware import find_device
 
+from moba._core import cli
+
 from ._common import make_parser, parse_sizes
 
 # =============================================================================================
@@ -687,12 +689,14 @@ def _gib(x: float) -> str:
 def build_parser():
     p = make_parser(__doc__, "bench.perf_model")
     p.add_argument("--gpu", choices=sorted(GPUS), default="H200", help="the GPU whose peaks the model uses")
-    p.add_argument("--seqlens", default="32k,128k,512k", help="comma list, k suffix = 1024")
-    p.add_argument("--settings", default="512/3,128/8", help="block/top-k pairs")
-    p.add_argument("--heads", type=int, default=32, help="query heads")
-    p.add_argument("--kv_heads", type=int, default=8, help="KV heads")
-    p.add_argument("--head_dim", type=int, default=128, help="head dim")
-    p.add_argument("--designs", default=",".join(DESIGNS), help="comma list of kernel designs to model")
+    p.add_argument("--seqlens", type=parse_sizes, default=[32768, 131072, 524288],
+                   help="comma list, k suffix = 1024 (default: 32k,128k,512k)")
+    p.add_argument("--settings", type=cli.block_topk_list, default=[(512, 3), (128, 8)],
+                   help="comma list of BLOCK/TOP_K settings (default: 512/3,128/8)")
+    p.add_argument("--heads", type=cli.positive_int, default=32, help="query heads")
+    p.add_argument("--kv_heads", type=cli.positive_int, default=8, help="KV heads")
+    p.add_argument("--head_dim", type=cli.positive_int, default=128, help="head dim")
+    p.add_argument("--designs", type=cli.names(DESIGNS, "design"), default=list(DESIGNS), help="comma list of kernel designs to model")
     p.add_argument("--per_kernel", action="store_true", help="print every kernel's modelled time")
     p.add_argument("--uncorrelated", action="store_true",
                    help="random selections (every row's past picks independent) instead of UNION_FACTOR")
@@ -703,10 +707,9 @@ def build_parser():
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     gpu = GPUS[args.gpu]
-    designs = [d for d in args.designs.split(",") if d]
-    bad = [d for d in designs if d not in DESIGNS]
-    if bad:
-        raise SystemExit(f"--designs: unknown {bad}; expected some of {DESIGNS}")
+    designs = args.designs
+    if args.heads % args.kv_heads:
+        raise cli.fail(f"--heads ({args.heads}) must be a multiple of --kv_heads ({args.kv_heads})")
     rows = []
     print(f"MODELLED (no GPU ran this): {gpu.name}, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16, causal, "
           f"fwd+bwd unless noted; {'uncorrelated (random) selections' if args.uncorrelated else 'correlated selections'}; "
@@ -715,9 +718,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{'gate/fwd':>8} | {'TFLOP/s eff':>11} {'wasted MMA':>10} | {'peak GiB':>8} {'x dense':>7} {'fwd-only x dense':>16}")
     print(header)
     print("-" * len(header))
-    for setting in args.settings.split(","):
-        bs, k = (int(x) for x in setting.split("/"))
-        for seqlen in parse_sizes(args.seqlens):
+    for bs, k in args.settings:
+        for seqlen in args.seqlens:
             s = Shape(seqlen, args.heads, args.kv_heads, args.head_dim, bs, k)
             for m in compare(s, gpu, designs, args.uncorrelated):
                 rows.append(m)

@@ -13,20 +13,9 @@ import argparse
 import dataclasses
 import typing
 
-from moba._core.cli import HELP_FLAGS, HelpFormatter, Parser, _show  # noqa: F401  (re-exported)
+from moba._core.cli import HELP_FLAGS, HelpFormatter, Parser, _show, checked  # noqa: F401  (re-exported)
 
 from .config import SECTION_TYPES, SECTIONS, RunConfig, config_fields, value_parser
-
-
-def checked(check, name: str):
-    """An argparse ``type`` that validates the text with ``check`` (its ValueError becomes the
-    usage error "invalid NAME value") and passes the text on unchanged."""
-    def conv(text: str) -> str:
-        check(text)
-        return text
-
-    conv.__name__ = name
-    return conv
 
 
 def _metavar(typ, choices) -> str | None:

@@ -164,6 +164,24 @@ def _typed(fn: Callable, name: str) -> Callable:
     return fn
 
 
+def checked(check: Callable[[str], object], name: str | None = None) -> Callable[[str], str]:
+    """An argparse ``type`` that validates the text with ``check`` and passes the text on
+    unchanged; a ValueError from ``check`` becomes the usage error, with its message when it
+    has one ("invalid NAME value" otherwise)."""
+    name = name or getattr(check, "__name__", "value").lstrip("_")
+
+    def conv(text: str) -> str:
+        try:
+            check(text)
+        except (ValueError, TypeError) as e:
+            if str(e):
+                raise argparse.ArgumentTypeError(f"invalid {name} value: {text!r}: {e}") from None
+            raise
+        return text
+
+    return _typed(conv, name)
+
+
 def _int(text: str, expected: str) -> int:
     try:
         return int(text)
@@ -237,12 +255,13 @@ def list_of(item: Callable[[str], object], expected: str) -> Callable[[str], lis
     """An argparse type: a comma-separated list whose entries ``item`` parses (at least one)."""
 
     def conv(text: str) -> list:
-        out = []
-        for part in _items(text):
+        out, parts = [], _items(text)
+        for part in parts:
             try:
                 out.append(item(part))
             except (ValueError, argparse.ArgumentTypeError) as e:
-                raise argparse.ArgumentTypeError(f"{part!r} in {text!r}: {e}") from None
+                where = f"{part!r} in {text!r}: " if len(parts) > 1 else ""
+                raise argparse.ArgumentTypeError(f"{where}{e}") from None
         return out
 
     return _typed(conv, f"list of {expected}")
@@ -277,26 +296,26 @@ def block_topk(text: str) -> tuple[int, int]:
 block_topk_list = list_of(block_topk, "BLOCK/TOP_K settings")
 
 
-def existing_file(text: str) -> Path:
-    """An argparse type: a file that exists."""
+def existing_file(text: str) -> str:
+    """An argparse type: a file that exists (the text is passed on unchanged)."""
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"no such file: {text!r}")
     if path.is_dir():
         raise argparse.ArgumentTypeError(f"{text!r} is a folder; expected a file")
-    return path
+    return text
 
 
-def existing_path(text: str) -> Path:
-    """An argparse type: a file or a folder that exists."""
+def existing_path(text: str) -> str:
+    """An argparse type: a file or a folder that exists (the text is passed on unchanged)."""
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"no such file or folder: {text!r}")
-    return path
+    return text
 
 
-def existing_dir(text: str) -> Path:
-    """An argparse type: a folder that exists and is not empty."""
+def existing_dir(text: str) -> str:
+    """An argparse type: a folder that exists and is not empty (the text is passed on unchanged)."""
     path = Path(text)
     if not path.exists():
         raise argparse.ArgumentTypeError(f"no such folder: {text!r}")
@@ -304,7 +323,7 @@ def existing_dir(text: str) -> Path:
         raise argparse.ArgumentTypeError(f"{text!r} is a file; expected a folder")
     if not any(path.iterdir()):
         raise argparse.ArgumentTypeError(f"the folder {text!r} is empty")
-    return path
+    return text
 
 
 # ------------------------------------------------------------------------------- running a tool
@@ -319,8 +338,9 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def run(main: Callable[[], object], prog: str | None = None) -> int:
-    """Run a tool's ``main()`` and return its exit status, errors as one line on stderr.
+def run(main: Callable[[], object], module: str | None = None) -> int:
+    """Run a tool's ``main()`` and return its exit status, errors as one line on stderr
+    (``python -m MODULE: error: ...``, as argparse words its usage errors).
 
     ``main`` returns None/0 (success), an int (an exit status) or anything else (success). A
     ``CliError`` or an ``OSError`` (a missing or unreadable file) exits 2 with its message; any
@@ -328,7 +348,7 @@ def run(main: Callable[[], object], prog: str | None = None) -> int:
     re-raises it (the full traceback). ``SystemExit`` (argparse's usage errors, ``sys.exit``)
     passes through; Ctrl-C exits 130.
     """
-    prog = prog or Path(sys.argv[0]).stem
+    prog = f"python -m {module}" if module else Path(sys.argv[0]).name
     if debug_requested():
         result = main()
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
