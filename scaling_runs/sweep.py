@@ -51,6 +51,7 @@ import threading
 import time
 from pathlib import Path
 
+from moba._core import cli
 from moba._core.hardware import find_device
 
 from .checkpoint import candidates
@@ -427,6 +428,12 @@ def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, object] | 
     return rows
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _check_kinds(kinds: list[str]) -> list[str]:
     kinds = [k.strip() for k in kinds if k.strip()]
     bad = [k for k in kinds if k not in ATTENTION_KINDS]
@@ -456,15 +463,17 @@ def build_parser() -> Parser:
                    "(default: runs/PRESET)")
     p.add_argument("--launcher", default="auto", choices=("auto", "inline", "torchrun"),
                    help="auto = torchrun on GPUs, inline (in this process) on CPU")
-    p.add_argument("--nproc_per_run", type=int, default=1, metavar="N", help="CPU torchrun: processes per run")
-    p.add_argument("--gpus_per_run", type=int, default=None, metavar="N", help="GPUs per run (default: the preset's)")
-    p.add_argument("--mfu", type=float, default=0.15, help="--dry_run time estimate: assumed model FLOPs utilisation")
+    p.add_argument("--nproc_per_run", type=cli.positive_int, default=1, metavar="N", help="CPU torchrun: processes per run")
+    p.add_argument("--gpus_per_run", type=cli.positive_int, default=None, metavar="N", help="GPUs per run (default: the preset's)")
+    p.add_argument("--mfu", type=cli.float_in(0, 1, low_open=True), default=0.15, help="--dry_run time estimate: assumed model FLOPs utilisation")
     p.add_argument("--dry_run", type=boolean, default=False, metavar="BOOL",
                    help="list the runs with parameters, tokens, FLOPs and a time estimate, and stop")
     p.add_argument("--run", type=boolean, default=False, metavar="BOOL",
                    help="a launch-only preset (paper): run it here instead of writing Slurm scripts")
-    p.add_argument("--kinds", default=None, metavar="KIND,...",
+    p.add_argument("--kinds", default=None, metavar="KIND,...", type=cli.checked(cli.names(ATTENTION_KINDS, "attention kind"), "kind list"),
                    help=f"attention kinds, comma-separated, from {','.join(ATTENTION_KINDS)} (default: the preset's)")
+    p.add_argument("--allow_cpu", type=boolean, default=False, metavar="BOOL",
+                   help="train a GPU-sized preset (gpu-small) on a machine without a CUDA GPU anyway (hours)")
     p.add_argument("--allow_config_change", type=boolean, default=False, metavar="BOOL",
                    help="resume runs whose checkpoint was trained with other options")
     add_config_options(p, default_note="the preset's value; applies to every run")
@@ -496,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{preset.note}\nwrote {len(paths) - 1} Slurm scripts; submit them all with: "
                   f"bash {paths[-1]}\n--- {paths[0].name} ---\n{paths[0].read_text()}")
         return 0
+    if preset.needs_gpu and not a.allow_cpu and not _cuda_available():
+        raise cli.fail(f"--preset {preset_name} is sized for GPUs and this machine has no CUDA GPU: "
+                       f"--dry_run true prints its plan, --preset cpu-tiny trains on a CPU, "
+                       f"--allow_cpu true trains it here anyway (hours)")
     # inline runs: SIGTERM unwinds the stack so that the run folder's lock is released
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:

@@ -83,6 +83,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from moba._core import cli
 from moba._core.hardware import DEVICES
 
 try:
@@ -962,7 +963,7 @@ def build_parser() -> Parser:
     one option per config field (``scaling_runs.cli``)."""
     p = Parser("python -m scaling_runs.train", __doc__,
                usage="%(prog)s [--config JSON] [--allow_config_change BOOL] [--OPTION VALUE ...]")
-    p.add_argument("--config", metavar="JSON", default=None,
+    p.add_argument("--config", metavar="JSON", default=None, type=cli.existing_file,
                    help="start from a saved config: a run's config.json, a sweep's launch.json or "
                         "RunConfig.to_dict() JSON; the options below override its values")
     p.add_argument("--allow_config_change", type=value_parser(bool), default=False, metavar="BOOL",
