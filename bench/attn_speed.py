@@ -123,14 +123,14 @@ def parse_names(text: str, allowed, what: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, "bench.attn_speed")
-    p.add_argument("--seqlens", type=parse_sizes, default=None, help="comma list, k/m suffixes (default 8k,32k,128k,512k,1m; --cpu: 512,1k,2k)")
+    p.add_argument("--seqlens", type=parse_sizes, default=None, help="comma list, k/m suffixes (default: 8k,32k,128k,512k,1m; --cpu: 512,1k,2k)")
     p.add_argument("--batch", type=cli.positive_int, default=1, help="sequences per call")
-    p.add_argument("--heads", type=cli.positive_int, default=None, help="query heads (default 32; --cpu: 4)")
-    p.add_argument("--kv_heads", type=cli.positive_int, default=None, help="KV heads, divides --heads (default 8; --cpu: 2)")
-    p.add_argument("--head_dim", type=cli.positive_int, default=None, help="head dimension (default 128; --cpu: 64)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default bf16; --cpu: fp32)")
-    p.add_argument("--block_size", type=parse_size, default=None, help="MoBA block (default 4096; --cpu: 64)")
-    p.add_argument("--top_k", type=cli.positive_int, default=None, help="blocks per query, own included (default 12; --cpu: 3)")
+    p.add_argument("--heads", type=cli.positive_int, default=None, help="query heads (default: 32; --cpu: 4)")
+    p.add_argument("--kv_heads", type=cli.positive_int, default=None, help="KV heads, divides --heads (default: 8; --cpu: 2)")
+    p.add_argument("--head_dim", type=cli.positive_int, default=None, help="head dimension (default: 128; --cpu: 64)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default: bf16; --cpu: fp32)")
+    p.add_argument("--block_size", type=parse_size, default=None, help="MoBA block (default: 4096; --cpu: 64)")
+    p.add_argument("--top_k", type=cli.positive_int, default=None, help="blocks per query, own included (default: 12; --cpu: 3)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES),
                    help=f"comma list of {', '.join(MODES)} (default: all)")
@@ -138,11 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of " + ", ".join(ALL_PROVIDERS) + " (default: " + ",".join(GPU_DEFAULT_PROVIDERS)
                    + "; --cpu: " + ",".join(CPU_DEFAULT_PROVIDERS) + "); see bench/providers.py")
     p.add_argument("--device", type=cli.device, default=None, help="default cuda when available, else cpu (which implies --cpu)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>/)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/results/<device>-<date>/)")
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run: S 512,1k,2k, few heads, fp32")
-    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed runs per measurement (default 10; --cpu: 3)")
+    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed runs per measurement (default: 10; --cpu: 3)")
     p.add_argument("--warmup", type=cli.nonnegative_int, default=None,
-                   help="untimed runs before the timed ones (default 1; --cpu: 0); the peak-memory run comes first anyway")
+                   help="untimed runs before the timed ones (default: 1; --cpu: 0); the peak-memory run comes first anyway")
     p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; --cpu: 1, stable on shared machines)")
     p.add_argument("--max_seconds", type=cli.positive_float, default=20.0,
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference_max", type=parse_size, default=1024,
                    help="longest sequence the dense-mask reference provider runs (it is O(S^2) and slow)")
     p.add_argument("--official_moba_src", default=None,
-                   help="checkout of github.com/MoonshotAI/MoBA for the moba-official provider (default $MOBA_OFFICIAL_SRC)")
+                   help="checkout of github.com/MoonshotAI/MoBA for the moba-official provider (default: $MOBA_OFFICIAL_SRC)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
     p.add_argument("--no_plots", action="store_true", help="write no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no table, only the output paths")

@@ -505,7 +505,7 @@ def default_out() -> Path:
 def build_parser():
     p = make_parser(__doc__, "bench.device_check")
     p.add_argument("--budget_s", type=cli.positive_float, default=480.0, help="total seconds for every step")
-    p.add_argument("--out", default=None, help="results folder (default $OUT, else bench/results/device-check-<time>)")
+    p.add_argument("--out", default=None, help="results folder (default: $OUT, else bench/results/device-check-<time>)")
     p.add_argument("--dry_run", action="store_true", help="CPU, Triton interpreter, tiny shapes, fake timers")
     p.add_argument("--steps", type=cli.names(STEPS, "step"), default=list(STEPS),
                    help=f"comma list, run in this order: {','.join(STEPS)}")

@@ -140,13 +140,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     names, kinds, settings = a.dtypes, a.keys, a.settings
     if a.heads % a.kv_heads:
-        raise SystemExit(f"gate_fallback: --heads ({a.heads}) must be a multiple of --kv_heads ({a.kv_heads})")
+        raise SystemExit(f"--heads ({a.heads}) must be a multiple of --kv_heads ({a.kv_heads})")
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif os.environ.get("TRITON_INTERPRET", "0") == "1":
         device = torch.device("cpu")
     else:
-        raise SystemExit("gate_fallback: needs a CUDA device, or TRITON_INTERPRET=1 to run the kernel on CPU "
+        raise SystemExit("needs a CUDA device, or TRITON_INTERPRET=1 to run the kernel on CPU "
                          "(small shapes: --seqlen 2048 --heads 4 --kv_heads 2 --head_dim 64)")
     rows = []
     print(f"{'keys':>7} {'dtype':>5} {'setting':>8} | {'fallback':>8} {'programs':>8} | {'rows differing':>14} {'max gap':>9} ties only")

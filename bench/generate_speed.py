@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice); fix it to compare runs on a shared machine")
     p.add_argument("--no_progress", action="store_true", help="no progress bar (e.g. in logs)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/generate-<device>-<date>)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/results/generate-<device>-<date>)")
     return p
 
 

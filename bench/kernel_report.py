@@ -542,13 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, "bench.kernel_report")
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
     p.add_argument("--cc", type=cli.list_of(_cc, "compute capabilities"), default=[90, 80],
-                   help=f"comma list of compute capabilities, from {','.join(map(str, sorted(SM_RESOURCES)))} (default 90,80)")
+                   help=f"comma list of compute capabilities, from {','.join(map(str, sorted(SM_RESOURCES)))} (default: 90,80)")
     p.add_argument("--jobs", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="compile processes (default: the CPU count, at most 8)")
     p.add_argument("--json", dest="json_path", default=None, help="write the full report as JSON")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of the rich table")
     p.add_argument("--cache", default=str(default_cache_dir()),
-                   help="cache of the ptxas/SASS analysis by cubin hash ('' disables; default %(default)s)")
+                   help="cache of the ptxas/SASS analysis by cubin hash ('' disables; default: %(default)s)")
     return p
 
 
@@ -571,6 +571,8 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.json_path).write_text(json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.json_path}")
     print(f"{len(report['rows'])} kernel x target rows in {report['metadata']['wall_seconds']} s")
+    if report["rows"] and len(errors) == len(report["rows"]):
+        raise SystemExit("error: every kernel failed to compile: nothing was measured")
     return report
 
 

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from moba._core import cli
+
 from . import study
 from .cli import Parser, add_config_options, checked, config_overrides
 from .presets import ARMS, get_study
@@ -53,8 +55,8 @@ def build_parser() -> Parser:
                    help=f"comma-separated subset of the {PRESET} sizes")
     p.add_argument("--arms", default=",".join(preset.arms), type=_names(list(ARMS)), help="comma-separated arms")
     p.add_argument("--seeds", default=SEEDS, type=checked(_seeds, "seed list"), help="comma-separated seeds")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one process each)")
-    p.add_argument("--n_boot", type=int, default=2000, help="bootstrap replicates of the power-law fits")
+    p.add_argument("--jobs", type=cli.positive_int, default=2, help="runs trained side by side (one process each)")
+    p.add_argument("--n_boot", type=cli.nonnegative_int, default=2000, help="bootstrap replicates of the power-law fits")
     add_config_options(p, default_note=f"the {PRESET} preset's value; applies to every run", skip=NOT_OPTIONS)
     return p
 

@@ -621,7 +621,7 @@ def _size_list_or_auto(text: str) -> list[int] | None:
 
 def build_parser() -> Parser:
     p = Parser("python -m scaling_runs.eval_budget", __doc__)
-    p.add_argument("checkpoint", type=cli.existing_path, help="run directory (ckpt.pt inside) or a checkpoint file")
+    p.add_argument("checkpoint", help="run directory (ckpt.pt inside) or a checkpoint file")
     p.add_argument("--budgets", default="auto", type=checked(_size_list_or_auto, "size list"), metavar="LIST|auto",
                    help="attended-key budgets, e.g. 512,1k,2k,4k,8k; auto = block_size x 1, 2, 4, ... up to "
                         "the longest context")
@@ -638,7 +638,7 @@ def build_parser() -> Parser:
     p.add_argument("--loss_context", default=None, type=checked(parse_size, "size"), metavar="SIZE",
                    help="held-out loss window; none = the training context")
     p.add_argument("--loss_seqs", type=cli.positive_int, default=8, metavar="N", help="held-out windows for the loss metrics")
-    p.add_argument("--data", type=cli.existing_path, default=None, help="validation data; none = the run's data config")
+    p.add_argument("--data", default=None, help="validation data; none = the run's data config")
     p.add_argument("--filler", type=cli.existing_file, default=None, metavar="FILE", help="text file for task filler; none = embedded corpus")
     p.add_argument("--threads", type=cli.nonnegative_int, default=0, metavar="N", help="torch.set_num_threads when > 0")
     p.add_argument("--device", default="auto", type=_device, help="auto / cpu / cuda / cuda:N")
@@ -652,6 +652,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
+    if not Path(a.checkpoint).exists():
+        raise cli.fail(f"checkpoint {a.checkpoint}: no such file or folder (a run folder with ckpt.pt, or a checkpoint file)")
     budgets = _size_list_or_auto(a.budgets)
     pairs = parse_pairs(a.pairs) if a.pairs else None
     lengths = _size_list(a.lengths) if a.lengths else None

@@ -83,7 +83,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moba._core import cli
 from moba._core.hardware import DEVICES
 
 try:
@@ -981,7 +980,7 @@ def build_parser() -> Parser:
     one option per config field (``scaling_runs.cli``)."""
     p = Parser("python -m scaling_runs.train", __doc__,
                usage="%(prog)s [--config JSON] [--allow_config_change BOOL] [--OPTION VALUE ...]")
-    p.add_argument("--config", metavar="JSON", default=None, type=cli.existing_file,
+    p.add_argument("--config", metavar="JSON", default=None,
                    help="start from a saved config: a run's config.json, a sweep's launch.json or "
                         "RunConfig.to_dict() JSON; the options below override its values")
     p.add_argument("--allow_config_change", type=value_parser(bool), default=False, metavar="BOOL",
@@ -994,6 +993,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """The run config of parsed options: ``--config``'s file (or the defaults), then the options."""
     base = RunConfig()
     if ns.config:
+        if not Path(ns.config).is_file():
+            raise ValueError(f"--config {ns.config}: no such file (a run's config.json, a sweep's launch.json, ...)")
         saved = json.loads(Path(ns.config).read_text())
         base = RunConfig.from_saved(saved, source=str(ns.config))
     return apply_overrides(base, config_overrides(ns))

@@ -76,6 +76,10 @@ class BooleanOptionalAction(argparse.BooleanOptionalAction):
         self.option_strings = [s.replace("--no-", "--no_", 1) if s.startswith("--no-") else s
                                for s in self.option_strings]
 
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.option_strings:
+            setattr(namespace, self.dest, not option_string.startswith("--no_"))
+
 
 def _key(option: str) -> str:
     """The spelling-free key of an option name: ``--block-size`` and ``--block_size`` -> ``--block_size``."""
@@ -345,8 +349,9 @@ def run(main: Callable[[], object], module: str | None = None) -> int:
     ``main`` returns None/0 (success), an int (an exit status) or anything else (success). A
     ``CliError`` or an ``OSError`` (a missing or unreadable file) exits 2 with its message; any
     other exception exits 1 with its type and message and a pointer to ``--debug``, which
-    re-raises it (the full traceback). ``SystemExit`` (argparse's usage errors, ``sys.exit``)
-    passes through; Ctrl-C exits 130.
+    re-raises it (the full traceback). ``sys.exit("message")`` prints the message as that one
+    line (exit 1); other ``SystemExit`` (argparse's usage errors, ``sys.exit(N)``) pass through;
+    Ctrl-C exits 130.
     """
     prog = f"python -m {module}" if module else Path(sys.argv[0]).name
     if debug_requested():
@@ -354,6 +359,13 @@ def run(main: Callable[[], object], module: str | None = None) -> int:
         return result if isinstance(result, int) and not isinstance(result, bool) else 0
     try:
         result = main()
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            raise
+        # sys.exit("message"): the message as the tool's one error line, exit status 1
+        text = _one_line(e.code)
+        print(f"{prog}: {text if text.startswith('error:') else 'error: ' + text}", file=sys.stderr)
+        return EXIT_FAILED
     except CliError as e:
         print(f"{prog}: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE

@@ -262,7 +262,7 @@ def test_official_package_provider_says_why_it_cannot_run(tmp_path, monkeypatch)
     assert fn is None and "CUDA" in reason
     monkeypatch.setattr(_moba_impls, "flash_attn_usable", lambda device: True)  # pretend CUDA + flash-attn
     fn, reason = load_official_moba(None, "cuda")
-    assert fn is None and "--official-moba-src" in reason and "top-level module `moba`" in reason
+    assert fn is None and "--official_moba_src" in reason and "top-level module `moba`" in reason
     fn, reason = load_official_moba(str(tmp_path), "cuda")
     assert fn is None and "moba_efficient.py does not exist" in reason
     (tmp_path / "moba").mkdir()
