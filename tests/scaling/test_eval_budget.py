@@ -111,7 +111,7 @@ def test_cli_pairs(tmp_path, capsys):
     rec = json.loads((tmp_path / "cli" / "budget_sweep.json").read_text())
     assert [(r["name"], r["budget"]) for r in rec["results"]] == [("16/2", 32), ("64/1", 64), ("dense", None)]
     assert not (tmp_path / "cli" / "performance_vs_budget.png").exists()
-    assert '"2x16"' in capsys.readouterr().out
+    assert '"16/2"' in capsys.readouterr().out
 
 
 def test_answer_nll_matches_full_forward(tmp_path):
