@@ -21,13 +21,17 @@ below) override every run's config.
   (attn-aware FLOPs / (peak FLOP/s x ``--mfu``), 989e12 bf16 for one H100) and stop.
 * ``paper``: multi-node; writes Slurm scripts (``OUT/launch/*.sbatch``, ``launch_all.sh``)
   with ``srun torchrun --nnodes ...`` and prints them instead of running.
+* GPU-sized presets (``gpu-small``; ``paper`` with ``--run true``) stop with an error on a
+  machine without a CUDA GPU instead of training for hours: ``--dry_run true`` prints their
+  plan, ``--allow_cpu true`` trains them on the CPU anyway.
 * ``--allow_config_change true``: resume runs whose checkpoint was trained with other options
   (without it such a run fails, naming the differing fields; see ``scaling_runs.train``).
 
 Exit status: 0 when every run of the plan is DONE (this includes "all runs were already DONE,
 nothing to do", which is reported as such); 1 when any run failed (its status in the table
 says why, a torchrun run's log is ``RUN/train.log``); 2 when the plan is empty (nothing to
-run, e.g. ``--kinds`` names none); 128 + N when stopped by signal N.
+run, e.g. ``--kinds`` names none) and for a usage error (one line on stderr); 128 + N when
+stopped by signal N.
 
 Stopping a sweep (Ctrl-C, SIGTERM) forwards the signal to every torchrun it started (each in
 its own process group) and waits for them; torchrun stops its trainers. If the sweep itself
@@ -428,6 +432,12 @@ def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, object] | 
     return rows
 
 
+def _kinds(text: str) -> None:
+    """``--kinds``: attention kinds, comma-separated; empty = none (an empty plan, exit 2)."""
+    if text.strip():
+        cli.names(ATTENTION_KINDS, "attention kind")(text)
+
+
 def _cuda_available() -> bool:
     import torch
 
@@ -470,7 +480,7 @@ def build_parser() -> Parser:
                    help="list the runs with parameters, tokens, FLOPs and a time estimate, and stop")
     p.add_argument("--run", type=boolean, default=False, metavar="BOOL",
                    help="a launch-only preset (paper): run it here instead of writing Slurm scripts")
-    p.add_argument("--kinds", default=None, metavar="KIND,...", type=cli.checked(cli.names(ATTENTION_KINDS, "attention kind"), "kind list"),
+    p.add_argument("--kinds", default=None, metavar="KIND,...", type=cli.checked(_kinds, "kind list"),
                    help=f"attention kinds, comma-separated, from {','.join(ATTENTION_KINDS)} (default: the preset's)")
     p.add_argument("--allow_cpu", type=boolean, default=False, metavar="BOOL",
                    help="train a GPU-sized preset (gpu-small) on a machine without a CUDA GPU anyway (hours)")
