@@ -65,6 +65,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from moba._core import cli
 from moba.generate import (
     GenerationStats,
     NGramDraft,
@@ -72,8 +73,6 @@ from moba.generate import (
     generate_speculative,
     generate_tree_speculative,
 )
-
-from moba._core import cli
 
 from ._common import RESULTS, device_name, git_state, make_parser, utc_now
 

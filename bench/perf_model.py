@@ -68,10 +68,9 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moba._core import cli
 from moba._core.accounting import attention_flops, dense_pairs, moba_pairs
 from moba._core.hardware import find_device
-
-from moba._core import cli
 
 from ._common import make_parser, parse_sizes
 

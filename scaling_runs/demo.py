@@ -16,7 +16,6 @@ out_dir, seed and token budget) override every run's config, like the study's ``
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 

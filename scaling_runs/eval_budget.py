@@ -41,8 +41,8 @@ import numpy as np
 import torch
 
 from moba import KVCache, select_blocks
-from moba._core.accounting import attended_keys_from_indices
 from moba._core import cli
+from moba._core.accounting import attended_keys_from_indices
 from moba._core.sizes import parse_block_topk, parse_size
 from moba.nn import attention_modules
 
