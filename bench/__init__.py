@@ -1,4 +1,5 @@
-"""Benchmarks and reports, each run as a module from the repository root:
+"""Benchmarks and reports. Each runs as a module from the repository root or as a file from
+anywhere (``python bench/attn_speed.py --help``); options as in ``docs/command_line.md``:
 
     python -m bench.attn_speed --help       # attention speed and memory, providers side by side
     python -m bench.torch_path_cpu          # the PyTorch path on CPU (``make bench``)

@@ -1,19 +1,18 @@
 """What every bench tool records and shares: run metadata (git state, device, versions, date),
-the out-of-memory test and the dense SDPA runner.
+the out-of-memory test, the dense SDPA runner and the command-line parser.
 
 Only the standard library at import: ``device_check`` imports this before torch is installed.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as _dt
 import platform
 import subprocess
 import time
 from pathlib import Path
 
-from moba._core.sizes import parse_size as _parse_size
+from moba._core import cli
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -116,25 +115,11 @@ def sdpa(q, k, v, causal: bool = True, backend: str | None = None):
         return run(k, v, False)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The tool's docstring as written, and each option's default after its help text (unless
-    the help already says it, or there is none to show)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if (
-            "default" in text
-            or action.default in (None, False, argparse.SUPPRESS)
-            or not action.option_strings
-        ):
-            return text
-        return f"{text} (default: %(default)s)".lstrip()
-
-
-def make_parser(doc: str | None) -> argparse.ArgumentParser:
-    """The argparse parser every bench tool uses: options with dashes, help with defaults,
-    no abbreviations (a typo is an error, not another option)."""
-    return argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter, allow_abbrev=False)
+def make_parser(doc: str | None, prog: str | None = None) -> cli.Parser:
+    """The parser every bench tool uses: ``moba._core.cli.Parser`` (the command-line convention
+    shared with ``scaling_runs``: underscores, dashes accepted, no abbreviations, typo
+    suggestions, defaults shown, ``--debug``). ``prog``: the module, e.g. ``"bench.roofline"``."""
+    return cli.Parser(f"python -m {prog}" if prog else None, doc)
 
 
 def time_call_ms(fn, device) -> float:
@@ -154,13 +139,6 @@ def time_call_ms(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def parse_size(text: str) -> int:
-    """``moba._core.sizes.parse_size`` for argparse: '8k' -> 8192, '1m' -> 1048576, '1.5k' -> 1536."""
-    try:
-        return _parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def parse_sizes(text: str) -> list[int]:
-    return [parse_size(t) for t in text.split(",") if t.strip()]
+#: argparse types: a token count ('8k' -> 8192, '1m' -> 1048576, '1.5k' -> 1536) and a comma list of them
+parse_size = cli.size
+parse_sizes = cli.size_list

@@ -260,7 +260,7 @@ def load_official_moba(src: str | None, device) -> tuple[object | None, str | No
         return None, "the official MoBA package needs flash-attn (pip install flash-attn)"
     src = src or os.environ.get(OFFICIAL_SRC_ENV)
     if not src:
-        return None, (f"no official MoBA source: pass --official-moba-src or set ${OFFICIAL_SRC_ENV} to a checkout "
+        return None, (f"no official MoBA source: pass --official_moba_src or set ${OFFICIAL_SRC_ENV} to a checkout "
                       "of https://github.com/MoonshotAI/MoBA (it cannot be pip-installed next to this package: "
                       "both are the top-level module `moba`)")
     path = Path(src)

@@ -2,13 +2,13 @@
 
     python -m bench.attn_speed                          # GPU: S = 8k ... 1M, every provider
     python -m bench.attn_speed --seqlens 32k,128k --modes fwd --providers moba-triton,flash-attn
-    python -m bench.attn_speed --block-size 512 --top-k 3 --heads 16 --kv-heads 16 --head-dim 64
+    python -m bench.attn_speed --block_size 512 --top_k 3 --heads 16 --kv_heads 16 --head_dim 64
     python -m bench.attn_speed --cpu --out /tmp/bench   # small CPU smoke run (< 30 s)
 
 Defaults follow the MoBA paper's 1M-token speed test: B=1, 32 query heads, 8 KV heads,
 head_dim 128, bf16, block 4096, top-12 (95.31% sparsity at 1M), causal. Dense attention at
 512k-1M tokens takes seconds per call, so the full default run is long: each measurement
-stops after ``--max-seconds`` of timed calls (at least one), a provider that runs out of
+stops after ``--max_seconds`` of timed calls (at least one), a provider that runs out of
 memory is skipped at longer sequences, and ``--seqlens`` / ``--modes`` / ``--providers``
 trim the run.
 
@@ -28,7 +28,7 @@ Providers (each skipped with a printed reason when it cannot run):
                   varlen attention over the own chunk + gathered chunks, log-sum-exp merge);
                   not the official code
   moba-official   the official MoonshotAI/MoBA code itself (CUDA + flash-attn + a checkout of
-                  github.com/MoonshotAI/MoBA given by --official-moba-src or $MOBA_OFFICIAL_SRC;
+                  github.com/MoonshotAI/MoBA given by --official_moba_src or $MOBA_OFFICIAL_SRC;
                   it cannot be installed next to this package: both are the module ``moba``)
   reference       ``backend="reference"``, dense mask, CPU small sizes only
 
@@ -51,6 +51,13 @@ Output (under ``--out``, default ``bench/results/<device>-<date>/``): a table on
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/attn_speed.py, from anywhere): import it as bench.attn_speed
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
 import argparse
 import csv
 import ctypes
@@ -71,6 +78,7 @@ from pathlib import Path
 import torch
 
 import moba
+from moba._core import cli
 
 from ._attn_model import (
     MODES,
@@ -109,45 +117,42 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 
 # ----------------------------------------------------------------------------- CLI helpers
 def parse_names(text: str, allowed, what: str) -> list[str]:
-    names = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [n for n in names if n not in allowed]
-    if bad:
-        raise argparse.ArgumentTypeError(f"unknown {what}: {', '.join(bad)}; expected some of: {', '.join(allowed)}")
-    return names
+    """A comma list of names from ``allowed`` (argparse type); a typo names the nearest."""
+    return cli.names(allowed, what)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__)
-    p.add_argument("--seqlens", type=parse_sizes, default=None, help="comma list, k/m suffixes (default 8k,32k,128k,512k,1m; --cpu: 512,1k,2k)")
-    p.add_argument("--batch", type=int, default=1, help="sequences per call")
-    p.add_argument("--heads", type=int, default=None, help="query heads (default 32; --cpu: 4)")
-    p.add_argument("--kv-heads", type=int, default=None, help="KV heads, divides --heads (default 8; --cpu: 2)")
-    p.add_argument("--head-dim", type=int, default=None, help="default 128; --cpu: 64")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16; --cpu: fp32")
-    p.add_argument("--block-size", type=parse_size, default=None, help="MoBA block (default 4096; --cpu: 64)")
-    p.add_argument("--top-k", type=int, default=None, help="blocks per query, own included (default 12; --cpu: 3)")
+    p = make_parser(__doc__, "bench.attn_speed")
+    p.add_argument("--seqlens", type=parse_sizes, default=None, help="comma list, k/m suffixes (default: 8k,32k,128k,512k,1m; --cpu: 512,1k,2k)")
+    p.add_argument("--batch", type=cli.positive_int, default=1, help="sequences per call")
+    p.add_argument("--heads", type=cli.positive_int, default=None, help="query heads (default: 32; --cpu: 4)")
+    p.add_argument("--kv_heads", type=cli.positive_int, default=None, help="KV heads, divides --heads (default: 8; --cpu: 2)")
+    p.add_argument("--head_dim", type=cli.positive_int, default=None, help="head dimension (default: 128; --cpu: 64)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="input dtype (default: bf16; --cpu: fp32)")
+    p.add_argument("--block_size", type=parse_size, default=None, help="MoBA block (default: 4096; --cpu: 64)")
+    p.add_argument("--top_k", type=cli.positive_int, default=None, help="blocks per query, own included (default: 12; --cpu: 3)")
     p.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True, help="causal attention")
     p.add_argument("--modes", type=lambda s: parse_names(s, MODES, "mode"), default=list(MODES),
                    help=f"comma list of {', '.join(MODES)} (default: all)")
     p.add_argument("--providers", type=lambda s: parse_names(s, ALL_PROVIDERS, "provider"), default=None,
                    help="comma list of " + ", ".join(ALL_PROVIDERS) + " (default: " + ",".join(GPU_DEFAULT_PROVIDERS)
                    + "; --cpu: " + ",".join(CPU_DEFAULT_PROVIDERS) + "); see bench/providers.py")
-    p.add_argument("--device", default=None, help="default cuda when available, else cpu (which implies --cpu)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>/)")
+    p.add_argument("--device", type=cli.device, default=None, help="default cuda when available, else cpu (which implies --cpu)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/results/<device>-<date>/)")
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run: S 512,1k,2k, few heads, fp32")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default 10; --cpu: 3)")
-    p.add_argument("--warmup", type=int, default=None,
-                   help="untimed runs before the timed ones (default 1; --cpu: 0); the peak-memory run comes first anyway")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--repeats", type=cli.positive_int, default=None, help="timed runs per measurement (default: 10; --cpu: 3)")
+    p.add_argument("--warmup", type=cli.nonnegative_int, default=None,
+                   help="untimed runs before the timed ones (default: 1; --cpu: 0); the peak-memory run comes first anyway")
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; --cpu: 1, stable on shared machines)")
-    p.add_argument("--max-seconds", type=float, default=20.0,
+    p.add_argument("--max_seconds", type=cli.positive_float, default=20.0,
                    help="cap on one measurement's timed runs: fewer repeats (>= 3) when a run is slow")
-    p.add_argument("--reference-max", type=parse_size, default=1024,
+    p.add_argument("--reference_max", type=parse_size, default=1024,
                    help="longest sequence the dense-mask reference provider runs (it is O(S^2) and slow)")
-    p.add_argument("--official-moba-src", default=None,
-                   help="checkout of github.com/MoonshotAI/MoBA for the moba-official provider (default $MOBA_OFFICIAL_SRC)")
+    p.add_argument("--official_moba_src", default=None,
+                   help="checkout of github.com/MoonshotAI/MoBA for the moba-official provider (default: $MOBA_OFFICIAL_SRC)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the inputs")
-    p.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    p.add_argument("--no_plots", action="store_true", help="write no PNG plots")
     p.add_argument("--quiet", action="store_true", help="no table, only the output paths")
     return p
 
@@ -203,7 +208,7 @@ def resolve_config(args) -> Config:
         threads=pick("threads"), reference_max=args.reference_max, official_moba_src=args.official_moba_src,
     )
     if cfg.heads % cfg.kv_heads:
-        raise SystemExit(f"--heads ({cfg.heads}) must be a multiple of --kv-heads ({cfg.kv_heads})")
+        raise SystemExit(f"--heads ({cfg.heads}) must be a multiple of --kv_heads ({cfg.kv_heads})")
     return cfg
 
 
@@ -425,7 +430,7 @@ def run_benchmark(cfg: Config, log=print) -> list[Row]:
                     row.status, row.reason = "skipped", fwd
                     continue
                 if name == "reference" and s > cfg.reference_max:
-                    row.status, row.reason = "skipped", f"reference runs only for S <= {cfg.reference_max} (--reference-max)"
+                    row.status, row.reason = "skipped", f"reference runs only for S <= {cfg.reference_max} (--reference_max)"
                     continue
                 if (name, mode) in oom_at:
                     row.status, row.reason = "skipped", f"out of memory at S={oom_at[(name, mode)]}"
@@ -716,4 +721,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.attn_speed"))

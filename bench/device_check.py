@@ -1,8 +1,8 @@
 """One prepared GPU check for a lent GPU window (15 minutes in all; this script keeps to 8 by default).
 
     python3 -m bench.device_check                      # on the GPU machine, from the repository root
-    python3 -m bench.device_check --budget-s 420 --out /tmp/check
-    python -m bench.device_check --dry-run --out /tmp/dry   # CPU, Triton interpreter, tiny shapes, fake timers
+    python3 -m bench.device_check --budget_s 420 --out /tmp/check
+    python -m bench.device_check --dry_run --out /tmp/dry   # CPU, Triton interpreter, tiny shapes, fake timers
 
 With the device tool: ``run(command="python3 -m bench.device_check", timeout_s=600)``; results
 land in ``$OUT`` (``--out`` defaults to ``$OUT``, else ``bench/results/device-check-<time>``).
@@ -30,12 +30,19 @@ Every result is one JSON line appended to ``device_check.jsonl`` as soon as it e
 timeout keeps what was done; the summary (speedups vs dense flash, gate share, memory ratio,
 ceilings, correctness) is printed last and written to ``summary.json``.
 
-``--dry-run`` runs every step on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes, fp16 and
+``--dry_run`` runs every step on the CPU under ``TRITON_INTERPRET=1`` with tiny shapes, fp16 and
 a fake timer (every call "takes" 1 ms), without installing anything: tests/bench/test_device_check.py
 checks the script itself that way.
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python bench/device_check.py, from anywhere): import it as bench.device_check
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
 
 import argparse
 import json
@@ -46,6 +53,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+from moba._core import cli
 
 from ._common import RESULTS, ROOT, is_oom, make_parser, sdpa, time_call_ms, utc_stamp
 
@@ -494,11 +503,12 @@ def default_out() -> Path:
 
 
 def build_parser():
-    p = make_parser(__doc__)
-    p.add_argument("--budget-s", type=float, default=480.0, help="total seconds for every step (default 480)")
-    p.add_argument("--out", default=None, help="results folder (default $OUT, else bench/results/device-check-<time>)")
-    p.add_argument("--dry-run", action="store_true", help="CPU, Triton interpreter, tiny shapes, fake timers")
-    p.add_argument("--steps", default=",".join(STEPS), help=f"comma list, in this order: {','.join(STEPS)}")
+    p = make_parser(__doc__, "bench.device_check")
+    p.add_argument("--budget_s", type=cli.positive_float, default=480.0, help="total seconds for every step")
+    p.add_argument("--out", default=None, help="results folder (default: $OUT, else bench/results/device-check-<time>)")
+    p.add_argument("--dry_run", action="store_true", help="CPU, Triton interpreter, tiny shapes, fake timers")
+    p.add_argument("--steps", type=cli.names(STEPS, "step"), default=list(STEPS),
+                   help=f"comma list, run in this order: {','.join(STEPS)}")
     p.add_argument("--step", default=None, help=argparse.SUPPRESS)  # internal: run one step in this process
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     p.add_argument("--t0", type=float, default=None, help=argparse.SUPPRESS)
@@ -514,10 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out) if args.out else default_out()
     out.mkdir(parents=True, exist_ok=True)
     jsonl = out / "device_check.jsonl"
-    steps = [s for s in args.steps.split(",") if s]
-    bad = [s for s in steps if s not in STEPS]
-    if bad:
-        raise SystemExit(f"--steps: unknown {bad}; expected some of {STEPS}")
+    steps = args.steps
     deadline = t0 + args.budget_s
     estimate = DRY_ESTIMATE_S if args.dry_run else STEP_ESTIMATE_S
     rec = Recorder(jsonl, "driver", t0)
@@ -532,7 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
             continue
         print(f"[{time.time() - t0:6.0f} s] {name} ...", flush=True)
         cmd = [sys.executable, "-m", "bench.device_check", "--step", name, "--out", str(out),
-               "--deadline", str(deadline), "--t0", str(t0)] + (["--dry-run"] if args.dry_run else [])
+               "--deadline", str(deadline), "--t0", str(t0)] + (["--dry_run"] if args.dry_run else [])
         started = time.time()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(args.dry_run), timeout=max(1.0, left),
@@ -553,4 +560,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.device_check"))

@@ -2,7 +2,7 @@
 whether its selection equals the torch gate's.
 
     python -m bench.gate_fallback                      # GPU: S=32K, Hq=32/Hkv=8, D=128
-    TRITON_INTERPRET=1 python -m bench.gate_fallback --seqlen 2048 --heads 4 --kv-heads 2 --head-dim 64
+    TRITON_INTERPRET=1 python -m bench.gate_fallback --seqlen 2048 --heads 4 --kv_heads 2 --head_dim 64
     python -m bench.gate_fallback --json gate_fallback.json
 
 The gate (``triton_kernels/gate.py``) scores blocks with one product in q's dtype, re-checks the
@@ -24,10 +24,20 @@ until this runs on them or ``bench/device_check.py`` runs on a GPU.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/gate_fallback.py, from anywhere): import it as bench.gate_fallback
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
+import argparse
 import json
 import os
 import sys
 from pathlib import Path
+
+from moba._core import cli
 
 from ._common import make_parser, parse_size
 
@@ -98,27 +108,28 @@ def measure(q, k, block_size: int, top_k: int) -> dict:
 
 
 def build_parser():
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.gate_fallback")
     p.add_argument("--seqlen", type=parse_size, default=32768, help="tokens of the one sequence (8k, 32k, ...)")
-    p.add_argument("--heads", type=int, default=32, help="query heads")
-    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA)")
-    p.add_argument("--head-dim", type=int, default=128, help="head dimension")
-    p.add_argument("--settings", default="512x3,128x8",
-                   help="comma-separated BLOCKxTOP_K gate settings")
-    p.add_argument("--dtypes", default="bf16,fp16", help="comma-separated input dtypes (bf16, fp16)")
-    p.add_argument("--keys", default=",".join(KEY_KINDS), help=f"comma-separated key distributions ({', '.join(KEY_KINDS)})")
+    p.add_argument("--heads", type=cli.positive_int, default=32, help="query heads")
+    p.add_argument("--kv_heads", type=cli.positive_int, default=8, help="key/value heads (GQA)")
+    p.add_argument("--head_dim", type=cli.positive_int, default=128, help="head dimension")
+    p.add_argument("--settings", type=_settings, default=[(512, 3), (128, 8)],
+                   help="comma-separated BLOCK/TOP_K gate settings, top-k >= 2 (default: 512/3,128/8)")
+    p.add_argument("--dtypes", type=cli.names(("bf16", "fp16"), "dtype"), default=["bf16", "fp16"],
+                   help="comma-separated input dtypes (bf16, fp16)")
+    p.add_argument("--keys", type=cli.names(KEY_KINDS, "key distribution"), default=list(KEY_KINDS),
+                   help=f"comma-separated key distributions ({', '.join(KEY_KINDS)})")
     p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--json", dest="json_path", type=Path, default=None, help="also write the rows as JSON here")
     return p
 
 
 def _settings(text: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split(","):
-        bs, sep, k = part.strip().lower().partition("x")
-        if not sep or not bs.isdigit() or not k.isdigit() or int(bs) < 1 or int(k) < 2:
-            raise SystemExit(f"gate_fallback: --settings takes BLOCKxTOP_K pairs with top_k >= 2, got {part!r}")
-        out.append((int(bs), int(k)))
+    """``--settings``: BLOCK/TOP_K settings (``moba._core.sizes``), top-k >= 2 (the gate picks)."""
+    out = cli.block_topk_list(text)
+    for bs, k in out:
+        if k < 2:
+            raise argparse.ArgumentTypeError(f"{bs}/{k}: top-k must be >= 2 here (top-k 1 runs no gate)")
     return out
 
 
@@ -127,22 +138,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     import torch
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    names = [t.strip() for t in a.dtypes.split(",") if t.strip()]
-    if not names or any(n not in dtypes for n in names):
-        raise SystemExit(f"gate_fallback: --dtypes takes bf16 and/or fp16, got {a.dtypes!r}")
-    kinds = [t.strip() for t in a.keys.split(",") if t.strip()]
-    if not kinds or any(kind not in KEY_KINDS for kind in kinds):
-        raise SystemExit(f"gate_fallback: --keys takes {', '.join(KEY_KINDS)}, got {a.keys!r}")
+    names, kinds, settings = a.dtypes, a.keys, a.settings
     if a.heads % a.kv_heads:
-        raise SystemExit(f"gate_fallback: --heads ({a.heads}) must be a multiple of --kv-heads ({a.kv_heads})")
-    settings = _settings(a.settings)
+        raise SystemExit(f"--heads ({a.heads}) must be a multiple of --kv_heads ({a.kv_heads})")
     if torch.cuda.is_available():
         device = torch.device("cuda")
     elif os.environ.get("TRITON_INTERPRET", "0") == "1":
         device = torch.device("cpu")
     else:
-        raise SystemExit("gate_fallback: needs a CUDA device, or TRITON_INTERPRET=1 to run the kernel on CPU "
-                         "(small shapes: --seqlen 2048 --heads 4 --kv-heads 2 --head-dim 64)")
+        raise SystemExit("needs a CUDA device, or TRITON_INTERPRET=1 to run the kernel on CPU "
+                         "(small shapes: --seqlen 2048 --heads 4 --kv_heads 2 --head_dim 64)")
     rows = []
     print(f"{'keys':>7} {'dtype':>5} {'setting':>8} | {'fallback':>8} {'programs':>8} | {'rows differing':>14} {'max gap':>9} ties only")
     for kind in kinds:
@@ -165,4 +170,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.gate_fallback"))

@@ -1,22 +1,22 @@
 """Decoding speed of plain, speculative and staged speculative generation (``moba.generate``).
 
     python -m bench.generate_speed                              # GPU (or CPU): default sizes
-    python -m bench.generate_speed --draft-noise 0.02 --gamma 4 --new-tokens 256 --prompt-len 2048
+    python -m bench.generate_speed --draft_noise 0.02 --gamma 4 --new_tokens 256 --prompt_len 2048
     python -m bench.generate_speed --cpu --out /tmp/gen         # CPU smoke run (< 20 s)
     python -m bench.roofline /tmp/gen/points.json --out /tmp/gen/roofline.png
 
 Models, either of:
 
-* ``--target-run DIR --draft-run DIR``: two scaling_runs checkpoints (e.g. the largest and
+* ``--target_run DIR --draft_run DIR``: two scaling_runs checkpoints (e.g. the largest and
   the smallest MoBA size of one sweep: ``runs/cpu-tiny/s3-moba`` and ``runs/cpu-tiny/s1-moba``
   after ``make demo``), decoded with their sparse KV cache (``moba.generate.adapters``). The
   prompt is a window of the held-out split of the run's corpus, and the staged mode's n-gram
-  table is built from the run's training split (``--ngram-corpus train``, the default here):
+  table is built from the run's training split (``--ngram_corpus train``, the default here):
   real text, so acceptance rates mean something.
 * otherwise a target and a draft ``transformers`` Llama built from configs with random weights
-(no download), both running MoBA attention (``register_moba(--block-size, --top-k)``). By
+(no download), both running MoBA attention (``register_moba(--block_size, --top_k)``). By
 default the draft is a smaller random model: its greedy tokens almost never agree with the
-target's, so acceptance is ~0 and speculative decoding is pure overhead. ``--draft-noise X``
+target's, so acceptance is ~0 and speculative decoding is pure overhead. ``--draft_noise X``
 makes the draft a copy of the target with Gaussian noise (X x each tensor's std) added to
 its weights instead: acceptance is then high, but the draft is as big as the target, so it
 measures the mechanics (acceptance, tokens per target forward, roofline position), not a
@@ -26,13 +26,13 @@ Modes (greedy decoding; speculative output is checked token-for-token against pl
   plain        ``generate_plain(target)``
   speculative  ``generate_speculative(target, draft, gamma=--gamma)``
   tree         (checkpoints, greedy) ``generate_tree_speculative(target, draft, depth=--gamma,
-               branching=--tree-branching)``: the draft's top candidates at every depth of its
+               branching=--tree_branching)``: the draft's top candidates at every depth of its
                chain, verified as one tree (``moba.decode.tree``)
   staged       ``generate_speculative(target, draft, draft_drafter=NGramDraft(corpus))``:
-               an n-gram table speculates for the draft model (``--gamma-inner`` guesses per
+               an n-gram table speculates for the draft model (``--gamma_inner`` guesses per
                draft forward); corpus = the prompt (prompt lookup), the draft model's own
-               greedy continuation of it (``--ngram-corpus draft``) or, with checkpoints,
-               the training split (``--ngram-corpus train``).
+               greedy continuation of it (``--ngram_corpus draft``) or, with checkpoints,
+               the training split (``--ngram_corpus train``).
 
 Per mode: decoding tokens/s (the prompt's prefill is timed apart; median over ``--repeats``
 timed runs after one warm-up), acceptance rate,
@@ -44,6 +44,13 @@ transformers versions, date, git commit, config; and the three modes' stats) and
 """
 
 from __future__ import annotations
+
+if not __package__:  # run as a file (python bench/generate_speed.py, from anywhere): import it as bench.generate_speed
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
 
 import argparse
 import copy
@@ -58,6 +65,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from moba._core import cli
 from moba.generate import (
     GenerationStats,
     NGramDraft,
@@ -111,46 +119,46 @@ def roofline_point(name: str, stats: GenerationStats, target, draft=None) -> dic
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.generate_speed")
     p.add_argument("--cpu", action="store_true", help="small CPU smoke run (< 20 s); overrides sizes")
-    p.add_argument("--device", default=None, help="cuda / cpu / cuda:1 (default: cuda if available)")
+    p.add_argument("--device", type=cli.device, default=None, help="cuda / cpu / cuda:1 (default: cuda if available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="model dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--gamma", type=int, default=4, help="tokens drafted per target verify forward")
-    p.add_argument("--gamma-inner", type=int, default=2, help="staged: n-gram guesses per draft forward")
-    p.add_argument("--tree-branching", type=int, default=2,
+    p.add_argument("--gamma", type=cli.positive_int, default=4, help="tokens drafted per target verify forward")
+    p.add_argument("--gamma_inner", type=cli.positive_int, default=2, help="staged: n-gram guesses per draft forward")
+    p.add_argument("--tree_branching", type=cli.nonnegative_int, default=2,
                    help="tree mode (checkpoints, greedy): candidates per depth of the draft tree (< 2: off)")
-    p.add_argument("--ngram-n", type=int, default=3, help="staged: n of the n-gram table")
-    p.add_argument("--ngram-corpus", default=None, choices=["prompt", "draft", "train"],
+    p.add_argument("--ngram_n", type=cli.positive_int, default=3, help="staged: n of the n-gram table")
+    p.add_argument("--ngram_corpus", default=None, choices=["prompt", "draft", "train"],
                    help="staged: n-gram table from the prompt, the draft's greedy continuation, or (with "
-                        "--target-run) the training split (default: train with checkpoints, else prompt)")
-    p.add_argument("--target-run", default=None, help="a scaling_runs run dir / ckpt.pt as the target")
-    p.add_argument("--draft-run", default=None, help="a scaling_runs run dir / ckpt.pt as the draft (with --target-run)")
-    p.add_argument("--prompt-offset", type=int, default=0, help="with checkpoints: where the prompts start in the held-out split")
-    p.add_argument("--prompts", type=int, default=1,
+                        "--target_run) the training split (default: train with checkpoints, else prompt)")
+    p.add_argument("--target_run", type=cli.existing_path, default=None, help="a scaling_runs run dir / ckpt.pt as the target")
+    p.add_argument("--draft_run", type=cli.existing_path, default=None, help="a scaling_runs run dir / ckpt.pt as the draft (with --target_run)")
+    p.add_argument("--prompt_offset", type=cli.nonnegative_int, default=0, help="with checkpoints: where the prompts start in the held-out split")
+    p.add_argument("--prompts", type=cli.positive_int, default=1,
                    help="prompts per timed run (checkpoints: windows spread evenly over the held-out split; "
                         "else random); stats are summed over them")
-    p.add_argument("--temperature", type=float, default=0.0,
+    p.add_argument("--temperature", type=cli.float_in(0), default=0.0,
                    help="0: greedy (speculative output checked against plain); > 0: sampling at this temperature")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated per prompt")
-    p.add_argument("--prompt-len", type=int, default=1024, help="prompt tokens")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per mode (after one warm-up)")
-    p.add_argument("--block-size", type=int, default=64, help="MoBA block size")
-    p.add_argument("--top-k", type=int, default=3, help="MoBA top-k blocks")
-    p.add_argument("--vocab", type=int, default=32000, help="vocabulary of the random models")
-    p.add_argument("--target-layers", type=int, default=12, help="layers of the random target model")
-    p.add_argument("--target-hidden", type=int, default=1024, help="hidden size of the random target model")
-    p.add_argument("--draft-layers", type=int, default=2, help="layers of the random draft model")
-    p.add_argument("--draft-hidden", type=int, default=256, help="hidden size of the random draft model")
-    p.add_argument("--head-dim", type=int, default=64, help="head dim of the random models")
-    p.add_argument("--init-std", type=float, default=0.02, help="initializer_range of the random models")
-    p.add_argument("--draft-noise", type=float, default=0.0,
+    p.add_argument("--new_tokens", type=cli.positive_int, default=128, help="tokens generated per prompt")
+    p.add_argument("--prompt_len", type=cli.positive_int, default=1024, help="prompt tokens")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per mode (after one warm-up)")
+    p.add_argument("--block_size", type=cli.size, default=64, help="MoBA block size")
+    p.add_argument("--top_k", type=cli.positive_int, default=3, help="MoBA top-k blocks")
+    p.add_argument("--vocab", type=cli.int_at_least(2), default=32000, help="vocabulary of the random models")
+    p.add_argument("--target_layers", type=cli.positive_int, default=12, help="layers of the random target model")
+    p.add_argument("--target_hidden", type=cli.positive_int, default=1024, help="hidden size of the random target model")
+    p.add_argument("--draft_layers", type=cli.positive_int, default=2, help="layers of the random draft model")
+    p.add_argument("--draft_hidden", type=cli.positive_int, default=256, help="hidden size of the random draft model")
+    p.add_argument("--head_dim", type=cli.positive_int, default=64, help="head dim of the random models")
+    p.add_argument("--init_std", type=cli.positive_float, default=0.02, help="initializer_range of the random models")
+    p.add_argument("--draft_noise", type=cli.float_in(0), default=0.0,
                    help="> 0: draft = target + Gaussian noise (this x each tensor's std) instead of a small model")
     p.add_argument("--seed", type=int, default=0, help="random seed (models, prompts, sampling)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=cli.positive_int, default=None,
                    help="CPU threads for torch (default: torch's choice); fix it to compare runs on a shared machine")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
-    p.add_argument("--out", default=None, help="output folder (default bench/results/generate-<device>-<date>)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar (e.g. in logs)")
+    p.add_argument("--out", default=None, help="output folder (default: bench/results/generate-<device>-<date>)")
     return p
 
 
@@ -201,7 +209,7 @@ def checkpoints(args, device, dtype):
     from scaling_runs.data import load_data
 
     if not args.draft_run:
-        raise SystemExit("--target-run needs --draft-run (the draft checkpoint)")
+        raise SystemExit("--target_run needs --draft_run (the draft checkpoint)")
     target_gpt, cfg, run_dir = load_model(args.target_run, device)  # the run's config comes with it
     target = GPTAdapter(target_gpt).eval().to(dtype)
     draft = load_gpt(args.draft_run, device).to(dtype)
@@ -214,7 +222,7 @@ def checkpoints(args, device, dtype):
     data = load_data(DataConfig(**cfg["data"]))
     start, last = args.prompt_offset, len(data.val) - args.prompt_len
     if start > last:
-        raise SystemExit(f"--prompt-offset {start} + --prompt-len {args.prompt_len} > held-out tokens {len(data.val)}")
+        raise SystemExit(f"--prompt_offset {start} + --prompt_len {args.prompt_len} > held-out tokens {len(data.val)}")
     offsets = [start + i * (last - start) // max(1, args.prompts - 1) for i in range(args.prompts)] if args.prompts > 1 else [start]
     prompts = [torch.as_tensor(data.val[o : o + args.prompt_len].astype("int64"))[None].to(device) for o in offsets]
     args.vocab = target.gpt.cfg.vocab_size
@@ -275,8 +283,6 @@ def run(args) -> dict:
     if args.cpu:
         apply_cpu(args)
     if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
@@ -286,7 +292,7 @@ def run(args) -> dict:
         target, draft, draft_kind, prompts, train_tokens = checkpoints(args, device, dtype)
     else:
         if args.draft_run or args.ngram_corpus == "train":
-            raise SystemExit("--draft-run and --ngram-corpus train need --target-run")
+            raise SystemExit("--draft_run and --ngram_corpus train need --target_run")
         target = llama(args, args.target_layers, args.target_hidden, attn, args.seed, device, dtype)
         if args.draft_noise > 0:
             draft = noisy_copy(target, args.draft_noise, args.seed + 1)
@@ -339,7 +345,7 @@ def run(args) -> dict:
     if args.tree_branching >= 2 and getattr(target, "supports_tree", False) and not sample["do_sample"]:
         modes.append("tree")
     else:
-        print("tree mode skipped: it needs --target-run checkpoints, greedy decoding and --tree-branching >= 2")
+        print("tree mode skipped: it needs --target_run checkpoints, greedy decoding and --tree_branching >= 2")
     repeats = max(1, args.repeats)
     bar = tqdm(total=len(modes) * (1 + repeats) * len(prompts), unit="generation", disable=args.no_progress,
                desc="generate_speed")
@@ -397,7 +403,7 @@ def run(args) -> dict:
     if device.type == "cpu":
         print(f"NOTE: {CPU_NOTE}")
     print(f"wrote {out_dir / 'generate_speed.json'} and {out_dir / 'points.json'} ({time.perf_counter() - t_start:.1f} s)")
-    print(f"roofline: python -m bench.roofline {out_dir / 'points.json'} --no-model --out {out_dir / 'roofline.png'}")
+    print(f"roofline: python -m bench.roofline {out_dir / 'points.json'} --no_model --out {out_dir / 'roofline.png'}")
     report["out_dir"] = str(out_dir)
     return report
 
@@ -407,4 +413,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.generate_speed"))

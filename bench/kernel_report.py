@@ -45,6 +45,13 @@ The committed baseline is bench/results/kernel-report-main-2026-12-03.json.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/kernel_report.py, from anywhere): import it as bench.kernel_report
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
 import argparse
 import hashlib
 import itertools
@@ -61,6 +68,8 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from moba._core import cli
 
 from ._common import git_state, make_parser, utc_now
 
@@ -522,17 +531,24 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _cc(text: str) -> int:
+    """``--cc`` entry: a compute capability of ``SM_RESOURCES`` (``90``, ``80``)."""
+    if not text.isdigit() or int(text) not in SM_RESOURCES:
+        raise argparse.ArgumentTypeError(f"expected one of {sorted(SM_RESOURCES)}{cli.did_you_mean(text, map(str, SM_RESOURCES))}")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.kernel_report")
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
-    p.add_argument("--cc", type=lambda s: [int(x) for x in s.split(",")], default=[90, 80],
-                   help="comma list of compute capabilities (default 90,80)")
-    p.add_argument("--jobs", type=int, default=min(8, os.cpu_count() or 1),
+    p.add_argument("--cc", type=cli.list_of(_cc, "compute capabilities"), default=[90, 80],
+                   help=f"comma list of compute capabilities, from {','.join(map(str, sorted(SM_RESOURCES)))} (default: 90,80)")
+    p.add_argument("--jobs", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
                    help="compile processes (default: the CPU count, at most 8)")
     p.add_argument("--json", dest="json_path", default=None, help="write the full report as JSON")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of the rich table")
     p.add_argument("--cache", default=str(default_cache_dir()),
-                   help="cache of the ptxas/SASS analysis by cubin hash ('' disables; default %(default)s)")
+                   help="cache of the ptxas/SASS analysis by cubin hash ('' disables; default: %(default)s)")
     return p
 
 
@@ -555,8 +571,12 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.json_path).write_text(json.dumps(report, indent=1, default=str) + "\n")
         print(f"wrote {args.json_path}")
     print(f"{len(report['rows'])} kernel x target rows in {report['metadata']['wall_seconds']} s")
+    if report["rows"] and len(errors) == len(report["rows"]):
+        raise SystemExit("error: every kernel failed to compile: nothing was measured")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.kernel_report"))

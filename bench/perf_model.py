@@ -1,7 +1,7 @@
 """Analytic time and memory model of MoBA's Triton kernels against dense flash attention. MODELLED, not measured.
 
     python -m bench.perf_model                         # H200, Hq=32/Hkv=8, D=128, bf16: both settings, 32K/128K/512K
-    python -m bench.perf_model --gpu H100 --per-kernel --seqlens 128k
+    python -m bench.perf_model --gpu H100 --per_kernel --seqlens 128k
     python -m bench.perf_model --json model.json
 
 Every number printed here comes from the formulas and assumptions below: no GPU ran them. When
@@ -55,12 +55,20 @@ every tile), clock throttling, overlap between kernels.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/perf_model.py, from anywhere): import it as bench.perf_model
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
 import json
 import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from moba._core import cli
 from moba._core.accounting import attention_flops, dense_pairs, moba_pairs
 from moba._core.hardware import find_device
 
@@ -678,15 +686,17 @@ def _gib(x: float) -> str:
 
 
 def build_parser():
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.perf_model")
     p.add_argument("--gpu", choices=sorted(GPUS), default="H200", help="the GPU whose peaks the model uses")
-    p.add_argument("--seqlens", default="32k,128k,512k", help="comma list, k suffix = 1024")
-    p.add_argument("--settings", default="512/3,128/8", help="block/top-k pairs")
-    p.add_argument("--heads", type=int, default=32, help="query heads")
-    p.add_argument("--kv-heads", type=int, default=8, help="KV heads")
-    p.add_argument("--head-dim", type=int, default=128, help="head dim")
-    p.add_argument("--designs", default=",".join(DESIGNS), help="comma list of kernel designs to model")
-    p.add_argument("--per-kernel", action="store_true", help="print every kernel's modelled time")
+    p.add_argument("--seqlens", type=parse_sizes, default=[32768, 131072, 524288],
+                   help="comma list, k suffix = 1024 (default: 32k,128k,512k)")
+    p.add_argument("--settings", type=cli.block_topk_list, default=[(512, 3), (128, 8)],
+                   help="comma list of BLOCK/TOP_K settings (default: 512/3,128/8)")
+    p.add_argument("--heads", type=cli.positive_int, default=32, help="query heads")
+    p.add_argument("--kv_heads", type=cli.positive_int, default=8, help="KV heads")
+    p.add_argument("--head_dim", type=cli.positive_int, default=128, help="head dim")
+    p.add_argument("--designs", type=cli.names(DESIGNS, "design"), default=list(DESIGNS), help="comma list of kernel designs to model")
+    p.add_argument("--per_kernel", action="store_true", help="print every kernel's modelled time")
     p.add_argument("--uncorrelated", action="store_true",
                    help="random selections (every row's past picks independent) instead of UNION_FACTOR")
     p.add_argument("--json", dest="json_path", default=None, help="also write the model's numbers to this JSON file")
@@ -696,10 +706,9 @@ def build_parser():
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     gpu = GPUS[args.gpu]
-    designs = [d for d in args.designs.split(",") if d]
-    bad = [d for d in designs if d not in DESIGNS]
-    if bad:
-        raise SystemExit(f"--designs: unknown {bad}; expected some of {DESIGNS}")
+    designs = args.designs
+    if args.heads % args.kv_heads:
+        raise cli.fail(f"--heads ({args.heads}) must be a multiple of --kv_heads ({args.kv_heads})")
     rows = []
     print(f"MODELLED (no GPU ran this): {gpu.name}, Hq={args.heads} Hkv={args.kv_heads} D={args.head_dim} bf16, causal, "
           f"fwd+bwd unless noted; {'uncorrelated (random) selections' if args.uncorrelated else 'correlated selections'}; "
@@ -708,9 +717,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"{'gate/fwd':>8} | {'TFLOP/s eff':>11} {'wasted MMA':>10} | {'peak GiB':>8} {'x dense':>7} {'fwd-only x dense':>16}")
     print(header)
     print("-" * len(header))
-    for setting in args.settings.split(","):
-        bs, k = (int(x) for x in setting.split("/"))
-        for seqlen in parse_sizes(args.seqlens):
+    for bs, k in args.settings:
+        for seqlen in args.seqlens:
             s = Shape(seqlen, args.heads, args.kv_heads, args.head_dim, bs, k)
             for m in compare(s, gpu, designs, args.uncorrelated):
                 rows.append(m)
@@ -735,4 +743,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.perf_model"))

@@ -120,7 +120,7 @@ PROVIDERS: dict[str, Provider] = {p.name: p for p in (
              skip=_causal_only("the paper's MoBA algorithm is causal only"),
              backward_skip=lambda cfg: ("moba-paper-reimpl: forward only on the flash-attn path (no custom backward "
                                         "re-implemented)") if flash_attn_usable(_device(cfg)) else None),
-    Provider("moba-official", "moba", "causal; a checkout of MoonshotAI/MoBA (--official-moba-src)", _official_forward,
+    Provider("moba-official", "moba", "causal; a checkout of MoonshotAI/MoBA (--official_moba_src)", _official_forward,
              skip=_causal_only("the official MoBA code is causal only")),
     Provider("reference", "moba", 'moba backend="reference", CPU, short sequences',
              lambda cfg: lambda q, k, v: moba.moba_attn_func(q, k, v, cfg.block_size, cfg.top_k, causal=cfg.causal,

@@ -2,7 +2,7 @@
 
     python -m bench.roofline bench/results/<run>/attn_speed.json --out roofline.png
     python -m bench.roofline --out roofline.png                      # model only: H100 SXM ceilings
-    python -m bench.roofline RUN.json decode.json --device-name "NVIDIA H200" --out r.png
+    python -m bench.roofline RUN.json decode.json --device_name "NVIDIA H200" --out r.png
     python -m bench.roofline RUN.json --measure --out r.png          # measure the ceilings here
 
 For every kernel and mode - MoBA forward / backward, dense (flash) attention forward /
@@ -29,9 +29,9 @@ Inputs (any number of JSON files):
                    "seconds": 1.1e-4}]}                 # measured time of one call; null or
                                                         #  absent = model only (on the roof)
 
-Ceilings (peak dense bf16 tensor FLOP/s, HBM bytes/s): ``--peak-tflops`` / ``--peak-bw-tbs``,
+Ceilings (peak dense bf16 tensor FLOP/s, HBM bytes/s): ``--peak_tflops`` / ``--peak_bw_tbs``,
 else ``--measure`` (a large matmul and a large copy on this machine's device), else the table
-``moba._core.hardware.DEVICES`` by device name (``--device-name``, else the JSON's metadata). Results
+``moba._core.hardware.DEVICES`` by device name (``--device_name``, else the JSON's metadata). Results
 from a CPU use the table's fixed CPU row (this project's 2-core Xeon, measured once): CPU
 ceilings measured on each run vary several-fold with the machine's load, so a plot would move
 from one run to the next; pass ``--measure`` to measure this CPU instead.
@@ -43,12 +43,20 @@ modes and fill) beside the axes; log axes read 0.1, 1, 10 FLOP/B and 1G, 1T, 1P 
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/roofline.py, from anywhere): import it as bench.roofline
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
 import argparse
 import json
 import math
 import time
 from pathlib import Path
 
+from moba._core import cli
 from moba._core.hardware import caveat, find_device
 
 from ._attn_model import (
@@ -184,8 +192,13 @@ def load_inputs(paths: list[str]) -> tuple[list[dict], dict | None, str | None]:
     """Points from every input file, the first attn_speed config found, and a device name."""
     points, cfg, device = [], None, None
     for p in paths:
-        with open(p) as f:
-            data = json.load(f)
+        try:
+            with open(p) as f:
+                data = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise cli.fail(f"input {p}: not a JSON file ({e}); expected an attn_speed.json or a points file") from None
+        if not isinstance(data, dict):
+            raise cli.fail(f"input {p}: expected a JSON object with 'rows' (attn_speed.json) or 'points'")
         if "rows" in data:
             points += points_from_attn_speed(data)
             meta = data.get("metadata", {})
@@ -198,12 +211,12 @@ def load_inputs(paths: list[str]) -> tuple[list[dict], dict | None, str | None]:
             for q in data["points"]:
                 missing = [k for k in ("name", "flops", "bytes") if k not in q]
                 if missing:
-                    raise SystemExit(f"{p}: a point lacks {', '.join(missing)} (schema: name, flops, bytes, seconds)")
+                    raise cli.fail(f"input {p}: a point lacks {', '.join(missing)} (schema: name, flops, bytes, seconds)")
                 points.append(dict(kind="external", mode="", seqlen=None, seconds=q.get("seconds"),
                                    family=q["name"], variant="point", **{k: q[k] for k in ("name", "flops", "bytes")}))
             device = device or data.get("device_name")
         else:
-            raise SystemExit(f"{p}: neither an attn_speed.json (rows) nor a points file (points)")
+            raise cli.fail(f"input {p}: neither an attn_speed.json (rows) nor a points file (points)")
     return points, cfg, device
 
 
@@ -296,20 +309,22 @@ def plot(points: list[dict], label: str, peak_flops: float, peak_bw: float, out:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = make_parser(__doc__)
-    p.add_argument("inputs", nargs="*", help="attn_speed.json and/or points JSON files (none: model only)")
+    p = make_parser(__doc__, "bench.roofline")
+    p.add_argument("inputs", nargs="*", type=cli.existing_file, help="attn_speed.json and/or points JSON files (none: model only)")
     p.add_argument("--out", default="roofline.png", help="PNG path; a .json with the points is written beside it")
-    p.add_argument("--device-name", default=None, help="pick the ceilings from the table by this name")
-    p.add_argument("--peak-tflops", type=float, default=None, help="peak dense tensor TFLOP/s")
-    p.add_argument("--peak-bw-tbs", type=float, default=None, help="peak HBM bandwidth, TB/s")
+    p.add_argument("--device_name", default=None, help="pick the ceilings from the table by this name")
+    p.add_argument("--peak_tflops", type=cli.positive_float, default=None, help="peak dense tensor TFLOP/s")
+    p.add_argument("--peak_bw_tbs", type=cli.positive_float, default=None, help="peak HBM bandwidth, TB/s")
     p.add_argument("--measure", action="store_true", help="measure the ceilings on this machine")
-    p.add_argument("--no-model", action="store_true", help="leave out the model-only points")
-    p.add_argument("--decode-queries", default="1,4,8", help="query tokens per decode step for the model points")
-    p.add_argument("--tile", type=int, default=128, help="query / key tile of the traffic model")
+    p.add_argument("--no_model", action="store_true", help="leave out the model-only points")
+    p.add_argument("--decode_queries", default=[1, 4, 8], type=cli.list_of(cli.positive_int, "query counts"), help="query tokens per decode step for the model points")
+    p.add_argument("--tile", type=cli.positive_int, default=128, help="query / key tile of the traffic model")
     return p
 
 
 def resolve_peaks(args, device: str | None) -> tuple[str, float, float, str]:
+    if (args.peak_tflops is None) != (args.peak_bw_tbs is None):
+        raise cli.fail("--peak_tflops and --peak_bw_tbs go together: give both (or neither)")
     if args.peak_tflops and args.peak_bw_tbs:
         return args.device_name or device or "custom", args.peak_tflops * 1e12, args.peak_bw_tbs * 1e12, ""
     if args.measure:
@@ -325,7 +340,8 @@ def resolve_peaks(args, device: str | None) -> tuple[str, float, float, str]:
     if name is None:
         label, f, b, _ = peaks_for("H100")
         return label, f, b, "no device given: H100 SXM ceilings"
-    raise SystemExit(f"unknown device {name!r}: pass --peak-tflops and --peak-bw-tbs, or --measure")
+    where = "--device_name" if args.device_name else "the inputs' device_name"
+    raise cli.fail(f"{where}: no ceilings for the device {name!r} in moba._core.hardware.DEVICES: pass --peak_tflops and --peak_bw_tbs, or --measure")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -333,8 +349,9 @@ def main(argv: list[str] | None = None) -> dict:
     points, cfg, device = load_inputs(args.inputs)
     label, peak_f, peak_b, note = resolve_peaks(args, device)
     if not args.no_model:
-        nq = [int(x) for x in args.decode_queries.split(",") if x.strip()]
-        points += model_points(cfg or DEFAULT_MODEL, nq, args.tile, args.tile)
+        points += model_points(cfg or DEFAULT_MODEL, args.decode_queries, args.tile, args.tile)
+    if not points:
+        raise cli.fail("nothing to plot: the inputs have no measured points and --no_model leaves out the model")
     annotate(points, peak_f, peak_b)
     out = Path(args.out)
     plot(points, label, peak_f, peak_b, out, note)
@@ -352,4 +369,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.roofline"))

@@ -22,6 +22,13 @@ kernels.
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/torch_path_cpu.py, from anywhere): import it as bench.torch_path_cpu
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
 import argparse
 import ctypes
 import json
@@ -32,7 +39,9 @@ import subprocess
 import sys
 import time
 
-from ._common import ROOT, make_parser
+from moba._core import cli
+
+from ._common import ROOT, make_parser, parse_sizes
 
 
 class _MallInfo2(ctypes.Structure):
@@ -218,14 +227,14 @@ def _short(steps: int, rounds: int) -> dict:
 
 
 def build_parser():
-    p = make_parser(__doc__)
-    p.add_argument("--seqlens", default="8192,16384", help="comma list of sequence lengths")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median reported)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p = make_parser(__doc__, "bench.torch_path_cpu")
+    p.add_argument("--seqlens", type=parse_sizes, default=[8192, 16384], help="comma list of sequence lengths (k suffix = 1024)")
+    p.add_argument("--repeats", type=cli.positive_int, default=3, help="timed runs per measurement (median reported)")
+    p.add_argument("--threads", type=cli.positive_int, default=2, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the rows to this file")
     p.add_argument("--short", action="store_true", help="training throughput at context 256 (cpu-tiny) instead")
-    p.add_argument("--steps", type=int, default=5, help="--short: optimizer steps per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="--short: alternating rounds (median reported)")
+    p.add_argument("--steps", type=cli.positive_int, default=5, help="--short: optimizer steps per timed round")
+    p.add_argument("--rounds", type=cli.positive_int, default=5, help="--short: alternating rounds (median reported)")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)  # internal: one measurement in a fresh process
     return p
 
@@ -247,7 +256,7 @@ def main() -> None:
                 json.dump(r, f, indent=1)
         return
     rows = []
-    for seqlen in [int(s) for s in args.seqlens.split(",")]:
+    for seqlen in args.seqlens:
         def child(*what):
             cmd = [sys.executable, "-m", "bench.torch_path_cpu", "--child", *what, "--repeats", str(args.repeats),
                    "--threads", str(args.threads)]
@@ -275,4 +284,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "bench.torch_path_cpu"))

@@ -43,6 +43,8 @@ import time
 import warnings
 from pathlib import Path
 
+from moba._core import cli
+
 from . import eval_budget as E
 from . import tasks as T
 from .checkpoint import atomic_write_text
@@ -279,26 +281,26 @@ def _arms(text: str) -> list[str]:
 SIZES = checked(_sizes, "size list (e.g. 32,64,1k)")
 # the demo options: name -> (argparse type, help); defaults in DEMO_DEFAULTS / NEEDLE_DEMO_DEFAULTS
 DEMO_OPTIONS = {  # --preset tasks
-    "n_tasks": (int, "task examples written"),
+    "n_tasks": (cli.positive_int, "task examples written"),
     "task_lengths": (SIZES, "lengths of the written task examples in bytes"),
     "lengths": (SIZES, "evaluated task context lengths in bytes"),
     "depths": (checked(_floats, "number list"), "needle depths evaluated (0 = start, 1 = end)"),
-    "n_per_cell": (int, "examples per (task, length, depth) cell"),
-    "loss_seqs": (int, "held-out windows for the loss metrics"),
+    "n_per_cell": (cli.positive_int, "examples per (task, length, depth) cell"),
+    "loss_seqs": (cli.positive_int, "held-out windows for the loss metrics"),
     "task_seed": (int, "seed of the written task examples"),
 }
 NEEDLE_OPTIONS = {  # --preset needle
     "task": (str, "short-answer task: needle or multineedle"),
-    "n_filler": (int, "filler bytes per prompt (the prompt length follows)"),
-    "n_needles": (int, "multineedle: key/digit pairs per prompt"),
-    "n_train": (int, "distinct training examples"),
+    "n_filler": (cli.positive_int, "filler bytes per prompt (the prompt length follows)"),
+    "n_needles": (cli.positive_int, "multineedle: key/digit pairs per prompt"),
+    "n_train": (cli.positive_int, "distinct training examples"),
     "train_seed": (int, "seed of the training examples"),
-    "n_eval": (int, "fresh evaluation examples per budget"),
+    "n_eval": (cli.positive_int, "fresh evaluation examples per budget"),
     "eval_seed": (int, "seed of the evaluation examples"),
     "arms": (checked(_arms, f"arm list (from {','.join(ARM_LABELS)})"), "training attention of each model"),
     "ci": (str, "binomial confidence interval: wilson or exact"),
     "eval_device": (str, "evaluation device: cpu, cuda or auto"),
-    "eval_batch": (int, "evaluation sequences per forward"),
+    "eval_batch": (cli.positive_int, "evaluation sequences per forward"),
 }
 CHOICES = {"task": ("needle", "multineedle"), "ci": ("wilson", "exact"), "eval_device": ("cpu", "cuda", "auto")}
 
@@ -318,15 +320,15 @@ def build_parser() -> Parser:
     tasks.add_argument("--reuse", metavar="RUN_DIR|auto", default=argparse.SUPPRESS,
                        help=f"evaluate this run instead of training (auto: {DEFAULT_REUSE} when DONE) "
                             "(default: train)")
-    tasks.add_argument("--filler", metavar="FILE", default=argparse.SUPPRESS,
+    tasks.add_argument("--filler", metavar="FILE", default=argparse.SUPPRESS, type=cli.existing_file,
                        help="text file for the task filler (default: the embedded corpus)")
     for name, (typ, text) in DEMO_OPTIONS.items():
-        tasks.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, metavar="N" if typ is int else "LIST",
+        tasks.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, metavar="N" if typ in (int, cli.positive_int) else "LIST",
                            help=f"{text} (default: {DEMO_DEFAULTS[name]})")
     needle = p.add_argument_group("--preset needle options")
     for name, (typ, text) in NEEDLE_OPTIONS.items():
         needle.add_argument(f"--{name}", type=typ, default=argparse.SUPPRESS, choices=CHOICES.get(name),
-                            metavar=None if name in CHOICES else "N" if typ is int else "LIST",
+                            metavar=None if name in CHOICES else "N" if typ in (int, cli.positive_int) else "LIST",
                             help=f"{text} (default: {NEEDLE_DEMO_DEFAULTS[name]})")
     add_config_options(p, default_note="the demo's training value (TRAIN_DEFAULTS / NEEDLE_TRAIN_DEFAULTS; "
                                        "mix_fraction: tasks 0.5, needle 0.9), else RunConfig's")
@@ -362,4 +364,6 @@ def main(argv: list[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.budget_demo"))

@@ -1,10 +1,9 @@
 """The command-line convention of every ``scaling_runs`` entry point (argparse).
 
-* ``--help`` (or ``-h``) anywhere on the line prints the help and exits 0;
-* an unknown option is a usage error (exit status 2, no traceback) that suggests the nearest
-  known options; options are never abbreviated (``--lr`` is not ``--lr_...``);
-* every option has a help text and shows its default;
-* options are spelled with underscores (``--n_layer``); dashes are accepted (``--n-layer``);
+The parser is ``moba._core.cli.Parser``, shared with ``bench/`` (its docstring has the rules:
+``--help`` anywhere, underscores with dashes accepted, no abbreviations, typo suggestions,
+defaults shown, one-line errors, ``--debug``). This module adds the config options:
+
 * the config fields (``scaling_runs.config``: model / data / train sections) become options
   of their own name and type (``add_config_options``), also under their qualified name
   (``--model.n_layer``).
@@ -12,78 +11,11 @@
 
 import argparse
 import dataclasses
-import difflib
-import sys
 import typing
 
+from moba._core.cli import HELP_FLAGS, HelpFormatter, Parser, _show, checked  # noqa: F401  (re-exported)
+
 from .config import SECTION_TYPES, SECTIONS, RunConfig, config_fields, value_parser
-
-HELP_FLAGS = ("-h", "--help")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The module docstring as written, and ``(default: X)`` after every option's help."""
-
-
-def _normalize(arg: str) -> str:
-    """``--n-layer=4`` -> ``--n_layer=4``: one spelling of option names (values untouched)."""
-    if not arg.startswith("--") or arg == "--":
-        return arg
-    key, eq, value = arg[2:].partition("=")
-    return "--" + key.replace("-", "_") + eq + value
-
-
-class Parser(argparse.ArgumentParser):
-    """``argparse.ArgumentParser`` with the conventions of the module docstring."""
-
-    def __init__(self, prog: str, description: str | None = None, **kwargs):
-        kwargs.setdefault("formatter_class", HelpFormatter)
-        super().__init__(prog=prog, description=description, allow_abbrev=False, **kwargs)
-
-    def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        head = args[: args.index("--")] if "--" in args else args
-        if any(a in HELP_FLAGS for a in head):  # before any value is checked: --help always works
-            self.print_help()
-            self.exit(0)
-        normal = [_normalize(a) for a in head]
-        self._typed = dict(zip(normal, head, strict=True))  # error messages quote what was typed
-        return super().parse_known_args(normal + args[len(head):], namespace)
-
-    def parse_args(self, args=None, namespace=None):
-        ns, extra = self.parse_known_args(args, namespace)
-        if extra:
-            self.error(self.unrecognized(extra))
-        return ns
-
-    def option_names(self) -> list[str]:
-        return [s for a in self._actions for s in a.option_strings if s.startswith("--")]
-
-    def unrecognized(self, extra: list[str]) -> str:
-        """The usage error for ``extra``: ``unrecognized arguments: --lrr 1 (--lrr: did you mean --lr?)``."""
-        typed = getattr(self, "_typed", {})
-        msg = "unrecognized arguments: " + " ".join(typed.get(a, a) for a in extra)
-        names = self.option_names()
-        hints = []
-        for arg in extra:
-            if arg.startswith("-"):
-                near = difflib.get_close_matches(arg.split("=", 1)[0], names, n=4, cutoff=0.75)
-                # --n_layer, not also its alias --model.n_layer
-                near = [n for n in near if "." not in n or "--" + n.split(".", 1)[1] not in near][:3]
-                if near:
-                    hints.append(f"{typed.get(arg, arg).split('=', 1)[0]}: did you mean {' or '.join(near)}?")
-        return msg + (f" ({'; '.join(hints)})" if hints else "")
-
-
-def checked(check, name: str):
-    """An argparse ``type`` that validates the text with ``check`` (its ValueError becomes the
-    usage error "invalid NAME value") and passes the text on unchanged."""
-    def conv(text: str) -> str:
-        check(text)
-        return text
-
-    conv.__name__ = name
-    return conv
 
 
 def _metavar(typ, choices) -> str | None:
@@ -93,15 +25,6 @@ def _metavar(typ, choices) -> str | None:
     base = next((a for a in typing.get_args(typ) if a is not type(None)), typ)
     name = {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(base, "VALUE")
     return f"{name}|none" if optional else name
-
-
-def _show(value) -> str:
-    """A default as it would be typed: ``none``, ``true``, ``3e-3``."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
 
 
 def add_config_options(parser: argparse.ArgumentParser, defaults: RunConfig | None = None,

@@ -10,6 +10,7 @@ also take ``1e9`` (an integral float) and ``0x..``.
 
 import dataclasses
 import json
+import re
 import types
 import typing
 import warnings
@@ -55,6 +56,7 @@ class ModelConfig:
                                "random past blocks, a control arm)", choices=("gate", "random"))
 
     def __post_init__(self):
+        check_ranges(self)
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
         if self.n_embd % self.n_head:
@@ -167,6 +169,10 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self):
+        check_ranges(self.data)
+        check_ranges(self.train)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -257,6 +263,45 @@ def parse_int(text: str) -> int:
     if not value.is_integer():
         raise ValueError(f"expected an integer, got {text!r}")
     return int(value)
+
+
+#: The range of each numeric field, (low, high) with None = unbounded, and whether the bounds are
+#: included: a bad value is a one-line error naming the option, never a crash inside training.
+RANGES: dict[str, tuple] = {
+    "model.n_layer": (1, None), "model.n_head": (1, None), "model.n_kv_head": (1, None), "model.n_embd": (2, None),
+    "model.context": (2, None), "model.vocab_size": (2, None), "model.mlp_ratio": (0, None, "open"),
+    "model.block_size": (1, None), "model.top_k": (1, None), "model.n_full_layers": (0, None),
+    "model.rope_theta": (0, None, "open"),
+    "data.val_fraction": (0, 1, "open"),
+    "train.batch_size": (1, None), "train.grad_accum": (1, None), "train.max_tokens": (0, None),
+    "train.max_steps": (1, None), "train.lr": (0, None, "open"), "train.min_lr_frac": (0, 1),
+    "train.warmup_steps": (0, None), "train.weight_decay": (0, None), "train.beta1": (0, 1, "high open"),
+    "train.beta2": (0, 1, "high open"), "train.grad_clip": (0, None), "train.eval_every": (1, None), "train.eval_seqs": (1, None),
+    "train.trailing_frac": (0, 1, "low open"), "train.n_buckets": (1, None), "train.ckpt_every": (0, None),
+    "train.threads": (0, None), "train.skip_nonfinite_steps": (0, None),
+}
+_SECTION_OF = {"ModelConfig": "model", "DataConfig": "data", "TrainConfig": "train"}
+_DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+
+
+def check_ranges(section) -> None:
+    """ValueError naming the first field of a config section outside its ``RANGES`` (or a bad device)."""
+    sec = _SECTION_OF[type(section).__name__]
+    for f in dataclasses.fields(section):
+        spec = RANGES.get(f"{sec}.{f.name}")
+        value = getattr(section, f.name)
+        if spec is None or value is None or isinstance(value, bool):
+            continue
+        low, high, *how = spec
+        low_open, high_open = how in (["open"], ["low open"]), how in (["open"], ["high open"])
+        bad = (value != value or (low is not None and (value <= low if low_open else value < low))
+               or (high is not None and (value >= high if high_open else value > high)))
+        if bad:
+            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+            raise ValueError(f"{f.name} must be {' and '.join(x for x in (lo, hi) if x)}, got {value}")
+    if sec == "train" and not _DEVICE.fullmatch(str(section.device)):
+        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {section.device!r}")
 
 
 def value_parser(typ) -> typing.Callable[[str], object]:

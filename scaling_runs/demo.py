@@ -16,9 +16,10 @@ out_dir, seed and token budget) override every run's config, like the study's ``
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
+
+from moba._core import cli
 
 from . import study
 from .cli import Parser, add_config_options, checked, config_overrides
@@ -53,8 +54,8 @@ def build_parser() -> Parser:
                    help=f"comma-separated subset of the {PRESET} sizes")
     p.add_argument("--arms", default=",".join(preset.arms), type=_names(list(ARMS)), help="comma-separated arms")
     p.add_argument("--seeds", default=SEEDS, type=checked(_seeds, "seed list"), help="comma-separated seeds")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one process each)")
-    p.add_argument("--n_boot", type=int, default=2000, help="bootstrap replicates of the power-law fits")
+    p.add_argument("--jobs", type=cli.positive_int, default=2, help="runs trained side by side (one process each)")
+    p.add_argument("--n_boot", type=cli.nonnegative_int, default=2000, help="bootstrap replicates of the power-law fits")
     add_config_options(p, default_note=f"the {PRESET} preset's value; applies to every run", skip=NOT_OPTIONS)
     return p
 
@@ -85,4 +86,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.demo"))

@@ -2,10 +2,10 @@
 
     python -m scaling_runs.eval_budget runs/cpu-tiny/s3-moba                 # run dir or ckpt.pt
     python -m scaling_runs.eval_budget RUN --budgets 512,1k,2k,4k,8k --lengths 4k,8k
-    python -m scaling_runs.eval_budget RUN --pairs 3x64,6x64,3x128 --out results/x
+    python -m scaling_runs.eval_budget RUN --pairs 64/3,64/6,128/3 --out results/x
 
 Budget = keys a query may attend to = ``top_k x block_size``. ``--budgets`` keeps the model's
-block size and sets ``top_k = budget / block_size``; ``--pairs TOPKxBLOCK`` sets both. Default
+block size and sets ``top_k = budget / block_size``; ``--pairs BLOCK/TOP_K`` (``64/3``: block 64, top-3) sets both. Default
 (``--budgets auto``): ``block_size x 1, 2, 4, ...`` up to the longest evaluated context (for the
 paper's 8K / block-512 models: 512, 1k, 2k, 4k, 8k). Dense (full) attention is always
 evaluated as the reference. The budget is applied to every layer that is MoBA in the run's
@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 from moba import KVCache, select_blocks
+from moba._core import cli
 from moba._core.accounting import attended_keys_from_indices
-from moba._core.sizes import parse_size
+from moba._core.sizes import parse_block_topk, parse_size
 from moba.nn import attention_modules
 
 from . import tasks as T
@@ -63,16 +64,10 @@ def fmt_size(n: int) -> str:
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
-    """``"3x64,6x64"`` -> [(3, 64), (6, 64)] as (top_k, block_size)."""
-    out = []
-    for part in text.split(","):
-        if not part.strip():
-            continue
-        k, _, b = part.lower().partition("x")
-        out.append((int(k), parse_size(b)))
-        if out[-1][0] < 1 or out[-1][1] < 1:
-            raise ValueError(f"bad pair {part!r} (TOPKxBLOCK, both >= 1)")
-    return out
+    """``"64/3,64/6"`` (``BLOCK/TOP_K``, the notation of every command line) -> [(3, 64), (6, 64)]
+    as (top_k, block_size). The old ``3x64`` is refused with a pointer (``64x3`` would have run
+    top_k=64 with blocks of 3)."""
+    return [(k, b) for b, k in (parse_block_topk(part) for part in text.split(",") if part.strip())]
 
 
 def budget_settings(block_size: int, budgets: list[int] | None = None, pairs: list[tuple[int, int]] | None = None,
@@ -96,7 +91,7 @@ def budget_settings(block_size: int, budgets: list[int] | None = None, pairs: li
         if (k, b) in seen:
             continue
         seen.add((k, b))
-        name = fmt_size(k * b) if not pairs else f"{k}x{fmt_size(b)}"
+        name = fmt_size(k * b) if not pairs else f"{fmt_size(b)}/{k}"
         out.append({"name": name, "mode": "moba", "top_k": k, "block_size": b, "budget": k * b})
     if max_context is not None:
         # A budget that covers the whole context attends every key: it is dense attention again.
@@ -613,7 +608,11 @@ def _size_list(text: str) -> list[int]:
 
 
 def _float_list(text: str) -> list[float]:
-    return [float(d) for d in text.split(",")]
+    return cli.list_of(cli.float_in(0, 1), "depths")(text)
+
+
+def _device(text: str) -> str:
+    return text if text == "auto" else cli.device(text)
 
 
 def _size_list_or_auto(text: str) -> list[int] | None:
@@ -626,25 +625,26 @@ def build_parser() -> Parser:
     p.add_argument("--budgets", default="auto", type=checked(_size_list_or_auto, "size list"), metavar="LIST|auto",
                    help="attended-key budgets, e.g. 512,1k,2k,4k,8k; auto = block_size x 1, 2, 4, ... up to "
                         "the longest context")
-    p.add_argument("--pairs", default=None, type=checked(parse_pairs, "TOPKxBLOCK list"), metavar="LIST",
-                   help="explicit TOPKxBLOCK settings, e.g. 3x64,6x64 (overrides --budgets)")
+    p.add_argument("--pairs", default=None, type=checked(parse_pairs, "BLOCK/TOP_K list"), metavar="LIST",
+                   help="explicit BLOCK/TOP_K settings, e.g. 64/3,64/6 (overrides --budgets)")
     p.add_argument("--lengths", default=None, type=checked(_size_list, "size list"), metavar="LIST",
                    help="task context lengths in bytes; none = context/2 and context")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", type=checked(_float_list, "number list"),
                    metavar="LIST", help="needle depths (0 = start of the prompt, 1 = end)")
-    p.add_argument("--tasks", default=",".join(T.TASKS), metavar="LIST", help="tasks, comma-separated")
-    p.add_argument("--n_per_cell", type=int, default=2, metavar="N", help="examples per (task, length, depth)")
+    p.add_argument("--tasks", default=",".join(T.TASKS), metavar="LIST", type=checked(cli.names(T.TASKS, "task"), "task list"),
+                   help="tasks, comma-separated")
+    p.add_argument("--n_per_cell", type=cli.positive_int, default=2, metavar="N", help="examples per (task, length, depth)")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the task examples")
     p.add_argument("--loss_context", default=None, type=checked(parse_size, "size"), metavar="SIZE",
                    help="held-out loss window; none = the training context")
-    p.add_argument("--loss_seqs", type=int, default=8, metavar="N", help="held-out windows for the loss metrics")
+    p.add_argument("--loss_seqs", type=cli.positive_int, default=8, metavar="N", help="held-out windows for the loss metrics")
     p.add_argument("--data", default=None, help="validation data; none = the run's data config")
-    p.add_argument("--filler", default=None, metavar="FILE", help="text file for task filler; none = embedded corpus")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="torch.set_num_threads when > 0")
-    p.add_argument("--device", default="auto", help="auto / cpu / cuda")
+    p.add_argument("--filler", type=cli.existing_file, default=None, metavar="FILE", help="text file for task filler; none = embedded corpus")
+    p.add_argument("--threads", type=cli.nonnegative_int, default=0, metavar="N", help="torch.set_num_threads when > 0")
+    p.add_argument("--device", default="auto", type=_device, help="auto / cpu / cuda / cuda:N")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                    help="auto = bfloat16 autocast on CUDA, float32 on CPU")
-    p.add_argument("--batch", type=int, default=16, metavar="N", help="sequences per forward")
+    p.add_argument("--batch", type=cli.positive_int, default=16, metavar="N", help="sequences per forward")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder; none = RUN/budget_sweep")
     p.add_argument("--no_plots", action="store_true", help="write budget_sweep.json only")
     return p
@@ -652,6 +652,8 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> dict:
     a = build_parser().parse_args(argv)
+    if not Path(a.checkpoint).exists():
+        raise cli.fail(f"checkpoint {a.checkpoint}: no such file or folder (a run folder with ckpt.pt, or a checkpoint file)")
     budgets = _size_list_or_auto(a.budgets)
     pairs = parse_pairs(a.pairs) if a.pairs else None
     lengths = _size_list(a.lengths) if a.lengths else None
@@ -670,4 +672,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.eval_budget"))

@@ -225,14 +225,25 @@ def print_fits(fits: dict) -> None:
                   f"{f['n_points']} frontier points, R^2 {f['r2']:.3f})")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser():
+    from moba._core import cli
+
     from .cli import Parser
 
     parser = Parser("python -m scaling_runs.fit", __doc__)
-    parser.add_argument("sweep_dir", help="a sweep folder (run folders with config.json and metrics.jsonl)")
+    parser.add_argument("sweep_dir", type=cli.existing_dir,
+                        help="a sweep folder (run folders with config.json and metrics.jsonl)")
     parser.add_argument("--x", default="dense", choices=("dense", "attn_aware"),
-                   help="compute axis: dense 6 N D, or the attention-aware count")
-    parser.add_argument("--skip_frac", type=float, default=0.3, help="share of each run's tokens dropped (warmup)")
+                        help="compute axis: dense 6 N D, or the attention-aware count")
+    parser.add_argument("--skip_frac", type=cli.float_in(0, 1, high_open=True), default=0.3,
+                        help="share of each run's tokens dropped (warmup)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    from moba._core import cli
+
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         parser.print_help()
@@ -240,6 +251,9 @@ def main(argv: list[str] | None = None) -> None:
     a = parser.parse_args(argv)
     sweep_dir = Path(a.sweep_dir)
     x = {"attn_aware": "attn_aware_pflops_days"}.get(a.x, "pflops_days")
+    if not load_runs(sweep_dir):
+        raise cli.fail(f"sweep_dir {sweep_dir}: no run folders with metrics.jsonl inside (a sweep folder, "
+                       "e.g. runs/cpu-tiny after `python -m scaling_runs.sweep --preset cpu-tiny`)")
     fits = fit_sweep(sweep_dir, x, a.skip_frac)
     print_fits(fits)
     print(f"wrote {sweep_dir / 'fit.json'}")
@@ -248,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.fit"))
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ class SweepPreset:
     gpus_per_run: int = 1
     launch_only: bool = False  # multi-node: write launch scripts instead of running
     note: str = ""
+    needs_gpu: bool = False  # sized for GPUs: sweep refuses to train it on a CPU-only machine unless asked
 
     def model_for(self, size: Size, kind: str) -> ModelConfig:
         b = self.base.model
@@ -117,7 +118,7 @@ def _gpu_small() -> SweepPreset:
     )
     sizes = [Size("s1", 4, 256), Size("s2", 6, 384), Size("s3", 8, 512), Size("s4", 10, 640)]
     return SweepPreset("gpu-small", base, sizes, ["moba", "full"], ["tpp:10"],
-                       note="4 sizes x {moba, full}, 10 tokens/param, context 2048, block 256, top-3")
+                       note="4 sizes x {moba, full}, 10 tokens/param, context 2048, block 256, top-3", needs_gpu=True)
 
 
 def _paper() -> SweepPreset:
@@ -138,7 +139,8 @@ def _paper() -> SweepPreset:
         Size("2.1B", 22, 2816, int(36.9 * B), n_head=22),
     ]
     return SweepPreset("paper", base, sizes, ["moba", "full"], ["size"], gpus_per_run=32, launch_only=True,
-                       note="the MoBA paper's five models (8K ctx, block 512, top-3); multi-node launch scripts")
+                       note="the MoBA paper's five models (8K ctx, block 512, top-3); multi-node launch scripts",
+                       needs_gpu=True)
 
 
 PRESETS = {"cpu-tiny": _cpu_tiny, "gpu-small": _gpu_small, "paper": _paper}

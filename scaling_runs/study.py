@@ -35,12 +35,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+from moba._core import cli
+
 from .cli import Parser
-from .config import apply_overrides
+from .config import RunConfig, apply_overrides
 from .fit import plot_study, study_summary
 from .flops import PFLOPS_DAY, causal_sparsity, flops_per_token
 from .model import analytic_param_counts
-from .presets import ARMS, StudyPreset, get_study
+from .presets import ARMS, STUDIES, StudyPreset, get_study
 
 EXIT_FAILED = 1
 EXIT_EMPTY = 2
@@ -187,19 +189,19 @@ def print_summary(summary: dict) -> None:
 
 def build_parser() -> Parser:
     p = Parser("python -m scaling_runs.study", __doc__.split("\n\n")[0])
-    p.add_argument("--preset", default="cpu-study", help="study preset (scaling_runs.presets.STUDIES)")
+    p.add_argument("--preset", default="cpu-study", choices=sorted(STUDIES), help="study preset (scaling_runs.presets.STUDIES)")
     p.add_argument("--out", default=None, help="study folder (default: runs/<preset>)")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained side by side (one process each)")
+    p.add_argument("--jobs", type=cli.positive_int, default=2, help="runs trained side by side (one process each)")
     p.add_argument("--sizes", default=None, help="comma-separated subset of the preset's sizes (default: all)")
     p.add_argument("--arms", default=None, help=f"comma-separated subset of {list(ARMS)} (default: the preset's)")
-    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the preset's)")
-    p.add_argument("--tpp", type=float, default=None, help="tokens per non-embedding parameter (default: the preset's)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--seeds", default=None, type=cli.checked(cli.list_of(cli.nonnegative_int, "seeds"), "seed list"), help="comma-separated seeds (default: the preset's)")
+    p.add_argument("--tpp", type=cli.positive_float, default=None, help="tokens per non-embedding parameter (default: the preset's)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=cli.checked(_key_value, "KEY=VALUE"),
                    help="change every run's config (repeatable), e.g. --set lr=1e-2; tokens stay the preset's")
     p.add_argument("--headline", default=None,
                    help="size whose per-arm losses summary.json reports (default: the largest size among "
                         "those with the most seeds in every arm)")
-    p.add_argument("--n_boot", type=int, default=2000, help="bootstrap replicates of the power-law fits")
+    p.add_argument("--n_boot", type=cli.nonnegative_int, default=2000, help="bootstrap replicates of the power-law fits")
     p.add_argument("--keep_checkpoints", action="store_true", help="keep ckpt*.pt of finished runs")
     p.add_argument("--summarize_only", action="store_true", help="train nothing; summarise the finished runs")
     p.add_argument("--dry_run", action="store_true", help="print the plan (runs, tokens, FLOPs) and stop")
@@ -207,14 +209,20 @@ def build_parser() -> Parser:
     return p
 
 
+def _key_value(text: str) -> None:
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise ValueError("expected KEY=VALUE, e.g. lr=1e-2")
+
+
 def _subset(given: str | None, allowed: list, what: str, cast=str) -> list | None:
     if given is None:
         return None
-    items = [cast(x.strip()) for x in given.split(",") if x.strip()]
-    bad = [x for x in items if x not in allowed] if cast is str else []
-    if bad:
-        raise SystemExit(f"--{what}: unknown {bad}; expected some of {allowed}")
-    return items
+    if cast is not str:
+        return cli.list_of(cast, what)(given)
+    try:
+        return cli.names(allowed, what.rstrip("s"))(given)
+    except argparse.ArgumentTypeError as e:
+        raise cli.fail(f"--{what}: {e}") from None
 
 
 def selected_preset(a: argparse.Namespace) -> StudyPreset:
@@ -238,12 +246,17 @@ def selected_preset(a: argparse.Namespace) -> StudyPreset:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     preset = selected_preset(a)
+    overrides = dict(kv.split("=", 1) for kv in a.set)
+    try:  # a bad --set is an error before any data is prepared
+        apply_overrides(RunConfig(), overrides)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise cli.fail(f"--set {' '.join(a.set)}: {exc.args[0] if isinstance(exc, KeyError) else exc}") from None
+    if a.headline is not None and a.headline not in [s.name for s in preset.sizes]:
+        raise cli.fail(f"--headline: unknown size {a.headline!r}{cli.did_you_mean(a.headline, [s.name for s in preset.sizes])}; "
+                       f"expected one of {', '.join(s.name for s in preset.sizes)}")
     out = Path(a.out or f"runs/{preset.name}")
     out.mkdir(parents=True, exist_ok=True)
     data, data_info = prepare_data(preset, out)
-    overrides = dict(kv.split("=", 1) for kv in a.set if "=" in kv)
-    if len(overrides) != len(a.set):
-        raise SystemExit(f"--set takes KEY=VALUE, got {a.set}")
     runs = plan(preset, out, data, overrides)
     if not runs:
         print("[study] the plan is empty (no size, arm or seed left)", file=sys.stderr)
@@ -280,4 +293,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.study"))

@@ -21,13 +21,17 @@ below) override every run's config.
   (attn-aware FLOPs / (peak FLOP/s x ``--mfu``), 989e12 bf16 for one H100) and stop.
 * ``paper``: multi-node; writes Slurm scripts (``OUT/launch/*.sbatch``, ``launch_all.sh``)
   with ``srun torchrun --nnodes ...`` and prints them instead of running.
+* GPU-sized presets (``gpu-small``; ``paper`` with ``--run true``) stop with an error on a
+  machine without a CUDA GPU instead of training for hours: ``--dry_run true`` prints their
+  plan, ``--allow_cpu true`` trains them on the CPU anyway.
 * ``--allow_config_change true``: resume runs whose checkpoint was trained with other options
   (without it such a run fails, naming the differing fields; see ``scaling_runs.train``).
 
 Exit status: 0 when every run of the plan is DONE (this includes "all runs were already DONE,
 nothing to do", which is reported as such); 1 when any run failed (its status in the table
 says why, a torchrun run's log is ``RUN/train.log``); 2 when the plan is empty (nothing to
-run, e.g. ``--kinds`` names none); 128 + N when stopped by signal N.
+run, e.g. ``--kinds`` names none) and for a usage error (one line on stderr); 128 + N when
+stopped by signal N.
 
 Stopping a sweep (Ctrl-C, SIGTERM) forwards the signal to every torchrun it started (each in
 its own process group) and waits for them; torchrun stops its trainers. If the sweep itself
@@ -51,6 +55,7 @@ import threading
 import time
 from pathlib import Path
 
+from moba._core import cli
 from moba._core.hardware import find_device
 
 from .checkpoint import candidates
@@ -427,6 +432,18 @@ def run_sweep(preset_name: str, sweep_dir: Path, overrides: dict[str, object] | 
     return rows
 
 
+def _kinds(text: str) -> None:
+    """``--kinds``: attention kinds, comma-separated; empty = none (an empty plan, exit 2)."""
+    if text.strip():
+        cli.names(ATTENTION_KINDS, "attention kind")(text)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _check_kinds(kinds: list[str]) -> list[str]:
     kinds = [k.strip() for k in kinds if k.strip()]
     bad = [k for k in kinds if k not in ATTENTION_KINDS]
@@ -456,15 +473,17 @@ def build_parser() -> Parser:
                    "(default: runs/PRESET)")
     p.add_argument("--launcher", default="auto", choices=("auto", "inline", "torchrun"),
                    help="auto = torchrun on GPUs, inline (in this process) on CPU")
-    p.add_argument("--nproc_per_run", type=int, default=1, metavar="N", help="CPU torchrun: processes per run")
-    p.add_argument("--gpus_per_run", type=int, default=None, metavar="N", help="GPUs per run (default: the preset's)")
-    p.add_argument("--mfu", type=float, default=0.15, help="--dry_run time estimate: assumed model FLOPs utilisation")
+    p.add_argument("--nproc_per_run", type=cli.positive_int, default=1, metavar="N", help="CPU torchrun: processes per run")
+    p.add_argument("--gpus_per_run", type=cli.positive_int, default=None, metavar="N", help="GPUs per run (default: the preset's)")
+    p.add_argument("--mfu", type=cli.float_in(0, 1, low_open=True), default=0.15, help="--dry_run time estimate: assumed model FLOPs utilisation")
     p.add_argument("--dry_run", type=boolean, default=False, metavar="BOOL",
                    help="list the runs with parameters, tokens, FLOPs and a time estimate, and stop")
     p.add_argument("--run", type=boolean, default=False, metavar="BOOL",
                    help="a launch-only preset (paper): run it here instead of writing Slurm scripts")
-    p.add_argument("--kinds", default=None, metavar="KIND,...",
+    p.add_argument("--kinds", default=None, metavar="KIND,...", type=cli.checked(_kinds, "kind list"),
                    help=f"attention kinds, comma-separated, from {','.join(ATTENTION_KINDS)} (default: the preset's)")
+    p.add_argument("--allow_cpu", type=boolean, default=False, metavar="BOOL",
+                   help="train a GPU-sized preset (gpu-small) on a machine without a CUDA GPU anyway (hours)")
     p.add_argument("--allow_config_change", type=boolean, default=False, metavar="BOOL",
                    help="resume runs whose checkpoint was trained with other options")
     add_config_options(p, default_note="the preset's value; applies to every run")
@@ -496,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{preset.note}\nwrote {len(paths) - 1} Slurm scripts; submit them all with: "
                   f"bash {paths[-1]}\n--- {paths[0].name} ---\n{paths[0].read_text()}")
         return 0
+    if preset.needs_gpu and not a.allow_cpu and not _cuda_available():
+        raise cli.fail(f"--preset {preset_name} is sized for GPUs and this machine has no CUDA GPU: "
+                       f"--dry_run true prints its plan, --preset cpu-tiny trains on a CPU, "
+                       f"--allow_cpu true trains it here anyway (hours)")
     # inline runs: SIGTERM unwinds the stack so that the run folder's lock is released
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
@@ -509,4 +532,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.sweep"))

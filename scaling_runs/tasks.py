@@ -612,8 +612,15 @@ def write_examples(out_path, task: str, n: int, context_length: int, seed: int =
     return {"out": str(path), **info}
 
 
-def main(argv: list[str] | None = None) -> None:
-    import json
+def _alphabet(text: str) -> str:
+    """``--alphabet``: filler bytes, at least two, no digits or upper case (the answers use those)."""
+    if len(set(text)) < 2 or any(c.isdigit() or c.isupper() for c in text) or not text.isascii():
+        raise ValueError(f"expected at least two ASCII characters, no digits or upper case, got {text!r}")
+    return text
+
+
+def build_parser():
+    from moba._core import cli
 
     from .cli import Parser
 
@@ -624,21 +631,30 @@ def main(argv: list[str] | None = None) -> None:
                     "OUT/examples.npz (or OUT itself when it ends in .npz) for `train --mix PATH.npz` "
                     "(example-aligned windows, answer-only loss; see write_examples).")
     p.add_argument("out_dir", help="output folder (or an .npz path for short-answer tasks)")
-    p.add_argument("--n", type=int, default=2000, help="examples")
-    p.add_argument("--tasks", default=",".join(TASKS),
-                   help=f"comma-separated, from {TASKS + SHORT_TASKS}; a short-answer task goes alone")
-    p.add_argument("--lengths", default="256", help="prompt lengths in bytes, comma-separated (one for short tasks)")
-    p.add_argument("--n_filler", type=int, default=None,
+    p.add_argument("--n", type=cli.positive_int, default=2000, help="examples")
+    p.add_argument("--tasks", type=cli.names(TASKS + SHORT_TASKS, "task"), default=list(TASKS),
+                   help=f"comma-separated, from {','.join(TASKS + SHORT_TASKS)}; a short-answer task goes alone")
+    p.add_argument("--lengths", type=cli.size_list, default=[256],
+                   help="prompt lengths in bytes, comma-separated (one for short tasks)")
+    p.add_argument("--n_filler", type=cli.positive_int, default=None,
                    help="short tasks: filler bytes instead of --lengths (needle: prompt = n_filler + 2 bytes)")
-    p.add_argument("--n_needles", type=int, default=4, help="multineedle: key/digit pairs per prompt")
-    p.add_argument("--alphabet", default=NEEDLE_ALPHABET, help="short tasks: filler bytes (no digits / upper case)")
+    p.add_argument("--n_needles", type=cli.positive_int, default=4, help="multineedle: key/digit pairs per prompt")
+    p.add_argument("--alphabet", type=cli.checked(_alphabet), default=NEEDLE_ALPHABET,
+                   help="short tasks: filler bytes (no digits / upper case)")
     p.add_argument("--seed", type=int, default=1000, help="random seed of the generated examples")
-    p.add_argument("--files", type=int, default=8, help="long tasks: text files the examples are spread over")
-    p.add_argument("--filler", default=None, help="text file for the filler (default: embedded corpus, train split)")
-    a = p.parse_args(argv)
+    p.add_argument("--files", type=cli.positive_int, default=8, help="long tasks: text files the examples are spread over")
+    p.add_argument("--filler", type=cli.existing_file, default=None,
+                   help="text file for the filler (default: embedded corpus, train split)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    import json
     from pathlib import Path
 
-    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    p = build_parser()
+    a = p.parse_args(argv)
+    tasks = a.tasks
     short = [t for t in tasks if t in SHORT_TASKS]
     if short:
         if len(tasks) != 1:
@@ -648,21 +664,22 @@ def main(argv: list[str] | None = None) -> None:
         if a.n_filler is not None:
             length = n_filler_to_length(task, a.n_filler, a.n_needles)
         else:
-            lengths = [int(x) for x in a.lengths.split(",") if x.strip()]
-            if len(lengths) != 1:
+            if len(a.lengths) != 1:
                 p.error("short-answer tasks take one --lengths value (or --n_filler)")
-            length = lengths[0]
+            length = a.lengths[0]
         out = Path(a.out_dir)
         out = out if out.suffix == ".npz" else out / EXAMPLES_FILE
         print(json.dumps(write_examples(out, task, a.n, length, a.seed, **opts)))
         return
     filler = Filler(Path(a.filler).read_text(errors="replace"), name=a.filler) if a.filler else None
-    info = write_corpus(a.out_dir, a.n, tasks, [int(x) for x in a.lengths.split(",")], a.seed, filler, a.files)
+    info = write_corpus(a.out_dir, a.n, tasks, a.lengths, a.seed, filler, a.files)
     print(json.dumps(info))
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.tasks"))
 
 
 # ---------------------------------------------------------------------------------------

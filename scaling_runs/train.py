@@ -25,8 +25,8 @@ Run directory (``out_dir``):
 
 Output (rank 0, stderr): on a terminal a progress bar (train loss, latest val loss, tokens/s,
 MFU on known GPUs); when stderr is not a terminal (a log file, a sweep's ``train.log``) one
-line per evaluation instead (step, tokens, losses, tokens/s, elapsed, ETA); ``--progress
-false`` silences both. A resumed run says ``resuming from step N``. At the end a summary
+line per evaluation instead (step, tokens, losses, tokens/s, elapsed, ETA), and a step line
+whenever a minute passed without a line; ``--progress false`` silences both. A resumed run says ``resuming from step N``. At the end a summary
 (steps, tokens, final losses, tokens/s, wall time, file paths) goes to stdout; the final
 metrics row as JSON is in ``DONE``.
 
@@ -625,10 +625,16 @@ def _read_done(out: Path) -> dict:
 
 class Progress:
     """Rank 0's progress on stderr: a tqdm bar on a terminal (train loss, latest val loss,
-    tokens/s, MFU on known GPUs), one line per evaluation otherwise (a log file)."""
+    tokens/s, MFU on known GPUs); otherwise (a log file) one line per evaluation, and a step
+    line whenever ``line_every_s`` seconds passed without one (a log never stays silent for
+    minutes between evaluations)."""
+
+    #: a log gets a step line when this many seconds passed since its last line
+    line_every_s: float = 60.0
 
     def __init__(self, run: Run, start_step: int):
         self.run, self.start_step = run, start_step
+        self.last_line = time.time()
         self.bar, self.lines = None, False
         if run.master and run.cfg.train.progress and start_step < run.max_steps:
             if sys.stderr.isatty():
@@ -640,11 +646,22 @@ class Progress:
                 self.lines = True
         self.t0 = time.time()
         self.tokens = 0  # trained in this session
+        self.steps_done = 0  # in this session
         self.post: dict = {}
         self.latest_val: float | None = None
 
     def stepped(self, loss: float) -> None:
         self.tokens += self.run.tokens_per_step
+        self.steps_done += 1
+        if self.lines and time.time() - self.last_line >= self.line_every_s:
+            self.last_line = time.time()
+            session_s = self.last_line - self.t0
+            step = self.start_step + self.steps_done
+            eta = session_s / self.steps_done * (self.run.max_steps - step)
+            tps = f"{self.tokens / session_s:,.0f}" if session_s > 0 else "-"
+            self.run.log(f"[train] progress: step {step}/{self.run.max_steps} ({100 * step / max(1, self.run.max_steps):.0f}%)  "
+                         f"train {_loss(loss)} (this step)  {tps} tok/s  "
+                         f"elapsed {format_duration(session_s)} (this session)  eta {format_duration(eta)}")
         if self.bar is None:
             return
         dt = time.time() - self.t0
@@ -664,6 +681,7 @@ class Progress:
             self.post["val"] = f"{self.latest_val:.3f}"
             self.bar.set_postfix(self.post)
         if self.lines:
+            self.last_line = time.time()
             session_s = time.time() - self.t0
             eta = session_s / (row["step"] - self.start_step) * (self.run.max_steps - row["step"])
             self.run.log(eval_line(row, self.run.max_steps, self.tokens / session_s if session_s > 0 else None, eta))
@@ -975,6 +993,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """The run config of parsed options: ``--config``'s file (or the defaults), then the options."""
     base = RunConfig()
     if ns.config:
+        if not Path(ns.config).is_file():
+            raise ValueError(f"--config {ns.config}: no such file (a run's config.json, a sweep's launch.json, ...)")
         saved = json.loads(Path(ns.config).read_text())
         base = RunConfig.from_saved(saved, source=str(ns.config))
     return apply_overrides(base, config_overrides(ns))
@@ -1014,4 +1034,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from moba._core.cli import run
+
+    raise SystemExit(run(main, "scaling_runs.train"))

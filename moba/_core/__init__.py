@@ -5,7 +5,10 @@
 * ``accounting``: attended (query, key) pairs, attention FLOPs and the GPU peak table that
   ``bench/`` and ``scaling_runs/`` import instead of re-deriving.
 * ``custom_ops``: the autograd wiring shared by the torch and Triton custom ops.
-* ``sizes``: token counts written as text (``8k``, ``1m``) for every command line.
+* ``sizes``: token counts written as text (``8k``, ``1m``) and ``BLOCK/TOP_K`` settings for every
+  command line.
+* ``cli``: the command-line convention of every tool in ``bench/`` and ``scaling_runs/`` (parser,
+  value types, one-line errors).
 
 Nothing here imports another ``moba`` layer.
 """

@@ -139,21 +139,7 @@ def test_providers_registry():
                                moba.moba_attn_func(q, q, q, cfg.block_size, cfg.top_k, backend="torch"))
 
 
-@pytest.mark.parametrize("tool", ["attn_speed", "generate_speed", "kernel_report", "perf_model", "roofline",
-                                  "torch_path_cpu", "device_check"])
-def test_every_bench_option_has_help_and_dashes(tool):
-    """One CLI convention: argparse, dashed options, each with a help text; defaults are shown."""
-    import importlib
-
-    module = importlib.import_module(f"bench.{tool}")
-    parser = module.build_parser()
-    for action in parser._actions:
-        if action.help == argparse.SUPPRESS or not action.option_strings:
-            continue
-        assert action.help, f"{tool}: {action.option_strings} has no help"
-        assert all("_" not in o for o in action.option_strings), f"{tool}: {action.option_strings}"
-    text = parser.format_help()
-    assert "(default:" in text or "default" in text
+# (the one CLI convention of every tool, underscored options included: tests/test_cli_errors.py)
 
 
 # ----------------------------------------------------------------------------- counting
@@ -263,7 +249,7 @@ def test_official_package_provider_says_why_it_cannot_run(tmp_path, monkeypatch)
     assert fn is None and "CUDA" in reason
     monkeypatch.setattr(_moba_impls, "flash_attn_usable", lambda device: True)  # pretend CUDA + flash-attn
     fn, reason = load_official_moba(None, "cuda")
-    assert fn is None and "--official-moba-src" in reason and "top-level module `moba`" in reason
+    assert fn is None and "--official_moba_src" in reason and "top-level module `moba`" in reason
     fn, reason = load_official_moba(str(tmp_path), "cuda")
     assert fn is None and "moba_efficient.py does not exist" in reason
     (tmp_path / "moba").mkdir()
@@ -401,7 +387,9 @@ def test_roofline_plot_with_timing_data(tmp_path):
 
 def test_roofline_rejects_bad_points(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"points": [{"name": "x", "flops": 1.0}]}))
-    with pytest.raises(SystemExit):
+    from moba._core.cli import CliError
+
+    with pytest.raises(CliError, match="a point lacks bytes"):
         roofline.main([str(tmp_path / "bad.json"), "--out", str(tmp_path / "x.png")])
 
 

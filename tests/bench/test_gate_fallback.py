@@ -23,7 +23,7 @@ def _run(*args, interpret=True):
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU path (interpreter) only")
 def test_counts_fallbacks_and_checks_agreement(tmp_path):
     out = tmp_path / "g.json"
-    proc = _run("--seqlen", "256", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--settings", "16x3",
+    proc = _run("--seqlen", "256", "--heads", "2", "--kv-heads", "1", "--head-dim", "16", "--settings", "16/3",
                 "--dtypes", "fp16,bf16", "--json", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     data = json.loads(out.read_text())
@@ -43,7 +43,7 @@ def test_refuses_without_a_gpu_or_the_interpreter():
     assert proc.returncode != 0 and "TRITON_INTERPRET=1" in proc.stderr
 
 
-@pytest.mark.parametrize("args,message", [(["--settings", "16x1"], "top_k >= 2"), (["--dtypes", "fp32"], "bf16"),
+@pytest.mark.parametrize("args,message", [(["--settings", "16/1"], "top-k must be >= 2"), (["--settings", "16x3"], "ambiguous"), (["--dtypes", "fp32"], "bf16"),
                                           (["--keys", "nope"], "iid"), (["--heads", "3", "--kv-heads", "2"], "multiple")])
 def test_bad_options_are_usage_errors(args, message):
     proc = _run("--seqlen", "256", *args)

@@ -30,8 +30,8 @@ ENTRY_POINTS = {
     "scaling_runs.sweep": ([], "--dry-runn", "--dry_run"),
     "scaling_runs.demo": ([], "--outt", "--out"),
     "scaling_runs.budget_demo": ([], "--n_evall", "--n_eval"),
-    "scaling_runs.eval_budget": (["RUN"], "--budget", "--budgets"),
-    "scaling_runs.fit": (["SWEEP"], "--skip_fraction", "--skip_frac"),
+    "scaling_runs.eval_budget": (["."], "--budget", "--budgets"),
+    "scaling_runs.fit": (["."], "--skip_fraction", "--skip_frac"),
     "scaling_runs.study": ([], "--jbs", "--jobs"),
     "scaling_runs.tasks": (["OUT"], "--sead", "--seed"),
     "moba.demo": ([], "--seq_length", "--seq_len"),
@@ -118,7 +118,7 @@ def test_every_option_has_help_that_shows_its_default(module, monkeypatch):
     (["--attention", "sparse"], "invalid choice: 'sparse'"),
     (["--dtype", "bf16"], "invalid choice: 'bf16'"),
     (["--n_embd", "100", "--n_head", "3"], "n_embd (100) must be a multiple of n_head (3)"),
-    (["--config", "/nonexistent/config.json"], "No such file"),
+    (["--config", "/nonexistent/config.json"], "no such file"),
 ])
 def test_a_wrong_value_is_a_usage_error(argv, message, capsys):
     code, _, err = run_main("scaling_runs.train", argv, capsys)
@@ -126,14 +126,14 @@ def test_a_wrong_value_is_a_usage_error(argv, message, capsys):
 
 
 @pytest.mark.parametrize("module, argv, message", [
-    ("scaling_runs.sweep", ["--mfu", "high"], "invalid float value"),
+    ("scaling_runs.sweep", ["--mfu", "high"], "argument --mfu: expected a number > 0 and <= 1, got 'high'"),
     ("scaling_runs.sweep", ["--preset", "cpu-tny"], "invalid choice: 'cpu-tny'"),
-    ("scaling_runs.eval_budget", ["RUN", "--budgets", "1q"], "invalid size list value: '1q'"),
-    ("scaling_runs.eval_budget", ["RUN", "--pairs", "3y64"], "invalid TOPKxBLOCK list value"),
-    ("scaling_runs.budget_demo", ["--n_eval", "many"], "invalid int value"),
+    ("scaling_runs.eval_budget", [".", "--budgets", "1q"], "invalid size list value: '1q'"),
+    ("scaling_runs.eval_budget", [".", "--pairs", "3y64"], "invalid BLOCK/TOP_K list value"),
+    ("scaling_runs.budget_demo", ["--n_eval", "many"], "argument --n_eval: expected a whole number >= 1, got 'many'"),
     ("scaling_runs.budget_demo", ["--preset", "needle", "--reuse", "x"], "--reuse: not an option of --preset needle"),
     ("scaling_runs.budget_demo", ["--n_embd", "100", "--n_head", "3"], "must be a multiple of n_head"),
-    ("scaling_runs.fit", ["SWEEP", "--x", "flops"], "invalid choice: 'flops'"),
+    ("scaling_runs.fit", [".", "--x", "flops"], "invalid choice: 'flops'"),
     ("moba.demo", ["--top_k", "99"], "--top_k (99)"),
 ])
 def test_wrong_values_of_the_other_entry_points(module, argv, message, capsys):

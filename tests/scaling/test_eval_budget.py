@@ -22,16 +22,17 @@ from tests._helpers import make_text_corpus
 def test_parse_sizes_pairs_and_settings():
     assert [E.parse_size(s) for s in ("512", "1k", "2K", "8k", "1m")] == [512, 1024, 2048, 8192, 2**20]
     assert E.fmt_size(8192) == "8k" and E.fmt_size(96) == "96"
-    assert E.parse_pairs("3x64, 6x64,3x1k") == [(3, 64), (6, 64), (3, 1024)]
-    with pytest.raises(ValueError):
-        E.parse_pairs("0x64")
+    assert E.parse_pairs("64/3, 64/6,1k/3") == [(3, 64), (6, 64), (3, 1024)]
+    for bad in ("64/0", "3x64"):  # the old TOPKxBLOCK form is refused: 64x3 once ran top_k=64, block 3
+        with pytest.raises(ValueError):
+            E.parse_pairs(bad)
     auto = E.budget_settings(512, max_context=8192)
     assert [s["budget"] for s in auto] == [512, 1024, 2048, 4096, 8192]
     assert [s["top_k"] for s in auto] == [1, 2, 4, 8, 16] and {s["block_size"] for s in auto} == {512}
     given = E.budget_settings(32, budgets=[64, 128, 100])
     assert [(s["top_k"], s["block_size"]) for s in given] == [(2, 32), (4, 32), (3, 32)]
     pairs = E.budget_settings(32, pairs=[(3, 64), (6, 32)])
-    assert [(s["name"], s["budget"]) for s in pairs] == [("3x64", 192), ("6x32", 192)]
+    assert [(s["name"], s["budget"]) for s in pairs] == [("64/3", 192), ("32/6", 192)]
 
 
 def test_budget_changes_attended_keys():
@@ -104,13 +105,13 @@ def test_cli_pairs(tmp_path, capsys):
     run, _ = _tiny_checkpoint(tmp_path)
     fill = tmp_path / "filler.txt"
     fill.write_text("The sky is blue and the sun is warm.\n" * 10)
-    E.main([str(run / "ckpt.pt"), "--pairs", "2x16,1x64", "--lengths", "128", "--depths", "0.5",
+    E.main([str(run / "ckpt.pt"), "--pairs", "16/2,64/1", "--lengths", "128", "--depths", "0.5",
             "--tasks", "passkey,mqar", "--n_per_cell", "1", "--loss_seqs", "1", "--filler", str(fill),
             "--out", str(tmp_path / "cli"), "--no_plots"])
     rec = json.loads((tmp_path / "cli" / "budget_sweep.json").read_text())
-    assert [(r["name"], r["budget"]) for r in rec["results"]] == [("2x16", 32), ("1x64", 64), ("dense", None)]
+    assert [(r["name"], r["budget"]) for r in rec["results"]] == [("16/2", 32), ("64/1", 64), ("dense", None)]
     assert not (tmp_path / "cli" / "performance_vs_budget.png").exists()
-    assert '"2x16"' in capsys.readouterr().out
+    assert '"16/2"' in capsys.readouterr().out
 
 
 def test_answer_nll_matches_full_forward(tmp_path):

@@ -366,6 +366,7 @@ def test_sweep_exit_status(tmp_path, capsys):
         (Path(r["config"].train.out_dir) / "DONE").write_text("{}")
     assert S.main(["--out", str(done), *SWEEP_OPTS]) == 0
     assert "all 6 runs were already DONE: nothing to do" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="unknown attention kind"):
+    with pytest.raises(SystemExit) as usage:  # a usage error, before anything runs
         S.main(["--out", str(tmp_path / "bad"), "--kinds", "moba,sparse", *SWEEP_OPTS])
+    assert usage.value.code == 2 and "unknown attention kind 'sparse'" in capsys.readouterr().err
     assert S.exit_status([{"run": "a", "status": "done"}, {"run": "b", "status": "interrupted (rc -15)"}])[0] == 1

@@ -184,6 +184,27 @@ def test_progress_bar_on_a_terminal_shows_val_loss_and_tokens_per_s(tmp_path, mo
     assert "[train] step" not in term.getvalue()  # the bar replaces the per-evaluation lines
 
 
+def test_a_log_gets_step_lines_between_evaluations(tmp_path, monkeypatch):
+    """stderr not a terminal: besides the per-evaluation lines, a step line whenever
+    ``Progress.line_every_s`` passed without a line (0 here: after every step), so a log is
+    never silent for minutes."""
+    import io
+
+    from scaling_runs import train as T
+
+    log = io.StringIO()  # not a terminal
+    monkeypatch.setattr(sys, "stderr", log)
+    monkeypatch.setattr(T.Progress, "line_every_s", 0.0)
+    T.train(tiny_config(tmp_path, "lines", progress=True, max_steps=3, eval_every=3))
+    steps = [ln for ln in log.getvalue().splitlines() if ln.startswith("[train] progress: step ")]
+    assert [ln.split()[3] for ln in steps] == ["1/3", "2/3", "3/3"], log.getvalue()
+    assert all("tok/s" in ln and "eta" in ln for ln in steps)
+    monkeypatch.setattr(T.Progress, "line_every_s", 1e9)  # the default minute, never reached here
+    log.truncate(0)
+    T.train(tiny_config(tmp_path, "quiet", progress=True, max_steps=3, eval_every=3))
+    assert "[train] progress:" not in log.getvalue() and "[train] step 3/3" in log.getvalue()
+
+
 def test_format_summary_and_eval_line():
     from scaling_runs.train import eval_line, format_duration, format_summary
 
