@@ -548,6 +548,9 @@ def register_moba(
         raise ValueError(f"name must be a non-empty str, got {name!r}")
     if backend not in ("auto", "torch", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'reference', got {backend!r}")
+    if isinstance(full_attention_layers, (str, bytes)) or not hasattr(full_attention_layers, "__iter__"):
+        raise TypeError(f"full_attention_layers must be a sequence of layer indices, e.g. (-1,) or [5], got "
+                        f"{type(full_attention_layers).__name__} {full_attention_layers!r}")
     layers = tuple(full_attention_layers)
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):
