@@ -42,9 +42,12 @@ A run stops with an error (exit status 1, no ``DONE``) instead of training on ba
 * a non-finite train loss or gradient norm (``--skip_nonfinite_steps N`` skips up to N such
   steps without an update; 0 by default), or a non-finite validation loss;
 * the checkpoint was trained with another config or other data (``data_hash``): the message
-  names the fields; ``--allow_config_change true`` resumes anyway. Options that change no
-  number (``out_dir``, ``threads``, ``progress``, ``device``, ``compile``, ``cache_dir``,
-  ``skip_nonfinite_steps``) may change freely;
+  names the fields; ``--allow_config_change true`` resumes anyway. Options that change what
+  a run computes at most up to float rounding may change freely: ``out_dir``, ``progress``,
+  ``cache_dir`` and ``skip_nonfinite_steps`` change no number; ``threads``, ``device`` and
+  ``compile`` can change the rounding (CPU kernels split reductions by thread count, e.g. the
+  torch path's flash formulation), so a resume is bitwise equal to an uninterrupted run only
+  with the same values of these three;
 * another trainer holds the folder's ``train.lock``: one folder, one writer. The lock is
   released on exit (also on SIGTERM); a lock whose process is gone is taken over.
 Short-answer task data (issue 16): ``--mix PATH.npz --mix_fraction f`` with an ``.npz`` of
