@@ -172,3 +172,46 @@ def test_layout_cache_is_thread_safe(monkeypatch):
         t.join()
     assert not errors, repr(errors[0])
     assert len(torch_impl._LAYOUT_CACHE) <= torch_impl._LAYOUT_CACHE_SIZE
+
+
+def test_threaded_calls_equal_single_threaded_ones(monkeypatch):
+    """The promise behind the lock: several threads calling the op at once (more sequence
+    layouts than the layout cache holds) get exactly the single-threaded results."""
+
+    class YieldingCache(OrderedDict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            time.sleep(0)
+            return value
+
+    monkeypatch.setattr(torch_impl, "_LAYOUT_CACHE", YieldingCache())
+    g = torch.Generator().manual_seed(3)
+    cases = []
+    for i in range(torch_impl._LAYOUT_CACHE_SIZE + 4):
+        lengths = [9 + i, 5]
+        cu = cu_seqlens_of(lengths)
+        q, k, v = (torch.randn(sum(lengths), 2, 8, generator=g) for _ in range(3))
+        cases.append((q, k, v, cu, max(lengths)))
+
+    def call(case):
+        q, k, v, cu, m = case
+        return moba.moba_attn_varlen_func(q, k, v, cu, m, block_size=2, top_k=2, backend="torch")
+
+    expected = [call(c) for c in cases]
+    errors: list[BaseException] = []
+
+    def work(seed):
+        try:
+            for i in range(60):
+                j = (seed * 5 + i) % len(cases)
+                if not torch.equal(call(cases[j]), expected[j]):
+                    raise AssertionError(f"case {j} differs under threads")
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, repr(errors[0])
