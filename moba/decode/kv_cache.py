@@ -46,7 +46,7 @@ from .._core.checks import (
 )
 from .._core.layout import build_layout, effective_block_size
 from ..ops.gate import select_from_means
-from ..ops.registry import resolve_decode_backend
+from ..ops.registry import resolve_decode_backend, triton_interpreter_enabled
 
 # Upper bound on the elements of one chunk of gathered keys in the PyTorch decode path.
 _GATHER_CHUNK_ELEMENTS = 1 << 24
@@ -358,7 +358,7 @@ def moba_decode(
         raise ValueError(f"every row needs at least Lq = {lq} real cache tokens after its start, got starts={starts} "
                          f"for Lk = {k_cache.shape[1]}")
     path = resolve_decode_backend(backend, q.device, q)  # an unknown backend fails before the state changes
-    if path == "triton" and q.dtype == torch.bfloat16 and q.device.type == "cpu":
+    if path == "triton" and q.dtype == torch.bfloat16 and q.device.type == "cpu" and triton_interpreter_enabled():
         raise NotImplementedError('backend="triton" with bfloat16 q on CPU: the Triton interpreter has no bfloat16 '
                                   'tl.dot; use float16 / float32 on CPU, CUDA tensors, or backend="torch"')
     lengths = state.update(k_cache, starts, lq)
