@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--target_run) the training split (default: train with checkpoints, else prompt)")
     p.add_argument("--target_run", type=cli.existing_path, default=None, help="a scaling_runs run dir / ckpt.pt as the target")
     p.add_argument("--draft_run", type=cli.existing_path, default=None, help="a scaling_runs run dir / ckpt.pt as the draft (with --target_run)")
+    p.add_argument("--trust_checkpoint", action="store_true",
+                   help="load --target_run / --draft_run files that need arbitrary unpickling (older versions); "
+                        "runs any code they hold: only for files you wrote yourself")
     p.add_argument("--prompt_offset", type=cli.nonnegative_int, default=0, help="with checkpoints: where the prompts start in the held-out split")
     p.add_argument("--prompts", type=cli.positive_int, default=1,
                    help="prompts per timed run (checkpoints: windows spread evenly over the held-out split; "
@@ -204,15 +207,19 @@ def noisy_copy(model, noise: float, seed: int):
 def checkpoints(args, device, dtype):
     """Target and draft from scaling_runs checkpoints, a held-out prompt, the training tokens."""
     from moba.generate import GPTAdapter
-    from scaling_runs.checkpoint import load_gpt, load_model
+    from scaling_runs.checkpoint import CheckpointError, load_gpt, load_model
     from scaling_runs.config import DataConfig
     from scaling_runs.data import load_data
 
     if not args.draft_run:
         raise SystemExit("--target_run needs --draft_run (the draft checkpoint)")
-    target_gpt, cfg, run_dir = load_model(args.target_run, device)  # the run's config comes with it
+    trust = args.trust_checkpoint  # off: checkpoints are read as data only (weights_only=True)
+    try:
+        target_gpt, cfg, run_dir = load_model(args.target_run, device, trust_checkpoint=trust)  # with its config
+        draft = load_gpt(args.draft_run, device, trust_checkpoint=trust).to(dtype)
+    except CheckpointError as exc:  # one line, non-zero exit (an untrusted file included)
+        raise SystemExit(str(exc)) from None
     target = GPTAdapter(target_gpt).eval().to(dtype)
-    draft = load_gpt(args.draft_run, device).to(dtype)
     if target.gpt.cfg.vocab_size != draft.gpt.cfg.vocab_size:
         raise SystemExit(f"target and draft vocabularies differ: {target.gpt.cfg.vocab_size} vs {draft.gpt.cfg.vocab_size}")
     context = target.gpt.cfg.context

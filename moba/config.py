@@ -18,12 +18,10 @@ The official MoonshotAI package's names are accepted as aliases: ``MoBAConfig(mo
 from __future__ import annotations
 
 import json
-import math
-import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
-from ._core.checks import check_bool, check_positive_int
+from ._core.checks import MAX_INT, check_bool, check_positive_int, check_softmax_scale
 
 #: Backend names a config may hold (``moba.ops.registry`` may register more at run time).
 KNOWN_BACKENDS = ("auto", "torch", "triton", "reference")
@@ -46,14 +44,7 @@ def _check_backend(value) -> str:
 
 
 def _check_scale(value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"softmax_scale must be a finite positive number or None, got {value}")
-    return value
+    return check_softmax_scale(value)
 
 
 def _as_bool(name: str, value) -> bool:
@@ -78,7 +69,8 @@ class MoBAConfig:
             on the inputs' device raise instead of running (see ``moba_attn_func``).
 
     Integers from numpy (``np.int64(512)``) are converted to ``int``; every field is checked
-    when the config is built, so a bad config never reaches a kernel.
+    when the config is built, so a bad config never reaches a kernel. ``block_size`` and
+    ``top_k`` above ``2**63 - 1`` are stored as ``2**63 - 1`` (the same selection).
 
     Example:
         >>> cfg = MoBAConfig(block_size=512, top_k=3)
@@ -108,8 +100,10 @@ class MoBAConfig:
         block_size = _merge_alias("block_size", block_size, "moba_chunk_size", moba_chunk_size)
         top_k = _merge_alias("top_k", top_k, "moba_topk", moba_topk)
         values = dict(
-            block_size=check_positive_int("block_size", 512 if block_size is None else block_size),
-            top_k=check_positive_int("top_k", 3 if top_k is None else top_k),
+            # Any integer is legal; above 2**63 - 1 it is stored as 2**63 - 1, which selects the
+            # same blocks (one block per sequence / every block) and keeps to_json() working.
+            block_size=min(check_positive_int("block_size", 512 if block_size is None else block_size), MAX_INT),
+            top_k=min(check_positive_int("top_k", 3 if top_k is None else top_k), MAX_INT),
             causal=_as_bool("causal", causal),
             backend=_check_backend(backend),
             softmax_scale=_check_scale(softmax_scale),
@@ -148,7 +142,20 @@ class MoBAConfig:
 
     @classmethod
     def from_json(cls, text: str) -> MoBAConfig:
-        return cls.from_dict(json.loads(text))
+        """Inverse of ``to_json``; a text that is not a JSON object of fields raises ``ValueError``."""
+        if not isinstance(text, (str, bytes, bytearray)):
+            raise TypeError(f"MoBAConfig.from_json needs a JSON str, got {type(text).__name__}")
+        try:
+            data = json.loads(text)
+        except RecursionError:
+            raise ValueError("MoBAConfig.from_json: text is nested too deeply; expected a JSON object of "
+                             "MoBAConfig fields") from None
+        except ValueError as exc:
+            raise ValueError(f"MoBAConfig.from_json: text is not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"MoBAConfig.from_json: expected a JSON object of MoBAConfig fields, got "
+                             f"{type(data).__name__}")
+        return cls.from_dict(data)
 
 
 def _merge_alias(name: str, value, alias: str, alias_value):

@@ -210,7 +210,9 @@ class RunConfig:
 
 SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
-# Options that change no number of a run: they may differ between a checkpoint and its resume.
+# Options that may differ between a checkpoint and its resume: they change no number of a run
+# (out_dir, progress, cache_dir, skip_nonfinite_steps) or only its float rounding (threads,
+# device, compile: a resume is bitwise equal to an uninterrupted run only with the same values).
 RESUME_FREE_FIELDS = frozenset({
     "train.out_dir", "train.progress", "train.threads", "train.device", "train.compile",
     "train.skip_nonfinite_steps", "data.cache_dir",

@@ -36,12 +36,18 @@ uninterrupted run; metrics rows past the checkpoint's step are dropped (they are
 A run stops with an error (exit status 1, no ``DONE``) instead of training on bad state:
 * checkpoint files exist but none verifies (a corrupt newest one falls back to the previous
   one with a message and is renamed ``*.corrupt``);
+* the checkpoint needs arbitrary unpickling (checkpoints carry data, never code: they are read
+  with ``weights_only=True``); ``--trust_checkpoint true`` reads a file written by an older
+  version, and runs any code it holds;
 * a non-finite train loss or gradient norm (``--skip_nonfinite_steps N`` skips up to N such
   steps without an update; 0 by default), or a non-finite validation loss;
 * the checkpoint was trained with another config or other data (``data_hash``): the message
-  names the fields; ``--allow_config_change true`` resumes anyway. Options that change no
-  number (``out_dir``, ``threads``, ``progress``, ``device``, ``compile``, ``cache_dir``,
-  ``skip_nonfinite_steps``) may change freely;
+  names the fields; ``--allow_config_change true`` resumes anyway. Options that change what
+  a run computes at most up to float rounding may change freely: ``out_dir``, ``progress``,
+  ``cache_dir`` and ``skip_nonfinite_steps`` change no number; ``threads``, ``device`` and
+  ``compile`` can change the rounding (CPU kernels split reductions by thread count, e.g. the
+  torch path's flash formulation), so a resume is bitwise equal to an uninterrupted run only
+  with the same values of these three;
 * another trainer holds the folder's ``train.lock``: one folder, one writer. The lock is
   released on exit (also on SIGTERM); a lock whose process is gone is taken over.
 Short-answer task data (issue 16): ``--mix PATH.npz --mix_fraction f`` with an ``.npz`` of
@@ -143,12 +149,14 @@ class InjectedFault(Exception):
 # evaluate_and_log (evaluate) -> checkpoint (checkpoint_state) -> finish.
 
 
-def train(cfg: RunConfig, allow_config_change: bool = False) -> dict:
+def train(cfg: RunConfig, allow_config_change: bool = False, *, trust_checkpoint: bool = False) -> dict:
     """Train (or resume, or skip when DONE) the run ``cfg`` describes; returns the last metrics.
 
     Raises ``TrainingError`` (no DONE is written) on a non-finite loss, on a checkpoint whose
     config or data differ from ``cfg`` (unless ``allow_config_change``), or when another trainer
-    holds the run folder; ``CheckpointError`` when checkpoints exist but none is valid.
+    holds the run folder; ``CheckpointError`` when checkpoints exist but none is valid, and
+    ``UntrustedCheckpointError`` when the checkpoint needs arbitrary unpickling (unless
+    ``trust_checkpoint``, which runs any code the file holds).
     """
     world, rank, device = setup_distributed(cfg)
     out = Path(cfg.train.out_dir)
@@ -159,7 +167,7 @@ def train(cfg: RunConfig, allow_config_change: bool = False) -> dict:
     with run_folder_lock(out, rank, world):
         if (out / "DONE").exists():  # finished by the trainer that held the lock a moment ago
             return _read_done(out)
-        run, state = setup(cfg, world, rank, device, allow_config_change)
+        run, state = setup(cfg, world, rank, device, allow_config_change, trust_checkpoint=trust_checkpoint)
         progress = Progress(run, state.step)
         last: dict = {}
         try:
@@ -241,7 +249,7 @@ class TrainState:
 
 
 def setup(cfg: RunConfig, world: int, rank: int, device: torch.device,
-          allow_config_change: bool = False) -> tuple[Run, TrainState]:
+          allow_config_change: bool = False, *, trust_checkpoint: bool = False) -> tuple[Run, TrainState]:
     """Everything before the first step: data, batch geometry, model, optimizer, resume from
     the newest valid checkpoint, the run record (``config.json``), compile / DDP wrapping."""
     t = cfg.train
@@ -263,7 +271,7 @@ def setup(cfg: RunConfig, world: int, rank: int, device: torch.device,
               per_rank=per_rank, micro=micro, tokens_per_step=tokens_per_step, max_steps=max_steps, fpt=fpt,
               peak_flops=_peak_flops(device))
 
-    state, changes = resume(run, allow_config_change)
+    state, changes = resume(run, allow_config_change, trust_checkpoint=trust_checkpoint)
     if run.master:
         _keep_metrics_up_to(run.out / "metrics.jsonl", state.step)
         atomic_write_text(run.out / "config.json", dumps(run_record(run, counts, state.step, changes)))
@@ -344,11 +352,13 @@ def build_optimizer(model: torch.nn.Module, t, device: torch.device) -> torch.op
     )
 
 
-def resume(run: Run, allow_config_change: bool) -> tuple[TrainState, list[str]]:
+def resume(run: Run, allow_config_change: bool, *, trust_checkpoint: bool = False) -> tuple[TrainState, list[str]]:
     """The state of the newest checkpoint that verifies (model, optimizer, RNGs restored in
-    place), or a fresh state; and the config fields that changed since that checkpoint."""
+    place), or a fresh state; and the config fields that changed since that checkpoint.
+    Checkpoints are read as data only unless ``trust_checkpoint`` (``checkpoint.load_file``)."""
     # every rank reads the checkpoint; only rank 0 reports what it rejected
-    found = load_latest(run.out, map_location=run.device, log=run.log if run.master else (lambda msg: None))
+    found = load_latest(run.out, map_location=run.device, log=run.log if run.master else (lambda msg: None),
+                        trust_checkpoint=trust_checkpoint)
     if found is None:
         return TrainState(), []
     ckpt = found.state
@@ -979,12 +989,16 @@ def build_parser() -> Parser:
     """``python -m scaling_runs.train``'s options: ``--config``, ``--allow_config_change`` and
     one option per config field (``scaling_runs.cli``)."""
     p = Parser("python -m scaling_runs.train", __doc__,
-               usage="%(prog)s [--config JSON] [--allow_config_change BOOL] [--OPTION VALUE ...]")
+               usage="%(prog)s [--config JSON] [--allow_config_change BOOL] [--trust_checkpoint BOOL] "
+                     "[--OPTION VALUE ...]")
     p.add_argument("--config", metavar="JSON", default=None,
                    help="start from a saved config: a run's config.json, a sweep's launch.json or "
                         "RunConfig.to_dict() JSON; the options below override its values")
     p.add_argument("--allow_config_change", type=value_parser(bool), default=False, metavar="BOOL",
                    help="resume a checkpoint whose config or data differ (the changes are recorded)")
+    p.add_argument("--trust_checkpoint", type=value_parser(bool), default=False, metavar="BOOL",
+                   help="resume a checkpoint that needs arbitrary unpickling (written by an older version); "
+                        "this runs any code the file holds: only for files you wrote yourself")
     add_config_options(p, default_note=None)
     return p
 
@@ -1022,7 +1036,7 @@ def main(argv: list[str] | None = None) -> None:
     # that the run-folder lock is released; the checkpoints are atomic either way
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        last = train(cfg, allow_config_change=ns.allow_config_change)
+        last = train(cfg, allow_config_change=ns.allow_config_change, trust_checkpoint=ns.trust_checkpoint)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_summary(last, cfg.train.out_dir), flush=True)
     except (TrainingError, CheckpointError) as exc:

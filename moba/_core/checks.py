@@ -17,10 +17,25 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Value that marks an unused slot in a block-index tensor returned by ``select_blocks``.
 PAD_INDEX = -1
 
+#: Largest integer a size setting needs: no int64-indexed sequence is longer, so a block size
+#: (or top_k) above it means exactly what this value means.
+MAX_INT = 2**63 - 1
+
+# softmax_scale must stay a finite, non-zero number in float32 (the compute dtype of every
+# low-precision path): 1e300 is finite in Python and infinite in float32.
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38
+
+
+def _short(value) -> str:
+    """repr of a value for an error message, cut short (a 5000-digit int stays readable)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**30 else f"an int of {len(str(abs(value)))} digits"
+    return text if len(text) <= 80 else text[:77] + "..."
+
 
 def check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int >= 1, got {type(value).__name__} {_short(value)}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
@@ -32,15 +47,30 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
+def check_softmax_scale(softmax_scale) -> float | None:
+    """None, or a positive float that is finite and non-zero in float32."""
+    if softmax_scale is None:
+        return None
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__} "
+                        f"{_short(softmax_scale)}")
+    try:
+        value = float(softmax_scale)
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"softmax_scale must be a finite positive number, got {_short(softmax_scale)}")
+    if not _FLOAT32_TINY <= value <= _FLOAT32_MAX:
+        raise ValueError(f"softmax_scale must be a float32 number (between {_FLOAT32_TINY:.3g} and "
+                         f"{_FLOAT32_MAX:.3g}), got {value}: it would be 0 or inf in float32")
+    return value
+
+
 def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
-    """``head_dim ** -0.5`` for None, else the given scale, a finite number > 0, as a float."""
+    """``head_dim ** -0.5`` for None, else the given scale (``check_softmax_scale``), as a float."""
     if softmax_scale is None:
         return head_dim**-0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a finite positive number, got {softmax_scale}")
-    return float(softmax_scale)
+    return check_softmax_scale(softmax_scale)
 
 
 def _check_tensor(name: str, t) -> None:
@@ -132,7 +162,7 @@ def check_key_padding_mask(mask, batch: int, seqlen: int, device, name: str = "k
 
 def check_nonnegative_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name} must be an int >= 0, got {type(value).__name__} {_short(value)}")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
     return int(value)
@@ -163,7 +193,9 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int, name: str = "cu_
     if bounds[-1] != total_tokens:
         raise ValueError(f"{name}[-1] must equal the total number of tokens {total_tokens}, got {bounds[-1]}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, numbers.Integral):
-        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+        hint = (" (sequence boundaries here are probably cu_seqlens_k passed positionally as a list: give "
+                "cu_seqlens_k as a 1-d int32 tensor)") if isinstance(max_seqlen, (list, tuple, torch.Tensor)) else ""
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}{hint}")
     if max_seqlen < max(lengths):
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence ({max(lengths)})")
     return bounds

@@ -83,6 +83,15 @@ def gate_width(n_blocks_max, top_k: int):
     return torch.sym_max(1, torch.sym_min(top_k, n_blocks_max))
 
 
+def check_query_key_lengths(cu_q: list[int], cu_k: list[int]) -> None:
+    """Every sequence needs ``Lq <= Lk`` (its queries are its last key positions)."""
+    for n in range(len(cu_q) - 1):
+        a, b = cu_q[n + 1] - cu_q[n], cu_k[n + 1] - cu_k[n]
+        if a > b:
+            raise ValueError(f"sequence {n} has more queries ({a}) than keys ({b}): cu_seqlens_q / cu_seqlens_k "
+                             "need Lq <= Lk per sequence (queries are the last tokens of their keys)")
+
+
 def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> BlockLayout:
     """Build the block layout from host lists of sequence boundaries.
 
@@ -92,9 +101,7 @@ def build_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> B
     lq = [b - a for a, b in zip(cu_q[:-1], cu_q[1:], strict=True)]
     lk = [b - a for a, b in zip(cu_k[:-1], cu_k[1:], strict=True)]
     block_size = effective_block_size(block_size, max(lk, default=1))
-    for n, (a, b) in enumerate(zip(lq, lk, strict=True)):
-        if a > b:
-            raise ValueError(f"sequence {n} has more queries ({a}) than keys ({b})")
+    check_query_key_lengths(cu_q, cu_k)
     n_blocks = [(length + block_size - 1) // block_size for length in lk]
 
     long = dict(dtype=torch.int64, device=device)

@@ -46,7 +46,7 @@ from .._core.checks import (
 )
 from .._core.layout import build_layout, effective_block_size
 from ..ops.gate import select_from_means
-from ..ops.registry import resolve_decode_backend
+from ..ops.registry import resolve_decode_backend, triton_interpreter_enabled
 
 # Upper bound on the elements of one chunk of gathered keys in the PyTorch decode path.
 _GATHER_CHUNK_ELEMENTS = 1 << 24
@@ -57,8 +57,12 @@ class BlockMeanState:
 
     A state belongs to one cache (one layer of one cache): it only remembers sums, so used with
     another cache it would silently give wrong means. ``update`` therefore keeps the raw bytes of
-    the first and the last key it folded in per row and raises ``ValueError`` when a cache
-    whose keys it would reuse differs there (``clear()`` makes a state reusable).
+    the first key and of the last key of every block it folded in (one key per block: the
+    same order of work as the gate, which reads one mean per block) and raises ``ValueError``
+    when a cache whose keys it would reuse differs at any of them (``clear()`` makes a state
+    reusable). A cache that equals the folded keys at every block's last key and at the first
+    key but differs elsewhere cannot be told apart without re-reading the whole cache: use one
+    state per layer of each cache.
 
     Attributes:
         block_size: tokens per key block.
@@ -73,12 +77,15 @@ class BlockMeanState:
         self._bs = effective_block_size(self.block_size)
         self.sums: torch.Tensor | None = None
         self.lengths: list[int] | None = None
-        self._marks: torch.Tensor | None = None  # (B, 2, Hkv, D) keys at positions 0 and length - 1
+        # keys at row positions 0 and min((j + 1) * block, length) - 1 for every block j: (B, m, Hkv, D),
+        # and those positions (B, m), -1 where a row has fewer blocks
+        self._marks: torch.Tensor | None = None
+        self._mark_pos: torch.Tensor | None = None
 
     # -- bookkeeping -------------------------------------------------------------------
     def clear(self) -> None:
         """Forget everything (the next ``update`` rebuilds from the cache)."""
-        self.sums, self.lengths, self._marks = None, None, None
+        self.sums, self.lengths, self._marks, self._mark_pos = None, None, None, None
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep / reorder rows (beam search ``reorder_cache``, ``batch_select_indices``)."""
@@ -93,7 +100,9 @@ class BlockMeanState:
         index = index.to(self.sums.device).long()
         self.sums = self.sums.index_select(0, index)
         self.lengths = [self.lengths[i] for i in index.tolist()]
-        self._marks = None if self._marks is None else self._marks.index_select(0, index.to(self._marks.device))
+        if self._marks is not None:
+            self._marks = self._marks.index_select(0, index.to(self._marks.device))
+            self._mark_pos = self._mark_pos.index_select(0, index.to(self._mark_pos.device))
 
     def repeat_rows(self, repeats: int) -> None:
         """Repeat every row ``repeats`` times (``batch_repeat_interleave``)."""
@@ -102,7 +111,9 @@ class BlockMeanState:
             return
         self.sums = self.sums.repeat_interleave(repeats, dim=0)
         self.lengths = [n for n in self.lengths for _ in range(repeats)]
-        self._marks = None if self._marks is None else self._marks.repeat_interleave(repeats, dim=0)
+        if self._marks is not None:
+            self._marks = self._marks.repeat_interleave(repeats, dim=0)
+            self._mark_pos = self._mark_pos.repeat_interleave(repeats, dim=0)
 
     def _ensure(self, batch: int, n_blocks: int, hkv: int, d: int, device) -> None:
         shape_ok = (
@@ -157,12 +168,25 @@ class BlockMeanState:
         self._check_same_cache(k_cache, starts, begins)
         self._fold(k_cache, starts, rows, begins, target)
         self.lengths = target
-        # dtype given: an empty batch would otherwise make float index tensors
-        last = torch.tensor([s + max(n - 1, 0) for s, n in zip(starts, target, strict=True)], dtype=torch.long,
-                            device=k_cache.device)
-        first = torch.tensor(starts, dtype=torch.long, device=k_cache.device)
-        self._marks = self._keys_at(k_cache, torch.stack([first, last], 1))
+        self._mark_pos = self._mark_positions(target, k_cache.device)
+        self._marks = self._keys_at(k_cache, self._in_cache(self._mark_pos, starts))
         return target
+
+    def _mark_positions(self, lengths: list[int], device) -> torch.Tensor:
+        """(B, 1 + n_blocks) row positions of the keys the reuse check compares: 0, then the
+        last folded key of every block; -1 where a row has fewer blocks (or no tokens)."""
+        bs = self._bs
+        nb = -(-max(lengths, default=0) // bs)
+        n = torch.tensor(lengths, dtype=torch.long, device=device)[:, None]  # dtype: an empty batch
+        j = torch.arange(nb, dtype=torch.long, device=device)[None, :]
+        ends = torch.where(j * bs < n, torch.minimum((j + 1) * bs, n) - 1, -1)
+        first = torch.where(n > 0, 0, -1)
+        return torch.cat([first, ends], 1)
+
+    @staticmethod
+    def _in_cache(pos: torch.Tensor, starts: list[int]) -> torch.Tensor:
+        """Row positions (B, m) -> cache positions (padding rows of -1 read position start)."""
+        return torch.tensor(starts, dtype=torch.long, device=pos.device)[:, None] + pos.clamp(min=0)
 
     @staticmethod
     def _keys_at(k_cache: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -176,14 +200,12 @@ class BlockMeanState:
         if (marks is None or marks.shape[0] != k_cache.shape[0] or marks.shape[2:] != k_cache.shape[2:]
                 or marks.dtype != k_cache.dtype or marks.device != k_cache.device or k_cache.shape[1] == 0):
             return
-        last = [n - 1 for n in self.lengths]
-        flags = [[n >= 0 and b > 0, n >= 0 and b > n] for n, b in zip(last, begins, strict=True)]
-        if not any(f for row in flags for f in row):
+        if not any(b > 0 for b in begins):  # nothing reused
             return
-        check = torch.tensor(flags, device=k_cache.device)  # (B, 2): which marks are reused keys
-        pos = torch.tensor([[s, s + max(n, 0)] for s, n in zip(starts, last, strict=True)], dtype=torch.long,
-                           device=k_cache.device)
-        now = self._keys_at(k_cache, pos)
+        pos = self._mark_pos
+        begin_t = torch.tensor(begins, dtype=torch.long, device=pos.device)[:, None]
+        check = (pos >= 0) & (pos < begin_t)  # (B, m): which marks are keys this update reuses
+        now = self._keys_at(k_cache, self._in_cache(pos, starts))
         # Compare raw bytes: a NaN key in the cache is still "the same key".
         same = (now.view(torch.uint8) == marks.view(torch.uint8)).flatten(2).all(-1)
         if bool((check & ~same).any()):
@@ -336,6 +358,9 @@ def moba_decode(
         raise ValueError(f"every row needs at least Lq = {lq} real cache tokens after its start, got starts={starts} "
                          f"for Lk = {k_cache.shape[1]}")
     path = resolve_decode_backend(backend, q.device, q)  # an unknown backend fails before the state changes
+    if path == "triton" and q.dtype == torch.bfloat16 and q.device.type == "cpu" and triton_interpreter_enabled():
+        raise NotImplementedError('backend="triton" with bfloat16 q on CPU: the Triton interpreter has no bfloat16 '
+                                  'tl.dot; use float16 / float32 on CPU, CUDA tensors, or backend="torch"')
     lengths = state.update(k_cache, starts, lq)
 
     cu_q = [i * lq for i in range(b + 1)]

@@ -32,11 +32,15 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
+import numbers
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .._core.checks import check_bool, check_nonnegative_int, check_positive_int
 
 __all__ = [
     "CachedModel",
@@ -66,12 +70,20 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
+        check_bool("do_sample", self.do_sample)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, numbers.Real):
+            raise TypeError(f"temperature must be a float > 0, got {type(self.temperature).__name__} "
+                            f"{self.temperature!r}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature}")
+        if self.top_k is not None:
+            check_positive_int("top_k", self.top_k)
+        if self.top_p is not None:
+            if isinstance(self.top_p, bool) or not isinstance(self.top_p, numbers.Real):
+                raise TypeError(f"top_p must be a float in (0, 1] or None, got {type(self.top_p).__name__} "
+                                f"{self.top_p!r}")
+            if not 0 < self.top_p <= 1:  # NaN fails this too
+                raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p}")
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., V) logits -> (..., V) float32 probabilities after temperature, top-k, top-p."""
@@ -316,8 +328,7 @@ class StagedDraft:
     """
 
     def __init__(self, draft_model, inner, gamma_inner: int = 2):
-        if gamma_inner < 1:
-            raise ValueError(f"gamma_inner must be >= 1, got {gamma_inner}")
+        gamma_inner = check_positive_int("gamma_inner", gamma_inner)
         self.model = draft_model if isinstance(draft_model, CachedModel) else CachedModel(draft_model)
         self.inner, self.gamma_inner = inner, gamma_inner
         self.proposed = self.accepted = 0  # inner stage: guesses made / accepted by the draft model
@@ -389,14 +400,36 @@ class GenerationStats:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def _check_ids(input_ids: torch.Tensor) -> list[int]:
+def _vocab_size(model) -> int | None:
+    """Rows of the model's input embedding (None when it has none: a drafter, a custom model)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    n = getattr(emb, "num_embeddings", None)
+    return int(n) if isinstance(n, int) else None
+
+
+def _check_ids(input_ids: torch.Tensor, *models) -> list[int]:
+    """input_ids (1, L) integer tokens, each inside every given model's vocabulary."""
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        raise ValueError("input_ids must be a (batch, length) tensor")
+        what = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, length) tensor, got {what}")
     if input_ids.shape[0] != 1:
         raise ValueError(f"only batch size 1 is supported, got batch {input_ids.shape[0]}")
-    if input_ids.shape[1] < 1 or input_ids.is_floating_point():
-        raise ValueError("input_ids must hold at least one integer token")
-    return [int(t) for t in input_ids[0].tolist()]
+    if input_ids.shape[1] < 1 or input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold at least one integer token, got {input_ids.dtype} "
+                         f"{tuple(input_ids.shape)}")
+    tokens = [int(t) for t in input_ids[0].tolist()]
+    sizes = [n for n in (_vocab_size(m) for m in models) if n is not None]
+    limit = min(sizes) if sizes else None
+    bad = [t for t in tokens if t < 0 or (limit is not None and t >= limit)]
+    if bad:
+        span = f"[0, {limit})" if limit is not None else ">= 0"
+        raise ValueError(f"input_ids must be token ids in {span} (the model's vocabulary), got {bad[0]}")
+    return tokens
+
+
+def _check_max_new_tokens(max_new_tokens) -> int:
+    return check_nonnegative_int("max_new_tokens", max_new_tokens)
 
 
 def _finish(tokens: list[int], n_prompt: int, max_new: int, eos) -> tuple[list[int], bool]:
@@ -446,7 +479,8 @@ def generate_plain(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sa
     input_ids: (1, L). Returns (1, L + n) token ids (n <= max_new_tokens, fewer only when
     ``eos_token_id`` is produced), and a ``GenerationStats`` when ``return_stats``.
     """
-    tokens = _check_ids(input_ids)
+    tokens = _check_ids(input_ids, model)
+    max_new_tokens = _check_max_new_tokens(max_new_tokens)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     runner = CachedModel(model, input_ids.device)
     n_prompt, done = len(tokens), max_new_tokens <= 0
@@ -508,9 +542,10 @@ def generate_speculative(target, draft, input_ids: torch.Tensor, max_new_tokens:
     Returns:
         (1, L + n) token ids, and a ``GenerationStats`` when ``return_stats`` (the default).
     """
-    tokens = _check_ids(input_ids)
-    if gamma < 0:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    tokens = _check_ids(input_ids, target, *([] if hasattr(draft, "propose") else [draft]))
+    max_new_tokens = _check_max_new_tokens(max_new_tokens)
+    gamma = check_nonnegative_int("gamma", gamma)
+    gamma_inner = check_positive_int("gamma_inner", gamma_inner)
     sampling = Sampling(do_sample, temperature, top_k, top_p)
     if hasattr(draft, "propose"):
         if draft_drafter is not None:
@@ -560,13 +595,19 @@ class TreeDraft:
         if isinstance(branching, bool) or not isinstance(branching, int) or branching < 1:
             raise ValueError(f"branching must be an int >= 1, got {branching!r}")
         self.model = model if isinstance(model, CachedModel) else CachedModel(model)
+        vocab = _vocab_size(self.model.model)
+        if vocab is not None and branching > vocab:
+            raise ValueError(f"branching must be <= the draft's vocabulary size ({vocab}), got {branching}")
         self.branching = branching
 
     def propose_tree(self, tokens: list[int], depth: int) -> tuple[list[int], list[int]]:
         """(node tokens, parents) of a tree continuing ``tokens``; parents -1 for the roots."""
         nodes, parents, chain, parent = [], [], [], -1
         for _ in range(depth):
-            top = self.model.logits(tokens + chain)[-1].topk(self.branching).indices.tolist()
+            logits = self.model.logits(tokens + chain)[-1]
+            if self.branching > logits.shape[-1]:
+                raise ValueError(f"branching must be <= the vocabulary size ({logits.shape[-1]}), got {self.branching}")
+            top = logits.topk(self.branching).indices.tolist()
             nodes += top
             parents += [parent] * len(top)
             parent = len(nodes) - len(top)  # the chain node: the draft's own greedy choice
@@ -630,7 +671,8 @@ def generate_tree_speculative(target, draft, input_ids: torch.Tensor, max_new_to
     target, accepted = tokens kept: the acceptance rate is per node, so compare trees by
     ``mean_accepted_length``).
     """
-    tokens = _check_ids(input_ids)
+    tokens = _check_ids(input_ids, target, *([] if isinstance(draft, TreeDraft) else [draft]))
+    max_new_tokens = _check_max_new_tokens(max_new_tokens)
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
         raise ValueError(f"depth must be an int >= 0, got {depth!r}")
     drafter = draft if isinstance(draft, TreeDraft) else TreeDraft(CachedModel(draft, input_ids.device), branching)

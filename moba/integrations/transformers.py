@@ -51,7 +51,9 @@ is not a left prefix of each row falls back to a from-scratch sparse path.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -141,13 +143,45 @@ def _install_cache_hook(module) -> None:
         if cache is None and position is not None and len(args) > position:
             cache = args[position]
         if cache is not None:
-            _check_cache(cache)  # before the model writes into a cache we cannot follow
+            try:
+                _check_cache(cache)  # before the model writes into a cache we cannot follow
+            except ValueError:
+                _release_refused_cache(cache)
+                raise
         try:
             mod._moba_cache_ref = weakref.ref(cache) if cache is not None else None
         except TypeError:  # not weakly referenceable: decode without a stored state
             mod._moba_cache_ref = None
 
     module.register_forward_pre_hook(capture, with_kwargs=True)
+
+
+def _release_refused_cache(cache) -> None:
+    """Leave a refused fixed-size cache unusable for any batch size.
+
+    ``generate`` keeps the static cache it built (``model._cache``) and reuses it when its
+    ``max_batch_size`` matches the next call. Releases whose static layers initialize lazily
+    (4.56) then read ``max_batch_size`` of layers the refused forward never reached, and fail
+    deep inside transformers. With every layer's ``max_batch_size`` set to -1, the next
+    ``generate`` builds a new cache instead, and gets this module's clear refusal again.
+    """
+    for layer in getattr(cache, "layers", None) or []:
+        with contextlib.suppress(AttributeError, TypeError):  # e.g. a read-only property
+            layer.max_batch_size = -1
+
+
+def _cache_of_caller(module):
+    """The cache the attention module's forward was called with, read from its frame (a
+    module's first call, before its cache hook exists); None when not found."""
+    name, _ = _cache_parameter(module)
+    frame = sys._getframe(1)
+    for _ in range(8):  # moba_attention <- (transformers wrappers) <- the module's forward
+        frame = frame.f_back
+        if frame is None:
+            return None
+        if frame.f_locals.get("self") is module and name in frame.f_locals:
+            return frame.f_locals[name]
+    return None
 
 
 def _current_cache(module):
@@ -427,17 +461,23 @@ def make_attention_function(settings: MoBASettings):
             causal = False
         cache = _current_cache(module)
         valid = None
-        if attention_mask is not None:
-            if attention_mask.shape[-1] < lk:
-                raise ValueError(
-                    f"attention mask covers {attention_mask.shape[-1]} keys but there are {lk}: "
-                    "attn_implementation='moba' needs a growing cache (DynamicCache), not a static one"
-                )
-            valid = attention_mask[:, -lk:].to(device=q.device, dtype=torch.bool)
-            if bool(valid.all()):
-                valid = None
-        if cache is _UNKNOWN:
-            _check_keys_end_at_queries(lq, lk, valid, kwargs)
+        try:
+            if attention_mask is not None:
+                if attention_mask.shape[-1] < lk:
+                    raise ValueError(
+                        f"attention mask covers {attention_mask.shape[-1]} keys but there are {lk}: "
+                        "attn_implementation='moba' needs a growing cache (DynamicCache), not a static one"
+                    )
+                valid = attention_mask[:, -lk:].to(device=q.device, dtype=torch.bool)
+                if bool(valid.all()):
+                    valid = None
+            if cache is _UNKNOWN:
+                _check_keys_end_at_queries(lq, lk, valid, kwargs)
+        except ValueError:  # a fixed-size cache, refused: leave nothing half-built for the next call
+            refused = _cache_of_caller(module) if cache is _UNKNOWN else cache
+            if refused is not None:
+                _release_refused_cache(refused)
+            raise
         if _is_full_layer(module, settings):
             return full_attn_with_kvcache(q, k, v, causal, scale, key_padding_mask=valid), None
         if lq == lk:
@@ -548,6 +588,9 @@ def register_moba(
         raise ValueError(f"name must be a non-empty str, got {name!r}")
     if backend not in ("auto", "torch", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'reference', got {backend!r}")
+    if isinstance(full_attention_layers, (str, bytes)) or not hasattr(full_attention_layers, "__iter__"):
+        raise TypeError(f"full_attention_layers must be a sequence of layer indices, e.g. (-1,) or [5], got "
+                        f"{type(full_attention_layers).__name__} {full_attention_layers!r}")
     layers = tuple(full_attention_layers)
     for i in layers:
         if isinstance(i, bool) or not isinstance(i, int):

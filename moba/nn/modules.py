@@ -234,6 +234,14 @@ class MoBASelfAttention(nn.Module):
 
     def forward(self, x, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cache: LayerKVCache | None = None, tree: list[int] | None = None):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        hidden = self.q_proj.in_features
+        if x.dim() not in (2, 3) or x.shape[-1] != hidden:
+            raise ValueError(f"x must be (batch, seqlen, hidden_size) or packed (total_tokens, hidden_size) with "
+                             f"hidden_size = {hidden}, got shape {tuple(x.shape)}")
+        if cache is not None and not isinstance(cache, LayerKVCache):
+            raise TypeError(f"cache must be a moba.LayerKVCache or None, got {type(cache).__name__} {cache!r}")
         lead = x.shape[:-1]
         if cache is not None and cu_seqlens is not None:
             raise ValueError("a KV cache takes (batch, new_tokens, hidden_size) inputs, not packed sequences (cu_seqlens)")

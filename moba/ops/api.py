@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from .._core.checks import check_block_indices, check_cu_seqlens, check_qkv, resolve_softmax_scale
-from .._core.layout import build_layout
+from .._core.checks import check_block_indices, check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
+from .._core.layout import build_layout, check_query_key_lengths
 from ..config import MoBAConfig, resolve_config
 from .full import _sdpa
 from .gate import check_index_values
@@ -50,6 +50,11 @@ def _settings(fn: str, config, block_indices, **given) -> MoBAConfig:
 def _moba_packed(q, k, v, cu_q: list[int], cu_k: list[int], cfg: MoBAConfig, block_indices, return_lse: bool):
     """q (Tq, Hq, D), k/v (Tk, Hkv, D) packed -> out (Tq, Hq, D) [, lse (Tq, Hq)]."""
     scale = resolve_softmax_scale(cfg.softmax_scale, q.shape[-1])
+    # before any shortcut (the dense one of the torch path included): every backend refuses alike
+    check_query_key_lengths(cu_q, cu_k)
+    # The CPU SDPA kernels read the head dim as if its stride were 1: a view with another
+    # last-dim stride (x[..., ::2], an einops split of a fused qkv) is copied first.
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] <= 1 else t.contiguous() for t in (q, k, v))
     impl = resolve_backend(cfg.backend, q.device, q)
     if cfg.deterministic and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         reason = impl.nondeterministic_reason(q.device)
@@ -152,6 +157,10 @@ def moba_attn_varlen_func(
     named = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                  block_size=block_size, top_k=top_k, causal=causal, softmax_scale=softmax_scale,
                  backend=backend, max_seqlen=max_seqlen)
+    if args and isinstance(args[0], (list, tuple)):  # neither max_seqlen (an int) nor a cu_seqlens tensor
+        raise TypeError(f"moba_attn_varlen_func(): the argument after cu_seqlens_q is cu_seqlens_k (a 1-d int32 "
+                        f"tensor) or max_seqlen (an int), got {type(args[0]).__name__} {args[0]!r}; pass "
+                        f"cu_seqlens_k as torch.tensor(..., dtype=torch.int32)")
     positional_cu_k = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dim() == 1
     flash_form = positional_cu_k or cu_seqlens_k is not None
     order = _FLASH_ORDER if positional_cu_k else _SELF_ORDER
@@ -178,6 +187,7 @@ def moba_attn_varlen_func(
                     top_k=named["top_k"], causal=named["causal"], softmax_scale=named["softmax_scale"],
                     backend=named["backend"], deterministic=deterministic, moba_chunk_size=moba_chunk_size,
                     moba_topk=moba_topk)
+    check_bool("return_lse", return_lse)
     check_qkv(q, k, v, varlen=True, same_length=not flash_form)
     names = ("cu_seqlens_q", "cu_seqlens_k") if flash_form else ("cu_seqlens", "cu_seqlens")
     cu_q = check_cu_seqlens(cu_q_t, max_q, q.shape[0], names[0])
@@ -241,6 +251,7 @@ def moba_attn_func(
     cfg = _settings("moba_attn_func", config, block_indices, block_size=block_size, top_k=top_k,
                     causal=causal, softmax_scale=softmax_scale, backend=backend,
                     deterministic=deterministic, moba_chunk_size=moba_chunk_size, moba_topk=moba_topk)
+    check_bool("return_lse", return_lse)
     check_qkv(q, k, v, varlen=False, same_length=False)
     b, sq = q.shape[:2]
     sk = k.shape[1]
@@ -259,7 +270,7 @@ def moba_attn_func(
     )
     if return_lse:
         out, lse = result
-        return out.reshape(q.shape), lse.reshape(b, sq, -1).transpose(1, 2).contiguous()  # (B, Hq, Sq)
+        return out.reshape(q.shape), lse.reshape(b, sq, q.shape[2]).transpose(1, 2).contiguous()  # (B, Hq, Sq)
     return result.reshape(q.shape)
 
 

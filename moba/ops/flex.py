@@ -84,8 +84,9 @@ def flex_block_mask(
     sk = k.shape[1]
     if sq == 0 or sk == 0:
         raise ValueError(f"flex_block_mask needs at least one query and one key, got Sq={sq}, Sk={sk}")
-    bs = cfg.block_size
-    lay = build_layout([i * sq for i in range(b + 1)], [i * sk for i in range(b + 1)], bs, q.device)
+    lay = build_layout([i * sq for i in range(b + 1)], [i * sk for i in range(b + 1)], cfg.block_size, q.device)
+    # min(block_size, Sk): the same blocks, and (blocks + 1) * bs below stays inside int64
+    bs = lay.block_size
     if block_indices is None:
         qp, kp = q.reshape(b * sq, hq, -1), k.reshape(b * sk, k.shape[2], -1)
         with torch.no_grad():
@@ -101,12 +102,13 @@ def flex_block_mask(
 
     valid = idx != PAD_INDEX
     blk = idx.clamp(min=0)
-    # Bitset: bit (j % 32) of word j // 32 set when block j is selected. Rows padded to whole
-    # query tiles, so mask_mod may read any row FlexAttention iterates over.
+    # Bitset: bit (j % 32) of word j // 32 set when block j is selected; one row per query
+    # (mask_mod clamps the padding rows FlexAttention iterates over to the last real one, so
+    # memory never grows with q_block).
     n_words = -(-nb // 32)
-    words = torch.zeros(b, hq, nq * q_block, n_words, dtype=torch.int64, device=dev)
+    words = torch.zeros(b, hq, sq, n_words, dtype=torch.int64, device=dev)
     bit = torch.where(valid, torch.ones_like(blk) << (blk % 32), torch.zeros_like(blk))
-    words[:, :, :sq].scatter_add_(-1, blk // 32, bit)  # distinct blocks per row: add == or
+    words.scatter_add_(-1, blk // 32, bit)  # distinct blocks per row: add == or
     bits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
     del words, bit
 
@@ -135,7 +137,8 @@ def flex_block_mask(
 
     def mask_mod(b_idx, h_idx, q_idx, kv_idx):
         j = kv_idx // bs
-        keep = ((bits[b_idx, h_idx, q_idx, j // 32] >> (j % 32)) & 1) == 1
+        row = torch.clamp(q_idx, max=sq - 1)  # padding rows of the last query tile
+        keep = ((bits[b_idx, h_idx, row, j // 32] >> (j % 32)) & 1) == 1
         if causal_:
             keep = keep & (kv_idx <= q_idx + offset)
         return keep

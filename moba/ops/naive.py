@@ -63,9 +63,15 @@ def reference_attention_packed(
             q_pos = layout.q_pos[q0:q1]
             allowed = allowed & (torch.arange(k1 - k0, device=q.device)[None, :] <= q_pos[:, None])[None]
         scores = torch.matmul(qs, ks.transpose(-1, -2)) * softmax_scale
+        if compute_dtype in (torch.float16, torch.bfloat16):
+            # Low precision rounds the scores to the input dtype (the error the tolerance rule
+            # measures), but a score beyond its range is kept in float32, as every kernel keeps
+            # its scores: finite inputs never give inf - inf = NaN here.
+            wide = torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * softmax_scale
+            scores = torch.where(torch.isfinite(scores) | ~torch.isfinite(wide), scores.float(), wide)
         scores = scores.masked_fill(~allowed, float("-inf"))
         if return_lse:
             lse[q0:q1] = torch.logsumexp(scores.detach().to(lse_dtype), dim=-1).transpose(0, 1)
-        probs = torch.softmax(scores, dim=-1)
+        probs = torch.softmax(scores, dim=-1).to(compute_dtype)
         out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
     return (out, lse) if return_lse else out

@@ -41,6 +41,7 @@ which padding rows point at) reaches no other sequence.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -171,20 +172,24 @@ class _StaticLayout:
 
 _LAYOUT_CACHE: OrderedDict[tuple, _StaticLayout] = OrderedDict()
 _LAYOUT_CACHE_SIZE = 16
+_LAYOUT_CACHE_LOCK = threading.Lock()  # threads share the cache (get, insert, evict, reorder)
 
 
 def _static_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) -> _StaticLayout:
     """The block layout of these sequence boundaries (a small LRU cache: training calls every
     layer with the same lengths, forward and backward)."""
     key = (tuple(cu_q), tuple(cu_k), block_size, str(torch.device(device)))
-    hit = _LAYOUT_CACHE.get(key)
-    if hit is None:
-        hit = _StaticLayout(build_layout(list(cu_q), list(cu_k), block_size, device))
-        _LAYOUT_CACHE[key] = hit
-        if len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
-            _LAYOUT_CACHE.popitem(last=False)
-    else:
+    with _LAYOUT_CACHE_LOCK:
+        hit = _LAYOUT_CACHE.get(key)
+        if hit is not None:
+            _LAYOUT_CACHE.move_to_end(key)
+            return hit
+    built = _StaticLayout(build_layout(list(cu_q), list(cu_k), block_size, device))  # outside the lock
+    with _LAYOUT_CACHE_LOCK:
+        hit = _LAYOUT_CACHE.setdefault(key, built)  # another thread may have built it meanwhile
         _LAYOUT_CACHE.move_to_end(key)
+        while len(_LAYOUT_CACHE) > _LAYOUT_CACHE_SIZE:
+            _LAYOUT_CACHE.popitem(last=False)
     return hit
 
 

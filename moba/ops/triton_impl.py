@@ -77,10 +77,16 @@ def _int32(values: list[int], device) -> torch.Tensor:
     return host.to(device, non_blocking=True)
 
 
+_INTERPRETER_BF16 = ("the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) has no bfloat16 tl.dot (it "
+                     "multiplies the raw bit patterns): use float16 / float32 on CPU, or CUDA tensors")
+
+
 def unsupported_input(q: torch.Tensor) -> str | None:
-    """None when the kernels handle q's dtype and head dim, else why not."""
+    """None when the kernels handle q's dtype and head dim (on q's device), else why not."""
     if q.dtype not in _SUPPORTED_DTYPES:
         return f"float16, bfloat16 and float32 only, got {q.dtype}"
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and _interpreted_kernels():
+        return _INTERPRETER_BF16
     if q.shape[-1] > 256:
         return f"head dims up to 256 only, got {q.shape[-1]}"
     return None
@@ -93,6 +99,8 @@ def _check_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if q.shape[-1] > 256:
         raise NotImplementedError(f'backend="triton" supports head dims up to 256, got {q.shape[-1]}; use backend="torch"')
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and _interpreted_kernels():
+        raise NotImplementedError(f'backend="triton" with bfloat16 q: {_INTERPRETER_BF16}; or use backend="torch"')
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -371,3 +371,18 @@ def test_generate_on_cuda_decode_equals_prefill():
     prompt = torch.randint(1, VOCAB, (2, 6), device="cuda")
     # prefill runs the Triton MoBA kernels (tf32 dots in float32), decoding the decode kernel
     _check_generate_equals_prefill(model, prompt, 18, tol=3e-3)
+
+
+@pytest.mark.parametrize("first_dynamic", [False, True], ids=["first-call", "hooks-installed"])
+def test_refused_static_generate_leaves_nothing_half_built(first_dynamic):
+    """``generate`` keeps the static cache it built; after our refusal the next static call must
+    get the same clear refusal (transformers 4.56 read ``max_batch_size`` of the layers the
+    refused forward never reached: AttributeError deep inside), and a dynamic call still works."""
+    _, (llama,) = _models("llama", "moba_t")
+    ids = torch.randint(1, VOCAB, (1, 6))
+    if first_dynamic:
+        llama.generate(ids, max_new_tokens=2)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="growing cache"):
+            llama.generate(ids, max_new_tokens=2, cache_implementation="static")
+    assert llama.generate(ids, max_new_tokens=2).shape == (1, 8)

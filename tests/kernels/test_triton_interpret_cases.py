@@ -587,6 +587,25 @@ def test_float64_is_rejected_clearly():
         moba.moba_attn_func(q, q, q, 8, 2, backend="triton")
 
 
+def test_bfloat16_is_refused_in_the_interpreter():
+    """The interpreter has no bfloat16 tl.dot (it multiplies bit patterns): a clear error, not
+    output off by ~1e8; backend="auto" keeps using the PyTorch path for CPU tensors."""
+    import moba
+
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(1, 32, 2, 16, generator=gen).bfloat16()
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        moba.moba_attn_func(q, q, q, 8, 2, backend="triton")
+    idx = moba.select_blocks(q, q, 8, 2)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        moba.moba_attn_func(q, q, q, 8, 2, backend="triton", block_indices=idx)
+    with pytest.raises(NotImplementedError, match="bfloat16"):
+        moba.moba_decode(q[:, -1:], q, q, moba.BlockMeanState(8), 8, 2, backend="triton")
+    out = moba.moba_attn_func(q, q, q, 8, 2)  # auto: the torch path
+    ref = moba.moba_attn_func(q.float(), q.float(), q.float(), 8, 2, backend="reference")
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library / torch.compile
 
