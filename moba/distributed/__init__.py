@@ -14,7 +14,7 @@ docs/context_parallel.md.
 
 from .attention import METHODS, moba_attn_func_cp
 from .comm import CommStats
-from .layout import gather_sequence, shard_sequence
+from .layout import gather_sequence, shard_positions, shard_sequence
 from .local import run_local
 
-__all__ = ["METHODS", "CommStats", "gather_sequence", "moba_attn_func_cp", "run_local", "shard_sequence"]
+__all__ = ["METHODS", "CommStats", "gather_sequence", "moba_attn_func_cp", "run_local", "shard_positions", "shard_sequence"]

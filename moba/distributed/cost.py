@@ -74,3 +74,51 @@ def sparse_bytes(seqlen: int, world: int, batch: int, hkv: int, head_dim: int, b
     index = 8 * batch * remote_rows + 8 * (world - 1)
     rows = batch * remote_rows * 2 * hkv * head_dim * elem
     return means + index + rows * (2 if backward else 1)
+
+
+def remote_rows_from_selection(block_indices, world: int, block_size: int, causal: bool = True) -> list[int]:
+    """Key rows each rank's sparse method fetches from other ranks, from a whole-sequence selection.
+
+    block_indices: (B, S, Hq, W) from ``moba.select_blocks`` (``PAD_INDEX`` = -1 unused) on
+    the whole sequence. Per rank: the distinct remote key tokens of the blocks its two chunks'
+    queries selected (causally cut at each chunk's end), summed over the batch: what
+    ``moba_attn_func_cp(method="sparse")`` moves for this selection (the same rule as its plan).
+    """
+    import torch
+
+    from .layout import local_positions, rank_chunks
+
+    batch, seqlen = block_indices.shape[:2]
+    chunk = seqlen // (2 * world)
+    bs = max(1, min(int(block_size), seqlen))
+    n_blocks = -(-seqlen // bs)
+    rows = []
+    for rank in range(world):
+        mine = torch.zeros(seqlen, dtype=torch.bool)
+        mine[local_positions(rank, world, chunk)] = True
+        total = 0
+        for b in range(batch):
+            wanted = torch.zeros(seqlen, dtype=torch.bool)
+            for c in rank_chunks(rank, world):
+                sel = block_indices[b, c * chunk:(c + 1) * chunk].reshape(-1).long()
+                need = torch.zeros(n_blocks + 1, dtype=torch.bool)
+                need[torch.where(sel < 0, n_blocks, sel)] = True
+                tok = torch.arange(seqlen)
+                hit = need[:n_blocks][tok // bs]
+                if causal:
+                    hit &= tok < (c + 1) * chunk
+                wanted |= hit
+            total += int((wanted & ~mine).sum())
+        rows.append(total)
+    return rows
+
+
+def sparse_query_bytes(seqlen: int, world: int, batch: int, hq: int, head_dim: int, top_k: int,
+                       remote_share: float = 1.0, elem: int = 2) -> float:
+    """MODEL ONLY (not implemented): the sparse variant that sends queries to the owners of their
+    selected remote blocks and merges partial outputs by log-sum-exp. Per (query, head, remote
+    selected block): forward q out, partial output + lse back; backward dO out, dq back. Upper bound
+    (no deduplication of a query sent to one owner for two blocks). ``remote_share``: fraction of
+    the ``top_k - 1`` gate picks that live on another rank."""
+    picks = batch * seqlen / world * hq * max(0, top_k - 1) * remote_share
+    return picks * (4 * head_dim * elem + 4)

@@ -36,6 +36,15 @@ def local_positions(rank: int, world: int, chunk: int, device=None) -> torch.Ten
                       torch.arange(b * chunk, (b + 1) * chunk, device=device)])
 
 
+def shard_positions(local_len: int, group=None, device=None) -> torch.Tensor:
+    """(local_len,) int64 positions in the whole sequence of this rank's ``local_len`` tokens
+    (``local_len = S / P``): e.g. rotary embedding positions of a sharded sequence."""
+    _, rank, world = resolve_group(group, "shard_positions")
+    if local_len % 2:
+        raise ValueError(f"shard_positions(): a shard holds two equal chunks, so local_len must be even, got {local_len}")
+    return local_positions(rank, world, local_len // 2, device)
+
+
 def _check_dim(x: torch.Tensor, dim: int, fn: str) -> int:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{fn}(): x must be a torch.Tensor, got {type(x).__name__}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from moba import select_blocks
 from moba.distributed import cost, run_local
 
 TOL = 1e-10
@@ -189,6 +190,15 @@ def _check_bytes(reports, world):
             got = sum(s for phase, (s, _) in per_rank[0][3].items() if "ulysses" in phase)
             assert got == pytest.approx(want), (key, got, want)
         assert len({p[0] for p in per_rank}) == 1, f"{key}: ranks ran different methods {per_rank}"
+        if key.endswith("-sparse"):
+            # The rows fetched are exactly the remote rows of the whole-sequence selection.
+            name, kind = key.rsplit("-", 2)[:2]
+            _, batch, seqlen, hq, hkv, d, bs, top_k = next(c for c in CASES if c[0] == name)
+            q, k, _, _ = _data(batch, seqlen, hq, hkv, d)
+            idx = select_blocks(q, k, bs, top_k, causal=kind == "causal")
+            want = cost.remote_rows_from_selection(idx, world, bs, causal=kind == "causal")
+            got = [p[3].get("sparse:kv", [0, 0])[1] // (2 * hkv * d * 8) for p in per_rank]
+            assert got == want, (key, got, want)
 
 
 def test_ulysses_kv_heads():
