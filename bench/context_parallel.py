@@ -222,9 +222,9 @@ def main(argv=None) -> dict:
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs behind one NVLink domain")
     p.add_argument("--skip-measure", action="store_true", help="only the selection statistics and the model")
     a = p.parse_args(argv)
-    cfg = {k: v for k, v in vars(a).items() if k not in ("out", "worlds", "skip_measure")}
+    lists = ("out", "worlds", "skip_measure", "model_seqlens", "model_worlds", "selection_worlds")
+    cfg = {k: v for k, v in vars(a).items() if k not in lists}
     cfg["methods"] = [m.strip() for m in a.methods.split(",") if m.strip()]
-    cfg.pop("model_seqlens"); cfg.pop("model_worlds"); cfg.pop("selection_worlds")
     measured = [] if a.skip_measure else measure(a.worlds, cfg)
     selection = selection_stats(a.selection_seqlen, a.selection_worlds, cfg)
     fractions: dict = {}

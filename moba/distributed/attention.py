@@ -43,7 +43,15 @@ from .._core.layout import BlockLayout, effective_block_size
 from ..config import MoBAConfig, resolve_config
 from ..ops.api import moba_attn_func, moba_attn_varlen_func
 from ..ops.gate import select_from_means
-from .comm import CommStats, agree, all_gather_cat, all_to_all_rows, dtype_code, exchange_counts, resolve_group
+from .comm import (
+    CommStats,
+    agree,
+    all_gather_cat,
+    all_to_all_rows,
+    dtype_code,
+    exchange_counts,
+    resolve_group,
+)
 from .cost import ulysses_bytes, ulysses_kv_heads
 from .layout import chunk_owner, local_positions, rank_chunks
 
@@ -308,7 +316,7 @@ class _SparsePlan:
             self.remote_rows = sum(self.request_counts) - self.request_counts[rank]  # rows fetched, whole batch
 
     def attention(self, q, k, v, scale: float, return_lse: bool):
-        group, stats, world = self.group, self.stats, self.world
+        group, stats = self.group, self.stats
         batch, local_len, hq, d = q.shape
         hkv = k.shape[2]
         send_counts = exchange_counts(self.request_counts, group, stats, "sparse:counts")

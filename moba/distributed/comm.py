@@ -88,8 +88,8 @@ def _all_to_all(x: torch.Tensor, send_counts: list[int], recv_counts: list[int],
     return out
 
 
-def _traffic(x_rows: int, row_bytes: int, send_counts, recv_counts, rank: int) -> tuple[int, int]:
-    del x_rows
+def _traffic(row_bytes: int, send_counts, recv_counts, rank: int) -> tuple[int, int]:
+    """(bytes sent, bytes received) of an all-to-all, without the rows a rank keeps."""
     return ((sum(send_counts) - send_counts[rank]) * row_bytes, (sum(recv_counts) - recv_counts[rank]) * row_bytes)
 
 
@@ -99,14 +99,14 @@ class _AllToAllRows(torch.autograd.Function):
         rank = dist.get_rank(group)
         ctx.meta = (send_counts, recv_counts, group, stats, phase, rank)
         row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-        _record(stats, phase, *_traffic(x.shape[0], row_bytes, send_counts, recv_counts, rank))
+        _record(stats, phase, *_traffic(row_bytes, send_counts, recv_counts, rank))
         return _all_to_all(x, send_counts, recv_counts, group)
 
     @staticmethod
     def backward(ctx, grad):
         send_counts, recv_counts, group, stats, phase, rank = ctx.meta
         row_bytes = grad[0].numel() * grad.element_size() if grad.dim() > 1 else grad.element_size()
-        _record(stats, "backward:" + phase, *_traffic(grad.shape[0], row_bytes, recv_counts, send_counts, rank))
+        _record(stats, "backward:" + phase, *_traffic(row_bytes, recv_counts, send_counts, rank))
         return _all_to_all(grad, recv_counts, send_counts, group), None, None, None, None, None
 
 
@@ -123,9 +123,7 @@ def exchange_counts(send_counts: list[int], group, stats: CommStats | None, phas
     t = torch.tensor(send_counts, dtype=torch.int64)
     one = [1] * len(send_counts)
     got = _all_to_all(t, one, one, group)
-    rank = dist.get_rank(group)
     _record(stats, phase, 8 * (len(send_counts) - 1), 8 * (len(send_counts) - 1))
-    del rank
     return [int(c) for c in got]
 
 
@@ -145,8 +143,7 @@ def agree(fn: str, local_error: Exception | None, meta: list[int], describe, gro
     and raise the same kind of error on every rank when one rank's input is invalid or the ranks
     disagree. ``describe(metas) -> str | None`` names the first disagreement. Returns the (P, META_LEN)
     table. The rank whose input is invalid re-raises its own error; the others name that rank."""
-    if len(meta) > META_LEN:
-        raise AssertionError("meta too long")
+    assert len(meta) < META_LEN, "the description of an input is at most META_LEN - 1 ints"
     row = torch.full((META_LEN,), -1, dtype=torch.int64)
     row[0] = 0 if local_error is None else 1
     if local_error is None:

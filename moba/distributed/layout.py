@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .comm import CommStats, agree, all_gather_cat, resolve_group
+from .comm import CommStats, agree, all_gather_cat, dtype_code, resolve_group
 
 
 def chunk_owner(chunk: int, world: int) -> tuple[int, int]:
@@ -123,8 +123,6 @@ def gather_sequence(x_local: torch.Tensor, group=None, dim: int = 1, stats: Comm
                              f"must be even, got {x_local.shape[dim]}")
         if x_local.dim() > 16:
             raise ValueError("gather_sequence(): at most 16 dimensions")
-        from .comm import dtype_code
-
         meta = [dim, dtype_code(x_local.dtype), x_local.dim(), *x_local.shape]
     except (TypeError, ValueError) as e:
         error = e
