@@ -83,7 +83,7 @@ class _Gather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_local, dim, group, stats):
         world = dist.get_world_size(group)
-        ctx.meta = (dim, group)
+        ctx.meta = (dim, group, stats)
         parts = all_gather_cat(x_local.movedim(dim, 0), group, stats, "gather_sequence")  # (P, 2C, ...)
         chunk = x_local.shape[dim] // 2
         halves = parts.reshape(world, 2, chunk, *parts.shape[2:])
@@ -92,10 +92,13 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        dim, group = ctx.meta
+        dim, group, stats = ctx.meta
         grad = grad.contiguous()
         dist.all_reduce(grad, group=group)  # each rank's loss used its copy of the whole tensor
         world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if stats is not None:  # what a ring all-reduce moves each way
+            nbytes = 2 * (world - 1) * grad.numel() * grad.element_size() // world
+            stats.add("backward:gather_sequence", nbytes, nbytes)
         chunk = grad.shape[dim] // (2 * world)
         a, b = rank_chunks(rank, world)
         local = torch.cat([grad.narrow(dim, a * chunk, chunk), grad.narrow(dim, b * chunk, chunk)], dim=dim)
