@@ -48,6 +48,7 @@ from .comm import (
     agree,
     all_gather_cat,
     all_to_all_rows,
+    comm_device,
     dtype_code,
     exchange_counts,
     resolve_group,
@@ -171,7 +172,8 @@ def moba_attn_func_cp(
         if method == "auto" and hq % world == 0:
             elem = q.element_size()
             fetch = plan.remote_rows * (2 * hkv * head_dim * elem * (2 if grad else 1) + 8)
-            worst = float(all_gather_cat(torch.tensor([fetch], dtype=torch.float64), group, stats, "auto").max())
+            mine = torch.tensor([fetch], dtype=torch.float64, device=comm_device(group))
+            worst = float(all_gather_cat(mine, group, stats, "auto").max())
             uly = ulysses_bytes(local_len * world, world, batch, hq, hkv, head_dim, elem, backward=grad)
             if uly < worst:
                 chosen = "ulysses"

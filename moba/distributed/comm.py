@@ -66,6 +66,14 @@ def resolve_group(group, fn: str):
     return group, dist.get_rank(group), dist.get_world_size(group)
 
 
+def comm_device(group) -> torch.device:
+    """Where small bookkeeping tensors (counts, the input guard) live for ``group``'s backend:
+    the current CUDA device for NCCL (it moves only CUDA tensors), else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _record(stats: CommStats | None, phase: str, sent: int, recv: int) -> None:
     if stats is not None:
         stats.add(phase, sent, recv)
@@ -120,7 +128,7 @@ def all_to_all_rows(x: torch.Tensor, send_counts: list[int], recv_counts: list[i
 
 def exchange_counts(send_counts: list[int], group, stats: CommStats | None, phase: str) -> list[int]:
     """Each rank tells each other rank how many rows it will send it: returns the counts to receive."""
-    t = torch.tensor(send_counts, dtype=torch.int64)
+    t = torch.tensor(send_counts, dtype=torch.int64, device=comm_device(group))
     one = [1] * len(send_counts)
     got = _all_to_all(t, one, one, group)
     _record(stats, phase, 8 * (len(send_counts) - 1), 8 * (len(send_counts) - 1))
@@ -148,7 +156,7 @@ def agree(fn: str, local_error: Exception | None, meta: list[int], describe, gro
     row[0] = 0 if local_error is None else 1
     if local_error is None:
         row[1 : 1 + len(meta)] = torch.tensor(meta, dtype=torch.int64)
-    table = all_gather_cat(row, group, stats, "guard")
+    table = all_gather_cat(row.to(comm_device(group)), group, stats, "guard").cpu()
     bad = [r for r in range(table.shape[0]) if int(table[r, 0]) != 0]
     if local_error is not None:
         raise local_error
