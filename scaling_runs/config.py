@@ -157,6 +157,8 @@ class TrainConfig:
                      choices=("auto", "float32", "bfloat16"))
     compile: bool = opt(False, "torch.compile the model (GPU only)")
     threads: int = opt(0, "torch.set_num_threads on CPU when > 0")
+    context_parallel: int = opt(1, "ranks that share each sequence (context parallelism, moba.distributed); "
+                                   "the world is a dp x cp DeviceMesh")
     progress: bool = opt(True, "progress bar on a terminal, one line per evaluation in a log (rank 0)")
     # A non-finite val loss always stops the run.
     skip_nonfinite_steps: int = opt(0, "non-finite train loss / grad norm: skip up to N such steps (no update), "
@@ -215,7 +217,7 @@ SECTION_TYPES = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 # device, compile: a resume is bitwise equal to an uninterrupted run only with the same values).
 RESUME_FREE_FIELDS = frozenset({
     "train.out_dir", "train.progress", "train.threads", "train.device", "train.compile",
-    "train.skip_nonfinite_steps", "data.cache_dir",
+    "train.skip_nonfinite_steps", "data.cache_dir", "train.context_parallel",
 })
 
 

@@ -278,6 +278,10 @@ def setup(cfg: RunConfig, world: int, rank: int, device: torch.device,
 
     if t.compile and device.type == "cuda":
         run.run_model = torch.compile(model)
+    if t.context_parallel > 1:  # every sequence sharded over a cp group of a (dp, cp) DeviceMesh
+        from scaling_runs.context_parallel import wrap
+
+        run.run_model = wrap(run.run_model, t.context_parallel, world, device, cfg.model.context)
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -1,7 +1,7 @@
 """``torch.nn`` modules built on the op, and the hybrid rule "which layers run full attention".
 
 * ``modules``: ``MoBAAttention``, ``MoBASelfAttention``, ``RotaryEmbedding``,
-  ``set_attention_mode`` and ``HybridSchedule``.
+  ``set_attention_mode``, ``set_context_parallel`` and ``HybridSchedule``.
 * ``hybrid``: ``full_layers`` / ``layer_modes``, the one rule every caller uses (the modules
   here, the transformers integration, ``scaling_runs``' model config and budget evaluation).
 """
@@ -15,6 +15,7 @@ from .modules import (
     RotaryEmbedding,
     attention_modules,
     set_attention_mode,
+    set_context_parallel,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "full_layers",
     "layer_modes",
     "set_attention_mode",
+    "set_context_parallel",
 ]

@@ -8,6 +8,11 @@
 * ``set_attention_mode(model, mode, layers=None)``: switch every (or some) attention core of
   a model between MoBA and full attention, e.g. the last N layers full (hybrid) or the whole
   model full from a chosen training step (the paper's MoBA/full recipe).
+* Context parallelism: ``cp_group=`` (a process group, e.g. ``mesh.get_group("cp")``) on
+  ``MoBAAttention`` / ``MoBASelfAttention``, or ``set_context_parallel(model, group)``: inputs
+  are then this rank's shard of every sequence (``moba.distributed.shard_sequence``), attention
+  runs through ``moba.distributed.moba_attn_func_cp`` and rotary positions are the shard's
+  true positions. Full-attention layers run as one block covering the sequence (exactly dense).
 * ``HybridSchedule``: the one call for both, from a training loop::
 
       schedule = HybridSchedule(full_last_n=3, switch_to_full_at_step=9000)
@@ -29,11 +34,19 @@ from .._core.checks import check_bool, check_positive_float, check_positive_int,
 from ..config import MoBAConfig, resolve_config
 from ..decode.kv_cache import BlockMeanState, LayerKVCache, moba_decode
 from ..decode.tree import check_parents, moba_tree_attention, tree_depths
+from ..distributed import METHODS as CP_METHODS
+from ..distributed import moba_attn_func_cp, shard_positions
 from ..ops.api import moba_attn_func, moba_attn_varlen_func
 from ..ops.full import full_attn_func, full_attn_varlen_func, full_attn_with_kvcache
 from . import hybrid
 
 MODES = ("moba", "full")
+
+
+def _check_cp_method(method) -> str:
+    if not isinstance(method, str) or method not in CP_METHODS:
+        raise ValueError(f"cp_method must be one of {CP_METHODS}, got {method!r}")
+    return str(method)
 
 
 def _check_mode(mode) -> str:
@@ -54,6 +67,9 @@ class MoBAAttention(nn.Module):
         config: a ``moba.MoBAConfig`` holding the settings above (an explicit argument next
             to it must agree with it); ``module.config`` gives the current settings back.
         deterministic: as in ``moba.moba_attn_func``.
+        cp_group: a process group: q/k/v are this rank's shards ``(B, S/P, H, D)`` of sequences
+            sharded over the group (context parallelism, ``moba.distributed``); None: no sharding.
+        cp_method: "auto", "ulysses" or "sparse" (``moba.distributed.moba_attn_func_cp``).
 
     Shapes: ``forward(q (B, S, Hq, D), k/v (B, S, Hkv, D)) -> (B, S, Hq, D)``, or packed
     ``forward(q (T, Hq, D), k/v (T, Hkv, D), cu_seqlens, max_seqlen) -> (T, Hq, D)``.
@@ -72,10 +88,13 @@ class MoBAAttention(nn.Module):
         *,
         config: MoBAConfig | None = None,
         deterministic: bool | None = None,
+        cp_group=None,
+        cp_method: str = "auto",
     ):
         super().__init__()
         cfg = resolve_config(config, block_size=block_size, top_k=top_k, causal=causal, backend=backend,
                              softmax_scale=softmax_scale, deterministic=deterministic)
+        self.cp_group, self.cp_method = cp_group, _check_cp_method(cp_method)
         # Plain attributes, not the config: training code may change them between steps.
         self.block_size, self.top_k, self.causal = cfg.block_size, cfg.top_k, cfg.causal
         self.backend, self.softmax_scale, self.deterministic = cfg.backend, cfg.softmax_scale, cfg.deterministic
@@ -90,6 +109,14 @@ class MoBAAttention(nn.Module):
     def forward(self, q, k, v, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cache: LayerKVCache | None = None, tree: list[int] | None = None):
         mode = _check_mode(self.mode)
+        if self.cp_group is not None:
+            if tree is not None or cache is not None or cu_seqlens is not None:
+                raise NotImplementedError("context parallelism (cp_group) takes fixed-length shards (B, S/P, H, D): "
+                                          "no KV cache, tree or packed sequences (cu_seqlens)")
+            # Full attention is MoBA with one block covering the sequence (exactly dense).
+            block_size, top_k = (self.block_size, self.top_k) if mode == "moba" else (1 << 62, 1)
+            return moba_attn_func_cp(q, k, v, block_size, top_k, self.cp_group, self.causal, _check_cp_method(self.cp_method),
+                                     softmax_scale=self.softmax_scale, backend=self.backend)
         if tree is not None:
             return self._forward_tree(q, k, v, cache, tree, mode)
         if cache is not None:
@@ -191,6 +218,8 @@ class MoBASelfAttention(nn.Module):
         block_size, top_k, causal, mode, backend, config: passed to ``MoBAAttention`` (defaults
             512, 3, True, "moba", "auto"; ``config=MoBAConfig(...)`` sets them in one object).
         rotary: apply rotary embeddings to q and k (theta ``rope_theta``).
+        cp_group, cp_method: context parallelism, passed to ``MoBAAttention`` (x is then this
+            rank's shard (B, S/P, hidden_size); rotary uses the shard's true positions).
 
     Shapes: ``forward(x (B, S, hidden_size)) -> (B, S, hidden_size)``; packed sequences:
     ``forward(x (T, hidden_size), cu_seqlens=..., max_seqlen=...)``. Decoding:
@@ -215,6 +244,8 @@ class MoBASelfAttention(nn.Module):
         bias: bool = False,
         *,
         config: MoBAConfig | None = None,
+        cp_group=None,
+        cp_method: str = "auto",
     ):
         super().__init__()
         hidden_size = check_positive_int("hidden_size", hidden_size)
@@ -230,7 +261,8 @@ class MoBASelfAttention(nn.Module):
         self.v_proj = nn.Linear(hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden_size, bias=bias)
         self.rotary = RotaryEmbedding(self.head_dim, rope_theta) if rotary else None
-        self.attn = MoBAAttention(block_size, top_k, causal, mode, backend, config=config)
+        self.attn = MoBAAttention(block_size, top_k, causal, mode, backend, config=config, cp_group=cp_group,
+                                  cp_method=cp_method)
 
     def forward(self, x, cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None,
                 cache: LayerKVCache | None = None, tree: list[int] | None = None):
@@ -251,7 +283,9 @@ class MoBASelfAttention(nn.Module):
         k = self.k_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(*lead, self.num_kv_heads, self.head_dim)
         if self.rotary is not None:
-            if cu_seqlens is None:
+            if self.attn.cp_group is not None and cu_seqlens is None and cache is None and tree is None:
+                positions = shard_positions(x.shape[-2], self.attn.cp_group, x.device)  # true positions of the shard
+            elif cu_seqlens is None:
                 past = cache.length if cache is not None else 0
                 positions = torch.arange(past, past + x.shape[-2], device=x.device)
                 if tree is not None:  # tree nodes sit at (first tree position) + depth
@@ -265,6 +299,17 @@ class MoBASelfAttention(nn.Module):
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         out = self.attn(q, k, v, cu_seqlens, max_seqlen, cache=cache, tree=tree)
         return self.o_proj(out.reshape(*lead, self.num_heads * self.head_dim))
+
+
+def set_context_parallel(model: nn.Module, group, method: str = "auto") -> int:
+    """Shard sequences over ``group`` in every ``MoBAAttention`` of ``model`` (None: stop
+    sharding). Returns the number of attention cores changed. The model's inputs must then be
+    each rank's shard of the sequences (``moba.distributed.shard_sequence``)."""
+    method = _check_cp_method(method)
+    cores = attention_modules(model)
+    for core in cores:
+        core.cp_group, core.cp_method = group, method
+    return len(cores)
 
 
 def attention_modules(model: nn.Module) -> list[MoBAAttention]:
