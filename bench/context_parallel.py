@@ -24,12 +24,21 @@ Three parts, written to ``--out`` as ``context_parallel.json`` and ``context_par
 
 from __future__ import annotations
 
+if not __package__:  # run as a file (python bench/context_parallel.py, from anywhere): import it as bench.context_parallel
+    import sys
+    from pathlib import Path
+
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repository root, not bench/
+    __package__ = "bench"
+
 import json
 import statistics
 import time
 from pathlib import Path
 
-from bench._common import device_name, git_state, make_parser, parse_size, parse_sizes, utc_now
+from moba._core import cli
+
+from ._common import device_name, git_state, make_parser, parse_size, parse_sizes, utc_now
 
 
 def _measure_worker(rank: int, world: int, cfg: dict) -> dict:
@@ -197,34 +206,34 @@ def markdown(meta: dict, measured: list[dict], selection: list[dict], modelled: 
 
 
 def main(argv=None) -> dict:
-    p = make_parser(__doc__)
+    p = make_parser(__doc__, "bench.context_parallel")
     p.add_argument("--out", type=Path, default=None, help="folder for context_parallel.json / .md (default: print only)")
     p.add_argument("--worlds", type=parse_sizes, default=[2, 4], help="process counts to measure on CPU")
     p.add_argument("--seqlen", type=parse_size, default=4096, help="measured sequence length")
-    p.add_argument("--hq", type=int, default=8, help="measured query heads")
-    p.add_argument("--hkv", type=int, default=2, help="measured KV heads")
-    p.add_argument("--head-dim", type=int, default=64, help="measured head dim")
-    p.add_argument("--block-size", type=int, default=256, help="measured block size")
-    p.add_argument("--top-k", type=int, default=3, help="measured top_k")
-    p.add_argument("--reps", type=int, default=3, help="timed calls per method (after one warm-up)")
-    p.add_argument("--methods", default="ulysses,sparse,auto", help="methods to measure")
-    p.add_argument("--selection-seqlen", type=parse_size, default=32768, help="sequence length of the gate statistics")
-    p.add_argument("--selection-worlds", type=parse_sizes, default=[8, 16, 32, 64], help="ranks for the gate statistics")
-    p.add_argument("--model-seqlens", type=parse_sizes, default=[131072, 524288, 1048576, 4194304], help="modelled lengths")
-    p.add_argument("--model-worlds", type=parse_sizes, default=[8, 16, 32, 64], help="modelled GPU counts")
-    p.add_argument("--model-hq", type=int, default=32, help="modelled query heads")
-    p.add_argument("--model-hkv", type=int, default=8, help="modelled KV heads")
-    p.add_argument("--model-head-dim", type=int, default=128, help="modelled head dim")
-    p.add_argument("--model-block-size", type=int, default=512, help="modelled block size")
-    p.add_argument("--model-top-k", type=int, default=3, help="modelled top_k")
-    p.add_argument("--nvlink-gbps", type=float, default=450.0, help="per-GPU NVLink bandwidth, GB/s one way (H100 NVLink 4)")
-    p.add_argument("--ib-gbps", type=float, default=50.0, help="per-GPU InfiniBand bandwidth, GB/s (400 Gb/s NDR)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs behind one NVLink domain")
-    p.add_argument("--skip-measure", action="store_true", help="only the selection statistics and the model")
+    p.add_argument("--hq", type=cli.positive_int, default=8, help="measured query heads")
+    p.add_argument("--hkv", type=cli.positive_int, default=2, help="measured KV heads")
+    p.add_argument("--head_dim", type=cli.positive_int, default=64, help="measured head dim")
+    p.add_argument("--block_size", type=cli.positive_int, default=256, help="measured block size")
+    p.add_argument("--top_k", type=cli.positive_int, default=3, help="measured top_k")
+    p.add_argument("--reps", type=cli.positive_int, default=3, help="timed calls per method (after one warm-up)")
+    p.add_argument("--methods", type=cli.names(("ulysses", "sparse", "auto"), "method"), default="ulysses,sparse,auto",
+                   help="methods to measure")
+    p.add_argument("--selection_seqlen", type=parse_size, default=32768, help="sequence length of the gate statistics")
+    p.add_argument("--selection_worlds", type=parse_sizes, default=[8, 16, 32, 64], help="ranks for the gate statistics")
+    p.add_argument("--model_seqlens", type=parse_sizes, default=[131072, 524288, 1048576, 4194304], help="modelled lengths")
+    p.add_argument("--model_worlds", type=parse_sizes, default=[8, 16, 32, 64], help="modelled GPU counts")
+    p.add_argument("--model_hq", type=cli.positive_int, default=32, help="modelled query heads")
+    p.add_argument("--model_hkv", type=cli.positive_int, default=8, help="modelled KV heads")
+    p.add_argument("--model_head_dim", type=cli.positive_int, default=128, help="modelled head dim")
+    p.add_argument("--model_block_size", type=cli.positive_int, default=512, help="modelled block size")
+    p.add_argument("--model_top_k", type=cli.positive_int, default=3, help="modelled top_k")
+    p.add_argument("--nvlink_gbps", type=cli.positive_float, default=450.0, help="per-GPU NVLink bandwidth, GB/s one way (H100 NVLink 4)")
+    p.add_argument("--ib_gbps", type=cli.positive_float, default=50.0, help="per-GPU InfiniBand bandwidth, GB/s (400 Gb/s NDR)")
+    p.add_argument("--gpus_per_node", type=cli.positive_int, default=8, help="GPUs behind one NVLink domain")
+    p.add_argument("--skip_measure", action="store_true", help="only the selection statistics and the model")
     a = p.parse_args(argv)
     lists = ("out", "worlds", "skip_measure", "model_seqlens", "model_worlds", "selection_worlds")
     cfg = {k: v for k, v in vars(a).items() if k not in lists}
-    cfg["methods"] = [m.strip() for m in a.methods.split(",") if m.strip()]
     measured = [] if a.skip_measure else measure(a.worlds, cfg)
     selection = selection_stats(a.selection_seqlen, a.selection_worlds, cfg)
     fractions: dict = {}
@@ -244,4 +253,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli.run(main, "bench.context_parallel"))

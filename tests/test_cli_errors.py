@@ -25,6 +25,7 @@ import pytest
 from moba._core import cli
 from moba._core.sizes import parse_block_topk
 from tests._helpers import ROOT
+from tests._subprocess import run_child
 
 
 def _tools(folder: str) -> list[str]:
@@ -50,7 +51,7 @@ def _env(**extra) -> dict:
 
 
 def _help(cmd: list[str], cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    return run_child(cmd, cwd=cwd, env=_env())
 
 
 def test_bench_tools_run_as_files_and_as_modules(tmp_path):
@@ -84,6 +85,9 @@ BAD = [
     ("bench.attn_speed", ["--dtype", "bf61"], ["--dtype", "did you mean 'bf16'"]),
     ("bench.attn_speed", ["--seqlen", "8k"], ["--seqlen", "did you mean --seqlens"]),
     ("bench.attn_speed", ["--cpu", "--heads", "3", "--kv-heads", "2"], ["--heads", "--kv_heads"]),
+    ("bench.context_parallel", ["--methods", "ulyses"], ["--methods", "did you mean 'ulysses'"]),
+    ("bench.context_parallel", ["--worlds", "0"], ["--worlds"]),
+    ("bench.context_parallel", ["--hq", "0"], ["--hq", ">= 1"]),
     ("bench.device_check", ["--steps", "instal"], ["--steps", "did you mean 'install'"]),
     ("bench.device_check", ["--budget_s", "-1"], ["--budget_s", "> 0"]),
     ("bench.gate_fallback", ["--settings", "64x3"], ["--settings", "ambiguous", "64/3"]),
@@ -180,8 +184,8 @@ def answers(tmp_path_factory) -> dict:
         by_module.setdefault(module, []).append(argv)
 
     def one(module):
-        proc = subprocess.run([sys.executable, "-c", _DRIVER, module, json.dumps(by_module[module])], cwd=work,
-                              env=_env(PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=600)
+        proc = run_child([sys.executable, "-c", _DRIVER, module, json.dumps(by_module[module])], cwd=work,
+                         env=_env(PYTHONPATH=str(ROOT)))
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -205,8 +209,7 @@ def test_bad_input_is_a_one_line_error(answers, module, argv, says):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.roofline", "--no_model", "--debug"], cwd=ROOT, env=_env(),
-                          capture_output=True, text=True, timeout=600)
+    proc = run_child([sys.executable, "-m", "bench.roofline", "--no_model", "--debug"], cwd=ROOT, env=_env())
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "CliError: nothing to plot" in proc.stderr
 
 

@@ -32,14 +32,15 @@ def _child(rank: int, world: int, store: str, timeout_s: float, results, fn, arg
         results.put((rank, False, traceback.format_exc()))
 
 
-def run_local(fn, world_size: int, *args, collective_timeout_s: float = 300.0) -> list:
+def run_local(fn, world_size: int, *args, collective_timeout_s: float = 1800.0) -> list:
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes (spawned) that share a
     gloo default process group; returns the list of return values in rank order.
 
     ``fn`` must be importable by the children (a module-level function) and its arguments and
     return value picklable. A child that raises makes ``run_local`` raise ``RuntimeError`` with
     that child's traceback. ``collective_timeout_s`` is gloo's timeout for one collective: a
-    collective that some rank never enters fails after it instead of hanging forever.
+    collective that some rank never enters fails after it instead of hanging forever (generous by
+    default: a loaded machine may start one rank minutes after another).
     """
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")

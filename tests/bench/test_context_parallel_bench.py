@@ -10,8 +10,8 @@ from tests._helpers import ROOT
 def test_model_and_selection_statistics(tmp_path):
     from bench.context_parallel import main
 
-    result = main(["--skip-measure", "--selection-seqlen", "2048", "--selection-worlds", "8",
-                   "--model-seqlens", "1m", "--model-worlds", "8,32", "--out", str(tmp_path)])
+    result = main(["--skip_measure", "--selection_seqlen", "2048", "--selection_worlds", "8",
+                   "--model_seqlens", "1m", "--model_worlds", "8,32", "--out", str(tmp_path)])
     assert result["measured"] == [] and "MODELLED" in result["meta"]["note"]
     kinds = {r["keys"] for r in result["selection"]}
     assert kinds == {"random", "heavy"}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from tests._helpers import ROOT, metrics, tiny_config
+from tests._subprocess import run_child
 
 
 def _launch(cfg, nproc: int, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -26,9 +27,7 @@ def _launch(cfg, nproc: int, fault: str | None = None) -> subprocess.CompletedPr
     head = [sys.executable, "-m"]
     if nproc > 1:
         head += ["torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m"]
-    # No timeout decides the outcome: a stuck collective fails on gloo's own timeout.
-    return subprocess.run(head + ["scaling_runs.train", "--config", str(path)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    return run_child(head + ["scaling_runs.train", "--config", str(path)], cwd=ROOT, env=env)
 
 
 @pytest.mark.slow
