@@ -35,7 +35,7 @@ def test_the_two_commands_are_on_the_first_screen():
 
 def test_front_page_sections_in_order():
     headings = [h.strip() for h in re.findall(r"^## (.+)$", TEXT, flags=re.M)]
-    for name in ("Install", "A first call", "Where to go next"):
+    for name in ("Install", "A first call", "Where to go next", "Optional extras and wheels"):
         assert name in headings, f"README has no '## {name}' section: {headings}"
     assert headings.index("Install") < headings.index("A first call") < headings.index("Where to go next")
 
@@ -44,10 +44,12 @@ def test_install_section_names_every_extra():
     """Every optional-dependency group of pyproject.toml is documented in the README."""
     from tests.test_packaging import pyproject
 
-    install = TEXT.split("## Install", 1)[1].split("\n## ", 1)[0]
+    install = TEXT.split("## Install\n", 1)[1].split("\n## ", 1)[0]
+    extras = TEXT.split("## Optional extras and wheels\n", 1)[1].split("\n## ", 1)[0]
     for extra in pyproject()["project"]["optional-dependencies"]:
-        assert f"`{extra}`" in install, f"the extra {extra!r} is not in the README's install section"
-    assert "not published" in install  # says plainly that the package index does not have it yet
+        assert f"| `{extra}` |" in extras, f"the extra {extra!r} is not in the README's table of extras"
+    # both say plainly that the package index does not have it yet
+    assert "Not on the package index yet" in install and "not published" in extras
 
 
 def test_every_docs_page_is_linked_and_every_link_resolves():
