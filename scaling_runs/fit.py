@@ -427,10 +427,9 @@ def plot_study(points: list[dict], details: dict, out_dir: Path, context: int, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     from .plotting import readable_log_axis
-
-    from matplotlib.lines import Line2D
 
     out_dir = Path(out_dir)
     arms = [a for a in ARM_STYLE if any(p["arm"] == a for p in points)]

@@ -1,6 +1,6 @@
 """The docs/ pages work as written, and the contract's citations resolve.
 
-* every marked python block of every docs/ page runs (``tests/_doc_blocks.py`` has the marker
+* every marked python block of every docs/ page runs (``tests/_helpers.py`` has the marker
   rules): the blocks without a setup in order, one namespace per page; the others with their
   setup;
 * every ``python -m ...`` / ``torchrun ...`` command shown in the README or a docs/ page starts
@@ -18,7 +18,7 @@ import sys
 import pytest
 import torch
 
-from tests._doc_blocks import (
+from tests._helpers import (
     DOCS,
     ROOT,
     SETUPS,

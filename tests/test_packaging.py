@@ -14,17 +14,7 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
-from tests._doc_blocks import ROOT
-
-
-def pyproject() -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        tomllib = pytest.importorskip("tomli")
-    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+from tests._helpers import ROOT, pyproject
 
 
 def _names(requirements: list[str]) -> list[str]:

@@ -3,14 +3,22 @@
 Its first screen says what the package is, how to install it, the two commands (``make demo``,
 ``make test``), a first call that runs, and where to go next; the reference, results and
 study write-ups live in docs/ pages (run by ``tests/test_docs.py``). The marker and setup
-rules for python blocks are in ``tests/_doc_blocks.py``.
+rules for python blocks are in ``tests/_helpers.py``.
 """
 
 from __future__ import annotations
 
 import re
 
-from tests._doc_blocks import DOCS, README, ROOT, marked_blocks, run_plain_blocks, unmarked_python_blocks
+from tests._helpers import (
+    DOCS,
+    README,
+    ROOT,
+    marked_blocks,
+    pyproject,
+    run_plain_blocks,
+    unmarked_python_blocks,
+)
 
 TEXT = README.read_text()
 BLOCKS = marked_blocks(TEXT)
@@ -42,8 +50,6 @@ def test_front_page_sections_in_order():
 
 def test_install_section_names_every_extra():
     """Every optional-dependency group of pyproject.toml is documented in the README."""
-    from tests.test_packaging import pyproject
-
     install = TEXT.split("## Install\n", 1)[1].split("\n## ", 1)[0]
     extras = TEXT.split("## Optional extras and wheels\n", 1)[1].split("\n## ", 1)[0]
     for extra in pyproject()["project"]["optional-dependencies"]:
