@@ -24,7 +24,7 @@ $(PY):
 $(STAMP): $(PY) pyproject.toml setup.py $(CONSTRAINTS)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet -c $(CONSTRAINTS) setuptools wheel
-	$(PY) -m pip install --quiet --no-build-isolation -c $(CONSTRAINTS) -e ".[test,bench,scaling,hf]"
+	$(PY) -m pip install --quiet --no-build-isolation -c $(CONSTRAINTS) -e ".[test,bench,scaling,hf,triton]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 # The environment alone (what `make test` / `make demo` create first).
@@ -56,7 +56,7 @@ lint: $(STAMP)
 test-latest:
 	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install --quiet --upgrade pip "$(TORCH_SPEC)"
-	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[test,bench,scaling,hf]"
+	.venv-latest/bin/python -m pip install --quiet --upgrade -e ".[test,bench,scaling,hf,triton]"
 	.venv-latest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	.venv-latest/bin/python -m pytest -q -n 2 $(INTEGRATION_TESTS)
 
@@ -64,7 +64,7 @@ test-latest:
 test-oldest:
 	rm -rf .venv-oldest && $(PYTHON) -m venv .venv-oldest
 	.venv-oldest/bin/python -m pip install --quiet --upgrade pip "$(TORCH_SPEC)"
-	.venv-oldest/bin/python -m pip install --quiet -e ".[test,bench,scaling,hf]" $(OLDEST)
+	.venv-oldest/bin/python -m pip install --quiet -e ".[test,bench,scaling,hf,triton]" $(OLDEST)
 	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	.venv-oldest/bin/python -m pytest -q -n 2 $(INTEGRATION_TESTS)
 
@@ -72,7 +72,7 @@ test-oldest:
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install --quiet "pip==$(PIP_VERSION)" "$(TORCH_SPEC)"
-	.venv-lock/bin/python -m pip install --quiet setuptools wheel -e ".[test,bench,scaling,hf]"
+	.venv-lock/bin/python -m pip install --quiet setuptools wheel -e ".[test,bench,scaling,hf,triton]"
 	{ sed -n '/^#/p' $(CONSTRAINTS); .venv-lock/bin/python -m pip freeze --all | grep -v -e '^-e' -e '^#' -e '^pip==' \
 	  | sed 's/^torch==\([0-9.]*\)+.*/torch==\1/'; } > $(CONSTRAINTS).new && mv $(CONSTRAINTS).new $(CONSTRAINTS)
 	rm -rf .venv-lock

@@ -301,9 +301,11 @@ def plot(points: list[dict], label: str, peak_flops: float, peak_bw: float, out:
     shapes += [Line2D([], [], color="dimgrey", marker="o", linestyle="none", label="filled: measured"),
                Line2D([], [], color="dimgrey", marker="o", markerfacecolor="none", linestyle="none",
                       label="hollow: model, on the roof")]
-    ax.legend(handles=shapes, title="mode", fontsize=7, title_fontsize=8, loc="lower left", bbox_to_anchor=(1.01, 0.0))
+    second = ax.legend(handles=shapes, title="mode", fontsize=7, title_fontsize=8, loc="lower left",
+                       bbox_to_anchor=(1.01, 0.0))
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130, bbox_inches="tight")  # keeps the legends beside the axes
+    # "tight" counts only the axes' current legend; naming both keeps the first one whole too
+    fig.savefig(out, dpi=130, bbox_inches="tight", bbox_extra_artists=[first, second])
     plt.close(fig)
     return out
 

@@ -1,6 +1,6 @@
 """CPU benchmark of the PyTorch MoBA path against dense causal SDPA (forward + backward).
 
-    python -m bench.torch_path_cpu                       # S = 8K and 16K (the README numbers)
+    python -m bench.torch_path_cpu                       # S = 8K and 16K (the numbers in docs/benchmarks.md)
     python -m bench.torch_path_cpu --seqlens 4096 --repeats 1
     python -m bench.torch_path_cpu --short               # training throughput, cpu-tiny shape
 

@@ -9,7 +9,7 @@ final losses, the paired arm / full loss ratios and the fitted power laws, and w
 summary.json, study.json, scaling.png and ratios.png into OUT. It is exactly
 ``python -m scaling_runs.study --preset cpu-study --sizes ... --seeds ...`` (the command is
 printed and recorded in study.json); the full study (5 sizes x 3 seeds, about 40 min) and its
-committed results are in the README. Resumable: a second run skips finished runs and only
+committed results are in docs/results.md. Resumable: a second run skips finished runs and only
 re-summarises. The config options (every field of ``scaling_runs.config`` but the per-run
 out_dir, seed and token budget) override every run's config, like the study's ``--set``.
 """
@@ -26,7 +26,7 @@ from .cli import Parser, add_config_options, checked, config_overrides
 from .presets import ARMS, get_study
 
 PRESET = "cpu-study"
-SIZES = "s1,s2,s3"  # the three smallest: a few minutes on 2 cores (README)
+SIZES = "s1,s2,s3"  # the three smallest: a few minutes on 2 cores (docs/results.md)
 SEEDS = "0,1"  # two, so that the fits' bootstrap over seeds has something to resample
 # set per run by the study (run folder, seed, tokens per parameter): not options of the demo
 NOT_OPTIONS = ("train.out_dir", "train.seed", "train.max_tokens")

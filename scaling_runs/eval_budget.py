@@ -488,6 +488,15 @@ def plot_budget_chart(entries: list[dict], path: str | Path, title: str = "Infer
 # plots
 
 
+def accuracy_ylim(percents) -> tuple[float, float]:
+    """y range of an accuracy chart (in %): from 0, never below it, up to the next multiple of 10
+    above the data (at least 10, at most 100), so an all-zero chart reads as zero and not as a
+    zoom into rounding noise, and a chart of small accuracies is not flattened against 100."""
+    finite = [float(y) for y in percents if not math.isnan(y)]
+    top = max(finite, default=0.0)
+    return 0.0, float(min(100.0, max(10.0, 10.0 * math.ceil((top + 1e-9) / 10.0 + 0.05))))
+
+
 def make_plots(record: dict, out: str | Path) -> list[Path]:
     import matplotlib
 
@@ -510,10 +519,9 @@ def make_plots(record: dict, out: str | Path) -> list[Path]:
     if dense is not None:
         ax.axhline(100 * dense["accuracy"], ls="--", color="gray", label="dense (full attention)")
     ys_all = [100 * r["accuracy"] for r in rows] + ([100 * dense["accuracy"]] if dense is not None else [])
-    ys_all = [y for y in ys_all if not math.isnan(y)] or [0.0]
-    lo, hi = min(ys_all), max(ys_all)
-    pad = max(2.0, 0.15 * (hi - lo))
-    ax.set_ylim(max(-1.0, lo - pad), min(101.0, hi + pad))
+    ax.set_ylim(*accuracy_ylim(ys_all))
+    for line in ax.lines:
+        line.set_clip_on(False)  # markers at exactly 0% stay whole
     _finish_budget_plot(fig, ax, xs, "Performance (%)", "Inference Compute Scaling",
                         out / "performance_vs_budget.png", written)
 

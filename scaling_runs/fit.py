@@ -1,6 +1,7 @@
 """Power-law fits and plots of a sweep: ``python -m scaling_runs.fit SWEEP_DIR [--skip_frac 0.3]``.
 
-For every attention kind (moba, full, hybrid) and both metrics (``lm_loss`` = val_loss over
+For every attention kind (moba, full, hybrid; a study's control arms ``local`` and ``random``
+keep their own names, see ``run_kind``) and both metrics (``lm_loss`` = val_loss over
 all positions, ``trailing_loss`` = loss of the last ``trailing_frac`` of positions):
 
 1. curves: every run's (C, loss) from metrics.jsonl, C in PFLOP/s-days (6 N D by default,
@@ -14,7 +15,7 @@ all positions, ``trailing_loss`` = loss of the last ``trailing_frac`` of positio
 Writes ``SWEEP_DIR/fit.json`` ({"lm_loss": {"moba": {"a", "b", ...}, "full": {...}},
 "trailing_loss": {...}, "frontier": ..., "x": ...}) and PNGs in the style of the MoBA paper's
 figures: ``lm_loss.png``, ``trailing_loss.png`` (log-log, x "PFLOP/s-days", every run solid,
-each kind's projection dashed and labelled with its formula, legend top-right) and
+each kind's projection dashed and labelled with its formula, legend beside the axes) and
 ``projections.png`` (both projections and their MoBA / full ratio).
 """
 
@@ -28,10 +29,33 @@ import numpy as np
 
 from .plotting import readable_log_axis
 
-KIND_LABEL = {"moba": "MoBA", "full": "Full Attention", "hybrid": "Hybrid"}
-KIND_COLOR = {"moba": "tab:blue", "full": "tab:red", "hybrid": "tab:green"}
-KIND_CMAP = {"moba": "Blues", "full": "Reds", "hybrid": "Greens"}
+# Attention kinds of a sweep, plus the study's control arms (``presets.ARMS``): a study's
+# ``local`` and ``random`` runs have MoBA cores but are not MoBA, so they get their own name.
+KIND_LABEL = {"moba": "MoBA", "full": "Full Attention", "hybrid": "Hybrid",
+              "local": "Local (top-1, own block)", "random": "Random blocks (MoBA budget)"}
+KIND_COLOR = {"moba": "tab:blue", "full": "tab:red", "hybrid": "tab:purple", "local": "tab:gray",
+              "random": "tab:green"}
+KIND_CMAP = {"moba": "Blues", "full": "Reds", "hybrid": "Purples", "local": "Greys", "random": "Greens"}
 METRICS = {"lm_loss": "val_loss", "trailing_loss": "trailing_loss"}
+
+
+def run_kind(cfg: dict, folder: Path) -> str:
+    """What a run folder's attention is: a study run's arm (``study_run.json``, or the control
+    arm of ``presets.ARMS`` whose settings its model config has), else its attention kind."""
+    from .presets import ARMS
+
+    marker = Path(folder) / "study_run.json"
+    if marker.exists():
+        arm = json.loads(marker.read_text()).get("arm")
+        if arm in KIND_LABEL:
+            return arm
+    model = cfg["model"]
+    kind = cfg.get("attention_kind", model["attention"])
+    if kind == "moba":
+        for arm, settings in ARMS.items():
+            if arm not in ("moba", "full") and all(model.get(key) == value for key, value in settings.items()):
+                return arm
+    return kind
 
 
 def load_runs(sweep_dir: Path) -> list[dict]:
@@ -51,7 +75,7 @@ def load_runs(sweep_dir: Path) -> list[dict]:
         if not rows:
             continue
         cfg = json.loads(cfg_path.read_text())
-        runs.append({"name": folder.name, "kind": cfg.get("attention_kind", cfg["model"]["attention"]),
+        runs.append({"name": folder.name, "kind": run_kind(cfg, folder),
                      "params": cfg.get("params", {}).get("non_embedding"), "rows": rows,
                      "done": (folder / "DONE").exists(), "context": cfg["model"]["context"],
                      "trailing_frac": cfg["train"]["trailing_frac"]})
@@ -148,7 +172,8 @@ def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
             for i, r in enumerate(mine):
                 xs, ys = run_curve(r, metric, x, 0.0)
                 shade = 0.45 + 0.5 * (i / max(1, len(mine) - 1))
-                ax.plot(xs, ys, "-", color=cmap(shade), lw=1.3, alpha=0.9, label=f"{r['name']}")
+                label = f"{KIND_LABEL[kind]}: {len(mine)} run(s), darker = larger" if i == len(mine) - 1 else None
+                ax.plot(xs, ys, "-", color=cmap(shade), lw=1.3, alpha=0.9, label=label)
         lo = min(min(run_curve(r, metric, x, 0.0)[0]) for r in runs)
         hi = max(max(run_curve(r, metric, x, 0.0)[0]) for r in runs)
         grid = np.logspace(np.log10(lo), np.log10(hi), 100)
@@ -163,10 +188,9 @@ def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
         ax.set_ylabel(_ylabel(metric, runs))
         ax.set_title(f"{'LM' if metric == 'lm_loss' else 'Trailing'} loss vs compute ({sweep_dir.name})")
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(loc="upper right", fontsize=7)
-        fig.tight_layout()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)  # beside the data, not on it
         p = sweep_dir / f"{metric}.png"
-        fig.savefig(p, dpi=130)
+        fig.savefig(p, dpi=130, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
 
@@ -195,11 +219,11 @@ def plot(sweep_dir: Path, runs: list[dict], fits: dict) -> list[Path]:
         ax.set_ylabel(_ylabel(metric, runs))
         ax.grid(True, which="both", alpha=0.25)
         axr.grid(True, which="both", alpha=0.25)
-        ax.legend(loc="upper right", fontsize=7)
+        handles, labels = ax.get_legend_handles_labels()  # below the ratio panel, off the data
+        axr.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.5), fontsize=7, frameon=False)
         ax.set_title("LM loss" if metric == "lm_loss" else "Trailing loss")
-    fig.tight_layout()
     p = sweep_dir / "projections.png"
-    fig.savefig(p, dpi=130)
+    fig.savefig(p, dpi=130, bbox_inches="tight")
     plt.close(fig)
     paths.append(p)
     return paths
@@ -419,16 +443,22 @@ def plot_study(points: list[dict], details: dict, out_dir: Path, context: int, t
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     from .plotting import readable_log_axis
 
     out_dir = Path(out_dir)
     arms = [a for a in ARM_STYLE if any(p["arm"] == a for p in points)]
     ylabels = {"lm": f"LM loss (seqlen={context})", "trailing": f"Trailing LM loss (seqlen={context}, last {trailing})"}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
+    # Legends stay off the data: the arms once for the whole figure (above the panels), each
+    # panel's fitted formulas in a legend under that panel; constrained layout makes room.
+    fig = plt.figure(figsize=(13, 11.5), layout="constrained")
+    axes = fig.subplots(2, 2)
+    any_fit = False
     for col, axis in enumerate(AXES):
         for row, (m, key) in enumerate(STUDY_METRICS.items()):
             ax = axes[row, col]
+            fit_handles = []
             for arm in arms:
                 label, color, ls, marker = ARM_STYLE[arm]
                 mine = [p for p in points if p["arm"] == arm]
@@ -440,31 +470,41 @@ def plot_study(points: list[dict], details: dict, out_dir: Path, context: int, t
                 hi = np.array([s_["ci95"][1] if s_["ci95"] else s_["mean"] for s_ in stats_])
                 ax.scatter([p[axis] for p in mine], [p[key] for p in mine], color=color, marker=marker, s=12,
                            alpha=0.45, linewidths=0)
-                ax.plot(xs, ys, ls=ls, color=color, lw=1.6, marker=marker, ms=4, label=label)
+                ax.plot(xs, ys, ls=ls, color=color, lw=1.6, marker=marker, ms=4)
                 ax.fill_between(xs, lo, hi, color=color, alpha=0.15, lw=0)
                 f = details["fits"][axis][arm][m]
                 if f is not None and len(xs) >= 2:
                     grid = np.logspace(np.log10(xs.min()), np.log10(xs.max()) + 1, 60)
-                    ax.plot(grid, f["a"] * grid ** f["b"], "--", color=color, lw=1.1, alpha=0.9,
-                            label=f"{label} Projection: {f['a']:.3g} C^{f['b']:.4f} " + (
-                                f"(b 95% CI [{f['b_ci95'][0]:.3f}, {f['b_ci95'][1]:.3f}])" if f["b_ci95"]
-                                else "(one seed per size: no CI)"))
+                    (line,) = ax.plot(grid, f["a"] * grid ** f["b"], "--", color=color, lw=1.1, alpha=0.9)
+                    ci = (f"b 95% CI [{f['b_ci95'][0]:.3f}, {f['b_ci95'][1]:.3f}]" if f["b_ci95"]
+                          else "one seed per size: no CI")
+                    line.set_label(f"{label}: {f['a']:.3g} C^{f['b']:.4f} ({ci})")
+                    fit_handles.append(line)
+                    any_fit = True
             readable_log_axis(ax, "x")
             readable_log_axis(ax, "y")
             ax.set_xlabel(AXES[axis])
             ax.set_ylabel(ylabels[m])
             ax.grid(True, which="both", alpha=0.25)
-            ax.legend(fontsize=6, loc="upper right")
-    fig.suptitle("cpu-study: final point per run (markers), mean over seeds with 95% band (lines), "
-                 "power-law fits (dashed)", fontsize=9)
-    fig.tight_layout()
+            if fit_handles:
+                ax.legend(handles=fit_handles, title="power-law fits L = a C^b (dashed)", loc="upper center",
+                          bbox_to_anchor=(0.5, -0.12), fontsize=7.5, title_fontsize=8, frameon=False)
+    arm_handles = [Line2D([], [], color=ARM_STYLE[a][1], ls=ARM_STYLE[a][2], marker=ARM_STYLE[a][3], ms=5, lw=1.6,
+                          label=ARM_STYLE[a][0]) for a in arms]
+    arm_handles += [Line2D([], [], color="dimgrey", marker="o", ms=4, ls="none", alpha=0.6,
+                           label="one run's final point")]
+    if any_fit:
+        arm_handles.append(Line2D([], [], color="dimgrey", ls="--", lw=1.1, label="fit, one decade beyond the data"))
+    fig.legend(handles=arm_handles, loc="outside upper center", ncol=3, fontsize=9, frameon=False, title_fontsize=10,
+               title="Final loss vs compute per arm: mean over seeds per size (lines), their 95% interval (bands)")
     paths = [out_dir / "scaling.png"]
     fig.savefig(paths[0], dpi=120)
     plt.close(fig)
 
     ratios = details["ratios"]
     if ratios:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig = plt.figure(figsize=(11, 4.6), layout="constrained")
+        axes = fig.subplots(1, 2)
         for ax, m in zip(axes, STUDY_METRICS, strict=True):
             by_size = ratios.get(f"{m}_by_size", {})
             for j, (name, per) in enumerate(by_size.items()):
@@ -481,8 +521,8 @@ def plot_study(points: list[dict], details: dict, out_dir: Path, context: int, t
             ax.set_ylabel(f"final {'LM' if m == 'lm' else 'trailing'} loss / full attention's")
             ax.set_xlabel("size (same seed paired; bars: bootstrap 95% CI over seeds)")
             ax.grid(True, alpha=0.25)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside upper center", ncol=len(labels), fontsize=8, frameon=False)
         paths.append(out_dir / "ratios.png")
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)

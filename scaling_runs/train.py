@@ -438,7 +438,7 @@ def run_record(run: Run, counts: dict, start_step: int, changes: list[str]) -> d
         "device": {"type": run.device.type,
                    "name": torch.cuda.get_device_name(run.device) if run.device.type == "cuda"
                    else platform.processor() or platform.machine(), "world_size": run.world,
-                   "threads": torch.get_num_threads()},
+                   "threads": torch.get_num_threads(), **cpu_description()},
         "data": {**run.data.describe(), **mix},  # what was loaded (hash, token counts)
         "resumed_from_step": start_step,
         "resumed_with_changes": changes,
@@ -888,6 +888,24 @@ def git_commit() -> dict:
         return {"commit": sha or None, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
+
+
+def cpu_description() -> dict:
+    """The CPU model and the instruction set torch's CPU kernels run with ("AVX2", "AVX512", ...).
+
+    CPU training is deterministic on one machine, but float rounding inside the CPU kernels
+    depends on the instruction set, so the same command on another CPU can train a different
+    model; recording both says which runs are comparable bit for bit.
+    """
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # not Linux: keep platform's name
+        pass
+    return {"cpu_model": model, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def versions() -> dict:

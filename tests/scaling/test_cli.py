@@ -213,8 +213,10 @@ def _doc_commands(text: str, module: str) -> list[list[str]]:
 @pytest.mark.parametrize("module", ["scaling_runs.train", "scaling_runs.sweep", "scaling_runs.demo",
                                     "scaling_runs.budget_demo", "scaling_runs.eval_budget"])
 def test_documented_commands_parse(module):
-    """The commands README.md, scaling_runs/README.md and GPU_RECIPE_budget.md tell users to type."""
-    docs = [ROOT / "README.md", ROOT / "scaling_runs" / "README.md", ROOT / "scaling_runs" / "GPU_RECIPE_budget.md"]
+    """The commands README.md, the docs/ pages, scaling_runs/README.md and GPU_RECIPE_budget.md
+    tell users to type."""
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "scaling_runs" / "README.md",
+            ROOT / "scaling_runs" / "GPU_RECIPE_budget.md"]
     commands = [c for d in docs for c in _doc_commands(d.read_text(), module)]
     parser = importlib.import_module(module).build_parser()
     for args in commands:

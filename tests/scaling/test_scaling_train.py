@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from scaling_runs.config import ModelConfig, RunConfig, TrainConfig
 from tests._helpers import ROOT, losses, make_text_corpus, metrics, tiny_config
@@ -45,6 +46,8 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     rec = json.loads((Path(cfg.train.out_dir) / "config.json").read_text())
     assert rec["layer_modes"] == ["moba", "full"] and rec["data"]["data_hash"]
     assert rec["params"]["non_embedding"] > 0 and "commit" in rec["git"]
+    # what CPU results depend on: the CPU and the instruction set of torch's CPU kernels
+    assert rec["device"]["cpu_model"] and rec["device"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     for key in ("flops", "pflops_days", "attn_aware_flops", "elapsed_s", "loss_by_bucket"):
         assert key in last
     assert last["flops"] == 6 * rec["params"]["non_embedding"] * last["tokens"]
