@@ -96,13 +96,14 @@ class MoBAAttention(nn.Module):
             return self._forward_cached(q, k, v, cu_seqlens, cache, mode)
         if cu_seqlens is None:
             if mode == "full":
-                return full_attn_func(q, k, v, self.causal, self.softmax_scale)
+                return full_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal)
             return moba_attn_func(
                 q, k, v, self.block_size, self.top_k, self.causal, self.softmax_scale, self.backend,
                 deterministic=self.deterministic,
             )
         if mode == "full":
-            return full_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, self.causal, self.softmax_scale)
+            return full_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=self.causal,
+                                         softmax_scale=self.softmax_scale)
         return moba_attn_varlen_func(
             q, k, v, cu_seqlens, max_seqlen, self.block_size, self.top_k, self.causal, self.softmax_scale,
             self.backend, deterministic=self.deterministic,
