@@ -1,7 +1,9 @@
 """Dense-mask MoBA reference: obviously right, O(S^2) memory, for tests and small sizes.
 
 It builds, per sequence, the full (Hq, Sq, Sk) mask "key block is selected for this query
-(and, causal, key position <= query position)" and runs a masked softmax. It computes in
+(and, causal, key position <= query position)" and runs a masked softmax. When q, k or v holds
+a non-finite value it computes every (query, key) pair on its own, with masked pairs replaced by
+0 before any product (O(Hq * Sq * Sk * D) memory): a NaN a query cannot see never reaches it. It computes in
 the input dtype (so a float16 run of the reference measures float16 error, as the
 tolerance rule in docs/design.md needs), or in float32/float64 with ``upcast=True``.
 """
@@ -62,10 +64,20 @@ def reference_attention_packed(
         if causal:
             q_pos = layout.q_pos[q0:q1]
             allowed = allowed & (torch.arange(k1 - k0, device=q.device)[None, :] <= q_pos[:, None])[None]
-        scores = torch.matmul(qs, ks.transpose(-1, -2)) * softmax_scale
+        finite = bool(torch.isfinite(qs).all() and torch.isfinite(ks).all() and torch.isfinite(vs).all())
+        if finite:
+            scores = torch.matmul(qs, ks.transpose(-1, -2)) * softmax_scale
+        else:  # a masked pair must not meet a non-finite q, k or v: 0 * NaN is NaN (forward and backward)
+            pair = allowed[..., None]  # (Hq, Sq, Sk, 1)
+            scores = (torch.where(pair, qs[:, :, None], 0.0) * torch.where(pair, ks[:, None], 0.0)).sum(-1)
+            scores = scores * softmax_scale
         scores = scores.masked_fill(~allowed, float("-inf"))
         if return_lse:
             lse[q0:q1] = torch.logsumexp(scores.detach().to(lse_dtype), dim=-1).transpose(0, 1)
         probs = torch.softmax(scores, dim=-1)
-        out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
+        if finite:
+            o = torch.matmul(probs, vs)
+        else:
+            o = (torch.where(pair, probs[..., None], 0.0) * torch.where(pair, vs[:, None], 0.0)).sum(-2)
+        out[q0:q1] = o.transpose(0, 1).to(q.dtype)
     return (out, lse) if return_lse else out
