@@ -90,9 +90,18 @@ def _sdpa(q, k, v, causal, scale, dropout_p: float = 0.0):
     """
     if causal and k.shape[-3] and not torch.compiler.is_compiling():
         bad = ~(torch.isfinite(k).flatten(-2).all(-1) & torch.isfinite(v).flatten(-2).all(-1))  # (..., Sk)
-        bad = bad.reshape(-1, k.shape[-3]).any(dim=0)
         if bool(bad.any()):
-            return _causal_segments(q, k, v, bad.nonzero().squeeze(1).tolist(), scale, dropout_p)
+            if k.dim() == 3:
+                return _causal_segments(q, k, v, bad.nonzero().squeeze(1).tolist(), scale, dropout_p)
+            # A batch: the other rows run exactly as without the non-finite ones (whose k, v are
+            # zeroed there), then each non-finite row is cut at its own positions.
+            rows = bad.any(dim=-1)  # (B,)
+            keep = rows[:, None, None, None]
+            out = _sdpa_call(q, k.masked_fill(keep, 0), v.masked_fill(keep, 0), causal, scale, dropout_p)
+            for r in rows.nonzero().squeeze(1).tolist():
+                part = _causal_segments(q[r], k[r], v[r], bad[r].nonzero().squeeze(1).tolist(), scale, dropout_p)
+                out = out.index_copy(0, torch.tensor([r], device=q.device), part[None])
+            return out
     return _sdpa_call(q, k, v, causal, scale, dropout_p)
 
 
