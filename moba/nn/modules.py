@@ -223,6 +223,12 @@ class MoBASelfAttention(nn.Module):
         self.num_kv_heads = check_positive_int("num_kv_heads", self.num_heads if num_kv_heads is None else num_kv_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None and hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_heads ({self.num_heads}) when head_dim is "
+                f"not given (head_dim = hidden_size // num_heads would drop {hidden_size % self.num_heads} "
+                "channels); pass head_dim= explicitly for another width"
+            )
         self.head_dim = check_positive_int("head_dim", hidden_size // self.num_heads if head_dim is None else head_dim)
         rotary, bias = check_bool("rotary", rotary), check_bool("bias", bias)
         rope_theta = check_positive_float("rope_theta", rope_theta)  # checked even without rotary
