@@ -142,13 +142,55 @@ def _install_cache_hook(module) -> None:
         if cache is None and position is not None and len(args) > position:
             cache = args[position]
         if cache is not None:
-            _check_cache(cache)  # before the model writes into a cache we cannot follow
+            try:
+                _check_cache(cache)  # before the model writes into a cache we cannot follow
+            except ValueError:
+                _forget_generate_cache(mod)
+                raise
         try:
             mod._moba_cache_ref = weakref.ref(cache) if cache is not None else None
         except TypeError:  # not weakly referenceable: decode without a stored state
             mod._moba_cache_ref = None
 
     module.register_forward_pre_hook(capture, with_kwargs=True)
+
+
+def _ancestors(module) -> list:
+    """The modules that hold ``module`` (parents, grandparents, ...), found through the garbage
+    collector's referrers: a module does not know its parents. Used on refusal paths only."""
+    import gc
+
+    def parents_of(child):
+        # child <- parent._modules (a dict) <- parent.__dict__ (a dict) <- parent
+        for modules in gc.get_referrers(child):
+            if not isinstance(modules, dict):
+                continue
+            for holder in gc.get_referrers(modules):
+                owners = gc.get_referrers(holder) if isinstance(holder, dict) else [holder]
+                for owner in owners:
+                    if isinstance(owner, torch.nn.Module) and owner.__dict__.get("_modules") is modules:
+                        yield owner
+
+    found, frontier, seen = [], [module], {id(module)}
+    while frontier:
+        parents = []
+        for child in frontier:
+            for owner in parents_of(child):
+                if id(owner) not in seen:
+                    seen.add(id(owner))
+                    parents.append(owner)
+        found.extend(parents)
+        frontier = parents
+    return found
+
+
+def _forget_generate_cache(module) -> None:
+    """After a refused call, drop the static cache that ``generate`` keeps on the model for its next
+    call (transformers 4.56: ``model._cache``). Its layers are set up on their first update, which
+    the refusal prevented, so the next static ``generate`` would fail inside transformers
+    (``'StaticLayer' object has no attribute 'max_batch_size'``) instead of being refused again."""
+    for owner in _ancestors(module):
+        owner.__dict__.pop("_cache", None)
 
 
 def _current_cache(module):
@@ -430,6 +472,7 @@ def make_attention_function(settings: MoBASettings):
         valid = None
         if attention_mask is not None:
             if attention_mask.shape[-1] < lk:
+                _forget_generate_cache(module)
                 raise ValueError(
                     f"attention mask covers {attention_mask.shape[-1]} keys but there are {lk}: "
                     "attn_implementation='moba' needs a growing cache (DynamicCache), not a static one"
@@ -438,7 +481,11 @@ def make_attention_function(settings: MoBASettings):
             if bool(valid.all()):
                 valid = None
         if cache is _UNKNOWN:
-            _check_keys_end_at_queries(lq, lk, valid, kwargs)
+            try:
+                _check_keys_end_at_queries(lq, lk, valid, kwargs)
+            except ValueError:
+                _forget_generate_cache(module)
+                raise
         if _is_full_layer(module, settings):
             return full_attn_with_kvcache(q, k, v, causal, scale, key_padding_mask=valid), None
         if lq == lk:
