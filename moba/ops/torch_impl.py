@@ -36,7 +36,10 @@ compiles with ``fullgraph=True`` and does not recompile per sequence length.
 
 Masking is by ``torch.where`` / ``masked_fill`` on values, never a product with a 0/1 mask;
 a tile's padding rows get P = 0 and dS = 0, so a non-finite value in one sequence (or at row 0,
-which padding rows point at) reaches no other sequence.
+which padding rows point at) reaches no other sequence. A key or value a query cannot see never
+reaches it either: the sequences holding a non-finite key or value run the tiles with exact
+masking (``_NonFiniteSequences``, ``_masked_bmm``); the dense-mask, flash and SDPA formulations
+would multiply a masked probability 0 by it.
 """
 
 from __future__ import annotations
