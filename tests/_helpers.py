@@ -429,6 +429,43 @@ def check_fixed_batch(backend, dtype=torch.float32, poison="nan", where="q", tok
         assert_same(g[1:], c[1:], f"{backend} {poison} in {where}[0, {token}]: {name} of rows 1..")
 
 
+def check_invisible_poison(backend, where="k", poison="nan", b=2, s=16, hq=4, hkv=2, d=16, block_size=4, top_k=2,
+                           first=9, causal=True, dtype=torch.float32):
+    """Poison ``where`` (k or v) of row 0 from token ``first`` on (the right padding of a row, or
+    keys after some queries): a query that cannot see a poisoned token keeps its output and dq,
+    finite and equal (to rounding: the formulation may change) to a run with finite values there.
+
+    Causal: the queries before ``first`` cannot see it (the gate runs, so every formulation of
+    the backend is reached by the shapes). Non-causal: block indices chosen on clean inputs are
+    given to both runs, and the queries whose selection misses every poisoned block are checked.
+    """
+    gen = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(b, s, h, d, generator=gen).to(dtype) for h in (hq, hkv, hkv))
+    dout = torch.randn(b, s, hq, d, generator=gen).to(dtype)
+    idx = None if causal else moba.select_blocks(q, k, block_size, top_k, causal=False)
+
+    def fn(q_, k_, v_):
+        return moba.moba_attn_func(q_, k_, v_, block_size, top_k, causal=causal, backend=backend, block_indices=idx)
+
+    runs = []
+    for value in (POISONS[poison], 0.5):
+        inputs = dict(q=q.clone(), k=k.clone(), v=v.clone())
+        inputs[where][0, first:] = value
+        runs.append(run_with_grads(fn, inputs["q"], inputs["k"], inputs["v"], dout))
+    if causal:
+        blind = torch.zeros(b, s, hq, dtype=torch.bool)
+        blind[0, :first] = True
+    else:  # (B, S, Hq): no selected block holds a poisoned token
+        first_block = first // block_size
+        blind = ((idx < first_block) & (idx >= 0) | (idx == -1)).all(dim=-1)
+        blind[1:] = False
+        assert blind[0].any() and not blind[0].all(), "test setup: some queries must see the poison, some not"
+    for name, got, clean in zip(["out", "dq"], runs[0][:2], runs[1][:2], strict=True):
+        g, c = got[blind], clean[blind]
+        assert torch.isfinite(g).all(), f"{backend} {poison} in {where}[0, {first}:]: {name} of queries that cannot see it"
+        torch.testing.assert_close(g, c, msg=lambda m, name=name: f"{backend} {poison} in {where}[0, {first}:]: {name}: {m}")
+
+
 def check_varlen(backend, dtype=torch.float32, poison="nan", backward=True, lengths=(7, 0, 9, 5), poisoned=2,
                  hq=2, hkv=1, d=16, block_size=4, top_k=2):
     """Poison q, k and v of the first token of packed sequence ``poisoned``: the others keep

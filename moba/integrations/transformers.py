@@ -52,6 +52,7 @@ is not a left prefix of each row falls back to a from-scratch sparse path.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import sys
 import warnings
@@ -561,7 +562,10 @@ def register_moba(
         full_attention_layers: layer indices that run dense attention instead (hybrid; negative
             indices count from the last layer, e.g. ``(-1, -2, -3)`` = last three).
         name: the implementation name to pass as ``attn_implementation``; registering several
-            names with different settings is fine.
+            names with different settings is fine. With the default "moba", "moba_naive" is
+            registered too (same settings, the "reference" backend), as the official package does.
+            Names of transformers' own implementations ("sdpa", "eager", "flash_attention_2", ...)
+            are refused with a ``ValueError``.
         backend: "auto", "torch", "triton" or "reference" (prefill; decoding uses the Triton
             decode kernel on CUDA unless "torch", and the dense reference with "reference").
 
@@ -570,9 +574,15 @@ def register_moba(
         'moba'
         >>> model = AutoModelForCausalLM.from_config(config, attn_implementation="moba")
     """
-    import transformers
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
+    try:
+        import transformers
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError as err:
+        raise ImportError(
+            "register_moba needs Hugging Face transformers (>= 4.56): pip install 'moba-attn[hf]' "
+            f"(or pip install transformers); import failed with: {err}"
+        ) from err
 
     _warn_if_untested(transformers.__version__)
     if isinstance(block_size, MoBAConfig):  # register_moba(cfg), as in the official package
@@ -586,6 +596,7 @@ def register_moba(
     block_size, top_k, backend = cfg.block_size, cfg.top_k, cfg.backend
     if not isinstance(name, str) or not name:
         raise ValueError(f"name must be a non-empty str, got {name!r}")
+    _check_name_is_ours(name, AttentionInterface, AttentionMaskInterface)
     if backend not in ("auto", "torch", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'torch', 'triton' or 'reference', got {backend!r}")
     if isinstance(full_attention_layers, (str, bytes)) or not hasattr(full_attention_layers, "__iter__"):
@@ -596,6 +607,31 @@ def register_moba(
         if isinstance(i, bool) or not isinstance(i, int):
             raise TypeError(f"full_attention_layers must hold ints, got {i!r}")
     settings = MoBASettings(cfg, layers)
-    AttentionInterface.register(name, make_attention_function(settings))
-    AttentionMaskInterface.register(name, padding_mask_function)
+    registrations = [(name, settings)]
+    if name == "moba":  # as the official package: "moba_naive" too, the dense-mask reference
+        naive = dataclasses.replace(cfg, backend="reference")
+        _check_name_is_ours(NAIVE_NAME, AttentionInterface, AttentionMaskInterface)
+        registrations.append((NAIVE_NAME, MoBASettings(naive, layers)))
+    for n, s in registrations:
+        AttentionInterface.register(n, make_attention_function(s))
+        AttentionMaskInterface.register(n, padding_mask_function)
     return name
+
+
+#: Registered beside the default name "moba", as the official package's ``register_moba`` does.
+NAIVE_NAME = "moba_naive"
+
+
+def _check_name_is_ours(name: str, attention_interface, mask_interface) -> None:
+    """Refuse a name that transformers (or another library) already uses for its own attention:
+    registering over "sdpa" would silently run MoBA wherever the process asks for SDPA."""
+    if name == "eager" or "|" in name or "/" in name:
+        raise ValueError(f"name {name!r} is reserved by transformers (eager attention, 'paged|...' and hub "
+                         "kernel names); pick another name, e.g. 'moba'")
+    for interface in (attention_interface, mask_interface):
+        existing = getattr(interface, "_global_mapping", {}).get(name)
+        if existing is not None and getattr(existing, "moba_settings", None) is None and existing is not padding_mask_function:
+            raise ValueError(
+                f"name {name!r} is one of transformers' own attention implementations; register_moba refuses to "
+                "replace it (every model in the process would run MoBA for it). Pick another name, e.g. 'moba'"
+            )

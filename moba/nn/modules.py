@@ -123,13 +123,14 @@ class MoBAAttention(nn.Module):
             return self._forward_cached(q, k, v, cu_seqlens, cache, mode)
         if cu_seqlens is None:
             if mode == "full":
-                return full_attn_func(q, k, v, self.causal, self.softmax_scale)
+                return full_attn_func(q, k, v, softmax_scale=self.softmax_scale, causal=self.causal)
             return moba_attn_func(
                 q, k, v, self.block_size, self.top_k, self.causal, self.softmax_scale, self.backend,
                 deterministic=self.deterministic,
             )
         if mode == "full":
-            return full_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, self.causal, self.softmax_scale)
+            return full_attn_varlen_func(q, k, v, cu_seqlens, max_seqlen, causal=self.causal,
+                                         softmax_scale=self.softmax_scale)
         return moba_attn_varlen_func(
             q, k, v, cu_seqlens, max_seqlen, self.block_size, self.top_k, self.causal, self.softmax_scale,
             self.backend, deterministic=self.deterministic,
@@ -253,6 +254,12 @@ class MoBASelfAttention(nn.Module):
         self.num_kv_heads = check_positive_int("num_kv_heads", self.num_heads if num_kv_heads is None else num_kv_heads)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None and hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of num_heads ({self.num_heads}) when head_dim is "
+                f"not given (head_dim = hidden_size // num_heads would drop {hidden_size % self.num_heads} "
+                "channels); pass head_dim= explicitly for another width"
+            )
         self.head_dim = check_positive_int("head_dim", hidden_size // self.num_heads if head_dim is None else head_dim)
         rotary, bias = check_bool("rotary", rotary), check_bool("bias", bias)
         rope_theta = check_positive_float("rope_theta", rope_theta)  # checked even without rotary

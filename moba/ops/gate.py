@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .._core.checks import PAD_INDEX, check_bool, check_cu_seqlens, check_positive_int, check_qkv
-from .._core.layout import BlockLayout, build_layout, fixed_cu_seqlens, gate_width
+from .._core.checks import PAD_INDEX, check_cu_seqlens, check_qkv
+from .._core.layout import BlockLayout, build_layout, gate_width
 
 # Upper bound on the elements of one chunk of gate scores (float32), to bound memory.
 _GATE_CHUNK_ELEMENTS = 1 << 21
@@ -108,63 +108,163 @@ def select_packed(q, k, layout: BlockLayout, top_k: int, causal: bool) -> torch.
     return select_from_means(q, means, layout, top_k, causal)
 
 
+def _bhsd_hint(q, k) -> str:
+    """A hint when q, k look like the (batch, heads, seqlen, head_dim) layout: their shapes fail the
+    (batch, seqlen, heads, head_dim) checks but would pass with dims 1 and 2 swapped."""
+    if not (isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor) and q.dim() == k.dim() == 4):
+        return ""
+    (b, hq, sq, d), (bk, hkv, sk, dk) = q.shape, k.shape
+    if b == bk and d == dk and 0 < hkv and hq % hkv == 0 and sq <= sk:
+        return (f"; q {tuple(q.shape)} and k {tuple(k.shape)} look like the (batch, heads, seqlen, head_dim) layout: "
+                "MoBA takes flash-attn's (batch, seqlen, heads, head_dim), e.g. q.transpose(1, 2)")
+    return ""
+
+
+def _gate_settings(fn: str, config, block_size, top_k, causal, moba_chunk_size, moba_topk):
+    from ..config import resolve_config  # lazy: moba.config imports the backend registry
+
+    if config is None:
+        if block_size is None and moba_chunk_size is None:
+            raise TypeError(f"{fn}() needs block_size (or config=moba.MoBAConfig(...))")
+        if top_k is None and moba_topk is None:
+            raise TypeError(f"{fn}() needs top_k (or config=moba.MoBAConfig(...))")
+    return resolve_config(config, block_size=block_size, top_k=top_k, causal=causal,
+                          moba_chunk_size=moba_chunk_size, moba_topk=moba_topk)
+
+
 def select_blocks(
-    q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, causal: bool = True
+    q: torch.Tensor,
+    k: torch.Tensor,
+    block_size: int | None = None,
+    top_k: int | None = None,
+    causal: bool | None = None,
+    *,
+    config=None,
+    moba_chunk_size: int | None = None,
+    moba_topk: int | None = None,
 ) -> torch.Tensor:
     """Blocks selected by the MoBA gate for every query of a fixed-length batch.
 
+    Takes the arguments of ``moba_attn_func`` (without v): the result is what that function
+    selects, and can be passed back to it as ``block_indices=``.
+
     Args:
-        q: (B, S, Hq, D) queries.
-        k: (B, S, Hkv, D) keys, ``Hq % Hkv == 0``.
+        q: (B, Sq, Hq, D) queries.
+        k: (B, Sk, Hkv, D) keys, ``Hq % Hkv == 0``, ``Sq <= Sk``: with fewer queries they are
+            the last ``Sq`` key positions (bottom-right aligned, as in ``moba_attn_func``).
         block_size: tokens per key block (>= 1).
         top_k: blocks per query, the own block included (>= 1).
-        causal: causal gate (candidates are complete past blocks) or not (all other blocks).
+        causal: causal gate (candidates are complete past blocks) or not (all other blocks);
+            default True.
+        config: a ``moba.MoBAConfig`` instead of (or agreeing with) the settings above.
+        moba_chunk_size, moba_topk: the official MoBA package's names for block_size, top_k.
 
     Returns:
-        (B, S, Hq, min(top_k, n_blocks)) int32 local block indices, ascending; unused slots
-        hold ``moba.PAD_INDEX`` (-1). ``n_blocks = ceil(S / block_size)``.
+        (B, Sq, Hq, min(top_k, n_blocks)) int32 local block indices, ascending; unused slots
+        hold ``moba.PAD_INDEX`` (-1). ``n_blocks = ceil(Sk / block_size)``.
+
+    q and k in the (batch, heads, seqlen, head_dim) layout are refused with an error that says so
+    when their shapes tell (different head counts); with equal head counts and lengths the two
+    layouts have the same shapes, and only the caller knows which one it holds.
 
     Example:
         >>> idx = select_blocks(q, k, block_size=64, top_k=3)   # idx[b, t, h] -> up to 3 blocks
+        >>> out = moba_attn_func(q, k, v, 64, block_indices=idx)
     """
-    check_qkv(q, k, k, varlen=False)
-    block_size = check_positive_int("block_size", block_size)
-    top_k = check_positive_int("top_k", top_k)
-    check_bool("causal", causal)
-    b, s = q.shape[:2]
-    cu = fixed_cu_seqlens(b, s, "cpu").tolist()
-    layout = build_layout(cu, cu, block_size, q.device)
-    idx = select_packed(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), layout, top_k, causal)
-    return idx.reshape(b, s, *idx.shape[1:])
+    cfg = _gate_settings("select_blocks", config, block_size, top_k, causal, moba_chunk_size, moba_topk)
+    try:
+        check_qkv(q, k, k, varlen=False, same_length=False)
+    except ValueError as err:
+        hint = _bhsd_hint(q, k)
+        if hint:
+            raise ValueError(f"{err}{hint}") from None
+        raise
+    b, sq = q.shape[:2]
+    sk = k.shape[1]
+    cu_q, cu_k = [i * sq for i in range(b + 1)], [i * sk for i in range(b + 1)]
+    layout = build_layout(cu_q, cu_k, cfg.block_size, q.device)
+    idx = select_packed(q.reshape(b * sq, *q.shape[2:]), k.reshape(b * sk, *k.shape[2:]), layout, cfg.top_k,
+                        cfg.causal)
+    return idx.reshape(b, sq, *idx.shape[1:])
+
+
+# Positional parameters after (q, k, cu_seqlens_q): flash-attn's order, or the self-attention
+# order (one cu_seqlens, one max_seqlen), told apart by the type of the first one (as
+# ``moba_attn_varlen_func``).
+_FLASH_ORDER = ("cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "block_size", "top_k", "causal")
+_SELF_ORDER = ("max_seqlen", "block_size", "top_k", "causal")
 
 
 def select_blocks_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
-    cu_seqlens: torch.Tensor,
-    max_seqlen: int,
-    block_size: int,
-    top_k: int,
-    causal: bool = True,
+    cu_seqlens_q: torch.Tensor | None = None,
+    *args,
+    cu_seqlens_k: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    block_size: int | None = None,
+    top_k: int | None = None,
+    causal: bool | None = None,
+    config=None,
+    cu_seqlens: torch.Tensor | None = None,
+    max_seqlen: int | None = None,
+    moba_chunk_size: int | None = None,
+    moba_topk: int | None = None,
 ) -> torch.Tensor:
-    """Blocks selected by the MoBA gate for packed sequences.
+    """Blocks selected by the MoBA gate for packed sequences, with ``moba_attn_varlen_func``'s
+    argument forms (without v):
+
+    * flash-attn's: ``select_blocks_varlen(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+      max_seqlen_k, block_size, top_k, causal=True)``;
+    * self-attention: ``select_blocks_varlen(q, k, cu_seqlens, max_seqlen, block_size, top_k,
+      causal=True)``; every argument also by keyword, settings also from ``config=``.
 
     Args:
-        q: (T, Hq, D), k: (T, Hkv, D) packed tokens.
-        cu_seqlens: (N + 1,) int32 sequence boundaries; max_seqlen: longest sequence.
-        block_size, top_k, causal: as in ``select_blocks``.
+        q: (Tq, Hq, D), k: (Tk, Hkv, D) packed tokens; per sequence ``Lq <= Lk``, the queries
+            being the last ``Lq`` key positions.
+        cu_seqlens_q, cu_seqlens_k: (N + 1,) int32 boundaries; max_seqlen_q / max_seqlen_k:
+            longest sequence (``cu_seqlens`` / ``max_seqlen`` set both).
+        block_size, top_k, causal, config, moba_chunk_size, moba_topk: as in ``select_blocks``.
 
     Returns:
-        (T, Hq, min(top_k, n_blocks)) int32 block indices local to each sequence (block 0 is
+        (Tq, Hq, min(top_k, n_blocks)) int32 block indices local to each sequence (block 0 is
         the first block of the query's own sequence), ascending, ``PAD_INDEX``-padded.
     """
-    check_qkv(q, k, k, varlen=True)
-    block_size = check_positive_int("block_size", block_size)
-    top_k = check_positive_int("top_k", top_k)
-    check_bool("causal", causal)
-    cu = check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0])
-    layout = build_layout(cu, cu, block_size, q.device)
-    return select_packed(q, k, layout, top_k, causal)
+    named = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                 block_size=block_size, top_k=top_k, causal=causal, max_seqlen=max_seqlen)
+    positional_cu_k = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dim() == 1
+    order = _FLASH_ORDER if positional_cu_k else _SELF_ORDER
+    if len(args) > len(order):
+        raise TypeError(f"select_blocks_varlen() takes at most {3 + len(order)} positional arguments in this "
+                        f"form, got {3 + len(args)}")
+    for name, value in zip(order, args, strict=False):
+        if named[name] is not None:
+            raise TypeError(f"select_blocks_varlen() got multiple values for argument {name!r}")
+        named[name] = value
+    if cu_seqlens is not None and cu_seqlens_q is not None:
+        raise TypeError("pass cu_seqlens_q or cu_seqlens, not both")
+    cu_q_t = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens
+    if cu_q_t is None:
+        raise TypeError("select_blocks_varlen() needs cu_seqlens_q (or cu_seqlens)")
+    two = named["cu_seqlens_k"] is not None
+    cu_k_t = named["cu_seqlens_k"] if two else cu_q_t
+    max_q = named["max_seqlen_q"] if named["max_seqlen_q"] is not None else named["max_seqlen"]
+    max_k = named["max_seqlen_k"] if named["max_seqlen_k"] is not None else named["max_seqlen"]
+    max_k = max_q if max_k is None and not two else max_k
+    if max_q is None or max_k is None:
+        raise TypeError("select_blocks_varlen() needs max_seqlen_q and max_seqlen_k (or max_seqlen)")
+    cfg = _gate_settings("select_blocks_varlen", config, named["block_size"], named["top_k"], named["causal"],
+                         moba_chunk_size, moba_topk)
+    check_qkv(q, k, k, varlen=True, same_length=not two)
+    names = ("cu_seqlens_q", "cu_seqlens_k") if two else ("cu_seqlens", "cu_seqlens")
+    cu_q = check_cu_seqlens(cu_q_t, max_q, q.shape[0], names[0])
+    cu_k = check_cu_seqlens(cu_k_t, max_k, k.shape[0], names[1])
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, "
+                         f"got {len(cu_q) - 1} and {len(cu_k) - 1}")
+    layout = build_layout(cu_q, cu_k, cfg.block_size, q.device)
+    return select_packed(q, k, layout, cfg.top_k, cfg.causal)
 
 
 def check_index_values(block_indices: torch.Tensor, layout: BlockLayout, causal: bool) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Dense-mask MoBA reference: obviously right, O(S^2) memory, for tests and small sizes.
 
 It builds, per sequence, the full (Hq, Sq, Sk) mask "key block is selected for this query
-(and, causal, key position <= query position)" and runs a masked softmax. It computes in
+(and, causal, key position <= query position)" and runs a masked softmax. A non-finite key or
+value that a query cannot see never reaches it (``_masked_softmax_attention``). It computes in
 the input dtype (so a float16 run of the reference measures float16 error, as the
 tolerance rule in docs/design.md needs), or in float32/float64 with ``upcast=True``.
 """
@@ -20,6 +21,49 @@ def selection_mask(block_indices: torch.Tensor, n_blocks: int) -> torch.Tensor:
     # PAD_INDEX goes to the extra last column, dropped below.
     mask.scatter_(-1, torch.where(block_indices == PAD_INDEX, n_blocks, block_indices.long()), True)
     return mask[..., :n_blocks]
+
+
+def _scores(qs, ks, scale):
+    """Scaled scores (Hq, Sq, Sk) in the inputs' dtype.
+
+    Low precision rounds the scores to the input dtype (the error the tolerance rule measures),
+    but a score beyond its range is kept in float32, as every kernel keeps its scores: finite
+    inputs never give inf - inf = NaN here.
+    """
+    scores = torch.matmul(qs, ks.transpose(-1, -2)) * scale
+    if qs.dtype in (torch.float16, torch.bfloat16):
+        wide = torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * scale
+        scores = torch.where(torch.isfinite(scores) | ~torch.isfinite(wide), scores.float(), wide)
+    return scores
+
+
+def _attend(qs, ks, vs, allowed, scale):
+    """Masked softmax attention (Hq, Sq, D) x (Hq, Sk, D): (masked scores, output)."""
+    scores = _scores(qs, ks, scale).masked_fill(~allowed, float("-inf"))
+    return scores, torch.matmul(torch.softmax(scores, dim=-1).to(vs.dtype), vs)
+
+
+def _masked_softmax_attention(qs, ks, vs, allowed, scale):
+    """``_attend``, where a key or value a query cannot see never reaches it even when it is not
+    finite (a matmul multiplies the masked probability 0 by it, and ``0 * NaN`` is NaN).
+
+    Rows that see no non-finite key or value are computed by ``_attend`` on inputs whose
+    non-finite entries are replaced by 0 (bitwise what they give without them: those keys are
+    masked for these rows); rows that see one compute every (query, key) pair on its own, masked
+    pairs replaced by 0 before any product (O(Hq * Sq * Sk * D) memory, only then).
+    """
+    k_ok, v_ok = torch.isfinite(ks), torch.isfinite(vs)
+    bad = ~(k_ok.all(dim=-1) & v_ok.all(dim=-1))  # (Hq, Sk)
+    if not bool(bad.any()):
+        return _attend(qs, ks, vs, allowed, scale)
+    scores, out = _attend(qs, torch.where(k_ok, ks, 0.0), torch.where(v_ok, vs, 0.0), allowed, scale)
+    sees = (allowed & bad[:, None, :]).any(dim=-1)  # (Hq, Sq)
+    pair = allowed[..., None]  # (Hq, Sq, Sk, 1)
+    exact = (torch.where(pair, qs[:, :, None], 0.0) * torch.where(pair, ks[:, None], 0.0)).sum(-1) * scale
+    exact = exact.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(exact, dim=-1)
+    exact_out = (torch.where(pair, probs[..., None], 0.0) * torch.where(pair, vs[:, None], 0.0)).sum(-2)
+    return torch.where(sees[..., None], exact.to(scores.dtype), scores), torch.where(sees[..., None], exact_out, out)
 
 
 def reference_attention_packed(
@@ -62,16 +106,8 @@ def reference_attention_packed(
         if causal:
             q_pos = layout.q_pos[q0:q1]
             allowed = allowed & (torch.arange(k1 - k0, device=q.device)[None, :] <= q_pos[:, None])[None]
-        scores = torch.matmul(qs, ks.transpose(-1, -2)) * softmax_scale
-        if compute_dtype in (torch.float16, torch.bfloat16):
-            # Low precision rounds the scores to the input dtype (the error the tolerance rule
-            # measures), but a score beyond its range is kept in float32, as every kernel keeps
-            # its scores: finite inputs never give inf - inf = NaN here.
-            wide = torch.matmul(qs.float(), ks.float().transpose(-1, -2)) * softmax_scale
-            scores = torch.where(torch.isfinite(scores) | ~torch.isfinite(wide), scores.float(), wide)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores, o = _masked_softmax_attention(qs, ks, vs, allowed, softmax_scale)
         if return_lse:
             lse[q0:q1] = torch.logsumexp(scores.detach().to(lse_dtype), dim=-1).transpose(0, 1)
-        probs = torch.softmax(scores, dim=-1).to(compute_dtype)
-        out[q0:q1] = torch.matmul(probs, vs).transpose(0, 1).to(q.dtype)
+        out[q0:q1] = o.transpose(0, 1).to(q.dtype)
     return (out, lse) if return_lse else out

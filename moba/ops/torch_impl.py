@@ -36,7 +36,10 @@ compiles with ``fullgraph=True`` and does not recompile per sequence length.
 
 Masking is by ``torch.where`` / ``masked_fill`` on values, never a product with a 0/1 mask;
 a tile's padding rows get P = 0 and dS = 0, so a non-finite value in one sequence (or at row 0,
-which padding rows point at) reaches no other sequence.
+which padding rows point at) reaches no other sequence. A key or value a query cannot see never
+reaches it either: the sequences holding a non-finite key or value run the tiles with exact
+masking (``_NonFiniteSequences``, ``_masked_bmm``); the dense-mask, flash and SDPA formulations
+would multiply a masked probability 0 by it.
 """
 
 from __future__ import annotations
@@ -196,8 +199,10 @@ def _static_layout(cu_q: list[int], cu_k: list[int], block_size: int, device) ->
 class _Context:
     """Tensors shared by the forward and backward tile loops."""
 
-    def __init__(self, q, k, static: _StaticLayout, causal: bool, scale: float):
+    def __init__(self, q, k, static: _StaticLayout, causal: bool, scale: float, finite: bool = True):
         self.dtype = _compute_dtype(q.dtype)
+        # False when q, k or v holds a non-finite value: products then skip masked pairs exactly.
+        self.finite = finite
         self.hq, self.hkv, self.d = q.shape[1], k.shape[1], q.shape[2]
         self.layout, self.causal, self.scale = static.layout, causal, scale
         self.key_token, self.key_valid = static.key_token, static.key_valid  # (G, bs)
@@ -258,6 +263,31 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor, dtype, chunk: int = 4096) -> 
     return out
 
 
+def all_finite(*tensors: torch.Tensor) -> bool:
+    """True when every element of every tensor is finite (one pass each; a host sync)."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _masked_bmm(a: torch.Tensor, b: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``bmm(a, b)`` in which a pair that is not ``visible`` adds nothing, even where ``b`` is not finite.
+
+    a: (n, M, N), b: (n, N, D), visible: (n, M, N) bool. ``a`` is 0 where not visible (a masked
+    probability or score gradient), and ``0 * NaN`` is NaN: a non-finite key or value that a row
+    cannot see would reach it. The non-finite entries of ``b`` are replaced by 0 for the product,
+    and their exact contribution (``a * b`` over the visible pairs only) is added back, one tile
+    at a time, for the tiles that hold any.
+    """
+    bad = ~torch.isfinite(b)
+    out = torch.bmm(a, b.masked_fill(bad, 0))
+    for t in bad.flatten(1).any(dim=1).nonzero().squeeze(1).tolist():
+        pairs = (visible[t][:, :, None] & bad[t][None]).any(dim=1).any(dim=1)  # rows that see a bad entry
+        rows = pairs.nonzero().squeeze(1)
+        if rows.numel():
+            extra = torch.where(visible[t, rows][:, :, None] & bad[t][None], a[t, rows][:, :, None] * b[t][None], 0.0)
+            out[t, rows] += extra.sum(dim=1)
+    return out
+
+
 class _Forward:
     """Flash-style merge across slots: running max, running sum and unnormalised accumulator
     per row (merging normalised partials by log-sum-exp would lose ~|lse| * eps)."""
@@ -273,9 +303,11 @@ class _Forward:
         """Merge one chunk of tiles (a method, so its temporaries are freed on return)."""
         _, _, s, present, _ = self.ctx.scores(self.q_flat, self.k_blocks, rows, group)
         part_max = s.amax(dim=-1)
+        visible = None if self.ctx.finite else s != float("-inf")
         p = s.sub_(part_max[..., None]).exp_()  # in place: s is not needed again
         part_sum = p.sum(dim=-1)[present]
-        part_acc = torch.bmm(p, self.v_blocks.tile(group))[present]
+        vt = self.v_blocks.tile(group)
+        part_acc = (torch.bmm(p, vt) if visible is None else _masked_bmm(p, vt, visible))[present]
         del s, p
         part_max = part_max[present]
         r = rows[present]
@@ -288,8 +320,8 @@ class _Forward:
         self.run_max[r] = new_max
 
 
-def _forward(q, k, v, static, block_indices, causal, scale):
-    ctx = _Context(q, k, static, causal, scale)
+def _forward(q, k, v, static, block_indices, causal, scale, finite=True):
+    ctx = _Context(q, k, static, causal, scale, finite)
     state = _Forward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v))
     for tiles in ctx.tile_sets(block_indices):
         for rows, group in ctx.chunks(tiles):
@@ -320,6 +352,7 @@ class _Backward:
         # and dS = 0 exactly and add nothing to dK / dV of the tile's real rows.
         lse = torch.where(present, self.lse_flat[safe], float("inf"))
         delta = torch.where(present, self.delta[safe], 0.0)
+        visible = None if ctx.finite else s != float("-inf")
         p = s.sub_(lse[..., None]).exp_()  # (n, M, bs) probabilities, 0 where masked
         # dout may be an expanded (stride-0) tensor: index it as (token, head), never flatten it.
         dot = torch.where(present[..., None], self.dout[safe // ctx.hq, safe % ctx.hq].to(ctx.dtype), 0.0)
@@ -328,12 +361,20 @@ class _Backward:
         del dot
         ds = ds.sub_(delta[..., None]).mul_(p)  # dS = P * (dP - delta), unscaled
         del p, s
-        self.dq.index_add_(0, rows[present], torch.bmm(ds, kt)[present], alpha=ctx.scale)
-        self._add(self.dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=ctx.scale)
+        if visible is None:
+            self.dq.index_add_(0, rows[present], torch.bmm(ds, kt)[present], alpha=ctx.scale)
+            self._add(self.dk_blk, group, torch.bmm(ds.transpose(1, 2), qt), alpha=ctx.scale)
+            return
+        # Non-finite inputs: dP of a masked pair reads a value the row cannot see (replace dS
+        # there), and neither product may multiply a masked 0 by a non-finite key or query.
+        ds = torch.where(visible, ds, 0.0)
+        self.dq.index_add_(0, rows[present], _masked_bmm(ds, kt, visible)[present], alpha=ctx.scale)
+        dk = _masked_bmm(ds.transpose(1, 2), qt, visible.transpose(1, 2))
+        self._add(self.dk_blk, group, dk, alpha=ctx.scale)
 
 
-def _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale):
-    ctx = _Context(q, k, static, causal, scale)
+def _backward(q, k, v, out, lse, dout, static, block_indices, causal, scale, finite=True):
+    ctx = _Context(q, k, static, causal, scale, finite)
     delta = _rowwise_dot(dout, out, ctx.dtype).reshape(-1)  # rowsum(dO * O), (Tq * Hq,)
     state = _Backward(ctx, q.reshape(-1, ctx.d), ctx.key_blocks(k), ctx.key_blocks(v),
                       lse.reshape(-1).to(ctx.dtype), delta, dout)
@@ -617,6 +658,46 @@ def _dense_mask_backward(dout, q, k, v, out, lse, block_indices, cu_q, block_siz
 
 
 # ----------------------------------------------------------------------------------------------
+# Non-finite keys or values. The dense-mask, flash and SDPA formulations let a masked key or value
+# that is not finite reach rows that cannot see it (an additive -inf mask, 0 * NaN in P @ V). The
+# sequences holding one run the tiles with exact masking (``finite=False``); every other sequence
+# runs exactly as without them (bitwise), with the non-finite sequences' keys and values zeroed.
+
+
+@dataclass
+class _NonFiniteSequences:
+    """The sequences whose keys or values hold a non-finite value, as a packed sub-batch."""
+
+    tq: torch.Tensor  # (tq,) their query tokens
+    tk: torch.Tensor  # (tk,) their key tokens
+    cu_q: list[int]  # boundaries of the sub-batch
+    cu_k: list[int]
+    k_tokens: torch.Tensor  # (Tk,) bool: key tokens of these sequences
+
+    @staticmethod
+    def find(k: torch.Tensor, v: torch.Tensor, cu_q: list[int], cu_k: list[int]) -> _NonFiniteSequences | None:
+        if all_finite(k, v):  # the usual case: one pass over k and v
+            return None
+        bad = ~(torch.isfinite(k).flatten(1).all(dim=1) & torch.isfinite(v).flatten(1).all(dim=1))  # (Tk,)
+        ends = torch.tensor(cu_k[1:], device=k.device)
+        seqs = sorted(set(torch.searchsorted(ends, bad.nonzero().squeeze(1), right=True).tolist()))
+        tq = [torch.arange(cu_q[n], cu_q[n + 1]) for n in seqs]
+        tk = [torch.arange(cu_k[n], cu_k[n + 1]) for n in seqs]
+        sub_q, sub_k = [0], [0]
+        for n in seqs:
+            sub_q.append(sub_q[-1] + cu_q[n + 1] - cu_q[n])
+            sub_k.append(sub_k[-1] + cu_k[n + 1] - cu_k[n])
+        tk_all = torch.cat(tk).to(k.device)
+        k_tokens = torch.zeros(k.shape[0], dtype=torch.bool, device=k.device)
+        k_tokens[tk_all] = True
+        return _NonFiniteSequences(torch.cat(tq).to(k.device), tk_all, sub_q, sub_k, k_tokens)
+
+    def sanitized(self, k: torch.Tensor, v: torch.Tensor):
+        """k, v with these sequences' tokens zeroed (replaced, not multiplied)."""
+        return tuple(x.masked_fill(self.k_tokens[:, None, None], 0) for x in (k, v))
+
+
+# ----------------------------------------------------------------------------------------------
 # Custom ops: autograd and torch.compile see one opaque op per direction (the tile grouping is
 # data dependent: nonzero, unique, .item(); it stays inside the ops, and so do the chunk loops).
 # method: "tile" (any layout) or "dense_mask" (CPU, one length L for queries and keys).
@@ -639,6 +720,18 @@ def torch_attention_fwd(
     float64 for float64 inputs)."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), q.new_zeros(q.shape[:2], dtype=_compute_dtype(q.dtype))
+    sub = _NonFiniteSequences.find(k, v, cu_q, cu_k)
+    if sub is None:
+        return _dispatch_forward(q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale, method)
+    out, lse = _dispatch_forward(q, *sub.sanitized(k, v), block_indices, cu_q, cu_k, block_size, causal, scale, method)
+    static = _static_layout(sub.cu_q, sub.cu_k, block_size, q.device)
+    o, l = _forward(q[sub.tq], k[sub.tk], v[sub.tk], static, block_indices[sub.tq], causal, scale, finite=False)
+    out, lse = out.clone(), lse.clone()  # may be views of a kernel's result
+    out[sub.tq], lse[sub.tq] = o, l
+    return out, lse
+
+
+def _dispatch_forward(q, k, v, block_indices, cu_q, cu_k, block_size, causal, scale, method):
     if method == "dense_mask":
         return _dense_mask_forward(q, k, v, block_indices, cu_q, block_size, causal, scale)
     static = _static_layout(cu_q, cu_k, block_size, q.device)
@@ -671,6 +764,25 @@ def torch_attention_bwd(
     """MoBA backward: (dq, dk, dv) in the dtypes of q, k, v."""
     if q.shape[0] == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    sub = _NonFiniteSequences.find(k, v, cu_q, cu_k)
+    if sub is None:
+        return _dispatch_backward(dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, causal, scale, method)
+    # The other sequences as without the non-finite ones (their rows of out / lse zeroed, so that
+    # nothing non-finite enters), then the non-finite sequences alone through the exact tiles.
+    q_rows = torch.zeros(q.shape[0], dtype=torch.bool, device=q.device)
+    q_rows[sub.tq] = True
+    out_s, lse_s = out.masked_fill(q_rows[:, None, None], 0), lse.masked_fill(q_rows[:, None], 0)
+    dq, dk, dv = _dispatch_backward(dout, q, *sub.sanitized(k, v), out_s, lse_s, block_indices, cu_q, cu_k,
+                                    block_size, causal, scale, method)
+    static = _static_layout(sub.cu_q, sub.cu_k, block_size, q.device)
+    gq, gk, gv = _backward(q[sub.tq], k[sub.tk], v[sub.tk], out[sub.tq], lse[sub.tq], dout[sub.tq], static,
+                           block_indices[sub.tq], causal, scale, finite=False)
+    dq, dk, dv = dq.clone(), dk.clone(), dv.clone()
+    dq[sub.tq], dk[sub.tk], dv[sub.tk] = gq, gk, gv
+    return dq, dk, dv
+
+
+def _dispatch_backward(dout, q, k, v, out, lse, block_indices, cu_q, cu_k, block_size, causal, scale, method):
     if method == "dense_mask":
         return _dense_mask_backward(dout, q, k, v, out, lse, block_indices, cu_q, block_size, causal, scale)
     static = _static_layout(cu_q, cu_k, block_size, q.device)
@@ -787,7 +899,16 @@ def moba_attention_packed(
         return q.clone()  # clone keeps the graph
     path = gated_path(cu_q, cu_k, q.shape[1], block_size, top_k, q.device)
     if path == "dense":
-        return _dense_attention_packed(q, k, v, cu_q, cu_k, causal, softmax_scale)
+        sub = None if torch.compiler.is_compiling() else _NonFiniteSequences.find(k, v, cu_q, cu_k)
+        if sub is None:
+            return _dense_attention_packed(q, k, v, cu_q, cu_k, causal, softmax_scale)
+        # SDPA lets a masked non-finite value through (0 * NaN in P @ V): those sequences run the
+        # tiles (over every block), the others SDPA exactly as without them.
+        out = _dense_attention_packed(q, *sub.sanitized(k, v), cu_q, cu_k, causal, softmax_scale)
+        qs, ks, vs = q[sub.tq], k[sub.tk], v[sub.tk]
+        block_indices = torch_gate(qs.detach(), ks.detach(), sub.cu_q, sub.cu_k, block_size, top_k, causal)
+        part = torch_attention_fwd(qs, ks, vs, block_indices, sub.cu_q, sub.cu_k, block_size, causal, softmax_scale)[0]
+        return out.index_copy(0, sub.tq, part)
     block_indices = torch_gate(q.detach(), k.detach(), cu_q, cu_k, block_size, top_k, causal)
     return torch_attention_fwd(q, k, v, block_indices, cu_q, cu_k, block_size, causal, softmax_scale, path)[0]
 

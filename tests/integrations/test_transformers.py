@@ -283,6 +283,21 @@ def test_static_cache_is_refused_never_silently_wrong(fresh):
             llama.generate(ids, max_new_tokens=2, cache_implementation="static")
 
 
+@pytest.mark.parametrize("fresh", [True, False], ids=["first-call", "hooks-installed"])
+def test_refused_static_generate_leaves_the_model_usable(fresh):
+    """transformers 4.56 keeps the static cache generate built on the model for the next call and
+    sets its layers up on their first update; a refusal must not leave that half-built cache
+    behind (the next static call failed inside transformers with an AttributeError)."""
+    _, (llama,) = _models("llama", "moba_t")
+    ids = torch.randint(1, VOCAB, (1, 6))
+    if not fresh:
+        llama.generate(ids, max_new_tokens=2)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="growing cache"):
+            llama.generate(ids, max_new_tokens=2, cache_implementation="static")
+    assert llama.generate(ids, max_new_tokens=2).shape == (1, 8)
+
+
 class _WrappedCache:
     """A cache object the integration does not know: it forwards everything to a DynamicCache."""
 

@@ -144,3 +144,10 @@ def test_self_attention_packed_equals_per_sequence():
     with pytest.raises(ValueError, match="mode must be one of"):
         MoBAAttention(mode="sparse")
     assert "mode=full" in repr(core)
+
+
+def test_self_attention_refuses_a_width_its_heads_do_not_divide():
+    with pytest.raises(ValueError, match=r"hidden_size \(30\) must be a multiple of num_heads \(4\)"):
+        MoBASelfAttention(30, 4, 2, block_size=4, top_k=2)
+    layer = MoBASelfAttention(30, 4, 2, head_dim=8, block_size=4, top_k=2)  # an explicit head_dim is fine
+    assert layer(torch.randn(1, 6, 30)).shape == (1, 6, 30)

@@ -28,6 +28,7 @@ from tests._helpers import (
     check_decode_padding,
     check_fixed_batch,
     check_float16_large_inputs,
+    check_invisible_poison,
     check_large_negative_self_score,
     check_varlen,
     run_with_grads,
@@ -97,6 +98,59 @@ def test_dense_fallbacks_isolate_rows(causal):
 
 
 # ---------------------------------------------------------------------------------------------
+# Inside one sequence: a non-finite key or value a query cannot see (a later key in causal mode,
+# the right padding of a row, a block it did not select) never reaches that query's output or dq
+
+# Shapes that reach every formulation of the torch backend (moba.ops.torch_impl.gated_path).
+INVISIBLE_CASES = {
+    "tile": dict(),
+    "dense_mask": dict(s=48, block_size=16, top_k=2, first=30),
+    "dense": dict(top_k=9),
+    "flash": dict(b=1, s=1024, block_size=64, top_k=2, first=700, hq=2, hkv=1, d=8),
+    "right-padding": dict(s=300, block_size=64, top_k=3, first=256, hq=2, hkv=1, d=8),
+    "noncausal": dict(causal=False, first=12),
+}
+
+
+@pytest.mark.parametrize("case", list(INVISIBLE_CASES))
+@pytest.mark.parametrize("poison", ["nan", "inf"])
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_invisible_non_finite_key_or_value(backend, where, poison, case):
+    if backend == "reference" and case in ("flash", "right-padding"):
+        pytest.skip("the reference has one formulation; the small cases cover it")
+    check_invisible_poison(backend, where=where, poison=poison, **INVISIBLE_CASES[case])
+
+
+@pytest.mark.parametrize("which", ["func", "varlen"])
+@pytest.mark.parametrize("where", ["k", "v"])
+def test_dense_fallbacks_invisible_non_finite(which, where):
+    """full_attn_func / full_attn_varlen_func, causal: later NaN keys/values (and a NaN right
+    padding) leave the earlier queries' outputs and dq finite and as without them."""
+    b, s, hq, hkv, d = 2, 40, 4, 2, 8
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, s, h, d, generator=gen) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0, s, 2 * s], dtype=torch.int32)
+
+    def fn(q_, k_, v_):
+        if which == "func":
+            return moba.full_attn_func(q_, k_, v_, causal=True)
+        flat = [t.reshape(b * s, *t.shape[2:]) for t in (q_, k_, v_)]
+        return moba.full_attn_varlen_func(*flat, cu, s, causal=True).reshape(b, s, hq, d)
+
+    runs = []
+    for value in (float("nan"), 0.5):
+        kk, vv = k.clone(), v.clone()
+        (kk if where == "k" else vv)[0, [20, 21, 33]] = value
+        (kk if where == "k" else vv)[1, 30:] = value  # right padding
+        runs.append(run_with_grads(fn, q, kk, vv, torch.ones(b, s, hq, d)))
+    for name, got, clean in zip(["out", "dq"], runs[0][:2], runs[1][:2], strict=True):
+        for row, end in ((0, 20), (1, 30)):
+            assert torch.isfinite(got[row, :end]).all(), f"{which}: {name} of row {row}"
+            torch.testing.assert_close(got[row, :end], clean[row, :end])
+
+
+# ---------------------------------------------------------------------------------------------
 # Finite inputs: finite outputs and gradients wherever dense SDPA gives them
 
 
@@ -145,7 +199,7 @@ def test_full_attn_with_kvcache_padding_mask(poison):
         t[1, 4] = POISONS[poison]
     fn = lambda q_, k_, v_: moba.full_attn_with_kvcache(q_, k_, v_, key_padding_mask=mask)  # noqa: E731
     out, dq, dk, dv = run_with_grads(fn, *bad, dout)
-    alone = run_with_grads(lambda *t: moba.full_attn_func(*t), *(t[:1, pad:] for t in (q, k, v)), dout[:1, pad:])
+    alone = run_with_grads(lambda *t: moba.full_attn_func(*t, causal=True), *(t[:1, pad:] for t in (q, k, v)), dout[:1, pad:])
     assert (out[0, :pad] == 0).all()
     for name, g, a in zip(["out", "dq", "dk", "dv"], (out, dq, dk, dv), alone, strict=True):
         assert torch.isfinite(g[0]).all(), f"{name} of row 0 is not finite"
