@@ -20,6 +20,7 @@ from tests._helpers import (
     fuzz_flex_problems,
     fuzz_replay,
     fuzz_settings,
+    fuzz_transformers_problems,
 )
 
 
@@ -39,3 +40,9 @@ def test_decode_matches_prefill_and_block_means(p):
 @given(p=fuzz_flex_problems())
 def test_flex_block_mask_matches_the_op(p):
     assume(fuzz_replay("flex", p))
+
+
+@fuzz_settings(60)
+@given(p=fuzz_transformers_problems())
+def test_transformers_attention_matches_the_module(p):
+    assume(fuzz_replay("hf", p))
