@@ -616,6 +616,10 @@ KNOWN_BUGS = {
     "reference_fp16_overflow",
     # softmax_scale finite in Python but infinite in float32 (1e300): NaN instead of an error
     "softmax_scale_overflow",
+    # found by the fuzzer, not fixed yet: float16 / bfloat16 with large logits (inputs ~4x unit
+    # scale): the torch backend's SDPA-based formulations (CPU flash kernels) are off by several
+    # times the float16 reference's error (e.g. dk 7.2e-2 vs 1.3e-2, |dk| <= 1.9)
+    "torch_lowp_large_logits",
 }
 
 
@@ -985,6 +989,8 @@ def fuzz_op_problems(draw, backends=("reference", "torch"), dtypes=tuple(_DTYPES
     p["indices"] = draw(st.sampled_from(["gate", "explicit"]))
     p["layouts"] = [draw(st.sampled_from(FUZZ_LAYOUTS)) if draw(st.booleans()) else "contiguous" for _ in range(3)]
     mags = [1.0, 0.1, 4.0] + ([] if "reference_fp16_overflow" in known else [40.0])
+    if "torch_lowp_large_logits" in known and p["dtype"] in ("float16", "bfloat16") and "torch" in backends:
+        mags = [1.0, 0.1]  # known bug region (KNOWN_BUGS)
     p["mag"] = draw(st.sampled_from(mags))
     p["seed"] = draw(st.integers(0, 2**31 - 1))
     return p
@@ -1306,8 +1312,8 @@ def fuzz_transformers_problems(draw):
             at = draw(st.integers(1, length - 2))
             for i in range(at, min(length - 1, at + max(n, 1))):
                 row[i] = False
-        if decode:  # the newest token of a row is real (the row decodes)
-            row[-1] = True
+        if decode:  # the newest tokens of a row are real (the row decodes them)
+            row[length - lq:] = [True] * lq
         valid.append(row)
     positions = None
     if pad == "none" and not decode and draw(st.booleans()):  # rows packing several sequences
