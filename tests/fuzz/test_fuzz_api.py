@@ -30,19 +30,19 @@ def test_invalid_input_raises_on_every_backend(p):
     assume(fuzz_replay("errors", p))
 
 
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(p=fuzz_decode_problems())
 def test_decode_matches_prefill_and_block_means(p):
     assume(fuzz_replay("decode", p))
 
 
-@fuzz_settings(40)
+@fuzz_settings(30)
 @given(p=fuzz_flex_problems())
 def test_flex_block_mask_matches_the_op(p):
     assume(fuzz_replay("flex", p))
 
 
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(p=fuzz_transformers_problems())
 def test_transformers_attention_matches_the_module(p):
     assume(fuzz_replay("hf", p))

@@ -16,7 +16,7 @@ from hypothesis import assume, given
 from tests._helpers import fuzz_op_problems, fuzz_replay, fuzz_settings
 
 
-@fuzz_settings(250)
+@fuzz_settings(400)
 @given(p=fuzz_op_problems())
 def test_backends_match_the_float64_reference(p):
     assume(fuzz_replay("op", p))
