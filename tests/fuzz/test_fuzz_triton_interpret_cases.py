@@ -23,7 +23,7 @@ from tests._helpers import fuzz_known_bugs, fuzz_op_problems, fuzz_replay, fuzz_
 DTYPES = ("float16", "float32") + (() if "triton_interpreter_bf16" in fuzz_known_bugs() else ("bfloat16",))
 
 
-@fuzz_settings(5)
+@fuzz_settings(3)
 @given(p=fuzz_op_problems(backends=("triton",), dtypes=DTYPES, max_len=16, long_sequences=False))
 def test_triton_matches_the_float64_reference(p):
     assume(fuzz_replay("op", p))
