@@ -15,7 +15,7 @@ INTEGRATION_TESTS := tests/integrations/test_transformers.py tests/generate/test
 # The declared lower bounds (pyproject.toml) that `test-oldest` installs.
 OLDEST := "transformers==4.56.0" "einops==0.7.0"
 
-.PHONY: venv test demo operator-demo bench speed roofline lint clean lock test-latest test-oldest
+.PHONY: venv test fuzz demo operator-demo bench speed roofline lint clean lock test-latest test-oldest
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,20 @@ venv: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2
+
+# The differential fuzzers (tests/fuzz) on fresh random examples, round after round, until
+# FUZZ_SECONDS have passed (a round never stops half-way; the first failure stops and prints its
+# one-line reproducer). FUZZ_SCALE multiplies the examples of a round (1 = make test's counts).
+FUZZ_SECONDS ?= 600
+FUZZ_SCALE ?= 1
+fuzz: $(STAMP)
+	@end=$$(( $$(date +%s) + $(FUZZ_SECONDS) )); round=0; \
+	while [ $$(date +%s) -lt $$end ]; do \
+	  round=$$((round + 1)); seed=$$(od -An -N4 -tu4 /dev/urandom | tr -d ' '); \
+	  echo "fuzz round $$round: seed $$seed (rerun: MOBA_FUZZ_RANDOM=1 MOBA_FUZZ_SEED=$$seed MOBA_FUZZ_SCALE=$(FUZZ_SCALE) $(PY) -m pytest tests/fuzz --hypothesis-seed=$$seed)"; \
+	  MOBA_FUZZ_RANDOM=1 MOBA_FUZZ_SEED=$$seed MOBA_FUZZ_SCALE=$(FUZZ_SCALE) \
+	    $(PY) -m pytest -q -x -n 2 -p no:cacheprovider tests/fuzz --hypothesis-seed=$$seed || exit 1; \
+	done
 
 demo: $(STAMP)
 	$(PY) -m scaling_runs.demo

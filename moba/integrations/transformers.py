@@ -45,8 +45,9 @@ clear error: dropout > 0, sliding-window layers once a sequence is longer than t
 (shorter sequences are exact: Mistral's default 4096 window works up to 4096 tokens), logit soft-capping, attention sinks,
 position biases, custom 4D masks, ``output_attentions``, non-causal decoding, static or
 unrecognised caches, and keyword arguments the integration does not know (named in the error).
-Left-padded (and right-padded prefill) batches are unpadded; a decoding batch whose padding
-is not a left prefix of each row falls back to a from-scratch sparse path.
+Left-padded (and right-padded prefill) batches are unpadded; padding inside a row (a hole) is
+skipped and the row's real tokens stay one sequence, in prefill as in decoding; a decoding batch
+whose padding is not a left prefix of each row falls back to a from-scratch sparse path.
 """
 
 from __future__ import annotations
@@ -346,11 +347,12 @@ def _is_full_layer(module, settings: MoBASettings) -> bool:
 
 # -- the paths ------------------------------------------------------------------------------
 def _packed_boundaries(valid: torch.Tensor, position_ids) -> tuple[torch.Tensor, list[int]]:
-    """Flat indices (into B * L) of the real tokens and the cu_seqlens of their sequences."""
+    """Flat indices (into B * L) of the real tokens and the cu_seqlens of their sequences.
+
+    A row's real tokens are one sequence, padding holes included (as in dense attention with the
+    same 2D mask, and as decoding reads them); ``position_ids`` restarts cut it further."""
     b, length = valid.shape
-    starts = torch.zeros_like(valid)
-    starts[:, 0] = True
-    starts[:, 1:] = valid[:, 1:] & ~valid[:, :-1]
+    starts = valid & (valid.cumsum(dim=1) == 1)  # the first real token of each row
     if position_ids is not None:
         pos = position_ids.to(valid.device).expand(b, length)
         starts[:, 1:] |= pos[:, 1:] != pos[:, :-1] + 1

@@ -155,6 +155,25 @@ def test_decoding_with_holes_in_the_padding_mask():
         torch.testing.assert_close(out[r : r + 1], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_prefill_with_a_hole_in_the_padding_mask_keeps_the_row_one_sequence():
+    """Padding inside a row (e.g. a right-padded prompt followed by generated tokens, run again as
+    one forward) is skipped: the row's real tokens are one sequence, as decoding reads them and
+    as dense attention with the same mask sees them (not two sequences cut at the hole)."""
+    torch.manual_seed(5)
+    attention = mt.make_attention_function(mt.MoBASettings(moba.MoBAConfig(block_size=BS, top_k=TOP_K), ()))
+    module = torch.nn.Module()
+    module.layer_idx, module.is_causal = 0, True
+    b, hq, hkv, length, d = 2, 4, 2, 18, 8
+    q, k, v = torch.randn(b, hq, length, d), torch.randn(b, hkv, length, d), torch.randn(b, hkv, length, d)
+    mask = torch.ones(b, length, dtype=torch.bool)
+    mask[0, 6:9] = False
+    out, _ = attention(module, q, k, v, mask, scaling=0.4)
+    for r in range(b):
+        qr, kr, vr = (x[r : r + 1, :, mask[r]].transpose(1, 2) for x in (q, k, v))
+        expected = moba.moba_attn_func(qr, kr, vr, BS, TOP_K, softmax_scale=0.4)
+        torch.testing.assert_close(out[r : r + 1, mask[r]], expected, rtol=1e-5, atol=1e-6)
+
+
 def test_hybrid_full_layers_are_checked(monkeypatch):
     sdpa, (hybrid, allfull, sparse) = _models("llama", "moba_t_hybrid", "moba_t_allfull", "moba_t")
     ids = torch.randint(1, VOCAB, (2, 21))
