@@ -780,27 +780,15 @@ def pyproject() -> dict:
 # failure prints one line that replays it: ``fuzz_repro_line``.
 # ---------------------------------------------------------------------------------------
 
-#: Known bugs that are being fixed elsewhere. While a name is listed, the fuzzers stay out of the
+#: Known bugs. While a name is listed, the fuzzers stay out of the
 #: region that triggers it (each use below says which region); once its fix is merged, delete
 #: the name and the fuzzers cover the region again. ``MOBA_FUZZ_KNOWN_BUGS=none`` (or a
 #: comma-separated subset) overrides the set for one run, to check a fix.
 KNOWN_BUGS = {
-    # torch backend, dense-mask / flash formulations: q/k/v with last-dim stride != 1 give wrong results
-    "torch_strided_last_dim",
-    # torch backend, varlen with Lq > Lk in one sequence and top_k covering every block: no error
-    "varlen_lq_gt_lk_dense",
-    # BlockMeanState used with another cache whose first and last keys match: reuse not detected
+    # BlockMeanState used with another cache: reuse is detected from the first key and every
+    # block's last key; a cache that matches there but differs elsewhere is not (reading the
+    # whole cache every step would cost what the state saves)
     "block_mean_state_reuse",
-    # flex_block_mask with block_size >= 2**63 (int64 overflow) or a huge q_block (memory)
-    "flex_huge_sizes",
-    # Triton backend under the interpreter accepts bfloat16 and returns garbage
-    "triton_interpreter_bf16",
-    # return_lse=True with zero queries (B = 0 or Sq = 0) crashes in a reshape
-    "lse_zero_queries",
-    # backend="reference" computes float16 scores in float16: |q.k| > 65504 gives NaN
-    "reference_fp16_overflow",
-    # softmax_scale finite in Python but infinite in float32 (1e300): NaN instead of an error
-    "softmax_scale_overflow",
     # found by the fuzzer, not fixed yet: float16 / bfloat16 with large logits (inputs ~4x unit
     # scale): the torch backend's SDPA-based formulations (CPU flash kernels) are off by several
     # times the float16 reference's error (e.g. dk 7.2e-2 vs 1.3e-2, |dk| <= 1.9)

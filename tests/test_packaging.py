@@ -10,11 +10,11 @@ machine without it.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import textwrap
 
 from tests._helpers import ROOT, pyproject
+from tests._subprocess import run_child
 
 
 def _names(requirements: list[str]) -> list[str]:
@@ -93,5 +93,5 @@ WITHOUT_TRITON = textwrap.dedent(
 
 
 def test_moba_works_without_triton():
-    result = subprocess.run([sys.executable, "-c", WITHOUT_TRITON], cwd=ROOT, capture_output=True, text=True)
+    result = run_child([sys.executable, "-c", WITHOUT_TRITON], cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]

@@ -1,7 +1,7 @@
-"""One replayed fuzz problem per entry of ``tests._helpers.KNOWN_BUGS``: the region the fuzzers
-stay out of while the bug is known. Each is an ``xfail(strict=False)`` while its name is listed;
-once the fix is merged and the name deleted, the case must pass (and the fuzzers cover the
-region again). The Triton bfloat16 case runs in ``test_fuzz_triton_interpret_cases.py``."""
+"""One replayed fuzz problem per bug the fuzzers found or were built to find: a regression test
+for the fixed ones, an ``xfail(strict=False)`` for those still in ``tests._helpers.KNOWN_BUGS``
+(the regions the fuzzers stay out of); once a fix lands and the name is deleted, its case must
+pass (and the fuzzers cover the region again). The Triton bfloat16 case runs in ``test_fuzz_triton_interpret_cases.py``."""
 
 from __future__ import annotations
 
@@ -35,14 +35,9 @@ CASES = {
 }
 
 
-#: known bugs that no branch fixes yet (the others are fixed on branch i23-fixes)
-NOT_FIXED_ELSEWHERE = {"torch_lowp_large_logits"}
-
-
 def _params():
     for name, cases in CASES.items():
-        where = "found by the fuzzer, not fixed yet" if name in NOT_FIXED_ELSEWHERE else "fixed on branch i23-fixes"
-        marks = [pytest.mark.xfail(strict=False, reason=f"known bug: {name}, {where}")] if name in KNOWN_BUGS else []
+        marks = [pytest.mark.xfail(strict=False, reason=f"known bug: {name}")] if name in KNOWN_BUGS else []
         for i, (kind, problem) in enumerate(cases):
             yield pytest.param(name, kind, problem, id=f"{name}-{i}", marks=marks)
 

@@ -5,11 +5,12 @@ TRITON_INTERPRET=1 (Triton picks the interpreter at import time; see
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests._subprocess import run_child
 
 CASES = Path(__file__).with_name("test_fuzz_triton_interpret_cases.py")
 
@@ -21,7 +22,7 @@ def test_triton_fuzzer_in_the_interpreter():
     cmd = [sys.executable, "-m", "pytest", str(CASES), "-q", "-x", "-p", "no:cacheprovider", "-p", "no:logging"]
     if os.environ.get("MOBA_FUZZ_SEED"):  # make fuzz: this round's seed
         cmd.append(f"--hypothesis-seed={os.environ['MOBA_FUZZ_SEED']}")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=CASES.parents[2])
+    proc = run_child(cmd, env=env, cwd=CASES.parents[2])
     assert proc.returncode == 0, f"Triton fuzzer failed:\n{proc.stdout[-20000:]}\n{proc.stderr[-5000:]}"
     summary = proc.stdout.strip().splitlines()[-1]
     assert " passed" in summary and "skipped" not in summary, proc.stdout[-3000:]

@@ -4,7 +4,7 @@ reference by the tolerance rule, as ``test_fuzz_op.py`` does for the other backe
 Runs only with TRITON_INTERPRET=1 set before Triton is imported (the interpreter is chosen when
 a kernel is decorated): ``test_fuzz_triton_interpret.py`` starts it in such a subprocess; in any
 other session it skips itself. The interpreter is slow, so the budget is smaller, the sequences
-shorter, and the dtypes float16 / float32 (it has no bfloat16 ``tl.dot``; see KNOWN_BUGS).
+shorter, and the dtypes float16 / float32 (it has no bfloat16 ``tl.dot``: refused, see the bfloat16 case).
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ def test_triton_matches_the_float64_reference(p):
     assume(fuzz_replay("op", p))
 
 
-@pytest.mark.xfail("triton_interpreter_bf16" in fuzz_known_bugs(), strict=False,
-                   reason="known bug: triton_interpreter_bf16, fixed on branch i23-fixes")
 def test_known_bug_region_bfloat16(monkeypatch):
     """bfloat16 under the interpreter: refused with an error naming bfloat16, or right."""
     monkeypatch.setenv("MOBA_FUZZ_KNOWN_BUGS", "none")
