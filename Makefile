@@ -31,7 +31,7 @@ $(STAMP): $(PY) pyproject.toml setup.py $(CONSTRAINTS)
 venv: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 # The differential fuzzers (tests/fuzz) on fresh random examples, round after round, until
 # FUZZ_SECONDS have passed (a round never stops half-way; the first failure stops and prints its
