@@ -63,6 +63,9 @@ STEPS = ("install", "correctness", "ceilings", "attention", "profile")
 #: starts only when this fits in the budget left.
 STEP_ESTIMATE_S = {"install": 30, "correctness": 150, "ceilings": 20, "attention": 200, "profile": 40}
 DRY_ESTIMATE_S = {name: 1 for name in STEPS}
+#: A step's timeout is the budget left, capped where the OS's poll() still takes it (a budget
+#: of 1e9 s means "no budget").
+MAX_STEP_TIMEOUT_S = 1e6
 FAKE_MS = 1.0
 
 
@@ -542,7 +545,7 @@ def main(argv: list[str] | None = None) -> dict:
                "--deadline", str(deadline), "--t0", str(t0)] + (["--dry_run"] if args.dry_run else [])
         started = time.time()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(args.dry_run), timeout=max(1.0, left),
+            proc = subprocess.run(cmd, cwd=ROOT, env=_child_env(args.dry_run), timeout=min(max(1.0, left), MAX_STEP_TIMEOUT_S),
                                   capture_output=True, text=True)
             status = "ok" if proc.returncode == 0 else "fail"
             tail = (proc.stdout + proc.stderr)[-2000:]
