@@ -147,6 +147,9 @@ DQ_CONFIGS = {
     128: (128, 32, 8, 2),
     256: (64, 32, 8, 1),
 }
+#: num_stages of the union dq without TMA (sm_80, or unaligned K/V) where it differs from
+#: ``DQ_CONFIGS``: at D=128 two cp.async stages spill 48 B on sm_80 (255 registers).
+DQ_PLAIN_STAGES = {128: 1}
 # The gather kernels (forward, dq) have their own tables: their segment and chunk loops around
 # the key loop cost registers. At D = 128 they read K/V through one TMA descriptor per segment's
 # key block (``TMA_HEAD_DIMS``): with cp.async, two stages spill on sm_90 (forward (64, 32, 4, 2)
@@ -178,6 +181,22 @@ DKDV_CONFIGS = {
     128: (16, 128, 8, 2),
     256: (32, 64, 8, 1),
 }
+#: Tiles that differ per Triton release ("major.minor", see ``versions``), where that release's
+#: register allocation spills with the tables above: {release: {table name: {head dim: config}}},
+#: applied once at import. Triton 3.6 (the torch 2.11 line), sm_90, from the static report: the
+#: gather dq at D=128 with (64, 32, 8, 2) TMA spills 120 B (255 registers).
+TRITON_CONFIG_OVERRIDES = {"3.6": {"DQ_GATHER_CONFIGS": {128: (64, 16, 8, 2)}}}
+
+
+def _apply_config_overrides(version: str) -> None:
+    from .versions import triton_minor
+
+    for table, entries in TRITON_CONFIG_OVERRIDES.get(triton_minor(version), {}).items():
+        globals()[table].update(entries)
+
+
+_apply_config_overrides(triton.__version__)
+
 # The backward's delta = rowsum(dO * O) (``_bwd_delta_kernel``): (BLOCK_T rows, num_warps) per
 # padded head dim, BLOCK_T x HEAD_DIM = 2048 elements of dO and of O per 4-warp program (16 per
 # thread). Static report (triton 3.9.0, bf16, no GPU), registers sm_90 / sm_80, no spills: with the
@@ -1344,6 +1363,9 @@ def attention_backward(
     auto = decomposition == "auto"
     if decomposition in ("union", "auto"):
         block_m, block_n, warps, stages = DQ_CONFIGS[head_dim]
+        use_tma = tma_loads("dq", head_dim, k, v)
+        if not use_tma:
+            stages = DQ_PLAIN_STAGES.get(head_dim, stages)
         tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device, lay.cu_q_t)
         _bwd_dq_kernel[(tile_seq.numel() * hq,)](
             q, k, v, dout, lse, delta, dq, sorted_indices,
@@ -1351,7 +1373,7 @@ def attention_backward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
-            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("dq", head_dim, k, v),
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
             AUTO=auto, num_warps=warps, num_stages=stages,
         )
     if decomposition in ("gather", "auto"):
@@ -1428,12 +1450,14 @@ def kernel_configs(dtype: str):
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
         const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False, AUTO=False)
-        yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        yield (f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps,
+               DQ_PLAIN_STAGES.get(head_dim, stages))
         if head_dim in TMA_HEAD_DIMS["dq"] and dtype != "fp32":
             const = dict(const, USE_TMA=True)
             yield f"dq_tma_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
         if head_dim in AUTO_COMPILE_HEAD_DIMS:
-            yield f"dq_auto_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), dict(const, AUTO=True), warps, stages
+            yield (f"dq_auto_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), dict(const, AUTO=True),
+                   warps, stages if const["USE_TMA"] else DQ_PLAIN_STAGES.get(head_dim, stages))
     for head_dim, (bm, bn, warps, stages) in DKDV_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "PART_DK", "PART_DV",
                  "ROWS", "ITEM_PAIR", "ITEM_BEGIN", "ITEM_END", "ITEM_PART", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
@@ -1486,8 +1510,8 @@ def kernel_configs(dtype: str):
 
 
 __all__ = [
-    "BIG_INDEX", "DELTA_CONFIGS", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS",
-    "FWD_GATHER_CONFIGS", "TMA_HEAD_DIMS", "TMA_LOADS", "DkdvWork",
+    "BIG_INDEX", "DELTA_CONFIGS", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_PLAIN_STAGES", "DQ_GATHER_CONFIGS", "FWD_CONFIGS",
+    "FWD_GATHER_CONFIGS", "TMA_HEAD_DIMS", "TMA_LOADS", "TRITON_CONFIG_OVERRIDES", "DkdvWork",
     "KernelLayout", "Selection", "attention_backward", "attention_forward", "backward_delta", "build_selection",
     "choose_decomposition", "dkdv_work", "gather_tile", "kernel_configs", "kernel_layout", "padded_head_dim",
     "query_tiles", "selection_sizes", "sort_block_indices", "tma_loads", "unpack_selection",

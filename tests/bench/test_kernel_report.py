@@ -156,7 +156,25 @@ def test_static_rule_sm90(report, kernel, rule):
             assert r["HGMMA"] > 0
 
 
-@pytest.mark.parametrize("kernel", ["_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel"])
+def _triton_minor() -> str:
+    import triton
+
+    from moba.triton_kernels.versions import triton_minor
+
+    return triton_minor(triton.__version__)
+
+
+#: sm_80 spills per Triton release (``make kernel-matrix``): (release, kernel) -> why.
+KNOWN_FAILING_SM80: dict[tuple[str, str], str] = {
+    ("3.6", "_bwd_dq_kernel"): "triton 3.6: plain dq at D=128 (128, 32, 8, 1) spills 12 B on sm_80 (255 registers), "
+                               "as before the pipelining (bench/results/kernel-report-pipelined-triton3.6-2026-12-07.json)",
+}
+
+
+@pytest.mark.parametrize("kernel", [
+    pytest.param(k, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILING_SM80[(_triton_minor(), k)])]
+                 if (_triton_minor(), k) in KNOWN_FAILING_SM80 else [])
+    for k in ("_fwd_kernel", "_bwd_dq_kernel", "_bwd_dkdv_kernel")])
 def test_attention_tiles_do_not_spill_on_sm80(report, kernel):
     """The union and dk/dv tiles are chosen to fit sm_80 (A100) too: no spills, no LDL/STL."""
     for r in _rows(report, kernel, 80):

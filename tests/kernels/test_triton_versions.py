@@ -40,3 +40,19 @@ def test_unchecked_release_warns_once(monkeypatch):
         assert versions.check_triton_version("3.5.1") is False  # still unchecked, no second warning
     assert len(caught) == 1 and issubclass(caught[0].category, versions.UncheckedTritonWarning)
     assert "3.4.0" in str(caught[0].message) and "3.6, 3.9" in str(caught[0].message)
+
+
+def test_config_overrides_apply_to_their_release_only(monkeypatch):
+    from moba.triton_kernels import attention as attn
+
+    for release, tables in attn.TRITON_CONFIG_OVERRIDES.items():
+        assert release in versions.CHECKED_TRITON
+        for name in tables:
+            monkeypatch.setattr(attn, name, dict(getattr(attn, name)))  # restored after the test
+        before = {name: dict(getattr(attn, name)) for name in tables}
+        attn._apply_config_overrides("2.0.0")  # another release: nothing changes
+        assert {name: getattr(attn, name) for name in tables} == before
+        attn._apply_config_overrides(f"{release}.1")
+        for name, entries in tables.items():
+            for head_dim, config in entries.items():
+                assert head_dim in before[name] and getattr(attn, name)[head_dim] == config
