@@ -158,7 +158,6 @@ def test_static_rule_sm90(report, kernel, rule):
 
 def _triton_minor() -> str:
     import triton
-
     from moba.triton_kernels.versions import triton_minor
 
     return triton_minor(triton.__version__)

@@ -1379,8 +1379,9 @@ def test_device_guard_targets_the_given_cuda_device():
 
 def test_launchers_run_under_the_inputs_device_guard(monkeypatch):
     """The gate, the forward, the backward and its delta launch under a guard of q's device."""
-    from moba.ops import triton_impl as tb
     from moba.triton_kernels import _device
+
+    from moba.ops import triton_impl as tb
 
     seen = []
     real = _device.device_guard

@@ -4,12 +4,12 @@ an unchecked release warns exactly once."""
 from __future__ import annotations
 
 import re
-import tomllib
 import warnings
 
 import pytest
-
+import tomllib
 from moba.triton_kernels import versions
+
 from tests._helpers import ROOT
 
 
