@@ -15,7 +15,13 @@ INTEGRATION_TESTS := tests/integrations/test_transformers.py tests/generate/test
 # The declared lower bounds (pyproject.toml) that `test-oldest` installs.
 OLDEST := "transformers==4.56.0" "einops==0.7.0"
 
-.PHONY: venv test fuzz demo operator-demo bench speed roofline lint clean lock test-latest test-oldest
+# Other Triton releases the kernels' static checks run on (`make kernel-matrix`; the list in
+# pyproject.toml [tool.moba] checked-triton): 3.6 is the torch 2.11 line's.
+TRITON_MATRIX ?= 3.6.0
+# The static kernel checks: the kernel report's assertions (compiled for sm_90/sm_80, no GPU).
+KERNEL_TESTS := tests/bench/test_kernel_report.py tests/kernels/test_triton_versions.py
+
+.PHONY: venv test fuzz demo operator-demo bench speed roofline lint clean lock test-latest test-oldest kernel-matrix
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +88,23 @@ test-oldest:
 	.venv-oldest/bin/python -c "import transformers; print('transformers', transformers.__version__)"
 	.venv-oldest/bin/python -m pytest -q -n 2 $(INTEGRATION_TESTS)
 
+# The static kernel checks on the locked Triton, then on every release of TRITON_MATRIX, each in
+# its own venv (.venv-triton<version>: torch stays pinned, only triton differs; no GPU needed).
+kernel-matrix: $(STAMP)
+	$(PY) -m pytest -q -n 0 $(KERNEL_TESTS)
+	set -e; for v in $(TRITON_MATRIX); do \
+	  venv=.venv-triton$$v; \
+	  if ! $$venv/bin/python -c "import triton, sys; sys.exit(triton.__version__ != '$$v')" 2>/dev/null; then \
+	    rm -rf $$venv && $(PYTHON) -m venv $$venv; \
+	    $$venv/bin/python -m pip install --quiet "pip==$(PIP_VERSION)" "$(TORCH_SPEC)"; \
+	    grep -v '^triton==' $(CONSTRAINTS) > $$venv/constraints.txt; \
+	    $$venv/bin/python -m pip install --quiet -c $$venv/constraints.txt setuptools wheel "triton==$$v"; \
+	    $$venv/bin/python -m pip install --quiet --no-build-isolation -c $$venv/constraints.txt -e ".[test]"; \
+	  fi; \
+	  $$venv/bin/python -c "import triton; print('triton', triton.__version__)"; \
+	  $$venv/bin/python -m pytest -q -n 0 $(KERNEL_TESTS); \
+	done
+
 # Re-resolve the newest releases and freeze them into constraints.txt (then run `make test`).
 lock:
 	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
@@ -92,4 +115,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock build *.egg-info .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .venv-triton* build *.egg-info .pytest_cache

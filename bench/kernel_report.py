@@ -26,7 +26,8 @@ target the report reads: registers, spill stores/loads and stack frame (``ptxas 
 the PTX with Triton's flags), shared memory (Triton's dynamic request + the cubin's static
 shared memory, from ``cuobjdump -res-usage``), theoretical occupancy (CUDA occupancy rules,
 below), matmuls (``tt.dot`` in the TTIR) and how many became wgmma (``warp_group_dot`` in the
-TTGIR), and the SASS (``cuobjdump -sass``): HGMMA / HMMA / FFMA counts, local-memory
+TTGIR), whether the loops are software-pipelined (``pipelining``: multi-buffered shared tiles
+filled by cp.async or TMA inside a loop, from the TTGIR), and the SASS (``cuobjdump -sass``): HGMMA / HMMA / FFMA counts, local-memory
 instructions (LDL/STL) and TMA instructions (UTMALDG/UTMASTG/UBLKCP). ptxas, cuobjdump and
 nvdisasm are the ones Triton ships. Results of the ptxas/SASS analysis are cached by cubin
 hash (``--cache``), Triton caches the compiles, so a rerun takes seconds.
@@ -126,9 +127,10 @@ def target_cases() -> list[Case]:
     return [Case(hq, hkv, d, dt, bs, k) for (hq, hkv), d, dt, (bs, k) in itertools.product(HEADS, HEAD_DIMS, DTYPES, SETTINGS)]
 
 
-def quick_cases() -> list[Case]:
-    """The headline shape only: Hq=32/Hkv=8, D=128, bf16, block 512/top-3 (every kernel once)."""
-    return [Case(32, 8, 128, "bf16", 512, 3)]
+def quick_cases(head_dims=(128,)) -> list[Case]:
+    """The headline shape only: Hq=32/Hkv=8, bf16, block 512/top-3 (every kernel once), at D=128
+    or at each of ``head_dims``."""
+    return [Case(32, 8, d, "bf16", 512, 3) for d in head_dims]
 
 
 @dataclass
@@ -246,8 +248,9 @@ def _run_case(case: Case, rec: _Recorder, phases) -> None:
                                     backend="triton")
 
 
-def capture_specs(cases: list[Case], phases=PHASES) -> list[Spec]:
-    """Run the launchers for every case with the fake driver; return the unique specialisations."""
+def capture_specs(cases: list[Case], phases=PHASES, cc: int = 90) -> list[Spec]:
+    """Run the launchers for every case with a fake driver of target sm_``cc``; return the unique
+    specialisations. The target matters: the launchers choose per target (TMA loads on sm_90 only)."""
     import torch
     import triton
     from triton.runtime.driver import driver
@@ -256,7 +259,7 @@ def capture_specs(cases: list[Case], phases=PHASES) -> list[Spec]:
     rec = _Recorder()
     previous_hook = triton.knobs.runtime.jit_cache_hook
     previous_driver = driver._active
-    driver.set_active(_FakeDriver())
+    driver.set_active(_FakeDriver(cc))
     triton.knobs.runtime.jit_cache_hook = rec.hook
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -318,6 +321,65 @@ def parse_sass(text: str) -> dict:
 def count_dots(ttir: str, ttgir: str) -> dict:
     """Matmuls in the kernel (``tt.dot`` in the TTIR) and those lowered to wgmma (``warp_group_dot``)."""
     return dict(dots=len(re.findall(r"\btt\.dot\b", ttir)), wgmma_dots=len(re.findall(r"\bwarp_group_dot\b", ttgir)))
+
+
+_LOCAL_ALLOC = re.compile(r"(%[\w.#]+) = ttg\.local_alloc\b[^\n]*?-> !ttg\.memdesc<((?:\d+x)+)(\w+),")
+_MEMDESC_VIEW = re.compile(r"(%[\w.#]+) = ttg\.(?:memdesc_index|memdesc_subview|memdesc_subslice)\s+(%[\w.#]+)\[")
+_ASYNC_COPY = re.compile(r"\b(ttg\.async_copy_global_to_local|ttng\.async_tma_copy_global_to_local|"
+                         r"ttng\.async_tma_gather)\b([^\n]*)")
+_SSA = re.compile(r"%[\w.#]+")
+
+
+def pipelining(ttgir: str) -> dict:
+    """Whether a kernel's loops are software-pipelined, read from its TTGIR.
+
+    Triton's pipeliner turns a loop's loads into asynchronous copies into multi-buffered shared
+    tiles: a ``ttg.local_alloc`` of shape ``N x rows x cols`` (N >= 2 buffers), filled by
+    ``ttg.async_copy_global_to_local`` (cp.async) or ``ttng.async_tma_copy_global_to_local``
+    (TMA) issued inside an ``scf.for`` body, so the loads of step i+1 are in flight while step
+    i computes. Returns ``pipelined`` (at least one such tile), ``pipeline_depth`` (the most
+    buffers of one such tile, 0 if none), ``pipelined_tiles`` (how many such tiles: e.g. 2 when
+    K and V are both multi-buffered) and ``pipeline_kind`` ("cp.async", "tma", both joined by
+    "+", or "" if none).
+    """
+    depth_of: dict[str, int] = {}  # multi-buffered 2-D+ tile allocations -> buffers
+    for name, dims, _elem in _LOCAL_ALLOC.findall(ttgir):
+        shape = [int(x) for x in dims.rstrip("x").split("x")]
+        if len(shape) >= 3 and shape[0] >= 2:
+            depth_of[name] = shape[0]
+    root = {view: base for view, base in _MEMDESC_VIEW.findall(ttgir)}
+
+    def base_alloc(value: str) -> str | None:
+        seen = set()
+        while value not in depth_of and value in root and value not in seen:
+            seen.add(value)
+            value = root[value]
+        return value if value in depth_of else None
+
+    filled: dict[str, set] = {}  # alloc -> kinds of the in-loop copies that fill it
+    stack: list[str] = []  # ops whose regions enclose the current line
+    for line in ttgir.splitlines():
+        text = line.strip()
+        if text.startswith("}"):
+            if stack:
+                stack.pop()
+            text = text[1:].strip()
+            if text.endswith("{"):  # "} else {", "} do {": the same op, a new region
+                stack.append(stack[-1] if stack else "")
+                continue
+        m = _ASYNC_COPY.search(text)
+        if m and "scf.for" in stack:
+            kind = "cp.async" if m.group(1).startswith("ttg.") else "tma"
+            for value in _SSA.findall(m.group(2)):
+                alloc = base_alloc(value)
+                if alloc is not None:
+                    filled.setdefault(alloc, set()).add(kind)
+        if text.endswith("{"):
+            op = re.search(r"\b(scf\.\w+|tt\.func|module|ttg\.warp_specialize\w*)\b", text)
+            stack.append(op.group(1) if op else "")
+    kinds = sorted(set().union(*filled.values())) if filled else []
+    return dict(pipelined=bool(filled), pipeline_depth=max((depth_of[a] for a in filled), default=0),
+                pipelined_tiles=len(filled), pipeline_kind="+".join(kinds))
 
 
 def occupancy(cc: int, num_warps: int, regs: int, shared_bytes: int) -> dict:
@@ -408,6 +470,7 @@ def compile_spec(spec: Spec, cc: int, cache_dir: str | None = None) -> dict:
         row["compile_s"] = round(time.perf_counter() - t0, 2)
         row["dynamic_shared_bytes"] = int(compiled.metadata.shared)
         row.update(count_dots(compiled.asm.get("ttir", ""), compiled.asm.get("ttgir", "")))
+        row.update(pipelining(compiled.asm.get("ttgir", "")))
         info = _analyse_binary(compiled.asm["ptx"], compiled.asm["cubin"], cc, bool(options.get("enable_fp_fusion", True)),
                                Path(cache_dir) if cache_dir else None)
         sass = info.pop("sass")
@@ -432,10 +495,11 @@ def build_report(cases: list[Case], ccs=(90, 80), jobs: int = 1, cache_dir: str 
     """Capture, deduplicate, compile and analyse. Returns {"metadata", "rows"} (one row per spec and target)."""
     t0 = time.perf_counter()
     git = git_state("triton_kernels", "moba")  # before the (long) compile: what was captured
-    specs = capture_specs(cases)
-    log(f"captured {len(specs)} unique specialisations from {len(cases)} shape case(s) "
-        f"in {time.perf_counter() - t0:.1f} s; compiling for {', '.join(f'sm_{c}' for c in ccs)} with {jobs} job(s)")
-    work = [(asdict(s), cc, cache_dir) for cc in ccs for s in specs]
+    # captured once per target: what the launchers pass on sm_90 (TMA) differs from sm_80
+    specs = {cc: capture_specs(cases, cc=cc) for cc in ccs}
+    log(f"captured {', '.join(f'{len(specs[cc])} (sm_{cc})' for cc in ccs)} unique specialisations from "
+        f"{len(cases)} shape case(s) in {time.perf_counter() - t0:.1f} s; compiling with {jobs} job(s)")
+    work = [(asdict(s), cc, cache_dir) for cc in ccs for s in specs[cc]]
     if jobs > 1:
         import multiprocessing
 
@@ -489,19 +553,28 @@ def table_rows(report: dict) -> list[list[str]]:
     for r in sorted(report["rows"], key=lambda r: (-r["cc"], r["kernel"], r.get("dtype") or "", json.dumps(r["constexprs"]))):
         if "error" in r:
             out.append([f"sm_{r['cc']}", r["kernel"], _describe(r), launched_by(r["used_by"]), "ERROR " + r["error"][:60]]
-                       + [""] * 8)
+                       + [""] * 9)
             continue
         out.append([
             f"sm_{r['cc']}", r["kernel"], _describe(r), launched_by(r["used_by"]), str(r["num_warps"]), str(r["regs"]),
             f"{r['spill_bytes']}" + (f" ({r['stack_bytes']})" if r["stack_bytes"] else ""),
             f"{r['shared_bytes'] / 1024:.1f}", f"{r['occupancy']:.0%} ({r['blocks_per_sm']})",
             f"{r['wgmma_dots']}/{r['dots']}", str(r["HGMMA"]), str(r["local_mem_instr"]), "yes" if r["tma"] else "no",
+            pipelined_cell(r),
         ])
     return out
 
 
 HEADERS = ["target", "kernel", "config", "launched by", "warps", "regs", "spill B (stack)", "smem KB", "occupancy (blocks)",
-           "wgmma dots", "HGMMA", "LDL+STL", "TMA"]
+           "wgmma dots", "HGMMA", "LDL+STL", "TMA", "pipelined"]
+
+
+def pipelined_cell(row: dict) -> str:
+    """'no', or the deepest multi-buffering, the tiles and how they are filled: '2x2 tma' = two
+    shared tiles (K and V) with 2 buffers each, filled by TMA inside the loop."""
+    if not row.get("pipelined"):
+        return "no"
+    return f"{row['pipeline_depth']}x{row['pipelined_tiles']} {row['pipeline_kind']}"
 
 
 def print_table(report: dict) -> None:
@@ -541,6 +614,8 @@ def _cc(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__, "bench.kernel_report")
     p.add_argument("--quick", action="store_true", help="one shape (Hq=32/Hkv=8, D=128, bf16, block 512/top-3)")
+    p.add_argument("--head_dims", type=cli.list_of(cli.positive_int, "head dims"), default=None,
+                   help="with --quick: the headline shape at these head dims (comma list, default: 128)")
     p.add_argument("--cc", type=cli.list_of(_cc, "compute capabilities"), default=[90, 80],
                    help=f"comma list of compute capabilities, from {','.join(map(str, sorted(SM_RESOURCES)))} (default: 90,80)")
     p.add_argument("--jobs", type=cli.positive_int, default=min(8, os.cpu_count() or 1),
@@ -557,7 +632,9 @@ def main(argv: list[str] | None = None) -> dict:
     bad = [cc for cc in args.cc if cc not in SM_RESOURCES]
     if bad:
         raise SystemExit(f"--cc: supported compute capabilities are {sorted(SM_RESOURCES)}, got {bad}")
-    cases = quick_cases() if args.quick else target_cases()
+    if args.head_dims and not args.quick:
+        raise SystemExit("--head_dims: only with --quick (the full run covers every target head dim)")
+    cases = quick_cases(args.head_dims or (128,)) if args.quick else target_cases()
     report = build_report(cases, tuple(args.cc), max(1, args.jobs), args.cache or None)
     if args.markdown:
         print(markdown_table(report))

@@ -103,6 +103,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_inputs_device
+
 #: Value that replaces a padding slot in the sorted block-index tensor the kernels read.
 BIG_INDEX = 1 << 30
 
@@ -111,59 +113,65 @@ BIG_INDEX = 1 << 30
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); for dk/dv BLOCK_M counts query rows per step and
 # BLOCK_N the keys a program owns.
 #
-# Chosen from the static report (bench/kernel_report.py, triton 3.9.0, bf16 = fp16, no GPU):
-# zero spills and zero LDL/STL on sm_90 *and* sm_80, every matmul a wgmma on sm_90, and a
-# wgmma M side of 64 rows per warpgroup (4 warps per 64 rows: 8 warps on 64 rows made both
-# warpgroups share one 64-row score tile). Registers sm_90 / sm_80 (+ spill bytes if any),
-# "TMA" = K/V through tensor descriptors (``TMA_HEAD_DIMS``; sm_80 compiles the same
-# specialisation, the launcher never passes it there):
-#   fwd  D=128: (128, 32, 8, 1) TMA 197 / 228, plain 213 / 218   [(64, 64, 8, 2) 238 / 255 with
-#               rows shared by the warpgroups; (128, 64, 8, 2) 251 / 255 + 16 B;
-#               (128, 64, 8, 1) 233 / 255 + 60 B; (64, 64, 4, 2) 255 + 344 B]
-#   fwd  D=64:  (64, 64, 4, 2)  TMA 167 / 255, plain 214 / 252   [(128, 64, 8, 2) 208 / 255 + 92 B]
-#   dq   D=128: (128, 32, 8, 1) plain 209 / 255   [TMA 180 / 255 + 12 B; TMA (128, 16, 8, 1)
-#               166 / 220 but 16-key steps; (128, 64, 8, 2) 254 / 255 + 136 B; (64, 64, 8, 2) 255 / 255]
-#   dq   D=64:  (64, 32, 4, 1)  TMA 155 / 228   [TMA (64, 32, 4, 2) 161 / 255 + 16 B;
-#               plain (64, 64, 4, 2) 251 / 255 + 84 B; (64, 64, 8, 2) 200 / 255 + 52 B]
-#   dkdv D=128: (16, 128, 8, 2) 207 / 239   [(32, 128, 8, 2) 243 / 255 + 80 B; (64, 64, 8, 2) 255 + 160 B;
-#               (32, 64, 4, 2) 250 / 254, but twice the q/dO reads per key]
-#   dkdv D=64:  (32, 128, 8, 2) 181 / 213   [(64, 64, 4, 2) 245 / 255; (64, 128, 8, 2) 245 / 255 + 72 B]
+# Chosen from the static report (bench/kernel_report.py, bf16 = fp16, no GPU), on sm_90: zero
+# spills and zero LDL/STL, every matmul a wgmma, and a software-pipelined main loop (K/V tiles of
+# step i+1 in flight, in multi-buffered shared memory, while step i's wgmma runs: the report's
+# "pipelined" column, from the TTGIR). num_stages is the pipeline depth; TMA (K/V through tensor
+# descriptors, ``TMA_HEAD_DIMS``, sm_90 only) pipelines with far fewer registers than cp.async.
+# wgmma M side: 64 rows per warpgroup (4 warps per 64 rows; 8 warps on 64 rows make both
+# warpgroups compute the same 64-row scores: more HGMMA, the same registers per row).
+# Registers on sm_90, triton 3.9.0 (bench/results/kernel-report-pipelined-triton3.9-2026-12-07.json):
+#   fwd  D=128: (128, 32, 8, 3) TMA 201, 3-deep   [was (128, 32, 8, 1) 197, serial; (128, 32, 8, 2) TMA 190;
+#               (128, 64, 8, 2) TMA 224, 64-key steps]
+#   fwd  D=64:  (64, 64, 4, 2)  TMA 167, 2-deep
+#   dq   D=128: (128, 32, 8, 2) TMA 191   [plain cp.async 219; was (128, 32, 8, 1) plain 209, serial]
+#   dq   D=64:  (64, 32, 4, 2)  TMA 161   [was (64, 32, 4, 1) 155, serial]
+#   dkdv D=128: (16, 128, 8, 2) 207, q/dO 2-deep (cp.async: gathered rows)
+#   dkdv D=64:  (32, 128, 8, 2) 181
 # (the dk/dv kernel computes transposed (keys x rows) tiles, so its 128 keys are the wgmma M
 # side: 64 keys per warpgroup; its K/V tile is loaded once per program, so no TMA there).
-# Occupancy: 1 CTA of 8 warps or 2 of 4 per SM (3 of 4 for the D=64 TMA forward and dq):
+# sm_80 (A100) launches the same tables with plain loads (cp.async pipelining); the report and
+# its tests check those specialisations too. Occupancy: 1 CTA of 8 warps or 2-3 of 4 per SM:
 # registers, not shared memory, limit it. Other head dims: untuned, compile-tested.
 FWD_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
     64: (64, 64, 4, 2),
-    128: (128, 32, 8, 1),
+    128: (128, 32, 8, 3),
     256: (64, 32, 8, 1),
 }
 DQ_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
-    64: (64, 32, 4, 1),
-    128: (128, 32, 8, 1),
+    64: (64, 32, 4, 2),
+    128: (128, 32, 8, 2),
     256: (64, 32, 8, 1),
 }
+#: num_stages of the union dq without TMA (sm_80, or unaligned K/V) where it differs from
+#: ``DQ_CONFIGS``: at D=128 two cp.async stages spill 48 B on sm_80 (255 registers).
+DQ_PLAIN_STAGES = {128: 1}
 # The gather kernels (forward, dq) have their own tables: their segment and chunk loops around
-# the key loop cost registers, and at D = 128 BLOCK_N = 64 or two pipeline stages spill on
-# sm_90 (bench/kernel_report.py). Forward at 4 warps: one warpgroup per 64-row tile. At D=128
-# that forward spills 184 B on sm_80 (255 registers); (64, 32, 8, 1) does not spill on either
-# target but makes both warpgroups compute the same 64-row scores on sm_90 (18 HGMMA instead of
-# 10), and (128, 32, 8, 1) spills 48 B on sm_80: sm_90 (H100/H200) decides.
+# the key loop cost registers. At D = 128 they read K/V through one TMA descriptor per segment's
+# key block (``TMA_HEAD_DIMS``): with cp.async, two stages spill on sm_90 (forward (64, 32, 4, 2)
+# 916 B, dq (64, 32, 8, 2) 152 B). Registers on sm_90, triton 3.9.0:
+#   fwd  D=128: (64, 32, 8, 2) TMA 214, 2-deep   [(64, 32, 4, 2) TMA 255 + 72 B; (128, 32, 8, 2) TMA 252;
+#               was (64, 32, 4, 1) 254, serial]
+#   dq   D=128: (64, 32, 8, 2) TMA 234   [(64, 32, 4, 2) TMA 255 + 272 B; was (64, 32, 8, 1) 253, serial]
+#   D=64: cp.async, 2-deep (forward 254, dq 244)
+# 8 warps on 64 rows (both warpgroups on the same score tile) keep BLOCK_M = 64, the granule of
+# the gather segments' MMA rows (``choose_decomposition``).
 FWD_GATHER_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
     64: (64, 32, 4, 2),
-    128: (64, 32, 4, 1),
+    128: (64, 32, 8, 2),
     256: (64, 32, 8, 1),
 }
 DQ_GATHER_CONFIGS = {
     16: (64, 64, 4, 2),
     32: (64, 64, 4, 2),
     64: (64, 32, 4, 2),
-    128: (64, 32, 8, 1),
+    128: (64, 32, 8, 2),
     256: (64, 32, 8, 1),
 }
 DKDV_CONFIGS = {
@@ -173,6 +181,22 @@ DKDV_CONFIGS = {
     128: (16, 128, 8, 2),
     256: (32, 64, 8, 1),
 }
+#: Tiles that differ per Triton release ("major.minor", see ``versions``), where that release's
+#: register allocation spills with the tables above: {release: {table name: {head dim: config}}},
+#: applied once at import. Triton 3.6 (the torch 2.11 line), sm_90, from the static report: the
+#: gather dq at D=128 with (64, 32, 8, 2) TMA spills 120 B (255 registers).
+TRITON_CONFIG_OVERRIDES = {"3.6": {"DQ_GATHER_CONFIGS": {128: (64, 16, 8, 2)}}}
+
+
+def _apply_config_overrides(version: str) -> None:
+    from .versions import triton_minor
+
+    for table, entries in TRITON_CONFIG_OVERRIDES.get(triton_minor(version), {}).items():
+        globals()[table].update(entries)
+
+
+_apply_config_overrides(triton.__version__)
+
 # The backward's delta = rowsum(dO * O) (``_bwd_delta_kernel``): (BLOCK_T rows, num_warps) per
 # padded head dim, BLOCK_T x HEAD_DIM = 2048 elements of dO and of O per 4-warp program (16 per
 # thread). Static report (triton 3.9.0, bf16, no GPU), registers sm_90 / sm_80, no spills: with the
@@ -188,21 +212,22 @@ DELTA_CONFIGS = {
 }
 
 
-#: K/V loads of the union forward and dq through TMA tensor descriptors: None = automatic
+#: K/V loads of the forward and dq kernels through TMA tensor descriptors: None = automatic
 #: (``tma_loads``), True / False force it (tests run the descriptor path in the interpreter).
 TMA_LOADS: bool | None = None
-#: Head dims whose union kernels use TMA K/V loads (from the static report, see the tables):
-#: dq at D=128 would need BLOCK_N = 16 to stay spill-free with them on sm_80's compile.
-TMA_HEAD_DIMS = {"fwd": (64, 128), "dq": (64,)}
+#: Head dims whose kernels use TMA K/V loads on sm_90 (from the static report, see the tables):
+#: pipelined TMA loads cost fewer registers than pipelined cp.async ones.
+TMA_HEAD_DIMS = {"fwd": (64, 128), "dq": (64, 128), "fwd_gather": (128,), "dq_gather": (128,)}
 
 
 def _scratch_allocator(size: int, alignment: int, stream):
-    return torch.empty(size, dtype=torch.int8, device="cuda")
+    # the current device: the launchers run under ``on_inputs_device``, so it is q's
+    return torch.empty(size, dtype=torch.int8, device=torch.device("cuda", torch.cuda.current_device()))
 
 
 def tma_loads(kernel: str, head_dim: int, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the union ``kernel`` ("fwd" or "dq") loads K/V through device-side TMA
-    descriptors (its ``USE_TMA``) at padded head dim ``head_dim``.
+    """Whether ``kernel`` (union "fwd" or "dq", or "fwd_gather" / "dq_gather") loads K/V through
+    device-side TMA descriptors (its ``USE_TMA``) at padded head dim ``head_dim``.
 
     Triton 3.9 dropped ``tl.make_block_ptr``; ``tl.make_tensor_descriptor`` compiles to TMA
     (UTMALDG) on sm_90. Used for the (kernel, head dim) pairs in ``TMA_HEAD_DIMS`` when the
@@ -401,19 +426,40 @@ def owned_rows(i0, t0, n_rows, group, kv_head, n_heads_q, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def gather_block_scores(q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
-                        r_ok, q_tok, qk_scale, causal):
-    """Keys n0:n0+BLOCK_N of a segment's block: the key tile (BLOCK_N, HEAD_DIM), its global key
-    tokens and load mask, and the rows' scaled scores (BLOCK_M, BLOCK_N, log2 units) with the
-    mask of the (row, key) pairs that count."""
+def block_descriptor(X, stride_t, stride_h, kv_head, block_start, block_len, d_real,
+                     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):
+    """TMA descriptor of one key block's (block_len, d_real) K or V rows of ``kv_head``, read in
+    (BLOCK_N, HEAD_DIM) tiles; zero fill past the block and past d_real, so a tail block never
+    reads the next sequence's keys (see ``tma_loads``)."""
+    return tl.make_tensor_descriptor(X + block_start * stride_t + kv_head * stride_h,
+                                     shape=[block_len.to(tl.int32), d_real], strides=[stride_t, 1],
+                                     block_shape=[BLOCK_N, HEAD_DIM])
+
+
+@triton.jit
+def gather_kv_tile(X, desc, stride_t, stride_h, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
+                   USE_TMA: tl.constexpr):
+    """Keys n0:n0+BLOCK_N of a segment's block: the K or V tile (BLOCK_N, HEAD_DIM), through the
+    block's TMA descriptor ``desc`` or a masked load (zeros past the block and past d_real)."""
+    if USE_TMA:
+        x = desc.load([tl.cast(n0, tl.int32), 0])
+    else:
+        kv_mask = ((n0 + offs_n) < block_len)[:, None] & d_ok[None, :]
+        x = tl.load(X + (block_start + n0 + offs_n)[:, None] * stride_t + kv_head * stride_h + offs_d[None, :],
+                    mask=kv_mask, other=0.0)
+    return x
+
+
+@triton.jit
+def gather_block_scores(q, k, block_start, block_len, n0, offs_n, r_ok, q_tok, qk_scale, causal):
+    """The rows' scaled scores against key tile n0:n0+BLOCK_N of a segment's block
+    (BLOCK_M, BLOCK_N, log2 units) and the mask of the (row, key) pairs that count."""
     k_ok = (n0 + offs_n) < block_len
     k_tok = block_start + n0 + offs_n  # global key token
-    kv_mask = k_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + k_tok[:, None] * stride_kt + kv_head * stride_kh + offs_d[None, :], mask=kv_mask, other=0.0)
     s = tl.dot(q, tl.trans(k)) * qk_scale
     valid = r_ok[:, None] & k_ok[None, :]
     valid = valid & ((k_tok[None, :] <= q_tok[:, None]) | (causal == 0))
-    return k, k_tok, kv_mask, s, valid
+    return s, valid
 
 
 @triton.jit
@@ -739,6 +785,7 @@ def _fwd_gather_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     scale, n_heads_q, n_heads_kv, causal, d_real,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     if AUTO:  # "auto": run only if the device flag chose gather; then ACC, L_SUM, O, LSE are
         # untouched here and the union kernel alone writes O and LSE (see _fwd_kernel)
@@ -774,6 +821,11 @@ def _fwd_gather_kernel(
     for s in range(seg_begin, seg_stop):
         r_begin, r_end, block_start, block_len = gather_segment(s, SEG_START, SEG_END, SEG_PAIR, BLOCK_START,
                                                                 BLOCK_LEN, n_heads_kv)
+        k_desc = None
+        v_desc = None
+        if USE_TMA:  # sm_90: K/V tiles of this block through TMA (see tma_loads)
+            k_desc = block_descriptor(K, stride_kt, stride_kh, kv_head, block_start, block_len, d_real, HEAD_DIM, BLOCK_N)
+            v_desc = block_descriptor(V, stride_vt, stride_vh, kv_head, block_start, block_len, d_real, HEAD_DIM, BLOCK_N)
         for r0 in range(r_begin, r_end, BLOCK_M):
             r_ok, row, tok, head, q_tok, n_end = gather_rows(r0, r_end, ROWS, Q_KEY_TOKEN, n_heads_q, causal,
                                                              block_start, block_len, BLOCK_M)
@@ -784,17 +836,18 @@ def _fwd_gather_kernel(
             l_i = tl.load(L_SUM + row, mask=r_ok, other=0.0)  # (BLOCK_M,) running sum
             acc = tl.load(ACC + row[:, None] * d_real + offs_d[None, :], mask=row_mask, other=0.0)  # float32
             for n0 in range(0, n_end, BLOCK_N):
-                _, k_tok, kv_mask, s_ij, valid = gather_block_scores(
-                    q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
-                    r_ok, q_tok, qk_scale, causal)  # s_ij, valid: (BLOCK_M, BLOCK_N)
+                k = gather_kv_tile(K, k_desc, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n,
+                                   offs_d, d_ok, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+                s_ij, valid = gather_block_scores(q, k, block_start, block_len, n0, offs_n, r_ok, q_tok, qk_scale,
+                                                  causal)  # (BLOCK_M, BLOCK_N)
                 s_ij = tl.where(valid, s_ij, float("-inf"))
                 m_new = tl.maximum(m_i, tl.max(s_ij, 1))  # (BLOCK_M,)
                 m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # (BLOCK_M,)
                 alpha = tl.exp2(m_i - m_safe)  # (BLOCK_M,)
                 p = tl.exp2(s_ij - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
                 l_i = l_i * alpha + tl.sum(p, 1)
-                v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                v = gather_kv_tile(V, v_desc, stride_vt, stride_vh, kv_head, block_start, block_len, n0, offs_n,
+                                   offs_d, d_ok, USE_TMA)  # (BLOCK_N, HEAD_DIM)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
             # pointers and masks rebuilt, not kept live across the key loop (registers)
@@ -823,6 +876,7 @@ def _bwd_dq_gather_kernel(
     stride_dqt, stride_dqh,
     scale, n_heads_q, n_heads_kv, causal, d_real,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AUTO: tl.constexpr = False,
+    USE_TMA: tl.constexpr = False,
 ):
     if AUTO:  # "auto": run only if the forward's device flag chose gather (DQ_ACC, DQ untouched otherwise)
         if tl.load(CHOICE) != 1:
@@ -852,6 +906,11 @@ def _bwd_dq_gather_kernel(
     for s in range(seg_begin, seg_stop):
         r_begin, r_end, block_start, block_len = gather_segment(s, SEG_START, SEG_END, SEG_PAIR, BLOCK_START,
                                                                 BLOCK_LEN, n_heads_kv)
+        k_desc = None
+        v_desc = None
+        if USE_TMA:  # sm_90: K/V tiles of this block through TMA (see tma_loads)
+            k_desc = block_descriptor(K, stride_kt, stride_kh, kv_head, block_start, block_len, d_real, HEAD_DIM, BLOCK_N)
+            v_desc = block_descriptor(V, stride_vt, stride_vh, kv_head, block_start, block_len, d_real, HEAD_DIM, BLOCK_N)
         for r0 in range(r_begin, r_end, BLOCK_M):
             r_ok, row, tok, head, q_tok, n_end = gather_rows(r0, r_end, ROWS, Q_KEY_TOKEN, n_heads_q, causal,
                                                              block_start, block_len, BLOCK_M)
@@ -864,11 +923,12 @@ def _bwd_dq_gather_kernel(
             delta = tl.load(DELTA + row, mask=r_ok, other=0.0)  # (BLOCK_M,)
             dq = tl.load(DQ_ACC + row[:, None] * d_real + offs_d[None, :], mask=row_mask, other=0.0)  # float32
             for n0 in range(0, n_end, BLOCK_N):
-                k, k_tok, kv_mask, s_ij, valid = gather_block_scores(
-                    q, K, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n, offs_d, d_ok,
-                    r_ok, q_tok, qk_scale, causal)  # k: (BLOCK_N, HEAD_DIM); s_ij, valid: (BLOCK_M, BLOCK_N)
-                v = tl.load(V + k_tok[:, None] * stride_vt + kv_head * stride_vh + offs_d[None, :],
-                            mask=kv_mask, other=0.0)  # (BLOCK_N, HEAD_DIM)
+                k = gather_kv_tile(K, k_desc, stride_kt, stride_kh, kv_head, block_start, block_len, n0, offs_n,
+                                   offs_d, d_ok, USE_TMA)  # (BLOCK_N, HEAD_DIM)
+                s_ij, valid = gather_block_scores(q, k, block_start, block_len, n0, offs_n, r_ok, q_tok, qk_scale,
+                                                  causal)  # (BLOCK_M, BLOCK_N)
+                v = gather_kv_tile(V, v_desc, stride_vt, stride_vh, kv_head, block_start, block_len, n0, offs_n,
+                                   offs_d, d_ok, USE_TMA)  # (BLOCK_N, HEAD_DIM)
                 p = tl.where(valid, tl.exp2(s_ij - lse2[:, None]), 0.0)  # (BLOCK_M, BLOCK_N)
                 dp = tl.dot(do, tl.trans(v))  # (BLOCK_M, BLOCK_N)
                 ds = p * (dp - delta[:, None])  # (BLOCK_M, BLOCK_N)
@@ -1159,6 +1219,7 @@ def _resolve(decomposition: str) -> str:
     return decomposition
 
 
+@on_inputs_device
 def attention_forward(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1223,11 +1284,12 @@ def attention_forward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
             scale, hq, hkv, int(causal), d,
             HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, AUTO=auto,
-            num_warps=warps, num_stages=stages,
+            USE_TMA=tma_loads("fwd_gather", head_dim, k, v), num_warps=warps, num_stages=stages,
         )
     return out, lse, flat
 
 
+@on_inputs_device
 def backward_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """delta = rowsum(dO * O) for the backward: (Tq, Hq) float32 from dout and out (Tq, Hq, D),
     summed in float32 by ``_bwd_delta_kernel`` (one launch, no float32 copies of dO or O; the
@@ -1255,6 +1317,7 @@ def backward_delta(dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return delta
 
 
+@on_inputs_device
 def attention_backward(
     dout: torch.Tensor,
     q: torch.Tensor,
@@ -1300,6 +1363,9 @@ def attention_backward(
     auto = decomposition == "auto"
     if decomposition in ("union", "auto"):
         block_m, block_n, warps, stages = DQ_CONFIGS[head_dim]
+        use_tma = tma_loads("dq", head_dim, k, v)
+        if not use_tma:
+            stages = DQ_PLAIN_STAGES.get(head_dim, stages)
         tile_seq, tile_start = query_tiles(lay.cu_q, block_m, q.device, lay.cu_q_t)
         _bwd_dq_kernel[(tile_seq.numel() * hq,)](
             q, k, v, dout, lse, delta, dq, sorted_indices,
@@ -1307,7 +1373,7 @@ def attention_backward(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             scale, hq, hq // hkv, n_slots, lay.block_size, int(causal), d,
-            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=tma_loads("dq", head_dim, k, v),
+            BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma,
             AUTO=auto, num_warps=warps, num_stages=stages,
         )
     if decomposition in ("gather", "auto"):
@@ -1321,7 +1387,7 @@ def attention_backward(
             dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1),
             scale, hq, hkv, int(causal), d,
             HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, AUTO=auto,
-            num_warps=warps, num_stages=stages,
+            USE_TMA=tma_loads("dq_gather", head_dim, k, v), num_warps=warps, num_stages=stages,
         )
 
     block_m, block_n, warps, stages = DKDV_CONFIGS[head_dim]
@@ -1384,12 +1450,14 @@ def kernel_configs(dtype: str):
         names += ["scale", "n_heads_q", "group", "n_slots", "block_size", "causal", "d_real"]
         types += _ATTN_SCALARS
         const = dict(BIG=BIG_INDEX, HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, USE_TMA=False, AUTO=False)
-        yield f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
+        yield (f"dq_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps,
+               DQ_PLAIN_STAGES.get(head_dim, stages))
         if head_dim in TMA_HEAD_DIMS["dq"] and dtype != "fp32":
             const = dict(const, USE_TMA=True)
             yield f"dq_tma_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), const, warps, stages
         if head_dim in AUTO_COMPILE_HEAD_DIMS:
-            yield f"dq_auto_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), dict(const, AUTO=True), warps, stages
+            yield (f"dq_auto_d{head_dim}", _bwd_dq_kernel, dict(zip(names, types, strict=True)), dict(const, AUTO=True),
+                   warps, stages if const["USE_TMA"] else DQ_PLAIN_STAGES.get(head_dim, stages))
     for head_dim, (bm, bn, warps, stages) in DKDV_CONFIGS.items():
         names = ["Q", "K", "V", "DO", "LSE", "DELTA", "DK", "DV", "PART_DK", "PART_DV",
                  "ROWS", "ITEM_PAIR", "ITEM_BEGIN", "ITEM_END", "ITEM_PART", "BLOCK_START", "BLOCK_LEN", "Q_KEY_TOKEN"]
@@ -1422,6 +1490,8 @@ def kernel_configs(dtype: str):
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False)
         sig = dict(zip(names, types, strict=True))
         yield f"fwd_gather_d{head_dim}", _fwd_gather_kernel, sig, const, warps, stages
+        if head_dim in TMA_HEAD_DIMS["fwd_gather"] and dtype != "fp32":
+            yield f"fwd_gather_tma_d{head_dim}", _fwd_gather_kernel, sig, dict(const, USE_TMA=True), warps, stages
         if head_dim in AUTO_COMPILE_HEAD_DIMS:
             yield f"fwd_gather_auto_d{head_dim}", _fwd_gather_kernel, sig, dict(const, AUTO=True), warps, stages
     for head_dim, (bm, bn, warps, stages) in DQ_GATHER_CONFIGS.items():
@@ -1433,13 +1503,15 @@ def kernel_configs(dtype: str):
         const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False)
         sig = dict(zip(names, types, strict=True))
         yield f"dq_gather_d{head_dim}", _bwd_dq_gather_kernel, sig, const, warps, stages
+        if head_dim in TMA_HEAD_DIMS["dq_gather"] and dtype != "fp32":
+            yield f"dq_gather_tma_d{head_dim}", _bwd_dq_gather_kernel, sig, dict(const, USE_TMA=True), warps, stages
         if head_dim in AUTO_COMPILE_HEAD_DIMS:
             yield f"dq_gather_auto_d{head_dim}", _bwd_dq_gather_kernel, sig, dict(const, AUTO=True), warps, stages
 
 
 __all__ = [
-    "BIG_INDEX", "DELTA_CONFIGS", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_GATHER_CONFIGS", "FWD_CONFIGS",
-    "FWD_GATHER_CONFIGS", "TMA_HEAD_DIMS", "TMA_LOADS", "DkdvWork",
+    "BIG_INDEX", "DELTA_CONFIGS", "DKDV_CONFIGS", "DKDV_SPLIT_ROWS", "DQ_CONFIGS", "DQ_PLAIN_STAGES", "DQ_GATHER_CONFIGS", "FWD_CONFIGS",
+    "FWD_GATHER_CONFIGS", "TMA_HEAD_DIMS", "TMA_LOADS", "TRITON_CONFIG_OVERRIDES", "DkdvWork",
     "KernelLayout", "Selection", "attention_backward", "attention_forward", "backward_delta", "build_selection",
     "choose_decomposition", "dkdv_work", "gather_tile", "kernel_configs", "kernel_layout", "padded_head_dim",
     "query_tiles", "selection_sizes", "sort_block_indices", "tma_loads", "unpack_selection",

@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_inputs_device
+
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": exp(_NEG - m) is 0, and _NEG - _NEG is not NaN
 
 
@@ -142,6 +144,7 @@ def decode_launch_config(batch_rows: int, n_heads: int, n_slots: int, block_size
     )
 
 
+@on_inputs_device
 def moba_decode_triton(q, k_cache, v_cache, block_indices, starts, lengths, block_size: int, scale: float,
                        n_splits: int | None = None) -> torch.Tensor:
     """Launch the decode kernels.

@@ -77,6 +77,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._device import on_inputs_device
 from .attention import padded_head_dim, query_tile, query_tiles
 
 _BIG = 1 << 30
@@ -358,6 +359,7 @@ def _gate_topk_kernel(
              mask=row_ok[:, None] & (cols[None, :] < width))
 
 
+@on_inputs_device
 def block_means(k: torch.Tensor, block_start: torch.Tensor, block_len: torch.Tensor) -> torch.Tensor:
     """Mean key of every block: k (Tk, Hkv, D) -> (G, Hkv, D) float32."""
     g = block_start.numel()
@@ -388,6 +390,7 @@ def _dense_selection(q_pos, seq_n_blocks_per_q, block_size, hq, width, causal):
     return idx[:, None, :].expand(-1, hq, -1).contiguous()
 
 
+@on_inputs_device
 def gate_select(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1242,19 +1242,22 @@ def test_backward_with_non_contiguous_out_matches_contiguous():
     ([0, 100, 190], 2, 32, 20, False, torch.float32),  # GQA, non-causal
     ([0, 77, 160], 2, 40, 7, True, torch.float16),  # d_real < HEAD_DIM: descriptor zero-fills the padding
 ])
-def test_tma_descriptor_loads_match_reference(monkeypatch, cu, hkv, d, block_size, causal, dtype):
+@pytest.mark.parametrize("decomposition", ["union", "gather"])
+def test_tma_descriptor_loads_match_reference(monkeypatch, cu, hkv, d, block_size, causal, dtype, decomposition):
+    """Every kernel's TMA path (union forward and dq; the gather forward and dq read K/V through one
+    descriptor per segment's block) against the reference, in the interpreter."""
     from moba.triton_kernels import attention as attn
 
     monkeypatch.setattr(attn, "TMA_LOADS", True)
-    _check_attention(cu, cu, 4, hkv, d, block_size, 3, causal, dtype, "union", seed=4)
+    _check_attention(cu, cu, 4, hkv, d, block_size, 3, causal, dtype, decomposition, seed=4)
 
 
 def test_tma_is_off_without_a_cuda_sm90_target():
     from moba.triton_kernels.attention import TMA_HEAD_DIMS, tma_loads
 
     k = torch.zeros(8, 2, 64, dtype=torch.float16)
-    assert not tma_loads("fwd", 64, k, k)  # the interpreter: plain loads unless TMA_LOADS forces it
-    assert 128 not in TMA_HEAD_DIMS["dq"]
+    for kernel in TMA_HEAD_DIMS:  # the interpreter: plain loads unless TMA_LOADS forces it
+        assert not tma_loads(kernel, 128, k, k), kernel
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
@@ -1402,3 +1405,33 @@ def test_invisible_non_finite_causal_own_block(where):
     from tests._helpers import check_invisible_poison
 
     check_invisible_poison("triton", where=where)
+
+
+def test_device_guard_targets_the_given_cuda_device():
+    """``device_guard`` makes the tensors' own GPU current (cuda:1 inputs with device 0 current);
+    nothing for CPU tensors. Built without entering: no CUDA needed."""
+    import contextlib
+
+    from moba.triton_kernels._device import device_guard
+
+    guard = device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(device_guard("cpu"), contextlib.nullcontext)
+
+
+def test_launchers_run_under_the_inputs_device_guard(monkeypatch):
+    """The gate, the forward, the backward and its delta launch under a guard of q's device."""
+    from moba.triton_kernels import _device
+
+    from moba.ops import triton_impl as tb
+
+    seen = []
+    real = _device.device_guard
+    monkeypatch.setattr(_device, "device_guard", lambda device: (seen.append(torch.device(device)), real(device))[1])
+    cu = [0, 40, 72]
+    q, k, v = _make(cu, cu, 2, 1, 16, torch.float32, 0)
+    tb.triton_gate(q, k, cu, cu, 8, 2, True)
+    assert seen == [torch.device("cpu")] * len(seen) and len(seen) >= 1  # gate_select (+ block_means)
+    seen.clear()
+    _check_attention(cu, cu, 2, 1, 16, 8, 2, True, torch.float32, "auto")
+    assert len(seen) == 3 and set(seen) == {torch.device("cpu")}  # forward, backward, delta
