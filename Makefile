@@ -99,7 +99,7 @@ kernel-matrix: $(STAMP)
 	    $$venv/bin/python -m pip install --quiet "pip==$(PIP_VERSION)" "$(TORCH_SPEC)"; \
 	    grep -v '^triton==' $(CONSTRAINTS) > $$venv/constraints.txt; \
 	    $$venv/bin/python -m pip install --quiet -c $$venv/constraints.txt setuptools wheel "triton==$$v"; \
-	    $$venv/bin/python -m pip install --quiet --no-build-isolation -c $$venv/constraints.txt -e ".[test]"; \
+	    $$venv/bin/python -m pip install --quiet --no-build-isolation -c $$venv/constraints.txt -e ".[test,triton]"; \
 	  fi; \
 	  $$venv/bin/python -c "import triton; print('triton', triton.__version__)"; \
 	  $$venv/bin/python -m pytest -q -n 0 $(KERNEL_TESTS); \

@@ -205,7 +205,7 @@ def markdown(meta: dict, measured: list[dict], selection: list[dict], modelled: 
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> dict:
+def build_parser():
     p = make_parser(__doc__, "bench.context_parallel")
     p.add_argument("--out", type=Path, default=None, help="folder for context_parallel.json / .md (default: print only)")
     p.add_argument("--worlds", type=parse_sizes, default=[2, 4], help="process counts to measure on CPU")
@@ -231,7 +231,11 @@ def main(argv=None) -> dict:
     p.add_argument("--ib_gbps", type=cli.positive_float, default=50.0, help="per-GPU InfiniBand bandwidth, GB/s (400 Gb/s NDR)")
     p.add_argument("--gpus_per_node", type=cli.positive_int, default=8, help="GPUs behind one NVLink domain")
     p.add_argument("--skip_measure", action="store_true", help="only the selection statistics and the model")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> dict:
+    a = build_parser().parse_args(argv)
     lists = ("out", "worlds", "skip_measure", "model_seqlens", "model_worlds", "selection_worlds")
     cfg = {k: v for k, v in vars(a).items() if k not in lists}
     measured = [] if a.skip_measure else measure(a.worlds, cfg)

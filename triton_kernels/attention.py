@@ -1487,7 +1487,7 @@ def kernel_configs(dtype: str):
         names += ["stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ot", "stride_oh"]
         names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
         types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", "*fp32"] + ["*i32"] * 11 + ["i64"] * 8 + ["fp32"] + ["i32"] * 4
-        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False)
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False, USE_TMA=False)
         sig = dict(zip(names, types, strict=True))
         yield f"fwd_gather_d{head_dim}", _fwd_gather_kernel, sig, const, warps, stages
         if head_dim in TMA_HEAD_DIMS["fwd_gather"] and dtype != "fp32":
@@ -1500,7 +1500,7 @@ def kernel_configs(dtype: str):
                   "stride_dqt", "stride_dqh"]
         names += ["scale", "n_heads_q", "n_heads_kv", "causal", "d_real"]
         types = [ptr, ptr, ptr, ptr, "*fp32", "*fp32", ptr, "*fp32"] + ["*i32"] * 11 + ["i64"] * 10 + ["fp32"] + ["i32"] * 4
-        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False)
+        const = dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn, AUTO=False, USE_TMA=False)
         sig = dict(zip(names, types, strict=True))
         yield f"dq_gather_d{head_dim}", _bwd_dq_gather_kernel, sig, const, warps, stages
         if head_dim in TMA_HEAD_DIMS["dq_gather"] and dtype != "fp32":
