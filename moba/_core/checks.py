@@ -73,6 +73,43 @@ def resolve_softmax_scale(softmax_scale, head_dim: int) -> float:
     return check_softmax_scale(softmax_scale)
 
 
+def bind_varlen_args(func: str, args: tuple, named: dict, cu_seqlens_q, cu_seqlens, flash_order: tuple,
+                     self_order: tuple, n_leading: int):
+    """Bind the positional arguments after ``cu_seqlens_q`` of a varlen entry point, in either form.
+
+    Two call forms share one signature: flash-attn's ``(..., cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+    max_seqlen_k, ...)`` (picked when the next positional argument is a 1-d tensor) and the short
+    one ``(..., cu_seqlens, max_seqlen, ...)``. ``named`` holds the keyword values (None = not
+    given) and is filled in place from ``args`` in the form's ``flash_order`` / ``self_order``.
+    ``n_leading``: the positional arguments before ``args`` (for the count in the error).
+
+    Returns ``(cu_q, cu_k, max_q, max_k, separate_k)``: the query and key boundaries (the same
+    tensor unless ``cu_seqlens_k`` was given, then ``separate_k`` is True) and their max lengths.
+    """
+    positional_cu_k = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dim() == 1
+    order = flash_order if positional_cu_k else self_order
+    if len(args) > len(order):
+        raise TypeError(f"{func}() takes at most {n_leading + len(order)} positional arguments in this form, "
+                        f"got {n_leading + len(args)}")
+    for name, value in zip(order, args, strict=False):
+        if named[name] is not None:
+            raise TypeError(f"{func}() got multiple values for argument {name!r}")
+        named[name] = value
+    if cu_seqlens is not None and cu_seqlens_q is not None:
+        raise TypeError("pass cu_seqlens_q or cu_seqlens, not both")
+    cu_q = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens
+    if cu_q is None:
+        raise TypeError(f"{func}() needs cu_seqlens_q (or cu_seqlens)")
+    separate_k = named["cu_seqlens_k"] is not None
+    cu_k = named["cu_seqlens_k"] if separate_k else cu_q
+    max_q = named["max_seqlen_q"] if named["max_seqlen_q"] is not None else named["max_seqlen"]
+    max_k = named["max_seqlen_k"] if named["max_seqlen_k"] is not None else named["max_seqlen"]
+    max_k = max_q if max_k is None and not separate_k else max_k
+    if max_q is None or max_k is None:
+        raise TypeError(f"{func}() needs max_seqlen_q and max_seqlen_k (or max_seqlen)")
+    return cu_q, cu_k, max_q, max_k, separate_k
+
+
 def _check_tensor(name: str, t) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -29,7 +29,14 @@ from __future__ import annotations
 
 import torch
 
-from .._core.checks import check_block_indices, check_bool, check_cu_seqlens, check_qkv, resolve_softmax_scale
+from .._core.checks import (
+    bind_varlen_args,
+    check_block_indices,
+    check_bool,
+    check_cu_seqlens,
+    check_qkv,
+    resolve_softmax_scale,
+)
 from .._core.layout import build_layout, check_query_key_lengths
 from ..config import MoBAConfig, resolve_config
 from .full import _sdpa
@@ -161,27 +168,8 @@ def moba_attn_varlen_func(
         raise TypeError(f"moba_attn_varlen_func(): the argument after cu_seqlens_q is cu_seqlens_k (a 1-d int32 "
                         f"tensor) or max_seqlen (an int), got {type(args[0]).__name__} {args[0]!r}; pass "
                         f"cu_seqlens_k as torch.tensor(..., dtype=torch.int32)")
-    positional_cu_k = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dim() == 1
-    flash_form = positional_cu_k or cu_seqlens_k is not None
-    order = _FLASH_ORDER if positional_cu_k else _SELF_ORDER
-    if len(args) > len(order):
-        raise TypeError(f"moba_attn_varlen_func() takes at most {4 + len(order)} positional arguments "
-                        f"in this form, got {3 + 1 + len(args)}")
-    for name, value in zip(order, args, strict=False):
-        if named[name] is not None:
-            raise TypeError(f"moba_attn_varlen_func() got multiple values for argument {name!r}")
-        named[name] = value
-    if cu_seqlens is not None and cu_seqlens_q is not None:
-        raise TypeError("pass cu_seqlens_q or cu_seqlens, not both")
-    cu_q_t = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens
-    if cu_q_t is None:
-        raise TypeError("moba_attn_varlen_func() needs cu_seqlens_q (or cu_seqlens)")
-    cu_k_t = named["cu_seqlens_k"] if named["cu_seqlens_k"] is not None else cu_q_t
-    max_q = named["max_seqlen_q"] if named["max_seqlen_q"] is not None else named["max_seqlen"]
-    max_k = named["max_seqlen_k"] if named["max_seqlen_k"] is not None else named["max_seqlen"]
-    max_k = max_q if max_k is None and cu_k_t is cu_q_t else max_k
-    if max_q is None or max_k is None:
-        raise TypeError("moba_attn_varlen_func() needs max_seqlen_q and max_seqlen_k (or max_seqlen)")
+    cu_q_t, cu_k_t, max_q, max_k, flash_form = bind_varlen_args(
+        "moba_attn_varlen_func", args, named, cu_seqlens_q, cu_seqlens, _FLASH_ORDER, _SELF_ORDER, n_leading=4)
 
     cfg = _settings("moba_attn_varlen_func", config, block_indices, block_size=named["block_size"],
                     top_k=named["top_k"], causal=named["causal"], softmax_scale=named["softmax_scale"],

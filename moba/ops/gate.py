@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .._core.checks import PAD_INDEX, check_cu_seqlens, check_qkv
+from .._core.checks import PAD_INDEX, bind_varlen_args, check_cu_seqlens, check_qkv
 from .._core.layout import BlockLayout, build_layout, gate_width
 
 # Upper bound on the elements of one chunk of gate scores (float32), to bound memory.
@@ -233,27 +233,8 @@ def select_blocks_varlen(
     """
     named = dict(cu_seqlens_k=cu_seqlens_k, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                  block_size=block_size, top_k=top_k, causal=causal, max_seqlen=max_seqlen)
-    positional_cu_k = bool(args) and isinstance(args[0], torch.Tensor) and args[0].dim() == 1
-    order = _FLASH_ORDER if positional_cu_k else _SELF_ORDER
-    if len(args) > len(order):
-        raise TypeError(f"select_blocks_varlen() takes at most {3 + len(order)} positional arguments in this "
-                        f"form, got {3 + len(args)}")
-    for name, value in zip(order, args, strict=False):
-        if named[name] is not None:
-            raise TypeError(f"select_blocks_varlen() got multiple values for argument {name!r}")
-        named[name] = value
-    if cu_seqlens is not None and cu_seqlens_q is not None:
-        raise TypeError("pass cu_seqlens_q or cu_seqlens, not both")
-    cu_q_t = cu_seqlens_q if cu_seqlens_q is not None else cu_seqlens
-    if cu_q_t is None:
-        raise TypeError("select_blocks_varlen() needs cu_seqlens_q (or cu_seqlens)")
-    two = named["cu_seqlens_k"] is not None
-    cu_k_t = named["cu_seqlens_k"] if two else cu_q_t
-    max_q = named["max_seqlen_q"] if named["max_seqlen_q"] is not None else named["max_seqlen"]
-    max_k = named["max_seqlen_k"] if named["max_seqlen_k"] is not None else named["max_seqlen"]
-    max_k = max_q if max_k is None and not two else max_k
-    if max_q is None or max_k is None:
-        raise TypeError("select_blocks_varlen() needs max_seqlen_q and max_seqlen_k (or max_seqlen)")
+    cu_q_t, cu_k_t, max_q, max_k, two = bind_varlen_args(
+        "select_blocks_varlen", args, named, cu_seqlens_q, cu_seqlens, _FLASH_ORDER, _SELF_ORDER, n_leading=3)
     cfg = _gate_settings("select_blocks_varlen", config, named["block_size"], named["top_k"], named["causal"],
                          moba_chunk_size, moba_topk)
     check_qkv(q, k, k, varlen=True, same_length=not two)
